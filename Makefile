@@ -1,0 +1,47 @@
+# The two commands: `make demo` and `make test`. Both set up what is missing first (as root:
+# Debian packages, kernel-header links, the venv) and are fast when everything is in place.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.veil-installed
+
+.PHONY: demo test setup system venv lint typecheck unit integration clean
+
+demo: setup
+	$(BIN)/python -m agent.lab.demo -f examples/shop/ $(if $(KEEP),--keep,)
+
+test: setup lint typecheck
+	$(BIN)/pytest -q tests/unit tests/integration
+
+setup: system venv
+
+system:
+	@bash scripts/setup-system.sh
+
+venv: $(STAMP)
+
+# bcc is not on PyPI (PyPI's `bcc` is an unrelated package): link Debian's python3-bpfcc into
+# the venv so `import bcc` works there without exposing the rest of dist-packages.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	ln -sfn /usr/lib/python3/dist-packages/bcc \
+	  "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc"
+	@touch $@
+
+lint: venv
+	$(BIN)/ruff check agent waypoint tests bench
+	$(BIN)/ruff format --check agent waypoint tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+integration: setup
+	$(BIN)/pytest -q tests/integration
+
+clean:
+	-$(BIN)/veil lab down --all
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

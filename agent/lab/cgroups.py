@@ -1,0 +1,85 @@
+"""cgroup v2 groups for lab pods and nodes.
+
+Every process the lab starts lives in a group under `<cgroup2 mount>/veil/<lab>/`, so
+`lab down` can kill all of them at once with `cgroup.kill`, even after `lab up` itself was
+killed, and so the eBPF capture mode can attach per-pod cgroup programs later.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+class CgroupError(RuntimeError):
+    pass
+
+
+def parse_mountinfo(text: str) -> Path | None:
+    """The first cgroup2 mount point in /proc/self/mountinfo text."""
+    for line in text.splitlines():
+        pre, sep, post = line.partition(" - ")
+        if sep and post.split()[0] == "cgroup2":
+            return Path(pre.split()[4].replace("\\040", " "))
+    return None
+
+
+def root() -> Path:
+    mount = parse_mountinfo(MOUNTINFO.read_text())
+    if mount is None:
+        raise CgroupError("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none "
+                          "/sys/fs/cgroup/unified, or boot with systemd.unified_cgroup_hierarchy)")
+    return mount
+
+
+def lab_group(lab: str) -> Path:
+    return root() / "veil" / lab
+
+
+def create(group: Path) -> Path:
+    group.mkdir(parents=True, exist_ok=True)
+    return group
+
+
+def join(group: Path, pid: int = 0) -> None:
+    """Move a process (default: the caller) into the group."""
+    (group / "cgroup.procs").write_text(f"{pid or os.getpid()}\n")
+
+
+def procs(group: Path) -> list[int]:
+    out: list[int] = []
+    if not group.exists():
+        return out
+    for g in [group, *sorted(p for p in group.rglob("*") if p.is_dir())]:
+        try:
+            out += [int(x) for x in (g / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def kill_and_remove(group: Path, timeout: float = 10.0) -> None:
+    """SIGKILL every process in the group tree, wait until it is empty, remove the tree."""
+    if not group.exists():
+        return
+    kill_file = group / "cgroup.kill"
+    if kill_file.exists():
+        kill_file.write_text("1\n")
+    else:  # kernels before 5.14
+        for pid in procs(group):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    while procs(group):
+        if time.monotonic() > deadline:
+            raise CgroupError(f"processes {procs(group)} in {group} did not exit after SIGKILL")
+        time.sleep(0.02)
+    for g in sorted((p for p in group.rglob("*") if p.is_dir()),
+                    key=lambda p: len(p.parts), reverse=True):
+        g.rmdir()
+    group.rmdir()
