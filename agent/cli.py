@@ -24,12 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
     name_help = "lab name (default: $VEIL_LAB or 'lab')"
 
     up = labsub.add_parser("up", help="create a lab from manifests")
-    up.add_argument("-f", "--filename", action="append", required=True,
-                    help="a manifest file or directory (repeatable)")
+    up.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        help="a manifest file or directory (repeatable)",
+    )
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     up.add_argument("--name", help=name_help)
-    up.add_argument("--timeout", type=float, default=30.0,
-                    help="seconds to wait for pods to become ready")
+    up.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for pods to become ready"
+    )
 
     down = labsub.add_parser("down", help="remove a lab and everything it created")
     down.add_argument("--name", help=name_help)
@@ -59,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         echo.main(args.port, args.host)
         return 0
     from agent.lab import lab  # noqa: PLC0415 - import cost only for the lab commands
+    from agent.lab.cgroups import CgroupError  # noqa: PLC0415
+    from agent.lab.cni import CniError  # noqa: PLC0415
+    from agent.lab.netns import CommandError  # noqa: PLC0415
 
     try:
         name = _lab_name(getattr(args, "name", None))
@@ -82,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (lab.LabError, ValueError) as e:
         print(f"veil: {e}", file=sys.stderr)
         return 1
-    except (lab.netns.CommandError, lab.CniError, lab.cgroups.CgroupError) as e:
+    except (CommandError, CniError, CgroupError) as e:
         print(f"veil: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

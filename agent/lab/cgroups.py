@@ -7,6 +7,7 @@ killed, and so the eBPF capture mode can attach per-pod cgroup programs later.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -30,8 +31,10 @@ def parse_mountinfo(text: str) -> Path | None:
 def root() -> Path:
     mount = parse_mountinfo(MOUNTINFO.read_text())
     if mount is None:
-        raise CgroupError("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none "
-                          "/sys/fs/cgroup/unified, or boot with systemd.unified_cgroup_hierarchy)")
+        raise CgroupError(
+            "no cgroup v2 hierarchy is mounted (mount -t cgroup2 none "
+            "/sys/fs/cgroup/unified, or boot with systemd.unified_cgroup_hierarchy)"
+        )
     return mount
 
 
@@ -70,16 +73,15 @@ def kill_and_remove(group: Path, timeout: float = 10.0) -> None:
         kill_file.write_text("1\n")
     else:  # kernels before 5.14
         for pid in procs(group):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
     deadline = time.monotonic() + timeout
     while procs(group):
         if time.monotonic() > deadline:
             raise CgroupError(f"processes {procs(group)} in {group} did not exit after SIGKILL")
         time.sleep(0.02)
-    for g in sorted((p for p in group.rglob("*") if p.is_dir()),
-                    key=lambda p: len(p.parts), reverse=True):
+    for g in sorted(
+        (p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+    ):
         g.rmdir()
     group.rmdir()

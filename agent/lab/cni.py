@@ -28,8 +28,15 @@ class CniError(RuntimeError):
     """A plugin failed; the message is the plugin's own error (code, msg, details)."""
 
 
-def network_config(name: str, subnet: str, gateway: str, range_start: str, data_dir: str,
-                   extra_plugins: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+def network_config(
+    *,
+    name: str,
+    subnet: str,
+    gateway: str,
+    range_start: str,
+    data_dir: str,
+    extra_plugins: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
     """The lab's network configuration list: ptp + host-local, then any chained plugins."""
     return {
         "cniVersion": CNI_VERSION,
@@ -41,8 +48,7 @@ def network_config(name: str, subnet: str, gateway: str, range_start: str, data_
                 "ipMasq": False,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": subnet, "rangeStart": range_start,
-                                 "gateway": gateway}]],
+                    "ranges": [[{"subnet": subnet, "rangeStart": range_start, "gateway": gateway}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
                     "dataDir": data_dir,
                 },
@@ -52,12 +58,16 @@ def network_config(name: str, subnet: str, gateway: str, range_start: str, data_
     }
 
 
-LOOPBACK_CONFIG: dict[str, Any] = {"cniVersion": CNI_VERSION, "name": "cni-loopback",
-                                   "plugins": [{"type": "loopback"}]}
+LOOPBACK_CONFIG: dict[str, Any] = {
+    "cniVersion": CNI_VERSION,
+    "name": "cni-loopback",
+    "plugins": [{"type": "loopback"}],
+}
 
 
-def plugin_input(conflist: Mapping[str, Any], plugin: Mapping[str, Any],
-                 prev_result: Mapping[str, Any] | None) -> dict[str, Any]:
+def plugin_input(
+    conflist: Mapping[str, Any], plugin: Mapping[str, Any], prev_result: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """What one plugin reads on stdin: its own config plus the list's name and version."""
     out = {**plugin, "cniVersion": conflist["cniVersion"], "name": conflist["name"]}
     if prev_result is not None:
@@ -75,10 +85,14 @@ class Attachment:
     args: Mapping[str, str] = field(default_factory=dict)  # CNI_ARGS, e.g. K8S_POD_NAME
 
     def env(self, command: str, cni_path: Sequence[str]) -> dict[str, str]:
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "CNI_COMMAND": command, "CNI_CONTAINERID": self.container_id,
-               "CNI_NETNS": str(netns.path(self.netns)), "CNI_IFNAME": self.ifname,
-               "CNI_PATH": ":".join(cni_path)}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": self.container_id,
+            "CNI_NETNS": str(netns.path(self.netns)),
+            "CNI_IFNAME": self.ifname,
+            "CNI_PATH": ":".join(cni_path),
+        }
         if self.args:
             env["CNI_ARGS"] = ";".join(f"{k}={v}" for k, v in self.args.items())
         return env
@@ -95,8 +109,12 @@ def result_ip(result: Mapping[str, Any]) -> IPv4Address:
 class CniRuntime:
     """Executes plugin chains inside a host netns (the lab node's)."""
 
-    def __init__(self, host_netns: str, cni_path: Sequence[str] = DEFAULT_CNI_PATH,
-                 cache_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        host_netns: str,
+        cni_path: Sequence[str] = DEFAULT_CNI_PATH,
+        cache_dir: Path | None = None,
+    ) -> None:
         self.host_netns = host_netns
         self.cni_path = tuple(cni_path)
         self.cache_dir = cache_dir
@@ -106,15 +124,27 @@ class CniRuntime:
             candidate = Path(d) / plugin_type
             if candidate.is_file() and os.access(candidate, os.X_OK):
                 return str(candidate)
-        raise CniError(f"CNI plugin {plugin_type!r} not found in {':'.join(self.cni_path)} "
-                       "(install containernetworking-plugins: make setup)")
+        raise CniError(
+            f"CNI plugin {plugin_type!r} not found in {':'.join(self.cni_path)} "
+            "(install containernetworking-plugins: make setup)"
+        )
 
-    def _exec(self, command: str, conflist: Mapping[str, Any], plugin: Mapping[str, Any],
-              att: Attachment, prev: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _exec(
+        self,
+        command: str,
+        conflist: Mapping[str, Any],
+        plugin: Mapping[str, Any],
+        att: Attachment,
+        prev: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
         binary = self._find(str(plugin["type"]))
         stdin = json.dumps(plugin_input(conflist, plugin, prev))
-        proc = netns.run(netns.nsenter_argv(self.host_netns, [binary]), input=stdin,
-                         env=att.env(command, self.cni_path), check=False)
+        proc = netns.run(
+            netns.nsenter_argv(self.host_netns, [binary]),
+            input=stdin,
+            env=att.env(command, self.cni_path),
+            check=False,
+        )
         if proc.returncode != 0:
             try:
                 err = json.loads(proc.stdout)
@@ -129,8 +159,9 @@ class CniRuntime:
         try:
             result: dict[str, Any] = json.loads(proc.stdout)
         except ValueError:
-            raise CniError(f"CNI ADD of {plugin['type']} printed no JSON result: "
-                           f"{proc.stdout[:200]!r}") from None
+            raise CniError(
+                f"CNI ADD of {plugin['type']} printed no JSON result: {proc.stdout[:200]!r}"
+            ) from None
         return result
 
     def add(self, conflist: Mapping[str, Any], att: Attachment) -> dict[str, Any]:

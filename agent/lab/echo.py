@@ -69,8 +69,11 @@ async def handle(stream: trio.SocketStream) -> None:
             if request is None:
                 return
             body = json.dumps(describe(request, client, body_len), indent=1).encode() + b"\n"
-            headers = [("content-type", "application/json"), ("content-length", str(len(body))),
-                       ("x-served-by", os.environ.get("POD_NAME", "echo"))]
+            headers = [
+                ("content-type", "application/json"),
+                ("content-length", str(len(body))),
+                ("x-served-by", os.environ.get("POD_NAME", "echo")),
+            ]
             out = conn.send(h11.Response(status_code=status_for(request.target), headers=headers))
             out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
             out += conn.send(h11.EndOfMessage()) or b""
@@ -78,8 +81,12 @@ async def handle(stream: trio.SocketStream) -> None:
             if conn.our_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
-    except (h11.RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError,
-            trio.ClosedResourceError):
+    except (
+        h11.RemoteProtocolError,
+        trio.TooSlowError,
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+    ):
         return
     finally:
         await stream.aclose()
@@ -90,6 +97,9 @@ async def serve(port: int, host: str = "0.0.0.0") -> None:
 
 
 def main(port: int, host: str = "0.0.0.0") -> None:
-    print(f"echo: pod {os.environ.get('POD_NAME', '?')} listening on {host}:{port}",
-          file=sys.stderr, flush=True)
+    print(
+        f"echo: pod {os.environ.get('POD_NAME', '?')} listening on {host}:{port}",
+        file=sys.stderr,
+        flush=True,
+    )
     trio.run(serve, port, host)

@@ -68,6 +68,7 @@ class LabError(RuntimeError):
 
 # -- names ------------------------------------------------------------------------------------
 
+
 def underlay_netns(lab: str) -> str:
     return f"veil-{lab}-underlay"
 
@@ -92,10 +93,13 @@ def now() -> str:
 
 # -- preflight --------------------------------------------------------------------------------
 
+
 def preflight() -> None:
     if os.geteuid() != 0:
-        raise LabError("the lab needs root (it creates network namespaces, iptables rules "
-                       "and cgroups): run it with sudo")
+        raise LabError(
+            "the lab needs root (it creates network namespaces, iptables rules "
+            "and cgroups): run it with sudo"
+        )
     for tool in ("ip", "iptables-restore", "nsenter", "sysctl"):
         if shutil.which(tool) is None:
             raise LabError(f"{tool} not found: run `make setup` (as root) to install it")
@@ -129,6 +133,7 @@ def leftovers(lab: str) -> list[str]:
 
 # -- up ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class RunningPod:
     plan: PodPlan
@@ -137,27 +142,51 @@ class RunningPod:
     ports: set[int]
 
 
-def up(paths: Sequence[str | Path], lab: str = "lab", nodes: int = 2,
-       log: Log = print, ready_timeout: float = READY_TIMEOUT) -> LabPlan:
+def up(
+    paths: Sequence[str | Path],
+    lab: str = "lab",
+    nodes: int = 2,
+    log: Log = print,
+    ready_timeout: float = READY_TIMEOUT,
+) -> LabPlan:
     check_lab_name(lab)
     plan = make_plan(load_paths(paths), lab, nodes)  # all validation happens before any change
     preflight()
     if found := leftovers(lab):
-        raise LabError(f"lab {lab!r} already exists or was left over ({', '.join(found[:3])}"
-                       f"{' ...' if len(found) > 3 else ''}): run `veil lab down --name {lab}`")
+        raise LabError(
+            f"lab {lab!r} already exists or was left over ({', '.join(found[:3])}"
+            f"{' ...' if len(found) > 3 else ''}): run `veil lab down --name {lab}`"
+        )
     cg = cgroups.lab_group(lab)
     record: dict[str, Any] = {
-        "name": lab, "status": "creating", "created": now(), "upPid": os.getpid(),
+        "name": lab,
+        "status": "creating",
+        "created": now(),
+        "upPid": os.getpid(),
         "manifests": [str(Path(p).resolve()) for p in paths],
         "cgroup": str(cg),
         "underlay": {"netns": underlay_netns(lab), "cidr": str(UNDERLAY_CIDR)},
-        "nodes": [{"name": n.name, "netns": node_netns(lab, n.name),
-                   "underlayIP": str(n.underlay_ip), "podCIDR": str(n.pod_cidr)}
-                  for n in plan.nodes],
-        "pods": [{"namespace": p.namespace, "name": p.name, "node": p.node,
-                  "netns": pod_netns(lab, p.namespace, p.name),
-                  "cgroup": str(cg / "pods" / f"{p.namespace}_{p.name}"),
-                  "containerID": p.uid.replace("-", ""), "pids": []} for p in plan.pods],
+        "nodes": [
+            {
+                "name": n.name,
+                "netns": node_netns(lab, n.name),
+                "underlayIP": str(n.underlay_ip),
+                "podCIDR": str(n.pod_cidr),
+            }
+            for n in plan.nodes
+        ],
+        "pods": [
+            {
+                "namespace": p.namespace,
+                "name": p.name,
+                "node": p.node,
+                "netns": pod_netns(lab, p.namespace, p.name),
+                "cgroup": str(cg / "pods" / f"{p.namespace}_{p.name}"),
+                "containerID": p.uid.replace("-", ""),
+                "pids": [],
+            }
+            for p in plan.pods
+        ],
     }
     store.lab_dir(lab).mkdir(parents=True, exist_ok=True)
     store.write_record(lab, record)
@@ -197,24 +226,35 @@ def build_topology(plan: LabPlan, log: Log) -> None:
             if other.name != n.name:
                 netns.ip(ns, "route", "add", str(other.pod_cidr), "via", str(other.underlay_ip))
         cgroups.create(cgroups.lab_group(lab) / "nodes" / n.name)
-    log(f"lab {lab!r}: underlay {UNDERLAY_CIDR}, nodes "
-        + ", ".join(f"{n.name} ({n.underlay_ip}, pods {n.pod_cidr})" for n in plan.nodes))
+    log(
+        f"lab {lab!r}: underlay {UNDERLAY_CIDR}, nodes "
+        + ", ".join(f"{n.name} ({n.underlay_ip}, pods {n.pod_cidr})" for n in plan.nodes)
+    )
 
 
 def node_network(lab: str, node: NodePlan) -> dict[str, Any]:
     """The CNI network configuration list a lab node uses (later issues chain veil-cni)."""
     cidr = node.pod_cidr
-    return network_config(name=f"veil-{lab}-{node.name}", subnet=str(cidr),
-                          gateway=str(node.gateway), range_start=str(cidr.network_address + 10),
-                          data_dir=str(store.lab_dir(lab) / "ipam" / node.name))
+    return network_config(
+        name=f"veil-{lab}-{node.name}",
+        subnet=str(cidr),
+        gateway=str(node.gateway),
+        range_start=str(cidr.network_address + 10),
+        data_dir=str(store.lab_dir(lab) / "ipam" / node.name),
+    )
 
 
 def attachment(lab: str, pod: PodPlan) -> Attachment:
-    return Attachment(container_id=pod.uid.replace("-", ""),
-                      netns=pod_netns(lab, pod.namespace, pod.name),
-                      args={"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": pod.namespace,
-                            "K8S_POD_NAME": pod.name,
-                            "K8S_POD_INFRA_CONTAINER_ID": pod.uid.replace("-", "")})
+    return Attachment(
+        container_id=pod.uid.replace("-", ""),
+        netns=pod_netns(lab, pod.namespace, pod.name),
+        args={
+            "IgnoreUnknown": "1",
+            "K8S_POD_NAMESPACE": pod.namespace,
+            "K8S_POD_NAME": pod.name,
+            "K8S_POD_INFRA_CONTAINER_ID": pod.uid.replace("-", ""),
+        },
+    )
 
 
 def start_pod(plan: LabPlan, pod: PodPlan, record: dict[str, Any], log: Log) -> RunningPod:
@@ -236,14 +276,23 @@ def start_pod(plan: LabPlan, pod: PodPlan, record: dict[str, Any], log: Log) -> 
     env = pod_env(pod, ip, node)
     procs = []
     for c in pod.spec.containers:
-        logfile = open(logs / f"{pod.namespace}_{pod.name}_{c.name}.log", "ab")
-        with logfile:
-            procs.append(subprocess.Popen(
-                netns.exec_argv(ns, c.command), env={**env, **dict(c.env)},
-                stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, cwd="/",
-                start_new_session=True, preexec_fn=_join_cgroup(group)))  # noqa: PLW1509
-    entry = next(e for e in record["pods"]
-                 if e["namespace"] == pod.namespace and e["name"] == pod.name)
+        with open(logs / f"{pod.namespace}_{pod.name}_{c.name}.log", "ab") as logfile:
+            procs.append(
+                subprocess.Popen(
+                    netns.exec_argv(ns, c.command),
+                    env={**env, **dict(c.env)},
+                    stdin=subprocess.DEVNULL,
+                    stdout=logfile,
+                    stderr=subprocess.STDOUT,
+                    cwd="/",
+                    start_new_session=True,
+                    # Joining the pod cgroup before exec; `up` runs no threads, so this is safe.
+                    preexec_fn=_join_cgroup(group),  # noqa: PLW1509
+                )
+            )
+    entry = next(
+        e for e in record["pods"] if e["namespace"] == pod.namespace and e["name"] == pod.name
+    )
     entry["pids"] = [p.pid for p in procs]
     entry["ip"] = str(ip)
     write_pod(plan, pod, ip, phase="Pending", ready=False)
@@ -254,7 +303,9 @@ def start_pod(plan: LabPlan, pod: PodPlan, record: dict[str, Any], log: Log) -> 
 def _join_cgroup(group: Path) -> Callable[[], None]:
     procs_file = str(group / "cgroup.procs")
 
-    def join() -> None:  # runs in the child between fork and exec: no locks, no allocation-heavy work
+    def join() -> (
+        None
+    ):  # runs in the child between fork and exec: no locks, no allocation-heavy work
         fd = os.open(procs_file, os.O_WRONLY)
         os.write(fd, b"0\n")  # "0" means the writing process itself
         os.close(fd)
@@ -266,10 +317,17 @@ def pod_env(pod: PodPlan, ip: IPv4Address, node: NodePlan) -> dict[str, str]:
     """What the downward API would give the container, plus a PATH that finds `veil`."""
     bindir = str(Path(sys.executable).parent)
     path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-    return {"PATH": f"{bindir}:{path}", "HOME": "/root", "LANG": "C.UTF-8",
-            "POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace, "POD_IP": str(ip),
-            "NODE_NAME": node.name, "HOSTNAME": pod.name,
-            "POD_SERVICE_ACCOUNT": pod.spec.service_account}
+    return {
+        "PATH": f"{bindir}:{path}",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "POD_NAME": pod.name,
+        "POD_NAMESPACE": pod.namespace,
+        "POD_IP": str(ip),
+        "NODE_NAME": node.name,
+        "HOSTNAME": pod.name,
+        "POD_SERVICE_ACCOUNT": pod.spec.service_account,
+    }
 
 
 def parse_proc_net_tcp(text: str) -> set[int]:
@@ -300,16 +358,20 @@ def wait_ready(plan: LabPlan, running: Sequence[RunningPod], timeout: float, log
         for rp in list(pending):
             for proc in rp.procs:
                 if proc.poll() is not None:
-                    raise LabError(f"pod {rp.plan.namespace}/{rp.plan.name} exited with code "
-                                   f"{proc.returncode} before it was ready; its log:\n"
-                                   + log_tail(plan.name, rp.plan))
+                    raise LabError(
+                        f"pod {rp.plan.namespace}/{rp.plan.name} exited with code "
+                        f"{proc.returncode} before it was ready; its log:\n"
+                        + log_tail(plan.name, rp.plan)
+                    )
             if rp.ports <= listening_ports(rp.procs[0].pid):
                 write_pod(plan, rp.plan, rp.ip, phase="Running", ready=True)
                 pending.remove(rp)
         if pending and time.monotonic() > deadline:
-            names = ", ".join(f"{rp.plan.namespace}/{rp.plan.name} (waiting for ports "
-                              f"{sorted(rp.ports - listening_ports(rp.procs[0].pid))})"
-                              for rp in pending)
+            names = ", ".join(
+                f"{rp.plan.namespace}/{rp.plan.name} (waiting for ports "
+                f"{sorted(rp.ports - listening_ports(rp.procs[0].pid))})"
+                for rp in pending
+            )
             raise LabError(f"pods not ready after {timeout:.0f}s: {names}")
         time.sleep(0.05)
     log(f"lab {plan.name!r}: {len(running)} pods running")
@@ -325,6 +387,7 @@ def log_tail(lab: str, pod: PodPlan, lines: int = 15) -> str:
 
 
 # -- the API-server side: objects with status ----------------------------------------------
+
 
 def _meta(obj: Object, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     md = dict(obj.raw.get("metadata") or {})
@@ -342,53 +405,101 @@ _uid = stable_uid
 def write_static_objects(plan: LabPlan) -> None:
     state = store.state_dir(plan.name)
     for n in plan.nodes:
-        store.write_object(state, {
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": n.name, "uid": _uid("Node", n.name),
-                         "labels": {"kubernetes.io/hostname": n.name},
-                         "annotations": {ANNOTATION_NETNS: node_netns(plan.name, n.name)}},
-            "spec": {"podCIDR": str(n.pod_cidr), "podCIDRs": [str(n.pod_cidr)]},
-            "status": {"addresses": [{"type": "InternalIP", "address": str(n.underlay_ip)},
-                                     {"type": "Hostname", "address": n.name}],
-                       "conditions": [{"type": "Ready", "status": "True"}]}})
+        store.write_object(
+            state,
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": n.name,
+                    "uid": _uid("Node", n.name),
+                    "labels": {"kubernetes.io/hostname": n.name},
+                    "annotations": {ANNOTATION_NETNS: node_netns(plan.name, n.name)},
+                },
+                "spec": {"podCIDR": str(n.pod_cidr), "podCIDRs": [str(n.pod_cidr)]},
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": str(n.underlay_ip)},
+                        {"type": "Hostname", "address": n.name},
+                    ],
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
+            },
+        )
     for obj in [*plan.namespaces, *plan.service_accounts, *plan.deployments, *plan.others]:
         doc = {**obj.raw, "metadata": _meta(obj)}
         if obj.kind == "Namespace":
             doc["status"] = {"phase": "Active"}
         store.write_object(state, doc)
     for svc in plan.services:
-        spec = {**(svc.source.raw.get("spec") or {}), "type": "ClusterIP",
-                "clusterIP": str(svc.cluster_ip), "clusterIPs": [str(svc.cluster_ip)]}
-        store.write_object(state, {**svc.source.raw, "metadata": _meta(svc.source),
-                                   "spec": spec, "status": {"loadBalancer": {}}})
+        spec = {
+            **(svc.source.raw.get("spec") or {}),
+            "type": "ClusterIP",
+            "clusterIP": str(svc.cluster_ip),
+            "clusterIPs": [str(svc.cluster_ip)],
+        }
+        store.write_object(
+            state,
+            {
+                **svc.source.raw,
+                "metadata": _meta(svc.source),
+                "spec": spec,
+                "status": {"loadBalancer": {}},
+            },
+        )
 
 
 def write_pod(plan: LabPlan, pod: PodPlan, ip: IPv4Address, phase: str, ready: bool) -> None:
     lab = plan.name
-    md: dict[str, Any] = {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid,
-                          "labels": dict(pod.labels),
-                          "annotations": {**pod.annotations,
-                                          ANNOTATION_NETNS: pod_netns(lab, pod.namespace,
-                                                                      pod.name),
-                                          ANNOTATION_CGROUP: str(
-                                              cgroups.lab_group(lab) / "pods"
-                                              / f"{pod.namespace}_{pod.name}")}}
+    md: dict[str, Any] = {
+        "name": pod.name,
+        "namespace": pod.namespace,
+        "uid": pod.uid,
+        "labels": dict(pod.labels),
+        "annotations": {
+            **pod.annotations,
+            ANNOTATION_NETNS: pod_netns(lab, pod.namespace, pod.name),
+            ANNOTATION_CGROUP: str(cgroups.lab_group(lab) / "pods" / f"{pod.namespace}_{pod.name}"),
+        },
+    }
     if pod.owner:
-        md["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "Deployment",
-                                  "name": pod.owner,
-                                  "uid": _uid("Deployment", pod.namespace, pod.owner)}]
-    source_spec = (pod.source.raw["spec"]["template"]["spec"] if pod.owner
-                   else pod.source.raw["spec"])
+        md["ownerReferences"] = [
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": pod.owner,
+                "uid": _uid("Deployment", pod.namespace, pod.owner),
+            }
+        ]
+    source_spec = (
+        pod.source.raw["spec"]["template"]["spec"] if pod.owner else pod.source.raw["spec"]
+    )
     node = plan.node(pod.node)
     condition = "True" if ready else "False"
-    store.write_object(store.state_dir(lab), {
-        "apiVersion": "v1", "kind": "Pod", "metadata": md,
-        "spec": {**source_spec, "nodeName": pod.node,
-                 "serviceAccountName": pod.spec.service_account},
-        "status": {"phase": phase, "podIP": str(ip), "podIPs": [{"ip": str(ip)}],
-                   "hostIP": str(node.underlay_ip), "startTime": now(),
-                   "conditions": [{"type": "Ready", "status": condition},
-                                  {"type": "ContainersReady", "status": condition}]}})
+    store.write_object(
+        store.state_dir(lab),
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": md,
+            "spec": {
+                **source_spec,
+                "nodeName": pod.node,
+                "serviceAccountName": pod.spec.service_account,
+            },
+            "status": {
+                "phase": phase,
+                "podIP": str(ip),
+                "podIPs": [{"ip": str(ip)}],
+                "hostIP": str(node.underlay_ip),
+                "startTime": now(),
+                "conditions": [
+                    {"type": "Ready", "status": condition},
+                    {"type": "ContainersReady", "status": condition},
+                ],
+            },
+        },
+    )
 
 
 def sync_services(plan: LabPlan, running: Sequence[RunningPod]) -> None:
@@ -404,25 +515,38 @@ def sync_services(plan: LabPlan, running: Sequence[RunningPod]) -> None:
             eps = endpoints(svc, port, plan.pods, ips, ready)
             table.append((svc, port, eps))
             if eps:
-                slice_ports.append({"name": port.name or "", "port": eps[0].port,
-                                    "protocol": "TCP"})
+                slice_ports.append(
+                    {"name": port.name or "", "port": eps[0].port, "protocol": "TCP"}
+                )
             for ep in eps:
                 addresses[ep.pod] = {
-                    "addresses": [str(ep.ip)], "conditions": {"ready": True},
+                    "addresses": [str(ep.ip)],
+                    "conditions": {"ready": True},
                     "nodeName": ep.node,
-                    "targetRef": {"kind": "Pod", "namespace": svc.namespace, "name": ep.pod}}
-        store.write_object(state, {
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"{svc.name}", "namespace": svc.namespace,
-                         "labels": {"kubernetes.io/service-name": svc.name}},
-            "addressType": "IPv4", "ports": slice_ports,
-            "endpoints": [addresses[k] for k in sorted(addresses)]})
+                    "targetRef": {"kind": "Pod", "namespace": svc.namespace, "name": ep.pod},
+                }
+        store.write_object(
+            state,
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"{svc.name}",
+                    "namespace": svc.namespace,
+                    "labels": {"kubernetes.io/service-name": svc.name},
+                },
+                "addressType": "IPv4",
+                "ports": slice_ports,
+                "endpoints": [addresses[k] for k in sorted(addresses)],
+            },
+        )
     rules = render_service_nat(table)
     for n in plan.nodes:
         netns.iptables_restore(node_netns(plan.name, n.name), rules)
 
 
 # -- down -------------------------------------------------------------------------------------
+
 
 def down(lab: str, log: Log = print) -> list[str]:
     """Remove everything a lab created; safe to run on a half-built or already removed lab."""
@@ -434,10 +558,8 @@ def down(lab: str, log: Log = print) -> list[str]:
     # 1. processes: anything in the lab's namespaces, then the whole cgroup tree.
     for ns in present:
         for pid in netns.pids(ns):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
     group = Path(record["cgroup"]) if "cgroup" in record else cgroups.lab_group(lab)
     if group.exists():
         cgroups.kill_and_remove(group)
@@ -451,18 +573,23 @@ def down(lab: str, log: Log = print) -> list[str]:
         if pod_ns in present and node_ns in present:
             runtime = CniRuntime(node_ns, cache_dir=cache)
             att = Attachment(entry["containerID"], pod_ns)
-            for conf_name, ifname in ((f"veil-{lab}-{entry['node']}", "eth0"),
-                                      (LOOPBACK_CONFIG["name"], "lo")):
+            for conf_name, ifname in (
+                (f"veil-{lab}-{entry['node']}", "eth0"),
+                (LOOPBACK_CONFIG["name"], "lo"),
+            ):
                 f = cache / f"{conf_name}-{att.container_id}-{ifname}.json"
                 if f.exists():
                     try:
-                        runtime.delete(json.loads(f.read_text())["config"],
-                                       Attachment(att.container_id, pod_ns, ifname))
+                        runtime.delete(
+                            json.loads(f.read_text())["config"],
+                            Attachment(att.container_id, pod_ns, ifname),
+                        )
                     except CniError as e:
                         log(f"warning: {e}")
     # 3. namespaces: pods first, then nodes, then the underlay.
-    order = sorted(present, key=lambda n: (0 if "_" in n else
-                                          2 if n == underlay_netns(lab) else 1, n))
+    order = sorted(
+        present, key=lambda n: (0 if "_" in n else 2 if n == underlay_netns(lab) else 1, n)
+    )
     for ns in order:
         netns.delete(ns)
         removed.append(f"netns {ns}")
@@ -475,8 +602,10 @@ def down(lab: str, log: Log = print) -> list[str]:
         shutil.rmtree(store.lab_dir(lab))
         removed.append(str(store.lab_dir(lab)))
     if removed:
-        log(f"lab {lab!r} removed ({len([r for r in removed if r.startswith('netns')])} "
-            "network namespaces)")
+        log(
+            f"lab {lab!r} removed ({len([r for r in removed if r.startswith('netns')])} "
+            "network namespaces)"
+        )
     else:
         log(f"lab {lab!r} is not up; nothing to remove")
     return removed
@@ -484,8 +613,9 @@ def down(lab: str, log: Log = print) -> list[str]:
 
 def down_all(log: Log = print) -> None:
     names = set(store.labs())
-    names |= {n.split("-")[1] for n in netns.listing() if n.startswith("veil-")
-              and n.count("-") >= 2}
+    names |= {
+        n.split("-")[1] for n in netns.listing() if n.startswith("veil-") and n.count("-") >= 2
+    }
     for name in sorted(names):
         try:
             check_lab_name(name)
@@ -496,6 +626,7 @@ def down_all(log: Log = print) -> None:
 
 # -- status and exec --------------------------------------------------------------------------
 
+
 def _alive(pid: int, group: str) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -503,9 +634,11 @@ def _alive(pid: int, group: str) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
-    return state != "Z" and any(line.split(":", 2)[2].strip() and
-                                group.endswith(line.split(":", 2)[2].strip())
-                                for line in cg.splitlines() if line.startswith("0::"))
+    return state != "Z" and any(
+        line.split(":", 2)[2].strip() and group.endswith(line.split(":", 2)[2].strip())
+        for line in cg.splitlines()
+        if line.startswith("0::")
+    )
 
 
 def status(lab: str) -> dict[str, Any]:
@@ -516,8 +649,10 @@ def status(lab: str) -> dict[str, Any]:
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for o in objects:
         by_kind.setdefault(o["kind"], []).append(o)
-    pids = {(e["namespace"], e["name"]): (e.get("pids", []), e["cgroup"])
-            for e in record.get("pods", [])}
+    pids = {
+        (e["namespace"], e["name"]): (e.get("pids", []), e["cgroup"])
+        for e in record.get("pods", [])
+    }
     pods = []
     for p in by_kind.get("Pod", []):
         md, st = p["metadata"], p.get("status", {})
@@ -525,39 +660,73 @@ def status(lab: str) -> dict[str, Any]:
         plist, group = pids.get((md["namespace"], md["name"]), ([], ""))
         if phase == "Running" and not all(_alive(pid, group) for pid in plist):
             phase = "Failed"
-        pods.append({"namespace": md["namespace"], "name": md["name"],
-                     "ip": st.get("podIP", ""), "node": p["spec"].get("nodeName", ""),
-                     "phase": phase})
-    slices = {(s["metadata"]["namespace"], s["metadata"]["name"]): s
-              for s in by_kind.get("EndpointSlice", [])}
+        pods.append(
+            {
+                "namespace": md["namespace"],
+                "name": md["name"],
+                "ip": st.get("podIP", ""),
+                "node": p["spec"].get("nodeName", ""),
+                "phase": phase,
+            }
+        )
+    slices = {
+        (s["metadata"]["namespace"], s["metadata"]["name"]): s
+        for s in by_kind.get("EndpointSlice", [])
+    }
     services = []
     for s in by_kind.get("Service", []):
         md = s["metadata"]
         sl = slices.get((md["namespace"], md["name"]), {})
         target_ports = [p["port"] for p in sl.get("ports", [])]
-        eps = [f"{a}:{tp}" for e in sl.get("endpoints", []) for a in e["addresses"]
-               for tp in target_ports[:1]]
-        services.append({"namespace": md["namespace"], "name": md["name"],
-                         "clusterIP": s["spec"]["clusterIP"],
-                         "ports": [p["port"] for p in s["spec"]["ports"]], "endpoints": eps})
-    return {"name": lab, "status": record.get("status"), "state": str(store.state_dir(lab)),
-            "nodes": record.get("nodes", []),
-            "pods": sorted(pods, key=lambda p: (p["namespace"], p["name"])),
-            "services": sorted(services, key=lambda s: (s["namespace"], s["name"]))}
+        eps = [
+            f"{a}:{tp}"
+            for e in sl.get("endpoints", [])
+            for a in e["addresses"]
+            for tp in target_ports[:1]
+        ]
+        services.append(
+            {
+                "namespace": md["namespace"],
+                "name": md["name"],
+                "clusterIP": s["spec"]["clusterIP"],
+                "ports": [p["port"] for p in s["spec"]["ports"]],
+                "endpoints": eps,
+            }
+        )
+    return {
+        "name": lab,
+        "status": record.get("status"),
+        "state": str(store.state_dir(lab)),
+        "nodes": record.get("nodes", []),
+        "pods": sorted(pods, key=lambda p: (p["namespace"], p["name"])),
+        "services": sorted(services, key=lambda s: (s["namespace"], s["name"])),
+    }
 
 
 def format_status(st: Mapping[str, Any]) -> str:
-    lines = [f"lab {st['name']}: {st['status']}   (state: {st['state']})", "",
-             f"NODES {'NAME':<10} {'UNDERLAY-IP':<15} {'POD-CIDR':<18} NETNS"]
-    lines += [f"      {n['name']:<10} {n['underlayIP']:<15} {n['podCIDR']:<18} {n['netns']}" for n in st["nodes"]]
+    lines = [
+        f"lab {st['name']}: {st['status']}   (state: {st['state']})",
+        "",
+        f"NODES {'NAME':<10} {'UNDERLAY-IP':<15} {'POD-CIDR':<18} NETNS",
+    ]
+    lines += [
+        f"      {n['name']:<10} {n['underlayIP']:<15} {n['podCIDR']:<18} {n['netns']}"
+        for n in st["nodes"]
+    ]
     lines += ["", f"PODS  {'NAMESPACE':<14} {'POD':<24} {'IP':<15} {'NODE':<10} PHASE"]
-    lines += [f"      {p['namespace']:<14} {p['name']:<24} {p['ip']:<15} {p['node']:<10} "
-              f"{p['phase']}" for p in st["pods"]]
-    lines += ["", f"SERVICES  {'NAMESPACE':<14} {'NAME':<20} {'CLUSTER-IP':<15} {'PORTS':<10} "
-              "ENDPOINTS"]
-    lines += [f"          {s['namespace']:<14} {s['name']:<20} {s['clusterIP']:<15} "
-              f"{','.join(map(str, s['ports'])):<10} {', '.join(s['endpoints']) or '<none>'}"
-              for s in st["services"]]
+    lines += [
+        f"      {p['namespace']:<14} {p['name']:<24} {p['ip']:<15} {p['node']:<10} {p['phase']}"
+        for p in st["pods"]
+    ]
+    lines += [
+        "",
+        f"SERVICES  {'NAMESPACE':<14} {'NAME':<20} {'CLUSTER-IP':<15} {'PORTS':<10} ENDPOINTS",
+    ]
+    lines += [
+        f"          {s['namespace']:<14} {s['name']:<20} {s['clusterIP']:<15} "
+        f"{','.join(map(str, s['ports'])):<10} {', '.join(s['endpoints']) or '<none>'}"
+        for s in st["services"]
+    ]
     return "\n".join(lines)
 
 
@@ -580,8 +749,10 @@ def find_pod(lab: str, pod: str, namespace: str | None) -> dict[str, Any]:
         known = ", ".join(f"{p['namespace']}/{p['name']}" for p in record.get("pods", []))
         raise LabError(f"no pod {pod!r}{where} in lab {lab!r} (pods: {known})")
     if len(matches) > 1:
-        raise LabError(f"pod name {pod!r} exists in several namespaces "
-                       f"({', '.join(p['namespace'] for p in matches)}): pass -n <namespace>")
+        raise LabError(
+            f"pod name {pod!r} exists in several namespaces "
+            f"({', '.join(p['namespace'] for p in matches)}): pass -n <namespace>"
+        )
     return dict(matches[0])
 
 
@@ -591,12 +762,13 @@ def exec_in_pod(lab: str, pod: str, namespace: str | None, argv: Sequence[str]) 
         raise LabError("nothing to run: veil lab exec <pod> -- <command> [args...]")
     entry = find_pod(lab, pod, namespace)
     if not netns.exists(entry["netns"]):
-        raise LabError(f"pod {entry['namespace']}/{entry['name']} has no network namespace "
-                       f"{entry['netns']}: the lab is broken, run `veil lab down --name {lab}`")
+        raise LabError(
+            f"pod {entry['namespace']}/{entry['name']} has no network namespace "
+            f"{entry['netns']}: the lab is broken, run `veil lab down --name {lab}`"
+        )
     cgroups.join(Path(entry["cgroup"]))
     os.environ.update({"POD_NAME": entry["name"], "POD_NAMESPACE": entry["namespace"]})
     bindir = str(Path(sys.executable).parent)
     os.environ["PATH"] = f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
     args = netns.exec_argv(entry["netns"], argv)
     os.execvp(args[0], args)
-

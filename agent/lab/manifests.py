@@ -19,13 +19,23 @@ import yaml
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                       r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 
 # Kinds that live outside any namespace.
-CLUSTER_SCOPED = frozenset({"Namespace", "Node", "GatewayClass", "ClusterRole",
-                            "ClusterRoleBinding", "CustomResourceDefinition"})
+CLUSTER_SCOPED = frozenset(
+    {
+        "Namespace",
+        "Node",
+        "GatewayClass",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+    }
+)
 # Kinds the lab runs itself; everything else is stored for later consumers.
 RUN_KINDS = frozenset({"Namespace", "ServiceAccount", "Pod", "Deployment", "Service"})
 
@@ -136,8 +146,9 @@ class _Doc:
     def fail(self, path: str, message: str) -> ManifestError:
         return ManifestError(self.origin, self.obj, path, message)
 
-    def get(self, m: Mapping[str, Any], key: str, typ: type, path: str,
-            required: bool = False) -> Any:
+    def get(
+        self, m: Mapping[str, Any], key: str, typ: type, path: str, required: bool = False
+    ) -> Any:
         value = m.get(key)
         where = f"{path}.{key}" if path else key
         if value is None:
@@ -149,26 +160,28 @@ class _Doc:
             raise self.fail(where, f"expected {_TYPE_NAMES[typ]}, got {_describe(value)}")
         return value
 
-    def mapping(self, m: Mapping[str, Any], key: str, path: str,
-                required: bool = False) -> Mapping[str, Any]:
+    def mapping(
+        self, m: Mapping[str, Any], key: str, path: str, required: bool = False
+    ) -> Mapping[str, Any]:
         value = self.get(m, key, dict, path, required)
         return value if value is not None else {}
 
-    def items(self, m: Mapping[str, Any], key: str, path: str,
-              required: bool = False) -> list[Any]:
+    def items(self, m: Mapping[str, Any], key: str, path: str, required: bool = False) -> list[Any]:
         value = self.get(m, key, list, path, required)
         return value if value is not None else []
 
-    def string_map(self, m: Mapping[str, Any], key: str, path: str,
-                   label_syntax: bool = False) -> dict[str, str]:
+    def string_map(
+        self, m: Mapping[str, Any], key: str, path: str, label_syntax: bool = False
+    ) -> dict[str, str]:
         where = f"{path}.{key}" if path else key
         out: dict[str, str] = {}
         for k, v in self.mapping(m, key, path).items():
             if not isinstance(k, str):
                 raise self.fail(where, f"keys must be strings, got {_describe(k)}")
             if not isinstance(v, str):
-                raise self.fail(f"{where}.{k}",
-                                f"expected a string, got {_describe(v)} (quote it in YAML)")
+                raise self.fail(
+                    f"{where}.{k}", f"expected a string, got {_describe(v)} (quote it in YAML)"
+                )
             if label_syntax and not LABEL_KEY.match(k):
                 raise self.fail(f"{where}.{k}", "invalid label key")
             if label_syntax and (len(v) > 63 or not LABEL_VALUE.match(v)):
@@ -187,8 +200,14 @@ _TYPE_NAMES = {str: "a string", int: "an integer", dict: "a mapping", list: "a l
 
 
 def _describe(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "a list", dict: "a mapping"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }
     return f"{names.get(type(value), type(value).__name__)} ({value!r:.40})"
 
 
@@ -244,15 +263,26 @@ def parse_object(doc: Any, origin: str) -> Object:
     d.obj = f"{kind} {namespace + '/' if namespace else ''}{name}"
     name_rule = DNS_LABEL if kind in ("Namespace", "Service") else DNS_SUBDOMAIN
     if len(name) > (63 if name_rule is DNS_LABEL else 253) or not name_rule.match(name):
-        raise d.fail("metadata.name", f"{name!r} is not a valid {kind} name "
-                     "(lowercase letters, digits and '-', starting and ending alphanumeric)")
+        raise d.fail(
+            "metadata.name",
+            f"{name!r} is not a valid {kind} name "
+            "(lowercase letters, digits and '-', starting and ending alphanumeric)",
+        )
     if namespace is not None and (len(namespace) > 63 or not DNS_LABEL.match(namespace)):
         raise d.fail("metadata.namespace", f"{namespace!r} is not a valid namespace name")
-    meta = Meta(name=name, namespace=namespace,
-                labels=d.string_map(md, "labels", "metadata", label_syntax=True),
-                annotations=d.string_map(md, "annotations", "metadata"))
-    base: dict[str, Any] = {"kind": kind, "api_version": api_version, "meta": meta,
-                            "origin": origin, "raw": doc}
+    meta = Meta(
+        name=name,
+        namespace=namespace,
+        labels=d.string_map(md, "labels", "metadata", label_syntax=True),
+        annotations=d.string_map(md, "annotations", "metadata"),
+    )
+    base: dict[str, Any] = {
+        "kind": kind,
+        "api_version": api_version,
+        "meta": meta,
+        "origin": origin,
+        "raw": doc,
+    }
     if kind not in RUN_KINDS:
         return Object(**base)
     if kind in ("Namespace", "ServiceAccount", "Service", "Deployment", "Pod"):
@@ -284,8 +314,11 @@ def _pod_spec(d: _Doc, spec: Mapping[str, Any], path: str) -> PodSpec:
         cname = d.get(c, "name", str, cpath, required=True)
         command = [*d.items(c, "command", cpath), *d.items(c, "args", cpath)]
         if not command:
-            raise d.fail(f"{cpath}.command", "the lab runs processes on this machine, not "
-                         "images: give the container a command (e.g. [veil, echo])")
+            raise d.fail(
+                f"{cpath}.command",
+                "the lab runs processes on this machine, not "
+                "images: give the container a command (e.g. [veil, echo])",
+            )
         for j, word in enumerate(command):
             if not isinstance(word, str):
                 raise d.fail(f"{cpath}.command[{j}]", f"expected a string, got {_describe(word)}")
@@ -294,8 +327,9 @@ def _pod_spec(d: _Doc, spec: Mapping[str, Any], path: str) -> PodSpec:
             epath = f"{cpath}.env[{j}]"
             if not isinstance(e, dict):
                 raise d.fail(epath, f"expected a mapping, got {_describe(e)}")
-            env.append((d.get(e, "name", str, epath, required=True),
-                        d.get(e, "value", str, epath) or ""))
+            env.append(
+                (d.get(e, "name", str, epath, required=True), d.get(e, "value", str, epath) or "")
+            )
         ports = []
         for j, p in enumerate(d.items(c, "ports", cpath)):
             ppath = f"{cpath}.ports[{j}]"
@@ -309,13 +343,17 @@ def _pod_spec(d: _Doc, spec: Mapping[str, Any], path: str) -> PodSpec:
                 raise d.fail(f"{ppath}.containerPort", f"port {number} is declared twice")
             seen_ports.add(number)
             ports.append(ContainerPort(container_port=number, name=d.get(p, "name", str, ppath)))
-        containers.append(Container(name=cname, command=tuple(command), env=tuple(env),
-                                    ports=tuple(ports)))
+        containers.append(
+            Container(name=cname, command=tuple(command), env=tuple(env), ports=tuple(ports))
+        )
     sa = d.get(spec, "serviceAccountName", str, path) or "default"
     if not DNS_SUBDOMAIN.match(sa):
         raise d.fail(f"{path}.serviceAccountName", f"{sa!r} is not a valid name")
-    return PodSpec(containers=tuple(containers), node_name=d.get(spec, "nodeName", str, path),
-                   service_account=sa)
+    return PodSpec(
+        containers=tuple(containers),
+        node_name=d.get(spec, "nodeName", str, path),
+        service_account=sa,
+    )
 
 
 def _deployment(d: _Doc, base: dict[str, Any], spec: Mapping[str, Any]) -> Deployment:
@@ -331,13 +369,18 @@ def _deployment(d: _Doc, base: dict[str, Any], spec: Mapping[str, Any]) -> Deplo
     tmeta = d.mapping(template, "metadata", "spec.template")
     labels = d.string_map(tmeta, "labels", "spec.template.metadata", label_syntax=True)
     if any(labels.get(k) != v for k, v in match.items()):
-        raise d.fail("spec.template.metadata.labels",
-                     "must carry every label of spec.selector.matchLabels")
+        raise d.fail(
+            "spec.template.metadata.labels", "must carry every label of spec.selector.matchLabels"
+        )
     tspec = d.mapping(template, "spec", "spec.template", required=True)
-    return Deployment(**base, replicas=replicas, selector=match, template_labels=labels,
-                      template_annotations=d.string_map(tmeta, "annotations",
-                                                        "spec.template.metadata"),
-                      template=_pod_spec(d, tspec, "spec.template.spec"))
+    return Deployment(
+        **base,
+        replicas=replicas,
+        selector=match,
+        template_labels=labels,
+        template_annotations=d.string_map(tmeta, "annotations", "spec.template.metadata"),
+        template=_pod_spec(d, tspec, "spec.template.spec"),
+    )
 
 
 def _service(d: _Doc, base: dict[str, Any], spec: Mapping[str, Any]) -> Service:
@@ -358,8 +401,9 @@ def _service(d: _Doc, base: dict[str, Any], spec: Mapping[str, Any]) -> Service:
         port = d.port(p, "port", ppath, required=True)
         target = p.get("targetPort", port)
         if isinstance(target, bool) or not isinstance(target, int | str):
-            raise d.fail(f"{ppath}.targetPort",
-                         f"expected a port number or name, got {_describe(target)}")
+            raise d.fail(
+                f"{ppath}.targetPort", f"expected a port number or name, got {_describe(target)}"
+            )
         if isinstance(target, int) and not 1 <= target <= 65535:
             raise d.fail(f"{ppath}.targetPort", f"port {target} is outside 1-65535")
         protocol = d.get(p, "protocol", str, ppath) or "TCP"
@@ -371,14 +415,19 @@ def _service(d: _Doc, base: dict[str, Any], spec: Mapping[str, Any]) -> Service:
         ports.append(ServicePort(port=port, target_port=target, name=name, protocol=protocol))
     if len({p.port for p in ports}) != len(ports):
         raise d.fail("spec.ports", "the same port is declared twice")
-    return Service(**base, cluster_ip=cluster_ip, ports=tuple(ports),
-                   selector=d.string_map(spec, "selector", "spec", label_syntax=True))
+    return Service(
+        **base,
+        cluster_ip=cluster_ip,
+        ports=tuple(ports),
+        selector=d.string_map(spec, "selector", "spec", label_syntax=True),
+    )
 
 
 def check_unique(objects: Iterable[Object]) -> None:
     seen: dict[tuple[str, str | None, str], Object] = {}
     for o in objects:
         if o.key in seen:
-            raise ManifestError(o.origin, o.ref, "metadata.name",
-                                f"already defined in {seen[o.key].origin}")
+            raise ManifestError(
+                o.origin, o.ref, "metadata.name", f"already defined in {seen[o.key].origin}"
+            )
         seen[o.key] = o

@@ -17,12 +17,24 @@ class CommandError(RuntimeError):
     """A system command failed; carries what it said so the user sees the kernel's reason."""
 
 
-def run(argv: Sequence[str], *, input: str | None = None, check: bool = True,
-        env: Mapping[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str],
+    *,
+    input: str | None = None,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> subprocess.CompletedProcess[str]:
     try:
-        proc = subprocess.run(list(argv), input=input, capture_output=True, text=True,
-                              env=dict(env) if env is not None else None, timeout=timeout,
-                              check=False)
+        proc = subprocess.run(
+            list(argv),
+            input=input,
+            capture_output=True,
+            text=True,
+            env=dict(env) if env is not None else None,
+            timeout=timeout,
+            check=False,
+        )
     except FileNotFoundError:
         raise CommandError(f"{argv[0]}: command not found (run `make setup` as root)") from None
     if check and proc.returncode != 0:

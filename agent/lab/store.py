@@ -61,7 +61,7 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def dump(obj: Mapping[str, Any]) -> str:

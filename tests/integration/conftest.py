@@ -1,0 +1,110 @@
+"""Fixtures for tests on a real lab: network namespaces, CNI plugins, iptables, cgroups.
+
+Every lab a test brings up has a unique name (`it` + 6 hex digits) and is removed in a
+`finally`, also when the test fails; the session ends by removing any lab that still exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.lab import lab as labmod
+from agent.lab import netns, store
+
+ROOT = Path(__file__).parents[2]
+VEIL = str(Path(sys.executable).parent / "veil")
+SHOP = str(ROOT / "examples" / "shop")
+EXTRA = str(Path(__file__).parent / "manifests")
+
+pytestmark = pytest.mark.integration
+
+if os.geteuid() != 0:
+    pytest.skip(
+        "integration tests need root (network namespaces, iptables, cgroups)",
+        allow_module_level=True,
+    )
+
+
+def veil(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [VEIL, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"veil {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def lab_exec(
+    lab: str, pod: str, *argv: str, ns: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    return veil(
+        "lab", "exec", "--name", lab, *(["-n", ns] if ns else []), pod, "--", *argv, check=check
+    )
+
+
+def curl_json(lab: str, pod: str, url: str, ns: str | None = None) -> dict[str, Any]:
+    out = lab_exec(lab, pod, "curl", "-sS", "--max-time", "5", url, ns=ns).stdout
+    answer: dict[str, Any] = json.loads(out)
+    return answer
+
+
+def new_lab_name() -> str:
+    return f"it{secrets.token_hex(3)}"
+
+
+def leftovers(lab: str) -> list[str]:
+    found = labmod.leftovers(lab)
+    found += [n for n in netns.listing() if n.startswith(labmod.netns_prefix(lab))]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def lab_pids(lab: str) -> list[int]:
+    record = store.read_record(lab) or {}
+    return [pid for p in record.get("pods", []) for pid in p.get("pids", [])]
+
+
+@pytest.fixture(scope="module")
+def shop_lab() -> Iterator[str]:
+    """examples/shop (plus tests/integration/manifests) on two nodes."""
+    name = new_lab_name()
+    try:
+        veil("lab", "up", "-f", SHOP, "-f", EXTRA, "--name", name)
+        yield name
+    finally:
+        veil("lab", "down", "--name", name, check=False)
+
+
+@pytest.fixture
+def lab_status(shop_lab: str) -> dict[str, Any]:
+    status: dict[str, Any] = json.loads(
+        veil("lab", "status", "--name", shop_lab, "-o", "json").stdout
+    )
+    return status
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_labs() -> Iterator[None]:
+    yield
+    names = {n.split("-")[1] for n in netns.listing() if n.startswith("veil-it")}
+    names |= {n for n in store.labs() if n.startswith("it")}
+    for name in names:
+        labmod.down(name, log=lambda _m: None)
