@@ -1,0 +1,190 @@
+"""The certificate manager: prefetch, on-demand, rotation, backoff, and TLS between identities."""
+
+import datetime
+import ssl
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from agent.ca.signer import Signer, generate_root
+from agent.identity.csr import build_csr, new_key
+from agent.identity.manager import Backoff, CertificateManager, NoCertificate, check_answer
+from agent.identity.spiffe import IdentityError, SpiffeId
+from agent.identity.tls import PeerIdentityError, verify_peer
+from tests.support.mesh import TD, InProcessCa
+
+FRONTEND = SpiffeId(TD, "shop", "frontend")
+CATALOG = SpiffeId(TD, "shop", "catalog")
+
+
+def test_backoff_doubles_to_150s_and_resets():
+    b = Backoff()
+    delays = [b.next() for _ in range(12)]
+    assert delays[:5] == [0.5, 1, 2, 4, 8]
+    assert delays[-1] == 150 and max(delays) == 150
+    b.reset()
+    assert b.next() == 0.5
+
+
+async def handshake(server_cred, client_cred, expected):
+    """A real TLS 1.3 handshake over an in-memory stream pair; returns both peer identities."""
+    a, b = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(a, server_cred.server_context, server_side=True)
+    client = trio.SSLStream(b, client_cred.client_context, server_hostname=None)
+    errors: list[BaseException] = []
+
+    async def side(stream):
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as e:
+            errors.append(e)
+            await stream.transport_stream.aclose()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(side, server)
+        n.start_soon(side, client)
+    if errors:
+        raise errors[0]
+    assert client.selected_alpn_protocol() == "h2"
+    seen_by_client = verify_peer(client._ssl_object, expected=expected)
+    seen_by_server = verify_peer(server._ssl_object, trust_domain=TD)
+    return seen_by_client, seen_by_server
+
+
+@pytest.fixture
+def ca(tmp_path):
+    return InProcessCa(tmp_path)
+
+
+async def run_manager(nursery, fetch, **kw):
+    mgr = CertificateManager(fetch, **kw)
+    await nursery.start(mgr.run)
+    return mgr
+
+
+async def test_prefetch_and_mutual_tls_between_identities(ca):
+    async with trio.open_nursery() as n:
+        node1 = await run_manager(n, ca.fetcher("node1"))
+        node2 = await run_manager(n, ca.fetcher("node2"))
+        node1.set_identities([FRONTEND])
+        node2.set_identities([CATALOG, FRONTEND])
+        client = await node1.get(FRONTEND)
+        server = await node2.get(CATALOG)
+        assert await handshake(server, client, {CATALOG}) == (CATALOG, FRONTEND)
+        with pytest.raises(PeerIdentityError, match="not the expected"):
+            await handshake(server, client, {FRONTEND})
+        meta = node2.snapshot()
+        assert {m["identity"] for m in meta} == {str(CATALOG), str(FRONTEND)}
+        assert all(m["state"] == "valid" for m in meta)
+        assert "PRIVATE" not in repr(meta) and "key" not in str(meta).lower()
+        n.cancel_scope.cancel()
+
+
+async def test_certificate_from_another_ca_fails_the_handshake(ca, tmp_path):
+    other = InProcessCa(tmp_path / "other")
+    (tmp_path / "other").mkdir(exist_ok=True)
+    async with trio.open_nursery() as n:
+        ours = await run_manager(n, ca.fetcher("node1"))
+        theirs = await run_manager(n, other.fetcher("node1"))
+        good = await ours.get(FRONTEND)
+        foreign = await theirs.get(FRONTEND)
+        for server, client in ((good, foreign), (foreign, good)):
+            with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
+                await handshake(server, client, {FRONTEND})
+        n.cancel_scope.cancel()
+
+
+async def test_the_node_cannot_get_an_identity_it_does_not_run(ca):
+    async with trio.open_nursery() as n:
+        node1 = await run_manager(n, ca.fetcher("node1"))
+        with pytest.raises(NoCertificate, match="403"):
+            await node1.get(CATALOG, timeout=0.5)
+        n.cancel_scope.cancel()
+
+
+async def test_rotation_under_a_short_ttl_keeps_handshakes_working(tmp_path):
+    ca = InProcessCa(tmp_path, ttl=datetime.timedelta(seconds=2))
+    ca.signer.max_ttl = datetime.timedelta(seconds=2)
+    # Leaves are back-dated one minute for clock skew; the TTL counts from now.
+    async with trio.open_nursery() as n:
+        node1 = await run_manager(n, ca.fetcher("node1"))
+        node2 = await run_manager(n, ca.fetcher("node2"))
+        serials = set()
+        with trio.fail_after(15):
+            for _ in range(20):  # ~5 s: more than two lifetimes
+                client = await node1.get(FRONTEND)
+                server = await node2.get(CATALOG)
+                serials.add(client.leaf.serial_number)
+                assert await handshake(server, client, {CATALOG}) == (CATALOG, FRONTEND)
+                await trio.sleep(0.25)
+        assert len(serials) >= 3  # refreshed at half life, again and again
+        n.cancel_scope.cancel()
+
+
+async def test_failures_back_off_and_keep_the_old_certificate(tmp_path):
+    ca = InProcessCa(tmp_path, ttl=datetime.timedelta(seconds=4))
+    ca.signer.max_ttl = datetime.timedelta(seconds=4)
+    async with trio.open_nursery() as n:
+        mgr = await run_manager(n, ca.fetcher("node1"))
+        first = await mgr.get(FRONTEND)
+        ca.fail_next = 2  # the refresh at half life (2 s) fails twice: retries at +0.5 s, +1 s
+        with trio.fail_after(5):
+            while "lastError" not in mgr.snapshot()[0]:
+                await trio.sleep(0.02)
+        assert mgr.current(FRONTEND) is first  # still served while refresh fails
+        assert "unreachable" in mgr.snapshot()[0]["lastError"]
+        with trio.fail_after(10):
+            while (cred := mgr.current(FRONTEND)) is first:
+                await trio.sleep(0.05)
+        assert cred is not None  # the old one was served until the new one arrived
+        assert cred.leaf.serial_number != first.leaf.serial_number
+        n.cancel_scope.cancel()
+
+
+async def test_an_expired_certificate_is_never_served(ca):
+    offset = [0.0]
+    async with trio.open_nursery() as n:
+        mgr = await run_manager(n, ca.fetcher("node1"), clock=lambda: time.time() + offset[0])
+        cred = await mgr.get(FRONTEND)
+        offset[0] = cred.not_after - time.time() + 1
+        assert mgr.current(FRONTEND) is None
+        n.cancel_scope.cancel()
+
+
+async def test_removed_identities_are_forgotten(ca):
+    async with trio.open_nursery() as n:
+        mgr = await run_manager(n, ca.fetcher("node2"))
+        mgr.set_identities([FRONTEND, CATALOG])
+        await mgr.get(CATALOG)
+        mgr.set_identities([FRONTEND])
+        assert mgr.current(CATALOG) is None
+        assert [m["identity"] for m in mgr.snapshot()] == [str(FRONTEND)]
+        n.cancel_scope.cancel()
+
+
+def test_answers_are_verified_before_use():
+    root = generate_root(TD)
+    signer = Signer(root, TD)
+    key = new_key()
+    issued = signer.sign(signer.check_csr(build_csr(key, FRONTEND), FRONTEND), FRONTEND)
+    from agent.ca.signer import pem
+
+    good = {"certChain": [pem(c) for c in issued.chain], "trustBundle": [pem(root.cert)]}
+    assert (
+        check_answer(
+            FRONTEND, key, good, 0.0 + issued.leaf.not_valid_before_utc.timestamp() + 120
+        ).identity
+        == FRONTEND
+    )
+    now = issued.leaf.not_valid_before_utc.timestamp() + 120
+    with pytest.raises(IdentityError, match="not spiffe"):
+        check_answer(CATALOG, key, good, now)
+    with pytest.raises(IdentityError, match="another key"):
+        check_answer(FRONTEND, new_key(), good, now)
+    other_root = generate_root(TD)
+    with pytest.raises(IdentityError, match="does not verify"):
+        check_answer(FRONTEND, key, {**good, "trustBundle": [pem(other_root.cert)]}, now)
+    with pytest.raises(IdentityError, match="malformed"):
+        check_answer(FRONTEND, key, {"certChain": "x"}, now)
