@@ -11,6 +11,7 @@ from agent.ca.auth import BootstrapTokens, new_token, write_tokens_file
 from agent.ca.server import CaService
 from agent.ca.signer import Signer, generate_root
 from agent.http import Request
+from agent.identity.manager import Fetcher
 from agent.identity.spiffe import SpiffeId
 from agent.state.model import build_state
 from agent.state.store import StateStore
@@ -61,7 +62,7 @@ class InProcessCa:
         )
         return resp.status, json.loads(resp.body)
 
-    def fetcher(self, node: str):  # noqa: ANN201 - a Fetcher
+    def fetcher(self, node: str) -> Fetcher:
         async def fetch(identity: SpiffeId, csr_pem: bytes) -> dict[str, Any]:
             if self.fail_next > 0:
                 self.fail_next -= 1

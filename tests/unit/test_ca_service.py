@@ -6,6 +6,7 @@ import logging
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.ca.auth import write_tokens_file
 from agent.http import Request
@@ -67,9 +68,7 @@ async def test_ttl_is_honoured(ca):
             lambda: body(
                 FRONTEND,
                 csr=csr_with(
-                    __import__(
-                        "cryptography.hazmat.primitives.asymmetric.rsa", fromlist=["x"]
-                    ).generate_private_key(65537, 2048),
+                    rsa.generate_private_key(65537, 2048),
                     [x509.UniformResourceIdentifier(str(FRONTEND))],
                 ),
             ),

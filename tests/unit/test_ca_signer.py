@@ -12,8 +12,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.ca.signer import (
     CaSetupError,
     FileCaStorage,
-    SignError,
     Signer,
+    SignError,
     generate_root,
     load_or_create,
     load_plugin,

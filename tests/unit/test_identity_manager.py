@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from agent.ca.signer import Signer, generate_root
+from agent.ca.signer import Signer, generate_root, pem
 from agent.identity.csr import build_csr, new_key
 from agent.identity.manager import Backoff, CertificateManager, NoCertificate, check_answer
 from agent.identity.spiffe import IdentityError, SpiffeId
@@ -169,8 +169,6 @@ def test_answers_are_verified_before_use():
     signer = Signer(root, TD)
     key = new_key()
     issued = signer.sign(signer.check_csr(build_csr(key, FRONTEND), FRONTEND), FRONTEND)
-    from agent.ca.signer import pem
-
     good = {"certChain": [pem(c) for c in issued.chain], "trustBundle": [pem(root.cert)]}
     assert (
         check_answer(
