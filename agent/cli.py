@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from agent.config import CA_SERVER_NAME, AgentConfig, CaConfig, parse_hostport
+from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
+from agent.lab.errors import LabError
 from agent.lab.manifests import ManifestError
+
+LEVELS = ("debug", "info", "warning", "error")
 
 
 def _lab_name(value: str | None) -> str:
@@ -36,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for pods to become ready"
     )
+    up.add_argument(
+        "--cert-ttl",
+        type=int,
+        metavar="SECONDS",
+        help="lifetime of workload certificates (default 24 h)",
+    )
 
     down = labsub.add_parser("down", help="remove a lab and everything it created")
     down.add_argument("--name", help=name_help)
@@ -51,6 +64,52 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--name", help=name_help)
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- command [args...]")
 
+    ca = sub.add_parser("ca", help="run the mesh certificate authority")
+    ca.add_argument(
+        "--state-dir",
+        type=Path,
+        required=True,
+        help="cluster state directory to authorize against (the lab's state/)",
+    )
+    ca.add_argument(
+        "--data-dir",
+        type=Path,
+        required=True,
+        help="where a self-signed root is kept (ca-key.pem mode 0600)",
+    )
+    ca.add_argument(
+        "--node-tokens",
+        type=Path,
+        required=True,
+        help="node bootstrap credentials (hashes), as `veil lab up` writes them",
+    )
+    ca.add_argument(
+        "--plugin-certs",
+        type=Path,
+        help="operator CA: ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem",
+    )
+    ca.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    ca.add_argument("--listen", default="0.0.0.0:15012")
+    ca.add_argument("--metrics-listen", default="0.0.0.0:15014")
+    ca.add_argument("--ttl", type=int, default=24 * 3600, help="leaf lifetime in seconds")
+    ca.add_argument("--server-name", default=CA_SERVER_NAME)
+    ca.add_argument("--log-level", default="info", choices=LEVELS)
+
+    ag = sub.add_parser("agent", help="run the node agent")
+    ag.add_argument("--node", required=True, help="the node this agent runs on")
+    ag.add_argument(
+        "--state-dir", type=Path, required=True, help="cluster state directory (the lab's state/)"
+    )
+    ag.add_argument("--ca-address", default="veil-ca.veil-system.svc:15012")
+    ag.add_argument("--ca-server-name", default=CA_SERVER_NAME)
+    ag.add_argument("--ca-root", type=Path, required=True, help="CA trust anchor (PEM)")
+    ag.add_argument("--token-file", type=Path, required=True, help="node credential")
+    ag.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    ag.add_argument("--admin-listen", default="127.0.0.1:15000")
+    ag.add_argument("--metrics-listen", default="0.0.0.0:15020")
+    ag.add_argument("--ready-listen", default="0.0.0.0:15021")
+    ag.add_argument("--log-level", default="info", choices=LEVELS)
+
     echo = sub.add_parser("echo", help="HTTP echo workload for examples")
     echo.add_argument("--port", type=int, default=8080)
     echo.add_argument("--host", default="0.0.0.0")
@@ -59,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("ca", "agent"):
+        return run_daemon(args)
     if args.command == "echo":
         from agent.lab import echo  # noqa: PLC0415 - keep `veil lab` start-up free of trio
 
@@ -72,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         name = _lab_name(getattr(args, "name", None))
         if args.lab_command == "up":
-            lab.up(args.filename, name, args.nodes, ready_timeout=args.timeout)
+            lab.up(
+                args.filename, name, args.nodes, ready_timeout=args.timeout, cert_ttl=args.cert_ttl
+            )
             print(lab.format_status(lab.status(name)))
         elif args.lab_command == "down":
             if args.all:
@@ -88,11 +151,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestError as e:
         print(f"veil: invalid manifest: {e}", file=sys.stderr)
         return 2
-    except (lab.LabError, ValueError) as e:
+    except (LabError, ValueError) as e:
         print(f"veil: {e}", file=sys.stderr)
         return 1
     except (CommandError, CniError, CgroupError) as e:
         print(f"veil: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    import trio  # noqa: PLC0415 - daemons only
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "ca":
+            from agent.ca import app as ca_app  # noqa: PLC0415
+
+            cfg = CaConfig(
+                state_dir=args.state_dir,
+                data_dir=args.data_dir,
+                node_tokens=args.node_tokens,
+                plugin_certs=args.plugin_certs,
+                trust_domain=args.trust_domain,
+                listen=parse_hostport(args.listen),
+                metrics_listen=parse_hostport(args.metrics_listen),
+                ttl_seconds=args.ttl,
+                server_name=args.server_name,
+            )
+            trio.run(ca_app.run, cfg)
+        else:
+            from agent.app import Agent  # noqa: PLC0415
+
+            acfg = AgentConfig(
+                node=args.node,
+                state_dir=args.state_dir,
+                ca_address=parse_hostport(args.ca_address, 15012),
+                ca_server_name=args.ca_server_name,
+                ca_root=args.ca_root,
+                token_file=args.token_file,
+                trust_domain=args.trust_domain,
+                admin_listen=parse_hostport(args.admin_listen),
+                metrics_listen=parse_hostport(args.metrics_listen),
+                ready_listen=parse_hostport(args.ready_listen),
+            )
+            trio.run(Agent(acfg).run)
+    except (ValueError, OSError) as e:
+        print(f"veil {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

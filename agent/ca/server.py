@@ -21,15 +21,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from agent.ca.auth import AuthError, NodeAuthenticator, authorize
+from agent.ca.auth import AuthError, NodeAuthenticator, NodeCredential, authorize
 from agent.ca.signer import Issued, Signer, SignError, pem
 from agent.http import Request, Response
+from agent.identity.spiffe import SpiffeId
 from agent.state.store import StateStore
 
 audit = logging.getLogger("veil.ca.audit")
 MAX_TTL_SECONDS = 30 * 24 * 3600
+STATE_GRACE = 1.0  # seconds to wait for a fresher snapshot before refusing
 
 
 @dataclass
@@ -68,7 +71,9 @@ class CaService:
         authenticator: NodeAuthenticator,
         state: StateStore,
         metrics: CaMetrics | None = None,
+        state_grace: float = STATE_GRACE,
     ) -> None:
+        self.state_grace = state_grace
         self.signer = signer
         self.authenticator = authenticator
         self.state = state
@@ -88,10 +93,10 @@ class CaService:
         if req.path == "/v1/certificates":
             if req.method != "POST":
                 return _error(405, "method_not_allowed", "use POST")
-            return self.certificates(req)
+            return await self.certificates(req)
         return _error(404, "not_found", f"no such endpoint {req.path}")
 
-    def certificates(self, req: Request) -> Response:
+    async def certificates(self, req: Request) -> Response:
         node = identity = None
         try:
             bearer = _bearer(req.headers.get("authorization"))
@@ -110,7 +115,7 @@ class CaService:
             csr = self.signer.check_csr(csr_pem.encode(), identity)
             if not self.state.loaded:
                 raise SignError(503, "state_not_loaded", "the CA has not read cluster state yet")
-            authorize(self.state.current, node, identity)
+            await self._authorize(node, identity)
             issued = self.signer.sign(
                 csr, identity, datetime.timedelta(seconds=ttl) if ttl else None
             )
@@ -137,6 +142,22 @@ class CaService:
             notAfter=issued.leaf.not_valid_after_utc.isoformat(),
         )
         return Response.json(200, _issued_doc(issued, self.signer.material.bundle_pem()))
+
+    async def _authorize(self, node: NodeCredential, identity: SpiffeId) -> None:
+        """Authorize against the snapshot; on a miss, give a lagging snapshot one chance.
+
+        An agent and the CA read cluster state independently, so an agent may ask for a new
+        pod's identity a moment before the CA's snapshot shows that pod. Waiting (bounded) for
+        the next snapshot turns that race into a short delay instead of a refusal.
+        """
+        state = self.state.current
+        try:
+            authorize(state, node, identity)
+            return
+        except AuthError:
+            with trio.move_on_after(self.state_grace):
+                state = await self.state.wait_newer(state.version)
+            authorize(self.state.current, node, identity)
 
     def _audit(
         self, event: str, req: Request, node: str | None, identity: object, **fields: Any

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from agent.ca.signer import verify_chain
+from agent.ca.signer import pem, verify_chain
 from agent.identity.csr import build_csr, new_key, spki
 from agent.identity.spiffe import IdentityError, SpiffeId, identity_of, uri_sans
 from agent.identity.tls import mesh_client_context, mesh_server_context
@@ -99,7 +99,7 @@ class Credential:
             "notBefore": self.leaf.not_valid_before_utc.isoformat(),
             "notAfter": self.leaf.not_valid_after_utc.isoformat(),
             "refreshAt": datetime.datetime.fromtimestamp(self.refresh_at, datetime.UTC).isoformat(),
-            "chainLength": len(self.chain),
+            "certChain": [pem(c) for c in self.chain],
         }
 
 

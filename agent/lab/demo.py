@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.lab import controlplane
 from agent.lab import lab as labmod
+from agent.lab.errors import LabError
 
 VEIL = str(Path(sys.executable).parent / "veil")
 
@@ -68,6 +70,22 @@ def curl(lab: str, c: Call) -> tuple[dict[str, Any] | None, str]:
         return None, f"not an echo answer: {proc.stdout[:80]!r}"
 
 
+def print_identities(lab: str, st: dict[str, Any]) -> None:
+    """What the CA issued: each node's agent and the certificates it holds (never keys)."""
+    print("\n== identities: certificates from `veil ca`, held by each node's agent")
+    print(f"  {'NODE':<8} {'IDENTITY':<52} {'SERIAL':<10} EXPIRES")
+    for node in st["nodes"]:
+        code, body = controlplane.agent_get(node["netns"], "/config_dump")
+        if code != 200:
+            print(f"  {node['name']:<8} agent not answering ({code})")
+            continue
+        for cert in json.loads(body)["certificates"]:
+            print(
+                f"  {node['name']:<8} {cert['identity']:<52} {cert.get('serial', '-')[:8]:<10} "
+                f"{cert.get('notAfter', cert['state'])}"
+            )
+
+
 def run(paths: Sequence[str], lab: str, nodes: int, keep: bool) -> int:
     print(f"== veil lab up -f {' '.join(paths)} --name {lab} --nodes {nodes}")
     labmod.up(paths, lab, nodes)
@@ -108,6 +126,7 @@ def run(paths: Sequence[str], lab: str, nodes: int, keep: bool) -> int:
             f"answered, {crossed} of {len(calls)} crossed nodes over the underlay, "
             f"{len(st['pods'])} pods on {len(st['nodes'])} nodes"
         )
+        print_identities(lab, st)
         if keep:
             print(
                 f"\nThe lab stays up (KEEP=1). Try:\n"
@@ -130,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return run(args.filename or ["examples/shop/"], args.name, args.nodes, args.keep)
-    except (labmod.LabError, ValueError) as e:
+    except (LabError, ValueError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 1
 

@@ -36,9 +36,10 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, NoReturn
 
-from agent.lab import cgroups, netns, store
+from agent.lab import cgroups, controlplane, netns, store
 from agent.lab.cni import LOOPBACK_CONFIG, Attachment, CniError, CniRuntime, network_config
 from agent.lab.cni import result_ip as cni_result_ip
+from agent.lab.errors import LabError
 from agent.lab.manifests import Object, load_paths
 from agent.lab.plan import (
     UNDERLAY_CIDR,
@@ -60,10 +61,6 @@ ANNOTATION_NETNS = "lab.veil.dev/netns"
 ANNOTATION_CGROUP = "lab.veil.dev/cgroup"
 
 Log = Callable[[str], None]
-
-
-class LabError(RuntimeError):
-    """Something the user can act on: the message says what went wrong and what to do."""
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -146,8 +143,10 @@ def up(
     paths: Sequence[str | Path],
     lab: str = "lab",
     nodes: int = 2,
+    *,
     log: Log = print,
     ready_timeout: float = READY_TIMEOUT,
+    cert_ttl: int | None = None,
 ) -> LabPlan:
     check_lab_name(lab)
     plan = make_plan(load_paths(paths), lab, nodes)  # all validation happens before any change
@@ -193,11 +192,32 @@ def up(
     try:
         cgroups.create(cg)
         build_topology(plan, log)
+        controlplane.build_cp_netns(lab, underlay_netns(lab))
         write_static_objects(plan)
+        # Control plane and node agents first, as on a real cluster: the CA, then one agent
+        # per node (DaemonSet pods are up before the workloads they serve).
+        controlplane.write_node_credentials(plan)
+        ca = controlplane.start_ca(plan, spawn, cert_ttl=cert_ttl)
+        record["processes"] = [{**ca.record(), "cgroup": str(cg / "control-plane" / "ca")}]
+        store.write_record(lab, record)
+        controlplane.wait_listening([ca], ready_timeout)
+        controlplane.distribute_trust_bundle(plan)
+        agents = controlplane.start_agents(plan, spawn, node_netns)
+        record["processes"] += [
+            {**a.record(), "cgroup": str(cg / "nodes" / a.name.split()[1] / "agent")}
+            for a in agents
+        ]
+        store.write_record(lab, record)
+        controlplane.wait_listening(agents, ready_timeout)
         running = [start_pod(plan, p, record, log) for p in plan.pods]
         store.write_record(lab, record)
         wait_ready(plan, running, ready_timeout, log)
         sync_services(plan, running)
+        controlplane.wait_agents_ready(agents, ready_timeout)
+        log(
+            f"lab {lab!r}: CA on {controlplane.CA_IP}:{controlplane.CA_PORT}, an agent on "
+            f"every node holding certificates for its workloads' identities"
+        )
         record["status"] = "up"
         store.write_record(lab, record)
     except BaseException:
@@ -274,22 +294,16 @@ def start_pod(plan: LabPlan, pod: PodPlan, record: dict[str, Any], log: Log) -> 
     logs = store.lab_dir(lab) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = pod_env(pod, ip, node)
-    procs = []
-    for c in pod.spec.containers:
-        with open(logs / f"{pod.namespace}_{pod.name}_{c.name}.log", "ab") as logfile:
-            procs.append(
-                subprocess.Popen(
-                    netns.exec_argv(ns, c.command),
-                    env={**env, **dict(c.env)},
-                    stdin=subprocess.DEVNULL,
-                    stdout=logfile,
-                    stderr=subprocess.STDOUT,
-                    cwd="/",
-                    start_new_session=True,
-                    # Joining the pod cgroup before exec; `up` runs no threads, so this is safe.
-                    preexec_fn=_join_cgroup(group),  # noqa: PLW1509
-                )
-            )
+    procs = [
+        spawn(
+            ns,
+            c.command,
+            {**env, **dict(c.env)},
+            group,
+            logs / f"{pod.namespace}_{pod.name}_{c.name}.log",
+        )
+        for c in pod.spec.containers
+    ]
     entry = next(
         e for e in record["pods"] if e["namespace"] == pod.namespace and e["name"] == pod.name
     )
@@ -300,17 +314,30 @@ def start_pod(plan: LabPlan, pod: PodPlan, record: dict[str, Any], log: Log) -> 
     return RunningPod(plan=pod, ip=ip, procs=procs, ports=ports)
 
 
-def _join_cgroup(group: Path) -> Callable[[], None]:
+def spawn(
+    ns: str, argv: Sequence[str], env: Mapping[str, str], group: Path, logfile: Path
+) -> subprocess.Popen[bytes]:
+    """Start a process detached from `lab up`, in a netns (with its /etc/hosts) and a cgroup."""
     procs_file = str(group / "cgroup.procs")
 
-    def join() -> (
-        None
-    ):  # runs in the child between fork and exec: no locks, no allocation-heavy work
+    def join_cgroup() -> None:
+        # Runs in the child between fork and exec, before the command can do anything.
         fd = os.open(procs_file, os.O_WRONLY)
         os.write(fd, b"0\n")  # "0" means the writing process itself
         os.close(fd)
 
-    return join
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "ab") as out:
+        return subprocess.Popen(
+            netns.exec_argv(ns, argv),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            start_new_session=True,
+            preexec_fn=join_cgroup,  # noqa: PLW1509 - `up` starts no threads
+        )
 
 
 def pod_env(pod: PodPlan, ip: IPv4Address, node: NodePlan) -> dict[str, str]:
@@ -330,26 +357,6 @@ def pod_env(pod: PodPlan, ip: IPv4Address, node: NodePlan) -> dict[str, str]:
     }
 
 
-def parse_proc_net_tcp(text: str) -> set[int]:
-    """Ports in LISTEN state (st 0A) from /proc/<pid>/net/tcp or tcp6 text."""
-    ports = set()
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) > 3 and fields[3] == "0A":
-            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def listening_ports(pid: int) -> set[int]:
-    ports: set[int] = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            ports |= parse_proc_net_tcp(Path(f"/proc/{pid}/net/{name}").read_text())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return ports
-
-
 def wait_ready(plan: LabPlan, running: Sequence[RunningPod], timeout: float, log: Log) -> None:
     """A pod is ready when its processes run and every declared containerPort listens."""
     pending = list(running)
@@ -363,13 +370,13 @@ def wait_ready(plan: LabPlan, running: Sequence[RunningPod], timeout: float, log
                         f"{proc.returncode} before it was ready; its log:\n"
                         + log_tail(plan.name, rp.plan)
                     )
-            if rp.ports <= listening_ports(rp.procs[0].pid):
+            if rp.ports <= netns.listening_ports(rp.procs[0].pid):
                 write_pod(plan, rp.plan, rp.ip, phase="Running", ready=True)
                 pending.remove(rp)
         if pending and time.monotonic() > deadline:
             names = ", ".join(
                 f"{rp.plan.namespace}/{rp.plan.name} (waiting for ports "
-                f"{sorted(rp.ports - listening_ports(rp.procs[0].pid))})"
+                f"{sorted(rp.ports - netns.listening_ports(rp.procs[0].pid))})"
                 for rp in pending
             )
             raise LabError(f"pods not ready after {timeout:.0f}s: {names}")
@@ -693,11 +700,21 @@ def status(lab: str) -> dict[str, Any]:
                 "endpoints": eps,
             }
         )
+    processes = [
+        {
+            "name": p["name"],
+            "netns": p["netns"],
+            "pid": p["pid"],
+            "phase": "Running" if _alive(p["pid"], p.get("cgroup", "")) else "Failed",
+        }
+        for p in record.get("processes", [])
+    ]
     return {
         "name": lab,
         "status": record.get("status"),
         "state": str(store.state_dir(lab)),
         "nodes": record.get("nodes", []),
+        "processes": processes,
         "pods": sorted(pods, key=lambda p: (p["namespace"], p["name"])),
         "services": sorted(services, key=lambda s: (s["namespace"], s["name"])),
     }
@@ -712,6 +729,11 @@ def format_status(st: Mapping[str, Any]) -> str:
     lines += [
         f"      {n['name']:<10} {n['underlayIP']:<15} {n['podCIDR']:<18} {n['netns']}"
         for n in st["nodes"]
+    ]
+    lines += ["", f"MESH  {'PROCESS':<14} {'PID':<8} {'PHASE':<9} NETNS"]
+    lines += [
+        f"      {p['name']:<14} {p['pid']:<8} {p['phase']:<9} {p['netns']}"
+        for p in st.get("processes", [])
     ]
     lines += ["", f"PODS  {'NAMESPACE':<14} {'POD':<24} {'IP':<15} {'NODE':<10} PHASE"]
     lines += [

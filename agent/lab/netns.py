@@ -94,3 +94,23 @@ def iptables_restore(name: str, rules: str) -> None:
 def pids(name: str) -> list[int]:
     out = run(["ip", "netns", "pids", name], check=False).stdout
     return [int(p) for p in out.split() if p.isdigit()]
+
+
+def parse_proc_net_tcp(text: str) -> set[int]:
+    """Ports in LISTEN state (st 0A) from /proc/<pid>/net/tcp or tcp6 text."""
+    ports = set()
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A":
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def listening_ports(pid: int) -> set[int]:
+    ports: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            ports |= parse_proc_net_tcp(Path(f"/proc/{pid}/net/{name}").read_text())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return ports

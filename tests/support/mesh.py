@@ -52,7 +52,9 @@ class InProcessCa:
         self.tokens_file = tmp / "tokens.yaml"
         write_tokens_file(self.tokens_file, {n: (t, expiry) for n, t in self.tokens.items()})
         self.state = StateStore(build_state(pods if pods is not None else SHOP_PODS, 1))
-        self.service = CaService(self.signer, BootstrapTokens(self.tokens_file), self.state)
+        self.service = CaService(
+            self.signer, BootstrapTokens(self.tokens_file), self.state, state_grace=0.1
+        )
         self.fail_next = 0
 
     async def post(self, body: bytes, token: str | None) -> tuple[int, dict[str, Any]]:

@@ -5,6 +5,7 @@ import json
 import logging
 
 import pytest
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -12,7 +13,8 @@ from agent.ca.auth import write_tokens_file
 from agent.http import Request
 from agent.identity.csr import build_csr, new_key
 from agent.identity.spiffe import SpiffeId
-from tests.support.mesh import TD, InProcessCa
+from agent.state.model import build_state
+from tests.support.mesh import SHOP_PODS, TD, InProcessCa
 from tests.support.pki import csr_with
 
 FRONTEND = SpiffeId(TD, "shop", "frontend")
@@ -119,3 +121,17 @@ async def test_other_endpoints(ca):
     assert (await h(Request("GET", "/v1/certificates", {}, b"", ""))).status == 405
     assert (await h(Request("GET", "/nope", {}, b"", ""))).status == 404
     assert (await h(Request("GET", "/healthz", {}, b"", ""))).status == 200
+
+
+async def test_a_lagging_snapshot_gets_a_moment_to_catch_up(tmp_path):
+    """An agent may see a new pod before the CA does: the CA waits briefly, then signs."""
+    ca = InProcessCa(tmp_path, pods=[])
+
+    async def pod_appears():
+        await trio.sleep(0.05)
+        ca.state.update(build_state(SHOP_PODS, 2))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(pod_appears)
+        status, doc = await ca.post(body(FRONTEND), ca.tokens["node1"])
+    assert status == 200, doc

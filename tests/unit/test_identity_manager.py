@@ -79,6 +79,7 @@ async def test_prefetch_and_mutual_tls_between_identities(ca):
         assert {m["identity"] for m in meta} == {str(CATALOG), str(FRONTEND)}
         assert all(m["state"] == "valid" for m in meta)
         assert "PRIVATE" not in repr(meta) and "key" not in str(meta).lower()
+        assert all(m["certChain"][0].startswith("-----BEGIN CERTIFICATE") for m in meta)
         n.cancel_scope.cancel()
 
 
@@ -100,7 +101,7 @@ async def test_the_node_cannot_get_an_identity_it_does_not_run(ca):
     async with trio.open_nursery() as n:
         node1 = await run_manager(n, ca.fetcher("node1"))
         with pytest.raises(NoCertificate, match="403"):
-            await node1.get(CATALOG, timeout=0.5)
+            await node1.get(CATALOG, timeout=2)
         n.cancel_scope.cancel()
 
 

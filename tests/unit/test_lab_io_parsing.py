@@ -2,7 +2,7 @@
 
 from agent.lab import store
 from agent.lab.cgroups import parse_mountinfo
-from agent.lab.lab import parse_proc_net_tcp
+from agent.lab.netns import parse_proc_net_tcp
 
 PROC_NET_TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

@@ -1,0 +1,133 @@
+"""`veil agent`: the node agent process (trio.run, one nursery owning every task).
+
+Today it reads cluster state, keeps a certificate for every identity scheduled on its node
+and serves admin, metrics and readiness. Capture and the HBONE data path attach to the same
+snapshot and certificate manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, Gauge
+
+from agent import http
+from agent.config import AgentConfig
+from agent.identity.ca_client import CaEndpoint
+from agent.identity.manager import CertificateManager
+from agent.lifecycle import run_until_signalled
+from agent.state.sources.manifests import ManifestSource
+from agent.state.store import StateStore
+from agent.telemetry.admin import AdminService
+
+log = logging.getLogger("veil.agent")
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.registry = CollectorRegistry()
+        self.store = StateStore()
+        ca = CaEndpoint(
+            host=cfg.ca_address[0],
+            port=cfg.ca_address[1],
+            server_name=cfg.ca_server_name,
+            root_file=cfg.ca_root,
+            token_file=cfg.token_file,
+        )
+        self.certs = CertificateManager(ca.request, registry=self.registry)
+        self.snapshot_version = Gauge(
+            "veil_agent_snapshot_version",
+            "Version of the cluster state snapshot in use",
+            registry=self.registry,
+        )
+        self.snapshot_time = Gauge(
+            "veil_agent_snapshot_timestamp_seconds",
+            "When the snapshot in use was taken (Unix time)",
+            registry=self.registry,
+        )
+        self.admin = AdminService(self.config_dump, self.not_ready, self.registry)
+
+    def identities(self) -> frozenset[Any]:
+        return self.store.current.identities_on_node(self.cfg.node, self.cfg.trust_domain)
+
+    def not_ready(self) -> str | None:
+        if not self.store.loaded:
+            return "cluster state not loaded"
+        missing = [str(s) for s in sorted(self.identities()) if self.certs.current(s) is None]
+        if missing:
+            return f"no certificate yet for {', '.join(missing)}"
+        return None
+
+    def config_dump(self) -> dict[str, Any]:
+        state = self.store.current
+        return {
+            "node": self.cfg.node,
+            "trustDomain": self.cfg.trust_domain,
+            "snapshot": {
+                "version": state.version,
+                "namespaces": sorted(state.namespaces),
+                "workloads": [
+                    {
+                        "namespace": w.namespace,
+                        "name": w.name,
+                        "node": w.node,
+                        "ip": w.ip,
+                        "serviceAccount": w.service_account,
+                        "phase": w.phase,
+                    }
+                    for w in state.workloads
+                ],
+                "services": [
+                    {
+                        "namespace": s.namespace,
+                        "name": s.name,
+                        "vip": s.vip,
+                        "ports": [p.port for p in s.ports],
+                    }
+                    for s in state.services
+                ],
+                "errors": list(state.errors),
+            },
+            "certificates": self.certs.snapshot(),
+        }
+
+    async def follow_state(self) -> None:
+        """Consumer of the snapshot: keep certificates for exactly the node's identities."""
+        version = -1
+        while True:
+            state = await self.store.wait_newer(version)
+            version = state.version
+            self.snapshot_version.set(version)
+            self.snapshot_time.set(time.time())
+            self.certs.set_identities(self.identities())
+
+    async def run(self) -> None:
+        cfg = self.cfg
+
+        async def start(nursery: trio.Nursery) -> None:
+            await nursery.start(self.certs.run)
+            await nursery.start(ManifestSource(cfg.state_dir).run, self.store)
+            nursery.start_soon(self.follow_state)
+            for handler, (host, port) in (
+                (self.admin.admin, cfg.admin_listen),
+                (self.admin.metrics, cfg.metrics_listen),
+                (self.admin.readiness, cfg.ready_listen),
+            ):
+                await nursery.start(
+                    lambda task_status, h=handler, a=host, p=port: http.serve(
+                        h, a, p, task_status=task_status
+                    )
+                )
+            log.info(
+                "agent: node %s up (admin %s:%d, metrics %s:%d, ready %s:%d)",
+                cfg.node,
+                *cfg.admin_listen,
+                *cfg.metrics_listen,
+                *cfg.ready_listen,
+            )
+
+        await run_until_signalled("agent", start)

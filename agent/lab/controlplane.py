@@ -1,0 +1,245 @@
+"""The lab's control plane and node agents: `veil ca` in its own netns, `veil agent` per node.
+
+The CA runs in `veil-<lab>-cp`, a netns on the underlay (172.30.0.2) standing in for a
+control-plane node; it reads the lab's state directory to know which identities run where.
+Each node gets a bootstrap credential in its own directory (`nodes/<node>/bootstrap-token`,
+mode 0600; the CA keeps only its SHA-256) and the CA's trust anchor (`nodes/<node>/ca-root.pem`),
+as a DaemonSet pod would get a projected token and the root ConfigMap. The agent of each node
+runs in the node's netns, as the hostNetwork DaemonSet pod would on a real node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from agent.ca.auth import new_token, write_tokens_file
+from agent.config import CA_SERVER_NAME
+from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
+from agent.lab import cgroups, netns, store
+from agent.lab.errors import LabError
+from agent.lab.plan import UNDERLAY_CIDR, LabPlan
+
+CA_IP = UNDERLAY_CIDR.network_address + 2
+CA_PORT = 15012
+CA_METRICS_PORT = 15014
+AGENT_READY_PORT = 15021
+TOKEN_LIFETIME = datetime.timedelta(days=7)
+
+Log = Callable[[str], None]
+Spawn = Callable[[str, Sequence[str], dict[str, str], Path, Path], "subprocess.Popen[bytes]"]
+
+
+def cp_netns(lab: str) -> str:
+    return f"veil-{lab}-cp"
+
+
+def node_dir(lab: str, node: str) -> Path:
+    return store.lab_dir(lab) / "nodes" / node
+
+
+def ca_dir(lab: str) -> Path:
+    return store.lab_dir(lab) / "ca"
+
+
+def veil_argv(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "veil"), *args]
+
+
+def daemon_env() -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def build_cp_netns(lab: str, underlay: str) -> None:
+    ns = cp_netns(lab)
+    netns.add(ns)
+    netns.ip(underlay, "link", "add", "cp", "type", "veth", "peer", "name", "eth0", "netns", ns)
+    netns.ip(underlay, "link", "set", "cp", "master", "br0", "up")
+    netns.ip(ns, "addr", "add", f"{CA_IP}/{UNDERLAY_CIDR.prefixlen}", "dev", "eth0")
+    netns.ip(ns, "link", "set", "eth0", "up")
+
+
+def write_node_credentials(plan: LabPlan) -> None:
+    expiry = datetime.datetime.now(datetime.UTC) + TOKEN_LIFETIME
+    tokens = {n.name: (new_token(), expiry) for n in plan.nodes}
+    ca = ca_dir(plan.name)
+    ca.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_tokens_file(ca / "bootstrap-tokens.yaml", tokens)
+    for node, (token, _) in tokens.items():
+        d = node_dir(plan.name, node)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store.atomic_write(d / "bootstrap-token", token + "\n", mode=0o600)
+
+
+@dataclass
+class Daemon:
+    name: str
+    netns: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    logfile: Path
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "netns": self.netns,
+            "pid": self.proc.pid,
+            "log": str(self.logfile),
+        }
+
+
+def wait_listening(daemons: Sequence[Daemon], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(daemons)
+    while pending:
+        for d in list(pending):
+            if d.proc.poll() is not None:
+                tail = d.logfile.read_text(errors="replace").splitlines()[-15:]
+                raise LabError(
+                    f"{d.name} exited with code {d.proc.returncode}; its log:\n"
+                    + "\n".join(f"    {line}" for line in tail)
+                )
+            if d.port in netns.listening_ports(d.proc.pid):
+                pending.remove(d)
+        if pending and time.monotonic() > deadline:
+            raise LabError(
+                f"{', '.join(d.name for d in pending)} not listening after "
+                f"{timeout:.0f}s (see {pending[0].logfile})"
+            )
+        time.sleep(0.05)
+
+
+def start_ca(
+    plan: LabPlan,
+    spawn: Spawn,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    cert_ttl: int | None = None,
+) -> Daemon:
+    lab = plan.name
+    group = cgroups.create(cgroups.lab_group(lab) / "control-plane" / "ca")
+    log = store.lab_dir(lab) / "logs" / "ca.log"
+    argv = veil_argv(
+        "ca",
+        "--state-dir",
+        str(store.state_dir(lab)),
+        "--data-dir",
+        str(ca_dir(lab)),
+        "--node-tokens",
+        str(ca_dir(lab) / "bootstrap-tokens.yaml"),
+        "--trust-domain",
+        trust_domain,
+        "--listen",
+        f"{CA_IP}:{CA_PORT}",
+        "--metrics-listen",
+        f"{CA_IP}:{CA_METRICS_PORT}",
+        *(["--ttl", str(cert_ttl)] if cert_ttl else []),
+    )
+    proc = spawn(cp_netns(lab), argv, daemon_env(), group, log)
+    return Daemon("ca", cp_netns(lab), proc, CA_PORT, log)
+
+
+def distribute_trust_bundle(plan: LabPlan) -> None:
+    bundle = (ca_dir(plan.name) / "trust-bundle.pem").read_text()
+    for n in plan.nodes:
+        store.atomic_write(node_dir(plan.name, n.name) / "ca-root.pem", bundle)
+
+
+def start_agents(
+    plan: LabPlan,
+    spawn: Spawn,
+    node_netns: Callable[[str, str], str],
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+) -> list[Daemon]:
+    lab = plan.name
+    out = []
+    for n in plan.nodes:
+        group = cgroups.create(cgroups.lab_group(lab) / "nodes" / n.name / "agent")
+        log = store.lab_dir(lab) / "logs" / f"agent-{n.name}.log"
+        d = node_dir(lab, n.name)
+        argv = veil_argv(
+            "agent",
+            "--node",
+            n.name,
+            "--state-dir",
+            str(store.state_dir(lab)),
+            "--ca-address",
+            f"{CA_IP}:{CA_PORT}",
+            "--ca-server-name",
+            CA_SERVER_NAME,
+            "--ca-root",
+            str(d / "ca-root.pem"),
+            "--token-file",
+            str(d / "bootstrap-token"),
+            "--trust-domain",
+            trust_domain,
+        )
+        ns = node_netns(lab, n.name)
+        out.append(
+            Daemon(
+                f"agent {n.name}",
+                ns,
+                spawn(ns, argv, daemon_env(), group, log),
+                AGENT_READY_PORT,
+                log,
+            )
+        )
+    return out
+
+
+def agent_get(ns: str, path: str, port: int = 15000, timeout: float = 3.0) -> tuple[int, str]:
+    """GET a URL of a node agent from inside its netns (the admin port is node-local)."""
+    proc = netns.run(
+        netns.nsenter_argv(
+            ns,
+            [
+                "curl",
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "--max-time",
+                str(timeout),
+                f"http://127.0.0.1:{port}{path}",
+            ],
+        ),
+        check=False,
+        timeout=timeout + 2,
+    )
+    body, _, code = proc.stdout.rpartition("\n")
+    return (int(code) if code.isdigit() else 0), body
+
+
+def wait_agents_ready(daemons: Sequence[Daemon], timeout: float) -> None:
+    """Ready = the agent has read the state and holds a certificate for each node identity."""
+    deadline = time.monotonic() + timeout
+    pending = list(daemons)
+    last = ""
+    while pending:
+        for d in list(pending):
+            if d.proc.poll() is not None:
+                raise LabError(f"{d.name} exited with code {d.proc.returncode} (see {d.logfile})")
+            code, body = agent_get(d.netns, "/healthz/ready", AGENT_READY_PORT)
+            if code == 200:
+                pending.remove(d)
+            else:
+                last = f"{d.name}: {body.strip() or code}"
+        if pending and time.monotonic() > deadline:
+            raise LabError(f"agents not ready after {timeout:.0f}s: {last}")
+        time.sleep(0.1)
+
+
+def ca_address() -> tuple[IPv4Address, int]:
+    return CA_IP, CA_PORT
