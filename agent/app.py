@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, Gauge
 
 from agent import http
+from agent.cni import server as cni_server
 from agent.config import AgentConfig
+from agent.enrollment import Enrollment
 from agent.identity.ca_client import CaEndpoint
 from agent.identity.manager import CertificateManager
 from agent.lifecycle import run_until_signalled
+from agent.proxy.pod import ProxyContext
 from agent.state.sources.manifests import ManifestSource
 from agent.state.store import StateStore
 from agent.telemetry.admin import AdminService
@@ -39,6 +43,11 @@ class Agent:
             token_file=cfg.token_file,
         )
         self.certs = CertificateManager(ca.request, registry=self.registry)
+        self.proxy_ctx = ProxyContext(
+            node=cfg.node, trust_domain=cfg.trust_domain, store=self.store, certs=self.certs
+        )
+        self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir)
+        self.resumed = False
         self.snapshot_version = Gauge(
             "veil_agent_snapshot_version",
             "Version of the cluster state snapshot in use",
@@ -57,6 +66,8 @@ class Agent:
     def not_ready(self) -> str | None:
         if not self.store.loaded:
             return "cluster state not loaded"
+        if not self.resumed:
+            return "enrolled pods not resumed yet"
         missing = [str(s) for s in sorted(self.identities()) if self.certs.current(s) is None]
         if missing:
             return f"no certificate yet for {', '.join(missing)}"
@@ -93,6 +104,7 @@ class Agent:
                 "errors": list(state.errors),
             },
             "certificates": self.certs.snapshot(),
+            "enrolled": [asdict(e) for _, e in sorted(self.enrollment.pods.items())],
         }
 
     async def follow_state(self) -> None:
@@ -112,6 +124,9 @@ class Agent:
             await nursery.start(self.certs.run)
             await nursery.start(ManifestSource(cfg.state_dir).run, self.store)
             nursery.start_soon(self.follow_state)
+            await nursery.start(self.enrollment.run)
+            self.resumed = True
+            await nursery.start(cni_server.serve, self.enrollment, cfg.cni_socket)
             for handler, (host, port) in (
                 (self.admin.admin, cfg.admin_listen),
                 (self.admin.metrics, cfg.metrics_listen),

@@ -104,11 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--ca-server-name", default=CA_SERVER_NAME)
     ag.add_argument("--ca-root", type=Path, required=True, help="CA trust anchor (PEM)")
     ag.add_argument("--token-file", type=Path, required=True, help="node credential")
+    ag.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("/var/run/veil/agent"),
+        help="where the agent keeps its registry of enrolled pods",
+    )
+    ag.add_argument(
+        "--cni-socket",
+        type=Path,
+        default=Path("/var/run/veil/cni.sock"),
+        help="unix socket veil-cni talks to",
+    )
     ag.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
     ag.add_argument("--admin-listen", default="127.0.0.1:15000")
     ag.add_argument("--metrics-listen", default="0.0.0.0:15020")
     ag.add_argument("--ready-listen", default="0.0.0.0:15021")
     ag.add_argument("--log-level", default="info", choices=LEVELS)
+
+    lb = labsub.add_parser("label", help="set (k=v) or remove (k-) labels of a namespace or pod")
+    lb.add_argument("kind", choices=["namespace", "ns", "pod", "po"])
+    lb.add_argument("object", help="namespace or pod name")
+    lb.add_argument("changes", nargs="+", help="key=value or key-")
+    lb.add_argument("-n", "--namespace", help="the pod's namespace")
+    lb.add_argument("--name", help=name_help)
 
     echo = sub.add_parser("echo", help="HTTP echo workload for examples")
     echo.add_argument("--port", type=int, default=8080)
@@ -145,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.lab_command == "status":
             st = lab.status(name)
             print(json.dumps(st, indent=2) if args.output == "json" else lab.format_status(st))
+        elif args.lab_command == "label":
+            labels = lab.label(name, args.kind, args.object, args.namespace, args.changes)
+            print(
+                f"{args.kind} {args.object} labels: "
+                + (", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(none)")
+            )
         elif args.lab_command == "exec":
             command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
             lab.exec_in_pod(name, args.pod, args.namespace, command)
@@ -196,6 +221,8 @@ def run_daemon(args: argparse.Namespace) -> int:
                 ca_server_name=args.ca_server_name,
                 ca_root=args.ca_root,
                 token_file=args.token_file,
+                data_dir=args.data_dir,
+                cni_socket=args.cni_socket,
                 trust_domain=args.trust_domain,
                 admin_listen=parse_hostport(args.admin_listen),
                 metrics_listen=parse_hostport(args.metrics_listen),

@@ -33,6 +33,8 @@ class AgentConfig:
     ca_server_name: str
     ca_root: Path
     token_file: Path
+    data_dir: Path = Path("/var/run/veil/agent")
+    cni_socket: Path = Path("/var/run/veil/cni.sock")
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     admin_listen: tuple[str, int] = ("127.0.0.1", 15000)
     metrics_listen: tuple[str, int] = ("0.0.0.0", 15020)

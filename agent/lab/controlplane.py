@@ -46,6 +46,10 @@ def node_dir(lab: str, node: str) -> Path:
     return store.lab_dir(lab) / "nodes" / node
 
 
+def cni_socket(lab: str, node: str) -> Path:
+    return node_dir(lab, node) / "cni.sock"
+
+
 def ca_dir(lab: str) -> Path:
     return store.lab_dir(lab) / "ca"
 
@@ -184,6 +188,10 @@ def start_agents(
             str(d / "bootstrap-token"),
             "--trust-domain",
             trust_domain,
+            "--data-dir",
+            str(d / "agent"),
+            "--cni-socket",
+            str(cni_socket(lab, n.name)),
         )
         ns = node_netns(lab, n.name)
         out.append(

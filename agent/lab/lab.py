@@ -36,8 +36,17 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
+
 from agent.lab import cgroups, controlplane, netns, store
-from agent.lab.cni import LOOPBACK_CONFIG, Attachment, CniError, CniRuntime, network_config
+from agent.lab.cni import (
+    DEFAULT_CNI_PATH,
+    LOOPBACK_CONFIG,
+    Attachment,
+    CniError,
+    CniRuntime,
+    network_config,
+)
 from agent.lab.cni import result_ip as cni_result_ip
 from agent.lab.errors import LabError
 from agent.lab.manifests import Object, load_paths
@@ -253,7 +262,7 @@ def build_topology(plan: LabPlan, log: Log) -> None:
 
 
 def node_network(lab: str, node: NodePlan) -> dict[str, Any]:
-    """The CNI network configuration list a lab node uses (later issues chain veil-cni)."""
+    """The CNI network configuration list of a lab node: ptp + host-local, then veil-cni."""
     cidr = node.pod_cidr
     return network_config(
         name=f"veil-{lab}-{node.name}",
@@ -261,7 +270,35 @@ def node_network(lab: str, node: NodePlan) -> dict[str, Any]:
         gateway=str(node.gateway),
         range_start=str(cidr.network_address + 10),
         data_dir=str(store.lab_dir(lab) / "ipam" / node.name),
+        extra_plugins=[
+            {"type": "veil-cni", "agentSocket": str(controlplane.cni_socket(lab, node.name))}
+        ],
     )
+
+
+def cni_runtime(lab: str, node: str) -> CniRuntime:
+    """Plugins from containernetworking-plugins, and veil-cni from the venv."""
+    return CniRuntime(
+        node_netns(lab, node),
+        cni_path=(*DEFAULT_CNI_PATH, str(Path(sys.executable).parent)),
+        cache_dir=store.lab_dir(lab) / "cni",
+    )
+
+
+def cni_add_with_retry(
+    runtime: CniRuntime, conf: dict[str, Any], att: Attachment, timeout: float
+) -> dict[str, Any]:
+    """ADD, retried as kubelet retries pod sandboxes: DEL after each failure, then again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return runtime.add(conf, att)
+        except CniError as e:
+            with contextlib.suppress(CniError):
+                runtime.delete(conf, att)
+            if time.monotonic() > deadline:
+                raise LabError(f"pod network for {att.netns} could not be set up: {e}") from None
+            time.sleep(0.5)
 
 
 def attachment(lab: str, pod: PodPlan) -> Attachment:
@@ -277,15 +314,22 @@ def attachment(lab: str, pod: PodPlan) -> Attachment:
     )
 
 
-def start_pod(plan: LabPlan, pod: PodPlan, record: dict[str, Any], log: Log) -> RunningPod:
+def start_pod(
+    plan: LabPlan,
+    pod: PodPlan,
+    record: dict[str, Any],
+    log: Log,
+    cni_timeout: float = READY_TIMEOUT,
+) -> RunningPod:
     lab = plan.name
     ns = pod_netns(lab, pod.namespace, pod.name)
     node = plan.node(pod.node)
     netns.add(ns)
-    runtime = CniRuntime(node_netns(lab, node.name), cache_dir=store.lab_dir(lab) / "cni")
+    write_pod(plan, pod, None, phase="Pending", ready=False)  # the pod exists before its network
+    runtime = cni_runtime(lab, node.name)
     att = attachment(lab, pod)
     runtime.add(LOOPBACK_CONFIG, Attachment(att.container_id, ns, "lo", att.args))
-    result = runtime.add(node_network(lab, node), att)
+    result = cni_add_with_retry(runtime, node_network(lab, node), att, cni_timeout)
     ip = cni_result_ip(result)
     hosts = ETC_NETNS / ns / "hosts"
     store.atomic_write(hosts, render_hosts(pod, ip, plan.services))
@@ -456,7 +500,7 @@ def write_static_objects(plan: LabPlan) -> None:
         )
 
 
-def write_pod(plan: LabPlan, pod: PodPlan, ip: IPv4Address, phase: str, ready: bool) -> None:
+def write_pod(plan: LabPlan, pod: PodPlan, ip: IPv4Address | None, phase: str, ready: bool) -> None:
     lab = plan.name
     md: dict[str, Any] = {
         "name": pod.name,
@@ -496,8 +540,7 @@ def write_pod(plan: LabPlan, pod: PodPlan, ip: IPv4Address, phase: str, ready: b
             },
             "status": {
                 "phase": phase,
-                "podIP": str(ip),
-                "podIPs": [{"ip": str(ip)}],
+                **({"podIP": str(ip), "podIPs": [{"ip": str(ip)}]} if ip else {}),
                 "hostIP": str(node.underlay_ip),
                 "startTime": now(),
                 "conditions": [
@@ -578,7 +621,7 @@ def down(lab: str, log: Log = print) -> list[str]:
         pod_ns, node_ns = entry["netns"], node_netns(lab, entry["node"])
         cache = store.lab_dir(lab) / "cni"
         if pod_ns in present and node_ns in present:
-            runtime = CniRuntime(node_ns, cache_dir=cache)
+            runtime = cni_runtime(lab, entry["node"])
             att = Attachment(entry["containerID"], pod_ns)
             for conf_name, ifname in (
                 (f"veil-{lab}-{entry['node']}", "eth0"),
@@ -794,3 +837,38 @@ def exec_in_pod(lab: str, pod: str, namespace: str | None, argv: Sequence[str]) 
     os.environ["PATH"] = f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
     args = netns.exec_argv(entry["netns"], argv)
     os.execvp(args[0], args)
+
+
+def label(
+    lab: str, kind: str, name: str, namespace: str | None, changes: Sequence[str]
+) -> dict[str, str]:
+    """Change labels of a running Namespace or Pod, as `kubectl label` would (`k=v`, `k-`)."""
+    from agent.lab.manifests import LABEL_KEY, LABEL_VALUE  # noqa: PLC0415
+
+    kinds = {"namespace": "Namespace", "ns": "Namespace", "pod": "Pod", "po": "Pod"}
+    if kind not in kinds:
+        raise LabError(f"cannot label {kind!r}: use namespace or pod")
+    kind = kinds[kind]
+    if store.read_record(lab) is None:
+        raise LabError(f"lab {lab!r} is not up")
+    path = store.object_path(
+        store.state_dir(lab), kind, (namespace or "default") if kind == "Pod" else None, name
+    )
+    if not path.exists():
+        where = f" in namespace {namespace or 'default'}" if kind == "Pod" else ""
+        raise LabError(f"no {kind} {name!r}{where} in lab {lab!r}")
+    doc = yaml.safe_load(path.read_text())
+    labels: dict[str, str] = dict(doc["metadata"].get("labels") or {})
+    if not changes:
+        raise LabError("no label changes given: use key=value to set, key- to remove")
+    for change in changes:
+        if change.endswith("-") and "=" not in change:
+            labels.pop(change[:-1], None)
+            continue
+        key, sep, value = change.partition("=")
+        if not sep or not LABEL_KEY.match(key) or not LABEL_VALUE.match(value) or len(value) > 63:
+            raise LabError(f"invalid label change {change!r}: use key=value or key-")
+        labels[key] = value
+    doc["metadata"]["labels"] = labels
+    store.write_object(store.state_dir(lab), doc)
+    return labels

@@ -10,6 +10,10 @@ from typing import Any
 
 from agent.identity.spiffe import SpiffeId
 
+DATAPLANE_MODE = "veil.dev/dataplane-mode"
+AMBIENT = "ambient"
+NONE = "none"
+
 
 @dataclass(frozen=True)
 class Namespace:
@@ -31,6 +35,11 @@ class Workload:
     phase: str = "Pending"
     ready: bool = False
     uid: str = ""
+    ports: Mapping[str, int] = field(default_factory=dict)  # named container ports
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
     def identity(self, trust_domain: str) -> SpiffeId:
         return SpiffeId(trust_domain, self.namespace, self.service_account)
@@ -76,6 +85,43 @@ class MeshState:
             out.setdefault(w.node, []).append(w)
         return {k: tuple(v) for k, v in out.items()}
 
+    @cached_property
+    def services_by_vip(self) -> Mapping[tuple[str, int], tuple[Service, ServicePort]]:
+        return {(s.vip, p.port): (s, p) for s in self.services if s.vip for p in s.ports}
+
+    def workload(self, namespace: str, name: str) -> Workload | None:
+        return next(
+            (w for w in self.workloads if w.namespace == namespace and w.name == name), None
+        )
+
+    def in_mesh(self, w: Workload) -> bool:
+        """Enrolled by labels: namespace `veil.dev/dataplane-mode: ambient`, pod not `none`."""
+        ns = self.namespaces.get(w.namespace)
+        return (
+            ns is not None
+            and ns.labels.get(DATAPLANE_MODE) == AMBIENT
+            and w.labels.get(DATAPLANE_MODE) != NONE
+            and w.phase not in ("Succeeded", "Failed")
+        )
+
+    def endpoints(self, service: Service, port: ServicePort) -> list[tuple[Workload, int]]:
+        """Ready pods behind a service port, with the pod port it maps to."""
+        out = []
+        for w in self.workloads:
+            if (
+                w.namespace != service.namespace
+                or not service.selector
+                or not w.ready
+                or not w.ip
+                or any(w.labels.get(k) != v for k, v in service.selector.items())
+            ):
+                continue
+            target = port.target_port
+            number = target if isinstance(target, int) else w.ports.get(str(target))
+            if number is not None:
+                out.append((w, int(number)))
+        return out
+
     def identities_on_node(self, node: str, trust_domain: str) -> frozenset[SpiffeId]:
         """Identities of the pods scheduled on a node that are not finished."""
         return frozenset(
@@ -95,6 +141,12 @@ def workload_from(obj: Mapping[str, Any]) -> Workload:
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in status.get("conditions") or []
     )
+    ports = {
+        str(p["name"]): int(p["containerPort"])
+        for c in spec.get("containers") or []
+        for p in c.get("ports") or []
+        if p.get("name")
+    }
     ip = status.get("podIP")
     if ip is not None:
         ip = str(ipaddress.ip_address(ip))
@@ -109,6 +161,7 @@ def workload_from(obj: Mapping[str, Any]) -> Workload:
         phase=status.get("phase", "Pending"),
         ready=ready,
         uid=md.get("uid", ""),
+        ports=ports,
     )
 
 

@@ -1,0 +1,50 @@
+"""Apply and remove iptables capture in a pod netns (the I/O around rules.py)."""
+
+from __future__ import annotations
+
+import subprocess
+
+from agent.capture import rules
+
+
+class CaptureError(RuntimeError):
+    """Capture could not be installed or removed; the pod must not be reported enrolled."""
+
+
+def _run(netns_path: str, argv: list[str], stdin: str | None = None) -> str:
+    cmd = ["nsenter", f"--net={netns_path}", "--", *argv]
+    try:
+        proc = subprocess.run(
+            cmd, input=stdin, capture_output=True, text=True, timeout=15, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CaptureError(f"{' '.join(argv)} in {netns_path}: {e}") from None
+    if proc.returncode != 0:
+        raise CaptureError(
+            f"{' '.join(argv)} in {netns_path} failed: {(proc.stderr or proc.stdout).strip()}"
+        )
+    return proc.stdout
+
+
+def save(netns_path: str) -> str:
+    return _run(netns_path, ["iptables-save"])
+
+
+def install(netns_path: str) -> None:
+    """Idempotent: rules present exactly once, policy routing in place."""
+    _run(netns_path, ["iptables-restore", "--noflush"], rules.install_script(save(netns_path)))
+    for cmd in rules.route_commands():
+        _run(netns_path, ["ip", *cmd])
+    if rules.rule_args()[1] not in _run(netns_path, ["ip", "rule", "show"]):
+        _run(netns_path, ["ip", "rule", "add", *rules.rule_args()])
+
+
+def remove(netns_path: str) -> None:
+    """Remove every trace of capture; the rest of the netns is left as it was."""
+    script = rules.remove_script(save(netns_path))
+    if script:
+        _run(netns_path, ["iptables-restore", "--noflush"], script)
+    shown = _run(netns_path, ["ip", "rule", "show"])
+    for _ in range(shown.count(f"lookup {rules.ROUTE_TABLE}")):
+        _run(netns_path, ["ip", "rule", "del", *rules.rule_args()])
+    _run(netns_path, ["ip", "route", "flush", "table", str(rules.ROUTE_TABLE)])

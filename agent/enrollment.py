@@ -1,0 +1,199 @@
+"""Which pods this node's agent captures, and making it so.
+
+A pod is enrolled when it runs on this node, is in a namespace labelled
+`veil.dev/dataplane-mode: ambient` and is not itself labelled `none` (`MeshState.in_mesh`).
+Enrolling opens the pod's listeners first and installs capture second, so a redirected
+connection always finds a listener; any failure undoes both and the pod is not reported
+enrolled (fail closed). Releasing removes capture first, then the listeners.
+
+New pods arrive through veil-cni (`cni_add`, answered only once capture and listeners are in
+place); running pods follow label changes through `reconcile()` on every snapshot. The set of
+enrolled pods is kept on disk (`pods.json`), so a restarted agent resumes every pod: while it
+is down, the pods' capture rules stay and redirect to listeners that are gone, so their
+connections are refused, never sent in plaintext.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import trio
+
+from agent.capture import iptables
+from agent.proxy.pod import PodProxy, ProxyContext
+from agent.state.model import MeshState, Workload
+
+log = logging.getLogger("veil.enrollment")
+NETNS_ANNOTATION = "lab.veil.dev/netns"
+CNI_STATE_WAIT = 3.0  # how long a CNI ADD waits for the pod to appear in cluster state
+
+
+class EnrollError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    namespace: str
+    name: str
+    uid: str
+    netns: str  # path
+    ip: str
+
+
+def netns_path(w: Workload) -> str | None:
+    """Where a running pod's netns is: the lab's annotation (a CNI ADD gives it directly)."""
+    name = w.annotations.get(NETNS_ANNOTATION)
+    return f"/run/netns/{name}" if name else None
+
+
+def wanted(state: MeshState, node: str, w: Workload) -> bool:
+    return w.node == node and state.in_mesh(w)
+
+
+class Enrollment:
+    def __init__(self, ctx: ProxyContext, data_dir: Path) -> None:
+        self.ctx = ctx
+        self.registry_file = data_dir / "pods.json"
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.pods: dict[str, Enrolled] = {}  # key: namespace/name
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._lock = trio.Lock()  # one enrollment change at a time
+        self._nursery: trio.Nursery | None = None
+        self.capture_errors = 0
+
+    # -- registry --------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        tmp = self.registry_file.with_name(".pods.json.tmp")
+        tmp.write_text(json.dumps({k: asdict(v) for k, v in sorted(self.pods.items())}, indent=1))
+        tmp.replace(self.registry_file)
+
+    def _load(self) -> dict[str, Enrolled]:
+        try:
+            doc = json.loads(self.registry_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as e:
+            log.error("pod registry %s is unreadable (%s); starting empty", self.registry_file, e)
+            return {}
+        return {k: Enrolled(**v) for k, v in doc.items()}
+
+    # -- enroll / release --------------------------------------------------------------------
+
+    async def _enroll(self, w: Workload, netns: str, ip: str) -> None:
+        key = w.key
+        if key in self.pods:
+            return
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        proxy = PodProxy(self.ctx, w, netns, ip)
+
+        async def run_proxy(task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await proxy.run(task_status=task_status)
+
+        try:
+            await self._nursery.start(run_proxy)
+        except OSError as e:
+            raise EnrollError(f"cannot open listeners in {netns}: {e}") from None
+        try:
+            await trio.to_thread.run_sync(iptables.install, netns)
+        except iptables.CaptureError as e:
+            scope.cancel()
+            self.capture_errors += 1
+            raise EnrollError(str(e)) from None
+        self.pods[key] = Enrolled(w.namespace, w.name, w.uid, netns, ip)
+        self._scopes[key] = scope
+        self._save()
+        log.info("enrolled %s (%s, netns %s)", key, ip, netns)
+
+    async def _release(self, key: str) -> None:
+        entry = self.pods.get(key)
+        if entry is None:
+            return
+        if Path(entry.netns).exists():
+            try:
+                await trio.to_thread.run_sync(iptables.remove, entry.netns)
+            except iptables.CaptureError as e:
+                self.capture_errors += 1
+                log.error("releasing %s: %s", key, e)
+        scope = self._scopes.pop(key, None)
+        if scope is not None:
+            scope.cancel()
+        del self.pods[key]
+        self._save()
+        log.info("released %s", key)
+
+    async def cni_add(self, namespace: str, name: str, netns: str, ip: str) -> bool:
+        """Called by veil-cni: True once the pod is captured, False if it is not in the mesh."""
+        key = f"{namespace}/{name}"
+        with trio.move_on_after(CNI_STATE_WAIT):
+            while (w := self.ctx.store.current.workload(namespace, name)) is None:
+                await self.ctx.store.wait_newer(self.ctx.store.current.version)
+        if w is None:
+            raise EnrollError(f"pod {key} is not in cluster state after {CNI_STATE_WAIT:g}s")
+        state = self.ctx.store.current
+        if not wanted(state, self.ctx.node, w):
+            return False
+        async with self._lock:
+            await self._enroll(w, netns, ip)
+        return True
+
+    async def cni_del(self, namespace: str, name: str) -> None:
+        async with self._lock:
+            await self._release(f"{namespace}/{name}")
+
+    async def reconcile(self, state: MeshState) -> None:
+        """Follow labels of running pods: enroll the wanted, release the others."""
+        async with self._lock:
+            for key in list(self.pods):
+                ns, name = key.split("/", 1)
+                w = state.workload(ns, name)
+                if (
+                    w is None
+                    or not wanted(state, self.ctx.node, w)
+                    or (w.uid and self.pods[key].uid and w.uid != self.pods[key].uid)
+                ):
+                    await self._release(key)
+            for w in state.workloads:
+                if w.key in self.pods or not wanted(state, self.ctx.node, w) or not w.ip:
+                    continue
+                path = netns_path(w)
+                if path is None or not Path(path).exists():
+                    continue
+                try:
+                    await self._enroll(w, path, w.ip)
+                except EnrollError as e:
+                    log.error("cannot enroll %s: %s", w.key, e)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Resume the registry's pods, then follow every snapshot until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            store = self.ctx.store
+            while not store.loaded:
+                await store.wait_newer(store.current.version)
+            state = store.current
+            for key, entry in self._load().items():
+                w = state.workload(entry.namespace, entry.name)
+                if w is None or not Path(entry.netns).exists():
+                    if Path(entry.netns).exists():
+                        await trio.to_thread.run_sync(iptables.remove, entry.netns)
+                    log.info("not resuming %s: the pod is gone", key)
+                    continue
+                try:
+                    async with self._lock:
+                        await self._enroll(w, entry.netns, entry.ip)
+                except EnrollError as e:
+                    log.error("cannot resume %s: %s", key, e)
+            self._save()
+            task_status.started()
+            version = -1
+            while True:
+                state = await store.wait_newer(version)
+                version = state.version
+                await self.reconcile(state)

@@ -1,0 +1,341 @@
+"""The I/O around HboneConnection: TLS on a real socket, one reader task, ordered writes.
+
+Theory of operation
+-------------------
+`TlsSocket` drives a non-blocking `ssl.SSLSocket` with trio's `wait_readable`/`wait_writable`,
+keeping TLS record work in C (trio's SSLStream runs it through Python and MemoryBIOs, about
+twice the CPU per byte; see shared perf-notes). `HboneIO` owns one connection: a single reader
+task feeds received bytes to h2 and dispatches events to `Stream`s; every task that makes h2
+produce bytes appends them to one outbound buffer *synchronously* (HPACK state depends on
+frame order) and one writer task sends it. The reader never waits on the socket's send side
+(two peers whose readers both block on writing would deadlock); senders of DATA wait only
+while the outbound buffer is above its high-water mark.
+
+Flow control gives backpressure end to end: received DATA is acknowledged only when the
+consumer asks for the next chunk (i.e. after it wrote the previous one out), so a stream never
+buffers more than its window (4 MiB); a sender waits for window updates.
+
+Resource handling: `HboneIO.run()` runs until the peer closes or fails; on exit every stream
+is woken with a reset so no relay waits forever. Error handling: TLS and HTTP/2 errors end
+the connection (never a single stream); a stream reset ends only that stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+import h2.errors
+import h2.events
+import trio
+
+from agent.hbone.conn import HboneConnection, HboneProtocolError
+
+log = logging.getLogger("veil.hbone")
+READ_SIZE = 256 * 1024
+HIGH_WATER = 1024 * 1024  # outbound bytes queued before DATA senders wait
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class HboneError(Exception):
+    """A stream or connection failure; `status` is the CONNECT answer when there was one."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TlsSocket:
+    """A non-blocking SSLSocket driven by trio."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.ssl = ctx.wrap_socket(
+            sock, server_side=server_side, do_handshake_on_connect=False, suppress_ragged_eofs=True
+        )
+
+    async def handshake(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    self.ssl.do_handshake()
+                    return
+                except ssl.SSLWantReadError:
+                    await trio.lowlevel.wait_readable(self.ssl)
+                except ssl.SSLWantWriteError:
+                    await trio.lowlevel.wait_writable(self.ssl)
+
+    async def recv(self, n: int = READ_SIZE) -> bytes:
+        while True:
+            try:
+                return self.ssl.recv(n)
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self.ssl)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.ssl)
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    async def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.ssl.send(view)
+                view = view[sent:]
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.ssl)
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self.ssl)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.ssl.close()
+
+
+class Stream:
+    """One CONNECT stream: a byte pipe with half-close and reset, like a TCP connection."""
+
+    def __init__(self, io: HboneIO, stream_id: int) -> None:
+        self.io, self.id = io, stream_id
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._unacked = 0
+        self._wake = trio.Event()
+        self.eof = False  # the peer sent END_STREAM
+        self.reset_code: int | None = None
+        self.status: int | None = None  # client: the CONNECT answer
+        self.sent_eof = False
+
+    def _notify(self) -> None:
+        self._wake.set()
+        self._wake = trio.Event()
+
+    async def response(self) -> int:
+        while self.status is None and self.reset_code is None:
+            await self._wake.wait()
+        if self.status is None:
+            raise HboneError(f"stream reset before an answer (code {self.reset_code})")
+        return self.status
+
+    async def receive(self) -> bytes:
+        """The next chunk; b"" at end of stream; HboneError if the stream was reset."""
+        if self._unacked:
+            self.io.conn.acknowledge(self.id, self._unacked)
+            self._unacked = 0
+            self.io.queue_output()
+            await self.io.flush()
+        while not self._chunks and not self.eof and self.reset_code is None:
+            await self._wake.wait()
+        if self._chunks:
+            data, flow = self._chunks.popleft()
+            self._unacked = flow
+            return data
+        if self.reset_code is not None:
+            raise HboneError(f"stream reset by peer (code {self.reset_code})")
+        return b""
+
+    async def send(self, data: bytes | memoryview) -> None:
+        await self.io.send_data(self, data)
+
+    async def send_eof(self) -> None:
+        if not self.sent_eof and self.reset_code is None:
+            self.sent_eof = True
+            self.io.conn.end_stream(self.id)
+            self.io.queue_output()
+            await self.io.flush()
+
+    def reset(self, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.CANCEL) -> None:
+        if self.reset_code is None:
+            self.reset_code = int(code)
+            self.io.conn.reset(self.id, code)
+            self.io.queue_output()
+            self.io.flush_soon()
+
+    def close(self) -> None:
+        """Forget the stream (after both directions finished or a reset)."""
+        self.io.streams.pop(self.id, None)
+        self.io.last_active = time.monotonic()
+
+
+OnRequest = Callable[[h2.events.RequestReceived, "HboneIO"], None]
+
+
+class HboneIO:
+    def __init__(
+        self, tls: TlsSocket, conn: HboneConnection, peer: str, on_request: OnRequest | None = None
+    ) -> None:
+        self.tls, self.conn, self.peer = tls, conn, peer
+        self.on_request = on_request
+        self.streams: dict[int, Stream] = {}
+        self._out = bytearray()
+        self._out_ready = trio.Event()
+        self._drained = trio.Event()
+        self._window = trio.Event()
+        self.closed = False
+        self.last_active = time.monotonic()
+        self._nursery: trio.Nursery | None = None
+
+    # -- output ----------------------------------------------------------------------------
+
+    def queue_output(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self._out += data
+            self._out_ready.set()
+
+    async def flush(self) -> None:
+        """Backpressure for senders: wait while too much output is pending."""
+        while len(self._out) > HIGH_WATER and not self.closed:
+            await self._drained.wait()
+
+    def flush_soon(self) -> None:
+        """Nothing to do: the writer task sends whatever is queued."""
+
+    async def _write_loop(self) -> None:
+        while not self.closed:
+            await self._out_ready.wait()
+            self._out_ready = trio.Event()
+            while self._out:
+                data, self._out = self._out, bytearray()
+                try:
+                    await self.tls.sendall(data)
+                except (OSError, ssl.SSLError) as e:
+                    self._fail(f"send failed: {e}")
+                    return
+            self._drained.set()
+            self._drained = trio.Event()
+
+    async def send_data(self, stream: Stream, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            if stream.reset_code is not None or self.closed:
+                raise HboneError("stream closed while sending")
+            window = self.conn.send_window(stream.id)
+            if window < 0:
+                raise HboneError("stream closed while sending")
+            if window == 0:
+                await self._window.wait()
+                continue
+            chunk = view[:window]
+            self.conn.send_data(stream.id, chunk)
+            view = view[len(chunk) :]
+            self.queue_output()
+            await self.flush()
+
+    # -- client ----------------------------------------------------------------------------
+
+    async def open_stream(self, authority: str, headers: Sequence[tuple[str, str]]) -> Stream:
+        if self.closed:
+            raise HboneError(f"connection to {self.peer} is closed")
+        sid = self.conn.connect(authority, headers)
+        stream = self.streams[sid] = Stream(self, sid)
+        self.last_active = time.monotonic()
+        self.queue_output()
+        await self.flush()
+        status = await stream.response()
+        if status != 200:
+            stream.close()
+            raise HboneError(f"{self.peer} answered {status} to CONNECT {authority}", status)
+        return stream
+
+    # -- the reader ------------------------------------------------------------------------
+
+    def _fail(self, why: str) -> None:
+        if not self.closed:
+            log.debug("hbone connection %s closed: %s", self.peer, why)
+        self.closed = True
+        for s in list(self.streams.values()):
+            if s.reset_code is None and not (s.eof and s.sent_eof):
+                s.reset_code = int(h2.errors.ErrorCodes.CONNECT_ERROR)
+            s._notify()
+        self._window.set()
+        self._out_ready.set()
+        self._drained.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read and dispatch until the connection ends; request handlers run in our nursery."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.queue_output()  # the connection preface and our settings
+                nursery.start_soon(self._write_loop)
+                task_status.started()
+                await self._read_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._fail("reader finished")
+            self.tls.close()
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                data = await self.tls.recv(READ_SIZE)
+            except (OSError, ssl.SSLError) as e:
+                self._fail(f"receive failed: {e}")
+                return
+            if not data:
+                self._fail("peer closed")
+                return
+            try:
+                events = self.conn.receive_data(data)
+            except HboneProtocolError as e:
+                log.info("HTTP/2 protocol error from %s: %s", self.peer, e)
+                self.queue_output()  # the GOAWAY
+                with trio.move_on_after(1):
+                    await self.tls.sendall(self._out)
+                self._fail(str(e))
+                return
+            window_changed = self._dispatch(events)
+            if window_changed:
+                self._window.set()
+                self._window = trio.Event()
+            self.queue_output()
+            if self.closed:
+                return
+
+    def _dispatch(self, events: object) -> bool:
+        window_changed = False
+        for ev in events:  # type: ignore[attr-defined]
+            if isinstance(ev, h2.events.DataReceived):
+                s = self.streams.get(ev.stream_id)
+                if s is None:  # data for a stream we dropped: keep the connection window open
+                    self.conn.acknowledge(ev.stream_id, ev.flow_controlled_length)
+                    continue
+                s._chunks.append((ev.data, ev.flow_controlled_length))
+                s._notify()
+            elif isinstance(ev, h2.events.StreamEnded):
+                if (s := self.streams.get(ev.stream_id)) is not None:
+                    s.eof = True
+                    s._notify()
+            elif isinstance(ev, h2.events.StreamReset):
+                if (s := self.streams.get(ev.stream_id)) is not None:
+                    s.reset_code = int(ev.error_code or 0)
+                    s._notify()
+                window_changed = True
+            elif isinstance(ev, h2.events.ResponseReceived):
+                if (s := self.streams.get(ev.stream_id)) is not None:
+                    status = dict(ev.headers or []).get(b":status", b"0")
+                    s.status = int(status) if status.isdigit() else 0
+                    s._notify()
+            elif isinstance(ev, h2.events.RequestReceived):
+                assert ev.stream_id is not None
+                self.streams[ev.stream_id] = Stream(self, ev.stream_id)
+                self.last_active = time.monotonic()
+                if self.on_request is not None:
+                    self.on_request(ev, self)
+            elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                window_changed = True
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self._fail(f"GOAWAY (error code {ev.error_code})")
+        return window_changed
+
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run a stream handler in this connection's nursery (server side)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)

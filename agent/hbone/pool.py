@@ -1,0 +1,60 @@
+"""Pooled HBONE client connections: one TLS handshake serves up to 100 proxied connections.
+
+Pooled per key (source workload, destination address, expected identities); a connection
+with room takes the next stream, otherwise one more is dialled (one dial at a time per key,
+so a burst shares the new connection). Connections idle for `idle_timeout` are closed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+
+import trio
+
+from agent.hbone.io import HboneIO, Stream
+
+Dial = Callable[[], Awaitable[HboneIO]]
+IDLE_TIMEOUT = 300.0
+
+
+class HbonePool:
+    def __init__(self, nursery: trio.Nursery, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self._nursery = nursery
+        self._conns: dict[Hashable, list[HboneIO]] = defaultdict(list)
+        self._locks: dict[Hashable, trio.Lock] = defaultdict(trio.Lock)
+        self.idle_timeout = idle_timeout
+        self.dialled = 0
+
+    def start_conn(self, io: HboneIO) -> Awaitable[None]:
+        """Run a freshly dialled connection's reader in the pool's nursery."""
+        return self._nursery.start(io.run)
+
+    async def open_stream(
+        self, key: Hashable, dial: Dial, authority: str, headers: Sequence[tuple[str, str]]
+    ) -> Stream:
+        async with self._locks[key]:
+            conns = self._conns[key]
+            conns[:] = [c for c in conns if not c.closed]
+            io = next((c for c in conns if c.conn.can_open_stream()), None)
+            if io is None:
+                io = await dial()
+                self.dialled += 1
+                conns.append(io)
+        return await io.open_stream(authority, headers)
+
+    def connections(self) -> list[HboneIO]:
+        return [c for conns in self._conns.values() for c in conns if not c.closed]
+
+    async def reap_idle(self, interval: float = 30.0) -> None:
+        while True:
+            await trio.sleep(interval)
+            now = time.monotonic()
+            for conns in self._conns.values():
+                for c in conns:
+                    if not c.streams and now - c.last_active > self.idle_timeout:
+                        c.conn.close()
+                        c.queue_output()
+                        await c.flush()
+                        c.tls.close()

@@ -1,0 +1,84 @@
+"""Outbound (15001): where a captured connection goes — decided purely, then done.
+
+`route()` is a pure function of (source workload, original destination, snapshot): a service
+VIP:port picks a random ready endpoint; a pod IP is that workload; a destination in the mesh
+is reached over HBONE at `<pod IP>:15008` with `:authority <pod IP>:<port>`, expecting the
+destination's SPIFFE identity; anything outside the mesh is passed through as plain TCP; a
+service with no ready endpoint is refused. `OutboundProxy` does the I/O.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from agent.capture.rules import HBONE_PORT
+from agent.identity.spiffe import SpiffeId
+from agent.state.model import MeshState, Service, Workload
+
+
+class Kind(Enum):
+    HBONE = "hbone"
+    PASSTHROUGH = "passthrough"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: Kind
+    address: tuple[str, int]  # what to dial: the pod's 15008 for HBONE, else the destination
+    authority: str = ""  # HBONE :authority, <pod IP>:<port>
+    identity: SpiffeId | None = None  # the identity the server must present
+    workload: Workload | None = None
+    service: Service | None = None
+    reason: str = ""
+
+
+Choose = Callable[[Sequence[tuple[Workload, int]]], tuple[Workload, int]]
+
+
+def route(
+    state: MeshState,
+    source: Workload,
+    dst: tuple[str, int],
+    trust_domain: str,
+    choose: Choose = random.choice,
+) -> Route:
+    ip, port = dst
+    service = None
+    target: Workload | None
+    hit = state.services_by_vip.get((ip, port))
+    if hit is not None:
+        service, sport = hit
+        endpoints = state.endpoints(service, sport)
+        if not endpoints:
+            return Route(
+                Kind.REJECT,
+                dst,
+                service=service,
+                reason=f"service {service.namespace}/{service.name}:{port} has no ready endpoint",
+            )
+        target, port = choose(endpoints)
+        ip = target.ip or ip
+    else:
+        target = state.workloads_by_ip.get(ip)
+    if target is None:
+        return Route(Kind.PASSTHROUGH, (ip, port), reason="destination is outside the mesh")
+    if not state.in_mesh(target):
+        return Route(
+            Kind.PASSTHROUGH,
+            (ip, port),
+            workload=target,
+            service=service,
+            reason=f"{target.key} is not in the mesh",
+        )
+    return Route(
+        Kind.HBONE,
+        (ip, HBONE_PORT),
+        authority=f"{ip}:{port}",
+        identity=target.identity(trust_domain),
+        workload=target,
+        service=service,
+    )

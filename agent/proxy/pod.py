@@ -1,0 +1,256 @@
+"""One enrolled pod's proxy: listeners inside its netns and the three roles behind them.
+
+    127.0.0.1:15001  outbound: the app's captured connections (original destination from
+                     SO_ORIGINAL_DST) -> route() -> HBONE (pooled), passthrough or refusal
+    0.0.0.0:15006    inbound plaintext from clients outside the mesh -> the app
+    <pod IP>:15008   inbound HBONE: mTLS (client must be of our trust domain), CONNECT to
+                     this pod only -> the app, spoofing the client's address
+
+Every failure closes the app's connection (with a reset where TCP allows): traffic is never
+sent on in plaintext when the mesh path fails. Resource handling: everything runs in the
+nursery `run()` opens; cancelling it closes listeners, tunnels and relays.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import h2.events
+import trio
+
+from agent.capture.netns import NetNs, connect, listen, original_dst
+from agent.capture.rules import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
+from agent.hbone.conn import BadRequest, HboneConnection, check_request
+from agent.hbone.io import HboneError, HboneIO, TlsSocket
+from agent.hbone.pool import HbonePool
+from agent.identity.manager import CertificateManager, NoCertificate
+from agent.identity.spiffe import SpiffeId
+from agent.identity.tls import PeerIdentityError, verify_peer
+from agent.proxy.copy import abort, relay_stream, relay_tcp
+from agent.proxy.outbound import Kind, Route, route
+from agent.state.model import Workload
+from agent.state.store import StateStore
+
+log = logging.getLogger("veil.proxy")
+CERT_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class ProxyContext:
+    """What every pod proxy of an agent shares."""
+
+    node: str
+    trust_domain: str
+    store: StateStore
+    certs: CertificateManager
+    cert_timeout: float = CERT_TIMEOUT
+    connect_timeout: float = CONNECT_TIMEOUT
+
+
+def wrap(sock: socket.socket) -> trio.SocketStream:
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+def traceparent() -> str:
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+class PodProxy:
+    def __init__(self, ctx: ProxyContext, workload: Workload, netns_path: str, ip: str) -> None:
+        self.ctx, self.workload, self.netns_path, self.ip = ctx, workload, netns_path, ip
+        self.identity = workload.identity(ctx.trust_domain)
+        self.ns: NetNs | None = None
+        self.pool: HbonePool | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ns = self.ns = NetNs(self.netns_path)
+        socks: list[socket.socket] = []
+        try:
+            for address in (
+                ("127.0.0.1", OUTBOUND_PORT),
+                ("0.0.0.0", INBOUND_PLAIN_PORT),
+                (self.ip, HBONE_PORT),
+            ):
+                socks.append(listen(ns, address))
+            async with trio.open_nursery() as nursery:
+                self.pool = HbonePool(nursery)
+                nursery.start_soon(self.pool.reap_idle)
+                for sock, handler in zip(
+                    socks, (self.outbound, self.inbound_plain, self.inbound_hbone), strict=True
+                ):
+                    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                    nursery.start_soon(trio.serve_listeners, handler, [listener])
+                socks = []  # owned by the listeners now
+                task_status.started()
+        finally:
+            for s in socks:
+                s.close()
+            ns.close()
+
+    # -- 15001 -----------------------------------------------------------------------------
+
+    async def outbound(self, client: trio.SocketStream) -> None:
+        assert self.ns is not None and self.pool is not None
+        try:
+            dst = original_dst(client.socket)  # type: ignore[arg-type]
+        except OSError:
+            abort(client.socket)
+            return
+        r = route(self.ctx.store.current, self.workload, dst, self.ctx.trust_domain)
+        if r.kind is Kind.REJECT:
+            log.info("outbound %s -> %s:%d refused: %s", self.workload.key, *dst, r.reason)
+            abort(client.socket)
+            return
+        if r.kind is Kind.PASSTHROUGH:
+            try:
+                upstream = await connect(self.ns, r.address, self.ctx.connect_timeout)
+            except (OSError, trio.TooSlowError) as e:
+                log.info("passthrough %s -> %s:%d failed: %s", self.workload.key, *r.address, e)
+                abort(client.socket)
+                return
+            await relay_tcp(client, wrap(upstream))
+            return
+        peer = client.socket.getpeername()
+        try:
+            cred = await self.ctx.certs.get(self.identity, timeout=self.ctx.cert_timeout)
+            stream = await self.pool.open_stream(
+                (r.address, r.identity),
+                lambda: self._dial(r, cred.client_context),
+                r.authority,
+                self._headers(peer, r),
+            )
+        except (
+            NoCertificate,
+            HboneError,
+            PeerIdentityError,
+            OSError,
+            ssl.SSLError,
+            trio.TooSlowError,
+        ) as e:
+            log.warning(
+                "outbound %s -> %s (%s) failed, connection refused: %s",
+                self.workload.key,
+                r.authority,
+                r.identity,
+                e,
+            )
+            abort(client.socket)
+            return
+        await relay_stream(client, stream)
+
+    def _headers(self, peer: Any, r: Route) -> list[tuple[str, str]]:
+        baggage = [
+            f"k8s.namespace.name={self.workload.namespace}",
+            f"k8s.pod.name={self.workload.name}",
+            f"k8s.node.name={self.ctx.node}",
+        ]
+        if r.service is not None:
+            baggage.append(f"service.name={r.service.name}")
+        return [
+            ("forwarded", f'for="{peer[0]}:{peer[1]}"'),
+            ("baggage", ",".join(baggage)),
+            ("traceparent", traceparent()),
+        ]
+
+    async def _dial(self, r: Route, ctx: ssl.SSLContext) -> HboneIO:
+        assert self.ns is not None and self.pool is not None and r.identity is not None
+        sock = await connect(self.ns, r.address, self.ctx.connect_timeout)
+        tls = TlsSocket(sock, ctx, server_side=False)
+        try:
+            await tls.handshake()
+            verify_peer(tls.ssl, expected={r.identity})
+        except BaseException:
+            tls.close()
+            raise
+        io = HboneIO(tls, HboneConnection(client=True), f"{r.address[0]}:{r.address[1]}")
+        await self.pool.start_conn(io)
+        return io
+
+    # -- 15006 -----------------------------------------------------------------------------
+
+    async def inbound_plain(self, client: trio.SocketStream) -> None:
+        assert self.ns is not None
+        try:
+            dst = original_dst(client.socket)  # type: ignore[arg-type]
+            source = client.socket.getpeername()[0]
+            upstream = await connect(self.ns, dst, self.ctx.connect_timeout, source_ip=source)
+        except (OSError, trio.TooSlowError) as e:
+            log.info("inbound plaintext to %s failed: %s", self.workload.key, e)
+            abort(client.socket)
+            return
+        await relay_tcp(client, wrap(upstream))
+
+    # -- 15008 -----------------------------------------------------------------------------
+
+    async def inbound_hbone(self, client: trio.SocketStream) -> None:
+        sock = socket.socket(fileno=client.socket.detach())
+        peer_ip = sock.getpeername()[0]
+        try:
+            cred = await self.ctx.certs.get(self.identity, timeout=self.ctx.cert_timeout)
+            tls = TlsSocket(sock, cred.server_context, server_side=True)
+        except NoCertificate as e:
+            log.warning("inbound HBONE to %s refused: %s", self.workload.key, e)
+            sock.close()
+            return
+        try:
+            await tls.handshake()
+            peer_id = verify_peer(tls.ssl, trust_domain=self.ctx.trust_domain)
+        except (OSError, ssl.SSLError, trio.TooSlowError) as e:
+            log.info(
+                "inbound HBONE handshake from %s to %s failed: %s", peer_ip, self.workload.key, e
+            )
+            tls.close()
+            return
+        io = HboneIO(tls, HboneConnection(client=False), f"{peer_ip} ({peer_id})")
+        io.on_request = lambda ev, conn: self._on_request(ev, conn, peer_ip, peer_id)
+        await io.run()
+
+    def _on_request(
+        self, ev: h2.events.RequestReceived, io: HboneIO, peer_ip: str, peer_id: SpiffeId
+    ) -> None:
+        req = check_request(ev)
+        why = (
+            req.why
+            if isinstance(req, BadRequest)
+            else (
+                None
+                if req.target[0] == self.ip
+                else f"authority {req.target[0]}:{req.target[1]} is not this pod ({self.ip})"
+            )
+        )
+        if why is not None:
+            log.info("HBONE from %s to %s: 400, %s", peer_id, self.workload.key, why)
+            io.conn.respond(req.stream_id, 400, end_stream=True)
+            io.streams.pop(req.stream_id, None)
+            io.queue_output()
+            io.flush_soon()
+            return
+        assert not isinstance(req, BadRequest)
+        io.spawn(self._serve_connect, req.stream_id, req.target, io, peer_ip)
+
+    async def _serve_connect(
+        self, stream_id: int, target: tuple[str, int], io: HboneIO, peer_ip: str
+    ) -> None:
+        assert self.ns is not None
+        stream = io.streams.get(stream_id)
+        if stream is None:
+            return
+        try:
+            upstream = await connect(self.ns, target, self.ctx.connect_timeout, source_ip=peer_ip)
+        except (OSError, trio.TooSlowError) as e:
+            log.info("HBONE to %s:%d: 503, the app refused: %s", *target, e)
+            io.conn.respond(stream_id, 503, end_stream=True)
+            stream.close()
+            io.queue_output()
+            await io.flush()
+            return
+        io.conn.respond(stream_id, 200)
+        io.queue_output()
+        await io.flush()
+        await relay_stream(wrap(upstream), stream)

@@ -1,0 +1,193 @@
+"""HBONE over real TLS on a socketpair: CONNECT, flow control, half-close, resets, 400s."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+import h2.events
+import pytest
+import trio
+
+from agent.hbone.conn import BadRequest, ConnectRequest, HboneConnection, check_request
+from agent.hbone.conn import parse_authority
+from agent.hbone.io import HboneError, HboneIO, TlsSocket
+from agent.identity.manager import CertificateManager
+from agent.identity.spiffe import SpiffeId
+from agent.identity.tls import verify_peer
+from tests.support.mesh import TD, InProcessCa
+
+FRONTEND = SpiffeId(TD, "shop", "frontend")
+CATALOG = SpiffeId(TD, "shop", "catalog")
+
+
+@pytest.mark.parametrize(
+    ("authority", "expected"),
+    [
+        ("10.244.1.10:8080", ("10.244.1.10", 8080)),
+        ("[fd00::1]:80", ("fd00::1", 80)),
+        ("10.244.1.10", None),
+        ("frontend:80", None),
+        ("10.244.1.10:0", None),
+        ("10.244.1.10:70000", None),
+        ("", None),
+    ],
+)
+def test_parse_authority(authority, expected):
+    assert parse_authority(authority) == expected
+
+
+def request(headers):
+    return h2.events.RequestReceived(stream_id=1, headers=headers)
+
+
+def test_check_request():
+    ok = check_request(
+        request(
+            [
+                (b":method", b"CONNECT"),
+                (b":authority", b"10.0.0.1:80"),
+                (b"forwarded", b'for="10.0.0.2:5555"'),
+            ]
+        )
+    )
+    assert isinstance(ok, ConnectRequest) and ok.target == ("10.0.0.1", 80)
+    assert ok.forwarded_for == ("10.0.0.2", 5555)
+    assert isinstance(
+        check_request(request([(b":method", b"GET"), (b":authority", b"x:1")])), BadRequest
+    )
+    bad = check_request(request([(b":method", b"CONNECT"), (b":authority", b"nohost")]))
+    assert isinstance(bad, BadRequest) and "bad authority" in bad.why
+
+
+async def echo(io: HboneIO, req: ConnectRequest) -> None:
+    stream = io.streams[req.stream_id]
+    io.conn.respond(req.stream_id, 200)
+    io.queue_output()
+    await io.flush()
+    try:
+        while data := await stream.receive():
+            await stream.send(data)
+        await stream.send_eof()
+    except HboneError:
+        io.served_resets += 1  # type: ignore[attr-defined]
+    stream.close()
+
+
+def on_request(ev, io):
+    req = check_request(ev)
+    if isinstance(req, BadRequest) or req.target[1] == 9:
+        io.conn.respond(ev.stream_id, 400 if isinstance(req, BadRequest) else 503, end_stream=True)
+        io.streams.pop(ev.stream_id, None)
+        io.queue_output()
+        io.flush_soon()
+        return
+    io.spawn(echo, io, req)
+
+
+@pytest.fixture
+async def tunnel(tmp_path, nursery):
+    ca = InProcessCa(tmp_path)
+    certs = CertificateManager(ca.fetcher("node2"))
+    await nursery.start(certs.run)
+    server_cred, client_cred = await certs.get(CATALOG), await certs.get(FRONTEND)
+    a, b = socket.socketpair()
+    server_tls = TlsSocket(a, server_cred.server_context, server_side=True)
+    client_tls = TlsSocket(b, client_cred.client_context, server_side=False)
+    async with trio.open_nursery() as n:
+        n.start_soon(server_tls.handshake)
+        n.start_soon(client_tls.handshake)
+    assert verify_peer(client_tls.ssl, expected={CATALOG}) == CATALOG
+    assert verify_peer(server_tls.ssl, trust_domain=TD) == FRONTEND
+    server = HboneIO(server_tls, HboneConnection(client=False), "client", on_request)
+    server.served_resets = 0  # type: ignore[attr-defined]
+    client = HboneIO(client_tls, HboneConnection(client=True), "server")
+    await nursery.start(server.run)
+    await nursery.start(client.run)
+    return client, server
+
+
+async def test_bytes_survive_flow_control_both_ways(tunnel):
+    client, _ = tunnel
+    stream = await client.open_stream("10.244.2.11:9080", [("forwarded", 'for="1.2.3.4:5"')])
+    payload = os.urandom(24 * 1024 * 1024)  # 6x the stream window, 1.5x the connection window
+    got = bytearray()
+
+    async def read():
+        while data := await stream.receive():
+            got.extend(data)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(read)
+        for i in range(0, len(payload), 200_000):
+            await stream.send(payload[i : i + 200_000])
+        await stream.send_eof()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_many_streams_share_one_connection(tunnel):
+    client, _ = tunnel
+
+    async def one(i):
+        s = await client.open_stream("10.244.2.11:9080", [])
+        msg = f"hello {i}".encode() * 100
+        await s.send(msg)
+        await s.send_eof()
+        got = b""
+        while data := await s.receive():
+            got += data
+        assert got == msg
+        s.close()
+
+    async with trio.open_nursery() as n:
+        for i in range(60):
+            n.start_soon(one, i)
+    assert not client.streams
+
+
+async def test_half_close_delivers_everything(tunnel):
+    client, _ = tunnel
+    s = await client.open_stream("10.244.2.11:9080", [])
+    await s.send(b"last words")
+    await s.send_eof()  # FIN: the echo still answers after it
+    assert await s.receive() == b"last words"
+    assert await s.receive() == b""
+
+
+async def test_reset_reaches_the_other_side(tunnel):
+    client, server = tunnel
+    s = await client.open_stream("10.244.2.11:9080", [])
+    await s.send(b"x")
+    assert await s.receive() == b"x"
+    s.reset()
+    with trio.fail_after(2):
+        while server.served_resets == 0:
+            await trio.sleep(0.01)
+
+
+async def test_refusals_carry_the_status(tunnel):
+    client, _ = tunnel
+    with pytest.raises(HboneError) as e:
+        await client.open_stream("10.244.2.11:9", [])
+    assert e.value.status == 503
+    sid = client.conn.h2.get_next_available_stream_id()
+    client.conn.h2.send_headers(
+        sid,
+        [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "x")],
+        end_stream=True,
+    )
+    from agent.hbone.io import Stream
+
+    stream = client.streams[sid] = Stream(client, sid)
+    client.queue_output()
+    await client.flush()
+    assert await stream.response() == 400
+
+
+async def test_peer_going_away_wakes_every_stream(tunnel):
+    client, server = tunnel
+    s = await client.open_stream("10.244.2.11:9080", [])
+    server.tls.close()
+    with trio.fail_after(2), pytest.raises(HboneError):
+        await s.receive()
