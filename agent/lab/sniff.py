@@ -2,8 +2,9 @@
 
 An AF_PACKET socket on one node's port of the underlay bridge (`node1` in
 `veil-<lab>-underlay`) sees every frame that node exchanges with the others (a socket on `br0`
-itself would only see frames addressed to the bridge, not those it forwards). The demo and the tests use it to show that, once a namespace is enrolled, its
-traffic crosses nodes only as TLS on port 15008 and a request's bytes never appear in plaintext.
+itself would only see frames addressed to the bridge, not those it forwards). The demo and
+the tests use it to show that, once a namespace is enrolled, its traffic crosses nodes only
+as TLS on port 15008 and a request's bytes never appear in plaintext.
 """
 
 from __future__ import annotations

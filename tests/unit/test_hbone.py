@@ -10,9 +10,14 @@ import h2.events
 import pytest
 import trio
 
-from agent.hbone.conn import BadRequest, ConnectRequest, HboneConnection, check_request
-from agent.hbone.conn import parse_authority
-from agent.hbone.io import HboneError, HboneIO, TlsSocket
+from agent.hbone.conn import (
+    BadRequest,
+    ConnectRequest,
+    HboneConnection,
+    check_request,
+    parse_authority,
+)
+from agent.hbone.io import HboneError, HboneIO, Stream, TlsSocket
 from agent.identity.manager import CertificateManager
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import verify_peer
@@ -177,8 +182,6 @@ async def test_refusals_carry_the_status(tunnel):
         [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "x")],
         end_stream=True,
     )
-    from agent.hbone.io import Stream
-
     stream = client.streams[sid] = Stream(client, sid)
     client.queue_output()
     await client.flush()
