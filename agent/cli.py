@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("-n", "--namespace", help="the pod's namespace")
     lb.add_argument("--name", help=name_help)
 
+    ag_ctl = labsub.add_parser("agent", help="stop (SIGKILL) or start a node's agent")
+    ag_ctl.add_argument("action", choices=["stop", "start", "restart"])
+    ag_ctl.add_argument("node")
+    ag_ctl.add_argument("--name", help=name_help)
+
     echo = sub.add_parser("echo", help="HTTP echo workload for examples")
     echo.add_argument("--port", type=int, default=8080)
     echo.add_argument("--host", default="0.0.0.0")
@@ -164,6 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.lab_command == "status":
             st = lab.status(name)
             print(json.dumps(st, indent=2) if args.output == "json" else lab.format_status(st))
+        elif args.lab_command == "agent":
+            from agent.lab import controlplane  # noqa: PLC0415
+
+            if args.action in ("stop", "restart"):
+                controlplane.stop_agent(name, args.node)
+                print(f"agent {args.node}: stopped")
+            if args.action in ("start", "restart"):
+                pid = controlplane.start_agent(name, args.node, lab.spawn, lab.node_netns)
+                print(f"agent {args.node}: running (pid {pid}), enrolled pods resumed")
         elif args.lab_command == "label":
             labels = lab.label(name, args.kind, args.object, args.namespace, args.changes)
             print(

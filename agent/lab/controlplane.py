@@ -251,3 +251,57 @@ def wait_agents_ready(daemons: Sequence[Daemon], timeout: float) -> None:
 
 def ca_address() -> tuple[IPv4Address, int]:
     return CA_IP, CA_PORT
+
+
+def agent_process(lab: str, node: str) -> dict[str, Any]:
+    record = store.read_record(lab) or {}
+    for p in record.get("processes", []):
+        if p["name"] == f"agent {node}":
+            return dict(p)
+    raise LabError(f"no agent for node {node!r} in lab {lab!r}")
+
+
+def stop_agent(lab: str, node: str) -> None:
+    """SIGKILL a node's agent, as a crash would (capture rules stay in the pods)."""
+    p = agent_process(lab, node)
+    try:
+        os.kill(p["pid"], 9)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{p['pid']}").exists() and time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{p['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.02)
+
+
+def start_agent(
+    lab: str, node: str, spawn: Spawn, node_netns: Callable[[str, str], str], timeout: float = 30.0
+) -> int:
+    """Start a node's agent again (it resumes its pods from its registry); returns the pid."""
+    from agent.lab.plan import NodePlan  # noqa: PLC0415
+
+    record = store.read_record(lab) or {}
+    index = next(i for i, n in enumerate(record.get("nodes", []), 1) if n["name"] == node)
+    plan = LabPlan(
+        name=lab,
+        nodes=(NodePlan(node, index),),
+        namespaces=(),
+        service_accounts=(),
+        deployments=(),
+        pods=(),
+        services=(),
+        others=(),
+    )
+    (daemon,) = start_agents(plan, spawn, node_netns)
+    wait_listening([daemon], timeout)
+    wait_agents_ready([daemon], timeout)
+    for p in record["processes"]:
+        if p["name"] == daemon.name:
+            p["pid"] = daemon.proc.pid
+    store.write_record(lab, record)
+    return daemon.proc.pid

@@ -20,11 +20,10 @@ from agent.ca.signer import pem
 from agent.identity.csr import build_csr, new_key
 from agent.identity.spiffe import SpiffeId
 from agent.lab import controlplane, store
-from tests.integration.conftest import SHOP, new_lab_name, veil
+from tests.integration.conftest import SHOP, ca_post, new_lab_name, veil
 from tests.support.pki import intermediate_plugin
 
 TD = "cluster.local"
-CA_URL = "https://veil-ca.veil-system.svc:15012"
 
 
 def config_dump(lab: str, node: str) -> dict[str, Any]:
@@ -43,37 +42,6 @@ def scheduled_identities(lab: str, node: str) -> set[str]:
                 str(SpiffeId(TD, pod["metadata"]["namespace"], pod["spec"]["serviceAccountName"]))
             )
     return out
-
-
-def ca_post(
-    lab: str, node: str, body: dict[str, Any], token: str | None = None
-) -> tuple[int, dict[str, Any]]:
-    """POST to the CA with curl from inside a node's netns, as that node."""
-    d = controlplane.node_dir(lab, node)
-    token = token if token is not None else (d / "bootstrap-token").read_text().strip()
-    cmd = [
-        "nsenter",
-        f"--net=/run/netns/veil-{lab}-{node}",
-        "curl",
-        "-s",
-        "--tlsv1.3",
-        "--cacert",
-        str(d / "ca-root.pem"),
-        "--resolve",
-        f"veil-ca.veil-system.svc:15012:{controlplane.CA_IP}",
-        "-w",
-        "\n%{http_code}",
-        "-H",
-        f"Authorization: Bearer {token}",
-        "-H",
-        "Content-Type: application/json",
-        "--data-binary",
-        json.dumps(body),
-        f"{CA_URL}/v1/certificates",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout
-    text, _, code = out.rpartition("\n")
-    return int(code), json.loads(text)
 
 
 def openssl_verify(tmp: Path, bundle: str, chain: list[str]) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,331 @@
+"""Ambient L4 on a real lab: capture, HBONE between nodes, fail closed, no plaintext.
+
+Runs on tests/integration/mesh: namespace `mesh` is enrolled from the start (pods captured
+through veil-cni at creation), `plain` is not. Tests that break things (stopping an agent,
+changing an identity) come last in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.capture import iptables
+from agent.lab import controlplane, store
+from agent.lab.sniff import Sniffer
+from tests.integration.conftest import ca_post, lab_exec, new_lab_name, veil
+
+MESH = str(Path(__file__).parent / "mesh")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[str]:
+    name = new_lab_name()
+    try:
+        veil("lab", "up", "-f", MESH, "--name", name)
+        yield name
+    finally:
+        veil("lab", "down", "--name", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def pods(lab: str) -> dict[str, dict[str, Any]]:
+    st = json.loads(veil("lab", "status", "--name", lab, "-o", "json").stdout)
+    return {p["name"]: p for p in st["pods"]}
+
+
+def curl(lab: str, pod: str, url: str, ns: str = "mesh", *extra: str) -> dict[str, Any]:
+    out = lab_exec(lab, pod, "curl", "-sS", "--max-time", "5", *extra, url, ns=ns).stdout
+    answer: dict[str, Any] = json.loads(out)
+    return answer
+
+
+def try_curl(lab: str, pod: str, url: str, ns: str = "mesh") -> int:
+    return lab_exec(lab, pod, "curl", "-sS", "--max-time", "5", url, ns=ns, check=False).returncode
+
+
+def enrolled(lab: str, node: str) -> set[str]:
+    code, body = controlplane.agent_get(f"veil-{lab}-{node}", "/config_dump")
+    assert code == 200, body
+    return {f"{e['namespace']}/{e['name']}" for e in json.loads(body)["enrolled"]}
+
+
+def sniff(lab: str, fn: Any) -> tuple[Any, Sniffer]:
+    s = Sniffer(f"/run/netns/veil-{lab}-underlay")
+    return s.during(fn), s
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"{what} not within {timeout}s"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def test_pods_are_enrolled_at_creation_through_cni(lab):
+    assert enrolled(lab, "node1") == {"mesh/client", "mesh/server-a"}
+    assert enrolled(lab, "node2") == {"mesh/server-b"}  # not the opted-out pod
+    log = (store.lab_dir(lab) / "logs" / "agent-node1.log").read_text()
+    assert "cni ADD mesh/client: {'ok': True, 'enrolled': True}" in log
+    assert "cni ADD plain/web: {'ok': True, 'enrolled': False}" in log
+
+
+def test_cross_node_is_mtls_on_15008_only_and_the_app_sees_the_client(lab, pods):
+    marker = f"veil-secret-{secrets.token_hex(8)}"
+    target = pods["server-b"]
+    answer, seen = sniff(
+        lab,
+        lambda: curl(
+            lab, "client", f"http://{target['ip']}:8080/", "mesh", "-H", f"X-Marker: {marker}"
+        ),
+    )
+    assert (answer["pod"], answer["node"]) == ("server-b", "node2")
+    assert answer["headers"]["x-marker"] == marker
+    assert answer["client"].split(":")[0] == pods["client"]["ip"]  # real client IP, spoofed
+    assert seen.flows() == {(pods["client"]["ip"], target["ip"], 15008)}
+    assert seen.plaintext(marker.encode()) == []
+    assert seen.plaintext(b"HTTP/1.1") == []
+
+
+def test_same_node(lab, pods):
+    answer = curl(lab, "client", f"http://{pods['server-a']['ip']}:8080/")
+    assert (answer["pod"], answer["node"]) == ("server-a", "node1")
+    assert answer["client"].split(":")[0] == pods["client"]["ip"]
+
+
+def test_service_vip_spreads_over_endpoints(lab):
+    seen = {curl(lab, "client", "http://server/")["pod"] for _ in range(16)}
+    assert seen == {"server-a", "server-b"}
+
+
+def test_large_bodies_and_half_close_lose_nothing(lab, pods, tmp_path):
+    body = tmp_path / "body"
+    body.write_bytes(secrets.token_bytes(6 * 1024 * 1024))
+    out = lab_exec(
+        lab,
+        "client",
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "--data-binary",
+        f"@{body}",
+        f"http://{pods['server-b']['ip']}:8080/upload",
+        ns="mesh",
+    ).stdout
+    assert json.loads(out)["bodyBytes"] == 6 * 1024 * 1024
+
+
+def test_passthrough_to_a_pod_outside_the_mesh(lab, pods):
+    answer = curl(lab, "client", "http://web.plain/")
+    assert answer["pod"] == "web"
+    assert answer["client"].split(":")[0] == pods["client"]["ip"]
+
+
+def test_non_mesh_client_to_an_enrolled_server(lab, pods):
+    answer = curl(lab, "legacy", "http://server.mesh/", ns="plain")
+    assert answer["pod"] in ("server-a", "server-b")
+    assert answer["client"].split(":")[0] == pods["legacy"]["ip"]  # through 15006, unmasked
+
+
+def test_opted_out_pod_is_not_captured(lab, pods):
+    assert "mesh/optout" not in enrolled(lab, "node2")
+    rules = iptables.save(f"/run/netns/veil-{lab}-mesh_optout")
+    assert "VEIL" not in rules
+    marker = f"optout-{secrets.token_hex(6)}"
+    answer, seen = sniff(
+        lab,
+        lambda: curl(
+            lab,
+            "client",
+            f"http://{pods['optout']['ip']}:8080/",
+            "mesh",
+            "-H",
+            f"X-Marker: {marker}",
+        ),
+    )
+    assert answer["pod"] == "optout"
+    assert seen.plaintext(marker.encode())  # passthrough: the mesh does not touch it
+
+
+def test_app_refusing_means_the_connection_fails(lab, pods):
+    code = try_curl(lab, "client", f"http://{pods['server-b']['ip']}:9999/")
+    assert code in (7, 52, 56), code
+    log = (store.lab_dir(lab) / "logs" / "agent-node2.log").read_text()
+    assert "503, the app refused" in log
+
+
+def test_enroll_and_release_follow_labels_within_2s(lab, pods):
+    netns = f"/run/netns/veil-{lab}-plain_web"
+    before = iptables.save(netns)
+    veil("lab", "label", "--name", lab, "ns", "plain", "veil.dev/dataplane-mode=ambient")
+    took = wait_for(lambda: "plain/web" in enrolled(lab, "node1"), 2.0, "enrollment")
+    assert "VEIL-OUTPUT" in iptables.save(netns)
+    answer = curl(lab, "client", "http://web.plain/")  # now over HBONE, same node
+    assert answer["client"].split(":")[0] == pods["client"]["ip"]
+    veil("lab", "label", "--name", lab, "ns", "plain", "veil.dev/dataplane-mode-")
+    took = max(took, wait_for(lambda: "plain/web" not in enrolled(lab, "node1"), 2.0, "release"))
+
+    def normalize(s):
+        return sorted(line for line in s.splitlines() if line.startswith("-A"))
+
+    assert normalize(iptables.save(netns)) == normalize(before)
+    assert curl(lab, "client", "http://web.plain/")["pod"] == "web"
+    assert took < 2.0
+
+
+def test_client_certificate_from_another_ca_is_rejected_on_15008(lab, pods, tmp_path):
+    from agent.ca.signer import Signer, generate_root, pem  # noqa: PLC0415
+    from agent.identity.csr import build_csr, key_pem, new_key  # noqa: PLC0415
+    from agent.identity.spiffe import SpiffeId  # noqa: PLC0415
+
+    sid = SpiffeId("cluster.local", "mesh", "client")
+    signer = Signer(generate_root("cluster.local"), "cluster.local")
+    key = new_key()
+    issued = signer.sign(signer.check_csr(build_csr(key, sid), sid), sid)
+    (tmp_path / "cert.pem").write_text("".join(pem(c) for c in issued.chain))
+    (tmp_path / "key.pem").write_bytes(key_pem(key))
+    cmd = [
+        "nsenter",
+        f"--net=/run/netns/veil-{lab}-node1",
+        "openssl",
+        "s_client",
+        "-connect",
+        f"{pods['server-b']['ip']}:15008",
+        "-tls1_3",
+        "-alpn",
+        "h2",
+        "-cert",
+        str(tmp_path / "cert.pem"),
+        "-key",
+        str(tmp_path / "key.pem"),
+        "-ign_eof",
+    ]
+    out = subprocess.run(cmd, input="", capture_output=True, text=True, timeout=10, check=False)
+    text = out.stdout + out.stderr
+    assert "alert" in text.lower() and "unknown ca" in text.lower(), text[-2000:]
+
+
+def test_agent_down_means_refused_never_plaintext_then_resume(lab, pods):
+    controlplane.stop_agent(lab, "node1")
+    marker = f"down-{secrets.token_hex(6)}"
+    code, seen = sniff(
+        lab,
+        lambda: (
+            lab_exec(
+                lab,
+                "client",
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-H",
+                f"X-Marker: {marker}",
+                f"http://{pods['server-b']['ip']}:8080/",
+                ns="mesh",
+                check=False,
+            ).returncode
+        ),
+    )
+    assert code == 7, code  # connection refused: the redirect finds no listener
+    assert seen.segments == [] or seen.plaintext(marker.encode()) == []
+    assert try_curl(lab, "legacy", "http://server-a.mesh/", ns="plain") != 0
+    veil("lab", "agent", "--name", lab, "start", "node1")
+    assert enrolled(lab, "node1") == {"mesh/client", "mesh/server-a"}
+    assert curl(lab, "client", f"http://{pods['server-b']['ip']}:8080/")["pod"] == "server-b"
+
+
+def test_new_pod_cannot_start_while_its_agent_is_down(lab, tmp_path):
+    controlplane.stop_agent(lab, "node2")
+    try:
+        out = subprocess.run(
+            [
+                "nsenter",
+                f"--net=/run/netns/veil-{lab}-node2",
+                str(Path(controlplane.veil_argv()[0]).parent / "veil-cni"),
+            ],
+            input=json.dumps(
+                {
+                    "cniVersion": "1.0.0",
+                    "name": "x",
+                    "type": "veil-cni",
+                    "agentSocket": str(controlplane.cni_socket(lab, "node2")),
+                    "prevResult": {"ips": [{"address": "10.244.2.99/24"}]},
+                }
+            ),
+            env={
+                "CNI_COMMAND": "ADD",
+                "CNI_ARGS": "K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=new",
+                "CNI_NETNS": "/run/netns/none",
+                "CNI_IFNAME": "eth0",
+                "CNI_PATH": "/x",
+                "CNI_CONTAINERID": "c",
+            },
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert out.returncode == 1
+        err = json.loads(out.stdout)
+        assert err["code"] == 11 and "veil agent unreachable" in err["msg"]
+    finally:
+        veil("lab", "agent", "--name", lab, "start", "node2")
+
+
+def test_server_presenting_the_wrong_identity_is_rejected(lab, pods, tmp_path):
+    """A rogue server on server-b's 15008 with a genuine mesh certificate of another identity."""
+    from agent.identity.csr import build_csr, key_pem, new_key  # noqa: PLC0415
+    from agent.identity.spiffe import SpiffeId  # noqa: PLC0415
+
+    other = SpiffeId("cluster.local", "plain", "default")  # legacy runs on node2
+    key = new_key()
+    status, doc = ca_post(
+        lab, "node2", {"identity": str(other), "csr": build_csr(key, other).decode()}
+    )
+    assert status == 200, doc
+    (tmp_path / "cert.pem").write_text("".join(doc["certChain"]))
+    (tmp_path / "key.pem").write_bytes(key_pem(key))
+    controlplane.stop_agent(lab, "node2")  # frees server-b's 15008
+    rogue = subprocess.Popen(
+        [
+            "nsenter",
+            f"--net=/run/netns/veil-{lab}-mesh_server-b",
+            "openssl",
+            "s_server",
+            "-accept",
+            "15008",
+            "-tls1_3",
+            "-alpn",
+            "h2",
+            "-cert",
+            str(tmp_path / "cert.pem"),
+            "-key",
+            str(tmp_path / "key.pem"),
+            "-quiet",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        assert try_curl(lab, "client", f"http://{pods['server-b']['ip']}:8080/") != 0
+        log = (store.lab_dir(lab) / "logs" / "agent-node1.log").read_text()
+        assert (
+            "peer identity spiffe://cluster.local/ns/plain/sa/default is not the expected "
+            "spiffe://cluster.local/ns/mesh/sa/server"
+        ) in log
+    finally:
+        rogue.kill()
+        rogue.wait()
+        veil("lab", "agent", "--name", lab, "start", "node2")
+    assert curl(lab, "client", f"http://{pods['server-b']['ip']}:8080/")["pod"] == "server-b"
