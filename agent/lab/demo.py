@@ -1,15 +1,24 @@
-"""`make demo`: bring up the lab with examples/shop, send real requests, summarise, tear down.
+"""`make demo`: the lab with examples/shop, real requests, then the same requests in the mesh.
+
+1. `veil lab up` (nodes, CA, agents, pods) and calls between pods on different nodes.
+2. A sniffer on the underlay shows one cross-node request in plaintext.
+3. `veil lab label ns shop veil.dev/dataplane-mode=ambient` enrolls the namespace at runtime.
+4. The same calls again: they still work, the apps still see the real client addresses, and
+   the sniffer shows the cross-node request crossing only as TLS on port 15008.
+5. The identities the CA issued, then `veil lab down` (unless --keep).
 
 Every request runs the way a user would type it: `veil lab exec <pod> -- curl ...`. The demo
-exits non-zero if any request fails, so it doubles as a smoke test of a fresh machine.
+exits non-zero if a request fails or plaintext of the mesh request shows on the underlay.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +28,7 @@ from typing import Any
 from agent.lab import controlplane
 from agent.lab import lab as labmod
 from agent.lab.errors import LabError
+from agent.lab.sniff import Sniffer
 
 VEIL = str(Path(sys.executable).parent / "veil")
 
@@ -28,19 +38,19 @@ class Call:
     pod: str
     namespace: str
     url: str
-    note: str
 
 
 CALLS = (
-    Call("client", "shop", "http://frontend.shop/", "service by name"),
-    Call("client", "shop", "http://frontend.shop/", "service by name"),
-    Call("client", "shop", "http://catalog:9080/items", "short name, same namespace"),
-    Call("client", "shop", "http://orders.backoffice/", "other namespace"),
-    Call("legacy", "backoffice", "http://cart.shop.svc.cluster.local:7070/", "full DNS name"),
+    Call("client", "shop", "http://frontend.shop/"),
+    Call("client", "shop", "http://frontend.shop/"),
+    Call("client", "shop", "http://catalog:9080/items"),
+    Call("client", "shop", "http://orders.backoffice/"),
+    Call("legacy", "backoffice", "http://cart.shop.svc.cluster.local:7070/"),
 )
 
 
-def curl(lab: str, c: Call) -> tuple[dict[str, Any] | None, str]:
+def curl(lab: str, c: Call, *headers: str) -> tuple[dict[str, Any] | None, str]:
+    extra = [a for h in headers for a in ("-H", h)]
     proc = subprocess.run(
         [
             VEIL,
@@ -56,6 +66,7 @@ def curl(lab: str, c: Call) -> tuple[dict[str, Any] | None, str]:
             "-sS",
             "--max-time",
             "5",
+            *extra,
             c.url,
         ],
         capture_output=True,
@@ -70,7 +81,48 @@ def curl(lab: str, c: Call) -> tuple[dict[str, Any] | None, str]:
         return None, f"not an echo answer: {proc.stdout[:80]!r}"
 
 
-def print_identities(lab: str, st: dict[str, Any]) -> None:
+def run_calls(lab: str, calls: Sequence[Call], where: dict[tuple[str, str], str]) -> int:
+    print(f"  {'FROM':<26} {'URL':<44} {'ANSWERED BY':<28} {'SEEN CLIENT':<19} PATH")
+    failures = 0
+    for c in calls:
+        answer, err = curl(lab, c)
+        src = f"{c.namespace}/{c.pod} ({where[(c.namespace, c.pod)]})"
+        if answer is None:
+            failures += 1
+            print(f"  {src:<26} {c.url:<44} FAILED: {err}")
+            continue
+        dst = f"{answer['namespace']}/{answer['pod']} ({answer['node']})"
+        hop = "same node" if answer["node"] == where[(c.namespace, c.pod)] else "crossed nodes"
+        print(f"  {src:<26} {c.url:<44} {dst:<28} {answer['client']:<19} {hop}")
+    return failures
+
+
+def watch_underlay(lab: str, call: Call) -> tuple[bool, bool, Sniffer]:
+    """One request with a unique marker header; returns (answered, marker seen in clear)."""
+    marker = f"veil-demo-{secrets.token_hex(6)}"
+    sniffer = Sniffer(f"/run/netns/veil-{lab}-underlay")
+    answer, _err = sniffer.during(lambda: curl(lab, call, f"X-Demo-Marker: {marker}"))
+    return answer is not None, bool(sniffer.plaintext(marker.encode())), sniffer
+
+
+def describe_flows(sniffer: Sniffer) -> str:
+    flows = sorted(sniffer.flows())
+    return ", ".join(f"{s} -> {d}:{p}" for s, d, p in flows) or "none"
+
+
+def enrolled(st: dict[str, Any]) -> dict[str, list[str]]:
+    out = {}
+    for node in st["nodes"]:
+        code, body = controlplane.agent_get(node["netns"], "/config_dump")
+        out[node["name"]] = (
+            [f"{e['namespace']}/{e['name']}" for e in json.loads(body)["enrolled"]]
+            if code == 200
+            else []
+        )
+    return out
+
+
+def print_identities(st: dict[str, Any]) -> None:
     """What the CA issued: each node's agent and the certificates it holds (never keys)."""
     print("\n== identities: certificates from `veil ca`, held by each node's agent")
     print(f"  {'NODE':<8} {'IDENTITY':<52} {'SERIAL':<10} EXPIRES")
@@ -94,44 +146,74 @@ def run(paths: Sequence[str], lab: str, nodes: int, keep: bool) -> int:
         st = labmod.status(lab)
         print(labmod.format_status(st))
         where = {(p["namespace"], p["name"]): p["node"] for p in st["pods"]}
-        print("\n== requests (veil lab exec <pod> -- curl <url>)")
-        print(f"  {'FROM':<26} {'URL':<44} {'ANSWERED BY':<28} {'SEEN CLIENT':<19} PATH")
-        crossed = 0
-        orders = next(p for p in st["pods"] if p["name"].startswith("orders-"))
-        calls = (*CALLS, Call("client", "shop", f"http://{orders['ip']}:8080/", "pod IP"))
-        for c in calls:
-            answer, err = curl(lab, c)
-            src = f"{c.namespace}/{c.pod} ({where[(c.namespace, c.pod)]})"
-            if answer is None:
-                failures += 1
-                print(f"  {src:<26} {c.url:<44} FAILED: {err}")
-                continue
-            dst = f"{answer['namespace']}/{answer['pod']} ({answer['node']})"
-            hop = "same node"
-            if answer["node"] != where[(c.namespace, c.pod)]:
-                hop, crossed = "crossed nodes", crossed + 1
-            print(f"  {src:<26} {c.url:<44} {dst:<28} {answer['client']:<19} {hop}")
+        remote = next(
+            p
+            for p in st["pods"]
+            if p["name"].startswith("frontend-") and p["node"] != where[("shop", "client")]
+        )
+        probe = Call("client", "shop", f"http://{remote['ip']}:8080/")
+        calls = (*CALLS, probe)
+
+        print("\n== 1. plain Kubernetes networking: requests between pods")
+        failures += run_calls(lab, calls, where)
+        ok, clear, sniffer = watch_underlay(lab, probe)
+        print(
+            f"\n  underlay during shop/client -> {remote['name']} ({remote['node']}): "
+            f"{describe_flows(sniffer)}; request bytes visible in plaintext: "
+            f"{'YES' if clear else 'no'}"
+        )
+
+        print("\n== 2. veil lab label ns shop veil.dev/dataplane-mode=ambient")
+        labmod.label(lab, "namespace", "shop", None, ["veil.dev/dataplane-mode=ambient"])
+        want = {p["namespace"] + "/" + p["name"] for p in st["pods"] if p["namespace"] == "shop"}
+        start = time.monotonic()
+        while {x for v in enrolled(st).values() for x in v} != want:
+            if time.monotonic() - start > 10:
+                raise LabError("the agents did not enroll namespace shop within 10 s")
+            time.sleep(0.1)
+        print(
+            f"  enrolled in {time.monotonic() - start:.1f}s: "
+            + "; ".join(f"{n}: {', '.join(v)}" for n, v in enrolled(st).items())
+        )
+
+        print(
+            "\n== 3. the same requests, now through the mesh (HBONE: HTTP/2 CONNECT over "
+            "mutual TLS)"
+        )
+        failures += run_calls(lab, calls, where)
+        ok, clear, sniffer = watch_underlay(lab, probe)
+        only_hbone = bool(sniffer.flows()) and all(p == 15008 for _s, _d, p in sniffer.flows())
+        print(
+            f"\n  underlay during shop/client -> {remote['name']} ({remote['node']}): "
+            f"{describe_flows(sniffer)}; request bytes visible in plaintext: "
+            f"{'YES' if clear else 'no'}"
+        )
+        if not ok or clear or not only_hbone:
+            failures += 1
+            print("  FAILED: the mesh request must cross only as TLS on 15008")
+        else:
+            print("  -> encrypted: only mutual TLS on port 15008 crosses between nodes")
+
         spread: Counter[str] = Counter()
         for _ in range(20):
-            answer, err = curl(lab, Call("client", "shop", "http://catalog:9080/", ""))
+            answer, _err = curl(lab, Call("client", "shop", "http://catalog:9080/"))
             if answer is None:
                 failures += 1
                 continue
             spread[f"{answer['pod']} ({answer['node']})"] += 1
-        print("\n== load spread: 20 requests to the catalog VIP (v1 and v2 Deployments)")
+        print("\n== load spread in the mesh: 20 requests to the catalog VIP (v1 and v2)")
         for pod, n in sorted(spread.items()):
             print(f"  {pod:<28} {n:>3} {'#' * n}")
+        print_identities(st)
         print(
-            f"\n== summary: {len(calls) + 20 - failures} of {len(calls) + 20} requests "
-            f"answered, {crossed} of {len(calls)} crossed nodes over the underlay, "
-            f"{len(st['pods'])} pods on {len(st['nodes'])} nodes"
+            f"\n== summary: {2 * len(calls) + 20} requests, {failures} failed; namespace shop "
+            "is in the mesh, backoffice is not (its calls pass through or arrive on 15006)"
         )
-        print_identities(lab, st)
         if keep:
             print(
                 f"\nThe lab stays up (KEEP=1). Try:\n"
                 f"  {VEIL} lab exec client -- curl -s http://frontend.shop/\n"
-                f"  {VEIL} lab status\n  {VEIL} lab down"
+                f"  {VEIL} lab status\n  {VEIL} lab down --name {lab}"
             )
     finally:
         if not keep:
