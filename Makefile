@@ -11,7 +11,7 @@ demo: setup
 	$(BIN)/python -m agent.lab.demo -f examples/shop/ $(if $(KEEP),--keep,)
 
 test: setup lint typecheck
-	$(BIN)/pytest -q tests/unit tests/integration
+	$(BIN)/pytest -q tests/unit tests/integration tests/interop
 
 setup: system venv
 
