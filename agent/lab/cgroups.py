@@ -8,6 +8,7 @@ killed, and so the eBPF capture mode can attach per-pod cgroup programs later.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from pathlib import Path
@@ -77,11 +78,33 @@ def kill_and_remove(group: Path, timeout: float = 10.0) -> None:
                 os.kill(pid, 9)
     deadline = time.monotonic() + timeout
     while procs(group):
+        _reap_children()
         if time.monotonic() > deadline:
             raise CgroupError(f"processes {procs(group)} in {group} did not exit after SIGKILL")
         time.sleep(0.02)
-    for g in sorted(
+    children = sorted(
         (p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
-    ):
-        g.rmdir()
-    group.rmdir()
+    )
+    for g in [*children, group]:
+        _rmdir(g, deadline)
+
+
+def _reap_children() -> None:
+    """Reap exited children of ours: a zombie keeps its cgroup busy (rmdir: EBUSY)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def _rmdir(group: Path, deadline: float) -> None:
+    while True:
+        try:
+            group.rmdir()
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise CgroupError(
+                    f"cannot remove {group}: {e.strerror} (processes still exiting: {procs(group)})"
+                ) from None
+            _reap_children()
+            time.sleep(0.02)

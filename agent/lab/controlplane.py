@@ -11,6 +11,7 @@ runs in the node's netns, as the hostNetwork DaemonSet pod would on a real node.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -305,3 +306,39 @@ def start_agent(
             p["pid"] = daemon.proc.pid
     store.write_record(lab, record)
     return daemon.proc.pid
+
+
+def ca_request(
+    lab: str, node: str, body: dict[str, Any], token: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """POST /v1/certificates to the lab's CA with curl from inside a node's netns, as that node
+    (its bootstrap credential unless `token` is given); returns the status and the JSON answer."""
+    d = node_dir(lab, node)
+    token = token if token is not None else (d / "bootstrap-token").read_text().strip()
+    proc = netns.run(
+        netns.nsenter_argv(
+            f"veil-{lab}-{node}",
+            [
+                "curl",
+                "-s",
+                "--tlsv1.3",
+                "--cacert",
+                str(d / "ca-root.pem"),
+                "--resolve",
+                f"{CA_SERVER_NAME}:{CA_PORT}:{CA_IP}",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                f"Authorization: Bearer {token}",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                json.dumps(body),
+                f"https://{CA_SERVER_NAME}:{CA_PORT}/v1/certificates",
+            ],
+        ),
+        timeout=15,
+    )
+    text, _, code = proc.stdout.rpartition("\n")
+    answer: dict[str, Any] = json.loads(text)
+    return int(code), answer

@@ -110,35 +110,7 @@ def _remove_test_labs() -> Iterator[None]:
         labmod.down(name, log=lambda _m: None)
 
 
-CA_URL = "https://veil-ca.veil-system.svc:15012"
-
-
 def ca_post(
     lab: str, node: str, body: dict[str, Any], token: str | None = None
 ) -> tuple[int, dict[str, Any]]:
-    """POST to the CA with curl from inside a node's netns, as that node."""
-    d = controlplane.node_dir(lab, node)
-    token = token if token is not None else (d / "bootstrap-token").read_text().strip()
-    cmd = [
-        "nsenter",
-        f"--net=/run/netns/veil-{lab}-{node}",
-        "curl",
-        "-s",
-        "--tlsv1.3",
-        "--cacert",
-        str(d / "ca-root.pem"),
-        "--resolve",
-        f"veil-ca.veil-system.svc:15012:{controlplane.CA_IP}",
-        "-w",
-        "\n%{http_code}",
-        "-H",
-        f"Authorization: Bearer {token}",
-        "-H",
-        "Content-Type: application/json",
-        "--data-binary",
-        json.dumps(body),
-        f"{CA_URL}/v1/certificates",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout
-    text, _, code = out.rpartition("\n")
-    return int(code), json.loads(text)
+    return controlplane.ca_request(lab, node, body, token)

