@@ -108,7 +108,7 @@ def tcpbench(binary: Path, *args: str, timeout: float = 60) -> dict[str, Any]:
     return result
 
 
-def measure(
+def measure(  # noqa: PLR0917
     binary: Path, host: str, port: int, seconds: float, clients: int, proxy_pids: list[int]
 ) -> dict[str, Any]:
     before = cpu_seconds(proxy_pids) if proxy_pids else 0.0
@@ -156,7 +156,7 @@ def run(seconds: float, clients: int) -> dict[str, Any]:
             st = labmod.status(LAB)
             server = next(p["ip"] for p in st["pods"] if p["name"] == "server")
             td = "cluster.local"
-            print(f"direct ... ", end="", flush=True)
+            print("direct ... ", end="", flush=True)
             results["direct"] = measure(binary, server, PORT, seconds, clients, [])
             print("envoy ... ", end="", flush=True)
             ccert = mesh_cert("node1", SpiffeId(td, "bench", "client"), work / "client")
@@ -215,13 +215,13 @@ def table(results: dict[str, Any]) -> str:
     ]
     for name in ("direct", "envoy", "veil"):
         r = results[name]
-        cpu = "–" if r["cpu_s_per_gb"] is None else f"{r['cpu_s_per_gb']:.2f}"
+        cpu = "-" if r["cpu_s_per_gb"] is None else f"{r['cpu_s_per_gb']:.2f}"
         ratio = (
             ""
             if name == "direct"
             else (
-                f" ({r['gbit_s'] / d['gbit_s']:.2f}×, {r['p50_us'] / d['p50_us']:.1f}×, "
-                f"{r['conn_s'] / d['conn_s']:.2f}×)"
+                f" ({r['gbit_s'] / d['gbit_s']:.2f}x, {r['p50_us'] / d['p50_us']:.1f}x, "
+                f"{r['conn_s'] / d['conn_s']:.2f}x)"
             )
         )
         lines.append(

@@ -36,6 +36,20 @@ def _setns(fd: int) -> None:
         raise NetnsError(err, f"setns: {os.strerror(err)}")
 
 
+_HOME: dict[int, int] = {}
+
+
+def _home_fd() -> int:
+    """The calling thread's own netns, opened once per thread (the agent never moves)."""
+    import threading  # noqa: PLC0415
+
+    tid = threading.get_ident()
+    fd = _HOME.get(tid)
+    if fd is None:
+        fd = _HOME[tid] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    return fd
+
+
 class NetNs:
     """An open handle on a network namespace (kept open so the netns cannot vanish under us)."""
 
@@ -54,15 +68,12 @@ class NetNs:
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
         """Run the (synchronous) body in this netns; never await inside."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        home = _home_fd()
+        _setns(self.fd)
         try:
-            _setns(self.fd)
-            try:
-                yield
-            finally:
-                _setns(home)
+            yield
         finally:
-            os.close(home)
+            _setns(home)
 
     def socket(
         self,

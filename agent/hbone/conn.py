@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import h2.config
@@ -104,8 +105,44 @@ def _s(v: bytes | str) -> str:
     return v.decode("latin-1") if isinstance(v, bytes) else v
 
 
+@dataclass(frozen=True)
+class Data:
+    """Payload of a DATA frame (or part of one): a view into the decrypted read buffer.
+
+    Valid until the next `receive_data()` call: consume it (or copy it) before that.
+    """
+
+    stream_id: int
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class WindowOpened:
+    """The peer granted more send window (a stream's, or the connection's: stream_id 0)."""
+
+    stream_id: int
+
+
+DATA, WINDOW_UPDATE = 0x0, 0x8
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+END_STREAM, PADDED = 0x1, 0x8
+_HEADER = struct.Struct("!HBBBI")  # 24-bit length as (high 16, low 8), type, flags, stream id
+Event = h2.events.Event | Data | WindowOpened
+
+
+def frame_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
+    return _HEADER.pack(length >> 8, length & 0xFF, ftype, flags, stream_id)
+
+
 class HboneConnection:
-    """One HBONE connection's HTTP/2 state (client or server role)."""
+    """One HBONE connection's HTTP/2 state (client or server role).
+
+    h2 handles HEADERS (HPACK), SETTINGS, PING, RST_STREAM and GOAWAY. DATA and WINDOW_UPDATE
+    frames are framed and parsed here directly, with flow control kept as integers: h2 would
+    copy every payload several times and run its per-frame machinery (shared perf-notes), while
+    a DATA frame is a 9-byte header in front of bytes we pass along untouched. h2 still learns
+    when a stream ends: an END_STREAM is handed to it as an empty DATA frame.
+    """
 
     def __init__(self, client: bool) -> None:
         self.client = client
@@ -131,6 +168,21 @@ class HboneConnection:
         self.h2.max_inbound_frame_size = MAX_FRAME
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._out = bytearray()
+        # Send side: what the peer allows us (its SETTINGS and WINDOW_UPDATEs).
+        self._send_conn = 65535
+        self._send: dict[int, int] = {}
+        # Receive side: what we allowed and what the consumer has taken but we not yet granted.
+        self._recv_conn = CONNECTION_WINDOW
+        self._recv: dict[int, int] = {}
+        self._unacked_conn = 0
+        self._unacked: dict[int, int] = {}
+        # Frame parsing state across reads.
+        self._pending = bytearray()  # a partial frame header, or a whole non-DATA frame
+        self._data_left = 0  # bytes of the current DATA frame body still to come
+        self._data_sid = 0
+        self._data_end = False
+        self._preface_left = 0 if client else len(PREFACE)  # a server first reads the preface
 
     # -- client side ---------------------------------------------------------------------
 
@@ -140,7 +192,13 @@ class HboneConnection:
         self.h2.send_headers(
             stream_id, [(":method", "CONNECT"), (":authority", authority), *headers]
         )
+        self._open(stream_id)
         return stream_id
+
+    def _open(self, stream_id: int) -> None:
+        self._send[stream_id] = self.h2.remote_settings.initial_window_size
+        self._recv[stream_id] = STREAM_WINDOW
+        self._unacked[stream_id] = 0
 
     @property
     def open_streams(self) -> int:
@@ -158,20 +216,28 @@ class HboneConnection:
     def respond(self, stream_id: int, status: int, end_stream: bool = False) -> None:
         self.h2.send_headers(stream_id, [(":status", str(status))], end_stream=end_stream)
 
-    # -- both ----------------------------------------------------------------------------
+    # -- sending DATA ----------------------------------------------------------------------
 
     def send_window(self, stream_id: int) -> int:
-        """How many DATA bytes may be sent on the stream now (stream and connection windows)."""
-        try:
-            return int(self.h2.local_flow_control_window(stream_id))
-        except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
+        """DATA bytes the peer accepts on the stream now; -1 if the stream is gone."""
+        window = self._send.get(stream_id)
+        if window is None:
             return -1
+        return max(0, min(window, self._send_conn))
 
-    def send_data(self, stream_id: int, data: bytes | memoryview) -> None:
-        """Frame up to the window; the caller checks `send_window()` first."""
-        size = self.h2.max_outbound_frame_size
-        for i in range(0, len(data), size):
-            self.h2.send_data(stream_id, data[i : i + size])
+    def data_header(self, stream_id: int, length: int) -> bytes:
+        """Account `length` bytes against the windows and return the DATA frame header.
+
+        The caller writes the header, then the payload itself, right after `data_to_send()`;
+        `length` must fit `send_window()` and the peer's max frame size.
+        """
+        self._send[stream_id] -= length
+        self._send_conn -= length
+        return frame_header(length, DATA, 0, stream_id)
+
+    @property
+    def max_frame(self) -> int:
+        return int(self.h2.max_outbound_frame_size)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close: the sender will send no more data (TCP FIN)."""
@@ -185,10 +251,38 @@ class HboneConnection:
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self.h2.reset_stream(stream_id, code)
 
+    def forget(self, stream_id: int) -> None:
+        """The stream is done: return its unacknowledged bytes to the connection window."""
+        self._send.pop(stream_id, None)
+        self._recv.pop(stream_id, None)
+        left = self._unacked.pop(stream_id, 0)
+        if left:
+            self._grant_conn(left)
+
+    # -- receiving DATA --------------------------------------------------------------------
+
     def acknowledge(self, stream_id: int, length: int) -> None:
-        """The application consumed `length` flow-controlled bytes: reopen the windows."""
-        if length:
-            self.h2.acknowledge_received_data(length, stream_id)
+        """The consumer took `length` bytes: grant them again, in batches of half a window."""
+        if not length:
+            return
+        if stream_id in self._unacked:
+            self._unacked[stream_id] += length
+            if self._unacked[stream_id] >= STREAM_WINDOW // 2:
+                grant, self._unacked[stream_id] = self._unacked[stream_id], 0
+                self._recv[stream_id] += grant
+                self._frame(frame_header(4, WINDOW_UPDATE, 0, stream_id) + grant.to_bytes(4, "big"))
+        self._grant_conn(length)
+
+    def _grant_conn(self, length: int) -> None:
+        self._unacked_conn += length
+        if self._unacked_conn >= CONNECTION_WINDOW // 2:
+            grant, self._unacked_conn = self._unacked_conn, 0
+            self._recv_conn += grant
+            self._frame(frame_header(4, WINDOW_UPDATE, 0, 0) + grant.to_bytes(4, "big"))
+
+    def _frame(self, frame: bytes) -> None:
+        self._out += self.h2.data_to_send()  # keep h2's frames ahead of ours, in order
+        self._out += frame
 
     def close(self) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):
@@ -197,12 +291,128 @@ class HboneConnection:
     def ping(self, opaque: bytes = b"veilping") -> None:
         self.h2.ping(opaque)
 
-    def receive_data(self, data: bytes) -> Iterable[h2.events.Event]:
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Parse received bytes: DATA and WINDOW_UPDATE here, every other frame through h2."""
         try:
-            return self.h2.receive_data(data)
+            return self._receive(memoryview(data))
         except h2.exceptions.ProtocolError as e:
             raise HboneProtocolError(str(e)) from e
 
+    def _receive(self, view: memoryview) -> list[Event]:
+        events: list[Event] = []
+        pos, end = 0, len(view)
+        if self._preface_left:
+            take = min(self._preface_left, end)
+            self._preface_left -= take
+            events += self._h2(bytes(view[:take]))  # h2 checks the client connection preface
+            pos = take
+        while pos < end:
+            if self._data_left:  # inside a DATA frame body: pass the payload through
+                take = min(self._data_left, end - pos)
+                self._data_left -= take
+                if self._data_sid in self._recv:
+                    events.append(Data(self._data_sid, view[pos : pos + take]))
+                else:  # a stream we dropped: give the window back at once
+                    self._grant_conn(take)
+                pos += take
+                if not self._data_left and self._data_end:
+                    events += self._end_stream(self._data_sid)
+                continue
+            need = 9 - len(self._pending)
+            if need > 0:
+                self._pending += view[pos : pos + need]
+                pos += min(need, end - pos)
+                if len(self._pending) < 9:
+                    break
+            hi, lo, ftype, flags, sid = _HEADER.unpack_from(self._pending)
+            length, sid = (hi << 8) | lo, sid & 0x7FFFFFFF
+            if length > MAX_FRAME:
+                raise HboneProtocolError(f"frame of {length} bytes exceeds our maximum")
+            if ftype == DATA and not flags & PADDED:
+                self._pending.clear()
+                self._account(sid, length)
+                if length == 0:
+                    if flags & END_STREAM:
+                        events += self._end_stream(sid)
+                    continue
+                self._data_left, self._data_sid = length, sid
+                self._data_end = bool(flags & END_STREAM)
+                continue
+            body_need = 9 + length - len(self._pending)
+            if body_need > 0:
+                self._pending += view[pos : pos + body_need]
+                pos += min(body_need, end - pos)
+                if len(self._pending) < 9 + length:
+                    break
+            frame = bytes(self._pending)
+            self._pending.clear()
+            if ftype == WINDOW_UPDATE:
+                events += self._window_update(sid, frame[9:13])
+            elif ftype == DATA:  # padded: rare, strip the padding here
+                self._account(sid, length)
+                pad = frame[9]
+                payload = memoryview(frame)[10 : 9 + length - pad]
+                if payload and sid in self._recv:
+                    events.append(Data(sid, payload))
+                    self._unacked_extra(sid, length - len(payload))
+                else:
+                    self._grant_conn(length)
+                if flags & END_STREAM:
+                    events += self._end_stream(sid)
+            else:
+                events += self._h2(frame)
+        return events
+
+    def _unacked_extra(self, sid: int, n: int) -> None:
+        if n:
+            self.acknowledge(sid, n)  # padding counts against the window; give it back
+
+    def _account(self, sid: int, length: int) -> None:
+        self._recv_conn -= length
+        if self._recv_conn < 0:
+            raise HboneProtocolError("peer exceeded the connection flow-control window")
+        if sid in self._recv:
+            self._recv[sid] -= length
+            if self._recv[sid] < 0:
+                raise HboneProtocolError(f"peer exceeded the window of stream {sid}")
+
+    def _end_stream(self, sid: int) -> list[Event]:
+        # h2 keeps the stream states: tell it about END_STREAM with an empty DATA frame.
+        return self._h2(frame_header(0, DATA, END_STREAM, sid))
+
+    def _window_update(self, sid: int, payload: bytes) -> list[Event]:
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if sid == 0:
+            self._send_conn += increment
+        elif sid in self._send:
+            self._send[sid] += increment
+        else:
+            return []
+        return [WindowOpened(sid)]
+
+    def _h2(self, frame: bytes) -> list[Event]:
+        events: list[Event] = []
+        for ev in self.h2.receive_data(frame):
+            if isinstance(ev, h2.events.RemoteSettingsChanged):
+                change = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+                if change is not None and change.original_value is not None:
+                    delta = change.new_value - change.original_value
+                    for s in self._send:
+                        self._send[s] += delta
+                events.append(ev)
+            elif isinstance(ev, h2.events.RequestReceived):
+                assert ev.stream_id is not None
+                self._open(ev.stream_id)
+                events.append(ev)
+            elif isinstance(ev, h2.events.DataReceived):
+                continue  # only our empty END_STREAM frames reach h2
+            elif isinstance(ev, h2.events.StreamReset | h2.events.StreamEnded):
+                events.append(ev)
+            else:
+                events.append(ev)
+        return events
+
     def data_to_send(self) -> bytes:
-        out: bytes = self.h2.data_to_send()
-        return out
+        out = self._out + self.h2.data_to_send() if self._out else self.h2.data_to_send()
+        self._out = bytearray()
+        return bytes(out)

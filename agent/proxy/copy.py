@@ -1,9 +1,14 @@
 """Relays: bytes both ways between two connections, with half-close and reset carried over.
 
-A FIN on one side becomes a FIN (END_STREAM / shutdown(SHUT_WR)) on the other, and data
-already in flight is still delivered; a reset on one side becomes a reset on the other
-(RST_STREAM / SO_LINGER 0 close). Reads are 256 KiB, and payload bytes are never touched in
-Python beyond being passed along.
+A FIN on one side becomes a FIN (END_STREAM / shutdown(SHUT_WR)) on the other and data already
+in flight is still delivered; a reset on one side becomes a reset on the other (RST_STREAM /
+SO_LINGER 0 close). Payload bytes are passed along, never inspected.
+
+The data path uses plain non-blocking sockets with `wait_readable`/`wait_writable` rather than
+trio's SocketStream: a trio socket operation adds scheduler checkpoints, and on a proxied round
+trip those passes, not the bytes, were the cost (see bench/README.md). For the same reason the
+HBONE reader hands received DATA straight to the app's socket (`Stream.sink`) when the socket
+takes it, so the relay's down task only wakes when the socket is full.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import trio
 from agent.hbone.io import HboneError, Stream
 
 READ_SIZE = 256 * 1024
+FAIRNESS = 16  # operations that did not wait before a task yields anyway
 
 
 @dataclass
@@ -28,26 +34,64 @@ class Transferred:
     down: int = 0
 
 
-def abort(sock: trio.socket.SocketType) -> None:
+def abort(sock: socket.socket | trio.socket.SocketType) -> None:
     """Close with a TCP RST (the peer sees 'connection reset', not a clean end)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
 
 
-async def relay_stream(tcp: trio.SocketStream, stream: Stream) -> Transferred:
+def plain(sock: socket.socket) -> socket.socket:
+    sock.setblocking(False)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class Reader:
+    """recv() that only waits when nothing is ready (and yields every FAIRNESS reads)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self._streak = sock, 0
+
+    async def recv(self, n: int = READ_SIZE) -> bytes:
+        self._streak += 1
+        if self._streak >= FAIRNESS:
+            self._streak = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                return self.sock.recv(n)
+            except BlockingIOError:
+                self._streak = 0
+                await trio.lowlevel.wait_readable(self.sock)
+
+
+async def sendall(sock: socket.socket, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
     """TCP <-> HBONE stream until both directions ended (or one side reset)."""
     moved = Transferred()
     reset = False
+    plain(sock)
+    stream.sink = sock
 
     async def up() -> None:
         nonlocal reset
+        reader = Reader(sock)
         try:
-            while data := await tcp.receive_some(READ_SIZE):
+            while data := await reader.recv():
                 await stream.send(data)
                 moved.up += len(data)
             await stream.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except OSError:
             reset = True
             stream.reset()
             nursery.cancel_scope.cancel()
@@ -59,13 +103,12 @@ async def relay_stream(tcp: trio.SocketStream, stream: Stream) -> Transferred:
         nonlocal reset
         try:
             while data := await stream.receive():
-                await tcp.send_all(data)
-                moved.down += len(data)
-            tcp.socket.shutdown(socket.SHUT_WR)
+                await sendall(sock, data)
+            sock.shutdown(socket.SHUT_WR)
         except HboneError:
             reset = True
             nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except OSError:
             reset = True
             stream.reset()
             nursery.cancel_scope.cancel()
@@ -75,30 +118,35 @@ async def relay_stream(tcp: trio.SocketStream, stream: Stream) -> Transferred:
             nursery.start_soon(up)
             nursery.start_soon(down)
     finally:
+        moved.down = stream.delivered
+        stream.sink = None
         stream.close()
-        if reset:
-            abort(tcp.socket)
+        if reset or stream.sink_failed:
+            abort(sock)
         else:
-            tcp.socket.close()
+            sock.close()
     return moved
 
 
-async def relay_tcp(a: trio.SocketStream, b: trio.SocketStream) -> Transferred:
+async def relay_tcp(a: socket.socket, b: socket.socket) -> Transferred:
     """TCP <-> TCP (passthrough and the plaintext inbound path)."""
     moved = Transferred()
     reset = False
+    plain(a)
+    plain(b)
 
-    async def pump(src: trio.SocketStream, dst: trio.SocketStream, forward: bool) -> None:
+    async def pump(src: socket.socket, dst: socket.socket, forward: bool) -> None:
         nonlocal reset
+        reader = Reader(src)
         try:
-            while data := await src.receive_some(READ_SIZE):
-                await dst.send_all(data)
+            while data := await reader.recv():
+                await sendall(dst, data)
                 if forward:
                     moved.up += len(data)
                 else:
                     moved.down += len(data)
-            dst.socket.shutdown(socket.SHUT_WR)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
             reset = True
             nursery.cancel_scope.cancel()
 
@@ -109,7 +157,7 @@ async def relay_tcp(a: trio.SocketStream, b: trio.SocketStream) -> Transferred:
     finally:
         for s in (a, b):
             if reset:
-                abort(s.socket)
+                abort(s)
             else:
-                s.socket.close()
+                s.close()
     return moved

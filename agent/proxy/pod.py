@@ -17,6 +17,7 @@ import logging
 import secrets
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +54,29 @@ class ProxyContext:
     connect_timeout: float = CONNECT_TIMEOUT
 
 
-def wrap(sock: socket.socket) -> trio.SocketStream:
-    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+Handler = Callable[[socket.socket], Awaitable[None]]
+
+
+async def serve(listener: socket.socket, handler: Handler) -> None:
+    """Accept every connection that is ready and run its handler; runs until cancelled."""
+    listener.setblocking(False)
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as e:  # EMFILE and the like: back off, keep serving
+                        log.warning("accept on %s failed: %s", listener.getsockname(), e)
+                        await trio.sleep(0.1)
+                        break
+                    conn.setblocking(False)
+                    nursery.start_soon(handler, conn)
+    finally:
+        listener.close()
 
 
 def traceparent() -> str:
@@ -84,8 +106,7 @@ class PodProxy:
                 for sock, handler in zip(
                     socks, (self.outbound, self.inbound_plain, self.inbound_hbone), strict=True
                 ):
-                    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-                    nursery.start_soon(trio.serve_listeners, handler, [listener])
+                    nursery.start_soon(serve, sock, handler)
                 socks = []  # owned by the listeners now
                 task_status.started()
         finally:
@@ -95,28 +116,28 @@ class PodProxy:
 
     # -- 15001 -----------------------------------------------------------------------------
 
-    async def outbound(self, client: trio.SocketStream) -> None:
+    async def outbound(self, client: socket.socket) -> None:
         assert self.ns is not None and self.pool is not None
         try:
-            dst = original_dst(client.socket)  # type: ignore[arg-type]
+            dst = original_dst(client)
         except OSError:
-            abort(client.socket)
+            abort(client)
             return
         r = route(self.ctx.store.current, self.workload, dst, self.ctx.trust_domain)
         if r.kind is Kind.REJECT:
             log.info("outbound %s -> %s:%d refused: %s", self.workload.key, *dst, r.reason)
-            abort(client.socket)
+            abort(client)
             return
         if r.kind is Kind.PASSTHROUGH:
             try:
                 upstream = await connect(self.ns, r.address, self.ctx.connect_timeout)
             except (OSError, trio.TooSlowError) as e:
                 log.info("passthrough %s -> %s:%d failed: %s", self.workload.key, *r.address, e)
-                abort(client.socket)
+                abort(client)
                 return
-            await relay_tcp(client, wrap(upstream))
+            await relay_tcp(client, upstream)
             return
-        peer = client.socket.getpeername()
+        peer = client.getpeername()
         try:
             cred = await self.ctx.certs.get(self.identity, timeout=self.ctx.cert_timeout)
             stream = await self.pool.open_stream(
@@ -140,7 +161,7 @@ class PodProxy:
                 r.identity,
                 e,
             )
-            abort(client.socket)
+            abort(client)
             return
         await relay_stream(client, stream)
 
@@ -174,22 +195,21 @@ class PodProxy:
 
     # -- 15006 -----------------------------------------------------------------------------
 
-    async def inbound_plain(self, client: trio.SocketStream) -> None:
+    async def inbound_plain(self, client: socket.socket) -> None:
         assert self.ns is not None
         try:
-            dst = original_dst(client.socket)  # type: ignore[arg-type]
-            source = client.socket.getpeername()[0]
+            dst = original_dst(client)
+            source = client.getpeername()[0]
             upstream = await connect(self.ns, dst, self.ctx.connect_timeout, source_ip=source)
         except (OSError, trio.TooSlowError) as e:
             log.info("inbound plaintext to %s failed: %s", self.workload.key, e)
-            abort(client.socket)
+            abort(client)
             return
-        await relay_tcp(client, wrap(upstream))
+        await relay_tcp(client, upstream)
 
     # -- 15008 -----------------------------------------------------------------------------
 
-    async def inbound_hbone(self, client: trio.SocketStream) -> None:
-        sock = socket.socket(fileno=client.socket.detach())
+    async def inbound_hbone(self, sock: socket.socket) -> None:
         peer_ip = sock.getpeername()[0]
         try:
             cred = await self.ctx.certs.get(self.identity, timeout=self.ctx.cert_timeout)
@@ -253,4 +273,4 @@ class PodProxy:
         io.conn.respond(stream_id, 200)
         io.queue_output()
         await io.flush()
-        await relay_stream(wrap(upstream), stream)
+        await relay_stream(upstream, stream)
