@@ -113,10 +113,14 @@ async def connect(
         if source_ip is not None:
             make_transparent(s)
             s.bind((source_ip, 0))
-        with contextlib.suppress(BlockingIOError):
+        try:
             s.connect(address)
-        with trio.fail_after(timeout):
-            await trio.lowlevel.wait_writable(s)
+        except BlockingIOError:
+            try:
+                s.getpeername()  # a local connect is usually complete already
+            except OSError:
+                with trio.fail_after(timeout):
+                    await trio.lowlevel.wait_writable(s)
         err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, f"connect to {address[0]}:{address[1]}: {os.strerror(err)}")

@@ -188,14 +188,38 @@ class Stream:
         self.reset_code: int | None = None
         self.status: int | None = None  # client: the CONNECT answer
         self.sent_eof = False
-        # The app's socket, when a relay runs: the reader writes DATA straight into it.
+        # The app's socket, when a relay runs: the reader writes DATA straight into it and
+        # shuts it down at END_STREAM. Only if the socket pushes back does the relay start a
+        # task to drain (`draining`, via `on_backlog`); from then on all data goes through it,
+        # so bytes are never reordered.
         self.sink: socket.socket | None = None
         self.sink_failed = False
+        self.draining = False
+        self.on_backlog: Callable[[], None] | None = None
+        self.down_done = False  # END_STREAM delivered to the sink as a FIN
         self.delivered = 0  # bytes handed to the consumer
 
     def _notify(self) -> None:
         self._wake.set()
         self._wake = trio.Event()
+
+    async def wait_down(self) -> None:
+        """Until the peer's side is delivered (FIN passed on), reset, or handed to a drain task."""
+        while not self.down_done and self.reset_code is None and not self.draining:
+            await self._wake.wait()
+
+    def _sink_eof(self) -> None:
+        assert self.sink is not None
+        try:
+            self.sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.sink_failed = True
+        self.down_done = True
+
+    def _sink_abort(self) -> None:
+        """Wake a relay blocked on the app socket: the stream is gone."""
+        if self.sink is not None and not self.draining:
+            trio.lowlevel.notify_closing(self.sink)
 
     async def response(self) -> int:
         while self.status is None and self.reset_code is None:
@@ -366,6 +390,7 @@ class HboneIO:
         for s in list(self.streams.values()):
             if s.reset_code is None and not (s.eof and s.sent_eof):
                 s.reset_code = int(h2.errors.ErrorCodes.CONNECT_ERROR)
+                s._sink_abort()
             s._notify()
         self._window.set()
         self._out_ready.set()
@@ -422,10 +447,13 @@ class HboneIO:
             elif isinstance(ev, h2.events.StreamEnded):
                 if (s := self.streams.get(ev.stream_id)) is not None:
                     s.eof = True
+                    if s.sink is not None and not s.draining:
+                        s._sink_eof()
                     s._notify()
             elif isinstance(ev, h2.events.StreamReset):
                 if (s := self.streams.get(ev.stream_id)) is not None:
                     s.reset_code = int(ev.error_code or 0)
+                    s._sink_abort()
                     s._notify()
                 window_changed = True
             elif isinstance(ev, h2.events.ResponseReceived):
@@ -453,7 +481,7 @@ class HboneIO:
             self.conn.acknowledge(ev.stream_id, n)
             return
         view = ev.data
-        if s.sink is not None and not s._chunks and s.reset_code is None:
+        if s.sink is not None and not s.draining and s.reset_code is None:
             try:
                 sent = s.sink.send(view)
             except BlockingIOError:
@@ -472,6 +500,8 @@ class HboneIO:
             view = view[sent:]
         s._chunks.append((view, len(view)))  # a view: each decrypted read is a fresh object
         s._notify()
+        if s.on_backlog is not None:
+            s.on_backlog()
 
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run a stream handler in this connection's nursery (server side)."""

@@ -34,6 +34,9 @@ class HbonePool:
     async def open_stream(
         self, key: Hashable, dial: Dial, authority: str, headers: Sequence[tuple[str, str]]
     ) -> Stream:
+        for c in self._conns.get(key, ()):  # the common case: no lock, no scheduler pass
+            if not c.closed and c.conn.can_open_stream():
+                return await c.open_stream(authority, headers)
         async with self._locks[key]:
             conns = self._conns[key]
             conns[:] = [c for c in conns if not c.closed]

@@ -77,11 +77,15 @@ async def sendall(sock: socket.socket, data: bytes | memoryview) -> None:
 
 
 async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
-    """TCP <-> HBONE stream until both directions ended (or one side reset)."""
+    """TCP <-> HBONE stream until both directions ended (or one side reset).
+
+    This task carries the app's bytes up; the HBONE reader writes the peer's bytes straight
+    into the app's socket (`Stream.sink`) and passes END_STREAM on as a FIN. Only when the
+    app's socket pushes back is a second task started to drain the backlog.
+    """
     moved = Transferred()
     reset = False
     plain(sock)
-    stream.sink = sock
 
     async def up() -> None:
         nonlocal reset
@@ -91,7 +95,7 @@ async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
                 await stream.send(data)
                 moved.up += len(data)
             await stream.send_eof()
-        except OSError:
+        except (OSError, trio.ClosedResourceError):
             reset = True
             stream.reset()
             nursery.cancel_scope.cancel()
@@ -105,6 +109,7 @@ async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
             while data := await stream.receive():
                 await sendall(sock, data)
             sock.shutdown(socket.SHUT_WR)
+            stream.down_done = True
         except HboneError:
             reset = True
             nursery.cancel_scope.cancel()
@@ -113,15 +118,27 @@ async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
             stream.reset()
             nursery.cancel_scope.cancel()
 
+    def drain() -> None:
+        if not stream.draining:
+            stream.draining = True
+            nursery.start_soon(down)
+
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(up)
-            nursery.start_soon(down)
+            stream.sink = sock
+            stream.on_backlog = drain
+            if stream._chunks:  # data that arrived before the relay started
+                drain()
+            elif stream.eof:
+                stream._sink_eof()
+            await up()
+            await stream.wait_down()
     finally:
         moved.down = stream.delivered
         stream.sink = None
+        stream.on_backlog = None
         stream.close()
-        if reset or stream.sink_failed:
+        if reset or stream.sink_failed or (stream.reset_code is not None and not stream.down_done):
             abort(sock)
         else:
             sock.close()
@@ -152,8 +169,8 @@ async def relay_tcp(a: socket.socket, b: socket.socket) -> Transferred:
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, a, b, True)
             nursery.start_soon(pump, b, a, False)
+            await pump(a, b, True)
     finally:
         for s in (a, b):
             if reset:

@@ -194,3 +194,49 @@ async def test_peer_going_away_wakes_every_stream(tunnel):
     server.tls.close()
     with trio.fail_after(2), pytest.raises(HboneError):
         await s.receive()
+
+
+async def test_relay_keeps_order_when_the_app_reads_slowly(tmp_path, nursery):
+    """Backpressure from the app: the drain task takes over and no byte is reordered."""
+    from agent.proxy.copy import relay_stream  # noqa: PLC0415
+
+    ca = InProcessCa(tmp_path)
+    certs = CertificateManager(ca.fetcher("node2"))
+    await nursery.start(certs.run)
+    server_cred, client_cred = await certs.get(CATALOG), await certs.get(FRONTEND)
+    app, app_peer = socket.socketpair()
+    app_peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    def relay_to_app(ev, io):
+        io.conn.respond(ev.stream_id, 200)
+        io.queue_output()
+        io.spawn(relay_stream, app, io.streams[ev.stream_id])
+
+    a, b = socket.socketpair()
+    server_tls = TlsSocket(a, server_cred.server_context, server_side=True)
+    client_tls = TlsSocket(b, client_cred.client_context, server_side=False)
+    async with trio.open_nursery() as n:
+        n.start_soon(server_tls.handshake)
+        n.start_soon(client_tls.handshake)
+    server = HboneIO(server_tls, HboneConnection(client=False), "c", relay_to_app)
+    client = HboneIO(client_tls, HboneConnection(client=True), "s")
+    await nursery.start(server.run)
+    await nursery.start(client.run)
+    stream = await client.open_stream("10.0.0.1:80", [])
+    payload = os.urandom(8 * 1024 * 1024)
+    got = bytearray()
+    app_peer.setblocking(False)
+
+    async def slow_app():
+        while len(got) < len(payload):
+            await trio.lowlevel.wait_readable(app_peer)
+            got.extend(app_peer.recv(3000))
+            if len(got) % 7 == 0:
+                await trio.sleep(0.001)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(slow_app)
+        for i in range(0, len(payload), 100_000):
+            await stream.send(payload[i : i + 100_000])
+    assert bytes(got) == payload
