@@ -150,8 +150,10 @@ class HboneConnection:
             h2.config.H2Configuration(
                 client_side=client,
                 header_encoding=None,
-                validate_inbound_headers=True,
+                validate_inbound_headers=True,  # what peers send is checked
                 normalize_inbound_headers=False,
+                validate_outbound_headers=False,  # what we send is built here, well formed
+                normalize_outbound_headers=False,
             )
         )
         self.h2.local_settings = h2.settings.Settings(

@@ -192,6 +192,9 @@ class CertificateManager:
 
     async def get(self, sid: SpiffeId, timeout: float = 5.0) -> Credential:
         """A valid credential, fetched on demand if needed; NoCertificate after `timeout`."""
+        cred = self.current(sid)
+        if cred is not None:  # the hot path: no cancel scope, no scheduling
+            return cred
         self._ensure(sid)
         with trio.move_on_after(timeout):
             while (cred := self.current(sid)) is None:

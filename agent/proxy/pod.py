@@ -14,6 +14,7 @@ nursery `run()` opens; cancelling it closes listeners, tunnels and relays.
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import socket
 import ssl
@@ -79,8 +80,12 @@ async def serve(listener: socket.socket, handler: Handler) -> None:
         listener.close()
 
 
+_trace_ids = random.Random(secrets.randbits(64))  # trace ids need uniqueness, not secrecy
+
+
 def traceparent() -> str:
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    """A new W3C trace context (a root span) for the tunnelled connection."""
+    return f"00-{_trace_ids.getrandbits(128):032x}-{_trace_ids.getrandbits(64):016x}-01"
 
 
 class PodProxy:
