@@ -175,6 +175,7 @@ async def serve(
     port: int,
     ssl_context: ssl.SSLContext | None = None,
     *,
+    max_body: int = MAX_BODY,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; `started()` reports the bound listeners (bind errors raise)."""
@@ -194,7 +195,7 @@ async def serve(
                 await stream.aclose()
                 return
             s = tls
-        await handle_connection(s, handler, peer)
+        await handle_connection(s, handler, peer, max_body)
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)

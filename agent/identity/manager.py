@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from agent.ca.signer import pem, verify_chain
 from agent.identity.csr import build_csr, new_key, spki
 from agent.identity.spiffe import IdentityError, SpiffeId, identity_of, uri_sans
-from agent.identity.tls import mesh_client_context, mesh_server_context
+from agent.identity.tls import mesh_context
 
 log = logging.getLogger("veil.identity")
 
@@ -85,11 +85,11 @@ class Credential:
 
     @cached_property
     def server_context(self) -> ssl.SSLContext:
-        return mesh_server_context(self.chain, self.key, self.bundle_pem)
+        return mesh_context(True, self.chain, self.key, self.bundle_pem)
 
     @cached_property
     def client_context(self) -> ssl.SSLContext:
-        return mesh_client_context(self.chain, self.key, self.bundle_pem)
+        return mesh_context(False, self.chain, self.key, self.bundle_pem)
 
     def metadata(self) -> dict[str, Any]:
         """What may be shown (admin, status): never the key."""

@@ -59,33 +59,19 @@ def load_identity(
         ctx.load_cert_chain(cert_file, key_file)
 
 
-def _base(server_side: bool) -> ssl.SSLContext:
+def mesh_context(
+    server_side: bool,
+    chain: Sequence[x509.Certificate],
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    bundle_pem: str,
+) -> ssl.SSLContext:
+    """TLS 1.3, ALPN h2, our identity, and the peer's chain verified against the mesh bundle
+    (a server requires a client certificate). Peer identities: `verify_peer()`."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_alpn_protocols(ALPN)
-    return ctx
-
-
-def mesh_server_context(
-    chain: Sequence[x509.Certificate],
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
-    bundle_pem: str,
-) -> ssl.SSLContext:
-    ctx = _base(server_side=True)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=bundle_pem)
-    load_identity(ctx, chain, key)
-    return ctx
-
-
-def mesh_client_context(
-    chain: Sequence[x509.Certificate],
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
-    bundle_pem: str,
-) -> ssl.SSLContext:
-    ctx = _base(server_side=False)
-    ctx.check_hostname = False  # identities are URI SANs: verify_peer() checks them
+    ctx.check_hostname = False  # identities are URI SANs, not host names
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=bundle_pem)
     load_identity(ctx, chain, key)

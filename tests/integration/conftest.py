@@ -93,6 +93,26 @@ def shop_lab() -> Iterator[str]:
         veil("lab", "down", "--name", name, check=False)
 
 
+MESH = str(Path(__file__).parent / "mesh")
+
+
+@pytest.fixture(scope="module")
+def mesh_lab() -> Iterator[str]:
+    """tests/integration/mesh: namespace `mesh` enrolled from the start, `plain` not."""
+    name = new_lab_name()
+    try:
+        veil("lab", "up", "-f", MESH, "--name", name)
+        yield name
+    finally:
+        veil("lab", "down", "--name", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def mesh_pods(mesh_lab: str) -> dict[str, dict[str, Any]]:
+    st = json.loads(veil("lab", "status", "--name", mesh_lab, "-o", "json").stdout)
+    return {p["name"]: p for p in st["pods"]}
+
+
 @pytest.fixture
 def lab_status(shop_lab: str) -> dict[str, Any]:
     status: dict[str, Any] = json.loads(

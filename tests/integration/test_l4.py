@@ -11,7 +11,6 @@ import json
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +19,17 @@ import pytest
 from agent.capture import iptables
 from agent.lab import controlplane, store
 from agent.lab.sniff import Sniffer
-from tests.integration.conftest import ca_post, lab_exec, new_lab_name, veil
-
-MESH = str(Path(__file__).parent / "mesh")
+from tests.integration.conftest import ca_post, lab_exec, veil
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[str]:
-    name = new_lab_name()
-    try:
-        veil("lab", "up", "-f", MESH, "--name", name)
-        yield name
-    finally:
-        veil("lab", "down", "--name", name, check=False)
+def lab(mesh_lab: str) -> str:
+    return mesh_lab
 
 
 @pytest.fixture(scope="module")
-def pods(lab: str) -> dict[str, dict[str, Any]]:
-    st = json.loads(veil("lab", "status", "--name", lab, "-o", "json").stdout)
-    return {p["name"]: p for p in st["pods"]}
+def pods(mesh_pods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return mesh_pods
 
 
 def curl(lab: str, pod: str, url: str, ns: str = "mesh", *extra: str) -> dict[str, Any]:

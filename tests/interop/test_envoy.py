@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +16,22 @@ import pytest
 from agent.identity.csr import build_csr, key_pem, new_key
 from agent.identity.spiffe import SpiffeId
 from agent.lab import controlplane
-from tests.integration.conftest import ca_post, lab_exec, new_lab_name, veil
+from tests.integration.conftest import ca_post, lab_exec, veil
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server
 
-MESH = str(Path(__file__).parents[1] / "integration" / "mesh")
 TD = "cluster.local"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a real lab)")
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[str]:
-    name = new_lab_name()
-    try:
-        veil("lab", "up", "-f", MESH, "--name", name)
-        yield name
-    finally:
-        veil("lab", "down", "--name", name, check=False)
+def lab(mesh_lab: str) -> str:
+    return mesh_lab
 
 
 @pytest.fixture(scope="module")
-def pods(lab: str) -> dict[str, dict[str, Any]]:
-    st = json.loads(veil("lab", "status", "--name", lab, "-o", "json").stdout)
-    return {p["name"]: p for p in st["pods"]}
+def pods(mesh_pods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return mesh_pods
 
 
 def mesh_cert(lab: str, node: str, identity: SpiffeId, where: Path) -> tuple[Path, Path, Path]:

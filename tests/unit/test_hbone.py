@@ -91,8 +91,8 @@ def on_request(ev, io):
     io.spawn(echo, io, req)
 
 
-@pytest.fixture
-async def tunnel(tmp_path, nursery):
+async def hbone_pair(tmp_path, nursery, handler):
+    """A client and a server HboneIO over real TLS 1.3 on a socketpair, both running."""
     ca = InProcessCa(tmp_path)
     certs = CertificateManager(ca.fetcher("node2"))
     await nursery.start(certs.run)
@@ -105,12 +105,17 @@ async def tunnel(tmp_path, nursery):
         n.start_soon(client_tls.handshake)
     assert verify_peer(client_tls.ssl, expected={CATALOG}) == CATALOG
     assert verify_peer(server_tls.ssl, trust_domain=TD) == FRONTEND
-    server = HboneIO(server_tls, HboneConnection(client=False), "client", on_request)
+    server = HboneIO(server_tls, HboneConnection(client=False), "client", handler)
     server.served_resets = 0  # type: ignore[attr-defined]
     client = HboneIO(client_tls, HboneConnection(client=True), "server")
     await nursery.start(server.run)
     await nursery.start(client.run)
     return client, server
+
+
+@pytest.fixture
+async def tunnel(tmp_path, nursery):
+    return await hbone_pair(tmp_path, nursery, on_request)
 
 
 async def test_bytes_survive_flow_control_both_ways(tunnel):
@@ -200,10 +205,6 @@ async def test_relay_keeps_order_when_the_app_reads_slowly(tmp_path, nursery):
     """Backpressure from the app: the drain task takes over and no byte is reordered."""
     from agent.proxy.copy import relay_stream  # noqa: PLC0415
 
-    ca = InProcessCa(tmp_path)
-    certs = CertificateManager(ca.fetcher("node2"))
-    await nursery.start(certs.run)
-    server_cred, client_cred = await certs.get(CATALOG), await certs.get(FRONTEND)
     app, app_peer = socket.socketpair()
     app_peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     app.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -213,16 +214,7 @@ async def test_relay_keeps_order_when_the_app_reads_slowly(tmp_path, nursery):
         io.queue_output()
         io.spawn(relay_stream, app, io.streams[ev.stream_id])
 
-    a, b = socket.socketpair()
-    server_tls = TlsSocket(a, server_cred.server_context, server_side=True)
-    client_tls = TlsSocket(b, client_cred.client_context, server_side=False)
-    async with trio.open_nursery() as n:
-        n.start_soon(server_tls.handshake)
-        n.start_soon(client_tls.handshake)
-    server = HboneIO(server_tls, HboneConnection(client=False), "c", relay_to_app)
-    client = HboneIO(client_tls, HboneConnection(client=True), "s")
-    await nursery.start(server.run)
-    await nursery.start(client.run)
+    client, _server = await hbone_pair(tmp_path, nursery, relay_to_app)
     stream = await client.open_stream("10.0.0.1:80", [])
     payload = os.urandom(8 * 1024 * 1024)
     got = bytearray()
