@@ -253,11 +253,16 @@ class HboneConnection:
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self.h2.reset_stream(stream_id, code)
 
-    def forget(self, stream_id: int) -> None:
-        """The stream is done: return its unacknowledged bytes to the connection window."""
+    def forget(self, stream_id: int, unconsumed: int = 0) -> None:
+        """The stream is done: give the connection window back everything it still holds.
+
+        That is what was consumed but not yet granted, and what was received but never
+        consumed (`unconsumed`: a stream reset or closed with data still buffered). Without
+        this, every abandoned stream would shrink a long-lived tunnel's window for good.
+        """
         self._send.pop(stream_id, None)
         self._recv.pop(stream_id, None)
-        left = self._unacked.pop(stream_id, 0)
+        left = self._unacked.pop(stream_id, 0) + unconsumed
         if left:
             self._grant_conn(left)
 

@@ -265,8 +265,13 @@ class Stream:
 
     def close(self) -> None:
         """Forget the stream (after both directions finished or a reset)."""
-        self.io.streams.pop(self.id, None)
-        self.io.conn.forget(self.id)
+        if self.io.streams.pop(self.id, None) is None:
+            return
+        unconsumed = self._unacked + sum(flow for _, flow in self._chunks)
+        self._chunks.clear()
+        self._unacked = 0
+        self.io.conn.forget(self.id, unconsumed)
+        self.io.queue_output()
         self.io.last_active = time.monotonic()
 
 

@@ -252,8 +252,9 @@ class PodProxy:
         if why is not None:
             log.info("HBONE from %s to %s: 400, %s", peer_id, self.workload.key, why)
             io.conn.respond(req.stream_id, 400, end_stream=True)
-            io.streams.pop(req.stream_id, None)
             io.queue_output()
+            if (stream := io.streams.get(req.stream_id)) is not None:
+                stream.close()
             io.flush_soon()
             return
         assert not isinstance(req, BadRequest)

@@ -232,3 +232,20 @@ async def test_relay_keeps_order_when_the_app_reads_slowly(tmp_path, nursery):
         for i in range(0, len(payload), 100_000):
             await stream.send(payload[i : i + 100_000])
     assert bytes(got) == payload
+
+
+async def test_abandoned_streams_give_the_connection_window_back(tunnel):
+    """Streams reset with unread data must not eat the 16 MiB connection window for good."""
+    client, _ = tunnel
+    for _ in range(8):  # 8 x 3 MiB unread > the 16 MiB connection window
+        s = await client.open_stream("10.244.2.11:9080", [])
+        await s.send(os.urandom(3 * 1024 * 1024))  # the echo sends it back; nobody reads it
+        with trio.fail_after(5):
+            while client.conn._recv.get(s.id, 0) > 4 * 1024 * 1024 - 3 * 1024 * 1024 + 1:
+                await trio.sleep(0.01)  # wait until the echo's bytes arrived
+        s.reset()
+        s.close()
+    s = await client.open_stream("10.244.2.11:9080", [])
+    await s.send(b"still flowing")
+    with trio.fail_after(5):
+        assert await s.receive() == b"still flowing"
