@@ -26,6 +26,7 @@ from agent.proxy.pod import ProxyContext
 from agent.state.sources.manifests import ManifestSource
 from agent.state.store import StateStore
 from agent.telemetry.admin import AdminService
+from agent.telemetry.metrics import TcpMetrics
 
 log = logging.getLogger("veil.agent")
 
@@ -44,7 +45,11 @@ class Agent:
         )
         self.certs = CertificateManager(ca.request, registry=self.registry)
         self.proxy_ctx = ProxyContext(
-            node=cfg.node, trust_domain=cfg.trust_domain, store=self.store, certs=self.certs
+            node=cfg.node,
+            trust_domain=cfg.trust_domain,
+            store=self.store,
+            certs=self.certs,
+            metrics=TcpMetrics(self.registry),
         )
         self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir)
         self.resumed = False

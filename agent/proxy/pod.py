@@ -33,10 +33,11 @@ from agent.hbone.pool import HbonePool
 from agent.identity.manager import CertificateManager, NoCertificate
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import PeerIdentityError, verify_peer
-from agent.proxy.copy import abort, relay_stream, relay_tcp
+from agent.proxy.copy import Transferred, abort, relay_stream, relay_tcp
 from agent.proxy.outbound import Kind, Route, route
 from agent.state.model import Workload
 from agent.state.store import StateStore
+from agent.telemetry.metrics import Connection, TcpMetrics
 
 log = logging.getLogger("veil.proxy")
 CERT_TIMEOUT = 5.0
@@ -53,6 +54,15 @@ class ProxyContext:
     certs: CertificateManager
     cert_timeout: float = CERT_TIMEOUT
     connect_timeout: float = CONNECT_TIMEOUT
+    metrics: TcpMetrics | None = None
+
+    def report(self, c: Connection, moved: Transferred | None = None) -> None:
+        """Count a connection that ended (or never started) and write its access log line."""
+        if moved is not None:
+            c.sent, c.received = moved.up, moved.down
+        if self.metrics is not None:
+            self.metrics.open(c)
+            self.metrics.close(c)
 
 
 Handler = Callable[[socket.socket], Awaitable[None]]
@@ -129,9 +139,24 @@ class PodProxy:
             abort(client)
             return
         r = route(self.ctx.store.current, self.workload, dst, self.ctx.trust_domain)
+        peer = client.getpeername()
+        c = Connection(
+            "source",
+            "hbone" if r.kind is Kind.HBONE else "passthrough",
+            f"{peer[0]}:{peer[1]}",
+            f"{r.address[0]}:{dst[1]}",
+            source=self.workload,
+            source_principal=str(self.identity),
+            destination=r.workload,
+            destination_principal=str(r.identity) if r.identity else "unknown",
+            service=r.service,
+            trust_domain=self.ctx.trust_domain,
+        )
         if r.kind is Kind.REJECT:
             log.info("outbound %s -> %s:%d refused: %s", self.workload.key, *dst, r.reason)
             abort(client)
+            c.response_flags, c.error = "UH", r.reason
+            self.ctx.report(c)
             return
         if r.kind is Kind.PASSTHROUGH:
             try:
@@ -139,10 +164,11 @@ class PodProxy:
             except (OSError, trio.TooSlowError) as e:
                 log.info("passthrough %s -> %s:%d failed: %s", self.workload.key, *r.address, e)
                 abort(client)
+                c.response_flags, c.error = "UF", str(e)
+                self.ctx.report(c)
                 return
-            await relay_tcp(client, upstream)
+            self.ctx.report(c, await relay_tcp(client, upstream))
             return
-        peer = client.getpeername()
         try:
             cred = await self.ctx.certs.get(self.identity, timeout=self.ctx.cert_timeout)
             stream = await self.pool.open_stream(
@@ -167,8 +193,10 @@ class PodProxy:
                 e,
             )
             abort(client)
+            c.response_flags, c.error = "UF", str(e)
+            self.ctx.report(c)
             return
-        await relay_stream(client, stream)
+        self.ctx.report(c, await relay_stream(client, stream))
 
     def _headers(self, peer: Any, r: Route) -> list[tuple[str, str]]:
         baggage = [
@@ -204,13 +232,29 @@ class PodProxy:
         assert self.ns is not None
         try:
             dst = original_dst(client)
-            source = client.getpeername()[0]
-            upstream = await connect(self.ns, dst, self.ctx.connect_timeout, source_ip=source)
+            peer = client.getpeername()
+        except OSError:
+            abort(client)
+            return
+        c = Connection(
+            "destination",
+            "plaintext",
+            f"{peer[0]}:{peer[1]}",
+            f"{dst[0]}:{dst[1]}",
+            source=self.ctx.store.current.workloads_by_ip.get(peer[0]),
+            destination=self.workload,
+            destination_principal=str(self.identity),
+            trust_domain=self.ctx.trust_domain,
+        )
+        try:
+            upstream = await connect(self.ns, dst, self.ctx.connect_timeout, source_ip=peer[0])
         except (OSError, trio.TooSlowError) as e:
             log.info("inbound plaintext to %s failed: %s", self.workload.key, e)
             abort(client)
+            c.response_flags, c.error = "UF", str(e)
+            self.ctx.report(c)
             return
-        await relay_tcp(client, upstream)
+        self.ctx.report(c, await relay_tcp(client, upstream))
 
     # -- 15008 -----------------------------------------------------------------------------
 
@@ -258,15 +302,26 @@ class PodProxy:
             io.flush_soon()
             return
         assert not isinstance(req, BadRequest)
-        io.spawn(self._serve_connect, req.stream_id, req.target, io, peer_ip)
+        io.spawn(self._serve_connect, req.stream_id, req.target, io, peer_ip, peer_id)
 
     async def _serve_connect(
-        self, stream_id: int, target: tuple[str, int], io: HboneIO, peer_ip: str
+        self, stream_id: int, target: tuple[str, int], io: HboneIO, peer_ip: str, peer_id: SpiffeId
     ) -> None:
         assert self.ns is not None
         stream = io.streams.get(stream_id)
         if stream is None:
             return
+        c = Connection(
+            "destination",
+            "hbone",
+            peer_ip,
+            f"{target[0]}:{target[1]}",
+            source=self.ctx.store.current.workloads_by_ip.get(peer_ip),
+            source_principal=str(peer_id),
+            destination=self.workload,
+            destination_principal=str(self.identity),
+            trust_domain=self.ctx.trust_domain,
+        )
         try:
             upstream = await connect(self.ns, target, self.ctx.connect_timeout, source_ip=peer_ip)
         except (OSError, trio.TooSlowError) as e:
@@ -274,9 +329,13 @@ class PodProxy:
             io.conn.respond(stream_id, 503, end_stream=True)
             stream.close()
             io.queue_output()
-            await io.flush()
+            c.response_flags, c.error = "UF", str(e)
+            self.ctx.report(c)
             return
         io.conn.respond(stream_id, 200)
         io.queue_output()
         await io.flush()
-        await relay_stream(upstream, stream)
+        moved = await relay_stream(upstream, stream)
+        # relay_stream counts from the app's side here: its `up` went back to the client.
+        c.sent, c.received = moved.down, moved.up
+        self.ctx.report(c)

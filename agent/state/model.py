@@ -36,6 +36,7 @@ class Workload:
     ready: bool = False
     uid: str = ""
     ports: Mapping[str, int] = field(default_factory=dict)  # named container ports
+    owner: str = ""  # the controller (Deployment) that made the pod, if any
 
     @property
     def key(self) -> str:
@@ -162,6 +163,14 @@ def workload_from(obj: Mapping[str, Any]) -> Workload:
         ready=ready,
         uid=md.get("uid", ""),
         ports=ports,
+        owner=next(
+            (
+                str(r.get("name", ""))
+                for r in md.get("ownerReferences") or []
+                if isinstance(r, dict)
+            ),
+            "",
+        ),
     )
 
 
