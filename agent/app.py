@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent import http
 from agent.cni import server as cni_server
@@ -50,6 +50,12 @@ class Agent:
             store=self.store,
             certs=self.certs,
             metrics=TcpMetrics(self.registry),
+            denied=Counter(
+                "veil_authz_denied",
+                "Connections denied by AuthorizationPolicy",
+                ["policy"],
+                registry=self.registry,
+            ),
         )
         self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir)
         self.resumed = False
@@ -110,7 +116,25 @@ class Agent:
             },
             "certificates": self.certs.snapshot(),
             "enrolled": [asdict(e) for _, e in sorted(self.enrollment.pods.items())],
+            "policies": {
+                "inForce": sorted(self.proxy_ctx.policies.policies),
+                "errors": self.proxy_ctx.policies.errors,
+            },
         }
+
+    def update_policies(self, objects: Any) -> None:
+        """Swap in the policies of a new snapshot; each new error is logged once."""
+        old = self.proxy_ctx.policies
+        new = old.update(objects)
+        for ref, err in sorted(new.errors.items()):
+            if old.errors.get(ref) != err:
+                fallback = (
+                    "it denies everything in its scope until fixed"
+                    if new.policies[ref].invalid
+                    else "its previous version stays in force"
+                )
+                log.error("%s (%s)", err, fallback)
+        self.proxy_ctx.policies = new
 
     async def follow_state(self) -> None:
         """Consumer of the snapshot: keep certificates for exactly the node's identities."""
@@ -121,6 +145,7 @@ class Agent:
             self.snapshot_version.set(version)
             self.snapshot_time.set(time.time())
             self.certs.set_identities(self.identities())
+            self.update_policies(state.others)
 
     async def run(self) -> None:
         cfg = self.cfg

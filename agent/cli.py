@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("-n", "--namespace", help="the pod's namespace")
     lb.add_argument("--name", help=name_help)
 
+    ap = labsub.add_parser("apply", help="add or replace policies, gateways, routes at runtime")
+    ap.add_argument("-f", "--filename", action="append", required=True)
+    ap.add_argument("--name", help=name_help)
+
+    de = labsub.add_parser("delete", help="remove a policy, gateway or route")
+    de.add_argument("kind", help="e.g. authorizationpolicy")
+    de.add_argument("object")
+    de.add_argument("-n", "--namespace")
+    de.add_argument("--name", help=name_help)
+
     ag_ctl = labsub.add_parser("agent", help="stop (SIGKILL) or start a node's agent")
     ag_ctl.add_argument("action", choices=["stop", "start", "restart"])
     ag_ctl.add_argument("node")
@@ -169,6 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.lab_command == "status":
             st = lab.status(name)
             print(json.dumps(st, indent=2) if args.output == "json" else lab.format_status(st))
+        elif args.lab_command == "apply":
+            for ref in lab.apply(name, args.filename):
+                print(f"{ref} applied")
+        elif args.lab_command == "delete":
+            print(f"{lab.delete(name, args.kind, args.object, args.namespace)} deleted")
         elif args.lab_command == "agent":
             from agent.lab import controlplane  # noqa: PLC0415
 

@@ -42,6 +42,11 @@ class SpiffeId:
     def __str__(self) -> str:
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
+    @property
+    def istio_principal(self) -> str:
+        """The form AuthorizationPolicy `principals` use: `<td>/ns/<ns>/sa/<sa>`."""
+        return f"{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
     @classmethod
     def parse(cls, uri: str) -> SpiffeId:
         if not uri.startswith("spiffe://"):

@@ -872,3 +872,51 @@ def label(
     doc["metadata"]["labels"] = labels
     store.write_object(store.state_dir(lab), doc)
     return labels
+
+
+LIFECYCLE_KINDS = ("Namespace", "ServiceAccount", "Pod", "Deployment", "Service")
+
+
+def apply(lab: str, paths: Sequence[str | Path]) -> list[str]:
+    """Add or replace stored objects (AuthorizationPolicy, Gateway, HTTPRoute, ...) at runtime.
+
+    Objects the lab runs itself (pods, services, ...) are set at `lab up`: changing them would
+    need their lifecycle, so they are refused here with a clear error.
+    """
+    if store.read_record(lab) is None:
+        raise LabError(f"lab {lab!r} is not up")
+    objects = load_paths(paths)
+    for o in objects:
+        if o.kind in LIFECYCLE_KINDS:
+            raise LabError(
+                f"{o.origin}: {o.ref}: the lab creates {o.kind}s at `lab up` only; "
+                "`apply` takes stored kinds such as AuthorizationPolicy"
+            )
+        if (
+            o.meta.namespace
+            and not store.object_path(
+                store.state_dir(lab), "Namespace", None, o.meta.namespace
+            ).exists()
+        ):
+            raise LabError(f"{o.origin}: {o.ref}: namespace {o.meta.namespace!r} does not exist")
+    done = []
+    for o in objects:
+        store.write_object(store.state_dir(lab), {**o.raw, "metadata": _meta(o)})
+        done.append(o.ref)
+    return done
+
+
+def delete(lab: str, kind: str, name: str, namespace: str | None) -> str:
+    kinds = {
+        "authorizationpolicy": "AuthorizationPolicy",
+        "gateway": "Gateway",
+        "httproute": "HTTPRoute",
+    }
+    real = kinds.get(kind.lower(), kind)
+    if real in LIFECYCLE_KINDS:
+        raise LabError(f"the lab removes {real}s with `lab down` only")
+    path = store.object_path(store.state_dir(lab), real, namespace or "default", name)
+    if not path.exists():
+        raise LabError(f"no {real} {namespace or 'default'}/{name} in lab {lab!r}")
+    path.unlink()
+    return f"{real} {namespace or 'default'}/{name}"

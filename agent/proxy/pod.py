@@ -19,12 +19,14 @@ import secrets
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import h2.events
 import trio
+from prometheus_client import Counter
 
+from agent.authz import Decision, Facts, PolicySet, decide
 from agent.capture.netns import NetNs, connect, listen, original_dst
 from agent.capture.rules import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
 from agent.hbone.conn import BadRequest, HboneConnection, check_request
@@ -55,6 +57,25 @@ class ProxyContext:
     cert_timeout: float = CERT_TIMEOUT
     connect_timeout: float = CONNECT_TIMEOUT
     metrics: TcpMetrics | None = None
+    policies: PolicySet = field(default_factory=PolicySet)
+    denied: Counter | None = None
+
+    def authorize(self, w: Workload, facts_: Facts) -> Decision:
+        """Decide with the policies in force now; every denial is logged and counted."""
+        d = decide(self.policies.policies.values(), facts_)
+        if not d.allowed:
+            log.info(
+                "denied %s -> %s:%d (%s): policy %s: %s",
+                facts_.principal or facts_.source_ip,
+                w.key,
+                facts_.destination_port,
+                facts_.source_ip,
+                d.policy or "-",
+                d.reason,
+            )
+            if self.denied is not None:
+                self.denied.labels(policy=d.policy or "none").inc()
+        return d
 
     def report(self, c: Connection, moved: Transferred | None = None) -> None:
         """Count a connection that ended (or never started) and write its access log line."""
@@ -236,6 +257,7 @@ class PodProxy:
         except OSError:
             abort(client)
             return
+        d = self.ctx.authorize(self.workload, self._facts(peer[0], dst[1], None))
         c = Connection(
             "destination",
             "plaintext",
@@ -246,6 +268,11 @@ class PodProxy:
             destination_principal=str(self.identity),
             trust_domain=self.ctx.trust_domain,
         )
+        if not d.allowed:
+            abort(client)  # plaintext has no status to carry a 401: the connection is reset
+            c.response_flags, c.error = "RBAC", f"denied by policy {d.policy or '-'}: {d.reason}"
+            self.ctx.report(c)
+            return
         try:
             upstream = await connect(self.ns, dst, self.ctx.connect_timeout, source_ip=peer[0])
         except (OSError, trio.TooSlowError) as e:
@@ -302,7 +329,42 @@ class PodProxy:
             io.flush_soon()
             return
         assert not isinstance(req, BadRequest)
+        d = self.ctx.authorize(
+            self.workload, self._facts(peer_ip, req.target[1], peer_id.istio_principal)
+        )
+        if not d.allowed:
+            io.conn.respond(req.stream_id, 401, end_stream=True)
+            io.queue_output()
+            if (stream := io.streams.get(req.stream_id)) is not None:
+                stream.close()
+            self.ctx.report(
+                Connection(
+                    "destination",
+                    "hbone",
+                    peer_ip,
+                    f"{self.ip}:{req.target[1]}",
+                    source=self.ctx.store.current.workloads_by_ip.get(peer_ip),
+                    source_principal=str(peer_id),
+                    destination=self.workload,
+                    destination_principal=str(self.identity),
+                    response_flags="RBAC",
+                    error=f"denied by policy {d.policy or '-'}: {d.reason}",
+                )
+            )
+            return
         io.spawn(self._serve_connect, req.stream_id, req.target, io, peer_ip, peer_id)
+
+    def _facts(self, source_ip: str, port: int, principal: str | None) -> Facts:
+        current = self.ctx.store.current.workload(self.workload.namespace, self.workload.name)
+        labels = (current or self.workload).labels  # labels may change while the pod runs
+        return Facts(
+            source_ip=source_ip,
+            destination_ip=self.ip,
+            destination_port=port,
+            principal=principal,
+            destination_labels=labels,
+            destination_namespace=self.workload.namespace,
+        )
 
     async def _serve_connect(
         self, stream_id: int, target: tuple[str, int], io: HboneIO, peer_ip: str, peer_id: SpiffeId

@@ -1,0 +1,425 @@
+"""L4 authorization: Istio's AuthorizationPolicy semantics, as a pure function of the facts.
+
+Policies use `security.veil.dev/v1` with Istio's spec schema, so existing policies port by
+changing `apiVersion`. Evaluation (Istio's order): a matching DENY denies; with no ALLOW policy
+for the workload the connection is allowed; a matching ALLOW allows; otherwise it is denied.
+AUDIT policies never change the decision (they are reported). The agent enforces the L4
+fields; L7 fields belong to waypoints, so an ALLOW rule with L7 fields never matches here and
+a DENY rule with L7 fields denies on its L4 part alone (both fail closed).
+
+Scope: no selector -> every workload of the policy's namespace; the root namespace
+(`veil-system`) without selector -> the whole mesh; `selector.matchLabels` -> matching
+workloads (in the root namespace: in every namespace). Policies with `targetRefs` attach to
+waypoints and are not the agent's.
+
+A policy that does not validate never fails open: while a previous valid version exists that
+one stays in force; a policy that never validated stands as "deny everything in its scope".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ROOT_NAMESPACE = "veil-system"
+API_VERSION = "security.veil.dev/v1"
+ACTIONS = ("ALLOW", "DENY", "AUDIT")
+
+SOURCE_L4 = {
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "ipBlocks",
+    "notIpBlocks",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+}
+SOURCE_L7 = {"requestPrincipals", "notRequestPrincipals"}
+OPERATION_L4 = {"ports", "notPorts"}
+OPERATION_L7 = {"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"}
+WHEN_L4 = {
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+    "remote.ip",
+}
+WHEN_L7_PREFIXES = ("request.", "experimental.")
+SPEC_FIELDS = {"selector", "targetRef", "targetRefs", "action", "rules", "provider"}
+
+
+class PolicyError(ValueError):
+    """A policy that does not validate: names the policy and the field."""
+
+    def __init__(self, policy: str, path: str, message: str) -> None:
+        super().__init__(f"AuthorizationPolicy {policy}: {path}: {message}")
+        self.policy, self.path, self.message = policy, path, message
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the agent knows about a connection when it decides."""
+
+    source_ip: str
+    destination_ip: str
+    destination_port: int
+    principal: str | None = None  # "cluster.local/ns/x/sa/y" (Istio's form), None for plaintext
+    destination_labels: Mapping[str, str] = field(default_factory=dict)
+    destination_namespace: str = ""
+
+    @property
+    def source_namespace(self) -> str | None:
+        if self.principal is None:
+            return None
+        parts = self.principal.split("/")
+        return parts[2] if len(parts) == 5 and parts[1] == "ns" else None
+
+
+@dataclass(frozen=True)
+class Condition:
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    sources: tuple[Mapping[str, tuple[str, ...]], ...] = ()  # empty: any source
+    operations: tuple[Mapping[str, tuple[str, ...]], ...] = ()  # empty: any operation
+    conditions: tuple[Condition, ...] = ()
+    has_l7: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    namespace: str
+    name: str
+    action: str
+    rules: tuple[Rule, ...]
+    selector: Mapping[str, str] | None = None
+    waypoint: bool = False  # targetRefs: for waypoints, not the agent
+    invalid: str = ""  # why the policy stands as deny-all (never validated)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def applies_to(self, facts: Facts) -> bool:
+        if self.waypoint:
+            return False
+        if self.namespace not in (ROOT_NAMESPACE, facts.destination_namespace):
+            return False
+        if self.selector is None:
+            return True
+        return all(facts.destination_labels.get(k) == v for k, v in self.selector.items())
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    policy: str  # the policy that decided ("" when none did)
+    reason: str
+    audited: tuple[str, ...] = ()
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+def _strings(ref: str, path: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PolicyError(ref, path, "expected a list of strings")
+    return tuple(value)
+
+
+def _check_cidrs(ref: str, path: str, values: Sequence[str]) -> None:
+    for v in values:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise PolicyError(ref, path, f"{v!r} is not an IP address or CIDR") from None
+
+
+def _check_ports(ref: str, path: str, values: Sequence[str]) -> None:
+    for v in values:
+        if not v.isdigit() or not 0 < int(v) < 65536:
+            raise PolicyError(ref, path, f"{v!r} is not a port number")
+
+
+def _fields(  # noqa: PLR0917 - the field sets of one schema section
+    ref: str, path: str, doc: Any, l4: set[str], l7: set[str], cidr: set[str], ports: set[str]
+) -> tuple[dict[str, tuple[str, ...]], bool]:
+    if not isinstance(doc, dict):
+        raise PolicyError(ref, path, "expected a mapping")
+    out: dict[str, tuple[str, ...]] = {}
+    has_l7 = False
+    for key, value in doc.items():
+        if key not in l4 | l7:
+            raise PolicyError(ref, f"{path}.{key}", "unknown field")
+        values = _strings(ref, f"{path}.{key}", value)
+        if key in cidr:
+            _check_cidrs(ref, f"{path}.{key}", values)
+        if key in ports:
+            _check_ports(ref, f"{path}.{key}", values)
+        if key in l7:
+            has_l7 = True
+            continue
+        out[key] = values
+    return out, has_l7
+
+
+def parse_policy(obj: Mapping[str, Any]) -> Policy:
+    md = obj.get("metadata") or {}
+    ref = f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
+    if obj.get("apiVersion") != API_VERSION:
+        raise PolicyError(ref, "apiVersion", f"expected {API_VERSION!r}")
+    spec = obj.get("spec")
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise PolicyError(ref, "spec", "expected a mapping")
+    for key in spec:
+        if key not in SPEC_FIELDS:
+            raise PolicyError(ref, f"spec.{key}", "unknown field")
+    action = spec.get("action", "ALLOW")
+    if action not in ACTIONS:
+        raise PolicyError(
+            ref,
+            "spec.action",
+            f"{action!r} is not one of {', '.join(ACTIONS)} (CUSTOM is not supported)",
+        )
+    selector = None
+    if "selector" in spec:
+        sel = spec["selector"]
+        labels = sel.get("matchLabels") if isinstance(sel, dict) else None
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise PolicyError(ref, "spec.selector.matchLabels", "expected a map of strings")
+        selector = dict(labels)
+    waypoint = "targetRefs" in spec or "targetRef" in spec
+    raw_rules = spec.get("rules")
+    if raw_rules is None:
+        raw_rules = []
+    if not isinstance(raw_rules, list):
+        raise PolicyError(ref, "spec.rules", "expected a list")
+    rules = []
+    for i, r in enumerate(raw_rules):
+        rp = f"spec.rules[{i}]"
+        if not isinstance(r, dict):
+            raise PolicyError(ref, rp, "expected a mapping")
+        for key in r:
+            if key not in ("from", "to", "when"):
+                raise PolicyError(ref, f"{rp}.{key}", "unknown field")
+        has_l7 = False
+        sources = []
+        for j, f in enumerate(r.get("from") or []):
+            if not isinstance(f, dict) or set(f) - {"source"}:
+                raise PolicyError(ref, f"{rp}.from[{j}]", "expected {source: {...}}")
+            src, l7 = _fields(
+                ref,
+                f"{rp}.from[{j}].source",
+                f.get("source") or {},
+                SOURCE_L4,
+                SOURCE_L7,
+                {"ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"},
+                set(),
+            )
+            sources.append(src)
+            has_l7 |= l7
+        operations = []
+        for j, t in enumerate(r.get("to") or []):
+            if not isinstance(t, dict) or set(t) - {"operation"}:
+                raise PolicyError(ref, f"{rp}.to[{j}]", "expected {operation: {...}}")
+            op, l7 = _fields(
+                ref,
+                f"{rp}.to[{j}].operation",
+                t.get("operation") or {},
+                OPERATION_L4,
+                OPERATION_L7,
+                set(),
+                {"ports", "notPorts"},
+            )
+            operations.append(op)
+            has_l7 |= l7
+        conditions = []
+        for j, w in enumerate(r.get("when") or []):
+            wp = f"{rp}.when[{j}]"
+            if not isinstance(w, dict) or not isinstance(w.get("key"), str):
+                raise PolicyError(ref, wp, "expected {key: ..., values: [...]}")
+            for key in w:
+                if key not in ("key", "values", "notValues"):
+                    raise PolicyError(ref, f"{wp}.{key}", "unknown field")
+            key = w["key"]
+            values = _strings(ref, f"{wp}.values", w.get("values") or [])
+            not_values = _strings(ref, f"{wp}.notValues", w.get("notValues") or [])
+            if key.startswith(WHEN_L7_PREFIXES):
+                has_l7 = True
+                continue
+            if key not in WHEN_L4:
+                raise PolicyError(ref, f"{wp}.key", f"unknown condition key {key!r}")
+            if key in ("source.ip", "destination.ip", "remote.ip"):
+                _check_cidrs(ref, f"{wp}.values", (*values, *not_values))
+            if key == "destination.port":
+                _check_ports(ref, f"{wp}.values", (*values, *not_values))
+            conditions.append(Condition(key, values, not_values))
+        rules.append(Rule(tuple(sources), tuple(operations), tuple(conditions), has_l7))
+    return Policy(
+        namespace=md.get("namespace", "default"),
+        name=str(md.get("name", "?")),
+        action=action,
+        rules=tuple(rules),
+        selector=selector,
+        waypoint=waypoint,
+    )
+
+
+@dataclass
+class PolicySet:
+    """The policies in force, and the errors of those that did not validate.
+
+    Keeps the last valid version of each policy across updates (`update()`), so a bad edit
+    never removes a policy that was in force.
+    """
+
+    policies: dict[str, Policy] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def update(self, objects: Iterable[Mapping[str, Any]]) -> PolicySet:
+        policies: dict[str, Policy] = {}
+        errors: dict[str, str] = {}
+        for obj in objects:
+            if obj.get("kind") != "AuthorizationPolicy":
+                continue
+            md = obj.get("metadata") or {}
+            ref = f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
+            try:
+                policies[ref] = parse_policy(obj)
+            except PolicyError as e:
+                errors[ref] = str(e)
+                previous = self.policies.get(ref)
+                if previous is not None and not previous.invalid:
+                    policies[ref] = previous  # the last valid version stays in force
+                else:  # never valid: deny everything in its scope rather than fail open
+                    policies[ref] = Policy(
+                        namespace=md.get("namespace", "default"),
+                        name=str(md.get("name", "?")),
+                        action="DENY",
+                        rules=(Rule(),),
+                        selector=_selector(obj),
+                        invalid=str(e),
+                    )
+        return PolicySet(policies, errors)
+
+
+def _selector(obj: Mapping[str, Any]) -> Mapping[str, str] | None:
+    sel = (obj.get("spec") or {}).get("selector") if isinstance(obj.get("spec"), dict) else None
+    labels = sel.get("matchLabels") if isinstance(sel, dict) else None
+    if isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values()):
+        return dict(labels)
+    return None  # an unreadable selector: the whole namespace, to be safe
+
+
+# -- matching --------------------------------------------------------------------------------
+
+
+def _glob(pattern: str, value: str) -> bool:
+    """Istio's string match: exact, `*`, `prefix*` or `*suffix`."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    return value == pattern
+
+
+def _in_cidrs(ip: str, cidrs: Sequence[str]) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return any(addr in ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _strings_match(values: Sequence[str], value: str | None) -> bool:
+    return value is not None and any(_glob(v, value) for v in values)
+
+
+def _source_matches(src: Mapping[str, tuple[str, ...]], f: Facts) -> bool:
+    for key, values in src.items():
+        ok = True
+        if key == "principals":
+            ok = _strings_match(values, f.principal)
+        elif key == "notPrincipals":
+            ok = not _strings_match(values, f.principal)
+        elif key == "namespaces":
+            ok = _strings_match(values, f.source_namespace)
+        elif key == "notNamespaces":
+            ok = not _strings_match(values, f.source_namespace)
+        elif key in ("ipBlocks", "remoteIpBlocks"):
+            ok = _in_cidrs(f.source_ip, values)
+        elif key in ("notIpBlocks", "notRemoteIpBlocks"):
+            ok = not _in_cidrs(f.source_ip, values)
+        if not ok:
+            return False
+    return True
+
+
+def _operation_matches(op: Mapping[str, tuple[str, ...]], f: Facts) -> bool:
+    port = str(f.destination_port)
+    if "ports" in op and port not in op["ports"]:
+        return False
+    return not ("notPorts" in op and port in op["notPorts"])
+
+
+def _condition_matches(c: Condition, f: Facts) -> bool:
+    if c.key in ("source.ip", "remote.ip", "destination.ip"):
+        ip = f.destination_ip if c.key == "destination.ip" else f.source_ip
+        return (not c.values or _in_cidrs(ip, c.values)) and not (
+            c.not_values and _in_cidrs(ip, c.not_values)
+        )
+    value = {
+        "source.namespace": f.source_namespace,
+        "source.principal": f.principal,
+        "destination.port": str(f.destination_port),
+    }[c.key]
+    return (not c.values or _strings_match(c.values, value)) and not (
+        c.not_values and _strings_match(c.not_values, value)
+    )
+
+
+def rule_matches(rule: Rule, f: Facts, action: str) -> bool:
+    if rule.has_l7 and action == "ALLOW":
+        return False  # L7 fields are a waypoint's: the agent cannot prove them, so no match
+    return (
+        (not rule.sources or any(_source_matches(s, f) for s in rule.sources))
+        and (not rule.operations or any(_operation_matches(o, f) for o in rule.operations))
+        and all(_condition_matches(c, f) for c in rule.conditions)
+    )
+
+
+def decide(policies: Iterable[Policy], f: Facts) -> Decision:
+    """Istio's evaluation order, for one connection to one workload."""
+    applicable = sorted((p for p in policies if p.applies_to(f)), key=lambda p: p.ref)
+    audited = tuple(
+        p.ref
+        for p in applicable
+        if p.action == "AUDIT" and any(rule_matches(r, f, "AUDIT") for r in p.rules)
+    )
+    for p in applicable:
+        if p.action == "DENY" and any(rule_matches(r, f, "DENY") for r in p.rules):
+            why = p.invalid or "a DENY rule matches"
+            return Decision(False, p.ref, why, audited)
+    allows = [p for p in applicable if p.action == "ALLOW"]
+    if not allows:
+        return Decision(True, "", "no ALLOW policy applies to the workload", audited)
+    for p in allows:
+        if any(rule_matches(r, f, "ALLOW") for r in p.rules):
+            return Decision(True, p.ref, "an ALLOW rule matches", audited)
+    return Decision(
+        False,
+        allows[0].ref if len(allows) == 1 else "",
+        f"no rule of the ALLOW policies ({', '.join(p.ref for p in allows)}) matches",
+        audited,
+    )
