@@ -70,6 +70,30 @@ class Agent:
             registry=self.registry,
         )
         self.admin = AdminService(self.config_dump, self.not_ready, self.registry)
+        Gauge(
+            "veil_agent_enrolled_pods", "Pods this agent captures", registry=self.registry
+        ).set_function(lambda: len(self.enrollment.pods))
+        Gauge(
+            "veil_agent_outbound_tunnels",
+            "Open HBONE connections from this node's pods",
+            registry=self.registry,
+        ).set_function(lambda: self.enrollment.tunnels()[0])
+        Gauge(
+            "veil_agent_inbound_tunnels",
+            "Open HBONE connections to this node's pods",
+            registry=self.registry,
+        ).set_function(lambda: self.enrollment.tunnels()[1])
+        Gauge(
+            "veil_agent_capture_errors",
+            "Capture installs or removals that failed",
+            registry=self.registry,
+        ).set_function(lambda: self.enrollment.capture_errors)
+        Gauge(
+            "veil_agent_snapshot_age_seconds",
+            "Seconds since the snapshot in use was taken",
+            registry=self.registry,
+        ).set_function(lambda: time.time() - self._snapshot_at)
+        self._snapshot_at = time.time()
 
     def identities(self) -> frozenset[Any]:
         return self.store.current.identities_on_node(self.cfg.node, self.cfg.trust_domain)
@@ -116,6 +140,7 @@ class Agent:
             },
             "certificates": self.certs.snapshot(),
             "enrolled": [asdict(e) for _, e in sorted(self.enrollment.pods.items())],
+            "tunnels": dict(zip(("outbound", "inbound"), self.enrollment.tunnels(), strict=True)),
             "policies": {
                 "inForce": sorted(self.proxy_ctx.policies.policies),
                 "errors": self.proxy_ctx.policies.errors,
@@ -144,6 +169,7 @@ class Agent:
             version = state.version
             self.snapshot_version.set(version)
             self.snapshot_time.set(time.time())
+            self._snapshot_at = time.time()
             self.certs.set_identities(self.identities())
             self.update_policies(state.others)
 

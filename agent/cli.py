@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--name", help=name_help)
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- command [args...]")
 
+    st_cmd = sub.add_parser("status", help="per node: agent, enrolled pods, tunnels, identities")
+    st_cmd.add_argument("--name", help="lab name (default: $VEIL_LAB or 'lab')")
+    st_cmd.add_argument("-o", "--output", choices=["text", "json"], default="text")
+
+    authz = sub.add_parser("authz", help="authorization policy tools")
+    authz_sub = authz.add_subparsers(dest="authz_command", required=True)
+    check = authz_sub.add_parser("check", help="what the live policies decide, and why")
+    check.add_argument("--from", dest="source", required=True, help="source pod")
+    check.add_argument("-n", "--namespace", default="default", help="the source pod's namespace")
+    check.add_argument(
+        "--to", dest="target", required=True, help="<service[.ns]|pod[.ns]|ip>:<port>"
+    )
+    check.add_argument("--name", help="lab name (default: $VEIL_LAB or 'lab')")
+
     ca = sub.add_parser("ca", help="run the mesh certificate authority")
     ca.add_argument(
         "--state-dir",
@@ -159,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         echo.main(args.port, args.host)
         return 0
+    if args.command in ("status", "authz"):
+        return run_ops(args)
     from agent.lab import lab  # noqa: PLC0415 - import cost only for the lab commands
     from agent.lab.cgroups import CgroupError  # noqa: PLC0415
     from agent.lab.cni import CniError  # noqa: PLC0415
@@ -214,6 +230,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def run_ops(args: argparse.Namespace) -> int:
+    from agent import ops  # noqa: PLC0415
+
+    name = _lab_name(args.name)
+    try:
+        if args.command == "status":
+            nodes = ops.status(name)
+            print(
+                json.dumps(nodes, indent=2) if args.output == "json" else ops.format_status(nodes)
+            )
+            return 0 if all(n["agent"] == "ready" for n in nodes) else 1
+        what, verdicts = ops.authz_check(name, args.source, args.namespace, args.target)
+        print(ops.format_check(f"{args.namespace}/{args.source}", what, verdicts))
+        return 0 if verdicts and all(v.decision.allowed for v in verdicts) else 3
+    except LabError as e:
+        print(f"veil: {e}", file=sys.stderr)
+        return 1
 
 
 def run_daemon(args: argparse.Namespace) -> int:

@@ -64,6 +64,7 @@ class Enrollment:
         self._lock = trio.Lock()  # one enrollment change at a time
         self._nursery: trio.Nursery | None = None
         self.capture_errors = 0
+        self.proxies: dict[str, PodProxy] = {}
 
     # -- registry --------------------------------------------------------------------------
 
@@ -81,6 +82,11 @@ class Enrollment:
             log.error("pod registry %s is unreadable (%s); starting empty", self.registry_file, e)
             return {}
         return {k: Enrolled(**v) for k, v in doc.items()}
+
+    def tunnels(self) -> tuple[int, int]:
+        """Open HBONE connections: (outbound, pooled by our pods; inbound, to our pods)."""
+        out = sum(len(p.pool.connections()) for p in self.proxies.values() if p.pool)
+        return out, sum(p.inbound_tunnels for p in self.proxies.values())
 
     # -- enroll / release --------------------------------------------------------------------
 
@@ -108,6 +114,7 @@ class Enrollment:
             raise EnrollError(str(e)) from None
         self.pods[key] = Enrolled(w.namespace, w.name, w.uid, netns, ip)
         self._scopes[key] = scope
+        self.proxies[key] = proxy
         self._save()
         log.info("enrolled %s (%s, netns %s)", key, ip, netns)
 
@@ -121,6 +128,7 @@ class Enrollment:
             except iptables.CaptureError as e:
                 self.capture_errors += 1
                 log.error("releasing %s: %s", key, e)
+        self.proxies.pop(key, None)
         scope = self._scopes.pop(key, None)
         if scope is not None:
             scope.cancel()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.lab import controlplane
+from agent.lab import controlplane, store
 from agent.lab import lab as labmod
 from agent.lab.errors import LabError
 from agent.lab.sniff import Sniffer
@@ -122,6 +122,83 @@ def enrolled(st: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
+def attempt(lab: str, c: Call) -> str:
+    answer, err = curl(lab, c)
+    return f"answered by {answer['pod']}" if answer else f"REFUSED ({err.splitlines()[-1][:60]})"
+
+
+def policy_demo(lab: str, st: dict[str, Any]) -> int:
+    """Apply a DENY and an ALLOW policy; show refused and allowed calls and what they left."""
+    policies = Path(__file__).resolve().parents[2] / "examples" / "shop-policies"
+    cart_node = next(p["node"] for p in st["pods"] if p["name"].startswith("cart-"))
+    legacy = Call("legacy", "backoffice", "http://cart.shop:7070/")
+    client = Call("client", "shop", "http://cart.shop:7070/")
+    frontend = Call("frontend-0", "shop", "http://cart.shop:7070/")
+    unexpected = 0
+
+    def show(label: str, c: Call, allowed: bool) -> None:
+        nonlocal unexpected
+        result = attempt(lab, c)
+        if result.startswith("answered") != allowed:
+            unexpected += 1
+        print(f"  {label:<46} {result}")
+
+    print("\n== 4. L4 authorization (AuthorizationPolicy, security.veil.dev/v1)")
+    print("  veil lab apply -f examples/shop-policies/require-mtls.yaml    (DENY plaintext)")
+    labmod.apply(lab, [policies / "require-mtls.yaml"])
+    time.sleep(1)
+    show("backoffice/legacy (no mesh identity) -> cart", legacy, False)
+    show("shop/client (mTLS) -> cart", client, True)
+    print("  veil lab apply -f examples/shop-policies/cart-from-frontend.yaml (ALLOW frontend)")
+    labmod.apply(lab, [policies / "cart-from-frontend.yaml"])
+    time.sleep(1)
+    show("shop/client -> cart", client, False)
+    show("shop/frontend-0 -> cart", frontend, True)
+    check = subprocess.run(
+        [
+            VEIL,
+            "authz",
+            "check",
+            "--name",
+            lab,
+            "--from",
+            "client",
+            "-n",
+            "shop",
+            "--to",
+            "cart:7070",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    print("\n  veil authz check --from client -n shop --to cart:7070")
+    print("    " + check.stdout.strip().replace("\n", "\n    "))
+    node_ns = f"veil-{lab}-{cart_node}"
+    _, metrics = controlplane.agent_get(node_ns, "/metrics", 15020)
+    print(f"\n  metrics on {cart_node} (the cart's node), :15020/metrics:")
+    for line in metrics.splitlines():
+        if line.startswith("veil_authz_denied_total") or (
+            line.startswith("istio_tcp_connections_closed_total")
+            and 'destination_workload="cart"' in line
+            and 'reporter="destination"' in line
+        ):
+            print(f"    {line}")
+    log = (store.lab_dir(lab) / "logs" / f"agent-{cart_node}.log").read_text().splitlines()
+    print(f"\n  access log on {cart_node} (last lines for the cart):")
+    for line in [
+        x
+        for x in log
+        if "veil.access" in x and '"dst_workload": "cart"' in x and '"reporter": "destination"' in x
+    ][-4:]:
+        entry = json.loads(line.split("veil.access: ", 1)[1])
+        print(
+            f"    {entry['src_workload']:<10} -> cart  {entry['path']:<9} flags "
+            f"{entry['response_flags']:<5} {entry['error'] or 'ok'}"[:140]
+        )
+    return unexpected
+
+
 def print_identities(st: dict[str, Any]) -> None:
     """What the CA issued: each node's agent and the certificates it holds (never keys)."""
     print("\n== identities: certificates from `veil ca`, held by each node's agent")
@@ -204,10 +281,11 @@ def run(paths: Sequence[str], lab: str, nodes: int, keep: bool) -> int:
         print("\n== load spread in the mesh: 20 requests to the catalog VIP (v1 and v2)")
         for pod, n in sorted(spread.items()):
             print(f"  {pod:<28} {n:>3} {'#' * n}")
+        failures += policy_demo(lab, st)
         print_identities(st)
         print(
-            f"\n== summary: {2 * len(calls) + 20} requests, {failures} failed; namespace shop "
-            "is in the mesh, backoffice is not (its calls pass through or arrive on 15006)"
+            f"\n== summary: {failures} unexpected results; namespace shop is in the mesh, "
+            "backoffice is not (its calls pass through or arrive on 15006)"
         )
         if keep:
             print(

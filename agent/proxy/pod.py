@@ -37,7 +37,7 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import PeerIdentityError, verify_peer
 from agent.proxy.copy import Transferred, abort, relay_stream, relay_tcp
 from agent.proxy.outbound import Kind, Route, route
-from agent.state.model import Workload
+from agent.state.model import Service, Workload
 from agent.state.store import StateStore
 from agent.telemetry.metrics import Connection, TcpMetrics
 
@@ -125,6 +125,7 @@ class PodProxy:
         self.identity = workload.identity(ctx.trust_domain)
         self.ns: NetNs | None = None
         self.pool: HbonePool | None = None
+        self.inbound_tunnels = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ns = self.ns = NetNs(self.netns_path)
@@ -214,7 +215,8 @@ class PodProxy:
                 e,
             )
             abort(client)
-            c.response_flags, c.error = "UF", str(e)
+            denied = isinstance(e, HboneError) and e.status == 401
+            c.response_flags, c.error = ("RBAC" if denied else "UF"), str(e)
             self.ctx.report(c)
             return
         self.ctx.report(c, await relay_stream(client, stream))
@@ -305,7 +307,11 @@ class PodProxy:
             return
         io = HboneIO(tls, HboneConnection(client=False), f"{peer_ip} ({peer_id})")
         io.on_request = lambda ev, conn: self._on_request(ev, conn, peer_ip, peer_id)
-        await io.run()
+        self.inbound_tunnels += 1
+        try:
+            await io.run()
+        finally:
+            self.inbound_tunnels -= 1
 
     def _on_request(
         self, ev: h2.events.RequestReceived, io: HboneIO, peer_ip: str, peer_id: SpiffeId
@@ -352,7 +358,25 @@ class PodProxy:
                 )
             )
             return
-        io.spawn(self._serve_connect, req.stream_id, req.target, io, peer_ip, peer_id)
+        io.spawn(
+            self._serve_connect,
+            req.stream_id,
+            req.target,
+            io,
+            peer_ip,
+            peer_id,
+            self._service_from(req.headers.get("baggage", "")),
+        )
+
+    def _service_from(self, baggage: str) -> Service | None:
+        """The service the client addressed, from its `baggage` (`service.name=...`)."""
+        for item in baggage.split(","):
+            key, _, value = item.strip().partition("=")
+            if key == "service.name":
+                for s in self.ctx.store.current.services:
+                    if s.name == value and s.namespace == self.workload.namespace:
+                        return s
+        return None
 
     def _facts(self, source_ip: str, port: int, principal: str | None) -> Facts:
         current = self.ctx.store.current.workload(self.workload.namespace, self.workload.name)
@@ -366,8 +390,14 @@ class PodProxy:
             destination_namespace=self.workload.namespace,
         )
 
-    async def _serve_connect(
-        self, stream_id: int, target: tuple[str, int], io: HboneIO, peer_ip: str, peer_id: SpiffeId
+    async def _serve_connect(  # noqa: PLR0917 - spawned by trio, which passes positionals
+        self,
+        stream_id: int,
+        target: tuple[str, int],
+        io: HboneIO,
+        peer_ip: str,
+        peer_id: SpiffeId,
+        service: Service | None = None,
     ) -> None:
         assert self.ns is not None
         stream = io.streams.get(stream_id)
@@ -382,6 +412,7 @@ class PodProxy:
             source_principal=str(peer_id),
             destination=self.workload,
             destination_principal=str(self.identity),
+            service=service,
             trust_domain=self.ctx.trust_domain,
         )
         try:

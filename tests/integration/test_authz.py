@@ -97,3 +97,91 @@ def test_apply_refuses_what_the_lab_runs(lab, tmp_path):
     )
     out = veil("lab", "apply", "--name", lab, "-f", str(tmp_path / "pod.yaml"), check=False)
     assert out.returncode == 1 and "at `lab up` only" in out.stderr
+
+
+def test_grafana_dashboard_uses_only_exported_metrics(lab):
+    """Every metric the dashboard queries is one the agent or the CA really exports."""
+    import re  # noqa: PLC0415
+
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    from agent.lab import netns  # noqa: PLC0415
+
+    dash = json.loads(
+        (Path(__file__).parents[2] / "deploy" / "grafana" / "veil-dashboard.json").read_text()
+    )
+    wanted = {
+        name
+        for p in dash["panels"]
+        for t in p["targets"]
+        for name in re.findall(r"\b((?:istio|veil)_[a-z0-9_]+)", t["expr"])
+    }
+    _, agent_text = controlplane.agent_get(f"veil-{lab}-node2", "/metrics", 15020)
+    ca_text = netns.run(
+        netns.nsenter_argv(
+            f"veil-{lab}-node1",
+            ["curl", "-s", f"http://{controlplane.CA_IP}:{controlplane.CA_METRICS_PORT}/metrics"],
+        )
+    ).stdout
+    families = [f for text in (agent_text, ca_text) for f in text_string_to_metric_families(text)]
+    # A labelled counter with no child yet is declared (# TYPE) before it has samples.
+    exported = {s.name for f in families for s in f.samples} | {
+        f.name + ("_total" if f.type == "counter" else "") for f in families
+    }
+    assert wanted, "the dashboard queries nothing"
+    assert wanted <= exported, sorted(wanted - exported)
+
+
+def test_authz_check_agrees_with_the_data_plane(lab, pods, tmp_path):
+    b = f"{pods['server-b']['ip']}:8080"
+    apply(
+        lab,
+        tmp_path,
+        POLICY.format(
+            spec="""  selector: {matchLabels: {app: server}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]"""
+        ),
+    )
+    try:
+        ok = veil("authz", "check", "--name", lab, "--from", "client", "-n", "mesh", "--to", b)
+        assert "ALLOW by policy mesh/server-policy" in ok.stdout
+        assert code(lab, "client", f"http://{b}/", "mesh") == 0
+        no = veil(
+            "authz",
+            "check",
+            "--name",
+            lab,
+            "--from",
+            "legacy",
+            "-n",
+            "plain",
+            "--to",
+            "server.mesh:80",
+            check=False,
+        )
+        assert no.returncode == 3
+        assert no.stdout.count("DENY") == 2  # both endpoints of the service, plaintext
+        assert "plaintext, no identity" in no.stdout
+        assert code(lab, "legacy", "http://server.mesh/", "plain") != 0
+        opt = veil(
+            "authz",
+            "check",
+            "--name",
+            lab,
+            "--from",
+            "client",
+            "-n",
+            "mesh",
+            "--to",
+            f"{pods['optout']['ip']}:8080",
+        )
+        assert "not in the mesh" in opt.stdout
+    finally:
+        veil("lab", "delete", "--name", lab, "authorizationpolicy", "server-policy", "-n", "mesh")
+
+
+def test_status_shows_every_node(lab):
+    out = veil("status", "--name", lab)
+    assert "node1: agent ready; 2 pods enrolled" in out.stdout
+    assert "node2: agent ready; 1 pods enrolled" in out.stdout
+    assert "identity   spiffe://cluster.local/ns/mesh/sa/client" in out.stdout
