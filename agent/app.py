@@ -144,6 +144,9 @@ class Agent:
             "policies": {
                 "inForce": sorted(self.proxy_ctx.policies.policies),
                 "errors": self.proxy_ctx.policies.errors,
+                "l7OnlyAtWaypoints": sorted(
+                    r for r, p in self.proxy_ctx.policies.policies.items() if p.has_l7
+                ),
             },
         }
 
@@ -159,6 +162,16 @@ class Agent:
                     else "its previous version stays in force"
                 )
                 log.error("%s (%s)", err, fallback)
+        for ref, p in sorted(new.policies.items()):
+            if p.has_l7 and (ref not in old.policies or old.policies[ref] != p):
+                log.warning(
+                    "AuthorizationPolicy %s has L7 fields: waypoints enforce them; "
+                    "this agent enforces its L4 part (%s)",
+                    ref,
+                    "its ALLOW rules with L7 fields never match here"
+                    if p.action == "ALLOW"
+                    else "its DENY rules deny on L4 alone",
+                )
         self.proxy_ctx.policies = new
 
     async def follow_state(self) -> None:

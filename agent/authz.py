@@ -108,6 +108,10 @@ class Policy:
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def has_l7(self) -> bool:
+        return any(r.has_l7 for r in self.rules)
+
     def applies_to(self, facts: Facts) -> bool:
         if self.waypoint:
             return False

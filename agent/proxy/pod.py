@@ -272,7 +272,8 @@ class PodProxy:
         )
         if not d.allowed:
             abort(client)  # plaintext has no status to carry a 401: the connection is reset
-            c.response_flags, c.error = "RBAC", f"denied by policy {d.policy or '-'}: {d.reason}"
+            c.response_flags, c.policy = "RBAC", d.policy
+            c.error = f"denied by policy {d.policy or '-'}: {d.reason}"
             self.ctx.report(c)
             return
         try:
@@ -354,6 +355,7 @@ class PodProxy:
                     destination=self.workload,
                     destination_principal=str(self.identity),
                     response_flags="RBAC",
+                    policy=d.policy,
                     error=f"denied by policy {d.policy or '-'}: {d.reason}",
                 )
             )

@@ -59,6 +59,7 @@ class Connection:
     received: int = 0  # bytes back to the client
     error: str = ""
     response_flags: str = "-"
+    policy: str = ""  # the AuthorizationPolicy that decided, if one did
     started: float = field(default_factory=time.monotonic)
 
     def labels(self) -> dict[str, str]:
@@ -127,6 +128,8 @@ class TcpMetrics:
                     "bytes_sent": c.sent,
                     "bytes_received": c.received,
                     "duration_ms": round((time.monotonic() - c.started) * 1000, 3),
+                    "decision": "deny" if c.response_flags == "RBAC" else "allow",
+                    "policy": c.policy or None,
                     "response_flags": c.response_flags,
                     "error": c.error or None,
                 }

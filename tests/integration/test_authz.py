@@ -185,3 +185,28 @@ def test_status_shows_every_node(lab):
     assert "node1: agent ready; 2 pods enrolled" in out.stdout
     assert "node2: agent ready; 1 pods enrolled" in out.stdout
     assert "identity   spiffe://cluster.local/ns/mesh/sa/client" in out.stdout
+
+
+def test_denials_reach_the_access_log_and_logging_level_changes_at_runtime(lab, pods, tmp_path):
+    apply(
+        lab,
+        tmp_path,
+        POLICY.format(
+            spec="""  action: DENY
+  rules: [{from: [{source: {notPrincipals: ["*"]}}]}]"""
+        ),
+    )
+    try:
+        assert code(lab, "legacy", f"http://{pods['server-a']['ip']}:8080/", "plain") != 0
+        log = Path(f"/run/veil/lab/{lab}/logs/agent-node1.log").read_text().splitlines()
+        entries = [json.loads(x.split("veil.access: ", 1)[1]) for x in log if "veil.access" in x]
+        denied = [e for e in entries if e["decision"] == "deny"]
+        assert denied and denied[-1]["policy"] == "mesh/server-policy"
+        assert denied[-1]["path"] == "plaintext" and denied[-1]["src_workload"] == "legacy"
+    finally:
+        veil("lab", "delete", "--name", lab, "authorizationpolicy", "server-policy", "-n", "mesh")
+    ns = f"veil-{lab}-node1"
+    assert json.loads(controlplane.agent_get(ns, "/logging?level=debug")[1]) == {"level": "debug"}
+    assert json.loads(controlplane.agent_get(ns, "/logging")[1]) == {"level": "debug"}
+    assert controlplane.agent_get(ns, "/logging?level=loud")[0] == 400
+    controlplane.agent_get(ns, "/logging?level=info")
