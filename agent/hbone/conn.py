@@ -295,9 +295,6 @@ class HboneConnection:
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection()
 
-    def ping(self, opaque: bytes = b"veilping") -> None:
-        self.h2.ping(opaque)
-
     def receive_data(self, data: bytes) -> list[Event]:
         """Parse received bytes: DATA and WINDOW_UPDATE here, every other frame through h2."""
         try:

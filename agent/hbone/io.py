@@ -167,10 +167,6 @@ class TlsSocket:
         """Encrypt into the outgoing buffer (never blocks); `flush_nowait` sends it."""
         self.ssl.write(data)
 
-    async def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        self.write(data)
-        await self.flush()
-
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -261,7 +257,6 @@ class Stream:
             self.reset_code = int(code)
             self.io.conn.reset(self.id, code)
             self.io.queue_output()
-            self.io.flush_soon()
 
     def close(self) -> None:
         """Forget the stream (after both directions finished or a reset)."""
@@ -329,9 +324,6 @@ class HboneIO:
                 await self._drained.wait()
             finally:
                 self._drained_waiters -= 1
-
-    def flush_soon(self) -> None:
-        """Nothing to do: the writer task sends whatever is queued."""
 
     async def _write_loop(self) -> None:
         """Sends what `_push()` could not: waits for the socket, never holds up others."""

@@ -333,7 +333,6 @@ class PodProxy:
             io.queue_output()
             if (stream := io.streams.get(req.stream_id)) is not None:
                 stream.close()
-            io.flush_soon()
             return
         assert not isinstance(req, BadRequest)
         d = self.ctx.authorize(

@@ -86,7 +86,6 @@ def on_request(ev, io):
         io.conn.respond(ev.stream_id, 400 if isinstance(req, BadRequest) else 503, end_stream=True)
         io.streams.pop(ev.stream_id, None)
         io.queue_output()
-        io.flush_soon()
         return
     io.spawn(echo, io, req)
 
