@@ -343,21 +343,10 @@ class PodProxy:
             io.queue_output()
             if (stream := io.streams.get(req.stream_id)) is not None:
                 stream.close()
-            self.ctx.report(
-                Connection(
-                    "destination",
-                    "hbone",
-                    peer_ip,
-                    f"{self.ip}:{req.target[1]}",
-                    source=self.ctx.store.current.workloads_by_ip.get(peer_ip),
-                    source_principal=str(peer_id),
-                    destination=self.workload,
-                    destination_principal=str(self.identity),
-                    response_flags="RBAC",
-                    policy=d.policy,
-                    error=f"denied by policy {d.policy or '-'}: {d.reason}",
-                )
-            )
+            c = self._inbound(peer_ip, peer_id, req.target[1])
+            c.response_flags, c.policy = "RBAC", d.policy
+            c.error = f"denied by policy {d.policy or '-'}: {d.reason}"
+            self.ctx.report(c)
             return
         io.spawn(
             self._serve_connect,
@@ -367,6 +356,23 @@ class PodProxy:
             peer_ip,
             peer_id,
             self._service_from(req.headers.get("baggage", "")),
+        )
+
+    def _inbound(
+        self, peer_ip: str, peer_id: SpiffeId, port: int, service: Service | None = None
+    ) -> Connection:
+        """The record of an HBONE connection arriving at this pod (reporter: destination)."""
+        return Connection(
+            "destination",
+            "hbone",
+            peer_ip,
+            f"{self.ip}:{port}",
+            source=self.ctx.store.current.workloads_by_ip.get(peer_ip),
+            source_principal=str(peer_id),
+            destination=self.workload,
+            destination_principal=str(self.identity),
+            service=service,
+            trust_domain=self.ctx.trust_domain,
         )
 
     def _service_from(self, baggage: str) -> Service | None:
@@ -404,18 +410,7 @@ class PodProxy:
         stream = io.streams.get(stream_id)
         if stream is None:
             return
-        c = Connection(
-            "destination",
-            "hbone",
-            peer_ip,
-            f"{target[0]}:{target[1]}",
-            source=self.ctx.store.current.workloads_by_ip.get(peer_ip),
-            source_principal=str(peer_id),
-            destination=self.workload,
-            destination_principal=str(self.identity),
-            service=service,
-            trust_domain=self.ctx.trust_domain,
-        )
+        c = self._inbound(peer_ip, peer_id, target[1], service)
         try:
             upstream = await connect(self.ns, target, self.ctx.connect_timeout, source_ip=peer_ip)
         except (OSError, trio.TooSlowError) as e:

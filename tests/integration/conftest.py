@@ -97,7 +97,7 @@ MESH = str(Path(__file__).parent / "mesh")
 
 
 @pytest.fixture(scope="module")
-def mesh_lab() -> Iterator[str]:
+def lab() -> Iterator[str]:
     """tests/integration/mesh: namespace `mesh` enrolled from the start, `plain` not."""
     name = new_lab_name()
     try:
@@ -108,8 +108,9 @@ def mesh_lab() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def mesh_pods(mesh_lab: str) -> dict[str, dict[str, Any]]:
-    st = json.loads(veil("lab", "status", "--name", mesh_lab, "-o", "json").stdout)
+def pods(lab: str) -> dict[str, dict[str, Any]]:
+    """The mesh lab's pods by name (namespace, name, ip, node, phase)."""
+    st = json.loads(veil("lab", "status", "--name", lab, "-o", "json").stdout)
     return {p["name"]: p for p in st["pods"]}
 
 

@@ -5,23 +5,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from agent.lab import controlplane
 from tests.integration.conftest import lab_exec, veil
 from tests.integration.test_l4 import metric
-
-
-@pytest.fixture(scope="module")
-def lab(mesh_lab: str) -> str:
-    return mesh_lab
-
-
-@pytest.fixture(scope="module")
-def pods(mesh_pods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return mesh_pods
 
 
 def apply(lab: str, tmp: Path, doc: str) -> None:

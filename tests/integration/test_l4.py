@@ -14,22 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from agent.capture import iptables
 from agent.lab import controlplane, store
 from agent.lab.sniff import Sniffer
 from tests.integration.conftest import ca_post, lab_exec, veil
-
-
-@pytest.fixture(scope="module")
-def lab(mesh_lab: str) -> str:
-    return mesh_lab
-
-
-@pytest.fixture(scope="module")
-def pods(mesh_pods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return mesh_pods
 
 
 def curl(lab: str, pod: str, url: str, ns: str = "mesh", *extra: str) -> dict[str, Any]:

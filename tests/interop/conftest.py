@@ -1,3 +1,3 @@
-"""Interop tests run on the same lab fixtures as the integration tests."""
+"""Interop tests run on the integration tests' mesh lab."""
 
-from tests.integration.conftest import _remove_test_labs, mesh_lab, mesh_pods  # noqa: F401
+from tests.integration.conftest import _remove_test_labs, lab, pods  # noqa: F401

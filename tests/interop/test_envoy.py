@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,16 +21,6 @@ from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server
 TD = "cluster.local"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a real lab)")
-
-
-@pytest.fixture(scope="module")
-def lab(mesh_lab: str) -> str:
-    return mesh_lab
-
-
-@pytest.fixture(scope="module")
-def pods(mesh_pods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return mesh_pods
 
 
 def mesh_cert(lab: str, node: str, identity: SpiffeId, where: Path) -> tuple[Path, Path, Path]:
