@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--name", help=name_help)
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- command [args...]")
 
+    chk = sub.add_parser("check", help="can this machine run the lab and each capture mode?")
+    chk.add_argument("--no-ebpf", action="store_true", help="skip the eBPF checks")
+
     st_cmd = sub.add_parser("status", help="per node: agent, enrolled pods, tunnels, identities")
     st_cmd.add_argument("--name", help="lab name (default: $VEIL_LAB or 'lab')")
     st_cmd.add_argument("-o", "--output", choices=["text", "json"], default="text")
@@ -173,6 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         echo.main(args.port, args.host)
         return 0
+    if args.command == "check":
+        from agent import check as preflight  # noqa: PLC0415
+
+        report = preflight.run(ebpf=not args.no_ebpf)
+        print(preflight.format_report(report))
+        return 0 if all(c.ok for cs in report.values() for c in cs) else 1
     if args.command in ("status", "authz"):
         return run_ops(args)
     from agent.lab import lab  # noqa: PLC0415 - import cost only for the lab commands

@@ -258,3 +258,9 @@ def test_status_of_a_missing_lab():
         )
         == {}
     )
+
+
+def test_check_reports_this_machine_ready_for_everything():
+    out = veil("check")
+    assert "lab: ready" in out.stdout and "iptables capture: ready" in out.stdout
+    assert "eBPF capture: ready" in out.stdout  # bcc really compiled and loaded a program
