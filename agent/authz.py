@@ -175,6 +175,31 @@ def _fields(  # noqa: PLR0917 - the field sets of one schema section
     return out, has_l7
 
 
+def _clauses(  # noqa: PLR0917 - one schema section's names and field sets
+    ref: str,
+    rp: str,
+    rule: Mapping[str, Any],
+    key: str,
+    inner: str,
+    l4: set[str],
+    l7: set[str],
+    cidr: set[str],
+    ports: set[str],
+) -> tuple[list[dict[str, tuple[str, ...]]], bool]:
+    """A rule's `from` (sources) or `to` (operations) list: the L4 fields, and whether any
+    clause carries L7 fields."""
+    out, has_l7 = [], False
+    for j, clause in enumerate(rule.get(key) or []):
+        if not isinstance(clause, dict) or set(clause) - {inner}:
+            raise PolicyError(ref, f"{rp}.{key}[{j}]", f"expected {{{inner}: {{...}}}}")
+        fields, l7_here = _fields(
+            ref, f"{rp}.{key}[{j}].{inner}", clause.get(inner) or {}, l4, l7, cidr, ports
+        )
+        out.append(fields)
+        has_l7 |= l7_here
+    return out, has_l7
+
+
 def parse_policy(obj: Mapping[str, Any]) -> Policy:
     md = obj.get("metadata") or {}
     ref = f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
@@ -218,37 +243,21 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
         for key in r:
             if key not in ("from", "to", "when"):
                 raise PolicyError(ref, f"{rp}.{key}", "unknown field")
-        has_l7 = False
-        sources = []
-        for j, f in enumerate(r.get("from") or []):
-            if not isinstance(f, dict) or set(f) - {"source"}:
-                raise PolicyError(ref, f"{rp}.from[{j}]", "expected {source: {...}}")
-            src, l7 = _fields(
-                ref,
-                f"{rp}.from[{j}].source",
-                f.get("source") or {},
-                SOURCE_L4,
-                SOURCE_L7,
-                {"ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"},
-                set(),
-            )
-            sources.append(src)
-            has_l7 |= l7
-        operations = []
-        for j, t in enumerate(r.get("to") or []):
-            if not isinstance(t, dict) or set(t) - {"operation"}:
-                raise PolicyError(ref, f"{rp}.to[{j}]", "expected {operation: {...}}")
-            op, l7 = _fields(
-                ref,
-                f"{rp}.to[{j}].operation",
-                t.get("operation") or {},
-                OPERATION_L4,
-                OPERATION_L7,
-                set(),
-                {"ports", "notPorts"},
-            )
-            operations.append(op)
-            has_l7 |= l7
+        sources, l7_from = _clauses(
+            ref,
+            rp,
+            r,
+            "from",
+            "source",
+            SOURCE_L4,
+            SOURCE_L7,
+            {"ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"},
+            set(),
+        )
+        operations, l7_to = _clauses(
+            ref, rp, r, "to", "operation", OPERATION_L4, OPERATION_L7, set(), {"ports", "notPorts"}
+        )
+        has_l7 = l7_from or l7_to
         conditions = []
         for j, w in enumerate(r.get("when") or []):
             wp = f"{rp}.when[{j}]"

@@ -132,6 +132,23 @@ def test_certificates_rotate_before_expiry_on_the_lab():
         veil("lab", "down", "--name", name, check=False)
 
 
+def ca_argv(tmp_path: Path, *extra: str) -> list[str]:
+    """`veil ca` on loopback with its state, data and node tokens under tmp_path."""
+    return [
+        str(Path(sys.executable).parent / "veil"),
+        "ca",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--data-dir",
+        str(tmp_path / "ca"),
+        "--node-tokens",
+        str(tmp_path / "tokens.yaml"),
+        "--listen",
+        "127.0.0.1:0",
+        *extra,
+    ]
+
+
 @pytest.fixture
 def local_ca(tmp_path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     """Start `veil ca` processes on loopback (no lab needed); stop them all afterwards."""
@@ -141,21 +158,7 @@ def local_ca(tmp_path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
     def start(*extra: str) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "veil"),
-                "ca",
-                "--state-dir",
-                str(tmp_path / "state"),
-                "--data-dir",
-                str(tmp_path / "ca"),
-                "--node-tokens",
-                str(tmp_path / "tokens.yaml"),
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                *extra,
-            ],
+            ca_argv(tmp_path, "--metrics-listen", "127.0.0.1:0", *extra),
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -200,20 +203,7 @@ def test_ca_refuses_to_start_on_broken_plugin_files(tmp_path):
     (tmp_path / "plugin" / "ca-key.pem").write_text("junk")
     (tmp_path / "state").mkdir()
     out = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "veil"),
-            "ca",
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--data-dir",
-            str(tmp_path / "ca"),
-            "--node-tokens",
-            str(tmp_path / "t.yaml"),
-            "--plugin-certs",
-            str(tmp_path / "plugin"),
-            "--listen",
-            "127.0.0.1:0",
-        ],
+        ca_argv(tmp_path, "--plugin-certs", str(tmp_path / "plugin")),
         capture_output=True,
         text=True,
         timeout=20,
