@@ -14,8 +14,12 @@ from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from agent import http
+from agent.capture import modes as capture_modes
+from agent.capture.iptables import CaptureError
 from agent.cni import server as cni_server
 from agent.config import AgentConfig
 from agent.enrollment import Enrollment
@@ -29,6 +33,26 @@ from agent.telemetry.admin import AdminService
 from agent.telemetry.metrics import TcpMetrics
 
 log = logging.getLogger("veil.agent")
+
+
+class CaptureCollector(Collector):
+    """eBPF capture's in-kernel counters, read at scrape time."""
+
+    def __init__(self, capture: capture_modes.Capture) -> None:
+        self.capture = capture
+
+    def collect(self) -> Any:
+        counters = self.capture.counters()
+        if not counters:
+            return
+        family = CounterMetricFamily(
+            "veil_capture_ebpf_events",
+            "Events counted by the eBPF capture programs",
+            labels=["event"],
+        )
+        for event, value in sorted(counters.items()):
+            family.add_metric([event], value)
+        yield family
 
 
 class Agent:
@@ -57,7 +81,9 @@ class Agent:
                 registry=self.registry,
             ),
         )
-        self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir)
+        self.capture = capture_modes.make(cfg.capture, cfg.bpf_pin_dir)
+        self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir, self.capture)
+        self.registry.register(CaptureCollector(self.capture))
         self.resumed = False
         self.snapshot_version = Gauge(
             "veil_agent_snapshot_version",
@@ -99,6 +125,8 @@ class Agent:
         return self.store.current.identities_on_node(self.cfg.node, self.cfg.trust_domain)
 
     def not_ready(self) -> str | None:
+        if self.enrollment.capture_broken:
+            return f"{self.capture.mode} capture unavailable: {self.enrollment.capture_broken}"
         if not self.store.loaded:
             return "cluster state not loaded"
         if not self.resumed:
@@ -139,6 +167,11 @@ class Agent:
                 "errors": list(state.errors),
             },
             "certificates": self.certs.snapshot(),
+            "capture": {
+                "mode": self.capture.mode,
+                "error": self.enrollment.capture_broken,
+                "counters": self.capture.counters(),
+            },
             "enrolled": [asdict(e) for _, e in sorted(self.enrollment.pods.items())],
             "tunnels": dict(zip(("outbound", "inbound"), self.enrollment.tunnels(), strict=True)),
             "policies": {
@@ -190,6 +223,11 @@ class Agent:
         cfg = self.cfg
 
         async def start(nursery: trio.Nursery) -> None:
+            try:
+                await trio.to_thread.run_sync(self.capture.start)
+            except CaptureError as e:
+                log.error("%s capture cannot work; no pod will be enrolled: %s", cfg.capture, e)
+                self.enrollment.capture_broken = str(e)
             await nursery.start(self.certs.run)
             await nursery.start(ManifestSource(cfg.state_dir).run, self.store)
             nursery.start_soon(self.follow_state)
@@ -214,4 +252,7 @@ class Agent:
                 *cfg.ready_listen,
             )
 
-        await run_until_signalled("agent", start)
+        try:
+            await run_until_signalled("agent", start)
+        finally:
+            self.capture.close()  # enrolled pods keep their capture: refused, never plaintext

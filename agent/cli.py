@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="seconds to wait for pods to become ready"
     )
     up.add_argument(
+        "--capture",
+        action="append",
+        default=[],
+        metavar="[NODE=]MODE",
+        help="capture mode, iptables (default) or ebpf, for every node or one (repeatable)",
+    )
+    up.add_argument(
         "--cert-ttl",
         type=int,
         metavar="SECONDS",
@@ -134,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="unix socket veil-cni talks to",
     )
     ag.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    ag.add_argument(
+        "--capture",
+        choices=["iptables", "ebpf"],
+        default="iptables",
+        help="how pod traffic is redirected to the agent (default iptables)",
+    )
+    ag.add_argument(
+        "--bpf-pin-dir",
+        type=Path,
+        default=Path("/sys/fs/bpf/veil"),
+        help="where eBPF capture pins its maps (a restarted agent reopens them)",
+    )
     ag.add_argument("--admin-listen", default="127.0.0.1:15000")
     ag.add_argument("--metrics-listen", default="0.0.0.0:15020")
     ag.add_argument("--ready-listen", default="0.0.0.0:15021")
@@ -193,7 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = _lab_name(getattr(args, "name", None))
         if args.lab_command == "up":
             lab.up(
-                args.filename, name, args.nodes, ready_timeout=args.timeout, cert_ttl=args.cert_ttl
+                args.filename,
+                name,
+                args.nodes,
+                ready_timeout=args.timeout,
+                cert_ttl=args.cert_ttl,
+                capture=args.capture,
             )
             print(lab.format_status(lab.status(name)))
         elif args.lab_command == "down":
@@ -300,6 +324,8 @@ def run_daemon(args: argparse.Namespace) -> int:
                 admin_listen=parse_hostport(args.admin_listen),
                 metrics_listen=parse_hostport(args.metrics_listen),
                 ready_listen=parse_hostport(args.ready_listen),
+                capture=args.capture,
+                bpf_pin_dir=args.bpf_pin_dir,
             )
             trio.run(Agent(acfg).run)
     except (ValueError, OSError) as e:

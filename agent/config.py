@@ -39,9 +39,13 @@ class AgentConfig:
     admin_listen: tuple[str, int] = ("127.0.0.1", 15000)
     metrics_listen: tuple[str, int] = ("0.0.0.0", 15020)
     ready_listen: tuple[str, int] = ("0.0.0.0", 15021)
+    capture: str = "iptables"
+    bpf_pin_dir: Path = Path("/sys/fs/bpf/veil")
 
     def __post_init__(self) -> None:
         check_trust_domain(self.trust_domain)
+        if self.capture not in ("iptables", "ebpf"):
+            raise ValueError(f"--capture {self.capture!r}: use iptables or ebpf")
         if not self.node:
             raise ValueError("--node is required: the name of the node this agent runs on")
 

@@ -15,6 +15,7 @@ connections are refused, never sent in plaintext.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -22,12 +23,14 @@ from pathlib import Path
 
 import trio
 
-from agent.capture import iptables
+from agent.capture.iptables import CaptureError
+from agent.capture.modes import Capture, CaptureTarget, IptablesCapture
 from agent.proxy.pod import PodProxy, ProxyContext
 from agent.state.model import MeshState, Workload
 
 log = logging.getLogger("veil.enrollment")
 NETNS_ANNOTATION = "lab.veil.dev/netns"
+CGROUP_ANNOTATION = "lab.veil.dev/cgroup"
 CNI_STATE_WAIT = 3.0  # how long a CNI ADD waits for the pod to appear in cluster state
 
 
@@ -42,6 +45,11 @@ class Enrolled:
     uid: str
     netns: str  # path
     ip: str
+    cgroup: str = ""  # path of the pod's cgroup v2 group (eBPF capture attaches there)
+
+    @property
+    def target(self) -> CaptureTarget:
+        return CaptureTarget(self.netns, self.cgroup, self.ip)
 
 
 def netns_path(w: Workload) -> str | None:
@@ -50,13 +58,20 @@ def netns_path(w: Workload) -> str | None:
     return f"/run/netns/{name}" if name else None
 
 
+def cgroup_path(w: Workload) -> str:
+    """The pod's cgroup v2 group: the lab's annotation (on a node, the kubelet's pod slice)."""
+    return w.annotations.get(CGROUP_ANNOTATION, "")
+
+
 def wanted(state: MeshState, node: str, w: Workload) -> bool:
     return w.node == node and state.in_mesh(w)
 
 
 class Enrollment:
-    def __init__(self, ctx: ProxyContext, data_dir: Path) -> None:
+    def __init__(self, ctx: ProxyContext, data_dir: Path, capture: Capture | None = None) -> None:
         self.ctx = ctx
+        self.capture: Capture = capture or IptablesCapture()
+        self.capture_broken: str | None = None  # why capture cannot work at all
         self.registry_file = data_dir / "pods.json"
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.pods: dict[str, Enrolled] = {}  # key: namespace/name
@@ -94,7 +109,10 @@ class Enrollment:
         key = w.key
         if key in self.pods:
             return
+        if self.capture_broken:
+            raise EnrollError(f"{self.capture.mode} capture is unavailable: {self.capture_broken}")
         assert self._nursery is not None
+        entry = Enrolled(w.namespace, w.name, w.uid, netns, ip, cgroup_path(w))
         scope = trio.CancelScope()
         proxy = PodProxy(self.ctx, w, netns, ip)
 
@@ -107,12 +125,12 @@ class Enrollment:
         except OSError as e:
             raise EnrollError(f"cannot open listeners in {netns}: {e}") from None
         try:
-            await trio.to_thread.run_sync(iptables.install, netns)
-        except iptables.CaptureError as e:
+            await trio.to_thread.run_sync(self.capture.install, entry.target)
+        except CaptureError as e:
             scope.cancel()
             self.capture_errors += 1
             raise EnrollError(str(e)) from None
-        self.pods[key] = Enrolled(w.namespace, w.name, w.uid, netns, ip)
+        self.pods[key] = entry
         self._scopes[key] = scope
         self.proxies[key] = proxy
         self._save()
@@ -122,10 +140,10 @@ class Enrollment:
         entry = self.pods.get(key)
         if entry is None:
             return
-        if Path(entry.netns).exists():
+        if Path(entry.netns).exists() or entry.cgroup:
             try:
-                await trio.to_thread.run_sync(iptables.remove, entry.netns)
-            except iptables.CaptureError as e:
+                await trio.to_thread.run_sync(self.capture.remove, entry.target)
+            except CaptureError as e:
                 self.capture_errors += 1
                 log.error("releasing %s: %s", key, e)
         self.proxies.pop(key, None)
@@ -190,7 +208,8 @@ class Enrollment:
                 w = state.workload(entry.namespace, entry.name)
                 if w is None or not Path(entry.netns).exists():
                     if Path(entry.netns).exists():
-                        await trio.to_thread.run_sync(iptables.remove, entry.netns)
+                        with contextlib.suppress(CaptureError):
+                            await trio.to_thread.run_sync(self.capture.remove, entry.target)
                     log.info("not resuming %s: the pod is gone", key)
                     continue
                 try:
@@ -199,6 +218,7 @@ class Enrollment:
                 except EnrollError as e:
                     log.error("cannot resume %s: %s", key, e)
             self._save()
+            self.capture.forget_others()
             task_status.started()
             version = -1
             while True:

@@ -11,7 +11,7 @@ class CaptureError(RuntimeError):
     """Capture could not be installed or removed; the pod must not be reported enrolled."""
 
 
-def _run(netns_path: str, argv: list[str], stdin: str | None = None) -> str:
+def run_in(netns_path: str, argv: list[str], stdin: str | None = None) -> str:
     cmd = ["nsenter", f"--net={netns_path}", "--", *argv]
     try:
         proc = subprocess.run(
@@ -27,24 +27,33 @@ def _run(netns_path: str, argv: list[str], stdin: str | None = None) -> str:
 
 
 def save(netns_path: str) -> str:
-    return _run(netns_path, ["iptables-save"])
+    return run_in(netns_path, ["iptables-save"])
 
 
 def install(netns_path: str) -> None:
     """Idempotent: rules present exactly once, policy routing in place."""
-    _run(netns_path, ["iptables-restore", "--noflush"], rules.install_script(save(netns_path)))
+    run_in(netns_path, ["iptables-restore", "--noflush"], rules.install_script(save(netns_path)))
+    install_routing(netns_path)
+
+
+def install_routing(netns_path: str) -> None:
+    """Policy routing that delivers the app's replies of spoofed connections to the agent."""
     for cmd in rules.route_commands():
-        _run(netns_path, ["ip", *cmd])
-    if rules.rule_args()[1] not in _run(netns_path, ["ip", "rule", "show"]):
-        _run(netns_path, ["ip", "rule", "add", *rules.rule_args()])
+        run_in(netns_path, ["ip", *cmd])
+    if rules.rule_args()[1] not in run_in(netns_path, ["ip", "rule", "show"]):
+        run_in(netns_path, ["ip", "rule", "add", *rules.rule_args()])
 
 
 def remove(netns_path: str) -> None:
     """Remove every trace of capture; the rest of the netns is left as it was."""
     script = rules.remove_script(save(netns_path))
     if script:
-        _run(netns_path, ["iptables-restore", "--noflush"], script)
-    shown = _run(netns_path, ["ip", "rule", "show"])
+        run_in(netns_path, ["iptables-restore", "--noflush"], script)
+    remove_routing(netns_path)
+
+
+def remove_routing(netns_path: str) -> None:
+    shown = run_in(netns_path, ["ip", "rule", "show"])
     for _ in range(shown.count(f"lookup {rules.ROUTE_TABLE}")):
-        _run(netns_path, ["ip", "rule", "del", *rules.rule_args()])
-    _run(netns_path, ["ip", "route", "flush", "table", str(rules.ROUTE_TABLE)])
+        run_in(netns_path, ["ip", "rule", "del", *rules.rule_args()])
+    run_in(netns_path, ["ip", "route", "flush", "table", str(rules.ROUTE_TABLE)])

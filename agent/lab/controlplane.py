@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -165,11 +165,13 @@ def start_agents(
     plan: LabPlan,
     spawn: Spawn,
     node_netns: Callable[[str, str], str],
+    capture: Mapping[str, str] | None = None,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
 ) -> list[Daemon]:
     lab = plan.name
     out = []
     for n in plan.nodes:
+        mode = (capture or {}).get(n.name, "iptables")
         group = cgroups.create(cgroups.lab_group(lab) / "nodes" / n.name / "agent")
         log = store.lab_dir(lab) / "logs" / f"agent-{n.name}.log"
         d = node_dir(lab, n.name)
@@ -193,6 +195,10 @@ def start_agents(
             str(d / "agent"),
             "--cni-socket",
             str(cni_socket(lab, n.name)),
+            "--capture",
+            mode,
+            "--bpf-pin-dir",
+            str(bpf_lab_dir(lab) / n.name),
         )
         ns = node_netns(lab, n.name)
         out.append(
@@ -205,6 +211,11 @@ def start_agents(
             )
         )
     return out
+
+
+def bpf_lab_dir(lab: str) -> Path:
+    """Where the lab's eBPF-mode agents pin their maps (one directory per node)."""
+    return Path("/sys/fs/bpf/veil/lab") / lab
 
 
 def agent_get(ns: str, path: str, port: int = 15000, timeout: float = 3.0) -> tuple[int, str]:
@@ -298,7 +309,8 @@ def start_agent(
         services=(),
         others=(),
     )
-    (daemon,) = start_agents(plan, spawn, node_netns)
+    mode = record["nodes"][index - 1].get("capture", "iptables")
+    (daemon,) = start_agents(plan, spawn, node_netns, {node: mode})
     wait_listening([daemon], timeout)
     wait_agents_ready([daemon], timeout)
     for p in record["processes"]:

@@ -68,6 +68,7 @@ ETC_NETNS = Path("/etc/netns")
 READY_TIMEOUT = 30.0
 ANNOTATION_NETNS = "lab.veil.dev/netns"
 ANNOTATION_CGROUP = "lab.veil.dev/cgroup"
+CAPTURE_MODES = ("iptables", "ebpf")
 
 Log = Callable[[str], None]
 
@@ -129,6 +130,8 @@ def leftovers(lab: str) -> list[str]:
         found += [f"{p}" for p in ETC_NETNS.iterdir() if p.name.startswith(prefix)]
     if store.lab_dir(lab).exists():
         found.append(str(store.lab_dir(lab)))
+    if controlplane.bpf_lab_dir(lab).exists():
+        found.append(str(controlplane.bpf_lab_dir(lab)))
     try:
         if cgroups.lab_group(lab).exists():
             found.append(str(cgroups.lab_group(lab)))
@@ -156,10 +159,20 @@ def up(
     log: Log = print,
     ready_timeout: float = READY_TIMEOUT,
     cert_ttl: int | None = None,
+    capture: Sequence[str] = (),
 ) -> LabPlan:
     check_lab_name(lab)
     plan = make_plan(load_paths(paths), lab, nodes)  # all validation happens before any change
+    modes = capture_modes(capture, [n.name for n in plan.nodes])
     preflight()
+    if "ebpf" in modes.values():
+        from agent.capture import ebpf  # noqa: PLC0415
+        from agent.capture.iptables import CaptureError  # noqa: PLC0415
+
+        try:
+            ebpf.preflight()
+        except CaptureError as e:
+            raise LabError(str(e)) from None
     if found := leftovers(lab):
         raise LabError(
             f"lab {lab!r} already exists or was left over ({', '.join(found[:3])}"
@@ -180,6 +193,7 @@ def up(
                 "netns": node_netns(lab, n.name),
                 "underlayIP": str(n.underlay_ip),
                 "podCIDR": str(n.pod_cidr),
+                "capture": modes[n.name],
             }
             for n in plan.nodes
         ],
@@ -211,7 +225,7 @@ def up(
         store.write_record(lab, record)
         controlplane.wait_listening([ca], ready_timeout)
         controlplane.distribute_trust_bundle(plan)
-        agents = controlplane.start_agents(plan, spawn, node_netns)
+        agents = controlplane.start_agents(plan, spawn, node_netns, modes)
         record["processes"] += [
             {**a.record(), "cgroup": str(cg / "nodes" / a.name.split()[1] / "agent")}
             for a in agents
@@ -234,6 +248,22 @@ def up(
         down(lab, log=lambda _m: None)
         raise
     return plan
+
+
+def capture_modes(spec: Sequence[str], nodes: Sequence[str]) -> dict[str, str]:
+    """`--capture ebpf` (every node) and/or `--capture node2=ebpf` (one node); default iptables."""
+    modes = dict.fromkeys(nodes, "iptables")
+    for item in spec:
+        node, sep, mode = item.rpartition("=")
+        if mode not in CAPTURE_MODES:
+            raise LabError(f"--capture {item!r}: the mode must be iptables or ebpf")
+        if not sep:
+            modes = dict.fromkeys(nodes, mode)
+        elif node in modes:
+            modes[node] = mode
+        else:
+            raise LabError(f"--capture {item!r}: no node {node!r} (nodes: {', '.join(nodes)})")
+    return modes
 
 
 def build_topology(plan: LabPlan, log: Log) -> None:
@@ -325,6 +355,8 @@ def start_pod(
     ns = pod_netns(lab, pod.namespace, pod.name)
     node = plan.node(pod.node)
     netns.add(ns)
+    # The pod's cgroup exists before its network: eBPF capture attaches there at CNI ADD.
+    group = cgroups.create(cgroups.lab_group(lab) / "pods" / f"{pod.namespace}_{pod.name}")
     write_pod(plan, pod, None, phase="Pending", ready=False)  # the pod exists before its network
     runtime = cni_runtime(lab, node.name)
     att = attachment(lab, pod)
@@ -334,7 +366,6 @@ def start_pod(
     hosts = ETC_NETNS / ns / "hosts"
     store.atomic_write(hosts, render_hosts(pod, ip, plan.services))
     store.atomic_write(hosts.with_name("resolv.conf"), render_resolv_conf(pod))
-    group = cgroups.create(cgroups.lab_group(lab) / "pods" / f"{pod.namespace}_{pod.name}")
     logs = store.lab_dir(lab) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = pod_env(pod, ip, node)
@@ -361,7 +392,7 @@ def start_pod(
 def spawn(
     ns: str, argv: Sequence[str], env: Mapping[str, str], group: Path, logfile: Path
 ) -> subprocess.Popen[bytes]:
-    """Start a process detached from `lab up`, in a netns (with its /etc/hosts) and a cgroup."""
+    """Start a process detached from `lab up`, in a netns and a cgroup."""
     procs_file = str(group / "cgroup.procs")
 
     def join_cgroup() -> None:
@@ -370,10 +401,13 @@ def spawn(
         os.write(fd, b"0\n")  # "0" means the writing process itself
         os.close(fd)
 
+    # Pods get their /etc/hosts (ip netns exec); node daemons see the host's mounts, like a
+    # hostNetwork DaemonSet with /sys/fs/cgroup and /sys/fs/bpf mounted (eBPF capture needs them).
+    enter = netns.exec_argv if (ETC_NETNS / ns).exists() else netns.nsenter_argv
     logfile.parent.mkdir(parents=True, exist_ok=True)
     with open(logfile, "ab") as out:
         return subprocess.Popen(
-            netns.exec_argv(ns, argv),
+            enter(ns, argv),
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -651,6 +685,12 @@ def down(lab: str, log: Log = print) -> list[str]:
     if store.lab_dir(lab).exists():
         shutil.rmtree(store.lab_dir(lab))
         removed.append(str(store.lab_dir(lab)))
+    pins = controlplane.bpf_lab_dir(lab)
+    if pins.exists():  # maps the killed agents pinned (bpffs: unlink files, then rmdir)
+        shutil.rmtree(pins, ignore_errors=True)
+        removed.append(str(pins))
+        with contextlib.suppress(OSError):
+            pins.parent.rmdir()
     if removed:
         log(
             f"lab {lab!r} removed ({len([r for r in removed if r.startswith('netns')])} "

@@ -77,6 +77,12 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def capture_mode(lab: str, node: str = "node1") -> str:
+    record = store.read_record(lab) or {}
+    mode: str = next(n["capture"] for n in record["nodes"] if n["name"] == node)
+    return mode
+
+
 def lab_pids(lab: str) -> list[int]:
     record = store.read_record(lab) or {}
     return [pid for p in record.get("pods", []) for pid in p.get("pids", [])]
@@ -96,12 +102,13 @@ def shop_lab() -> Iterator[str]:
 MESH = str(Path(__file__).parent / "mesh")
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[str]:
-    """tests/integration/mesh: namespace `mesh` enrolled from the start, `plain` not."""
+@pytest.fixture(scope="module", params=["iptables", "ebpf"])
+def lab(request: pytest.FixtureRequest) -> Iterator[str]:
+    """tests/integration/mesh: namespace `mesh` enrolled from the start, `plain` not; every
+    test on it runs once per capture mode."""
     name = new_lab_name()
     try:
-        veil("lab", "up", "-f", MESH, "--name", name)
+        veil("lab", "up", "-f", MESH, "--name", name, "--capture", request.param)
         yield name
     finally:
         veil("lab", "down", "--name", name, check=False)

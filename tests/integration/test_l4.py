@@ -8,16 +8,17 @@ changing an identity) come last in the file.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.capture import iptables
-from agent.lab import controlplane, store
+from agent.capture import bpfsys, ebpf, iptables
+from agent.lab import cgroups, controlplane, store
 from agent.lab.sniff import Sniffer
-from tests.integration.conftest import ca_post, lab_exec, veil
+from tests.integration.conftest import ca_post, capture_mode, lab_exec, veil
 
 
 def curl(lab: str, pod: str, url: str, ns: str = "mesh", *extra: str) -> dict[str, Any]:
@@ -115,10 +116,33 @@ def test_non_mesh_client_to_an_enrolled_server(lab, pods):
     assert answer["client"].split(":")[0] == pods["legacy"]["ip"]  # through 15006, unmasked
 
 
+def capture_traces(lab: str, ns: str, pod: str) -> list[str]:
+    """What capture leaves in a pod, in this lab's mode: iptables rules, or eBPF programs on
+    its cgroup and eth0; plus policy routing and sysctls in both. Empty: not captured."""
+    netns = f"/run/netns/veil-{lab}-{ns}_{pod}"
+    found = [ln for ln in iptables.save(netns).splitlines() if ln.startswith("-A")]
+    found += [
+        ln for ln in iptables.run_in(netns, ["ip", "rule", "show"]).splitlines() if "0x111" in ln
+    ]
+    if iptables.run_in(netns, ["sysctl", "-n", "net.ipv4.conf.lo.accept_local"]).strip() != "0":
+        found.append("accept_local")
+    tc = iptables.run_in(netns, ["tc", "filter", "show", "dev", "eth0", "ingress"])
+    tc += iptables.run_in(netns, ["tc", "filter", "show", "dev", "eth0", "egress"])
+    found += [ln.strip() for ln in tc.splitlines() if "veil_" in ln]
+    group = cgroups.lab_group(lab) / "pods" / f"{ns}_{pod}"
+    fd = os.open(group, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for hook in ("connect4", "sockops"):
+            prog = ebpf.PROGRAMS[hook]
+            found += [f"{hook} prog {i}" for i in bpfsys.attached(fd, prog.cgroup_attach)]
+    finally:
+        os.close(fd)
+    return found
+
+
 def test_opted_out_pod_is_not_captured(lab, pods):
     assert "mesh/optout" not in enrolled(lab, "node2")
-    rules = iptables.save(f"/run/netns/veil-{lab}-mesh_optout")
-    assert "VEIL" not in rules
+    assert capture_traces(lab, "mesh", "optout") == []
     marker = f"optout-{secrets.token_hex(6)}"
     answer, seen = sniff(
         lab,
@@ -143,20 +167,22 @@ def test_app_refusing_means_the_connection_fails(lab, pods):
 
 
 def test_enroll_and_release_follow_labels_within_2s(lab, pods):
-    netns = f"/run/netns/veil-{lab}-plain_web"
-    before = iptables.save(netns)
+    before = capture_traces(lab, "plain", "web")
     veil("lab", "label", "--name", lab, "ns", "plain", "veil.dev/dataplane-mode=ambient")
     took = wait_for(lambda: "plain/web" in enrolled(lab, "node1"), 2.0, "enrollment")
-    assert "VEIL-OUTPUT" in iptables.save(netns)
+    traces = capture_traces(lab, "plain", "web")
+    if capture_mode(lab) == "iptables":
+        assert any("VEIL-OUTPUT" in t for t in traces), traces
+    else:
+        assert not any("VEIL" in t for t in traces), traces
+        assert sum("veil_tc_" in t for t in traces) == 2, traces
+        assert sum(" prog " in t for t in traces) == 2, traces
     answer = curl(lab, "client", "http://web.plain/")  # now over HBONE, same node
     assert answer["client"].split(":")[0] == pods["client"]["ip"]
     veil("lab", "label", "--name", lab, "ns", "plain", "veil.dev/dataplane-mode-")
     took = max(took, wait_for(lambda: "plain/web" not in enrolled(lab, "node1"), 2.0, "release"))
 
-    def normalize(s):
-        return sorted(line for line in s.splitlines() if line.startswith("-A"))
-
-    assert normalize(iptables.save(netns)) == normalize(before)
+    assert capture_traces(lab, "plain", "web") == before == []
     assert curl(lab, "client", "http://web.plain/")["pod"] == "web"
     assert took < 2.0
 

@@ -1,0 +1,89 @@
+/* Shared definitions of Veil's eBPF capture programs: constants and the maps every hook uses.
+ *
+ * bcc rewrites map calls (`veil_pods.lookup(...)`) only in the text it is given, so the agent
+ * pastes this header in front of the hook files rather than letting the preprocessor include
+ * it (agent/capture/ebpf.py). All hooks are one module built with -DVEIL_PIN_DIR="<dir>"; maps are
+ * pinned there, so a restarted agent reopens the same maps that the programs still attached to
+ * its pods are using, and the pods keep their capture without a gap.
+ */
+#ifndef VEIL_H
+#define VEIL_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/pkt_cls.h>
+
+#ifndef VEIL_PIN_DIR
+#error "compile with -DVEIL_PIN_DIR=\"/sys/fs/bpf/veil\""
+#endif
+
+/* Same numbers as iptables mode (agent/capture/rules.py). */
+#define VEIL_OUTBOUND_PORT 15001
+#define VEIL_INBOUND_PLAIN_PORT 15006
+#define VEIL_HBONE_PORT 15008
+#define VEIL_AGENT_MARK 0x539
+#define VEIL_CONN_MARK 0x111
+#define VEIL_MARK_MASK 0xfff
+#define VEIL_PROBE_SOURCE 0xa9fe077f /* 169.254.7.127, host order */
+#define VEIL_LOOPBACK 0x7f000001     /* 127.0.0.1, host order */
+#define VEIL_LO_IFINDEX 1
+#define VEIL_SO_ORIGINAL_DST 80
+#define VEIL_SOCK_STREAM 1
+
+#define veil_htons(x) ((__u16)__builtin_bswap16((__u16)(x)))
+#define veil_ntohs(x) veil_htons(x)
+#define veil_htonl(x) ((__u32)__builtin_bswap32((__u32)(x)))
+#define veil_ntohl(x) veil_htonl(x)
+
+/* bcc declares the socket cookie as 32 bits; the kernel returns 64. */
+#define veil_socket_cookie(ctx) (((__u64(*)(void *))BPF_FUNC_get_socket_cookie)(ctx))
+
+/* Where a redirected connection was going (network byte order). */
+struct veil_orig {
+    __u32 ip;
+    __u16 port;
+    __u16 pad;
+};
+
+/* A redirected connection as the agent sees it on accept: the client's end in its netns. */
+struct veil_conn_key {
+    __u64 netns;
+    __u32 ip;   /* network order */
+    __u32 port; /* host order */
+};
+
+/* One entry per captured pod, keyed by its netns cookie (written by the agent). */
+struct veil_pod {
+    __u32 ip; /* network order: connections to the pod's own IP are not captured */
+    __u32 flags;
+};
+
+/* Counters the agent exports as metrics. */
+enum veil_counter {
+    VEIL_REDIRECTED = 0, /* outbound connects sent to 15001 */
+    VEIL_ORIG_SERVED,    /* SO_ORIGINAL_DST answered from the maps */
+    VEIL_ORIG_MISSING,   /* SO_ORIGINAL_DST asked for a connection we did not record */
+    VEIL_STEERED,        /* inbound SYNs assigned to the 15006 listener */
+    VEIL_NO_LISTENER,    /* inbound SYNs dropped: no 15006 listener (agent down) */
+    VEIL_REPLIES_LOCAL,  /* app replies to spoofed connections delivered to the agent */
+    VEIL_COUNTERS,
+};
+
+BPF_TABLE_PINNED("lru_hash", __u64, struct veil_orig, veil_sock_orig, 65536,
+                 VEIL_PIN_DIR "/sock_orig");
+BPF_TABLE_PINNED("lru_hash", struct veil_conn_key, struct veil_orig, veil_conn_orig, 65536,
+                 VEIL_PIN_DIR "/conn_orig");
+BPF_TABLE_PINNED("hash", __u64, struct veil_pod, veil_pods, 16384, VEIL_PIN_DIR "/pods");
+BPF_TABLE_PINNED("array", __u32, __u64, veil_counters, VEIL_COUNTERS, VEIL_PIN_DIR "/counters");
+
+static __always_inline void veil_count(__u32 which)
+{
+    __u64 *v = veil_counters.lookup(&which);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
+#endif /* VEIL_H */
