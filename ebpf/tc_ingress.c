@@ -36,7 +36,7 @@ int veil_tc_ingress(struct __sk_buff *skb)
     long err = sk->state == BPF_TCP_LISTEN ? bpf_sk_assign(skb, sk, 0) : -1;
     bpf_sk_release(sk);
     if (err) {
-        veil_count(VEIL_NO_LISTENER);
+        veil_count(VEIL_ASSIGN_FAILED);
         return TC_ACT_SHOT;
     }
     veil_count(VEIL_STEERED);

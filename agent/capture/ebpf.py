@@ -48,7 +48,15 @@ POD_IFNAME = "eth0"
 TC_PRIO = 1
 ACCEPT_LOCAL = "net.ipv4.conf.lo.accept_local"
 TC_INGRESS, TC_EGRESS = "ffff:fff2", "ffff:fff3"
-COUNTERS = ("redirected", "orig_served", "orig_missing", "steered", "no_listener", "replies_local")
+COUNTERS = (
+    "redirected",
+    "orig_served",
+    "orig_missing",
+    "steered",
+    "no_listener",
+    "replies_local",
+    "assign_failed",
+)
 
 # bpf_prog_type / bpf_attach_type numbers (uapi/linux/bpf.h)
 PROG_SCHED_CLS, PROG_SOCK_OPS, PROG_SOCK_ADDR, PROG_SOCKOPT = 3, 13, 18, 25
@@ -201,11 +209,20 @@ class EbpfCapture:
         self._bpf: Any = None
         self._fns: dict[str, Any] = {}
         self._cookies: dict[str, int] = {}  # netns path -> cookie, of pods installed by us
+        self._hooked_cgroup: Path | None = None
 
     # -- agent lifetime ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Compile, load and attach the agent-wide program; every failure names cause and fix."""
+        """Load, then attach the agent-wide program; every failure names cause and fix."""
+        self.load()
+        cgroup = self.agent_cgroup or own_cgroup()
+        self._attach_cgroup(str(cgroup), "getsockopt")
+        self._hooked_cgroup = cgroup
+        log.info("eBPF capture loaded (maps pinned in %s, getsockopt on %s)", self.pin_dir, cgroup)
+
+    def load(self, ebpf_dir: Path = EBPF_DIR) -> None:
+        """Compile ebpf/ and load every program through the verifier (nothing attached)."""
         preflight()
         ensure_bpffs()
         self.pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -213,7 +230,10 @@ class EbpfCapture:
 
         with captured_stderr() as said:
             try:
-                self._bpf = BPF(text=program_text(), cflags=cflags(self.pin_dir))
+                self._bpf = BPF(
+                    text=program_text(ebpf_dir).encode(),
+                    cflags=cflags(self.pin_dir),
+                )
             except Exception:
                 failed = True
             else:
@@ -227,7 +247,7 @@ class EbpfCapture:
             with captured_stderr() as said:
                 try:
                     fn = self._bpf.load_func(
-                        prog.function, prog.prog_type, attach_type=prog.expected_attach
+                        prog.function.encode(), prog.prog_type, attach_type=prog.expected_attach
                     )
                 except Exception as e:
                     err: Exception | None = e
@@ -239,17 +259,20 @@ class EbpfCapture:
                     f"{summarize(said[0])} (kernel too old for this hook? use --capture iptables)"
                 )
             self._fns[key] = fn
-        cgroup = self.agent_cgroup or own_cgroup()
-        self._attach_cgroup(str(cgroup), "getsockopt")
-        log.info("eBPF capture loaded (maps pinned in %s, getsockopt on %s)", self.pin_dir, cgroup)
+
+    def program_fd(self, key: str) -> int:
+        fd: int = self._fns[key].fd
+        return fd
 
     def close(self) -> None:
         """Detach the agent-wide program; maps stay pinned while pods still use them."""
         if self._bpf is None:
             return
-        with contextlib.suppress(OSError, CaptureError):
-            self._detach_cgroup(str(self.agent_cgroup or own_cgroup()), "getsockopt")
-        if not len(self._bpf["veil_pods"]):
+        if self._hooked_cgroup is not None:
+            with contextlib.suppress(OSError, CaptureError):
+                self._detach_cgroup(str(self._hooked_cgroup), "getsockopt")
+            self._hooked_cgroup = None
+        if not len(self._bpf[b"veil_pods"]):
             for f in self.pin_dir.glob("*"):
                 f.unlink()
             with contextlib.suppress(OSError):
@@ -260,7 +283,7 @@ class EbpfCapture:
     def counters(self) -> dict[str, int]:
         if self._bpf is None:
             return {}
-        table = self._bpf["veil_counters"]
+        table = self._bpf[b"veil_counters"]
         return {name: int(table[table.Key(i)].value) for i, name in enumerate(COUNTERS)}
 
     def forget_others(self) -> None:
@@ -268,7 +291,7 @@ class EbpfCapture:
         down (netns cookies are never reused, so a stale entry only takes space)."""
         if self._bpf is None:
             return
-        pods = self._bpf["veil_pods"]
+        pods = self._bpf[b"veil_pods"]
         mine = set(self._cookies.values())
         for key in list(pods.keys()):
             if key.value not in mine:
@@ -287,7 +310,7 @@ class EbpfCapture:
             )
         try:
             cookie = netns_cookie(t.netns)
-            pods = self._bpf["veil_pods"]
+            pods = self._bpf[b"veil_pods"]
             pods[pods.Key(cookie)] = pods.Leaf(struct.unpack("=I", socket.inet_aton(t.ip))[0], 0)
             self._cookies[t.netns] = cookie
             for key in POD_CGROUP_PROGRAMS:
@@ -322,7 +345,7 @@ class EbpfCapture:
             with contextlib.suppress(OSError, NetnsError):
                 cookie = netns_cookie(t.netns)
         if cookie is not None and self._bpf is not None:
-            pods = self._bpf["veil_pods"]
+            pods = self._bpf[b"veil_pods"]
             with contextlib.suppress(KeyError):
                 del pods[pods.Key(cookie)]
         if errors:

@@ -273,14 +273,15 @@ def agent_process(lab: str, node: str) -> dict[str, Any]:
     raise LabError(f"no agent for node {node!r} in lab {lab!r}")
 
 
-def stop_agent(lab: str, node: str) -> None:
-    """SIGKILL a node's agent, as a crash would (capture rules stay in the pods)."""
+def stop_agent(lab: str, node: str, signal: int = 9) -> None:
+    """SIGKILL a node's agent, as a crash would (capture stays in the pods); SIGTERM (15) for a
+    clean exit. Returns once the process is gone."""
     p = agent_process(lab, node)
     try:
-        os.kill(p["pid"], 9)
+        os.kill(p["pid"], signal)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while Path(f"/proc/{p['pid']}").exists() and time.monotonic() < deadline:
         try:
             state = Path(f"/proc/{p['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]

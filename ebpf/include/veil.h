@@ -69,6 +69,7 @@ enum veil_counter {
     VEIL_STEERED,        /* inbound SYNs assigned to the 15006 listener */
     VEIL_NO_LISTENER,    /* inbound SYNs dropped: no 15006 listener (agent down) */
     VEIL_REPLIES_LOCAL,  /* app replies to spoofed connections delivered to the agent */
+    VEIL_ASSIGN_FAILED,  /* inbound SYNs dropped: the listener was found, assignment failed */
     VEIL_COUNTERS,
 };
 

@@ -112,6 +112,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[str]:
         yield name
     finally:
         veil("lab", "down", "--name", name, check=False)
+    assert leftovers(name) == []  # incl. pinned eBPF maps
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.capture import bpfsys, ebpf, iptables
 from agent.lab import cgroups, controlplane, store
 from agent.lab.sniff import Sniffer
@@ -110,10 +112,26 @@ def test_passthrough_to_a_pod_outside_the_mesh(lab, pods):
     assert answer["client"].split(":")[0] == pods["client"]["ip"]
 
 
+def ebpf_counters(lab: str, node: str) -> dict[str, int]:
+    code, body = controlplane.agent_get(f"veil-{lab}-{node}", "/config_dump")
+    assert code == 200, body
+    counters: dict[str, int] = json.loads(body)["capture"]["counters"]
+    return counters
+
+
 def test_non_mesh_client_to_an_enrolled_server(lab, pods):
+    ebpf_mode = capture_mode(lab) == "ebpf"
+    before = [ebpf_counters(lab, n) for n in ("node1", "node2")] if ebpf_mode else []
     answer = curl(lab, "legacy", "http://server.mesh/", ns="plain")
     assert answer["pod"] in ("server-a", "server-b")
     assert answer["client"].split(":")[0] == pods["legacy"]["ip"]  # through 15006, unmasked
+    if ebpf_mode:  # tc ingress assigned the SYN to 15006; the app's replies went back via lo
+        after = [ebpf_counters(lab, n) for n in ("node1", "node2")]
+        assert sum(a["steered"] - b["steered"] for a, b in zip(after, before, strict=True)) == 1
+        assert (
+            sum(a["replies_local"] > b["replies_local"] for a, b in zip(after, before, strict=True))
+            == 1
+        )
 
 
 def capture_traces(lab: str, ns: str, pod: str) -> list[str]:
@@ -349,6 +367,41 @@ def test_new_pod_cannot_start_while_its_agent_is_down(lab, tmp_path):
         assert err["code"] == 11 and "veil agent unreachable" in err["msg"]
     finally:
         veil("lab", "agent", "--name", lab, "start", "node2")
+
+
+def cgroup_programs(group: Path) -> dict[str, list[int]]:
+    fd = os.open(group, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return {
+            hook: bpfsys.attached(fd, ebpf.PROGRAMS[hook].cgroup_attach)
+            for hook in ("connect4", "sockops", "getsockopt")
+        }
+    finally:
+        os.close(fd)
+
+
+def test_ebpf_programs_outlive_the_agent_and_its_successor_takes_them_over(lab, pods):
+    if capture_mode(lab) != "ebpf":
+        pytest.skip("eBPF mode only")
+    pod_group = cgroups.lab_group(lab) / "pods" / "mesh_client"
+    agent_group = cgroups.lab_group(lab) / "nodes" / "node1" / "agent"
+    pins = controlplane.bpf_lab_dir(lab) / "node1"
+    before = cgroup_programs(pod_group)
+    assert [len(v) for v in before.values()] == [1, 1, 0]
+    assert len(cgroup_programs(agent_group)["getsockopt"]) == 1
+    # A clean exit detaches the agent's own hook; the pod keeps its programs and the maps.
+    controlplane.stop_agent(lab, "node1", signal=15)
+    assert cgroup_programs(pod_group) == before
+    assert cgroup_programs(agent_group)["getsockopt"] == []
+    assert sorted(p.name for p in pins.iterdir()) == ["conn_orig", "counters", "pods", "sock_orig"]
+    assert try_curl(lab, "client", f"http://{pods['server-b']['ip']}:8080/") == 7  # refused
+    # The next agent replaces each program in place (one per hook, new IDs) and reuses the maps.
+    veil("lab", "agent", "--name", lab, "start", "node1")
+    after = cgroup_programs(pod_group)
+    assert [len(v) for v in after.values()] == [1, 1, 0]
+    assert after["connect4"] != before["connect4"] and after["sockops"] != before["sockops"]
+    assert curl(lab, "client", f"http://{pods['server-b']['ip']}:8080/")["pod"] == "server-b"
+    assert ebpf_counters(lab, "node1")["redirected"] > 0  # counts kept across agents
 
 
 def test_server_presenting_the_wrong_identity_is_rejected(lab, pods, tmp_path):
