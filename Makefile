@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.veil-installed
 .PHONY: demo test setup system venv lint typecheck unit integration clean
 
 demo: setup
-	$(BIN)/python -m agent.lab.demo -f examples/shop/ $(if $(KEEP),--keep,)
+	$(BIN)/python -m agent.lab.demo -f examples/shop/ $(if $(KEEP),--keep,) $(if $(CAPTURE),--capture $(CAPTURE),)
 
 test: setup lint typecheck
 	$(BIN)/pytest -q tests/unit tests/integration tests/interop

@@ -215,9 +215,21 @@ def print_identities(st: dict[str, Any]) -> None:
             )
 
 
-def run(paths: Sequence[str], lab: str, nodes: int, keep: bool) -> int:
-    print(f"== veil lab up -f {' '.join(paths)} --name {lab} --nodes {nodes}")
-    labmod.up(paths, lab, nodes)
+def print_capture(st: dict[str, Any]) -> None:
+    """How each node captures its pods, and what the eBPF programs counted."""
+    for node in st["nodes"]:
+        code, body = controlplane.agent_get(node["netns"], "/config_dump")
+        if code != 200:
+            continue
+        cap = json.loads(body)["capture"]
+        counted = ", ".join(f"{k} {v}" for k, v in cap["counters"].items() if v)
+        print(f"  {node['name']}: {cap['mode']} capture" + (f" ({counted})" if counted else ""))
+
+
+def run(paths: Sequence[str], lab: str, nodes: int, keep: bool, capture: Sequence[str] = ()) -> int:
+    flags = "".join(f" --capture {c}" for c in capture)
+    print(f"== veil lab up -f {' '.join(paths)} --name {lab} --nodes {nodes}{flags}")
+    labmod.up(paths, lab, nodes, capture=capture)
     failures = 0
     try:
         st = labmod.status(lab)
@@ -270,6 +282,7 @@ def run(paths: Sequence[str], lab: str, nodes: int, keep: bool) -> int:
             print("  FAILED: the mesh request must cross only as TLS on 15008")
         else:
             print("  -> encrypted: only mutual TLS on port 15008 crosses between nodes")
+        print_capture(st)
 
         spread: Counter[str] = Counter()
         for _ in range(20):
@@ -306,9 +319,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", default="demo")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="leave the lab running")
+    p.add_argument(
+        "--capture",
+        action="append",
+        default=[],
+        metavar="[NODE=]MODE",
+        help="iptables (default) or ebpf, for every node or one",
+    )
     args = p.parse_args(argv)
     try:
-        return run(args.filename or ["examples/shop/"], args.name, args.nodes, args.keep)
+        return run(
+            args.filename or ["examples/shop/"], args.name, args.nodes, args.keep, args.capture
+        )
     except (LabError, ValueError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 1

@@ -689,8 +689,9 @@ def down(lab: str, log: Log = print) -> list[str]:
     if pins.exists():  # maps the killed agents pinned (bpffs: unlink files, then rmdir)
         shutil.rmtree(pins, ignore_errors=True)
         removed.append(str(pins))
-        with contextlib.suppress(OSError):
-            pins.parent.rmdir()
+        for parent in (pins.parent, pins.parent.parent):  # .../veil/lab, then .../veil
+            with contextlib.suppress(OSError):
+                parent.rmdir()
     if removed:
         log(
             f"lab {lab!r} removed ({len([r for r in removed if r.startswith('netns')])} "
