@@ -16,6 +16,7 @@ import pytest
 
 from agent.capture import bpfsys, ebpf
 from agent.capture.iptables import CaptureError
+from agent.capture.modes import CaptureTarget
 from agent.capture.netns import NetNs
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
@@ -168,7 +169,7 @@ def test_missing_kernel_headers_and_btf_are_named_with_the_fix(monkeypatch, tmp_
 
 
 def test_a_pod_without_a_cgroup_is_not_captured(progs, scratch):
-    target = ebpf.CaptureTarget(str(scratch.path), "", POD)
+    target = CaptureTarget(str(scratch.path), "", POD)
     with pytest.raises(CaptureError, match="cgroup"):
         progs.install(target)
     assert not Path(f"{progs.pin_dir}/pods").exists() or not len(progs._bpf[b"veil_pods"])
