@@ -103,6 +103,14 @@ def headers_dir() -> Path:
 
 def preflight() -> None:
     """The causes bcc itself would report obscurely, each with its fix."""
+    from agent.lab import cgroups  # noqa: PLC0415 - cgroup2 mount lookup
+
+    try:
+        cgroups.root()
+    except cgroups.CgroupError as e:
+        raise CaptureError(
+            f"eBPF capture attaches to cgroup v2 groups: {e}; or use --capture iptables"
+        ) from None
     if not BTF.exists():
         raise CaptureError(
             f"eBPF capture needs kernel BTF ({BTF} is missing; the verifier needs it for "
