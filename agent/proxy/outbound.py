@@ -4,7 +4,10 @@
 VIP:port picks a random ready endpoint; a pod IP is that workload; a destination in the mesh
 is reached over HBONE at `<pod IP>:15008` with `:authority <pod IP>:<port>`, expecting the
 destination's SPIFFE identity; anything outside the mesh is passed through as plain TCP; a
-service with no ready endpoint is refused. `OutboundProxy` does the I/O.
+service with no ready endpoint is refused. A service (or pod) bound to a waypoint
+(`veil.dev/use-waypoint`) is reached through one of the waypoint's pods instead, with
+`:authority` the address the app dialled (the VIP:port), expecting the waypoint's identity;
+no ready waypoint pod means refused, never around it. `PodProxy` does the I/O.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from enum import Enum
 
 from agent.capture.rules import HBONE_PORT
 from agent.identity.spiffe import SpiffeId
-from agent.state.model import MeshState, Service, Workload
+from agent.state.model import MeshState, Service, Waypoint, Workload
 
 
 class Kind(Enum):
@@ -34,6 +37,7 @@ class Route:
     workload: Workload | None = None
     service: Service | None = None
     reason: str = ""
+    waypoint: Waypoint | None = None
 
 
 Choose = Callable[[Sequence[tuple[Workload, int]]], tuple[Workload, int]]
@@ -52,6 +56,8 @@ def route(
     hit = state.services_by_vip.get((ip, port))
     if hit is not None:
         service, sport = hit
+        if (wp := state.service_waypoint(service)) is not None:
+            return via_waypoint(state, wp, dst, trust_domain, choose, service=service)
         endpoints = state.endpoints(service, sport)
         if not endpoints:
             return Route(
@@ -66,6 +72,8 @@ def route(
         target = state.workloads_by_ip.get(ip)
     if target is None:
         return Route(Kind.PASSTHROUGH, (ip, port), reason="destination is outside the mesh")
+    if state.in_mesh(target) and (wp := state.workload_waypoint(target)) is not None:
+        return via_waypoint(state, wp, (ip, port), trust_domain, choose, service=service)
     if not state.in_mesh(target):
         return Route(
             Kind.PASSTHROUGH,
@@ -81,4 +89,35 @@ def route(
         identity=target.identity(trust_domain),
         workload=target,
         service=service,
+    )
+
+
+def via_waypoint(
+    state: MeshState,
+    wp: Waypoint,
+    dst: tuple[str, int],
+    trust_domain: str,
+    choose: Choose,
+    *,
+    service: Service | None,
+) -> Route:
+    pods = state.waypoint_pods(wp)
+    if not pods:
+        return Route(
+            Kind.REJECT,
+            dst,
+            service=service,
+            waypoint=wp,
+            reason=f"waypoint {wp.namespace}/{wp.name} has no ready pod",
+        )
+    pod, _ = choose([(p, HBONE_PORT) for p in pods])
+    assert pod.ip is not None
+    return Route(
+        Kind.HBONE,
+        (pod.ip, HBONE_PORT),
+        authority=f"{dst[0]}:{dst[1]}",
+        identity=wp.identity(trust_domain),
+        workload=pod,
+        service=service,
+        waypoint=wp,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,10 @@ from agent.identity.spiffe import SpiffeId
 DATAPLANE_MODE = "veil.dev/dataplane-mode"
 AMBIENT = "ambient"
 NONE = "none"
+USE_WAYPOINT = "veil.dev/use-waypoint"
+WAYPOINT_FOR = "veil.dev/waypoint-for"
+WAYPOINT_CLASS = "veil-waypoint"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,34 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Waypoint:
+    """A Gateway of class veil-waypoint: its pods run `veil waypoint` as service account
+    <gateway name>; `waypoint_for` says which traffic it takes (service, workload or all)."""
+
+    namespace: str
+    name: str
+    waypoint_for: str = "service"
+
+    def identity(self, trust_domain: str) -> SpiffeId:
+        return SpiffeId(trust_domain, self.namespace, self.name)
+
+    def takes(self, kind: str) -> bool:
+        return self.waypoint_for in (kind, "all")
+
+
+def waypoint_from(obj: Mapping[str, Any]) -> Waypoint | None:
+    spec = obj.get("spec") or {}
+    if spec.get("gatewayClassName") != WAYPOINT_CLASS:
+        return None
+    md = obj.get("metadata") or {}
+    labels = _str_map(md.get("labels"))
+    wfor = labels.get(WAYPOINT_FOR, "service")
+    if wfor not in ("service", "workload", "all", "none"):
+        raise ValueError(f"label {WAYPOINT_FOR}: {wfor!r} is not service, workload, all or none")
+    return Waypoint(md.get("namespace", "default"), md["name"], wfor)
+
+
+@dataclass(frozen=True)
 class MeshState:
     """One version of the cluster. Never mutated: a change is a new MeshState."""
 
@@ -89,6 +122,60 @@ class MeshState:
     @cached_property
     def services_by_vip(self) -> Mapping[tuple[str, int], tuple[Service, ServicePort]]:
         return {(s.vip, p.port): (s, p) for s in self.services if s.vip for p in s.ports}
+
+    @cached_property
+    def waypoints(self) -> Mapping[tuple[str, str], Waypoint]:
+        out = {}
+        for obj in self.others:
+            if obj.get("kind") == "Gateway":
+                with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                    if (wp := waypoint_from(obj)) is not None:
+                        out[(wp.namespace, wp.name)] = wp
+        return out
+
+    def waypoint_pods(self, wp: Waypoint) -> list[Workload]:
+        """The ready pods that run a waypoint."""
+        return [
+            w
+            for w in self.workloads
+            if w.namespace == wp.namespace
+            and w.labels.get(GATEWAY_NAME_LABEL) == wp.name
+            and w.ready
+            and w.ip
+        ]
+
+    def _use_waypoint(self, namespace: str, own: Mapping[str, str], kind: str) -> Waypoint | None:
+        """`veil.dev/use-waypoint` on the object, else on its namespace; `none` opts out."""
+        ns = self.namespaces.get(namespace)
+        name = own.get(USE_WAYPOINT) or (ns.labels.get(USE_WAYPOINT) if ns else None)
+        if not name or name == NONE:
+            return None
+        wp = self.waypoints.get((namespace, name))
+        return wp if wp is not None and wp.takes(kind) else None
+
+    def service_waypoint(self, service: Service) -> Waypoint | None:
+        return self._use_waypoint(service.namespace, service.labels, "service")
+
+    def workload_waypoint(self, w: Workload) -> Waypoint | None:
+        if w.labels.get(GATEWAY_NAME_LABEL):
+            return None  # a waypoint never sends its own traffic through a waypoint
+        return self._use_waypoint(w.namespace, w.labels, "workload")
+
+    def services_of(self, w: Workload) -> list[Service]:
+        return [
+            s
+            for s in self.services
+            if s.namespace == w.namespace
+            and s.selector
+            and all(w.labels.get(k) == v for k, v in s.selector.items())
+        ]
+
+    def bound_waypoints(self, w: Workload) -> set[Waypoint]:
+        """Waypoints traffic to this pod must come through (its own, its services')."""
+        out = {wp for s in self.services_of(w) if (wp := self.service_waypoint(s))}
+        if (own := self.workload_waypoint(w)) is not None:
+            out.add(own)
+        return out
 
     def workload(self, namespace: str, name: str) -> Workload | None:
         return next(

@@ -135,3 +135,105 @@ def test_vip_picks_among_ready_endpoints_with_the_named_target_port():
     assert picked == {"10.244.1.11:8080", "10.244.2.11:8080"}  # never the unready web-2
     seen = {route(STATE, CLIENT, ("10.96.0.10", 80), TD).authority for _ in range(200)}
     assert seen == picked  # random.choice spreads over both
+
+
+def gateway(ns: str, name: str, wfor: str | None = None) -> dict[str, Any]:
+    return {
+        "kind": "Gateway",
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {"veil.dev/waypoint-for": wfor} if wfor else {},
+        },
+        "spec": {
+            "gatewayClassName": "veil-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+    }
+
+
+def waypoint_state(
+    ns_labels: dict[str, str], svc_labels: dict[str, str], wfor: str | None = None, ready=True
+):
+    return build_state(
+        [
+            {"kind": "Namespace", "metadata": {"name": "mesh", "labels": ns_labels}},
+            pod("mesh", "client", "10.244.1.10", sa="client"),
+            pod("mesh", "web-0", "10.244.1.11", {"app": "web"}, sa="web"),
+            pod(
+                "mesh",
+                "wp-0",
+                "10.244.2.20",
+                {"gateway.networking.k8s.io/gateway-name": "wp", "veil.dev/dataplane-mode": "none"},
+                ready=ready,
+                sa="wp",
+            ),
+            gateway("mesh", "wp", wfor),
+            {
+                "kind": "Service",
+                "metadata": {"name": "web", "namespace": "mesh", "labels": svc_labels},
+                "spec": {
+                    "clusterIP": "10.96.0.10",
+                    "selector": {"app": "web"},
+                    "ports": [{"port": 80, "targetPort": 8080}],
+                },
+            },
+        ],
+        1,
+    )
+
+
+AMB = {"veil.dev/dataplane-mode": "ambient"}
+USE = {"veil.dev/use-waypoint": "wp"}
+
+
+@pytest.mark.parametrize(
+    ("ns_labels", "svc_labels", "wfor", "via"),
+    [
+        ({**AMB, **USE}, {}, None, True),  # namespace opts in: services go through it
+        (AMB, USE, None, True),  # the Service opts in
+        ({**AMB, **USE}, {"veil.dev/use-waypoint": "none"}, None, False),  # the Service opts out
+        (AMB, {"veil.dev/use-waypoint": "other"}, None, False),  # no such waypoint
+        # a workload waypoint: the VIP picks the pod, then the pod's waypoint takes it
+        ({**AMB, **USE}, {}, "workload", "10.244.1.11:8080"),
+        ({**AMB, **USE}, {}, "all", True),
+    ],
+)
+def test_service_traffic_goes_through_its_waypoint(ns_labels, svc_labels, wfor, via):
+    state = waypoint_state(ns_labels, svc_labels, wfor)
+    client = state.workload("mesh", "client")
+    r = route(state, client, ("10.96.0.10", 80), TD, choose=lambda eps: eps[0])
+    assert r.kind is Kind.HBONE
+    if via:
+        assert r.address == ("10.244.2.20", 15008)
+        # the service's waypoint picks the backend; a workload's gets the chosen pod
+        assert r.authority == ("10.96.0.10:80" if via is True else via)
+        assert str(r.identity) == "spiffe://cluster.local/ns/mesh/sa/wp"
+        assert r.waypoint is not None and r.waypoint.name == "wp"
+    else:
+        assert r.address == ("10.244.1.11", 15008) and r.waypoint is None
+
+
+def test_pod_traffic_goes_through_a_workload_waypoint_only():
+    state = waypoint_state({**AMB, **USE}, {}, "workload")
+    client = state.workload("mesh", "client")
+    r = route(state, client, ("10.244.1.11", 8080), TD, choose=lambda eps: eps[0])
+    assert r.address == ("10.244.2.20", 15008) and r.authority == "10.244.1.11:8080"
+    state = waypoint_state({**AMB, **USE}, {}, "service")
+    r = route(state, state.workload("mesh", "client"), ("10.244.1.11", 8080), TD)
+    assert r.address == ("10.244.1.11", 15008)  # service waypoints take only VIP traffic
+
+
+def test_no_ready_waypoint_pod_refuses_rather_than_bypassing():
+    state = waypoint_state({**AMB, **USE}, {}, ready=False)
+    r = route(state, state.workload("mesh", "client"), ("10.96.0.10", 80), TD)
+    assert r.kind is Kind.REJECT and "waypoint mesh/wp has no ready pod" in r.reason
+
+
+def test_waypoint_bound_pods_know_their_waypoint():
+    state = waypoint_state({**AMB, **USE}, {}, "all")
+    web = state.workload("mesh", "web-0")
+    wp = state.workload("mesh", "wp-0")
+    assert {w.name for w in state.bound_waypoints(web)} == {"wp"}
+    assert state.bound_waypoints(wp) == set()  # the waypoint's own pod is not bound to itself
