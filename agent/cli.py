@@ -158,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--ready-listen", default="0.0.0.0:15021")
     ag.add_argument("--log-level", default="info", choices=LEVELS)
 
+    wp = sub.add_parser("waypoint", help="run a namespace's L7 waypoint (a Gateway's pod)")
+    wp.add_argument("--gateway", required=True, help="the Gateway (class veil-waypoint) served")
+    wp.add_argument("--namespace", required=True)
+    env = os.environ.get
+    wp.add_argument("--state-dir", type=Path, default=env("VEIL_STATE_DIR"))
+    wp.add_argument("--ca-address", default=env("VEIL_CA_ADDRESS", "veil-ca.veil-system.svc:15012"))
+    wp.add_argument("--ca-root", type=Path, default=env("VEIL_CA_ROOT"))
+    wp.add_argument(
+        "--token-file", type=Path, default=env("VEIL_TOKEN_FILE"), help="the pod's own credential"
+    )
+    wp.add_argument("--trust-domain", default=env("VEIL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
+    wp.add_argument("--log-level", default="info", choices=LEVELS)
+
     lb = labsub.add_parser("label", help="set (k=v) or remove (k-) labels of a namespace or pod")
     lb.add_argument("kind", choices=["namespace", "ns", "pod", "po"])
     lb.add_argument("object", help="namespace or pod name")
@@ -188,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("ca", "agent"):
+    if args.command in ("ca", "agent", "waypoint"):
         return run_daemon(args)
     if args.command == "echo":
         from agent.lab import echo  # noqa: PLC0415 - keep `veil lab` start-up free of trio
@@ -308,7 +321,7 @@ def run_daemon(args: argparse.Namespace) -> int:
                 server_name=args.server_name,
             )
             trio.run(ca_app.run, cfg)
-        else:
+        elif args.command == "agent":
             from agent.app import Agent  # noqa: PLC0415
 
             acfg = AgentConfig(
@@ -328,6 +341,29 @@ def run_daemon(args: argparse.Namespace) -> int:
                 bpf_pin_dir=args.bpf_pin_dir,
             )
             trio.run(Agent(acfg).run)
+        else:
+            from waypoint.app import WaypointConfig, WaypointServer  # noqa: PLC0415
+
+            missing = [
+                f"--{n.replace('_', '-')}"
+                for n in ("state_dir", "ca_root", "token_file")
+                if getattr(args, n) is None
+            ]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)} (or the VEIL_* environment)")
+            trio.run(
+                WaypointServer(
+                    WaypointConfig(
+                        gateway=args.gateway,
+                        namespace=args.namespace,
+                        state_dir=args.state_dir,
+                        ca_address=parse_hostport(args.ca_address, 15012),
+                        ca_root=args.ca_root,
+                        token_file=args.token_file,
+                        trust_domain=args.trust_domain,
+                    )
+                ).run
+            )
     except (ValueError, OSError) as e:
         print(f"veil {args.command}: {e}", file=sys.stderr)
         return 1

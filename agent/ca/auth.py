@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +34,7 @@ class AuthError(Exception):
 @dataclass(frozen=True)
 class NodeCredential:
     node: str
+    identity: str | None = None  # a workload's credential: only this identity (its own)
 
 
 class NodeAuthenticator(Protocol):
@@ -47,12 +49,26 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def write_tokens_file(path: Path, entries: dict[str, tuple[str, datetime.datetime]]) -> None:
-    """entries: node -> (token, expiry). Only hashes are written."""
+def write_tokens_file(
+    path: Path,
+    entries: dict[str, tuple[str, datetime.datetime]],
+    workloads: Sequence[tuple[str, str, str, datetime.datetime]] = (),
+) -> None:
+    """entries: node -> (token, expiry); workloads: (node, identity, token, expiry), credentials
+    a pod (a waypoint) uses for its own identity only. Only hashes are written."""
     doc = {
         "tokens": [
             {"node": node, "sha256": token_hash(tok), "expires": exp.isoformat()}
             for node, (tok, exp) in sorted(entries.items())
+        ]
+        + [
+            {
+                "node": node,
+                "identity": identity,
+                "sha256": token_hash(tok),
+                "expires": exp.isoformat(),
+            }
+            for node, identity, tok, exp in workloads
         ]
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +84,7 @@ class BootstrapTokens:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._mtime: int | None = None
-        self._entries: list[tuple[str, str, datetime.datetime]] = []
+        self._entries: list[tuple[str, str, datetime.datetime, str | None]] = []
 
     def _load(self) -> None:
         try:
@@ -80,7 +96,12 @@ class BootstrapTokens:
             return
         doc = yaml.safe_load(self.path.read_text()) or {}
         self._entries = [
-            (e["node"], e["sha256"], datetime.datetime.fromisoformat(e["expires"]))
+            (
+                e["node"],
+                e["sha256"],
+                datetime.datetime.fromisoformat(e["expires"]),
+                e.get("identity"),
+            )
             for e in doc.get("tokens", [])
         ]
         self._mtime = mtime
@@ -94,7 +115,7 @@ class BootstrapTokens:
             )
         self._load()
         digest = token_hash(bearer)
-        for node, expected, expires in self._entries:
+        for node, expected, expires, identity in self._entries:
             if hmac.compare_digest(digest, expected):
                 if datetime.datetime.now(datetime.UTC) >= expires:
                     raise AuthError(
@@ -102,7 +123,7 @@ class BootstrapTokens:
                         "credential_expired",
                         f"the bootstrap credential of node {node} expired at {expires.isoformat()}",
                     )
-                return NodeCredential(node=node)
+                return NodeCredential(node=node, identity=identity)
         raise AuthError(401, "unknown_credential", "unknown node credential")
 
 
@@ -119,7 +140,14 @@ class TokenReviewAuthenticator:
 
 
 def authorize(state: MeshState, node: NodeCredential, identity: SpiffeId) -> None:
-    """A node may obtain an identity only while a workload with it is scheduled there."""
+    """A node may obtain an identity only while a workload with it is scheduled there; a
+    workload's credential only its own identity."""
+    if node.identity is not None and node.identity != str(identity):
+        raise AuthError(
+            403,
+            "not_this_identity",
+            f"this credential is for {node.identity} only, not {identity}",
+        )
     if identity in state.identities_on_node(node.node, identity.trust_domain):
         return
     elsewhere = sorted(

@@ -28,6 +28,7 @@ from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from agent.lab import cgroups, netns, store
 from agent.lab.errors import LabError
 from agent.lab.plan import UNDERLAY_CIDR, LabPlan
+from agent.state.model import GATEWAY_NAME_LABEL
 
 CA_IP = UNDERLAY_CIDR.network_address + 2
 CA_PORT = 15012
@@ -67,21 +68,40 @@ def daemon_env() -> dict[str, str]:
     }
 
 
-def build_cp_netns(lab: str, underlay: str) -> None:
+def build_cp_netns(lab: str, underlay: str, routes: Sequence[tuple[str, str]] = ()) -> None:
+    """The control-plane netns on the underlay; `routes` (pod CIDR, node IP) let pods that
+    talk to the CA themselves (waypoints) be answered."""
     ns = cp_netns(lab)
     netns.add(ns)
     netns.ip(underlay, "link", "add", "cp", "type", "veth", "peer", "name", "eth0", "netns", ns)
     netns.ip(underlay, "link", "set", "cp", "master", "br0", "up")
     netns.ip(ns, "addr", "add", f"{CA_IP}/{UNDERLAY_CIDR.prefixlen}", "dev", "eth0")
     netns.ip(ns, "link", "set", "eth0", "up")
+    for cidr, via in routes:
+        netns.ip(ns, "route", "add", cidr, "via", via)
 
 
-def write_node_credentials(plan: LabPlan) -> None:
+def pod_dir(lab: str, namespace: str, name: str) -> Path:
+    return store.lab_dir(lab) / "pods" / f"{namespace}_{name}"
+
+
+def write_node_credentials(plan: LabPlan, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+    """A bootstrap token per node (its agent), and per waypoint pod a token good only for its
+    own identity (what its projected service-account token would be on Kubernetes)."""
     expiry = datetime.datetime.now(datetime.UTC) + TOKEN_LIFETIME
     tokens = {n.name: (new_token(), expiry) for n in plan.nodes}
+    workloads = []
+    for p in plan.pods:
+        if p.labels.get(GATEWAY_NAME_LABEL):
+            token = new_token()
+            identity = f"spiffe://{trust_domain}/ns/{p.namespace}/sa/{p.spec.service_account}"
+            workloads.append((p.node, identity, token, expiry))
+            d = pod_dir(plan.name, p.namespace, p.name)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            store.atomic_write(d / "token", token + "\n", mode=0o600)
     ca = ca_dir(plan.name)
     ca.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_tokens_file(ca / "bootstrap-tokens.yaml", tokens)
+    write_tokens_file(ca / "bootstrap-tokens.yaml", tokens, workloads)
     for node, (token, _) in tokens.items():
         d = node_dir(plan.name, node)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -211,6 +231,16 @@ def start_agents(
             )
         )
     return out
+
+
+def waypoint_env(lab: str, namespace: str, name: str, node: str) -> dict[str, str]:
+    """How a waypoint pod finds the cluster state, the CA and its own credential."""
+    return {
+        "VEIL_STATE_DIR": str(store.state_dir(lab)),
+        "VEIL_CA_ADDRESS": f"{CA_IP}:{CA_PORT}",
+        "VEIL_CA_ROOT": str(node_dir(lab, node) / "ca-root.pem"),
+        "VEIL_TOKEN_FILE": str(pod_dir(lab, namespace, name) / "token"),
+    }
 
 
 def bpf_lab_dir(lab: str) -> Path:

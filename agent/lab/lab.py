@@ -63,6 +63,7 @@ from agent.lab.plan import (
     render_service_nat,
     stable_uid,
 )
+from agent.state.model import GATEWAY_NAME_LABEL
 
 ETC_NETNS = Path("/etc/netns")
 READY_TIMEOUT = 30.0
@@ -215,7 +216,9 @@ def up(
     try:
         cgroups.create(cg)
         build_topology(plan, log)
-        controlplane.build_cp_netns(lab, underlay_netns(lab))
+        controlplane.build_cp_netns(
+            lab, underlay_netns(lab), [(str(n.pod_cidr), str(n.underlay_ip)) for n in plan.nodes]
+        )
         write_static_objects(plan)
         # Control plane and node agents first, as on a real cluster: the CA, then one agent
         # per node (DaemonSet pods are up before the workloads they serve).
@@ -369,6 +372,8 @@ def start_pod(
     logs = store.lab_dir(lab) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = pod_env(pod, ip, node)
+    if pod.labels.get(GATEWAY_NAME_LABEL):
+        env |= controlplane.waypoint_env(lab, pod.namespace, pod.name, node.name)
     procs = [
         spawn(
             ns,
@@ -556,9 +561,21 @@ def write_pod(plan: LabPlan, pod: PodPlan, ip: IPv4Address | None, phase: str, r
                 "uid": _uid("Deployment", pod.namespace, pod.owner),
             }
         ]
-    source_spec = (
-        pod.source.raw["spec"]["template"]["spec"] if pod.owner else pod.source.raw["spec"]
-    )
+    if pod.source.kind == "Gateway":  # a waypoint pod: its spec is the lab's, not the user's
+        source_spec: dict[str, Any] = {
+            "containers": [
+                {
+                    "name": c.name,
+                    "command": list(c.command),
+                    "ports": [{"name": p.name, "containerPort": p.container_port} for p in c.ports],
+                }
+                for c in pod.spec.containers
+            ]
+        }
+    else:
+        source_spec = (
+            pod.source.raw["spec"]["template"]["spec"] if pod.owner else pod.source.raw["spec"]
+        )
     node = plan.node(pod.node)
     condition = "True" if ready else "False"
     store.write_object(

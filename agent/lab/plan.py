@@ -15,7 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
+from agent.capture.rules import HBONE_PORT
 from agent.lab.manifests import (
+    Container,
+    ContainerPort,
     Deployment,
     ManifestError,
     Meta,
@@ -27,6 +30,7 @@ from agent.lab.manifests import (
     ServiceAccount,
     ServicePort,
 )
+from agent.state.model import DATAPLANE_MODE, GATEWAY_NAME_LABEL, NONE, WAYPOINT_CLASS
 
 SERVICE_CIDR = IPv4Network("10.96.0.0/16")
 UNDERLAY_CIDR = IPv4Network("172.30.0.0/24")
@@ -200,6 +204,12 @@ def make_plan(objects: Sequence[Object], lab_name: str, node_count: int) -> LabP
                 )
                 for i in range(o.replicas)
             ]
+    for o in objects:
+        if (wp := waypoint_pod(o)) is not None:  # what the Gateway controller would deploy
+            pods.append(wp)
+            if (wp.namespace, wp.spec.service_account) not in sa_names:
+                accounts.append(_implicit_account(wp.namespace, wp.spec.service_account))
+                sa_names.add((wp.namespace, wp.spec.service_account))
     seen: dict[tuple[str, str], PodPlan] = {}
     node_set = {n.name for n in nodes}
     for p in pods:
@@ -248,16 +258,44 @@ def _implicit_namespace(name: str) -> Namespace:
     return Namespace(kind="Namespace", api_version="v1", meta=meta, origin="(implicit)", raw=raw)
 
 
-def _implicit_account(namespace: str) -> ServiceAccount:
-    """Every namespace has a `default` service account, as Kubernetes creates one."""
+def _implicit_account(namespace: str, name: str = "default") -> ServiceAccount:
+    """Every namespace has a `default` service account, as Kubernetes creates one (and the
+    waypoint controller one per waypoint)."""
     raw = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": {"name": "default", "namespace": namespace},
+        "metadata": {"name": name, "namespace": namespace},
     }
-    meta = Meta(name="default", namespace=namespace, labels={}, annotations={})
+    meta = Meta(name=name, namespace=namespace, labels={}, annotations={})
     return ServiceAccount(
         kind="ServiceAccount", api_version="v1", meta=meta, origin="(implicit)", raw=raw
+    )
+
+
+def waypoint_pod(o: Object) -> PodPlan | None:
+    """The pod a Gateway of class veil-waypoint gets: `veil waypoint` as service account
+    <gateway>, not captured itself (it speaks HBONE), labelled with the gateway's name."""
+    if o.kind != "Gateway" or (o.raw.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
+        return None
+    ns, name = o.meta.namespace or "default", o.meta.name
+    return PodPlan(
+        namespace=ns,
+        name=f"{name}-0",
+        node="",
+        labels={GATEWAY_NAME_LABEL: name, DATAPLANE_MODE: NONE},
+        annotations={},
+        spec=PodSpec(
+            containers=(
+                Container(
+                    name="waypoint",
+                    command=("veil", "waypoint", "--gateway", name, "--namespace", ns),
+                    ports=(ContainerPort(HBONE_PORT, "mesh"),),
+                ),
+            ),
+            service_account=name,
+        ),
+        owner=name,
+        source=o,
     )
 
 

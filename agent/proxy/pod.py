@@ -259,7 +259,12 @@ class PodProxy:
         except OSError:
             abort(client)
             return
-        d = self.ctx.authorize(self.workload, self._facts(peer[0], dst[1], None))
+        bypass = self._bypass(None)
+        d = (
+            Decision(False, "", bypass)
+            if bypass
+            else self.ctx.authorize(self.workload, self._facts(peer[0], dst[1], None))
+        )
         c = Connection(
             "destination",
             "plaintext",
@@ -273,7 +278,7 @@ class PodProxy:
         if not d.allowed:
             abort(client)  # plaintext has no status to carry a 401: the connection is reset
             c.response_flags, c.policy = "RBAC", d.policy
-            c.error = f"denied by policy {d.policy or '-'}: {d.reason}"
+            c.error = f"denied by policy {d.policy}: {d.reason}" if d.policy else d.reason
             self.ctx.report(c)
             return
         try:
@@ -335,8 +340,13 @@ class PodProxy:
                 stream.close()
             return
         assert not isinstance(req, BadRequest)
-        d = self.ctx.authorize(
-            self.workload, self._facts(peer_ip, req.target[1], peer_id.istio_principal)
+        bypass = self._bypass(peer_id)
+        d = (
+            Decision(False, "", bypass)
+            if bypass
+            else self.ctx.authorize(
+                self.workload, self._facts(peer_ip, req.target[1], peer_id.istio_principal)
+            )
         )
         if not d.allowed:
             io.conn.respond(req.stream_id, 401, end_stream=True)
@@ -345,7 +355,7 @@ class PodProxy:
                 stream.close()
             c = self._inbound(peer_ip, peer_id, req.target[1])
             c.response_flags, c.policy = "RBAC", d.policy
-            c.error = f"denied by policy {d.policy or '-'}: {d.reason}"
+            c.error = f"denied by policy {d.policy}: {d.reason}" if d.policy else d.reason
             self.ctx.report(c)
             return
         io.spawn(
@@ -384,6 +394,18 @@ class PodProxy:
                     if s.name == value and s.namespace == self.workload.namespace:
                         return s
         return None
+
+    def _bypass(self, peer: SpiffeId | None) -> str | None:
+        """Why a connection may not reach this pod directly: it is bound to a waypoint
+        (its own or a service's) and the peer is not that waypoint. None: it may."""
+        state = self.ctx.store.current
+        current = state.workload(self.workload.namespace, self.workload.name) or self.workload
+        bound = state.bound_waypoints(current)
+        if not bound or peer in {wp.identity(self.ctx.trust_domain) for wp in bound}:
+            return None
+        names = ", ".join(sorted(f"{wp.namespace}/{wp.name}" for wp in bound))
+        log.info("%s -> %s refused: must come through waypoint %s", peer, self.workload.key, names)
+        return f"waypoint bypass: traffic to {self.workload.key} must come through {names}"
 
     def _facts(self, source_ip: str, port: int, principal: str | None) -> Facts:
         current = self.ctx.store.current.workload(self.workload.namespace, self.workload.name)

@@ -135,3 +135,18 @@ async def test_a_lagging_snapshot_gets_a_moment_to_catch_up(tmp_path):
         n.start_soon(pod_appears)
         status, doc = await ca.post(body(FRONTEND), ca.tokens["node1"])
     assert status == 200, doc
+
+
+async def test_a_workload_credential_obtains_only_its_own_identity(ca):
+    """A waypoint pod's credential (the lab's stand-in for its projected token)."""
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+    write_tokens_file(
+        ca.tokens_file,
+        {"node1": (ca.tokens["node1"], soon)},
+        [("node1", str(FRONTEND), "pod-token", soon)],
+    )
+    status, doc = await ca.post(body(FRONTEND), "pod-token")
+    assert status == 200, doc
+    status, doc = await ca.post(body(CATALOG), "pod-token")
+    assert (status, doc["code"]) == (403, "not_this_identity")
+    assert f"this credential is for {FRONTEND} only" in doc["error"]

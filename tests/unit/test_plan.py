@@ -175,3 +175,24 @@ def test_service_nat_rules_golden():
 def test_bad_lab_names(name):
     with pytest.raises(ValueError, match="invalid lab name"):
         check_lab_name(name)
+
+
+def test_a_waypoint_gateway_gets_its_pod_and_service_account():
+    gw = (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
+        "metadata: {name: waypoint, namespace: shop}\n"
+        "spec: {gatewayClassName: veil-waypoint, listeners: [{name: mesh, port: 15008, "
+        "protocol: HBONE}]}\n---\n"
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
+        "metadata: {name: ingress, namespace: shop}\nspec: {gatewayClassName: other}\n---\n"
+    )
+    plan = plan_of(NS + gw)
+    (wp,) = list(plan.pods)  # only the veil-waypoint class gets a pod
+    assert (wp.namespace, wp.name, wp.spec.service_account) == ("shop", "waypoint-0", "waypoint")
+    assert wp.labels == {
+        "gateway.networking.k8s.io/gateway-name": "waypoint",
+        "veil.dev/dataplane-mode": "none",  # it speaks HBONE itself
+    }
+    assert wp.spec.containers[0].command[:2] == ("veil", "waypoint")
+    assert ("shop", "waypoint") in {(a.meta.namespace, a.meta.name) for a in plan.service_accounts}
+    assert wp.node in ("node1", "node2")

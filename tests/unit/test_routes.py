@@ -1,0 +1,170 @@
+"""HTTPRoute matching, precedence and weighted choice (pure)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from waypoint.routes import RequestFacts, RouteError, parse_route, pick_backend, select
+
+
+def route(name: str, rules: list[dict[str, Any]], created: str = "") -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "shop", "creationTimestamp": created},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "catalog", "port": 9080}],
+            "rules": rules,
+        },
+    }
+
+
+def backend(name: str, weight: int = 1) -> dict[str, Any]:
+    return {"name": name, "port": 9080, "weight": weight}
+
+
+ROUTE = parse_route(
+    route(
+        "catalog",
+        [
+            {
+                "matches": [{"path": {"type": "Exact", "value": "/items"}}],
+                "backendRefs": [backend("exact")],
+            },
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/items"}}],
+                "backendRefs": [backend("prefix")],
+            },
+            {
+                "matches": [
+                    {
+                        "path": {"type": "PathPrefix", "value": "/"},
+                        "headers": [{"name": "X-Canary", "value": "yes"}],
+                    }
+                ],
+                "backendRefs": [backend("canary")],
+            },
+            {"matches": [{"method": "POST"}], "backendRefs": [backend("writes")]},
+            {
+                "matches": [
+                    {"queryParams": [{"name": "v", "type": "RegularExpression", "value": "2|two"}]}
+                ],
+                "backendRefs": [backend("query")],
+            },
+            {
+                "matches": [{"path": {"type": "RegularExpression", "value": "/api/v[0-9]+/.*"}}],
+                "backendRefs": [backend("regex")],
+            },
+            {"backendRefs": [backend("default")]},
+        ],
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "want"),
+    [
+        ("GET", "/items", {}, "exact"),
+        ("GET", "/items/7", {}, "prefix"),
+        ("GET", "/itemsx", {}, "default"),  # a prefix matches whole path segments only
+        ("GET", "/", {"x-canary": "yes"}, "canary"),
+        ("GET", "/items", {"X-Canary": "yes"}, "exact"),  # Exact path beats headers
+        ("POST", "/", {}, "writes"),
+        ("GET", "/?v=two", {}, "query"),
+        ("GET", "/?v=3", {}, "default"),
+        ("GET", "/api/v1/x", {}, "regex"),
+        ("GET", "/other", {}, "default"),
+    ],
+)
+def test_gateway_api_precedence(method, target, headers, want):
+    hit = select([ROUTE], RequestFacts.of(method, target, headers.items()))
+    assert hit is not None
+    assert hit[1].backends[0].name == want
+
+
+def test_no_match_without_a_catch_all():
+    r = parse_route(
+        route(
+            "x",
+            [
+                {
+                    "matches": [{"path": {"type": "Exact", "value": "/a"}}],
+                    "backendRefs": [backend("a")],
+                }
+            ],
+        )
+    )
+    assert select([r], RequestFacts.of("GET", "/b", [])) is None
+
+
+def test_older_route_wins_a_tie():
+    older = parse_route(route("b", [{"backendRefs": [backend("older")]}], "2026-01-01T00:00:00Z"))
+    newer = parse_route(route("a", [{"backendRefs": [backend("newer")]}], "2026-02-01T00:00:00Z"))
+    hit = select([newer, older], RequestFacts.of("GET", "/", []))
+    assert hit is not None and hit[1].backends[0].name == "older"
+
+
+def test_a_90_10_split_lands_within_a_few_percent():
+    r = parse_route(route("split", [{"backendRefs": [backend("v1", 90), backend("v2", 10)]}]))
+    rng = random.Random(7)
+    got = Counter(b.name for _ in range(2000) if (b := pick_backend(r.rules[0], rng)))
+    assert abs(got["v2"] / 2000 - 0.10) < 0.03
+    zero = parse_route(route("z", [{"backendRefs": [backend("v1", 0)]}]))
+    assert pick_backend(zero.rules[0]) is None
+
+
+def test_header_modifiers_set_add_remove():
+    r = parse_route(
+        route(
+            "m",
+            [
+                {
+                    "filters": [
+                        {
+                            "type": "RequestHeaderModifier",
+                            "requestHeaderModifier": {
+                                "set": [{"name": "X-Env", "value": "canary"}],
+                                "add": [{"name": "X-Seen", "value": "waypoint"}],
+                                "remove": ["X-Drop"],
+                            },
+                        }
+                    ],
+                    "backendRefs": [backend("a")],
+                }
+            ],
+        )
+    )
+    mod = r.rules[0].request_headers
+    assert mod is not None
+    out = mod.apply([("x-env", "prod"), ("X-Drop", "1"), ("Accept", "*/*")])
+    assert out == [("Accept", "*/*"), ("X-Env", "canary"), ("X-Seen", "waypoint")]
+
+
+@pytest.mark.parametrize(
+    ("rules", "field"),
+    [
+        (
+            [{"matches": [{"path": {"type": "Glob", "value": "/a"}}]}],
+            "rules[0].matches[0].path.type",
+        ),
+        (
+            [{"matches": [{"path": {"type": "PathPrefix", "value": "a"}}]}],
+            "rules[0].matches[0].path.value",
+        ),
+        (
+            [{"matches": [{"path": {"type": "RegularExpression", "value": "("}}]}],
+            "rules[0].matches[0].path.value",
+        ),
+        ([{"backendRefs": [{"name": "a"}]}], "rules[0].backendRefs[0].port"),
+        ([{"filters": [{"type": "ExtensionRef"}]}], "rules[0].filters[0].type"),
+    ],
+)
+def test_invalid_routes_name_the_field(rules, field):
+    with pytest.raises(
+        RouteError, match=f"HTTPRoute shop/bad: spec.{field.replace('[', '.').replace(']', '.')}"
+    ):
+        parse_route(route("bad", rules))

@@ -1,0 +1,313 @@
+"""HTTPRoute (gateway.networking.k8s.io/v1, GAMMA: parentRefs to a Service), pure.
+
+`parse_route` turns an API object into an `HttpRoute` (RouteError names the field);
+`select` picks the rule for a request with Gateway API's precedence; `pick_backend` makes the
+weighted choice. No I/O: the waypoint feeds requests in and acts on what comes out.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+API_GROUP = "gateway.networking.k8s.io"
+
+
+class RouteError(ValueError):
+    """An HTTPRoute the waypoint cannot apply; the message names the route and field."""
+
+
+@dataclass(frozen=True)
+class PathMatch:
+    type: str  # Exact | PathPrefix | RegularExpression
+    value: str
+
+    def matches(self, path: str) -> bool:
+        if self.type == "Exact":
+            return path == self.value
+        if self.type == "PathPrefix":
+            prefix = self.value.rstrip("/")
+            return prefix in ("", path) or path.startswith(prefix + "/")
+        return re.fullmatch(self.value, path) is not None
+
+
+@dataclass(frozen=True)
+class ValueMatch:
+    """A header or query parameter match (names of headers compare case-insensitively)."""
+
+    name: str
+    value: str
+    type: str = "Exact"  # Exact | RegularExpression
+
+    def matches(self, got: str | None) -> bool:
+        if got is None:
+            return False
+        return got == self.value if self.type == "Exact" else bool(re.fullmatch(self.value, got))
+
+
+@dataclass(frozen=True)
+class Match:
+    path: PathMatch = PathMatch("PathPrefix", "/")
+    headers: tuple[ValueMatch, ...] = ()
+    query: tuple[ValueMatch, ...] = ()
+    method: str | None = None
+
+    def matches(self, req: RequestFacts) -> bool:
+        return (
+            self.path.matches(req.path)
+            and (self.method is None or self.method == req.method)
+            and all(h.matches(req.header(h.name)) for h in self.headers)
+            and all(q.matches(req.query.get(q.name)) for q in self.query)
+        )
+
+    def precedence(self) -> tuple[int, int, int, int, int]:
+        """Gateway API order: Exact path, then longest path, method, most headers, most query
+        params (bigger sorts first)."""
+        return (
+            1 if self.path.type == "Exact" else 0,
+            len(self.path.value),
+            1 if self.method else 0,
+            len(self.headers),
+            len(self.query),
+        )
+
+
+@dataclass(frozen=True)
+class HeaderModifier:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def apply(self, headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        drop = {n.lower() for n in self.remove} | {n.lower() for n, _ in self.set}
+        out = [(n, v) for n, v in headers if n.lower() not in drop]
+        return out + list(self.set) + list(self.add)
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    name: str  # a Service in the route's namespace (or `namespace`)
+    namespace: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    matches: tuple[Match, ...] = (Match(),)
+    backends: tuple[BackendRef, ...] = ()
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
+
+
+@dataclass(frozen=True)
+class HttpRoute:
+    namespace: str
+    name: str
+    parents: tuple[tuple[str, str, int | None], ...]  # (namespace, Service, port or any)
+    rules: tuple[Rule, ...]
+    created: str = ""  # creationTimestamp, for ties
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def attaches_to(self, namespace: str, service: str, port: int) -> bool:
+        return any(
+            ns == namespace and name == service and (p is None or p == port)
+            for ns, name, p in self.parents
+        )
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    method: str
+    path: str  # without the query string
+    headers: Mapping[str, str]  # lower-case names
+    query: Mapping[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def of(method: str, target: str, headers: Iterable[tuple[str, str]]) -> RequestFacts:
+        path, _, qs = target.partition("?")
+        return RequestFacts(
+            method=method.upper(),
+            path=path or "/",
+            headers={n.lower(): v for n, v in headers},
+            query=dict(parse_qsl(qs, keep_blank_values=True)),
+        )
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+
+def _list(v: Any, where: str) -> list[Any]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise RouteError(f"{where}: expected a list")
+    return v
+
+
+def _values(items: Any, where: str) -> tuple[ValueMatch, ...]:
+    out = []
+    for i, m in enumerate(_list(items, where)):
+        kind = m.get("type", "Exact")
+        if kind not in ("Exact", "RegularExpression"):
+            raise RouteError(f"{where}[{i}].type: {kind!r} is not Exact or RegularExpression")
+        if kind == "RegularExpression":
+            _check_regex(m.get("value", ""), f"{where}[{i}].value")
+        out.append(ValueMatch(str(m["name"]), str(m.get("value", "")), kind))
+    return tuple(out)
+
+
+def _check_regex(value: str, where: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise RouteError(f"{where}: invalid regular expression: {e}") from None
+
+
+def _match(m: Mapping[str, Any], where: str) -> Match:
+    path = m.get("path") or {}
+    ptype = path.get("type", "PathPrefix")
+    pvalue = str(path.get("value", "/"))
+    if ptype not in ("Exact", "PathPrefix", "RegularExpression"):
+        raise RouteError(
+            f"{where}.path.type: {ptype!r} is not Exact, PathPrefix or RegularExpression"
+        )
+    if ptype == "RegularExpression":
+        _check_regex(pvalue, f"{where}.path.value")
+    elif not pvalue.startswith("/"):
+        raise RouteError(f"{where}.path.value: {pvalue!r} must start with /")
+    method = m.get("method")
+    return Match(
+        path=PathMatch(ptype, pvalue),
+        headers=_values(m.get("headers"), f"{where}.headers"),
+        query=_values(m.get("queryParams"), f"{where}.queryParams"),
+        method=str(method).upper() if method else None,
+    )
+
+
+def _modifier(f: Mapping[str, Any] | None) -> HeaderModifier | None:
+    if not f:
+        return None
+    return HeaderModifier(
+        set=tuple((str(h["name"]), str(h["value"])) for h in f.get("set") or []),
+        add=tuple((str(h["name"]), str(h["value"])) for h in f.get("add") or []),
+        remove=tuple(str(n) for n in f.get("remove") or []),
+    )
+
+
+SUPPORTED_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier")
+
+
+def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
+    md = obj.get("metadata") or {}
+    ns, name = md.get("namespace", "default"), md.get("name", "?")
+    spec = obj.get("spec") or {}
+    where = f"HTTPRoute {ns}/{name}: spec"
+    try:
+        parents = []
+        for i, p in enumerate(_list(spec.get("parentRefs"), f"{where}.parentRefs")):
+            kind, group = p.get("kind", "Gateway"), p.get("group", API_GROUP)
+            if kind == "Service" and group in ("", "core"):
+                parents.append((p.get("namespace", ns), str(p["name"]), p.get("port")))
+            elif kind != "Gateway":
+                raise RouteError(f"{where}.parentRefs[{i}]: kind {kind!r} is not Service")
+        rules = []
+        for i, r in enumerate(_list(spec.get("rules"), f"{where}.rules") or [{}]):
+            rw = f"{where}.rules[{i}]"
+            matches = tuple(
+                _match(m, f"{rw}.matches[{j}]")
+                for j, m in enumerate(_list(r.get("matches"), f"{rw}.matches"))
+            ) or (Match(),)
+            req_mod = resp_mod = None
+            for j, f in enumerate(_list(r.get("filters"), f"{rw}.filters")):
+                ftype = f.get("type")
+                if ftype == "RequestHeaderModifier":
+                    req_mod = _modifier(f.get("requestHeaderModifier"))
+                elif ftype == "ResponseHeaderModifier":
+                    resp_mod = _modifier(f.get("responseHeaderModifier"))
+                else:
+                    raise RouteError(
+                        f"{rw}.filters[{j}].type: {ftype!r} is not supported yet "
+                        f"({', '.join(SUPPORTED_FILTERS)})"
+                    )
+            backends = []
+            for j, b in enumerate(_list(r.get("backendRefs"), f"{rw}.backendRefs")):
+                if b.get("kind", "Service") != "Service":
+                    raise RouteError(f"{rw}.backendRefs[{j}].kind: only Service")
+                if "port" not in b:
+                    raise RouteError(f"{rw}.backendRefs[{j}].port: required for a Service")
+                weight = int(b.get("weight", 1))
+                if weight < 0:
+                    raise RouteError(f"{rw}.backendRefs[{j}].weight: must not be negative")
+                backends.append(
+                    BackendRef(str(b["name"]), b.get("namespace", ns), int(b["port"]), weight)
+                )
+            rules.append(Rule(matches, tuple(backends), req_mod, resp_mod))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, RouteError):
+            raise
+        raise RouteError(f"{where}: cannot read: {e!r}") from None
+    return HttpRoute(
+        ns,
+        name,
+        tuple((a, b, int(c) if c is not None else None) for a, b, c in parents),
+        tuple(rules),
+        str(md.get("creationTimestamp", "")),
+    )
+
+
+def parse_routes(objects: Iterable[Mapping[str, Any]]) -> tuple[list[HttpRoute], list[str]]:
+    """Every HTTPRoute that can be applied, and an error line for each one that cannot."""
+    routes, errors = [], []
+    for obj in objects:
+        if obj.get("kind") == "HTTPRoute":
+            try:
+                routes.append(parse_route(obj))
+            except RouteError as e:
+                errors.append(str(e))
+    return routes, errors
+
+
+# -- deciding ------------------------------------------------------------------------------
+
+
+def select(routes: Sequence[HttpRoute], req: RequestFacts) -> tuple[HttpRoute, Rule] | None:
+    """The rule whose match wins by Gateway API precedence (ties: older route, then name)."""
+    best: tuple[Any, HttpRoute, Rule] | None = None
+    for r in routes:
+        for rule in r.rules:
+            for m in rule.matches:
+                if not m.matches(req):
+                    continue
+                rank = (m.precedence(), _neg(r.created), _neg(r.key))
+                if best is None or rank > best[0]:
+                    best = (rank, r, rule)
+    return None if best is None else (best[1], best[2])
+
+
+def _neg(s: str) -> tuple[int, ...]:
+    """Sort strings descending inside an ascending-is-better tuple."""
+    return tuple(-ord(c) for c in s)
+
+
+def pick_backend(rule: Rule, rng: random.Random | None = None) -> BackendRef | None:
+    """Weighted choice among the rule's backends; None if none can take traffic (500)."""
+    candidates = [b for b in rule.backends if b.weight > 0]
+    if not candidates:
+        return None
+    r = (rng or random).uniform(0, sum(b.weight for b in candidates))
+    for b in candidates:
+        r -= b.weight
+        if r < 0:
+            return b
+    return candidates[-1]

@@ -1,0 +1,100 @@
+"""Istio's standard request metrics for the waypoint, and one JSON access-log line per request."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+access_log = logging.getLogger("veil.access")
+
+LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_service",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "connection_security_policy",
+)
+MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+BYTE_BUCKETS = (0, 100, 1000, 10_000, 100_000, 1_000_000, 10_000_000)
+
+
+@dataclass
+class RequestRecord:
+    method: str
+    path: str
+    authority: str
+    source_workload: str = "unknown"
+    source_namespace: str = "unknown"
+    source_principal: str = "unknown"
+    destination_service: str = "unknown"
+    destination_workload: str = "unknown"
+    destination_namespace: str = "unknown"
+    destination_principal: str = "unknown"
+    route: str = ""
+    upstream: str = ""
+    response_code: int = 0
+    response_flags: str = "-"
+    request_bytes: int = 0
+    response_bytes: int = 0
+    duration_ms: float = 0.0
+    traceparent: str = ""
+    error: str | None = None
+
+
+class RequestMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "istio_requests", "Requests handled by the waypoint", LABELS, registry=registry
+        )
+        self.duration = Histogram(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            LABELS,
+            buckets=MS_BUCKETS,
+            registry=registry,
+        )
+        self.request_bytes = Histogram(
+            "istio_request_bytes",
+            "Request body size",
+            LABELS,
+            buckets=BYTE_BUCKETS,
+            registry=registry,
+        )
+        self.response_bytes = Histogram(
+            "istio_response_bytes",
+            "Response body size",
+            LABELS,
+            buckets=BYTE_BUCKETS,
+            registry=registry,
+        )
+
+    def record(self, r: RequestRecord) -> None:
+        labels = (
+            "waypoint",
+            r.source_workload,
+            r.source_namespace,
+            r.source_principal,
+            r.destination_service,
+            r.destination_workload,
+            r.destination_namespace,
+            r.destination_principal,
+            "http",
+            str(r.response_code),
+            r.response_flags,
+            "mutual_tls",
+        )
+        self.requests.labels(*labels).inc()
+        self.duration.labels(*labels).observe(r.duration_ms)
+        self.request_bytes.labels(*labels).observe(r.request_bytes)
+        self.response_bytes.labels(*labels).observe(r.response_bytes)
+        access_log.info("%s", json.dumps(asdict(r), separators=(", ", ": ")))
