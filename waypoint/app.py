@@ -48,7 +48,29 @@ from agent.state.sources.manifests import ManifestSource
 from agent.state.store import StateStore
 from agent.telemetry.admin import AdminService
 from waypoint import http1
-from waypoint.routes import HttpRoute, RequestFacts, parse_routes, pick_backend, select
+from waypoint.resilience import (
+    GROUP,
+    KIND,
+    CircuitBreaker,
+    OutlierDetector,
+    PolicyError,
+    PoolLimits,
+    RetryPolicy,
+    TokenBucket,
+    TrafficPolicy,
+    parse_traffic_policy,
+)
+from waypoint.routes import (
+    BackendRef,
+    HttpRoute,
+    RequestFacts,
+    Rule,
+    Selected,
+    parse_routes,
+    pick_backend,
+    replace_path,
+    select,
+)
 from waypoint.telemetry import RequestMetrics, RequestRecord
 
 log = logging.getLogger("veil.waypoint")
@@ -85,12 +107,33 @@ class Destination:
 class Upstream:
     """An HTTP/1.1 client connection to one pod, over one HBONE stream."""
 
-    key: tuple[str, int]
+    key: tuple[str, str, int]  # (Service the request addressed, pod IP, port)
     stream: Stream
     conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
 
     def reusable(self) -> bool:
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+
+REPLAY_LIMIT = 64 * 1024  # bodies up to this size are kept for retries and mirrors
+
+
+def _content_length(headers: list[tuple[str, str]]) -> int | None:
+    """The request body's length: its Content-Length, 0 without one, None if chunked."""
+    if http1.is_chunked(headers):
+        return None
+    for n, v in headers:
+        if n.lower() == "content-length":
+            return int(v)
+    return 0
+
+
+class _TryFailed(Exception):
+    """One try at a backend failed before a response head (retryable like a 503)."""
+
+    def __init__(self, why: str, status: int = 503, flags: str = "UF") -> None:
+        super().__init__(why)
+        self.status, self.flags = status, flags
 
 
 class HttpError(Exception):
@@ -118,6 +161,10 @@ async def send(conn: h11.Connection, stream: Stream, event: Any) -> None:
         await stream.send(data)
 
 
+def _key(service: Service | None) -> str:
+    return f"{service.namespace}/{service.name}" if service else ""
+
+
 def _str_headers(headers: Any) -> list[tuple[str, str]]:
     return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
 
@@ -138,11 +185,16 @@ class WaypointServer:
         self.certs = CertificateManager(ca.request, registry=self.registry)
         self.metrics = RequestMetrics(self.registry)
         self.pool: HbonePool | None = None
-        self.idle: dict[tuple[str, int], list[Upstream]] = defaultdict(list)
+        self.idle: dict[tuple[str, str, int], list[Upstream]] = defaultdict(list)
         self._routes: tuple[int, list[HttpRoute]] = (-1, [])
         self.rng = random.Random()
         self.admin = AdminService(self.config_dump, self.not_ready, self.registry)
         self.listening = False
+        self._nursery: trio.Nursery | None = None
+        self._policies: tuple[int, list[TrafficPolicy]] = (-1, [])
+        self._buckets: dict[str, TokenBucket] = {}
+        self._detectors: dict[str, OutlierDetector] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -184,6 +236,7 @@ class WaypointServer:
             self.certs.set_identities({self.identity})
             await nursery.start(ManifestSource(cfg.state_dir).run, self.store)
             self.pool = HbonePool(nursery)
+            self._nursery = nursery
             nursery.start_soon(self.pool.reap_idle)
             for handler, (host, port) in (
                 (self.admin.metrics, cfg.metrics_listen),
@@ -352,15 +405,18 @@ class WaypointServer:
         finally:
             up.close()
 
-    async def _upstream(self, w: Workload, port: int, client_ip: str, trace: str) -> Upstream:
+    async def _upstream(
+        self, w: Workload, port: int, client_ip: str, trace: str, svc: str = ""
+    ) -> Upstream:
         assert w.ip is not None
-        key = (w.ip, port)
+        key = (svc, w.ip, port)
         while self.idle[key]:
             up = self.idle[key].pop()
             if up.stream.reset_code is None and not up.stream.eof:
                 return up
-            up.stream.close()
+            self._drop(up)
         stream = await self._tunnel(w, port, client_ip, [("traceparent", trace)])
+        self._breaker(svc).connections += 1
         return Upstream(key, stream)
 
     def _release(self, up: Upstream) -> None:
@@ -368,8 +424,7 @@ class WaypointServer:
             up.conn.start_next_cycle()
             self.idle[up.key].append(up)
         else:
-            up.stream.reset()
-            up.stream.close()
+            self._drop(up)
 
     # -- HTTP/1.1 ------------------------------------------------------------------------------
 
@@ -435,82 +490,285 @@ class WaypointServer:
         rec: RequestRecord,
         client_ip: str,
     ) -> None:
+        """One request: route, policy, then tries against backends until one answers."""
         headers = _str_headers(req.headers)
         facts = RequestFacts.of(rec.method, rec.path, headers)
-        request_mod = response_mod = None
-        if dest.service is not None:
-            svc = dest.service
-            attached = [
-                r for r in self.routes() if r.attaches_to(svc.namespace, svc.name, dest.port)
-            ]
-            if attached:
-                hit = select(attached, facts)
-                if hit is None:
-                    raise HttpError(404, "NR", f"no HTTPRoute rule matches {rec.method} {rec.path}")
-                route, rule = hit
-                rec.route = route.key
-                request_mod, response_mod = rule.request_headers, rule.response_headers
-                ref = pick_backend(rule, self.rng)
-                if ref is None:
-                    raise HttpError(500, "NR", f"HTTPRoute {route.key}: no backend with weight")
-                backend = next(
-                    (
-                        s
-                        for s in self.store.current.services
-                        if s.namespace == ref.namespace and s.name == ref.name
-                    ),
-                    None,
-                )
-                if backend is None:
-                    raise HttpError(
-                        500, "NR", f"backend Service {ref.namespace}/{ref.name} is unknown"
+        hit, backend = self._route(dest, facts, rec)
+        rule = hit.rule if hit else None
+        policy = self._traffic_policy(dest)
+        if policy is not None:
+            await self._apply_policy(policy)
+        if rule is not None and rule.redirect is not None:
+            await self._redirect(down, stream, req, headers, hit, rec)
+            return
+        body = await self._read_body(down, stream, headers, rec)  # None: streamed, no replay
+        out, target = self._forward_headers(headers, req, hit, rec)
+        retry = (rule.retry if rule else None) or (policy.retry if policy else None)
+        retry = retry or RetryPolicy(attempts=0)
+        if rule is not None and body is not None:
+            for ref in rule.mirrors:
+                self._mirror(ref, req.method, target, out, body, client_ip)
+        timeout = rule.timeout if rule and rule.timeout else float("inf")
+        resp: tuple[Upstream, Any] | None = None
+        with trio.move_on_after(timeout):
+            attempt = 0
+            while resp is None:
+                attempt += 1
+                w, port = self._pick(backend, dest, policy, rec)
+                status: int | None = None
+                failure: _TryFailed | None = None
+                try:
+                    up, answer = await self._try(
+                        w,
+                        port,
+                        req.method,
+                        target,
+                        out,
+                        body,
+                        down,
+                        stream,
+                        rule,
+                        rec,
+                        client_ip,
+                        dest.service,
+                        policy,
                     )
-                target = self._endpoint(backend, ref.port)
-            else:
-                target = self._endpoint(svc, dest.port)
-        else:
-            target = (dest.workload, dest.port) if dest.workload else None
-        if target is None:
-            raise HttpError(503, "UH", f"no ready endpoint for {dest.authority}")
-        w, port = target
+                    status = answer.status_code
+                except _TryFailed as e:
+                    up, answer, failure = None, None, e
+                self._outlier(policy, f"{w.ip}:{port}", status)
+                if (
+                    answer is not None
+                    and up is not None
+                    and not (body is not None and retry.retries(attempt, status))
+                ):
+                    resp = (up, answer)
+                    break
+                if up is not None:  # a retryable answer: read it away, try again
+                    await self._discard(up)
+                if body is None or not retry.retries(attempt, status):
+                    assert failure is not None
+                    raise HttpError(
+                        failure.status, failure.flags, f"upstream {rec.upstream}: {failure}"
+                    )
+                rec.retries += 1
+                await trio.sleep(retry.delay(attempt, self.rng))
+        if resp is None:
+            raise HttpError(504, "UT", f"no response within {timeout:g}s (timeouts.request)")
+        await self._respond(down, stream, resp[0], resp[1], rule, rec)
+
+    def _route(
+        self, dest: Destination, facts: RequestFacts, rec: RequestRecord
+    ) -> tuple[Selected | None, Service | None]:
+        """The HTTPRoute rule (if any route attaches) and the backend Service it chose."""
+        if dest.service is None:
+            return None, None
+        svc = dest.service
+        attached = [r for r in self.routes() if r.attaches_to(svc.namespace, svc.name, dest.port)]
+        if not attached:
+            return None, svc
+        hit = select(attached, facts)
+        if hit is None:
+            raise HttpError(404, "NR", f"no HTTPRoute rule matches {rec.method} {rec.path}")
+        rec.route = hit.route.key
+        if hit.rule.redirect is not None:
+            return hit, None
+        ref = pick_backend(hit.rule, self.rng)
+        if ref is None:
+            raise HttpError(500, "NR", f"HTTPRoute {hit.route.key}: no backend with weight")
+        backend = self._service(ref.namespace, ref.name)
+        if backend is None:
+            raise HttpError(500, "NR", f"backend Service {ref.namespace}/{ref.name} is unknown")
+        return hit, backend
+
+    def _service(self, namespace: str, name: str) -> Service | None:
+        return next(
+            (s for s in self.store.current.services if s.namespace == namespace and s.name == name),
+            None,
+        )
+
+    def _pick(
+        self,
+        backend: Service | None,
+        dest: Destination,
+        policy: TrafficPolicy | None,
+        rec: RequestRecord,
+    ) -> tuple[Workload, int]:
+        if backend is None:
+            if dest.workload is None:
+                raise HttpError(503, "UH", f"no ready endpoint for {dest.authority}")
+            return dest.workload, dest.port
+        port = self._backend_port(backend, dest)
+        sport = next((p for p in backend.ports if p.port == port), None)
+        endpoints = self.store.current.endpoints(backend, sport) if sport else []
+        if policy is not None and policy.outlier is not None:
+            now = time.monotonic()
+            detector = self._outliers(policy)
+            healthy = [e for e in endpoints if not detector.ejected(f"{e[0].ip}:{e[1]}", now)]
+            endpoints = healthy or endpoints  # all ejected: better some than none (Envoy's panic)
+        if not endpoints:
+            raise HttpError(503, "UH", f"no ready endpoint for {backend.namespace}/{backend.name}")
+        w, target_port = self.rng.choice(endpoints)
         rec.destination_workload = w.owner or w.name
         rec.destination_namespace = w.namespace
         rec.destination_principal = str(w.identity(self.cfg.trust_domain))
-        rec.upstream = f"{w.ip}:{port}"
+        rec.upstream = f"{w.ip}:{target_port}"
+        return w, target_port
+
+    def _backend_port(self, backend: Service, dest: Destination) -> int:
+        for r in self.routes():
+            for rule in r.rules:
+                for ref in rule.backends:
+                    if (ref.namespace, ref.name) == (backend.namespace, backend.name):
+                        return ref.port
+        return dest.port
+
+    def _forward_headers(
+        self,
+        headers: list[tuple[str, str]],
+        req: h11.Request,
+        hit: Selected | None,
+        rec: RequestRecord,
+    ) -> tuple[list[tuple[str, str]], bytes]:
+        """What goes upstream: end-to-end headers, new trace span, the rule's modifications."""
         trace = http1.child_traceparent(headers)
         rec.traceparent = trace
-        out = http1.end_to_end(headers)
-        out = [(n, v) for n, v in out if n.lower() != "traceparent"] + [("traceparent", trace)]
-        if request_mod is not None:
-            out = request_mod.apply(out)
-        if http1.is_chunked(headers):
+        out = [(n, v) for n, v in http1.end_to_end(headers) if n.lower() != "traceparent"]
+        out.append(("traceparent", trace))
+        if http1.is_chunked(headers):  # streamed as it comes, re-chunked by h11
             out.append(("transfer-encoding", "chunked"))
+        target = req.target
+        if hit is not None:
+            rule = hit.rule
+            if rule.request_headers is not None:
+                out = rule.request_headers.apply(out)
+            if rule.rewrite is not None:
+                if rule.rewrite.hostname:
+                    out = [(n, v) for n, v in out if n.lower() != "host"]
+                    out.insert(0, ("host", rule.rewrite.hostname))
+                if rule.rewrite.path is not None:
+                    path, sep, query = req.target.decode("latin-1").partition("?")
+                    new = replace_path(path, rule.rewrite.path, hit.match)
+                    target = (new + sep + query).encode("latin-1")
+        return out, target
+
+    async def _read_body(
+        self,
+        down: h11.Connection,
+        stream: Stream,
+        headers: list[tuple[str, str]],
+        rec: RequestRecord,
+    ) -> bytes | None:
+        """The request body if it is small enough to replay for retries and mirrors; None
+        (nothing read yet) when it is larger or of unknown length: it is then streamed."""
+        length = _content_length(headers)
+        if length is None or length > REPLAY_LIMIT:
+            return None
+        chunks = []
+        while True:
+            ev = await next_event(down, stream)
+            if isinstance(ev, h11.Data):
+                chunks.append(bytes(ev.data))
+            elif isinstance(ev, h11.EndOfMessage):
+                break
+            else:
+                raise HttpError(400, "DC", "the client went away during the request")
+        body = b"".join(chunks)
+        rec.request_bytes = len(body)
+        return body
+
+    async def _try(  # noqa: PLR0917
+        self,
+        w: Workload,
+        port: int,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+        down: h11.Connection,
+        stream: Stream,
+        rule: Rule | None,
+        rec: RequestRecord,
+        client_ip: str,
+        dest_service: Service | None,
+        policy: TrafficPolicy | None,
+    ) -> tuple[Upstream, Any]:
+        """Send the request to one pod and wait for its response head."""
+        svc = _key(dest_service)
+        breaker = self._breaker(svc, policy)
+        if not breaker.admit():
+            raise HttpError(503, "UO", f"circuit breaker open for {w.key} (max requests)")
         try:
-            up = await self._upstream(w, port, client_ip, trace)
-        except (HboneError, OSError, ssl.SSLError, trio.TooSlowError, PeerIdentityError) as e:
-            raise HttpError(503, "UF", f"upstream {rec.upstream}: {e}") from None
-        try:
-            await send(
-                up.conn, up.stream, h11.Request(method=req.method, target=req.target, headers=out)
-            )
-            while True:  # the request body, streamed
-                ev = await next_event(down, stream)
-                if isinstance(ev, h11.Data):
-                    rec.request_bytes += len(ev.data)
-                    await send(up.conn, up.stream, h11.Data(data=ev.data))
-                elif isinstance(ev, h11.EndOfMessage):
+            if not self.idle.get((svc, w.ip or "", port)) and not breaker.may_connect():
+                raise HttpError(503, "UO", f"circuit breaker open for {w.key} (max connections)")
+            try:
+                breaker.pending += 1
+                up = await self._upstream(w, port, client_ip, rec.traceparent, svc)
+            except (HboneError, OSError, ssl.SSLError, trio.TooSlowError, PeerIdentityError) as e:
+                raise _TryFailed(f"connect: {e}") from None
+            finally:
+                breaker.pending -= 1
+            out = list(headers)
+            if body is not None:
+                out = [(n, v) for n, v in out if n.lower() != "content-length"]
+                out.append(("content-length", str(len(body))))
+            try:
+                await send(
+                    up.conn, up.stream, h11.Request(method=method, target=target, headers=out)
+                )
+                if body is not None:
+                    if body:
+                        await send(up.conn, up.stream, h11.Data(data=body))
                     await send(up.conn, up.stream, h11.EndOfMessage())
-                    break
                 else:
-                    raise HttpError(400, "DC", "the client went away during the request")
-            resp = await next_event(up.conn, up.stream)
-            while isinstance(resp, h11.InformationalResponse):
-                resp = await next_event(up.conn, up.stream)
-            if not isinstance(resp, h11.Response):
-                raise HttpError(503, "UC", f"upstream {rec.upstream} closed without a response")
-            rheaders = http1.end_to_end(_str_headers(resp.headers))
-            if response_mod is not None:
-                rheaders = response_mod.apply(rheaders)
+                    await self._stream_body(down, stream, up, rec)
+                limit = rule.backend_timeout if rule and rule.backend_timeout else float("inf")
+                with trio.fail_after(limit):
+                    answer = await next_event(up.conn, up.stream)
+                    while isinstance(answer, h11.InformationalResponse):
+                        answer = await next_event(up.conn, up.stream)
+            except trio.TooSlowError:
+                self._drop(up)
+                raise _TryFailed(
+                    f"no response within {limit:g}s (timeouts.backendRequest)", 504, "UT"
+                ) from None
+            except (h11.ProtocolError, HboneError) as e:
+                self._drop(up)
+                raise _TryFailed(str(e)) from None
+            if not isinstance(answer, h11.Response):
+                self._drop(up)
+                raise _TryFailed("closed without a response")
+            return up, answer
+        finally:
+            breaker.done()
+
+    async def _stream_body(
+        self, down: h11.Connection, stream: Stream, up: Upstream, rec: RequestRecord
+    ) -> None:
+        while True:
+            ev = await next_event(down, stream)
+            if isinstance(ev, h11.Data):
+                rec.request_bytes += len(ev.data)
+                await send(up.conn, up.stream, h11.Data(data=ev.data))
+            elif isinstance(ev, h11.EndOfMessage):
+                await send(up.conn, up.stream, h11.EndOfMessage())
+                return
+            else:
+                raise HttpError(400, "DC", "the client went away during the request")
+
+    async def _respond(  # noqa: PLR0917
+        self,
+        down: h11.Connection,
+        stream: Stream,
+        up: Upstream,
+        resp: Any,
+        rule: Rule | None,
+        rec: RequestRecord,
+    ) -> None:
+        rheaders = http1.end_to_end(_str_headers(resp.headers))
+        if rule is not None and rule.response_headers is not None:
+            rheaders = rule.response_headers.apply(rheaders)
+        try:
             await send(
                 down,
                 stream,
@@ -528,14 +786,164 @@ class WaypointServer:
                 else:
                     raise HttpError(502, "UC", f"upstream {rec.upstream} ended mid-response")
         except (h11.ProtocolError, HboneError) as e:
-            up.stream.reset()
-            up.stream.close()
+            self._drop(up)
             raise HttpError(502, "UPE", f"upstream {rec.upstream}: {e}") from None
         except BaseException:
-            up.stream.reset()
-            up.stream.close()
+            self._drop(up)
             raise
         self._release(up)
+
+    async def _discard(self, up: Upstream) -> None:
+        try:
+            while not isinstance(
+                await next_event(up.conn, up.stream), h11.EndOfMessage | h11.ConnectionClosed
+            ):
+                pass
+        except (h11.ProtocolError, HboneError):
+            self._drop(up)
+            return
+        self._release(up)
+
+    def _drop(self, up: Upstream) -> None:
+        up.stream.reset()
+        up.stream.close()
+        self._breaker(up.key[0]).connections -= 1
+
+    async def _redirect(  # noqa: PLR0917
+        self,
+        down: h11.Connection,
+        stream: Stream,
+        req: h11.Request,
+        headers: list[tuple[str, str]],
+        hit: Selected | None,
+        rec: RequestRecord,
+    ) -> None:
+        assert hit is not None and hit.rule.redirect is not None
+        r = hit.rule.redirect
+        host = {n.lower(): v for n, v in headers}.get("host", "").split(":")[0]
+        path, sep, query = req.target.decode("latin-1").partition("?")
+        if r.path is not None:
+            path = replace_path(path, r.path, hit.match)
+        port = f":{r.port}" if r.port else ""
+        location = f"{r.scheme or 'http'}://{r.hostname or host}{port}{path}{sep}{query}"
+        await self._drain_request(down, stream)
+        await send(
+            down,
+            stream,
+            h11.Response(
+                status_code=r.status, headers=[("location", location), ("content-length", "0")]
+            ),
+        )
+        await send(down, stream, h11.EndOfMessage())
+        rec.response_code = r.status
+
+    def _mirror(  # noqa: PLR0917
+        self,
+        ref: BackendRef,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        client_ip: str,
+    ) -> None:
+        """Send a copy to the mirror backend and forget the answer (never slows the original)."""
+        svc = self._service(ref.namespace, ref.name)
+        sport = next((p for p in svc.ports if p.port == ref.port), None) if svc else None
+        endpoints = self.store.current.endpoints(svc, sport) if svc and sport else []
+        if not endpoints or self._nursery is None:
+            return
+        w, port = self.rng.choice(endpoints)
+
+        async def shadow() -> None:
+            with trio.move_on_after(10):
+                try:
+                    up = await self._upstream(w, port, client_ip, http1.child_traceparent(headers))
+                    out = [(n, v) for n, v in headers if n.lower() != "content-length"]
+                    out.append(("content-length", str(len(body))))
+                    await send(
+                        up.conn, up.stream, h11.Request(method=method, target=target, headers=out)
+                    )
+                    if body:
+                        await send(up.conn, up.stream, h11.Data(data=body))
+                    await send(up.conn, up.stream, h11.EndOfMessage())
+                    answer = await next_event(up.conn, up.stream)
+                    if isinstance(answer, h11.Response):
+                        code = str(answer.status_code)
+                        await self._discard(up)
+                    else:
+                        code = "error"
+                        self._drop(up)
+                except (
+                    HboneError,
+                    OSError,
+                    ssl.SSLError,
+                    h11.ProtocolError,
+                    PeerIdentityError,
+                ) as e:
+                    log.debug("mirror to %s failed: %s", w.key, e)
+                    code = "error"
+                self.metrics.mirrored.labels(f"{ref.namespace}/{ref.name}", code).inc()
+
+        self._nursery.start_soon(shadow)
+
+    # -- traffic policy (TrafficPolicy CRD) ----------------------------------------------------
+
+    def _traffic_policy(self, dest: Destination) -> TrafficPolicy | None:
+        state = self.store.current
+        if self._policies[0] != state.version:
+            found = []
+            for obj in state.others:
+                if obj.get("kind") == KIND and str(obj.get("apiVersion", "")).startswith(GROUP):
+                    try:
+                        found.append(parse_traffic_policy(obj))
+                    except PolicyError as e:
+                        log.error("%s", e)
+            self._policies = (state.version, found)
+        if dest.service is None:
+            return None
+        return next(
+            (
+                p
+                for p in self._policies[1]
+                if p.namespace == dest.service.namespace and dest.service.name in p.services
+            ),
+            None,
+        )
+
+    async def _apply_policy(self, policy: TrafficPolicy) -> None:
+        if policy.rate is not None:
+            bucket = self._buckets.get(policy.key)
+            if bucket is None or (bucket.rate, bucket.burst) != policy.rate:
+                bucket = self._buckets[policy.key] = TokenBucket(*policy.rate)
+            if not bucket.take(time.monotonic()):
+                raise HttpError(429, "RL", f"rate limited by {KIND} {policy.key}")
+        if policy.fault is not None:
+            wait, abort = policy.fault.decide(self.rng)
+            if wait:
+                await trio.sleep(wait)
+            if abort is not None:
+                raise HttpError(abort, "FI", f"fault injected by {KIND} {policy.key}")
+
+    def _outliers(self, policy: TrafficPolicy) -> OutlierDetector:
+        assert policy.outlier is not None
+        d = self._detectors.get(policy.key)
+        if d is None or (d.consecutive, d.ejection_time) != policy.outlier:
+            d = self._detectors[policy.key] = OutlierDetector(*policy.outlier)
+        return d
+
+    def _outlier(self, policy: TrafficPolicy | None, endpoint: str, status: int | None) -> None:
+        if policy is not None and policy.outlier is not None:
+            self._outliers(policy).record(endpoint, status, time.monotonic())
+
+    def _breaker(self, svc: str, policy: TrafficPolicy | None = None) -> CircuitBreaker:
+        """The circuit breaker of an addressed Service (like an Envoy cluster's), with the
+        limits of its TrafficPolicy when one is given."""
+        cb = self._breakers.get(svc)
+        if cb is None:
+            cb = self._breakers[svc] = CircuitBreaker(PoolLimits())
+        if policy is not None:
+            cb.limits = policy.pool or PoolLimits()
+        return cb
 
     async def _local_reply(
         self, down: h11.Connection, stream: Stream, status: int, why: str

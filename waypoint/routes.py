@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from waypoint.resilience import PolicyError, RetryPolicy, parse_duration, parse_retry
+
 API_GROUP = "gateway.networking.k8s.io"
 
 
@@ -97,11 +99,48 @@ class BackendRef:
 
 
 @dataclass(frozen=True)
+class Redirect:
+    """RequestRedirect: answered by the waypoint, never forwarded."""
+
+    scheme: str | None = None
+    hostname: str | None = None
+    port: int | None = None
+    path: tuple[str, str] | None = None  # (ReplaceFullPath|ReplacePrefixMatch, value)
+    status: int = 302
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """URLRewrite: the backend sees another Host and/or path."""
+
+    hostname: str | None = None
+    path: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class Rule:
     matches: tuple[Match, ...] = (Match(),)
     backends: tuple[BackendRef, ...] = ()
     request_headers: HeaderModifier | None = None
     response_headers: HeaderModifier | None = None
+    redirect: Redirect | None = None
+    rewrite: Rewrite | None = None
+    mirrors: tuple[BackendRef, ...] = ()
+    timeout: float | None = None  # timeouts.request: until the response headers
+    backend_timeout: float | None = None  # timeouts.backendRequest: each try
+    retry: RetryPolicy | None = None
+
+
+def replace_path(path: str, how: tuple[str, str], match: Match) -> str:
+    """A path filter's result: ReplaceFullPath, or ReplacePrefixMatch of the matched prefix."""
+    kind, value = how
+    if kind == "ReplaceFullPath" or match.path.type != "PathPrefix":
+        return value
+    prefix = match.path.value.rstrip("/")
+    rest = path[len(prefix) :]
+    if value.endswith("/") and rest.startswith("/"):
+        rest = rest[1:]
+    return (value + rest) or "/"
 
 
 @dataclass(frozen=True)
@@ -205,7 +244,35 @@ def _modifier(f: Mapping[str, Any] | None) -> HeaderModifier | None:
     )
 
 
-SUPPORTED_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier")
+SUPPORTED_FILTERS = (
+    "RequestHeaderModifier",
+    "ResponseHeaderModifier",
+    "RequestRedirect",
+    "URLRewrite",
+    "RequestMirror",
+)
+
+
+def _path_filter(doc: Mapping[str, Any] | None, where: str) -> tuple[str, str] | None:
+    if not doc:
+        return None
+    kind = doc.get("type")
+    if kind == "ReplaceFullPath":
+        return kind, str(doc["replaceFullPath"])
+    if kind == "ReplacePrefixMatch":
+        return kind, str(doc["replacePrefixMatch"])
+    raise RouteError(f"{where}.type: {kind!r} is not ReplaceFullPath or ReplacePrefixMatch")
+
+
+def _backend(b: Mapping[str, Any], ns: str, where: str) -> BackendRef:
+    if b.get("kind", "Service") != "Service":
+        raise RouteError(f"{where}.kind: only Service")
+    if "port" not in b:
+        raise RouteError(f"{where}.port: required for a Service")
+    weight = int(b.get("weight", 1))
+    if weight < 0:
+        raise RouteError(f"{where}.weight: must not be negative")
+    return BackendRef(str(b["name"]), b.get("namespace", ns), int(b["port"]), weight)
 
 
 def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
@@ -229,30 +296,76 @@ def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
                 for j, m in enumerate(_list(r.get("matches"), f"{rw}.matches"))
             ) or (Match(),)
             req_mod = resp_mod = None
+            redirect = rewrite = None
+            mirrors = []
             for j, f in enumerate(_list(r.get("filters"), f"{rw}.filters")):
-                ftype = f.get("type")
+                ftype, fw = f.get("type"), f"{rw}.filters[{j}]"
                 if ftype == "RequestHeaderModifier":
                     req_mod = _modifier(f.get("requestHeaderModifier"))
                 elif ftype == "ResponseHeaderModifier":
                     resp_mod = _modifier(f.get("responseHeaderModifier"))
+                elif ftype == "RequestRedirect":
+                    d = f.get("requestRedirect") or {}
+                    status = int(d.get("statusCode", 302))
+                    if status not in (301, 302, 303, 307, 308):
+                        raise RouteError(f"{fw}.requestRedirect.statusCode: {status}")
+                    redirect = Redirect(
+                        d.get("scheme"),
+                        d.get("hostname"),
+                        int(d["port"]) if "port" in d else None,
+                        _path_filter(d.get("path"), f"{fw}.requestRedirect.path"),
+                        status,
+                    )
+                elif ftype == "URLRewrite":
+                    d = f.get("urlRewrite") or {}
+                    rewrite = Rewrite(
+                        d.get("hostname"), _path_filter(d.get("path"), f"{fw}.urlRewrite.path")
+                    )
+                elif ftype == "RequestMirror":
+                    d = f.get("requestMirror") or {}
+                    mirrors.append(
+                        _backend(d.get("backendRef") or {}, ns, f"{fw}.requestMirror.backendRef")
+                    )
                 else:
                     raise RouteError(
                         f"{rw}.filters[{j}].type: {ftype!r} is not supported yet "
                         f"({', '.join(SUPPORTED_FILTERS)})"
                     )
-            backends = []
-            for j, b in enumerate(_list(r.get("backendRefs"), f"{rw}.backendRefs")):
-                if b.get("kind", "Service") != "Service":
-                    raise RouteError(f"{rw}.backendRefs[{j}].kind: only Service")
-                if "port" not in b:
-                    raise RouteError(f"{rw}.backendRefs[{j}].port: required for a Service")
-                weight = int(b.get("weight", 1))
-                if weight < 0:
-                    raise RouteError(f"{rw}.backendRefs[{j}].weight: must not be negative")
-                backends.append(
-                    BackendRef(str(b["name"]), b.get("namespace", ns), int(b["port"]), weight)
+            backends = [
+                _backend(b, ns, f"{rw}.backendRefs[{j}]")
+                for j, b in enumerate(_list(r.get("backendRefs"), f"{rw}.backendRefs"))
+            ]
+            if redirect is not None and rewrite is not None:
+                raise RouteError(f"{rw}.filters: RequestRedirect and URLRewrite exclude each other")
+            t = r.get("timeouts") or {}
+            try:
+                timeout = (
+                    parse_duration(t["request"], f"{rw}.timeouts.request")
+                    if "request" in t
+                    else None
                 )
-            rules.append(Rule(matches, tuple(backends), req_mod, resp_mod))
+                backend_timeout = (
+                    parse_duration(t["backendRequest"], f"{rw}.timeouts.backendRequest")
+                    if "backendRequest" in t
+                    else None
+                )
+                retry = parse_retry(r.get("retry"), f"{rw}.retry")
+            except PolicyError as e:
+                raise RouteError(str(e)) from None
+            rules.append(
+                Rule(
+                    matches,
+                    tuple(backends),
+                    req_mod,
+                    resp_mod,
+                    redirect,
+                    rewrite,
+                    tuple(mirrors),
+                    timeout,
+                    backend_timeout,
+                    retry,
+                )
+            )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         if isinstance(e, RouteError):
             raise
@@ -281,9 +394,16 @@ def parse_routes(objects: Iterable[Mapping[str, Any]]) -> tuple[list[HttpRoute],
 # -- deciding ------------------------------------------------------------------------------
 
 
-def select(routes: Sequence[HttpRoute], req: RequestFacts) -> tuple[HttpRoute, Rule] | None:
+@dataclass(frozen=True)
+class Selected:
+    route: HttpRoute
+    rule: Rule
+    match: Match
+
+
+def select(routes: Sequence[HttpRoute], req: RequestFacts) -> Selected | None:
     """The rule whose match wins by Gateway API precedence (ties: older route, then name)."""
-    best: tuple[Any, HttpRoute, Rule] | None = None
+    best: tuple[Any, Selected] | None = None
     for r in routes:
         for rule in r.rules:
             for m in rule.matches:
@@ -291,8 +411,8 @@ def select(routes: Sequence[HttpRoute], req: RequestFacts) -> tuple[HttpRoute, R
                     continue
                 rank = (m.precedence(), _neg(r.created), _neg(r.key))
                 if best is None or rank > best[0]:
-                    best = (rank, r, rule)
-    return None if best is None else (best[1], best[2])
+                    best = (rank, Selected(r, rule, m))
+    return None if best is None else best[1]
 
 
 def _neg(s: str) -> tuple[int, ...]:

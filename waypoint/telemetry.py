@@ -48,6 +48,7 @@ class RequestRecord:
     response_bytes: int = 0
     duration_ms: float = 0.0
     traceparent: str = ""
+    retries: int = 0
     error: str | None = None
 
 
@@ -75,6 +76,13 @@ class RequestMetrics:
             "Response body size",
             LABELS,
             buckets=BYTE_BUCKETS,
+            registry=registry,
+        )
+
+        self.mirrored = Counter(
+            "veil_waypoint_mirrored_requests",
+            "Copies sent by RequestMirror filters, by mirror backend and its answer",
+            ["backend", "response_code"],
             registry=registry,
         )
 

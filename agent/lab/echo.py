@@ -2,8 +2,10 @@
 
 Answers every request with JSON naming the pod that served it (from the downward-API-like
 environment the lab sets), the client address it saw and the request headers, so a test can
-tell which pod answered and whether the source address survived the path. `/status/<code>`
-answers with that status code (for retry and outlier tests later).
+tell which pod answered and whether the source address survived the path. For resilience
+tests and demos: `/status/<code>` answers with that status code, `/delay/<ms>` answers after
+that long, and `ECHO_FAIL=<code>` in the environment makes the pod answer every request with
+that status (a broken replica).
 """
 
 from __future__ import annotations
@@ -41,8 +43,19 @@ def status_for(target: str) -> int:
     return 200
 
 
+def delay_for(target: str) -> float:
+    parts = target.split("?", maxsplit=1)[0].split("/")
+    if len(parts) == 3 and parts[1] == "delay" and parts[2].isdigit():
+        return min(int(parts[2]), 60_000) / 1000
+    return 0.0
+
+
 async def handle(req: http.Request) -> http.Response:
-    doc = http.Response.json(status_for(req.target), describe(req))
+    if wait := delay_for(req.target):
+        await trio.sleep(wait)
+    fail = os.environ.get("ECHO_FAIL", "")
+    status = int(fail) if fail.isdigit() else status_for(req.target)
+    doc = http.Response.json(status, describe(req))
     return http.Response(
         doc.status, doc.body, doc.content_type, {"x-served-by": os.environ.get("POD_NAME", "echo")}
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,84 @@ def test_request_metrics_and_access_log(wlab):
     log = (store.lab_dir(wlab) / "logs" / "web_waypoint-0_waypoint.log").read_text()
     entry = json.loads(log.strip().splitlines()[-1].split("veil.access: ", 1)[1])
     assert entry["route"] == "web/catalog" and entry["response_code"] == 200
+
+
+def codes(lab: str, url: str, *extra: str) -> list[int]:
+    out = curl(lab, "-o", "/dev/null", "-w", "%{http_code}\\n", *extra, url).stdout
+    return [int(c) for c in out.split()]
+
+
+def access_log(lab: str) -> list[dict[str, Any]]:
+    log = (store.lab_dir(lab) / "logs" / "web_waypoint-0_waypoint.log").read_text()
+    return [
+        json.loads(ln.split("veil.access: ", 1)[1])
+        for ln in log.splitlines()
+        if "veil.access: " in ln
+    ]
+
+
+def waypoint_metrics(lab: str) -> str:
+    ns = f"veil-{lab}-web_waypoint-0"
+    return netns.run(netns.nsenter_argv(ns, ["curl", "-s", "127.0.0.1:15020/metrics"])).stdout
+
+
+def test_timeouts_request_answers_504(wlab):
+    assert codes(wlab, "http://catalog:9080/delay/1000") == [504]
+    assert codes(wlab, "http://catalog:9080/delay/10") == [200]
+    late = [e for e in access_log(wlab) if e["path"] == "/delay/1000"]
+    assert late[-1]["response_flags"] == "UT" and late[-1]["duration_ms"] < 900
+
+
+MIRRORED = re.compile(
+    r'veil_waypoint_mirrored_requests_total\{backend="web/catalog-v2",response_code="200"\} (\S+)'
+)
+
+
+def test_redirect_rewrite_and_mirror_filters(wlab):
+    out = curl(wlab, "-i", "http://catalog:9080/old/x?q=1").stdout
+    assert out.startswith("HTTP/1.1 301")
+    assert "location: http://catalog.example/new/x?q=1" in out
+    seen = answers(curl(wlab, "http://catalog:9080/v1/items").stdout)[0]
+    assert seen["path"] == "/api/items" and seen["headers"]["host"] == "catalog.internal"
+    assert codes(wlab, "http://catalog:9080/mirror/[1-5]") == [200] * 5
+    for _ in range(50):  # the copies are sent in the background
+        m = re.search(MIRRORED, waypoint_metrics(wlab))
+        if m and float(m.group(1)) >= 5:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the mirror backend did not get the 5 copies")
+
+
+def test_retries_hide_a_broken_replica_and_outlier_detection_ejects_it(wlab):
+    assert codes(wlab, "http://flaky:9080/[1-20]") == [200] * 20
+    flaky = [e for e in access_log(wlab) if e["destination_service"].startswith("flaky.")]
+    assert any(e["retries"] > 0 for e in flaky)  # the broken replica answered 503 at first
+    # two 503s in a row eject it for 60 s: the last requests needed no retry
+    assert all(e["retries"] == 0 for e in flaky[-10:])
+
+
+def test_fault_injection_aborts_about_half(wlab):
+    got = codes(wlab, "http://faulty:9080/[1-200]")
+    aborted = got.count(503) / len(got)
+    assert 0.35 < aborted < 0.65 and set(got) == {200, 503}
+    faults = [e for e in access_log(wlab) if e["response_flags"] == "FI"]
+    assert faults and faults[-1]["duration_ms"] >= 20  # the 20 ms delay came first
+
+
+def test_local_rate_limit_answers_429(wlab):
+    got = codes(wlab, "http://limited:9080/[1-10]")
+    assert got[:5] == [200] * 5 and 429 in got[5:]  # a burst of 5, then 1 per second
+
+
+def test_circuit_breaker_fails_fast_over_max_requests(wlab):
+    got = codes(
+        wlab,
+        "http://guarded:9080/delay/[300-303]",
+        "--parallel",
+        "--parallel-immediate",
+        "--parallel-max",
+        "4",
+    )
+    assert sorted(got) == [200, 503, 503, 503]
+    assert any(e["response_flags"] == "UO" for e in access_log(wlab))

@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from waypoint.routes import RequestFacts, RouteError, parse_route, pick_backend, select
+from waypoint.routes import (
+    Redirect,
+    RequestFacts,
+    Rewrite,
+    RouteError,
+    parse_route,
+    pick_backend,
+    replace_path,
+    select,
+)
 
 
 def route(name: str, rules: list[dict[str, Any]], created: str = "") -> dict[str, Any]:
@@ -83,7 +92,7 @@ ROUTE = parse_route(
 def test_gateway_api_precedence(method, target, headers, want):
     hit = select([ROUTE], RequestFacts.of(method, target, headers.items()))
     assert hit is not None
-    assert hit[1].backends[0].name == want
+    assert hit.rule.backends[0].name == want
 
 
 def test_no_match_without_a_catch_all():
@@ -105,7 +114,7 @@ def test_older_route_wins_a_tie():
     older = parse_route(route("b", [{"backendRefs": [backend("older")]}], "2026-01-01T00:00:00Z"))
     newer = parse_route(route("a", [{"backendRefs": [backend("newer")]}], "2026-02-01T00:00:00Z"))
     hit = select([newer, older], RequestFacts.of("GET", "/", []))
-    assert hit is not None and hit[1].backends[0].name == "older"
+    assert hit is not None and hit.rule.backends[0].name == "older"
 
 
 def test_a_90_10_split_lands_within_a_few_percent():
@@ -168,3 +177,66 @@ def test_invalid_routes_name_the_field(rules, field):
         RouteError, match=f"HTTPRoute shop/bad: spec.{field.replace('[', '.').replace(']', '.')}"
     ):
         parse_route(route("bad", rules))
+
+
+def test_filters_timeouts_and_retry_parse():
+    r = parse_route(
+        route(
+            "f",
+            [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+                    "filters": [
+                        {
+                            "type": "RequestRedirect",
+                            "requestRedirect": {
+                                "hostname": "new.example",
+                                "path": {
+                                    "type": "ReplacePrefixMatch",
+                                    "replacePrefixMatch": "/new",
+                                },
+                                "statusCode": 301,
+                            },
+                        }
+                    ],
+                },
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/v1/"}}],
+                    "filters": [
+                        {
+                            "type": "URLRewrite",
+                            "urlRewrite": {
+                                "hostname": "catalog.internal",
+                                "path": {
+                                    "type": "ReplacePrefixMatch",
+                                    "replacePrefixMatch": "/api/",
+                                },
+                            },
+                        },
+                        {
+                            "type": "RequestMirror",
+                            "requestMirror": {"backendRef": backend("shadow")},
+                        },
+                    ],
+                    "backendRefs": [backend("a")],
+                    "timeouts": {"request": "2s", "backendRequest": "500ms"},
+                    "retry": {"attempts": 3, "backoff": "10ms", "codes": [503]},
+                },
+            ],
+        )
+    )
+    redirect, rewrite = r.rules[0], r.rules[1]
+    assert redirect.redirect == Redirect(
+        None, "new.example", None, ("ReplacePrefixMatch", "/new"), 301
+    )
+    assert rewrite.rewrite == Rewrite("catalog.internal", ("ReplacePrefixMatch", "/api/"))
+    assert [m.name for m in rewrite.mirrors] == ["shadow"]
+    assert (rewrite.timeout, rewrite.backend_timeout) == (2.0, 0.5)
+    assert rewrite.retry is not None and rewrite.retry.attempts == 3
+    hit = select([r], RequestFacts.of("GET", "/v1/items/7", []))
+    assert hit is not None and hit.rule is rewrite
+    assert replace_path("/v1/items/7", ("ReplacePrefixMatch", "/api/"), hit.match) == "/api/items/7"
+    old = select([r], RequestFacts.of("GET", "/old/x", []))
+    assert old is not None
+    assert replace_path("/old/x", ("ReplacePrefixMatch", "/new"), old.match) == "/new/x"
+    assert replace_path("/old/x", ("ReplaceFullPath", "/"), old.match) == "/"
