@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_fault_injection_by_percentage():
 
 
 def test_traffic_policy_parses_and_names_bad_fields():
-    doc = {
+    doc: dict[str, Any] = {
         "apiVersion": "traffic.veil.dev/v1",
         "kind": "TrafficPolicy",
         "metadata": {"name": "p", "namespace": "shop"},
