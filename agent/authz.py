@@ -9,8 +9,9 @@ a DENY rule with L7 fields denies on its L4 part alone (both fail closed).
 
 Scope: no selector -> every workload of the policy's namespace; the root namespace
 (`veil-system`) without selector -> the whole mesh; `selector.matchLabels` -> matching
-workloads (in the root namespace: in every namespace). Policies with `targetRefs` attach to
-waypoints and are not the agent's.
+workloads (in the root namespace: in every namespace). Policies with `targetRefs` (a Gateway
+of class veil-waypoint, or a Service) attach to waypoints and are not the agent's: the
+waypoint evaluates them, L7 fields included, with `decide(..., scope=at_waypoint(...))`.
 
 A policy that does not validate never fails open: while a previous valid version exists that
 one stays in force; a policy that never validated stands as "deny everything in its scope".
@@ -19,7 +20,8 @@ one stays in force; a policy that never validated stands as "deny everything in 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +63,20 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True)
+class HttpFacts:
+    """What a waypoint knows about a request (L7)."""
+
+    method: str
+    path: str  # without the query string
+    host: str  # without the port
+    headers: Mapping[str, str]  # lower-case names
+    request_principal: str | None = None  # "<iss>/<sub>" of a validated JWT
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Facts:
-    """What the agent knows about a connection when it decides."""
+    """What the agent (or a waypoint) knows about a connection or request when it decides."""
 
     source_ip: str
     destination_ip: str
@@ -70,6 +84,7 @@ class Facts:
     principal: str | None = None  # "cluster.local/ns/x/sa/y" (Istio's form), None for plaintext
     destination_labels: Mapping[str, str] = field(default_factory=dict)
     destination_namespace: str = ""
+    http: HttpFacts | None = None
 
     @property
     def source_namespace(self) -> str | None:
@@ -84,6 +99,10 @@ class Condition:
     key: str
     values: tuple[str, ...] = ()
     not_values: tuple[str, ...] = ()
+
+    @property
+    def l7(self) -> bool:
+        return self.key.startswith(WHEN_L7_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,7 @@ class Policy:
     selector: Mapping[str, str] | None = None
     waypoint: bool = False  # targetRefs: for waypoints, not the agent
     invalid: str = ""  # why the policy stands as deny-all (never validated)
+    target_refs: tuple[tuple[str, str], ...] = ()  # (kind, name) in the policy's namespace
 
     @property
     def ref(self) -> str:
@@ -170,7 +190,6 @@ def _fields(  # noqa: PLR0917 - the field sets of one schema section
             _check_ports(ref, f"{path}.{key}", values)
         if key in l7:
             has_l7 = True
-            continue
         out[key] = values
     return out, has_l7
 
@@ -271,6 +290,9 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
             not_values = _strings(ref, f"{wp}.notValues", w.get("notValues") or [])
             if key.startswith(WHEN_L7_PREFIXES):
                 has_l7 = True
+                if not _L7_KEY.match(key):
+                    raise PolicyError(ref, f"{wp}.key", f"unknown condition key {key!r}")
+                conditions.append(Condition(key, values, not_values))
                 continue
             if key not in WHEN_L4:
                 raise PolicyError(ref, f"{wp}.key", f"unknown condition key {key!r}")
@@ -280,6 +302,12 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
                 _check_ports(ref, f"{wp}.values", (*values, *not_values))
             conditions.append(Condition(key, values, not_values))
         rules.append(Rule(tuple(sources), tuple(operations), tuple(conditions), has_l7))
+    refs = []
+    raw_refs = spec.get("targetRefs") or ([spec["targetRef"]] if spec.get("targetRef") else [])
+    for i, t in enumerate(raw_refs):
+        if not isinstance(t, dict) or t.get("kind") not in ("Gateway", "Service"):
+            raise PolicyError(ref, f"spec.targetRefs[{i}].kind", "expected Gateway or Service")
+        refs.append((str(t["kind"]), str(t.get("name", ""))))
     return Policy(
         namespace=md.get("namespace", "default"),
         name=str(md.get("name", "?")),
@@ -287,6 +315,7 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
         rules=tuple(rules),
         selector=selector,
         waypoint=waypoint,
+        target_refs=tuple(refs),
     )
 
 
@@ -317,6 +346,7 @@ class PolicySet:
                 if previous is not None and not previous.invalid:
                     policies[ref] = previous  # the last valid version stays in force
                 else:  # never valid: deny everything in its scope rather than fail open
+                    refs = _target_refs(obj)
                     policies[ref] = Policy(
                         namespace=md.get("namespace", "default"),
                         name=str(md.get("name", "?")),
@@ -324,8 +354,24 @@ class PolicySet:
                         rules=(Rule(),),
                         selector=_selector(obj),
                         invalid=str(e),
+                        waypoint=refs is not None,
+                        target_refs=refs or (),
                     )
         return PolicySet(policies, errors)
+
+
+def _target_refs(obj: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """A broken policy's targetRefs, read leniently (None: it has none, it is the agent's)."""
+    spec = obj.get("spec")
+    if not isinstance(spec, dict) or not ("targetRefs" in spec or "targetRef" in spec):
+        return None
+    raw = spec.get("targetRefs") or [spec.get("targetRef")]
+    refs = [
+        (str(t.get("kind", "Gateway")), str(t.get("name", "")))
+        for t in (raw if isinstance(raw, list) else [])
+        if isinstance(t, dict)
+    ]
+    return tuple(refs)
 
 
 def _selector(obj: Mapping[str, Any]) -> Mapping[str, str] | None:
@@ -362,7 +408,12 @@ def _strings_match(values: Sequence[str], value: str | None) -> bool:
 def _source_matches(src: Mapping[str, tuple[str, ...]], f: Facts) -> bool:
     for key, values in src.items():
         ok = True
-        if key == "principals":
+        if key in SOURCE_L7:
+            if f.http is None:
+                continue  # the agent: judged on the L4 part (see rule_matches)
+            got = f.http.request_principal
+            ok = _strings_match(values, got) == (key == "requestPrincipals")
+        elif key == "principals":
             ok = _strings_match(values, f.principal)
         elif key == "notPrincipals":
             ok = not _strings_match(values, f.principal)
@@ -383,10 +434,61 @@ def _operation_matches(op: Mapping[str, tuple[str, ...]], f: Facts) -> bool:
     port = str(f.destination_port)
     if "ports" in op and port not in op["ports"]:
         return False
-    return not ("notPorts" in op and port in op["notPorts"])
+    if "notPorts" in op and port in op["notPorts"]:
+        return False
+    h = f.http
+    if h is None:
+        return True  # L7 fields: the agent judges the L4 part only (see rule_matches)
+    for key, value in (("hosts", h.host.lower()), ("methods", h.method), ("paths", h.path)):
+        if key in op and not _strings_match(
+            [v.lower() if key == "hosts" else v for v in op[key]], value
+        ):
+            return False
+        neg = "not" + key[0].upper() + key[1:]
+        if neg in op and _strings_match(
+            [v.lower() if key == "hosts" else v for v in op[neg]], value
+        ):
+            return False
+    return True
+
+
+_L7_KEY = re.compile(
+    r"^(request\.headers\[[^\]]+\]|request\.auth\.claims\[[^\]]+\](\[[^\]]+\])*|"
+    r"request\.auth\.principal|request\.auth\.audiences|request\.auth\.presenter|"
+    r"experimental\..+)$"
+)
+
+
+def _l7_value(key: str, h: HttpFacts) -> list[str]:
+    """The request's values for an L7 `when` key (a claim can be a list)."""
+    if key.startswith("request.headers["):
+        v = h.headers.get(key[len("request.headers[") : -1].lower())
+        return [] if v is None else [v]
+    if key.startswith("request.auth.claims["):
+        node: Any = h.claims
+        for part in re.findall(r"\[([^\]]+)\]", key):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None:
+            return []
+        return [str(x) for x in node] if isinstance(node, list) else [str(node)]
+    if key == "request.auth.principal":
+        return [h.request_principal] if h.request_principal else []
+    if key == "request.auth.audiences":
+        aud = h.claims.get("aud")
+        return [str(a) for a in aud] if isinstance(aud, list) else ([str(aud)] if aud else [])
+    if key == "request.auth.presenter":
+        return [str(h.claims["azp"])] if "azp" in h.claims else []
+    return []
 
 
 def _condition_matches(c: Condition, f: Facts) -> bool:
+    if c.l7:
+        if f.http is None:
+            return True  # the agent: judged on the L4 part (see rule_matches)
+        got = _l7_value(c.key, f.http)
+        return (not c.values or any(_strings_match(c.values, g) for g in got)) and not (
+            c.not_values and any(_strings_match(c.not_values, g) for g in got)
+        )
     if c.key in ("source.ip", "remote.ip", "destination.ip"):
         ip = f.destination_ip if c.key == "destination.ip" else f.source_ip
         return (not c.values or _in_cidrs(ip, c.values)) and not (
@@ -403,7 +505,7 @@ def _condition_matches(c: Condition, f: Facts) -> bool:
 
 
 def rule_matches(rule: Rule, f: Facts, action: str) -> bool:
-    if rule.has_l7 and action == "ALLOW":
+    if rule.has_l7 and action == "ALLOW" and f.http is None:
         return False  # L7 fields are a waypoint's: the agent cannot prove them, so no match
     return (
         (not rule.sources or any(_source_matches(s, f) for s in rule.sources))
@@ -412,9 +514,29 @@ def rule_matches(rule: Rule, f: Facts, action: str) -> bool:
     )
 
 
-def decide(policies: Iterable[Policy], f: Facts) -> Decision:
-    """Istio's evaluation order, for one connection to one workload."""
-    applicable = sorted((p for p in policies if p.applies_to(f)), key=lambda p: p.ref)
+def at_waypoint(namespace: str, gateway: str, service: str | None) -> Callable[[Policy], bool]:
+    """Which policies a waypoint enforces for a request: those whose targetRefs name it (the
+    Gateway) or the Service the request addressed, in that namespace."""
+
+    def scope(p: Policy) -> bool:
+        return (
+            p.waypoint
+            and p.namespace == namespace
+            and any(
+                (kind == "Gateway" and name == gateway) or (kind == "Service" and name == service)
+                for kind, name in p.target_refs
+            )
+        )
+
+    return scope
+
+
+def decide(
+    policies: Iterable[Policy], f: Facts, scope: Callable[[Policy], bool] | None = None
+) -> Decision:
+    """Istio's evaluation order, for one connection (agent) or request (waypoint, `scope`)."""
+    applies = scope or (lambda p: p.applies_to(f))
+    applicable = sorted((p for p in policies if applies(p)), key=lambda p: p.ref)
     audited = tuple(
         p.ref
         for p in applicable

@@ -33,6 +33,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from agent import http
+from agent.authz import Facts, HttpFacts, PolicySet, at_waypoint, decide
 from agent.capture.rules import HBONE_PORT
 from agent.config import CA_SERVER_NAME
 from agent.hbone.conn import BadRequest, HboneConnection, check_request
@@ -195,6 +196,8 @@ class WaypointServer:
         self._buckets: dict[str, TokenBucket] = {}
         self._detectors: dict[str, OutlierDetector] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
+        self.policies = PolicySet()
+        self._authz_version = -1
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -440,7 +443,7 @@ class WaypointServer:
             started = time.monotonic()
             rec = self._record(ev, dest, peer, client_ip)
             try:
-                await self._exchange(down, stream, ev, dest, rec, client_ip)
+                await self._exchange(down, stream, ev, dest, rec, client_ip, peer)
             except HttpError as e:
                 rec.response_code, rec.response_flags, rec.error = e.status, e.flags, str(e)
                 if down.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -489,10 +492,13 @@ class WaypointServer:
         dest: Destination,
         rec: RequestRecord,
         client_ip: str,
+        peer: SpiffeId,
     ) -> None:
-        """One request: route, policy, then tries against backends until one answers."""
+        """One request: authorize, route, policy, then tries against backends until one
+        answers."""
         headers = _str_headers(req.headers)
         facts = RequestFacts.of(rec.method, rec.path, headers)
+        self._authorize(dest, facts, client_ip, peer)
         hit, backend = self._route(dest, facts, rec)
         rule = hit.rule if hit else None
         policy = self._traffic_policy(dest)
@@ -556,6 +562,35 @@ class WaypointServer:
         if resp is None:
             raise HttpError(504, "UT", f"no response within {timeout:g}s (timeouts.request)")
         await self._respond(down, stream, resp[0], resp[1], rule, rec)
+
+    def _authorize(
+        self, dest: Destination, facts: RequestFacts, client_ip: str, peer: SpiffeId
+    ) -> None:
+        """AuthorizationPolicies targeting this waypoint (Gateway) or the addressed Service,
+        L7 fields included; the principal is the original client's (its agent's tunnel)."""
+        state = self.store.current
+        if self._authz_version != state.version:
+            self.policies = self.policies.update(state.others)
+            self._authz_version = state.version
+            for ref, err in self.policies.errors.items():
+                log.error("policy %s: %s", ref, err)
+        host = facts.header("host") or dest.authority
+        f = Facts(
+            source_ip=client_ip or "0.0.0.0",
+            destination_ip=dest.authority.rsplit(":", 1)[0],
+            destination_port=dest.port,
+            principal=peer.istio_principal,
+            destination_namespace=self.cfg.namespace,
+            http=HttpFacts(facts.method, facts.path, host.rsplit(":", 1)[0], dict(facts.headers)),
+        )
+        service = dest.service.name if dest.service else None
+        d = decide(
+            self.policies.policies.values(),
+            f,
+            at_waypoint(self.cfg.namespace, self.cfg.gateway, service),
+        )
+        if not d.allowed:
+            raise HttpError(403, "RBAC", f"RBAC: access denied ({d.policy or '-'}: {d.reason})")
 
     def _route(
         self, dest: Destination, facts: RequestFacts, rec: RequestRecord

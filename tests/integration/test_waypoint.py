@@ -221,3 +221,32 @@ def test_circuit_breaker_fails_fast_over_max_requests(wlab):
     )
     assert sorted(got) == [200, 503, 503, 503]
     assert any(e["response_flags"] == "UO" for e in access_log(wlab))
+
+
+def test_l7_authorization_at_the_waypoint(wlab, tmp_path):
+    policy = tmp_path / "l7.yaml"
+    policy.write_text(
+        """apiVersion: security.veil.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: catalog-reads, namespace: web}
+spec:
+  targetRefs: [{group: "", kind: Service, name: catalog}]
+  rules:
+    - from: [{source: {principals: [cluster.local/ns/web/sa/client]}}]
+      to: [{operation: {methods: [GET], paths: ["/items*"]}}]
+      when: [{key: "request.headers[x-team]", values: [blue]}]
+"""
+    )
+    veil("lab", "apply", "--name", wlab, "-f", str(policy))
+    try:
+        time.sleep(1.0)  # the waypoint reads state within a 200 ms poll
+        assert codes(wlab, "http://catalog:9080/items/1", "-H", "x-team: blue") == [200]
+        assert codes(wlab, "http://catalog:9080/items/1", "-H", "x-team: red") == [403]
+        assert codes(wlab, "http://catalog:9080/admin", "-H", "x-team: blue") == [403]
+        assert codes(wlab, "http://catalog:9080/items", "-X", "POST", "-H", "x-team: blue") == [403]
+        denied = [e for e in access_log(wlab) if e["response_flags"] == "RBAC"]
+        assert denied and "web/catalog-reads" in denied[-1]["error"]
+        # a policy on the catalog Service: another service through the same waypoint passes
+        assert codes(wlab, "http://flaky:9080/") == [200]
+    finally:
+        veil("lab", "delete", "--name", wlab, "-f", str(policy), check=False)

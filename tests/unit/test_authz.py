@@ -225,3 +225,80 @@ def test_a_policy_that_never_validated_denies_its_scope():
     assert decide(ps.policies.values(), facts()).allowed is False  # never fails open
     assert decide(ps.policies.values(), facts(labels={"app": "web"})).allowed is True
     assert "unknown field" in decide(ps.policies.values(), facts()).reason
+
+
+# -- L7, at the waypoint -------------------------------------------------------------------
+
+
+def l7_policy(spec: str) -> Any:
+    import yaml  # noqa: PLC0415
+
+    return parse_policy(
+        yaml.safe_load(
+            "apiVersion: security.veil.dev/v1\nkind: AuthorizationPolicy\n"
+            "metadata: {name: l7, namespace: shop}\nspec:\n"
+            "  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n"
+            + spec
+        )
+    )
+
+
+SHOP_CLIENT = "cluster.local/ns/shop/sa/client"
+
+
+def request(
+    method: str = "GET", path: str = "/", principal: str = SHOP_CLIENT, **headers: str
+) -> Facts:
+    from agent.authz import HttpFacts  # noqa: PLC0415
+
+    return Facts(
+        "10.244.1.10",
+        "10.96.0.10",
+        9080,
+        principal=principal,
+        destination_namespace="shop",
+        http=HttpFacts(
+            method, path, "catalog", {k.replace("_", "-"): v for k, v in headers.items()}
+        ),
+    )
+
+
+def test_l7_rules_are_enforced_at_the_waypoint_only():
+    from agent.authz import at_waypoint  # noqa: PLC0415
+
+    p = l7_policy(
+        "  rules:\n"
+        "    - from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]\n"
+        "      to: [{operation: {methods: [GET], paths: ['/items*']}}]\n"
+        "      when: [{key: 'request.headers[x-team]', values: [blue]}]\n"
+    )
+    scope = at_waypoint("shop", "waypoint", "catalog")
+    assert decide([p], request(path="/items/1", x_team="blue"), scope).allowed
+    assert not decide([p], request(path="/admin", x_team="blue"), scope).allowed
+    assert not decide([p], request("POST", "/items", x_team="blue"), scope).allowed
+    assert not decide([p], request(path="/items", x_team="red"), scope).allowed
+    other = "cluster.local/ns/shop/sa/frontend"
+    assert not decide([p], request(path="/items", principal=other, x_team="blue"), scope).allowed
+    # other waypoints and other services' requests are not in its scope; the agent ignores it
+    assert decide([p], request(path="/admin"), at_waypoint("shop", "other", "cart")).allowed
+    assert decide([p], facts()).allowed
+
+
+def test_a_deny_on_l7_fields_and_a_never_valid_waypoint_policy():
+    from agent.authz import PolicySet, at_waypoint  # noqa: PLC0415
+
+    deny = l7_policy(
+        "  action: DENY\n  rules: [{to: [{operation: {paths: ['/admin*'], notMethods: [GET]}}]}]\n"
+    )
+    scope = at_waypoint("shop", "waypoint", "catalog")
+    assert not decide([deny], request("POST", "/admin/x"), scope).allowed
+    assert decide([deny], request("GET", "/admin/x"), scope).allowed
+    broken = {
+        "apiVersion": "security.veil.dev/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "bad", "namespace": "shop"},
+        "spec": {"targetRefs": [{"kind": "Service", "name": "catalog"}], "action": "NOPE"},
+    }
+    ps = PolicySet().update([broken])
+    assert not decide(ps.policies.values(), request(), scope).allowed  # fails closed there
+    assert decide(ps.policies.values(), facts()).allowed  # and is not the agent's
