@@ -48,7 +48,7 @@ from agent.state.model import MeshState, Service, Workload
 from agent.state.sources.manifests import ManifestSource
 from agent.state.store import StateStore
 from agent.telemetry.admin import AdminService
-from waypoint import http1
+from waypoint import http1, jwt
 from waypoint.resilience import (
     GROUP,
     KIND,
@@ -198,6 +198,8 @@ class WaypointServer:
         self._breakers: dict[str, CircuitBreaker] = {}
         self.policies = PolicySet()
         self._authz_version = -1
+        self._jwt_policies: list[jwt.RequestAuthentication] = []
+        self._jwt_version = -1
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -574,6 +576,25 @@ class WaypointServer:
             self._authz_version = state.version
             for ref, err in self.policies.errors.items():
                 log.error("policy %s: %s", ref, err)
+        service = dest.service.name if dest.service else None
+        if self._jwt_version != state.version:
+            self._jwt_policies = []
+            for obj in state.others:
+                if obj.get("kind") == jwt.KIND:
+                    try:
+                        self._jwt_policies.append(jwt.parse_request_authentication(obj))
+                    except jwt.JwtError as e:
+                        log.error("%s", e)
+            self._jwt_version = state.version
+        authn = [
+            p
+            for p in self._jwt_policies
+            if p.applies(self.cfg.namespace, self.cfg.gateway, service)
+        ]
+        try:
+            who = jwt.authenticate(authn, facts.headers) if authn else None
+        except jwt.JwtError as e:
+            raise HttpError(401, "UAEX", f"Jwt verification fails: {e}") from None
         host = facts.header("host") or dest.authority
         f = Facts(
             source_ip=client_ip or "0.0.0.0",
@@ -581,9 +602,15 @@ class WaypointServer:
             destination_port=dest.port,
             principal=peer.istio_principal,
             destination_namespace=self.cfg.namespace,
-            http=HttpFacts(facts.method, facts.path, host.rsplit(":", 1)[0], dict(facts.headers)),
+            http=HttpFacts(
+                facts.method,
+                facts.path,
+                host.rsplit(":", 1)[0],
+                dict(facts.headers),
+                who.principal if who else None,
+                who.claims if who else {},
+            ),
         )
-        service = dest.service.name if dest.service else None
         d = decide(
             self.policies.policies.values(),
             f,

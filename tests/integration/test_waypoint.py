@@ -250,3 +250,49 @@ spec:
         assert codes(wlab, "http://flaky:9080/") == [200]
     finally:
         veil("lab", "delete", "--name", wlab, "-f", str(policy), check=False)
+
+
+def test_request_authentication_with_jwt_and_claims_in_policy(wlab, tmp_path):
+    from tests.support.jwt import Issuer  # noqa: PLC0415
+
+    iss = Issuer()
+    (tmp_path / "jwks.json").write_text(iss.jwks())
+    objects = tmp_path / "jwt.yaml"
+    objects.write_text(
+        f"""apiVersion: security.veil.dev/v1
+kind: RequestAuthentication
+metadata: {{name: catalog-jwt, namespace: web}}
+spec:
+  targetRefs: [{{kind: Service, name: catalog}}]
+  jwtRules:
+    - issuer: {iss.iss}
+      audiences: [catalog]
+      jwksUri: file://{tmp_path}/jwks.json
+---
+apiVersion: security.veil.dev/v1
+kind: AuthorizationPolicy
+metadata: {{name: catalog-jwt, namespace: web}}
+spec:
+  targetRefs: [{{kind: Service, name: catalog}}]
+  rules:
+    - from: [{{source: {{requestPrincipals: ["{iss.iss}/*"]}}}}]
+      when: [{{key: "request.auth.claims[team]", values: [blue]}}]
+"""
+    )
+    veil("lab", "apply", "--name", wlab, "-f", str(objects))
+    try:
+        time.sleep(1.0)
+        bearer = "authorization: Bearer "
+        blue = iss.token(aud="catalog", team="blue")
+        assert codes(wlab, "http://catalog:9080/", "-H", bearer + blue) == [200]
+        red = iss.token(aud="catalog", team="red")
+        assert codes(wlab, "http://catalog:9080/", "-H", bearer + red) == [403]  # policy
+        assert codes(wlab, "http://catalog:9080/") == [403]  # no token: no request principal
+        expired = iss.token(aud="catalog", team="blue", ttl=-3600)
+        assert codes(wlab, "http://catalog:9080/", "-H", bearer + expired) == [401]
+        forged = Issuer().token(aud="catalog", team="blue")
+        assert codes(wlab, "http://catalog:9080/", "-H", bearer + forged) == [401]
+        refused = [e for e in access_log(wlab) if e["response_code"] == 401]
+        assert "Jwt verification fails" in refused[-1]["error"]
+    finally:
+        veil("lab", "delete", "--name", wlab, "-f", str(objects), check=False)

@@ -1,0 +1,73 @@
+"""RequestAuthentication: JWKS, token validation, Istio's pass/refuse semantics (pure)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.support.jwt import Issuer, b64
+from waypoint.jwt import (
+    JwtError,
+    RequestAuthentication,
+    authenticate,
+    parse_request_authentication,
+    validate,
+)
+
+
+def ra(issuer: Issuer, **rule: object) -> RequestAuthentication:
+    return parse_request_authentication(
+        {
+            "apiVersion": "security.veil.dev/v1",
+            "kind": "RequestAuthentication",
+            "metadata": {"name": "jwt", "namespace": "shop"},
+            "spec": {
+                "targetRefs": [{"kind": "Service", "name": "catalog"}],
+                "jwtRules": [{"issuer": issuer.iss, "jwks": issuer.jwks(), **rule}],
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+def test_a_valid_token_gives_principal_and_claims(alg):
+    iss = Issuer(kind=alg)
+    policy = ra(iss, audiences=["catalog"])
+    got = authenticate(
+        [policy], {"authorization": "Bearer " + iss.token(aud="catalog", team="blue")}
+    )
+    assert got is not None and got.principal == "https://issuer.example/alice"
+    assert got.claims["team"] == "blue"
+    assert authenticate([policy], {}) is None  # no token: unauthenticated, not refused
+
+
+def test_tokens_that_must_be_refused():
+    iss, other = Issuer(), Issuer()
+    policy = ra(iss, audiences=["catalog"])
+    rule = policy.rules[0]
+    cases = {
+        "bad signature": other.token(aud="catalog"),
+        "token expired": iss.token(aud="catalog", ttl=-3600),
+        "audience": iss.token(aud="billing"),
+        "issuer": Issuer(iss="https://evil.example").token(aud="catalog"),
+        "not a JWT": "abc.def",
+        "is not accepted": b64(b'{"alg":"none"}')
+        + "."
+        + b64(b'{"iss":"https://issuer.example"}')
+        + ".",
+    }
+    for why, token in cases.items():
+        with pytest.raises(JwtError, match=why):
+            validate(token, rule, now=time.time())
+        with pytest.raises(JwtError):
+            authenticate([policy], {"authorization": "Bearer " + token})
+
+
+def test_jwks_from_a_file_and_errors_name_the_field(tmp_path):
+    iss = Issuer()
+    (tmp_path / "jwks.json").write_text(iss.jwks())
+    policy = ra(iss, jwks=None, jwksUri=f"file://{tmp_path}/jwks.json")
+    assert authenticate([policy], {"authorization": "Bearer " + iss.token()}) is not None
+    with pytest.raises(JwtError, match=r"RequestAuthentication shop/jwt: spec.jwtRules\[0\]"):
+        ra(iss, jwks=None)
