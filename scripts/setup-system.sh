@@ -18,6 +18,7 @@ needs=(
   "/usr/sbin/ip:iproute2"
   "/usr/bin/pgrep:procps"
   "/usr/bin/openssl:openssl"
+  "/usr/bin/h2load:nghttp2-client"
 )
 missing=()
 for pair in "${needs[@]}"; do

@@ -49,6 +49,7 @@ from agent.state.sources.manifests import ManifestSource
 from agent.state.store import StateStore
 from agent.telemetry.admin import AdminService
 from waypoint import http1, jwt
+from waypoint.http2 import H2Exchange, H2Server
 from waypoint.resilience import (
     GROUP,
     KIND,
@@ -143,8 +144,11 @@ class HttpError(Exception):
         self.status, self.flags = status, flags
 
 
-async def next_event(conn: h11.Connection, stream: Stream) -> Any:
-    """The next h11 event, feeding it stream bytes as it needs them."""
+async def next_event(conn: Any, stream: Stream) -> Any:
+    """The next h11 event, feeding it stream bytes as it needs them (an HTTP/2 exchange
+    produces the same events itself)."""
+    if isinstance(conn, H2Exchange):
+        return await conn.next_event()
     while True:
         ev = conn.next_event()
         if ev is not h11.NEED_DATA:
@@ -156,7 +160,10 @@ async def next_event(conn: h11.Connection, stream: Stream) -> Any:
         conn.receive_data(bytes(data))
 
 
-async def send(conn: h11.Connection, stream: Stream, event: Any) -> None:
+async def send(conn: Any, stream: Stream, event: Any) -> None:
+    if isinstance(conn, H2Exchange):
+        await conn.send(event)
+        return
     data = conn.send(event)
     if data:
         await stream.send(data)
@@ -332,8 +339,11 @@ class WaypointServer:
             stream.close()
             return
         try:
-            if http1.detect(bytes(first[:24])) == "http1":
+            kind = http1.detect(bytes(first[:24]))
+            if kind == "http1":
                 await self.http1(stream, bytes(first), dest, peer, client_ip)
+            elif kind == "h2":
+                await self.h2(stream, bytes(first), dest, peer, client_ip)
             else:
                 await self.tcp(stream, bytes(first), dest, client_ip)
         finally:
@@ -442,21 +452,9 @@ class WaypointServer:
             ev = await next_event(down, stream)
             if not isinstance(ev, h11.Request):
                 break
-            started = time.monotonic()
-            rec = self._record(ev, dest, peer, client_ip)
-            try:
-                await self._exchange(down, stream, ev, dest, rec, client_ip, peer)
-            except HttpError as e:
-                rec.response_code, rec.response_flags, rec.error = e.status, e.flags, str(e)
-                if down.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await self._local_reply(down, stream, e.status, str(e))
-                else:
-                    stream.reset()
-                    rec.duration_ms = (time.monotonic() - started) * 1000
-                    self.metrics.record(rec)
-                    return
-            rec.duration_ms = (time.monotonic() - started) * 1000
-            self.metrics.record(rec)
+            if not await self._one_request(down, stream, ev, dest, peer, client_ip):
+                stream.reset()
+                return
             if down.our_state is h11.MUST_CLOSE or down.their_state is h11.MUST_CLOSE:
                 break
             if down.their_state is not h11.DONE:
@@ -466,6 +464,44 @@ class WaypointServer:
             except h11.LocalProtocolError:
                 break
         await stream.send_eof()
+
+    async def h2(
+        self, stream: Stream, first: bytes, dest: Destination, peer: SpiffeId, client_ip: str
+    ) -> None:
+        """HTTP/2 with prior knowledge: every request stream through the same logic."""
+
+        async def one(ex: H2Exchange) -> None:
+            if ex.request is None:
+                await self._local_reply(ex, stream, 400, "bad HTTP/2 request head")
+                return
+            await self._one_request(ex, stream, ex.request, dest, peer, client_ip)
+
+        await H2Server(stream, one).run(first)
+
+    async def _one_request(  # noqa: PLR0917
+        self,
+        down: Any,
+        stream: Stream,
+        req: h11.Request,
+        dest: Destination,
+        peer: SpiffeId,
+        client_ip: str,
+    ) -> bool:
+        """Serve one request and record it; False if the response broke off midway."""
+        started = time.monotonic()
+        rec = self._record(req, dest, peer, client_ip)
+        ok = True
+        try:
+            await self._exchange(down, stream, req, dest, rec, client_ip, peer)
+        except HttpError as e:
+            rec.response_code, rec.response_flags, rec.error = e.status, e.flags, str(e)
+            if down.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await self._local_reply(down, stream, e.status, str(e))
+            else:
+                ok = False
+        rec.duration_ms = (time.monotonic() - started) * 1000
+        self.metrics.record(rec)
+        return ok
 
     def _record(
         self, req: h11.Request, dest: Destination, peer: SpiffeId, client_ip: str
@@ -1007,9 +1043,7 @@ class WaypointServer:
             cb.limits = policy.pool or PoolLimits()
         return cb
 
-    async def _local_reply(
-        self, down: h11.Connection, stream: Stream, status: int, why: str
-    ) -> None:
+    async def _local_reply(self, down: Any, stream: Stream, status: int, why: str) -> None:
         body = f"{why}\n".encode()
         try:
             await send(

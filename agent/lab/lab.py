@@ -969,6 +969,8 @@ def delete(lab: str, kind: str, name: str, namespace: str | None) -> str:
         "authorizationpolicy": "AuthorizationPolicy",
         "gateway": "Gateway",
         "httproute": "HTTPRoute",
+        "requestauthentication": "RequestAuthentication",
+        "trafficpolicy": "TrafficPolicy",
     }
     real = kinds.get(kind.lower(), kind)
     if real in LIFECYCLE_KINDS:

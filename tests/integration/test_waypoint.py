@@ -249,7 +249,8 @@ spec:
         # a policy on the catalog Service: another service through the same waypoint passes
         assert codes(wlab, "http://flaky:9080/") == [200]
     finally:
-        veil("lab", "delete", "--name", wlab, "-f", str(policy), check=False)
+        veil("lab", "delete", "--name", wlab, "authorizationpolicy", "catalog-reads", "-n", "web")
+        time.sleep(1.0)  # gone from the waypoint's snapshot before the next test
 
 
 def test_request_authentication_with_jwt_and_claims_in_policy(wlab, tmp_path):
@@ -295,4 +296,40 @@ spec:
         refused = [e for e in access_log(wlab) if e["response_code"] == 401]
         assert "Jwt verification fails" in refused[-1]["error"]
     finally:
-        veil("lab", "delete", "--name", wlab, "-f", str(objects), check=False)
+        for kind in ("requestauthentication", "authorizationpolicy"):
+            veil("lab", "delete", "--name", wlab, kind, "catalog-jwt", "-n", "web", check=False)
+        time.sleep(1.0)  # gone from the waypoint's snapshot before the next test
+
+
+def test_http2_prior_knowledge_from_curl(wlab, tmp_path):
+    """One URL per curl: 7.88 cannot reuse a prior-knowledge connection (curl/curl#10634)."""
+    out = curl(
+        wlab, "--http2-prior-knowledge", "-i", "-H", "x-canary: yes", "http://catalog:9080/x"
+    )
+    assert out.stdout.startswith("HTTP/2 200")
+    assert "x-route: canary-header" in out.stdout
+    assert answers(out.stdout)[0]["pod"] == "catalog-v2-0"
+    body = tmp_path / "body"
+    body.write_bytes(b"y" * (2 * 1024 * 1024))
+    up = curl(wlab, "--http2-prior-knowledge", "--data-binary", f"@{body}", "http://catalog:9080/u")
+    assert answers(up.stdout)[0]["bodyBytes"] == 2 * 1024 * 1024
+    assert codes(wlab, "http://catalog:9080/delay/1000", "--http2-prior-knowledge") == [504]
+
+
+def test_h2load_multiplexed_through_the_waypoint(wlab):
+    out = lab_exec(
+        wlab,
+        "client",
+        "h2load",
+        "-n",
+        "400",
+        "-c",
+        "4",
+        "-m",
+        "10",
+        "http://catalog:9080/",
+        ns="web",
+        check=False,
+    ).stdout
+    assert "400 succeeded, 0 failed, 0 errored" in out, out[-800:]
+    assert "status codes: 400 2xx" in out
