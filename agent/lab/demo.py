@@ -14,6 +14,7 @@ exits non-zero if a request fails or plaintext of the mesh request shows on the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import secrets
 import subprocess
@@ -125,6 +126,104 @@ def enrolled(st: dict[str, Any]) -> dict[str, list[str]]:
 def attempt(lab: str, c: Call) -> str:
     answer, err = curl(lab, c)
     return f"answered by {answer['pod']}" if answer else f"REFUSED ({err.splitlines()[-1][:60]})"
+
+
+def client_curl(lab: str, *args: str) -> str:
+    """One curl run from the shop's client (several URLs with `[1-20]`); its output."""
+    argv = [VEIL, "lab", "exec", "--name", lab, "-n", "shop", "client", "--", "curl", "-s"]
+    proc = subprocess.run(
+        [*argv, "--max-time", "20", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    return proc.stdout
+
+
+def codes(lab: str, url: str, *extra: str) -> list[int]:
+    out = client_curl(lab, "-o", "/dev/null", "-w", "%{http_code}\n", *extra, url)
+    return [int(c) for c in out.split()]
+
+
+def pods_answering(lab: str, url: str, *extra: str) -> Counter[str]:
+    out = client_curl(lab, *extra, url)
+    return Counter(line.split('"')[3] for line in out.splitlines() if line.startswith(' "pod": '))
+
+
+def waypoint_demo(lab: str) -> int:
+    """Namespace shop through its waypoint: canary, header route, retries, timeout, L7 deny."""
+    examples = Path(__file__).resolve().parents[2] / "examples" / "shop-waypoint"
+    unexpected = 0
+
+    def expect(ok: bool, line: str) -> None:
+        nonlocal unexpected
+        unexpected += 0 if ok else 1
+        print(f"  {line}{'' if ok else '   <- UNEXPECTED'}")
+
+    print("\n== 5. L7: a waypoint for namespace shop (Gateway class veil-waypoint, pod waypoint-0)")
+    print(
+        "  veil lab delete authorizationpolicy require-mtls|cart-from-frontend -n shop  (step 4's)"
+    )
+    for name in ("require-mtls", "cart-from-frontend"):
+        with contextlib.suppress(LabError):
+            labmod.delete(lab, "authorizationpolicy", name, "shop")
+    print("  veil lab label ns shop veil.dev/use-waypoint=waypoint")
+    labmod.label(lab, "namespace", "shop", None, ["veil.dev/use-waypoint=waypoint"])
+    print("  veil lab apply -f examples/shop-waypoint/   (HTTPRoute catalog, L7 policy on cart)")
+    labmod.apply(lab, sorted(examples.glob("*.yaml")))
+    time.sleep(1.5)
+    spread = pods_answering(lab, "http://catalog:9080/[1-200]")
+    v2 = sum(n for p, n in spread.items() if p.startswith("catalog-v2"))
+    total = sum(spread.values())
+    expect(
+        total == 200 and 10 <= v2 <= 32,
+        f"canary, 200 requests to catalog: v1 {total - v2}, v2 {v2} (HTTPRoute weights 90/10)",
+    )
+    canary = pods_answering(lab, "http://catalog:9080/[1-10]", "-H", "x-canary: yes")
+    expect(
+        set(canary) == {"catalog-v2-0"},
+        f"header route, 10 requests with x-canary: yes -> {dict(canary)}",
+    )
+    before = codes(lab, "http://ratings:9080/[1-20]")
+    expect(
+        503 in before,
+        f"ratings (one replica broken), no retry: {before.count(503)} of 20 answered 503",
+    )
+    print("  veil lab apply -f examples/shop-waypoint/later/ratings-retry.yaml (retry 3x on 503)")
+    labmod.apply(lab, [examples / "later" / "ratings-retry.yaml"])
+    time.sleep(1.5)
+    after = codes(lab, "http://ratings:9080/[1-20]")
+    expect(
+        after == [200] * 20,
+        f"ratings with the retry: {after.count(200)} of 20 answered 200 (the retry hid the 503s)",
+    )
+    started = time.monotonic()
+    slow = codes(lab, "http://catalog:9080/delay/2000")
+    took = time.monotonic() - started
+    expect(
+        slow == [504], f"timeout: /delay/2000 with timeouts.request 500ms -> {slow} in {took:.1f}s"
+    )
+    reads = codes(lab, "http://cart.shop:7070/")
+    writes = codes(lab, "http://cart.shop:7070/", "-X", "POST")
+    expect(
+        reads == [200] and writes == [403], f"L7 policy on cart: GET -> {reads}, POST -> {writes}"
+    )
+    ns = "veil-" + lab + "-shop_waypoint-0"
+    proc = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{ns}", "curl", "-s", "127.0.0.1:15020/metrics"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    lines = [
+        ln
+        for ln in proc.stdout.splitlines()
+        if ln.startswith("istio_requests_total{") and 'destination_workload="catalog-v2"' in ln
+    ]
+    print("\n  waypoint metrics (:15020/metrics), requests answered by catalog-v2:")
+    for ln in lines[:3]:
+        labels = dict(kv.split("=", 1) for kv in ln[ln.index("{") + 1 : ln.index("}")].split('",'))
+        code = labels.get("response_code", "").strip('"')
+        print(f"    istio_requests_total{{response_code={code}, ...}} {ln.rsplit(' ', 1)[1]}")
+    return unexpected
 
 
 def policy_demo(lab: str, st: dict[str, Any]) -> int:
@@ -254,7 +353,12 @@ def run(paths: Sequence[str], lab: str, nodes: int, keep: bool, capture: Sequenc
 
         print("\n== 2. veil lab label ns shop veil.dev/dataplane-mode=ambient")
         labmod.label(lab, "namespace", "shop", None, ["veil.dev/dataplane-mode=ambient"])
-        want = {p["namespace"] + "/" + p["name"] for p in st["pods"] if p["namespace"] == "shop"}
+        want = {
+            p["namespace"] + "/" + p["name"]
+            for p in st["pods"]
+            if p["namespace"] == "shop"
+            and p.get("labels", {}).get("veil.dev/dataplane-mode") != "none"  # the waypoint
+        }
         start = time.monotonic()
         while {x for v in enrolled(st).values() for x in v} != want:
             if time.monotonic() - start > 10:
@@ -295,6 +399,7 @@ def run(paths: Sequence[str], lab: str, nodes: int, keep: bool, capture: Sequenc
         for pod, n in sorted(spread.items()):
             print(f"  {pod:<28} {n:>3} {'#' * n}")
         failures += policy_demo(lab, st)
+        failures += waypoint_demo(lab)
         print_identities(st)
         print(
             f"\n== summary: {failures} unexpected results; namespace shop is in the mesh, "

@@ -775,6 +775,7 @@ def status(lab: str) -> dict[str, Any]:
                 "ip": st.get("podIP", ""),
                 "node": p["spec"].get("nodeName", ""),
                 "phase": phase,
+                "labels": md.get("labels") or {},
             }
         )
     slices = {

@@ -96,7 +96,7 @@ def test_status_matches_reality(shop_lab, lab_status):
     entries = {(p["namespace"], p["name"]): p for p in record["pods"]}
     nodes = {n["name"]: n for n in lab_status["nodes"]}
     assert set(nodes) == {"node1", "node2"}
-    assert len(lab_status["pods"]) == 8
+    assert len(lab_status["pods"]) == 11  # incl. the waypoint and the two ratings replicas
     for p in lab_status["pods"]:
         entry = entries[(p["namespace"], p["name"])]
         assert p["phase"] == "Running"
