@@ -130,10 +130,13 @@ def measure(  # noqa: PLR0917
     }
 
 
-def mesh_cert(node: str, identity: SpiffeId, where: Path) -> tuple[Path, Path, Path]:
+def mesh_cert(
+    node: str, identity: SpiffeId, where: Path, lab: str = LAB
+) -> tuple[Path, Path, Path]:
+    """A certificate from the lab's CA, asked for with the node's credential."""
     key = new_key()
     status, doc = controlplane.ca_request(
-        LAB, node, {"identity": str(identity), "csr": build_csr(key, identity).decode()}
+        lab, node, {"identity": str(identity), "csr": build_csr(key, identity).decode()}
     )
     if status != 200:
         raise RuntimeError(f"CA refused {identity}: {doc}")
