@@ -18,6 +18,7 @@ USE_WAYPOINT = "veil.dev/use-waypoint"
 WAYPOINT_FOR = "veil.dev/waypoint-for"
 WAYPOINT_CLASS = "veil-waypoint"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+ALLOW_BYPASS = "veil.dev/allow-waypoint-bypass"  # "true": direct traffic is accepted too
 
 
 @dataclass(frozen=True)
@@ -171,9 +172,17 @@ class MeshState:
         ]
 
     def bound_waypoints(self, w: Workload) -> set[Waypoint]:
-        """Waypoints traffic to this pod must come through (its own, its services')."""
-        out = {wp for s in self.services_of(w) if (wp := self.service_waypoint(s))}
-        if (own := self.workload_waypoint(w)) is not None:
+        """Waypoints traffic to this pod must come through (its own, its services'), unless
+        the namespace, the Service or the pod says `veil.dev/allow-waypoint-bypass: "true"`."""
+        ns = self.namespaces.get(w.namespace)
+        if ns is not None and ns.labels.get(ALLOW_BYPASS) == "true":
+            return set()
+        out = {
+            wp
+            for s in self.services_of(w)
+            if s.labels.get(ALLOW_BYPASS) != "true" and (wp := self.service_waypoint(s))
+        }
+        if w.labels.get(ALLOW_BYPASS) != "true" and (own := self.workload_waypoint(w)):
             out.add(own)
         return out
 

@@ -333,3 +333,21 @@ def test_h2load_multiplexed_through_the_waypoint(wlab):
     ).stdout
     assert "400 succeeded, 0 failed, 0 errored" in out, out[-800:]
     assert "status codes: 400 2xx" in out
+
+
+def test_backend_request_timeout_per_try_then_504(wlab):
+    started = time.monotonic()
+    assert codes(wlab, "http://catalog:9080/slowtry") == [504]
+    took = time.monotonic() - started
+    entry = [e for e in access_log(wlab) if e["path"] == "/slowtry"][-1]
+    assert entry["retries"] == 1 and entry["response_flags"] == "UT"
+    assert "timeouts.backendRequest" in entry["error"] and took < 1.0  # 2 tries of 200 ms
+
+
+def test_a_workload_waypoint_takes_traffic_addressed_to_the_pod(wlab):
+    st = json.loads(veil("lab", "status", "--name", wlab, "-o", "json").stdout)
+    ip = {p["name"]: p["ip"] for p in st["pods"]}
+    seen = answers(curl(wlab, f"http://{ip['solo']}:9080/direct").stdout)[0]
+    assert seen["pod"] == "solo" and seen["client"].split(":")[0] == ip["podwp-0"]
+    log = (store.lab_dir(wlab) / "logs" / "web_podwp-0_waypoint.log").read_text()
+    assert '"path": "/direct"' in log

@@ -237,3 +237,14 @@ def test_waypoint_bound_pods_know_their_waypoint():
     wp = state.workload("mesh", "wp-0")
     assert {w.name for w in state.bound_waypoints(web)} == {"wp"}
     assert state.bound_waypoints(wp) == set()  # the waypoint's own pod is not bound to itself
+
+
+def test_bypass_can_be_allowed_explicitly():
+    allow = {"veil.dev/allow-waypoint-bypass": "true"}
+    state = waypoint_state({**AMB, **USE, **allow}, {}, "all")
+    assert state.bound_waypoints(state.workload("mesh", "web-0")) == set()
+    state = waypoint_state({**AMB, **USE}, allow, "service")  # on the Service
+    assert state.bound_waypoints(state.workload("mesh", "web-0")) == set()
+    # the traffic addressed to the service still goes through the waypoint
+    r = route(state, state.workload("mesh", "client"), ("10.96.0.10", 80), TD)
+    assert r.address == ("10.244.2.20", 15008)
