@@ -540,8 +540,10 @@ class WaypointServer:
         hit, backend = self._route(dest, facts, rec)
         rule = hit.rule if hit else None
         policy = self._traffic_policy(dest)
-        if policy is not None:
-            await self._apply_policy(policy)
+        route_policy = self._route_policy(hit)
+        for p in (route_policy, policy):  # a route's own limits first, then the service's
+            if p is not None:
+                await self._apply_policy(p)
         if rule is not None and rule.redirect is not None:
             await self._redirect(down, stream, req, headers, hit, rec)
             return
@@ -1004,6 +1006,19 @@ class WaypointServer:
                 p
                 for p in self._policies[1]
                 if p.namespace == dest.service.namespace and dest.service.name in p.services
+            ),
+            None,
+        )
+
+    def _route_policy(self, hit: Selected | None) -> TrafficPolicy | None:
+        """A TrafficPolicy targeting the HTTPRoute that matched (per-route rate limits)."""
+        if hit is None:
+            return None
+        return next(
+            (
+                p
+                for p in self._policies[1]
+                if p.namespace == hit.route.namespace and hit.route.name in p.routes
             ),
             None,
         )

@@ -7,7 +7,7 @@ machine is tested without sleeping.
     kind: TrafficPolicy
     metadata: {name: catalog, namespace: shop}
     spec:
-      targetRefs: [{group: "", kind: Service, name: catalog}]
+      targetRefs: [{group: "", kind: Service, name: catalog}]   # or an HTTPRoute
       retry: {attempts: 2, backoff: 50ms, codes: [502, 503]}   # when the HTTPRoute rule has none
       faults:
         delay: {percent: 10, fixedDelay: 2s}
@@ -179,6 +179,7 @@ class TrafficPolicy:
     rate: tuple[float, float] | None = None  # (requests per second, burst)
     pool: PoolLimits | None = None
     outlier: tuple[int, float] | None = None  # (consecutive 5xx, ejection seconds)
+    routes: tuple[str, ...] = ()  # targetRefs: HTTPRoutes (rate limits and faults per route)
 
     @property
     def key(self) -> str:
@@ -198,13 +199,16 @@ def parse_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicy:
     where = f"{KIND} {ns}/{name}: spec"
     spec = obj.get("spec") or {}
     try:
-        services = []
+        services, routes = [], []
         for i, t in enumerate(spec.get("targetRefs") or []):
-            if t.get("kind") != "Service":
-                raise PolicyError(f"{where}.targetRefs[{i}].kind: only Service")
-            services.append(str(t["name"]))
-        if not services:
-            raise PolicyError(f"{where}.targetRefs: at least one Service")
+            if t.get("kind") == "Service":
+                services.append(str(t["name"]))
+            elif t.get("kind") == "HTTPRoute":
+                routes.append(str(t["name"]))
+            else:
+                raise PolicyError(f"{where}.targetRefs[{i}].kind: Service or HTTPRoute")
+        if not services and not routes:
+            raise PolicyError(f"{where}.targetRefs: at least one Service or HTTPRoute")
         fault = None
         if f := spec.get("faults"):
             d, a = f.get("delay") or {}, f.get("abort") or {}
@@ -245,6 +249,7 @@ def parse_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicy:
             rate,
             pool,
             outlier,
+            tuple(routes),
         )
     except PolicyError:
         raise

@@ -351,3 +351,10 @@ def test_a_workload_waypoint_takes_traffic_addressed_to_the_pod(wlab):
     assert seen["pod"] == "solo" and seen["client"].split(":")[0] == ip["podwp-0"]
     log = (store.lab_dir(wlab) / "logs" / "web_podwp-0_waypoint.log").read_text()
     assert '"path": "/direct"' in log
+
+
+def test_a_rate_limit_per_httproute(wlab):
+    got = codes(wlab, "http://quota:9080/[1-8]")
+    assert got[:3] == [200] * 3 and got[3:].count(429) >= 4
+    limited = [e for e in access_log(wlab) if e["response_flags"] == "RL"]
+    assert "quota-route" in limited[-1]["error"]

@@ -101,3 +101,21 @@ def test_traffic_policy_parses_and_names_bad_fields():
     doc["spec"]["retry"]["codes"] = [404]
     with pytest.raises(PolicyError, match=r"TrafficPolicy shop/p: spec.retry.codes"):
         parse_traffic_policy(doc)
+
+
+def test_a_traffic_policy_can_target_an_httproute():
+    p = parse_traffic_policy(
+        {
+            "kind": "TrafficPolicy",
+            "metadata": {"name": "r", "namespace": "shop"},
+            "spec": {
+                "targetRefs": [{"kind": "HTTPRoute", "name": "catalog"}],
+                "rateLimit": {"requestsPerSecond": 2},
+            },
+        }
+    )
+    assert p.routes == ("catalog",) and p.services == () and p.rate == (2.0, 2.0)
+    with pytest.raises(PolicyError, match="Service or HTTPRoute"):
+        parse_traffic_policy(
+            {"kind": "TrafficPolicy", "spec": {"targetRefs": [{"kind": "Gateway", "name": "w"}]}}
+        )
