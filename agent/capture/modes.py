@@ -47,7 +47,8 @@ class IptablesCapture:
         iptables.install(t.netns)
 
     def remove(self, t: CaptureTarget) -> None:
-        iptables.remove(t.netns)
+        if Path(t.netns).exists():  # a pod that is gone took its rules with it
+            iptables.remove(t.netns)
 
     def forget_others(self) -> None:
         pass
