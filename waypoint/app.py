@@ -169,6 +169,49 @@ async def send(conn: Any, stream: Stream, event: Any) -> None:
         await stream.send(data)
 
 
+COALESCE = 64 * 1024
+
+
+class Writer:
+    """One message's output towards a stream, sent only when the proxy is about to wait for
+    input, at the end of the message, or past 64 KiB: a small response leaves as one TLS
+    record and one DATA frame instead of three (head, body, end)."""
+
+    def __init__(self, conn: Any, stream: Stream) -> None:
+        self.conn, self.stream = conn, stream
+        self.buf = bytearray()
+
+    async def send(self, event: Any) -> None:
+        if isinstance(self.conn, H2Exchange):
+            await self.conn.send(event)
+            return
+        self.buf += self.conn.send(event) or b""
+        if isinstance(event, h11.EndOfMessage) or len(self.buf) >= COALESCE:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.buf:
+            data, self.buf = bytes(self.buf), bytearray()
+            await self.stream.send(data)
+
+
+async def next_event_then(conn: Any, stream: Stream, pending: Writer) -> Any:
+    """`next_event`, flushing `pending` before it would block on the network."""
+    if isinstance(conn, H2Exchange):
+        await pending.flush()
+        return await conn.next_event()
+    while True:
+        ev = conn.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev
+        await pending.flush()
+        try:
+            data = await stream.receive()
+        except HboneError:
+            data = b""
+        conn.receive_data(bytes(data))
+
+
 def _key(service: Service | None) -> str:
     return f"{service.namespace}/{service.name}" if service else ""
 
@@ -813,15 +856,14 @@ class WaypointServer:
                 out = [(n, v) for n, v in out if n.lower() != "content-length"]
                 out.append(("content-length", str(len(body))))
             try:
-                await send(
-                    up.conn, up.stream, h11.Request(method=method, target=target, headers=out)
-                )
+                w_up = Writer(up.conn, up.stream)
+                await w_up.send(h11.Request(method=method, target=target, headers=out))
                 if body is not None:
                     if body:
-                        await send(up.conn, up.stream, h11.Data(data=body))
-                    await send(up.conn, up.stream, h11.EndOfMessage())
+                        await w_up.send(h11.Data(data=body))
+                    await w_up.send(h11.EndOfMessage())
                 else:
-                    await self._stream_body(down, stream, up, rec)
+                    await self._stream_body(down, stream, w_up, rec)
                 limit = rule.backend_timeout if rule and rule.backend_timeout else float("inf")
                 with trio.fail_after(limit):
                     answer = await next_event(up.conn, up.stream)
@@ -843,15 +885,15 @@ class WaypointServer:
             breaker.done()
 
     async def _stream_body(
-        self, down: h11.Connection, stream: Stream, up: Upstream, rec: RequestRecord
+        self, down: h11.Connection, stream: Stream, out: Writer, rec: RequestRecord
     ) -> None:
         while True:
-            ev = await next_event(down, stream)
+            ev = await next_event_then(down, stream, out)
             if isinstance(ev, h11.Data):
                 rec.request_bytes += len(ev.data)
-                await send(up.conn, up.stream, h11.Data(data=ev.data))
+                await out.send(h11.Data(data=ev.data))
             elif isinstance(ev, h11.EndOfMessage):
-                await send(up.conn, up.stream, h11.EndOfMessage())
+                await out.send(h11.EndOfMessage())
                 return
             else:
                 raise HttpError(400, "DC", "the client went away during the request")
@@ -869,19 +911,18 @@ class WaypointServer:
         if rule is not None and rule.response_headers is not None:
             rheaders = rule.response_headers.apply(rheaders)
         try:
-            await send(
-                down,
-                stream,
-                h11.Response(status_code=resp.status_code, headers=rheaders, reason=resp.reason),
+            out = Writer(down, stream)
+            await out.send(
+                h11.Response(status_code=resp.status_code, headers=rheaders, reason=resp.reason)
             )
             rec.response_code = resp.status_code
-            while True:  # the response body, streamed
-                ev = await next_event(up.conn, up.stream)
+            while True:  # the response body, streamed (sent whenever upstream makes us wait)
+                ev = await next_event_then(up.conn, up.stream, out)
                 if isinstance(ev, h11.Data):
                     rec.response_bytes += len(ev.data)
-                    await send(down, stream, h11.Data(data=ev.data))
+                    await out.send(h11.Data(data=ev.data))
                 elif isinstance(ev, h11.EndOfMessage):
-                    await send(down, stream, h11.EndOfMessage())
+                    await out.send(h11.EndOfMessage())
                     break
                 else:
                     raise HttpError(502, "UC", f"upstream {rec.upstream} ended mid-response")

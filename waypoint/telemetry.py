@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -79,6 +80,7 @@ class RequestMetrics:
             registry=registry,
         )
 
+        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         self.mirrored = Counter(
             "veil_waypoint_mirrored_requests",
             "Copies sent by RequestMirror filters, by mirror backend and its answer",
@@ -101,8 +103,18 @@ class RequestMetrics:
             r.response_flags,
             "mutual_tls",
         )
-        self.requests.labels(*labels).inc()
-        self.duration.labels(*labels).observe(r.duration_ms)
-        self.request_bytes.labels(*labels).observe(r.request_bytes)
-        self.response_bytes.labels(*labels).observe(r.response_bytes)
-        access_log.info("%s", json.dumps(asdict(r), separators=(", ", ": ")))
+        children = self._children.get(labels)
+        if children is None:  # a label lookup costs more than the observation: keep them
+            children = self._children[labels] = (
+                self.requests.labels(*labels),
+                self.duration.labels(*labels),
+                self.request_bytes.labels(*labels),
+                self.response_bytes.labels(*labels),
+            )
+        requests, duration, request_bytes, response_bytes = children
+        requests.inc()
+        duration.observe(r.duration_ms)
+        request_bytes.observe(r.request_bytes)
+        response_bytes.observe(r.response_bytes)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s", json.dumps(vars(r), separators=(", ", ": ")))
