@@ -7,16 +7,9 @@
 
 int veil_tc_ingress(struct __sk_buff *skb)
 {
-    void *data = (void *)(long)skb->data;
-    void *end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > end || eth->h_proto != veil_htons(ETH_P_IP))
-        return TC_ACT_OK;
-    struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
-        return TC_ACT_OK;
-    struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
-    if ((void *)(tcp + 1) > end)
+    struct iphdr *ip;
+    struct tcphdr *tcp = veil_tcp(skb, &ip);
+    if (!tcp)
         return TC_ACT_OK;
     if (!tcp->syn || tcp->ack)
         return TC_ACT_OK; /* established connections find their sockets as usual */

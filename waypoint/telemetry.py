@@ -9,22 +9,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from agent.telemetry.metrics import LABELS as TCP_LABELS
+
 access_log = logging.getLogger("veil.access")
 
-LABELS = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "destination_service",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "request_protocol",
-    "response_code",
-    "response_flags",
-    "connection_security_policy",
-)
+LABELS = (*TCP_LABELS, "response_code")  # Istio's request labels: the TCP ones + the code
 MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 BYTE_BUCKETS = (0, 100, 1000, 10_000, 100_000, 1_000_000, 10_000_000)
 
@@ -99,9 +88,9 @@ class RequestMetrics:
             r.destination_namespace,
             r.destination_principal,
             "http",
-            str(r.response_code),
             r.response_flags,
             "mutual_tls",
+            str(r.response_code),
         )
         children = self._children.get(labels)
         if children is None:  # a label lookup costs more than the observation: keep them

@@ -80,6 +80,25 @@ BPF_TABLE_PINNED("lru_hash", struct veil_conn_key, struct veil_orig, veil_conn_o
 BPF_TABLE_PINNED("hash", __u64, struct veil_pod, veil_pods, 16384, VEIL_PIN_DIR "/pods");
 BPF_TABLE_PINNED("array", __u32, __u64, veil_counters, VEIL_COUNTERS, VEIL_PIN_DIR "/counters");
 
+/* The TCP header of an IPv4 packet at the start of a tc program's buffer (Ethernet first),
+ * with `*ip` set; NULL for anything else or a packet too short to hold both headers. */
+static __always_inline struct tcphdr *veil_tcp(struct __sk_buff *skb, struct iphdr **ip)
+{
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end || eth->h_proto != veil_htons(ETH_P_IP))
+        return NULL;
+    struct iphdr *iph = (void *)(eth + 1);
+    if ((void *)(iph + 1) > end || iph->protocol != IPPROTO_TCP || iph->ihl < 5)
+        return NULL;
+    struct tcphdr *tcp = (void *)iph + iph->ihl * 4;
+    if ((void *)(tcp + 1) > end)
+        return NULL;
+    *ip = iph;
+    return tcp;
+}
+
 static __always_inline void veil_count(__u32 which)
 {
     __u64 *v = veil_counters.lookup(&which);
