@@ -60,14 +60,7 @@ class Agent:
         self.cfg = cfg
         self.registry = CollectorRegistry()
         self.store = StateStore()
-        ca = CaEndpoint(
-            host=cfg.ca_address[0],
-            port=cfg.ca_address[1],
-            server_name=cfg.ca_server_name,
-            root_file=cfg.ca_root,
-            token_file=cfg.token_file,
-        )
-        self.certs = CertificateManager(ca.request, registry=self.registry)
+        self.certs = CertificateManager(CaEndpoint.of(cfg).request, registry=self.registry)
         self.proxy_ctx = ProxyContext(
             node=cfg.node,
             trust_domain=cfg.trust_domain,

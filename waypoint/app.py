@@ -195,6 +195,24 @@ class Writer:
             await self.stream.send(data)
 
 
+async def copy_body(  # noqa: PLR0917
+    conn: Any, stream: Stream, out: Writer, why: str, status: int = 400, flags: str = "DC"
+) -> int:
+    """Stream one message body from `conn` into `out` (sent whenever the source makes us
+    wait); the bytes copied. A message that ends early: HttpError(status, flags, why)."""
+    copied = 0
+    while True:
+        ev = await next_event_then(conn, stream, out)
+        if isinstance(ev, h11.Data):
+            copied += len(ev.data)
+            await out.send(h11.Data(data=ev.data))
+        elif isinstance(ev, h11.EndOfMessage):
+            await out.send(h11.EndOfMessage())
+            return copied
+        else:
+            raise HttpError(status, flags, why)
+
+
 async def next_event_then(conn: Any, stream: Stream, pending: Writer) -> Any:
     """`next_event`, flushing `pending` before it would block on the network."""
     if isinstance(conn, H2Exchange):
@@ -225,15 +243,8 @@ class WaypointServer:
         self.cfg = cfg
         self.identity = SpiffeId(cfg.trust_domain, cfg.namespace, cfg.gateway)
         self.store = StateStore()
-        ca = CaEndpoint(
-            host=cfg.ca_address[0],
-            port=cfg.ca_address[1],
-            server_name=cfg.ca_server_name,
-            root_file=cfg.ca_root,
-            token_file=cfg.token_file,
-        )
         self.registry = CollectorRegistry()
-        self.certs = CertificateManager(ca.request, registry=self.registry)
+        self.certs = CertificateManager(CaEndpoint.of(cfg).request, registry=self.registry)
         self.metrics = RequestMetrics(self.registry)
         self.pool: HbonePool | None = None
         self.idle: dict[tuple[str, str, int], list[Upstream]] = defaultdict(list)
@@ -420,15 +431,10 @@ class WaypointServer:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise OSError(err, f"connect to {w.ip}:{HBONE_PORT} failed")
-                tls = TlsSocket(sock, cred.client_context, server_side=False)
-                await tls.handshake()
-                verify_peer(tls.ssl, expected={expected})
             except BaseException:
                 sock.close()
                 raise
-            io = HboneIO(tls, HboneConnection(client=True), f"{w.ip}:{HBONE_PORT}")
-            await self.pool.start_conn(io)
-            return io
+            return await self.pool.tunnel(sock, cred.client_context, expected)
 
         headers = [
             ("forwarded", f'for="{client_ip}"' if client_ip else f'for="{w.ip}"'),
@@ -887,16 +893,7 @@ class WaypointServer:
     async def _stream_body(
         self, down: h11.Connection, stream: Stream, out: Writer, rec: RequestRecord
     ) -> None:
-        while True:
-            ev = await next_event_then(down, stream, out)
-            if isinstance(ev, h11.Data):
-                rec.request_bytes += len(ev.data)
-                await out.send(h11.Data(data=ev.data))
-            elif isinstance(ev, h11.EndOfMessage):
-                await out.send(h11.EndOfMessage())
-                return
-            else:
-                raise HttpError(400, "DC", "the client went away during the request")
+        rec.request_bytes += await copy_body(down, stream, out, "the client went away")
 
     async def _respond(  # noqa: PLR0917
         self,
@@ -916,16 +913,9 @@ class WaypointServer:
                 h11.Response(status_code=resp.status_code, headers=rheaders, reason=resp.reason)
             )
             rec.response_code = resp.status_code
-            while True:  # the response body, streamed (sent whenever upstream makes us wait)
-                ev = await next_event_then(up.conn, up.stream, out)
-                if isinstance(ev, h11.Data):
-                    rec.response_bytes += len(ev.data)
-                    await out.send(h11.Data(data=ev.data))
-                elif isinstance(ev, h11.EndOfMessage):
-                    await out.send(h11.EndOfMessage())
-                    break
-                else:
-                    raise HttpError(502, "UC", f"upstream {rec.upstream} ended mid-response")
+            rec.response_bytes += await copy_body(
+                up.conn, up.stream, out, f"upstream {rec.upstream} ended mid-response", 502, "UC"
+            )
         except (h11.ProtocolError, HboneError) as e:
             self._drop(up)
             raise HttpError(502, "UPE", f"upstream {rec.upstream}: {e}") from None

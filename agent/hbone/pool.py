@@ -7,13 +7,18 @@ so a burst shares the new connection). Connections idle for `idle_timeout` are c
 
 from __future__ import annotations
 
+import socket
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 
 import trio
 
-from agent.hbone.io import HboneIO, Stream
+from agent.hbone.conn import HboneConnection
+from agent.hbone.io import HboneIO, Stream, TlsSocket
+from agent.identity.spiffe import SpiffeId
+from agent.identity.tls import verify_peer
 
 Dial = Callable[[], Awaitable[HboneIO]]
 IDLE_TIMEOUT = 300.0
@@ -30,6 +35,21 @@ class HbonePool:
     def start_conn(self, io: HboneIO) -> Awaitable[None]:
         """Run a freshly dialled connection's reader in the pool's nursery."""
         return self._nursery.start(io.run)
+
+    async def tunnel(self, sock: socket.socket, ctx: ssl.SSLContext, expected: SpiffeId) -> HboneIO:
+        """A new client connection over a connected socket: TLS, the server must be
+        `expected`, then its reader runs in the pool's nursery. The socket is ours either way."""
+        peer = "{}:{}".format(*sock.getpeername()[:2])
+        tls = TlsSocket(sock, ctx, server_side=False)
+        try:
+            await tls.handshake()
+            verify_peer(tls.ssl, expected={expected})
+        except BaseException:
+            tls.close()
+            raise
+        io = HboneIO(tls, HboneConnection(client=True), peer)
+        await self.start_conn(io)
+        return io
 
     async def open_stream(
         self, key: Hashable, dial: Dial, authority: str, headers: Sequence[tuple[str, str]]

@@ -6,7 +6,7 @@ import json
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -26,6 +26,19 @@ class CaClientError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+class CaClientConfig(Protocol):
+    """What a daemon's configuration says about reaching the CA."""
+
+    @property
+    def ca_address(self) -> tuple[str, int]: ...
+    @property
+    def ca_server_name(self) -> str: ...
+    @property
+    def ca_root(self) -> Path: ...
+    @property
+    def token_file(self) -> Path: ...
+
+
 @dataclass(frozen=True)
 class CaEndpoint:
     host: str
@@ -33,6 +46,13 @@ class CaEndpoint:
     server_name: str  # a DNS name in the CA's serving certificate
     root_file: Path  # trust anchor for dialling the CA (lab: nodes/<node>/ca-root.pem)
     token_file: Path  # the node credential, re-read on every request (it may rotate)
+
+    @classmethod
+    def of(cls, cfg: CaClientConfig) -> CaEndpoint:
+        """The CA as a daemon's configuration names it (agent or waypoint)."""
+        return cls(
+            cfg.ca_address[0], cfg.ca_address[1], cfg.ca_server_name, cfg.ca_root, cfg.token_file
+        )
 
     async def request(
         self, identity: SpiffeId, csr_pem: bytes, ttl_seconds: int | None = None

@@ -238,16 +238,7 @@ class PodProxy:
     async def _dial(self, r: Route, ctx: ssl.SSLContext) -> HboneIO:
         assert self.ns is not None and self.pool is not None and r.identity is not None
         sock = await connect(self.ns, r.address, self.ctx.connect_timeout)
-        tls = TlsSocket(sock, ctx, server_side=False)
-        try:
-            await tls.handshake()
-            verify_peer(tls.ssl, expected={r.identity})
-        except BaseException:
-            tls.close()
-            raise
-        io = HboneIO(tls, HboneConnection(client=True), f"{r.address[0]}:{r.address[1]}")
-        await self.pool.start_conn(io)
-        return io
+        return await self.pool.tunnel(sock, ctx, r.identity)
 
     # -- 15006 -----------------------------------------------------------------------------
 
