@@ -305,6 +305,10 @@ def run_daemon(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The format shows neither caller, thread nor process: don't collect them for every
+    # record (the logging docs' own advice; an access log line is written per connection).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         if args.command == "ca":
             from agent.ca import app as ca_app  # noqa: PLC0415

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h2.events
 import h11
 import trio
 from prometheus_client import CollectorRegistry
@@ -36,7 +35,7 @@ from agent import http
 from agent.authz import Facts, HttpFacts, PolicySet, at_waypoint, decide
 from agent.capture.rules import HBONE_PORT
 from agent.config import CA_SERVER_NAME
-from agent.hbone.conn import BadRequest, HboneConnection, check_request
+from agent.hbone.conn import BadRequest, HboneConnection, RequestReceived, check_request
 from agent.hbone.io import HboneError, HboneIO, Stream, TlsSocket
 from agent.hbone.pool import HbonePool
 from agent.identity.ca_client import CaEndpoint
@@ -362,7 +361,7 @@ class WaypointServer:
             return Destination(authority, None, target[1], w)
         return None
 
-    def _on_request(self, ev: h2.events.RequestReceived, io: HboneIO, peer: SpiffeId) -> None:
+    def _on_request(self, ev: RequestReceived, io: HboneIO, peer: SpiffeId) -> None:
         req = check_request(ev)
         dest = (
             None

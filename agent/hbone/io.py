@@ -2,14 +2,15 @@
 
 Theory of operation
 -------------------
-`TlsSocket` drives a non-blocking `ssl.SSLSocket` with trio's `wait_readable`/`wait_writable`,
-keeping TLS record work in C (trio's SSLStream runs it through Python and MemoryBIOs, about
-twice the CPU per byte; see shared perf-notes). `HboneIO` owns one connection: a single reader
-task feeds received bytes to h2 and dispatches events to `Stream`s; every task that makes h2
-produce bytes appends them to one outbound buffer *synchronously* (HPACK state depends on
-frame order) and one writer task sends it. The reader never waits on the socket's send side
-(two peers whose readers both block on writing would deadlock); senders of DATA wait only
-while the outbound buffer is above its high-water mark.
+`TlsSocket` runs TLS through memory BIOs over a non-blocking socket, with trio's
+`wait_readable`/`wait_writable`, keeping TLS record work in C (trio's SSLStream does more of it
+in Python, about twice the CPU per byte; see shared perf-notes). `HboneIO` owns one
+connection: a single reader task feeds received bytes to the HTTP/2 state machine and
+dispatches events to `Stream`s; every task that makes it produce frames encrypts them
+*synchronously*, in order, and sends what the socket takes; a writer task sends the rest.
+The reader never waits on the socket's send side (two peers whose readers both block on
+writing would deadlock); senders of DATA wait only while the outbound buffer is above its
+high-water mark.
 
 Flow control gives backpressure end to end: received DATA is acknowledged only when the
 consumer asks for the next chunk (i.e. after it wrote the previous one out), so a stream never
@@ -30,11 +31,21 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
-import h2.errors
-import h2.events
 import trio
 
-from agent.hbone.conn import Data, Event, HboneConnection, HboneProtocolError, WindowOpened
+from agent.hbone.conn import (
+    ConnectionTerminated,
+    Data,
+    ErrorCode,
+    Event,
+    HboneConnection,
+    HboneProtocolError,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+)
 
 log = logging.getLogger("veil.hbone")
 READ_SIZE = 256 * 1024
@@ -252,7 +263,7 @@ class Stream:
             self.io.queue_output()
             await self.io.flush()
 
-    def reset(self, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.CANCEL) -> None:
+    def reset(self, code: ErrorCode = ErrorCode.CANCEL) -> None:
         if self.reset_code is None:
             self.reset_code = int(code)
             self.io.conn.reset(self.id, code)
@@ -270,7 +281,7 @@ class Stream:
         self.io.last_active = time.monotonic()
 
 
-OnRequest = Callable[[h2.events.RequestReceived, "HboneIO"], None]
+OnRequest = Callable[[RequestReceived, "HboneIO"], None]
 
 
 class HboneIO:
@@ -386,7 +397,7 @@ class HboneIO:
         self.closed = True
         for s in list(self.streams.values()):
             if s.reset_code is None and not (s.eof and s.sent_eof):
-                s.reset_code = int(h2.errors.ErrorCodes.CONNECT_ERROR)
+                s.reset_code = int(ErrorCode.CONNECT_ERROR)
                 s._sink_abort()
             s._notify()
         self._window.set()
@@ -441,32 +452,28 @@ class HboneIO:
                 self._deliver(ev)
             elif isinstance(ev, WindowOpened):
                 window_changed = True
-            elif isinstance(ev, h2.events.StreamEnded):
+            elif isinstance(ev, StreamEnded):
                 if (s := self.streams.get(ev.stream_id)) is not None:
                     s.eof = True
                     if s.sink is not None and not s.draining:
                         s._sink_eof()
                     s._notify()
-            elif isinstance(ev, h2.events.StreamReset):
+            elif isinstance(ev, StreamReset):
                 if (s := self.streams.get(ev.stream_id)) is not None:
-                    s.reset_code = int(ev.error_code or 0)
+                    s.reset_code = ev.error_code
                     s._sink_abort()
                     s._notify()
                 window_changed = True
-            elif isinstance(ev, h2.events.ResponseReceived):
+            elif isinstance(ev, ResponseReceived):
                 if (s := self.streams.get(ev.stream_id)) is not None:
-                    status = dict(ev.headers or []).get(b":status", b"0")
-                    s.status = int(status) if status.isdigit() else 0
+                    s.status = ev.status
                     s._notify()
-            elif isinstance(ev, h2.events.RequestReceived):
-                assert ev.stream_id is not None
+            elif isinstance(ev, RequestReceived):
                 self.streams[ev.stream_id] = Stream(self, ev.stream_id)
                 self.last_active = time.monotonic()
                 if self.on_request is not None:
                     self.on_request(ev, self)
-            elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-                window_changed = True
-            elif isinstance(ev, h2.events.ConnectionTerminated):
+            elif isinstance(ev, ConnectionTerminated):
                 self._fail(f"GOAWAY (error code {ev.error_code})")
         return window_changed
 

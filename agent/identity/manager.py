@@ -71,8 +71,8 @@ class Credential:
     def leaf(self) -> x509.Certificate:
         return self.chain[0]
 
-    @property
-    def not_after(self) -> float:
+    @cached_property
+    def not_after(self) -> float:  # checked on every proxied connection: parse it once
         return self.leaf.not_valid_after_utc.timestamp()
 
     @property

@@ -22,14 +22,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import h2.events
 import trio
 from prometheus_client import Counter
 
 from agent.authz import Decision, Facts, PolicySet, decide
 from agent.capture.netns import NetNs, connect, listen, original_dst
 from agent.capture.rules import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
-from agent.hbone.conn import BadRequest, HboneConnection, check_request
+from agent.hbone.conn import BadRequest, HboneConnection, RequestReceived, check_request
 from agent.hbone.io import HboneError, HboneIO, TlsSocket
 from agent.hbone.pool import HbonePool
 from agent.identity.manager import CertificateManager, NoCertificate
@@ -82,8 +81,7 @@ class ProxyContext:
         if moved is not None:
             c.sent, c.received = moved.up, moved.down
         if self.metrics is not None:
-            self.metrics.open(c)
-            self.metrics.close(c)
+            self.metrics.record(c)
 
 
 Handler = Callable[[socket.socket], Awaitable[None]]
@@ -311,7 +309,7 @@ class PodProxy:
             self.inbound_tunnels -= 1
 
     def _on_request(
-        self, ev: h2.events.RequestReceived, io: HboneIO, peer_ip: str, peer_id: SpiffeId
+        self, ev: RequestReceived, io: HboneIO, peer_ip: str, peer_id: SpiffeId
     ) -> None:
         req = check_request(ev)
         why = (

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -62,27 +63,25 @@ class Connection:
     policy: str = ""  # the AuthorizationPolicy that decided, if one did
     started: float = field(default_factory=time.monotonic)
 
+    def label_values(self) -> tuple[str, ...]:
+        """The values of `LABELS`, in that order."""
+        svc, src, dst = self.service, self.source, self.destination
+        return (
+            self.reporter,
+            workload_name(src),
+            src.namespace if src else "unknown",
+            self.source_principal,
+            f"{svc.name}.{svc.namespace}.svc.cluster.local" if svc else self.dst.rsplit(":", 1)[0],
+            workload_name(dst),
+            dst.namespace if dst else "unknown",
+            self.destination_principal,
+            "tcp",
+            self.response_flags,
+            "mutual_tls" if self.path == "hbone" else "none",
+        )
+
     def labels(self) -> dict[str, str]:
-        svc = self.service
-        return {
-            "reporter": self.reporter,
-            "source_workload": workload_name(self.source),
-            "source_workload_namespace": self.source.namespace if self.source else "unknown",
-            "source_principal": self.source_principal,
-            "destination_service": (
-                f"{svc.name}.{svc.namespace}.svc.cluster.local"
-                if svc
-                else self.dst.rsplit(":", 1)[0]
-            ),
-            "destination_workload": workload_name(self.destination),
-            "destination_workload_namespace": (
-                self.destination.namespace if self.destination else "unknown"
-            ),
-            "destination_principal": self.destination_principal,
-            "request_protocol": "tcp",
-            "response_flags": self.response_flags,
-            "connection_security_policy": "mutual_tls" if self.path == "hbone" else "none",
-        }
+        return dict(zip(LABELS, self.label_values(), strict=True))
 
 
 class TcpMetrics:
@@ -99,17 +98,29 @@ class TcpMetrics:
         self.received = Counter(
             "istio_tcp_received_bytes", "Bytes sent back to the client", LABELS, registry=registry
         )
+        # A label lookup costs more than the increments: keep each label set's children.
+        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
 
-    def open(self, c: Connection) -> None:
-        self.opened.labels(**c.labels()).inc()
-
-    def close(self, c: Connection) -> None:
-        labels = c.labels()
-        self.closed.labels(**labels).inc()
+    def record(self, c: Connection) -> None:
+        """Count a connection that ended (or never started) and write its access log line."""
+        values = c.label_values()
+        children = self._children.get(values)
+        if children is None:
+            children = self._children[values] = (
+                self.opened.labels(*values),
+                self.closed.labels(*values),
+                self.sent.labels(*values),
+                self.received.labels(*values),
+            )
+        opened, closed, sent, received = children
+        opened.inc()
+        closed.inc()
         if c.sent:
-            self.sent.labels(**labels).inc(c.sent)
+            sent.inc(c.sent)
         if c.received:
-            self.received.labels(**labels).inc(c.received)
+            received.inc(c.received)
+        if not access.isEnabledFor(logging.INFO):
+            return
         access.info(
             "%s",
             json.dumps(
@@ -118,12 +129,12 @@ class TcpMetrics:
                     "path": c.path,
                     "src": c.src,
                     "dst": c.dst,
-                    "src_workload": labels["source_workload"],
-                    "src_namespace": labels["source_workload_namespace"],
+                    "src_workload": values[1],
+                    "src_namespace": values[2],
                     "src_identity": c.source_principal,
-                    "dst_service": labels["destination_service"],
-                    "dst_workload": labels["destination_workload"],
-                    "dst_namespace": labels["destination_workload_namespace"],
+                    "dst_service": values[4],
+                    "dst_workload": values[5],
+                    "dst_namespace": values[6],
                     "dst_identity": c.destination_principal,
                     "bytes_sent": c.sent,
                     "bytes_received": c.received,

@@ -6,7 +6,6 @@ import hashlib
 import os
 import socket
 
-import h2.events
 import pytest
 import trio
 
@@ -14,6 +13,7 @@ from agent.hbone.conn import (
     BadRequest,
     ConnectRequest,
     HboneConnection,
+    RequestReceived,
     check_request,
     parse_authority,
 )
@@ -44,7 +44,7 @@ def test_parse_authority(authority, expected):
 
 
 def request(headers):
-    return h2.events.RequestReceived(stream_id=1, headers=headers)
+    return RequestReceived(1, [(k.decode(), v.decode()) for k, v in headers])
 
 
 def test_check_request():
@@ -180,9 +180,7 @@ async def test_refusals_carry_the_status(tunnel):
     with pytest.raises(HboneError) as e:
         await client.open_stream("10.244.2.11:9", [])
     assert e.value.status == 503
-    sid = client.conn.h2.get_next_available_stream_id()
-    client.conn.h2.send_headers(
-        sid,
+    sid = client.conn.request(
         [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "x")],
         end_stream=True,
     )

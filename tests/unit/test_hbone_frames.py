@@ -1,0 +1,309 @@
+"""HBONE's HTTP/2 layer, sans-IO: against itself, against the h2 library as an independent peer,
+and against hand-made frames that break the protocol."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import hpack
+import pytest
+
+from agent.hbone.conn import (
+    CONTINUATION,
+    DATA,
+    GOAWAY,
+    HEADERS,
+    PING,
+    PREFACE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    ConnectionTerminated,
+    Data,
+    ErrorCode,
+    HboneConnection,
+    HboneProtocolError,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+    decode_plain,
+    encode_headers,
+    frame_header,
+)
+
+
+def frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream, payload) of every frame in `data` (after a client preface)."""
+    if data.startswith(PREFACE):
+        data = data[len(PREFACE) :]
+    out = []
+    while data:
+        length = int.from_bytes(data[:3], "big")
+        ftype, flags = data[3], data[4]
+        sid = int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+        out.append((ftype, flags, sid, data[9 : 9 + length]))
+        data = data[9 + length :]
+    return out
+
+
+def pair() -> tuple[HboneConnection, HboneConnection]:
+    client, server = HboneConnection(client=True), HboneConnection(client=False)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())  # the SETTINGS ACK
+    return client, server
+
+
+def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return frame_header(len(payload), ftype, flags, sid) + payload
+
+
+def test_a_stream_lives_and_ends_on_both_sides():
+    client, server = pair()
+    sid = client.connect("10.0.0.2:80", [("forwarded", 'for="10.0.0.1:4000"')])
+    [req] = server.receive_data(client.data_to_send())
+    assert isinstance(req, RequestReceived) and req.stream_id == sid
+    assert dict(req.headers)[":authority"] == "10.0.0.2:80"
+    assert dict(req.headers)["forwarded"] == 'for="10.0.0.1:4000"'
+    server.respond(sid, 200)
+    [resp] = client.receive_data(server.data_to_send())
+    assert isinstance(resp, ResponseReceived) and resp.status == 200
+    client._out += client.data_header(sid, 5) + b"hello"
+    client.end_stream(sid)
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [Data, StreamEnded]
+    assert bytes(events[0].data) == b"hello"  # type: ignore[union-attr]
+    assert client.open_streams == 1 and server.open_streams == 1  # half-closed
+    server.end_stream(sid)
+    assert client.receive_data(server.data_to_send()) == [StreamEnded(sid)]
+    assert client.open_streams == 0 and server.open_streams == 0
+    assert client.send_window(sid) == -1  # ended: no more DATA
+
+
+def test_refusals_and_their_status():
+    client, server = pair()
+    sid = client.connect("10.0.0.2:80")
+    server.receive_data(client.data_to_send())
+    server.respond(sid, 401, end_stream=True)
+    events = client.receive_data(server.data_to_send())
+    assert events == [ResponseReceived(sid, 401, [(":status", "401")]), StreamEnded(sid)]
+    client.forget(sid)  # the client never ended its side: it resets the stream
+    assert (RST_STREAM, 0, sid, struct.pack("!I", 0)) in frames(client.data_to_send())
+    assert client.open_streams == 0
+
+
+def test_forgetting_an_open_stream_cancels_it():
+    client, server = pair()
+    sid = client.connect("10.0.0.2:80")
+    server.receive_data(client.data_to_send())
+    client.forget(sid)
+    assert server.receive_data(client.data_to_send()) == [StreamReset(sid, ErrorCode.CANCEL)]
+    assert server.open_streams == 0
+
+
+def test_large_header_blocks_travel_in_continuation_frames():
+    client, server = HboneConnection(client=True), HboneConnection(client=False)
+    server.receive_data(client.data_to_send())
+    big = "x" * 40000  # above 16 KiB, the frame size until the peer's SETTINGS say more
+    sid = client.connect("10.0.0.2:80", [("baggage", big)])
+    out = client.data_to_send()
+    assert [f[0] for f in frames(out)] == [HEADERS, CONTINUATION, CONTINUATION]
+    [req] = server.receive_data(out)
+    assert isinstance(req, RequestReceived) and dict(req.headers)["baggage"] == big
+    assert req.stream_id == sid
+
+
+def test_an_interrupted_header_block_is_a_connection_error():
+    _, server = pair()
+    block = encode_headers([(":method", "CONNECT"), (":authority", "10.0.0.2:80")])
+    bad = frame(HEADERS, 0, 1, block[:3]) + frame(PING, 0, 0, b"12345678")
+    with pytest.raises(HboneProtocolError, match="PROTOCOL_ERROR"):
+        server.receive_data(bad)
+    assert frames(server.data_to_send())[-1][0] == GOAWAY
+
+
+def test_settings_and_ping_are_answered():
+    _, server = pair()
+    events = server.receive_data(
+        frame(SETTINGS, 0, 0, struct.pack("!HI", 0x4, 1 << 20)) + frame(PING, 0, 0, b"abcdefgh")
+    )
+    assert events == [WindowOpened(0)]  # the initial window changed
+    out = frames(server.data_to_send())
+    assert (SETTINGS, 1, 0, b"") in out
+    assert (PING, 1, 0, b"abcdefgh") in out
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "PROTOCOL_ERROR"),  # not HTTP/2
+        (PREFACE + frame(PING, 0, 0, b"12345678"), "PROTOCOL_ERROR"),  # no SETTINGS first
+        (PREFACE + frame(SETTINGS, 0, 0, b"\x00\x04"), "FRAME_SIZE_ERROR"),
+        (PREFACE + frame(SETTINGS, 0, 0) + frame(DATA, 0, 0, b"x"), "PROTOCOL_ERROR"),
+        (PREFACE + frame(SETTINGS, 0, 0) + frame(DATA, 0, 7, b"x"), "PROTOCOL_ERROR"),  # idle
+        (PREFACE + frame(SETTINGS, 0, 0) + frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\0"), "FLOW"),
+        (PREFACE + frame(SETTINGS, 0, 0) + frame(CONTINUATION, 4, 1, b""), "PROTOCOL_ERROR"),
+        (PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, 4, 2, b"\x82"), "PROTOCOL_ERROR"),
+        (PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, 4, 1, b"\xff\xff"), "COMPRESSION"),
+        (PREFACE + frame(SETTINGS, 0, 0, struct.pack("!HI", 0x5, 100)), "PROTOCOL_ERROR"),
+        (PREFACE + frame_header(2 * 1024 * 1024, DATA, 0, 1), "FRAME_SIZE_ERROR"),
+    ],
+)
+def test_protocol_violations_end_the_connection_with_goaway(data, code):
+    server = HboneConnection(client=False)
+    server.data_to_send()
+    with pytest.raises(HboneProtocolError, match=code):
+        server.receive_data(data)
+    assert frames(server.data_to_send())[-1][0] == GOAWAY
+
+
+def test_a_peer_overrunning_the_window_is_a_flow_control_error():
+    client, server = pair()
+    sid = client.connect("10.0.0.2:80")
+    server.receive_data(client.data_to_send())
+    too_much = b"".join(frame(DATA, 0, sid, b"x" * (1 << 20)) for _ in range(5))
+    with pytest.raises(HboneProtocolError, match="FLOW_CONTROL_ERROR"):
+        server.receive_data(too_much)  # 5 MiB > the 4 MiB stream window
+
+
+def test_malformed_requests_are_reset_not_delivered():
+    _, server = pair()
+    block = encode_headers([(":method", "CONNECT"), (":authority", "a:1"), ("Forwarded", "x")])
+    assert server.receive_data(frame(HEADERS, 0x4, 1, block)) == []
+    assert (RST_STREAM, 0, 1, struct.pack("!I", ErrorCode.PROTOCOL_ERROR)) in frames(
+        server.data_to_send()
+    )
+    block = encode_headers([(":method", "CONNECT"), ("te", "x"), (":authority", "a:1")])
+    assert server.receive_data(frame(HEADERS, 0x4, 3, block)) == []
+
+
+def test_peer_limits_and_goaway_stop_new_streams():
+    client, server = HboneConnection(client=True), HboneConnection(client=False)
+    server.receive_data(client.data_to_send())
+    client.receive_data(frame(SETTINGS, 0, 0, struct.pack("!HI", 0x3, 2)))
+    client.connect("10.0.0.2:80")
+    assert client.can_open_stream()
+    client.connect("10.0.0.2:80")
+    assert not client.can_open_stream()  # the peer allows two at a time
+    events = client.receive_data(frame(GOAWAY, 0, 0, struct.pack("!II", 3, 0)))
+    assert events == [ConnectionTerminated(0, 3)]
+    client._next_sid = 2**31 + 1
+    assert not client.can_open_stream()
+
+
+def test_stream_ids_run_out():
+    client, _ = pair()
+    client._next_sid = 2**31 - 1
+    assert client.can_open_stream()
+    client.connect("10.0.0.2:80")
+    assert not client.can_open_stream()
+
+
+# -- the h2 library as an independent peer (Huffman coding, dynamic table, its own framing) --
+
+
+def h2_peer(client: bool) -> h2.connection.H2Connection:
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=client))
+    c.initiate_connection()
+    return c
+
+
+def test_an_h2_client_tunnels_through_our_server():
+    peer, server = h2_peer(client=True), HboneConnection(client=False)
+    server.receive_data(peer.data_to_send())
+    peer.receive_data(server.data_to_send())
+    for _ in range(3):  # the h2 encoder indexes headers: later requests use its dynamic table
+        sid = peer.get_next_available_stream_id()
+        peer.send_headers(
+            sid, [(":method", "CONNECT"), (":authority", "10.0.0.2:80"), ("baggage", "a=b")]
+        )
+        peer.send_data(sid, b"ping", end_stream=True)
+        events = server.receive_data(peer.data_to_send())
+        assert isinstance(events[0], RequestReceived)
+        assert dict(events[0].headers) == {
+            ":method": "CONNECT",
+            ":authority": "10.0.0.2:80",
+            "baggage": "a=b",
+        }
+        assert bytes(events[1].data) == b"ping"  # type: ignore[union-attr]
+        assert events[2] == StreamEnded(sid)
+        server.acknowledge(sid, 4)
+        server.respond(sid, 200)
+        server._out += server.data_header(sid, 4) + b"pong"
+        server.end_stream(sid)
+        got = peer.receive_data(server.data_to_send())
+        resp = next(e for e in got if isinstance(e, h2.events.ResponseReceived))
+        assert dict(resp.headers)[b":status"] == b"200"
+        data = next(e for e in got if isinstance(e, h2.events.DataReceived))
+        assert data.data == b"pong"
+        assert any(isinstance(e, h2.events.StreamEnded) for e in got)
+        server.forget(sid)
+        peer.acknowledge_received_data(4, sid)
+    assert server.open_streams == 0
+
+
+def test_our_client_tunnels_through_an_h2_server():
+    peer, client = h2_peer(client=False), HboneConnection(client=True)
+    peer.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_FRAME_SIZE: 16384}
+    )
+    peer.receive_data(client.data_to_send())
+    client.receive_data(peer.data_to_send())
+    sid = client.connect(
+        "10.0.0.2:80", [("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01")]
+    )
+    got = peer.receive_data(client.data_to_send())
+    req = next(e for e in got if isinstance(e, h2.events.RequestReceived))
+    assert dict(req.headers)[b":authority"] == b"10.0.0.2:80"
+    peer.send_headers(sid, [(":status", "200"), ("server", "h2")])
+    peer.send_data(sid, b"x" * 20000)  # two DATA frames at the peer's 16 KiB
+    peer.reset_stream(sid, 8)
+    events = client.receive_data(peer.data_to_send())
+    assert isinstance(events[0], ResponseReceived) and events[0].status == 200
+    assert b"".join(bytes(e.data) for e in events if isinstance(e, Data)) == b"x" * 20000
+    assert events[-1] == StreamReset(sid, 8)
+    assert client.open_streams == 0
+
+
+# -- HPACK: the fast path agrees with the hpack library ------------------------------------
+
+
+def test_plain_blocks_round_trip_and_match_hpack():
+    headers = [
+        (":method", "CONNECT"),
+        (":authority", "10.244.1.7:8080"),
+        ("forwarded", 'for="10.244.0.5:41000"'),
+        ("baggage", "k8s.namespace.name=shop," * 20),  # a length above 127: multi-byte
+        ("x-custom-header-name", ""),
+    ]
+    block = encode_headers(headers)
+    assert decode_plain(block) == headers
+    decoded = hpack.Decoder().decode(block, raw=True)
+    assert [(k.decode(), v.decode()) for k, v in decoded] == headers
+    assert decode_plain(b"\x88") == [(":status", "200")]
+
+
+def test_blocks_using_huffman_or_the_dynamic_table_go_to_hpack():
+    encoder = hpack.Encoder()
+    assert decode_plain(encoder.encode([(":authority", "example.com")])) is None  # indexed
+    assert decode_plain(encoder.encode([(":authority", "example.com")])) is None  # dynamic
+    assert decode_plain(b"\x3f\xe1\x1f") is None  # a table size update
+
+
+def test_the_fast_path_never_disagrees_with_hpack_on_random_input():
+    rng = random.Random(1)
+    samples = [encode_headers([("a", "b"), (":path", "/x")])]
+    samples += [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 24))) for _ in range(3000)]
+    for block in samples:
+        fast = decode_plain(block)
+        if fast is None:
+            continue
+        full = hpack.Decoder().decode(block, raw=True)
+        assert fast == [(k.decode("latin-1"), v.decode("latin-1")) for k, v in full], block
