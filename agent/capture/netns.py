@@ -27,6 +27,9 @@ IP_BIND_ADDRESS_NO_PORT = 24
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+Socket = socket.socket  # the name `socket` is also NetNs's method
+
+
 class NetnsError(OSError):
     pass
 
@@ -52,16 +55,26 @@ def _home_fd() -> int:
 
 
 class NetNs:
-    """An open handle on a network namespace (kept open so the netns cannot vanish under us)."""
+    """An open handle on a network namespace (kept open so the netns cannot vanish under us).
+
+    Marked TCP sockets, the agent's per-connection kind, are made a few at a time: one pair of
+    `setns` calls then serves `SPARE_SOCKETS` connections.
+    """
+
+    SPARE_SOCKETS = 8
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self._spare: list[Socket] = []
         try:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise NetnsError(e.errno, f"cannot open netns {self.path}: {e.strerror}") from None
 
     def close(self) -> None:
+        for s in self._spare:
+            s.close()
+        self._spare.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -84,11 +97,34 @@ class NetNs:
         proto: int = 0,
     ) -> socket.socket:
         """A non-blocking socket in this netns, with the agent mark unless told otherwise."""
+        if family == socket.AF_INET and type == socket.SOCK_STREAM and mark and not proto:
+            if not self._spare:
+                self._spare = self._make(self.SPARE_SOCKETS)
+            return self._spare.pop()
         with self.entered():
             s = socket.socket(family, type | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
         if mark:
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, AGENT_MARK)
         return s
+
+    def _make(self, n: int) -> list[Socket]:
+        made: list[Socket] = []
+        try:
+            with self.entered():
+                for _ in range(n):
+                    made.append(
+                        socket.socket(
+                            socket.AF_INET,
+                            socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                        )
+                    )
+            for s in made:
+                s.setsockopt(socket.SOL_SOCKET, SO_MARK, AGENT_MARK)
+        except BaseException:
+            for s in made:
+                s.close()
+            raise
+        return made
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:

@@ -83,6 +83,7 @@ class TlsSocket:
         self._wbuf = bytearray()
         self._eof = False
         self._streak = 0
+        self._more = True  # the last read filled the buffer: the socket may hold more
 
     @property
     def pending(self) -> int:
@@ -94,7 +95,9 @@ class TlsSocket:
         try:
             n = self.sock.recv_into(self._rbuf)
         except BlockingIOError:
+            self._more = False
             return False
+        self._more = n == len(self._rbuf)
         if n == 0:
             self._eof = True
             self._in.write_eof()
@@ -141,6 +144,8 @@ class TlsSocket:
         chunks: list[bytes] = []
         got = 0
         while got < n:
+            if not self._in.pending and not self.ssl.pending():
+                break  # nothing to decrypt: skip the read and its SSLWantReadError
             try:
                 data = self.ssl.read(n - got)
             except ssl.SSLWantReadError:
@@ -170,9 +175,12 @@ class TlsSocket:
                 return data
             if self._eof:
                 return b""
-            if not self._fill():
+            # After a short read the socket is most likely empty: wait instead of trying a
+            # recv that fails (epoll is level-triggered, so nothing that arrived is missed).
+            if not self._more or not self._fill():
                 self._streak = 0
                 await trio.lowlevel.wait_readable(self.sock)
+                self._fill()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt into the outgoing buffer (never blocks); `flush_nowait` sends it."""
@@ -202,6 +210,7 @@ class Stream:
         self.sink: socket.socket | None = None
         self.sink_failed = False
         self.draining = False
+        self.drain_scope: trio.CancelScope | None = None
         self.on_backlog: Callable[[], None] | None = None
         self.down_done = False  # END_STREAM delivered to the sink as a FIN
         self.delivered = 0  # bytes handed to the consumer
@@ -211,9 +220,38 @@ class Stream:
         self._wake = trio.Event()
 
     async def wait_down(self) -> None:
-        """Until the peer's side is delivered (FIN passed on), reset, or handed to a drain task."""
-        while not self.down_done and self.reset_code is None and not self.draining:
+        """Until the peer's side is delivered (FIN passed on), or the stream or sink failed."""
+        while not self.down_done and self.reset_code is None and not self.sink_failed:
             await self._wake.wait()
+
+    def deliver_buffered(self) -> bool:
+        """Write what arrived before the sink was set straight into it (and the FIN, if it
+        came); False if the sink pushed back or failed, leaving the rest to a drain task."""
+        assert self.sink is not None
+        sent_total = 0
+        done = True
+        while self._chunks:
+            data, flow = self._chunks[0]
+            try:
+                sent = self.sink.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the app is gone
+                self.sink_failed = True
+                self.reset()
+                return False
+            sent_total += sent
+            if sent < len(data):
+                self._chunks[0] = (data[sent:], flow - sent)
+                done = False
+                break
+            self._chunks.popleft()
+        if sent_total:
+            self.delivered += sent_total
+            self.io.conn.acknowledge(self.id, sent_total)  # sent with the relay's next output
+        if done and self.eof and self.reset_code is None:
+            self._sink_eof()
+        return done
 
     def _sink_eof(self) -> None:
         assert self.sink is not None
@@ -224,8 +262,8 @@ class Stream:
         self.down_done = True
 
     def _sink_abort(self) -> None:
-        """Wake a relay blocked on the app socket: the stream is gone."""
-        if self.sink is not None and not self.draining:
+        """Wake the tasks blocked on the app's socket (relay, drain): the stream is gone."""
+        if self.sink is not None:
             trio.lowlevel.notify_closing(self.sink)
 
     async def response(self) -> int:
@@ -375,16 +413,25 @@ class HboneIO:
 
     # -- client ----------------------------------------------------------------------------
 
-    async def open_stream(self, authority: str, headers: Sequence[tuple[str, str]]) -> Stream:
+    async def open_stream(
+        self, authority: str, headers: Sequence[tuple[str, str]], wait_response: bool = True
+    ) -> Stream:
+        """Open a CONNECT stream. With `wait_response`, return once the peer answered 2xx
+        (HboneError otherwise); without, return at once: the caller may send data early
+        (RFC 9113 section 8.5: after its HEADERS, a client's DATA is tunnel payload), and a
+        refusal arrives as a reset with `status` set. The caller then owns sending the
+        HEADERS: they leave with the first DATA, or at its next `queue_output()`."""
         if self.closed:
             raise HboneError(f"connection to {self.peer} is closed")
         sid = self.conn.connect(authority, headers)
         stream = self.streams[sid] = Stream(self, sid)
         self.last_active = time.monotonic()
+        if not wait_response:
+            return stream  # the HEADERS leave with the stream's first DATA or output flush
         self.queue_output()
         await self.flush()
         status = await stream.response()
-        if status != 200:
+        if not 200 <= status < 300:
             stream.close()
             raise HboneError(f"{self.peer} answered {status} to CONNECT {authority}", status)
         return stream
@@ -455,8 +502,8 @@ class HboneIO:
             elif isinstance(ev, StreamEnded):
                 if (s := self.streams.get(ev.stream_id)) is not None:
                     s.eof = True
-                    if s.sink is not None and not s.draining:
-                        s._sink_eof()
+                    if s.sink is not None and not s.draining and s.reset_code is None:
+                        s._sink_eof()  # a refusal's END_STREAM is no FIN: the app gets a reset
                     s._notify()
             elif isinstance(ev, StreamReset):
                 if (s := self.streams.get(ev.stream_id)) is not None:
@@ -467,6 +514,9 @@ class HboneIO:
             elif isinstance(ev, ResponseReceived):
                 if (s := self.streams.get(ev.stream_id)) is not None:
                     s.status = ev.status
+                    if not 200 <= ev.status < 300 and s.reset_code is None:
+                        s.reset_code = int(ErrorCode.CONNECT_ERROR)  # refused: nothing flows
+                        s._sink_abort()
                     s._notify()
             elif isinstance(ev, RequestReceived):
                 self.streams[ev.stream_id] = Stream(self, ev.stream_id)

@@ -52,11 +52,16 @@ class HbonePool:
         return io
 
     async def open_stream(
-        self, key: Hashable, dial: Dial, authority: str, headers: Sequence[tuple[str, str]]
+        self,
+        key: Hashable,
+        dial: Dial,
+        authority: str,
+        headers: Sequence[tuple[str, str]],
+        wait_response: bool = True,
     ) -> Stream:
         for c in self._conns.get(key, ()):  # the common case: no lock, no scheduler pass
             if not c.closed and c.conn.can_open_stream():
-                return await c.open_stream(authority, headers)
+                return await c.open_stream(authority, headers, wait_response)
         async with self._locks[key]:
             conns = self._conns[key]
             conns[:] = [c for c in conns if not c.closed]
@@ -65,7 +70,7 @@ class HbonePool:
                 io = await dial()
                 self.dialled += 1
                 conns.append(io)
-        return await io.open_stream(authority, headers)
+        return await io.open_stream(authority, headers, wait_response)
 
     def connections(self) -> list[HboneIO]:
         return [c for conns in self._conns.values() for c in conns if not c.closed]

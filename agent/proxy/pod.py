@@ -196,6 +196,7 @@ class PodProxy:
                 lambda: self._dial(r, cred.client_context),
                 r.authority,
                 self._headers(peer, r),
+                wait_response=False,  # the app's first bytes follow the CONNECT at once
             )
         except (
             NoCertificate,
@@ -205,19 +206,32 @@ class PodProxy:
             ssl.SSLError,
             trio.TooSlowError,
         ) as e:
-            log.warning(
-                "outbound %s -> %s (%s) failed, connection refused: %s",
-                self.workload.key,
-                r.authority,
-                r.identity,
-                e,
-            )
+            self._refused(c, r, e)
             abort(client)
-            denied = isinstance(e, HboneError) and e.status == 401
-            c.response_flags, c.error = ("RBAC" if denied else "UF"), str(e)
-            self.ctx.report(c)
             return
-        self.ctx.report(c, await relay_stream(client, stream))
+        moved = await relay_stream(client, stream)
+        if stream.status is None or not 200 <= stream.status < 300:
+            # Refused (the relay reset the app's connection) or reset before any answer.
+            why = (
+                f"{stream.io.peer} answered {stream.status} to CONNECT {r.authority}"
+                if stream.status is not None
+                else f"stream reset by {stream.io.peer} before an answer (code {stream.reset_code})"
+            )
+            self._refused(c, r, HboneError(why, stream.status or 0))
+            return
+        self.ctx.report(c, moved)
+
+    def _refused(self, c: Connection, r: Route, e: Exception) -> None:
+        log.warning(
+            "outbound %s -> %s (%s) failed, connection refused: %s",
+            self.workload.key,
+            r.authority,
+            r.identity,
+            e,
+        )
+        denied = isinstance(e, HboneError) and e.status == 401
+        c.response_flags, c.error = ("RBAC" if denied else "UF"), str(e)
+        self.ctx.report(c)
 
     def _headers(self, peer: Any, r: Route) -> list[tuple[str, str]]:
         baggage = [
@@ -432,9 +446,7 @@ class PodProxy:
             c.response_flags, c.error = "UF", str(e)
             self.ctx.report(c)
             return
-        io.conn.respond(stream_id, 200)
-        io.queue_output()
-        await io.flush()
+        io.conn.respond(stream_id, 200)  # sent by the relay, with the app's first bytes if ready
         moved = await relay_stream(upstream, stream)
         # relay_stream counts from the app's side here: its `up` went back to the client.
         c.sent, c.received = moved.down, moved.up

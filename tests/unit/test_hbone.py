@@ -246,3 +246,31 @@ async def test_abandoned_streams_give_the_connection_window_back(tunnel):
     await s.send(b"still flowing")
     with trio.fail_after(5):
         assert await s.receive() == b"still flowing"
+
+
+async def test_early_data_reaches_the_server_before_its_answer(tunnel):
+    client, _ = tunnel
+    s = await client.open_stream("10.244.2.11:9080", [], wait_response=False)
+    assert s.status is None
+    await s.send(b"client speaks first")
+    await s.send_eof()
+    assert await s.receive() == b"client speaks first"
+    assert s.status == 200
+
+
+async def test_a_refusal_after_early_data_resets_the_app_connection(tunnel):
+    from agent.proxy.copy import relay_stream  # noqa: PLC0415
+
+    client, _ = tunnel
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # TCP: a reset must be visible
+        app_peer = socket.create_connection(listener.getsockname())
+        app, _ = listener.accept()
+    app_peer.sendall(b"sent before the refusal")
+    s = await client.open_stream("10.244.2.11:9", [], wait_response=False)  # the server: 503
+    with trio.fail_after(2):
+        moved = await relay_stream(app, s)
+    assert s.status == 503 and s.reset_code is not None
+    assert moved.down == 0
+    with app_peer, pytest.raises(ConnectionResetError):
+        while app_peer.recv(100):
+            pass
