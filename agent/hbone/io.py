@@ -50,6 +50,7 @@ from agent.hbone.conn import (
 log = logging.getLogger("veil.hbone")
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024  # outbound bytes queued before DATA senders wait
+HOLD_LIMIT = 64 * 1024  # at most this much output waits to share a packet (send_data)
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -291,8 +292,8 @@ class Stream:
             raise HboneError(f"stream reset by peer (code {self.reset_code})")
         return b""
 
-    async def send(self, data: bytes | memoryview) -> None:
-        await self.io.send_data(self, data)
+    async def send(self, data: bytes | memoryview, push: bool = True) -> None:
+        await self.io.send_data(self, data, push)
 
     async def send_eof(self) -> None:
         if not self.sent_eof and self.reset_code is None:
@@ -344,11 +345,13 @@ class HboneIO:
 
         Frames are encrypted in the order they were produced (HPACK depends on it) and nothing
         waits here: ciphertext the socket does not take now is sent by the writer task once it
-        is writable, so most frames leave without a task switch.
+        is writable, so most frames leave without a task switch. DATA held back by
+        `send_data(push=False)` leaves here too.
         """
         data = self.conn.data_to_send()
         if data:
             self.tls.write(data)
+        if self.tls.pending:
             self._push()
 
     def _push(self) -> None:
@@ -389,7 +392,10 @@ class HboneIO:
             self._drained.set()
             self._drained = trio.Event()
 
-    async def send_data(self, stream: Stream, data: bytes | memoryview) -> None:
+    async def send_data(self, stream: Stream, data: bytes | memoryview, push: bool = True) -> None:
+        """Frame and encrypt `data`; with `push=False` a small write stays queued until the
+        next `queue_output()` or write, so what follows at once (often the FIN) shares its
+        packet."""
         view = memoryview(data)
         while view:
             if stream.reset_code is not None or self.closed:
@@ -398,6 +404,7 @@ class HboneIO:
             if window < 0:
                 raise HboneError("stream closed while sending")
             if window == 0:
+                self._push()  # the peer grants more only for what it received
                 await self._window.wait()
                 continue
             n = min(len(view), window, self.conn.max_frame)
@@ -408,7 +415,8 @@ class HboneIO:
             self.tls.write(header)
             self.tls.write(view[:n])  # the payload is encrypted straight from the read buffer
             view = view[n:]
-            self._push()
+            if push or view or self.tls.pending >= HOLD_LIMIT:
+                self._push()
             await self.flush()
 
     # -- client ----------------------------------------------------------------------------

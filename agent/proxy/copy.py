@@ -58,7 +58,8 @@ class Reader:
     """
 
     def __init__(self, sock: socket.socket, before_wait: Callable[[], None] | None = None) -> None:
-        self.sock, self._streak, self._more = sock, 0, True
+        self.sock, self._streak = sock, 0
+        self.more = True  # try a recv before waiting (the caller may set it)
         self.before_wait = before_wait
 
     async def recv(self, n: int = READ_SIZE) -> bytes:
@@ -67,19 +68,19 @@ class Reader:
             self._streak = 0
             await trio.lowlevel.checkpoint()
         while True:
-            if self._more:
+            if self.more:
                 try:
                     data = self.sock.recv(n)
                 except BlockingIOError:
                     pass
                 else:
-                    self._more = len(data) == n
+                    self.more = len(data) == n
                     return data
             self._streak = 0
             if self.before_wait is not None:
                 self.before_wait()
             await trio.lowlevel.wait_readable(self.sock)
-            self._more = True
+            self.more = True
 
 
 async def sendall(sock: socket.socket, data: bytes | memoryview) -> None:
@@ -91,7 +92,7 @@ async def sendall(sock: socket.socket, data: bytes | memoryview) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
-async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
+async def relay_stream(sock: socket.socket, stream: Stream, hold: bool = False) -> Transferred:
     """TCP <-> HBONE stream until both directions ended (or one side reset).
 
     This task carries the app's bytes up; the HBONE reader writes the peer's bytes straight
@@ -99,6 +100,11 @@ async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
     app's socket pushes back does a drain task take over that direction, in the tunnel's
     nursery and under a cancel scope this relay holds: a connection costs no nursery of its
     own (opening one is ~14 us of scheduling, per side and connection).
+
+    `hold`: queued output (the CONNECT's 200) waits for the app's first bytes instead of
+    leaving before the first wait. For a client that sent data with its CONNECT, so did not
+    wait for the answer: a request answered at once then crosses as one packet (200, data,
+    FIN), and its app sees data and FIN together, as it would without the mesh.
     """
     moved = Transferred()
     reset = False
@@ -111,10 +117,15 @@ async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
             stream.on_backlog()
         # What the tunnel holds back (the CONNECT, the 200) leaves with the first bytes read
         # here, or before this relay waits for them.
-        reader = Reader(sock, before_wait=stream.io.queue_output)
+        reader = Reader(sock, before_wait=None if hold else stream.io.queue_output)
         try:
             while data := await reader.recv():
-                await stream.send(data)
+                # Held back, then one more recv: an app that writes and closes at once (a
+                # response, then close) has its FIN leave in the same packet as its data, as
+                # it would without the mesh; otherwise the output leaves before the wait.
+                await stream.send(data, push=False)
+                reader.more = True
+                reader.before_wait = stream.io.queue_output
                 moved.up += len(data)
             await stream.send_eof()
             await stream.wait_down()

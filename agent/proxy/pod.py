@@ -446,8 +446,8 @@ class PodProxy:
             c.response_flags, c.error = "UF", str(e)
             self.ctx.report(c)
             return
-        io.conn.respond(stream_id, 200)  # sent by the relay, with the app's first bytes if ready
-        moved = await relay_stream(upstream, stream)
+        io.conn.respond(stream_id, 200)  # sent by the relay, with the app's first bytes
+        moved = await relay_stream(upstream, stream, hold=bool(stream._chunks))
         # relay_stream counts from the app's side here: its `up` went back to the client.
         c.sent, c.received = moved.down, moved.up
         self.ctx.report(c)
