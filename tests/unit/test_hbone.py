@@ -274,3 +274,43 @@ async def test_a_refusal_after_early_data_resets_the_app_connection(tunnel):
     with app_peer, pytest.raises(ConnectionResetError):
         while app_peer.recv(100):
             pass
+
+
+async def relaying_server(tmp_path, nursery, app):
+    """A tunnel whose server relays every stream to `app`, answering as the agent does."""
+    from agent.proxy.copy import relay_stream  # noqa: PLC0415
+
+    async def serve(io, sid):
+        stream = io.streams[sid]
+        io.conn.respond(sid, 200)
+        await relay_stream(app, stream, hold=bool(stream._chunks))
+
+    return await hbone_pair(tmp_path, nursery, lambda ev, io: io.spawn(serve, io, ev.stream_id))
+
+
+async def test_after_early_data_the_answer_waits_for_the_apps_first_bytes(tmp_path, nursery):
+    app, app_peer = socket.socketpair()
+    app_peer.setblocking(False)
+    client, _ = await relaying_server(tmp_path, nursery, app)
+    await trio.sleep(0.1)  # the settings exchange is over: other frames would flush the answer
+    s = await client.open_stream("10.0.0.1:80", [], wait_response=False)
+    await s.send(b"hello")
+    with trio.fail_after(2):
+        await trio.lowlevel.wait_readable(app_peer)
+    assert app_peer.recv(100) == b"hello"
+    await trio.sleep(0.2)
+    assert s.status is None  # held: the client did not wait for it
+    app_peer.send(b"world")
+    app_peer.shutdown(socket.SHUT_WR)
+    with trio.fail_after(2):
+        assert await s.receive() == b"world"
+        assert await s.receive() == b""
+    assert s.status == 200
+
+
+async def test_a_client_waiting_for_the_answer_gets_it_from_a_silent_app(tmp_path, nursery):
+    app, _app_peer = socket.socketpair()
+    client, _ = await relaying_server(tmp_path, nursery, app)
+    with trio.fail_after(2):
+        s = await client.open_stream("10.0.0.1:80", [])  # Envoy and ztunnel wait like this
+    assert s.status == 200
