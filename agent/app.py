@@ -29,6 +29,7 @@ from agent.lifecycle import run_until_signalled
 from agent.proxy.pod import ProxyContext
 from agent.state.sources.manifests import ManifestSource
 from agent.state.store import StateStore
+from agent.telemetry.accesslog import AccessLog
 from agent.telemetry.admin import AdminService
 from agent.telemetry.metrics import TcpMetrics
 
@@ -61,12 +62,13 @@ class Agent:
         self.registry = CollectorRegistry()
         self.store = StateStore()
         self.certs = CertificateManager(CaEndpoint.of(cfg).request, registry=self.registry)
+        self.access_log = AccessLog()
         self.proxy_ctx = ProxyContext(
             node=cfg.node,
             trust_domain=cfg.trust_domain,
             store=self.store,
             certs=self.certs,
-            metrics=TcpMetrics(self.registry),
+            metrics=TcpMetrics(self.registry, self.access_log),
             denied=Counter(
                 "veil_authz_denied",
                 "Connections denied by AuthorizationPolicy",
@@ -221,6 +223,7 @@ class Agent:
             except CaptureError as e:
                 log.error("%s capture cannot work; no pod will be enrolled: %s", cfg.capture, e)
                 self.enrollment.capture_broken = str(e)
+            await nursery.start(self.access_log.run)
             await nursery.start(self.certs.run)
             await nursery.start(ManifestSource(cfg.state_dir).run, self.store)
             nursery.start_soon(self.follow_state)

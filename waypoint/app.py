@@ -297,6 +297,7 @@ class WaypointServer:
         cfg = self.cfg
 
         async def start(nursery: trio.Nursery) -> None:
+            await nursery.start(self.metrics.access.run)
             await nursery.start(self.certs.run)
             self.certs.set_identities({self.identity})
             await nursery.start(ManifestSource(cfg.state_dir).run, self.store)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from agent.telemetry.accesslog import AccessLog
 from agent.telemetry.metrics import LABELS as TCP_LABELS
-
-access_log = logging.getLogger("veil.access")
 
 LABELS = (*TCP_LABELS, "response_code")  # Istio's request labels: the TCP ones + the code
 MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
@@ -44,6 +41,7 @@ class RequestRecord:
 
 class RequestMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.access = AccessLog()
         self.requests = Counter(
             "istio_requests", "Requests handled by the waypoint", LABELS, registry=registry
         )
@@ -105,5 +103,5 @@ class RequestMetrics:
         duration.observe(r.duration_ms)
         request_bytes.observe(r.request_bytes)
         response_bytes.observe(r.response_bytes)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%s", json.dumps(vars(r), separators=(", ", ": ")))
+        if self.access.enabled():
+            self.access.write(vars(r))

@@ -30,6 +30,7 @@ from agent.lab import controlplane, store
 from agent.lab import lab as labmod
 from agent.lab.errors import LabError
 from agent.lab.sniff import Sniffer
+from agent.telemetry.accesslog import FLUSH_INTERVAL
 
 VEIL = str(Path(sys.executable).parent / "veil")
 
@@ -283,6 +284,7 @@ def policy_demo(lab: str, st: dict[str, Any]) -> int:
             and 'reporter="destination"' in line
         ):
             print(f"    {line}")
+    time.sleep(3 * FLUSH_INTERVAL)  # the agents write their access logs in batches
     log = (store.lab_dir(lab) / "logs" / f"agent-{cart_node}.log").read_text().splitlines()
     print(f"\n  access log on {cart_node} (last lines for the cart):")
     for line in [

@@ -8,8 +8,6 @@ for HBONE and `none` for plaintext and passthrough.
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.state.model import Service, Workload
-
-access = logging.getLogger("veil.access")
+from agent.telemetry.accesslog import AccessLog
 
 LABELS = (
     "reporter",
@@ -85,7 +82,8 @@ class Connection:
 
 
 class TcpMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, access: AccessLog | None = None) -> None:
+        self.access = access or AccessLog()
         self.opened = Counter(
             "istio_tcp_connections_opened", "TCP connections opened", LABELS, registry=registry
         )
@@ -119,30 +117,27 @@ class TcpMetrics:
             sent.inc(c.sent)
         if c.received:
             received.inc(c.received)
-        if not access.isEnabledFor(logging.INFO):
+        if not self.access.enabled():
             return
-        access.info(
-            "%s",
-            json.dumps(
-                {
-                    "reporter": c.reporter,
-                    "path": c.path,
-                    "src": c.src,
-                    "dst": c.dst,
-                    "src_workload": values[1],
-                    "src_namespace": values[2],
-                    "src_identity": c.source_principal,
-                    "dst_service": values[4],
-                    "dst_workload": values[5],
-                    "dst_namespace": values[6],
-                    "dst_identity": c.destination_principal,
-                    "bytes_sent": c.sent,
-                    "bytes_received": c.received,
-                    "duration_ms": round((time.monotonic() - c.started) * 1000, 3),
-                    "decision": "deny" if c.response_flags == "RBAC" else "allow",
-                    "policy": c.policy or None,
-                    "response_flags": c.response_flags,
-                    "error": c.error or None,
-                }
-            ),
+        self.access.write(
+            {
+                "reporter": c.reporter,
+                "path": c.path,
+                "src": c.src,
+                "dst": c.dst,
+                "src_workload": values[1],
+                "src_namespace": values[2],
+                "src_identity": c.source_principal,
+                "dst_service": values[4],
+                "dst_workload": values[5],
+                "dst_namespace": values[6],
+                "dst_identity": c.destination_principal,
+                "bytes_sent": c.sent,
+                "bytes_received": c.received,
+                "duration_ms": round((time.monotonic() - c.started) * 1000, 3),
+                "decision": "deny" if c.response_flags == "RBAC" else "allow",
+                "policy": c.policy or None,
+                "response_flags": c.response_flags,
+                "error": c.error or None,
+            }
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 from agent.lab import controlplane
 from tests.integration.conftest import lab_exec, veil
 from tests.integration.test_l4 import metric
+from tests.support.logs import wait_for_access
 
 
 def apply(lab: str, tmp: Path, doc: str) -> None:
@@ -188,8 +189,10 @@ def test_denials_reach_the_access_log_and_logging_level_changes_at_runtime(lab, 
     )
     try:
         assert code(lab, "legacy", f"http://{pods['server-a']['ip']}:8080/", "plain") != 0
-        log = Path(f"/run/veil/lab/{lab}/logs/agent-node1.log").read_text().splitlines()
-        entries = [json.loads(x.split("veil.access: ", 1)[1]) for x in log if "veil.access" in x]
+        entries = wait_for_access(
+            Path(f"/run/veil/lab/{lab}/logs/agent-node1.log"),
+            lambda es: any(e["decision"] == "deny" for e in es),
+        )
         denied = [e for e in entries if e["decision"] == "deny"]
         assert denied and denied[-1]["policy"] == "mesh/server-policy"
         assert denied[-1]["path"] == "plaintext" and denied[-1]["src_workload"] == "legacy"

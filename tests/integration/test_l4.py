@@ -21,6 +21,7 @@ from agent.capture import bpfsys, ebpf, iptables
 from agent.lab import cgroups, controlplane, store
 from agent.lab.sniff import Sniffer
 from tests.integration.conftest import ca_post, capture_mode, lab_exec, veil
+from tests.support.logs import wait_for_access
 
 
 def curl(lab: str, pod: str, url: str, ns: str = "mesh", *extra: str) -> dict[str, Any]:
@@ -285,21 +286,20 @@ def test_istio_tcp_metrics_and_access_log_match_the_traffic(lab, pods):
     assert metric(lab, "node2", "istio_tcp_connections_closed_total", **dst) == before[1] + 3
     sent = metric(lab, "node1", "istio_tcp_sent_bytes_total", **src) - before[2]
     assert 3 * 5000 < sent < 3 * 5000 + 3 * 1000  # the body plus HTTP request headers
-    lines = [
-        json.loads(line.split("veil.access: ", 1)[1])
-        for line in (store.lab_dir(lab) / "logs" / "agent-node2.log").read_text().splitlines()
-        if "veil.access: " in line
-    ]
-    mine = [
-        e
-        for e in lines
-        if e["src_identity"] == src["source_principal"]
-        and e["dst_workload"] == "server-b"
-        and e["path"] == "hbone"
-    ]
-    assert len(mine) >= 3
-    assert all(e["bytes_sent"] > 5000 and e["bytes_received"] > 0 for e in mine[-3:])
-    assert mine[-1]["src_workload"] == "client" and mine[-1]["error"] is None
+
+    def mine(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in entries
+            if e["src_identity"] == src["source_principal"]
+            and e["dst_workload"] == "server-b"
+            and e["path"] == "hbone"
+        ]
+
+    log = store.lab_dir(lab) / "logs" / "agent-node2.log"
+    entries = mine(wait_for_access(log, lambda es: len(mine(es)) >= 3))
+    assert all(e["bytes_sent"] > 5000 and e["bytes_received"] > 0 for e in entries[-3:])
+    assert entries[-1]["src_workload"] == "client" and entries[-1]["error"] is None
 
 
 def test_agent_down_means_refused_never_plaintext_then_resume(lab, pods):

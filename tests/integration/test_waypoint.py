@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from agent.lab import netns, store
+from agent.telemetry.accesslog import FLUSH_INTERVAL
 from tests.integration.conftest import lab_exec, leftovers, new_lab_name, veil
+from tests.support.logs import access_entries, wait_for_access
 
 WAYPOINT = str(Path(__file__).parent / "waypoint")
 
@@ -137,9 +139,10 @@ def test_request_metrics_and_access_log(wlab):
     assert 'source_principal="spiffe://cluster.local/ns/web/sa/client"' in line
     assert float(line.rsplit(" ", 1)[1]) >= 1
     assert "istio_request_duration_milliseconds_bucket{" in body
-    log = (store.lab_dir(wlab) / "logs" / "web_waypoint-0_waypoint.log").read_text()
-    entry = json.loads(log.strip().splitlines()[-1].split("veil.access: ", 1)[1])
-    assert entry["route"] == "web/catalog" and entry["response_code"] == 200
+    log = store.lab_dir(wlab) / "logs" / "web_waypoint-0_waypoint.log"
+    entries = wait_for_access(log, lambda es: any(e["route"] == "web/catalog" for e in es))
+    entry = [e for e in entries if e["route"] == "web/catalog"][-1]
+    assert entry["response_code"] == 200
 
 
 def codes(lab: str, url: str, *extra: str) -> list[int]:
@@ -148,12 +151,8 @@ def codes(lab: str, url: str, *extra: str) -> list[int]:
 
 
 def access_log(lab: str) -> list[dict[str, Any]]:
-    log = (store.lab_dir(lab) / "logs" / "web_waypoint-0_waypoint.log").read_text()
-    return [
-        json.loads(ln.split("veil.access: ", 1)[1])
-        for ln in log.splitlines()
-        if "veil.access: " in ln
-    ]
+    time.sleep(FLUSH_INTERVAL * 3)  # the waypoint writes its access log in batches
+    return access_entries(store.lab_dir(lab) / "logs" / "web_waypoint-0_waypoint.log")
 
 
 def waypoint_metrics(lab: str) -> str:
@@ -349,8 +348,8 @@ def test_a_workload_waypoint_takes_traffic_addressed_to_the_pod(wlab):
     ip = {p["name"]: p["ip"] for p in st["pods"]}
     seen = answers(curl(wlab, f"http://{ip['solo']}:9080/direct").stdout)[0]
     assert seen["pod"] == "solo" and seen["client"].split(":")[0] == ip["podwp-0"]
-    log = (store.lab_dir(wlab) / "logs" / "web_podwp-0_waypoint.log").read_text()
-    assert '"path": "/direct"' in log
+    log = store.lab_dir(wlab) / "logs" / "web_podwp-0_waypoint.log"
+    wait_for_access(log, lambda es: any(e["path"] == "/direct" for e in es))
 
 
 def test_a_rate_limit_per_httproute(wlab):
