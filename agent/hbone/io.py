@@ -233,8 +233,9 @@ class Stream:
         done = True
         while self._chunks:
             data, flow = self._chunks[0]
+            fin_follows = self.eof and len(self._chunks) == 1 and self.reset_code is None
             try:
-                sent = self.sink.send(data)
+                sent = self.sink.send(data, socket.MSG_MORE if fin_follows else 0)
             except BlockingIOError:
                 sent = 0
             except OSError:  # the app is gone
@@ -502,9 +503,11 @@ class HboneIO:
 
     def _dispatch(self, events: list[Event]) -> bool:
         window_changed = False
-        for ev in events:
+        last = len(events) - 1
+        for i, ev in enumerate(events):
             if isinstance(ev, Data):
-                self._deliver(ev)
+                nxt = events[i + 1] if i < last else None
+                self._deliver(ev, isinstance(nxt, StreamEnded) and nxt.stream_id == ev.stream_id)
             elif isinstance(ev, WindowOpened):
                 window_changed = True
             elif isinstance(ev, StreamEnded):
@@ -535,8 +538,13 @@ class HboneIO:
                 self._fail(f"GOAWAY (error code {ev.error_code})")
         return window_changed
 
-    def _deliver(self, ev: Data) -> None:
-        """Hand received payload on: straight into the app's socket when it takes it all."""
+    def _deliver(self, ev: Data, fin_follows: bool = False) -> None:
+        """Hand received payload on: straight into the app's socket when it takes it all.
+
+        When END_STREAM follows at once, the data is sent with MSG_MORE: the FIN then rides
+        in the same segment, and the app sees data and end together, as from a server that
+        writes and closes (otherwise it may close first and hold the TIME_WAIT).
+        """
         s = self.streams.get(ev.stream_id)
         n = len(ev.data)
         if s is None:  # a stream we already finished: keep the connection window open
@@ -545,7 +553,7 @@ class HboneIO:
         view = ev.data
         if s.sink is not None and not s.draining and s.reset_code is None:
             try:
-                sent = s.sink.send(view)
+                sent = s.sink.send(view, socket.MSG_MORE if fin_follows else 0)
             except BlockingIOError:
                 sent = 0
             except OSError:  # the app is gone: reset the stream, keep the window
