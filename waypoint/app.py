@@ -332,8 +332,8 @@ class WaypointServer:
 
         await run_until_signalled("waypoint", start)
 
-    async def inbound(self, sock: socket.socket) -> None:
-        peer_ip = sock.getpeername()[0]
+    async def inbound(self, sock: socket.socket, peer: Any) -> None:
+        peer_ip = peer[0]
         try:
             cred = await self.certs.get(self.identity, timeout=5)
         except NoCertificate as e:

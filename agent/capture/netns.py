@@ -57,8 +57,8 @@ def _home_fd() -> int:
 class NetNs:
     """An open handle on a network namespace (kept open so the netns cannot vanish under us).
 
-    Marked TCP sockets, the agent's per-connection kind, are made a few at a time: one pair of
-    `setns` calls then serves `SPARE_SOCKETS` connections.
+    The sockets the agent connects with, one per proxied connection, are made a few at a
+    time (`tcp_socket`): one pair of `setns` calls then serves `SPARE_SOCKETS` connections.
     """
 
     SPARE_SOCKETS = 8
@@ -97,15 +97,18 @@ class NetNs:
         proto: int = 0,
     ) -> socket.socket:
         """A non-blocking socket in this netns, with the agent mark unless told otherwise."""
-        if family == socket.AF_INET and type == socket.SOCK_STREAM and mark and not proto:
-            if not self._spare:
-                self._spare = self._make(self.SPARE_SOCKETS)
-            return self._spare.pop()
         with self.entered():
             s = socket.socket(family, type | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
         if mark:
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, AGENT_MARK)
         return s
+
+    def tcp_socket(self) -> Socket:
+        """A non-blocking, marked TCP socket with TCP_NODELAY and IP_BIND_ADDRESS_NO_PORT
+        (a port is chosen at connect(), by the 4-tuple, if it binds an address)."""
+        if not self._spare:
+            self._spare = self._make(self.SPARE_SOCKETS)
+        return self._spare.pop()
 
     def _make(self, n: int) -> list[Socket]:
         made: list[Socket] = []
@@ -120,6 +123,10 @@ class NetNs:
                     )
             for s in made:
                 s.setsockopt(socket.SOL_SOCKET, SO_MARK, AGENT_MARK)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Without it, bind((ip, 0)) searches a free port itself: with thousands of
+                # TIME_WAIT sockets that search dominated the cost of a spoofed connection.
+                s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         except BaseException:
             for s in made:
                 s.close()
@@ -145,19 +152,17 @@ async def connect(
     """A marked TCP connection from inside `ns`; with `source_ip`, spoofing that source."""
     import trio  # noqa: PLC0415 - only the async path needs trio
 
-    s = ns.socket()
+    s = ns.tcp_socket()
     try:
         if source_ip is not None:
             make_transparent(s)
-            # The port is chosen at connect() by the 4-tuple, not searched for at bind(): with
-            # thousands of TIME_WAIT sockets that search dominated the connection cost.
-            s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             s.bind((source_ip, 0))
         try:
             s.connect(address)
         except BlockingIOError:
             try:
                 s.getpeername()  # a local connect is usually complete already
+                return s
             except OSError:
                 with trio.fail_after(timeout):
                     await trio.lowlevel.wait_writable(s)

@@ -23,6 +23,7 @@ not matter and encoding is a few byte appends.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -86,12 +87,17 @@ def parse_authority(authority: str) -> tuple[str, int] | None:
     host, sep, port = authority.rpartition(":")
     if not sep or not port.isdigit():
         return None
+    number = int(port)
+    if not 0 < number < 65536:
+        return None
+    try:  # the common case, a canonical IPv4 address, without ipaddress's parser
+        if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, host)) == host:
+            return host, number
+    except OSError:
+        pass
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return None
-    number = int(port)
-    if not 0 < number < 65536:
         return None
     return str(ip), number
 
@@ -237,19 +243,34 @@ def encode_headers(headers: Sequence[tuple[str, str]]) -> bytes:
     """A header block of literals without indexing (section 6.2.2), no Huffman coding.
 
     Never touching the dynamic table keeps the encoder stateless: nothing to synchronise with
-    the peer's decoder and no table-size updates to signal. HBONE headers are few and short.
+    the peer's decoder and no table-size updates to signal. HBONE headers are few and short;
+    most repeat from one CONNECT to the next (method, authority, baggage), so encoded fields
+    are kept in a small cache.
     """
-    out = bytearray()
-    for name, value in headers:
-        index = _STATIC_NAMES.get(name)
-        if index is None:
-            raw = name.encode("latin-1")
-            out += b"\x00" + _hpack_int(len(raw), 7) + raw
-        else:
-            out += _hpack_int(index, 4)
-        raw = value.encode("latin-1")
-        out += _hpack_int(len(raw), 7) + raw
-    return bytes(out)
+    parts = []
+    for field in headers:
+        encoded = _FIELDS.get(field)
+        if encoded is None:
+            encoded = _encode_field(*field)
+            if len(_FIELDS) >= 512:
+                _FIELDS.clear()
+            _FIELDS[field] = encoded
+        parts.append(encoded)
+    return b"".join(parts)
+
+
+_FIELDS: dict[tuple[str, str], bytes] = {}
+
+
+def _encode_field(name: str, value: str) -> bytes:
+    index = _STATIC_NAMES.get(name)
+    if index is None:
+        raw = name.encode("latin-1")
+        head = b"\x00" + _hpack_int(len(raw), 7) + raw
+    else:
+        head = _hpack_int(index, 4)
+    raw = value.encode("latin-1")
+    return head + _hpack_int(len(raw), 7) + raw
 
 
 # -- HPACK, the receiving half: a fast path for what `encode_headers` writes ------------------
@@ -348,6 +369,7 @@ class HboneConnection:
         self._decoder.max_header_list_size = MAX_HEADER_BLOCK
         # Open streams: id -> state bits. A client opens odd ids, a server never opens any.
         self._state: dict[int, int] = {}
+        self._held: dict[int, bytearray] = {}  # answers waiting for their stream's data
         self._next_sid = 1
         self._last_peer_sid = 0
         self._goaway_sent = self._goaway_received = False
@@ -412,18 +434,28 @@ class HboneConnection:
         self._recv[stream_id] = STREAM_WINDOW
         self._unacked[stream_id] = 0
 
-    def _headers(self, sid: int, block: bytes, end_stream: bool) -> None:
+    def _headers(self, sid: int, block: bytes, end_stream: bool, hold: bool = False) -> None:
         if end_stream:
             self._local_end(sid)
         flags = END_STREAM if end_stream else 0
+        out = self._out
+        if hold:
+            out = self._held[sid] = bytearray()
         chunk = self._peer_frame
         if len(block) <= chunk:
-            self._frame(HEADERS, flags | END_HEADERS, sid, block)
+            out += frame_header(len(block), HEADERS, flags | END_HEADERS, sid) + block
             return
-        self._frame(HEADERS, flags, sid, block[:chunk])
+        out += frame_header(chunk, HEADERS, flags, sid) + block[:chunk]
         for i in range(chunk, len(block), chunk):
+            part = block[i : i + chunk]
             last = i + chunk >= len(block)
-            self._frame(CONTINUATION, END_HEADERS if last else 0, sid, block[i : i + chunk])
+            out += frame_header(len(part), CONTINUATION, END_HEADERS if last else 0, sid) + part
+
+    def _release(self, sid: int) -> None:
+        """A held answer leaves now, ahead of the stream's next frame."""
+        held = self._held.pop(sid, None)
+        if held is not None:
+            self._out += held
 
     @property
     def open_streams(self) -> int:
@@ -439,14 +471,22 @@ class HboneConnection:
 
     # -- server side ---------------------------------------------------------------------
 
-    def respond(self, stream_id: int, status: int, end_stream: bool = False) -> None:
-        """Answer a request; a no-op if the stream is already gone (reset by the peer)."""
+    def respond(
+        self, stream_id: int, status: int, end_stream: bool = False, hold: bool = False
+    ) -> None:
+        """Answer a request; a no-op if the stream is already gone (reset by the peer).
+
+        `hold`: the answer waits for the stream's first DATA or END_STREAM and leaves in front
+        of it, not with other frames. For a client that sent data with its CONNECT (so did not
+        wait for the answer): a request answered at once then crosses back as one packet.
+        Answers may overtake each other: our header blocks never touch the HPACK table.
+        """
         state = self._state.get(stream_id)
         if state is None or state & _ANSWERED:
             return
         self._state[stream_id] = state | _ANSWERED
         block = _STATUS_INDEXED.get(status) or encode_headers([(":status", str(status))])
-        self._headers(stream_id, block, end_stream)
+        self._headers(stream_id, block, end_stream, hold and not end_stream)
 
     # -- sending DATA ----------------------------------------------------------------------
 
@@ -463,6 +503,8 @@ class HboneConnection:
         The caller writes the header, then the payload itself, right after `data_to_send()`;
         `length` must fit `send_window()` and `max_frame`.
         """
+        if self._held:
+            self._release(stream_id)
         self._send[stream_id] -= length
         self._send_conn -= length
         return frame_header(length, DATA, 0, stream_id)
@@ -475,6 +517,7 @@ class HboneConnection:
         """Half-close: the sender will send no more data (TCP FIN)."""
         state = self._state.get(stream_id)
         if state is not None and not state & _LOCAL_END:
+            self._release(stream_id)
             self._frame(DATA, END_STREAM, stream_id)
             self._local_end(stream_id)
 
@@ -487,6 +530,7 @@ class HboneConnection:
 
     def reset(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL) -> None:
         """Abort a stream (TCP RST); a no-op on a stream that is already closed."""
+        self._held.pop(stream_id, None)
         if self._state.pop(stream_id, None) is not None:
             self._frame(RST_STREAM, 0, stream_id, int(code).to_bytes(4, "big"))
 
@@ -503,6 +547,7 @@ class HboneConnection:
         if state is not None:
             done = state & (_LOCAL_END | _ANSWERED)
             self.reset(stream_id, ErrorCode.NO_ERROR if done else ErrorCode.CANCEL)
+        self._held.pop(stream_id, None)
         self._send.pop(stream_id, None)
         self._recv.pop(stream_id, None)
         left = self._unacked.pop(stream_id, 0) + unconsumed

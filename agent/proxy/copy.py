@@ -43,9 +43,12 @@ def abort(sock: socket.socket | trio.socket.SocketType) -> None:
 
 
 def plain(sock: socket.socket) -> socket.socket:
-    sock.setblocking(False)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """Non-blocking with TCP_NODELAY. The agent's own sockets (accepted by `serve`, made by
+    `connect`) come that way already: only a blocking socket is set up here."""
+    if sock.gettimeout() != 0.0:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
@@ -92,7 +95,7 @@ async def sendall(sock: socket.socket, data: bytes | memoryview) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
-async def relay_stream(sock: socket.socket, stream: Stream, hold: bool = False) -> Transferred:
+async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
     """TCP <-> HBONE stream until both directions ended (or one side reset).
 
     This task carries the app's bytes up; the HBONE reader writes the peer's bytes straight
@@ -100,11 +103,6 @@ async def relay_stream(sock: socket.socket, stream: Stream, hold: bool = False) 
     app's socket pushes back does a drain task take over that direction, in the tunnel's
     nursery and under a cancel scope this relay holds: a connection costs no nursery of its
     own (opening one is ~14 us of scheduling, per side and connection).
-
-    `hold`: queued output (the CONNECT's 200) waits for the app's first bytes instead of
-    leaving before the first wait. For a client that sent data with its CONNECT, so did not
-    wait for the answer: a request answered at once then crosses as one packet (200, data,
-    FIN), and its app sees data and FIN together, as it would without the mesh.
     """
     moved = Transferred()
     reset = False
@@ -117,7 +115,7 @@ async def relay_stream(sock: socket.socket, stream: Stream, hold: bool = False) 
             stream.on_backlog()
         # What the tunnel holds back (the CONNECT, the 200) leaves with the first bytes read
         # here, or before this relay waits for them.
-        reader = Reader(sock, before_wait=None if hold else stream.io.queue_output)
+        reader = Reader(sock, before_wait=stream.io.queue_output)
         try:
             while data := await reader.recv():
                 # Held back, then one more recv: an app that writes and closes at once (a
@@ -125,7 +123,6 @@ async def relay_stream(sock: socket.socket, stream: Stream, hold: bool = False) 
                 # it would without the mesh; otherwise the output leaves before the wait.
                 await stream.send(data, push=False)
                 reader.more = True
-                reader.before_wait = stream.io.queue_output
                 moved.up += len(data)
             await stream.send_eof()
             await stream.wait_down()

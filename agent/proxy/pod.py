@@ -13,6 +13,7 @@ nursery `run()` opens; cancelling it closes listeners, tunnels and relays.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import secrets
@@ -84,7 +85,7 @@ class ProxyContext:
             self.metrics.record(c)
 
 
-Handler = Callable[[socket.socket], Awaitable[None]]
+Handler = Callable[[socket.socket, Any], Awaitable[None]]  # (connection, peer address)
 
 
 async def serve(listener: socket.socket, handler: Handler) -> None:
@@ -96,7 +97,7 @@ async def serve(listener: socket.socket, handler: Handler) -> None:
                 await trio.lowlevel.wait_readable(listener)
                 while True:
                     try:
-                        conn, _ = listener.accept()
+                        conn, peer = listener.accept()
                     except BlockingIOError:
                         break
                     except OSError as e:  # EMFILE and the like: back off, keep serving
@@ -104,7 +105,9 @@ async def serve(listener: socket.socket, handler: Handler) -> None:
                         await trio.sleep(0.1)
                         break
                     conn.setblocking(False)
-                    nursery.start_soon(handler, conn)
+                    with contextlib.suppress(OSError):
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    nursery.start_soon(handler, conn, peer)
     finally:
         listener.close()
 
@@ -151,7 +154,7 @@ class PodProxy:
 
     # -- 15001 -----------------------------------------------------------------------------
 
-    async def outbound(self, client: socket.socket) -> None:
+    async def outbound(self, client: socket.socket, peer: Any) -> None:
         assert self.ns is not None and self.pool is not None
         try:
             dst = original_dst(client)
@@ -159,7 +162,6 @@ class PodProxy:
             abort(client)
             return
         r = route(self.ctx.store.current, self.workload, dst, self.ctx.trust_domain)
-        peer = client.getpeername()
         c = Connection(
             "source",
             "hbone" if r.kind is Kind.HBONE else "passthrough",
@@ -254,11 +256,10 @@ class PodProxy:
 
     # -- 15006 -----------------------------------------------------------------------------
 
-    async def inbound_plain(self, client: socket.socket) -> None:
+    async def inbound_plain(self, client: socket.socket, peer: Any) -> None:
         assert self.ns is not None
         try:
             dst = original_dst(client)
-            peer = client.getpeername()
         except OSError:
             abort(client)
             return
@@ -296,8 +297,8 @@ class PodProxy:
 
     # -- 15008 -----------------------------------------------------------------------------
 
-    async def inbound_hbone(self, sock: socket.socket) -> None:
-        peer_ip = sock.getpeername()[0]
+    async def inbound_hbone(self, sock: socket.socket, peer: Any) -> None:
+        peer_ip = peer[0]
         try:
             cred = await self.ctx.certs.get(self.identity, timeout=self.ctx.cert_timeout)
             tls = TlsSocket(sock, cred.server_context, server_side=True)
@@ -446,8 +447,10 @@ class PodProxy:
             c.response_flags, c.error = "UF", str(e)
             self.ctx.report(c)
             return
-        io.conn.respond(stream_id, 200)  # sent by the relay, with the app's first bytes
-        moved = await relay_stream(upstream, stream, hold=bool(stream._chunks))
+        # A client that sent data with its CONNECT did not wait for the answer: it leaves with
+        # the app's first bytes (or FIN), so an answer at once crosses back as one packet.
+        io.conn.respond(stream_id, 200, hold=bool(stream._chunks))
+        moved = await relay_stream(upstream, stream)
         # relay_stream counts from the app's side here: its `up` went back to the client.
         c.sent, c.received = moved.down, moved.up
         self.ctx.report(c)

@@ -282,8 +282,8 @@ async def relaying_server(tmp_path, nursery, app):
 
     async def serve(io, sid):
         stream = io.streams[sid]
-        io.conn.respond(sid, 200)
-        await relay_stream(app, stream, hold=bool(stream._chunks))
+        io.conn.respond(sid, 200, hold=bool(stream._chunks))
+        await relay_stream(app, stream)
 
     return await hbone_pair(tmp_path, nursery, lambda ev, io: io.spawn(serve, io, ev.stream_id))
 
@@ -292,7 +292,6 @@ async def test_after_early_data_the_answer_waits_for_the_apps_first_bytes(tmp_pa
     app, app_peer = socket.socketpair()
     app_peer.setblocking(False)
     client, _ = await relaying_server(tmp_path, nursery, app)
-    await trio.sleep(0.1)  # the settings exchange is over: other frames would flush the answer
     s = await client.open_stream("10.0.0.1:80", [], wait_response=False)
     await s.send(b"hello")
     with trio.fail_after(2):

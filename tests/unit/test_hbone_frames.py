@@ -307,3 +307,23 @@ def test_the_fast_path_never_disagrees_with_hpack_on_random_input():
             continue
         full = hpack.Decoder().decode(block, raw=True)
         assert fast == [(k.decode("latin-1"), v.decode("latin-1")) for k, v in full], block
+
+
+def test_a_held_answer_leaves_in_front_of_its_streams_first_frame_only():
+    client, server = pair()
+    a = client.connect("10.0.0.2:80")
+    b = client.connect("10.0.0.2:81")
+    server.receive_data(client.data_to_send())
+    server.respond(a, 200, hold=True)
+    server.respond(b, 200)
+    server.acknowledge(a, 1)  # other output of the connection goes without it
+    assert [(f[0], f[2]) for f in frames(server.data_to_send())] == [(HEADERS, b)]
+    server._out += server.data_header(a, 2) + b"hi"
+    server.end_stream(a)
+    assert [(f[0], f[1], f[2]) for f in frames(server.data_to_send())] == [
+        (HEADERS, 4, a),
+        (DATA, 0, a),
+        (DATA, 1, a),
+    ]
+    server.respond(b, 200)  # answering twice is a no-op
+    assert server.data_to_send() == b""
