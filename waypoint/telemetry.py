@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from agent.telemetry.accesslog import AccessLog
 from agent.telemetry.metrics import LABELS as TCP_LABELS
+from agent.telemetry.metrics import LabelChildren
 
 LABELS = (*TCP_LABELS, "response_code")  # Istio's request labels: the TCP ones + the code
 MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
@@ -67,7 +67,9 @@ class RequestMetrics:
             registry=registry,
         )
 
-        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        self._children = LabelChildren(
+            self.requests, self.duration, self.request_bytes, self.response_bytes
+        )
         self.mirrored = Counter(
             "veil_waypoint_mirrored_requests",
             "Copies sent by RequestMirror filters, by mirror backend and its answer",
@@ -90,15 +92,7 @@ class RequestMetrics:
             "mutual_tls",
             str(r.response_code),
         )
-        children = self._children.get(labels)
-        if children is None:  # a label lookup costs more than the observation: keep them
-            children = self._children[labels] = (
-                self.requests.labels(*labels),
-                self.duration.labels(*labels),
-                self.request_bytes.labels(*labels),
-                self.response_bytes.labels(*labels),
-            )
-        requests, duration, request_bytes, response_bytes = children
+        requests, duration, request_bytes, response_bytes = self._children.get(labels)
         requests.inc()
         duration.observe(r.duration_ms)
         request_bytes.observe(r.request_bytes)

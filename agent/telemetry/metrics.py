@@ -81,6 +81,21 @@ class Connection:
         return dict(zip(LABELS, self.label_values(), strict=True))
 
 
+class LabelChildren:
+    """Each metric's child for a set of label values, kept: finding a child costs more than
+    the update itself (prometheus-client checks and builds the label key on every call)."""
+
+    def __init__(self, *metrics: Any) -> None:
+        self.metrics = metrics
+        self._cache: dict[tuple[str, ...], tuple[Any, ...]] = {}
+
+    def get(self, values: tuple[str, ...]) -> tuple[Any, ...]:
+        children = self._cache.get(values)
+        if children is None:
+            children = self._cache[values] = tuple(m.labels(*values) for m in self.metrics)
+        return children
+
+
 class TcpMetrics:
     def __init__(self, registry: CollectorRegistry, access: AccessLog | None = None) -> None:
         self.access = access or AccessLog()
@@ -96,21 +111,12 @@ class TcpMetrics:
         self.received = Counter(
             "istio_tcp_received_bytes", "Bytes sent back to the client", LABELS, registry=registry
         )
-        # A label lookup costs more than the increments: keep each label set's children.
-        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        self._children = LabelChildren(self.opened, self.closed, self.sent, self.received)
 
     def record(self, c: Connection) -> None:
         """Count a connection that ended (or never started) and write its access log line."""
         values = c.label_values()
-        children = self._children.get(values)
-        if children is None:
-            children = self._children[values] = (
-                self.opened.labels(*values),
-                self.closed.labels(*values),
-                self.sent.labels(*values),
-                self.received.labels(*values),
-            )
-        opened, closed, sent, received = children
+        opened, closed, sent, received = self._children.get(values)
         opened.inc()
         closed.inc()
         if c.sent:
