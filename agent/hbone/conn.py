@@ -529,8 +529,9 @@ class HboneConnection:
             self._state[sid] = state
 
     def reset(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL) -> None:
-        """Abort a stream (TCP RST); a no-op on a stream that is already closed."""
-        self._held.pop(stream_id, None)
+        """Abort a stream (TCP RST); a no-op on a stream that is already closed. A held answer
+        leaves first: the app did accept the connection before it went away."""
+        self._release(stream_id)
         if self._state.pop(stream_id, None) is not None:
             self._frame(RST_STREAM, 0, stream_id, int(code).to_bytes(4, "big"))
 

@@ -327,3 +327,15 @@ def test_a_held_answer_leaves_in_front_of_its_streams_first_frame_only():
     ]
     server.respond(b, 200)  # answering twice is a no-op
     assert server.data_to_send() == b""
+
+
+def test_a_reset_stream_still_carries_its_held_answer_first():
+    client, server = pair()
+    sid = client.connect("10.0.0.2:80")
+    server.receive_data(client.data_to_send())
+    server.respond(sid, 200, hold=True)
+    server.reset(sid)  # the app accepted, then reset the connection
+    assert client.receive_data(server.data_to_send()) == [
+        ResponseReceived(sid, 200, [(":status", "200")]),
+        StreamReset(sid, ErrorCode.CANCEL),
+    ]
