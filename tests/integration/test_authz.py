@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from agent.lab import controlplane
+from agent.telemetry.accesslog import FLUSH_INTERVAL
 from tests.integration.conftest import lab_exec, veil
 from tests.integration.test_l4 import metric
-from tests.support.logs import wait_for_access
+from tests.support.logs import access_entries, wait_for_access
 
 
 def apply(lab: str, tmp: Path, doc: str) -> None:
@@ -187,14 +189,17 @@ def test_denials_reach_the_access_log_and_logging_level_changes_at_runtime(lab, 
   rules: [{from: [{source: {notPrincipals: ["*"]}}]}]"""
         ),
     )
+    log = Path(f"/run/veil/lab/{lab}/logs/agent-node1.log")
+
+    def denials(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in entries if e["decision"] == "deny"]
+
     try:
+        time.sleep(3 * FLUSH_INTERVAL)  # earlier tests' lines are all written
+        before = len(denials(access_entries(log)))
         assert code(lab, "legacy", f"http://{pods['server-a']['ip']}:8080/", "plain") != 0
-        entries = wait_for_access(
-            Path(f"/run/veil/lab/{lab}/logs/agent-node1.log"),
-            lambda es: any(e["decision"] == "deny" for e in es),
-        )
-        denied = [e for e in entries if e["decision"] == "deny"]
-        assert denied and denied[-1]["policy"] == "mesh/server-policy"
+        denied = denials(wait_for_access(log, lambda es: len(denials(es)) > before))[before:]
+        assert denied[-1]["policy"] == "mesh/server-policy"
         assert denied[-1]["path"] == "plaintext" and denied[-1]["src_workload"] == "legacy"
     finally:
         veil("lab", "delete", "--name", lab, "authorizationpolicy", "server-policy", "-n", "mesh")

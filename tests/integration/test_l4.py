@@ -20,8 +20,9 @@ import pytest
 from agent.capture import bpfsys, ebpf, iptables
 from agent.lab import cgroups, controlplane, store
 from agent.lab.sniff import Sniffer
+from agent.telemetry.accesslog import FLUSH_INTERVAL
 from tests.integration.conftest import ca_post, capture_mode, lab_exec, veil
-from tests.support.logs import wait_for_access
+from tests.support.logs import access_entries, wait_for_access
 
 
 def curl(lab: str, pod: str, url: str, ns: str = "mesh", *extra: str) -> dict[str, Any]:
@@ -261,6 +262,19 @@ def test_istio_tcp_metrics_and_access_log_match_the_traffic(lab, pods):
         "destination_principal": "spiffe://cluster.local/ns/mesh/sa/server",
     }
     dst = {**src, "reporter": "destination"}
+
+    def mine(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in entries
+            if e["src_identity"] == src["source_principal"]
+            and e["dst_workload"] == "server-b"
+            and e["path"] == "hbone"
+        ]
+
+    log = store.lab_dir(lab) / "logs" / "agent-node2.log"
+    time.sleep(3 * FLUSH_INTERVAL)  # earlier tests' lines are all written
+    seen = len(mine(access_entries(log)))
     before = (
         metric(lab, "node1", "istio_tcp_connections_closed_total", **src),
         metric(lab, "node2", "istio_tcp_connections_closed_total", **dst),
@@ -287,17 +301,7 @@ def test_istio_tcp_metrics_and_access_log_match_the_traffic(lab, pods):
     sent = metric(lab, "node1", "istio_tcp_sent_bytes_total", **src) - before[2]
     assert 3 * 5000 < sent < 3 * 5000 + 3 * 1000  # the body plus HTTP request headers
 
-    def mine(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in entries
-            if e["src_identity"] == src["source_principal"]
-            and e["dst_workload"] == "server-b"
-            and e["path"] == "hbone"
-        ]
-
-    log = store.lab_dir(lab) / "logs" / "agent-node2.log"
-    entries = mine(wait_for_access(log, lambda es: len(mine(es)) >= 3))
+    entries = mine(wait_for_access(log, lambda es: len(mine(es)) >= seen + 3))[seen:]
     assert all(e["bytes_sent"] > 5000 and e["bytes_received"] > 0 for e in entries[-3:])
     assert entries[-1]["src_workload"] == "client" and entries[-1]["error"] is None
 
