@@ -252,14 +252,16 @@ def encode_headers(headers: Sequence[tuple[str, str]]) -> bytes:
         encoded = _FIELDS.get(field)
         if encoded is None:
             encoded = _encode_field(*field)
-            if len(_FIELDS) >= 512:
-                _FIELDS.clear()
-            _FIELDS[field] = encoded
+            if field[0] not in _UNIQUE:
+                if len(_FIELDS) >= 512:
+                    _FIELDS.clear()
+                _FIELDS[field] = encoded
         parts.append(encoded)
     return b"".join(parts)
 
 
 _FIELDS: dict[tuple[str, str], bytes] = {}
+_UNIQUE = frozenset({"forwarded", "traceparent"})  # new on every CONNECT: not worth keeping
 
 
 def _encode_field(name: str, value: str) -> bytes:
