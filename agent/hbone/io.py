@@ -319,6 +319,8 @@ class Stream:
         self.io.conn.forget(self.id, unconsumed)
         self.io.queue_output()
         self.io.last_active = time.monotonic()
+        if self.io.going_away and not self.io.streams:
+            self.io.shutdown()
 
 
 OnRequest = Callable[[RequestReceived, "HboneIO"], None]
@@ -336,6 +338,7 @@ class HboneIO:
         self._drained_waiters = 0
         self._window = trio.Event()
         self.closed = False
+        self.going_away = False  # the peer sent GOAWAY: no new streams, close when idle
         self.last_active = time.monotonic()
         self._nursery: trio.Nursery | None = None
 
@@ -535,8 +538,37 @@ class HboneIO:
                 if self.on_request is not None:
                     self.on_request(ev, self)
             elif isinstance(ev, ConnectionTerminated):
-                self._fail(f"GOAWAY (error code {ev.error_code})")
+                self._peer_goes_away(ev)
         return window_changed
+
+    def _peer_goes_away(self, ev: ConnectionTerminated) -> None:
+        """GOAWAY (RFC 9113 section 6.8): the peer takes no new stream. Ours above its last
+        stream id were never processed and end as refused; the others run to their end, and
+        the connection closes when none is left (a peer with an error closes it sooner)."""
+        log.debug(
+            "hbone connection %s: GOAWAY (error code %d, last stream %d)",
+            self.peer,
+            ev.error_code,
+            ev.last_stream_id,
+        )
+        self.going_away = True
+        for s in list(self.streams.values()):
+            if s.id > ev.last_stream_id and (s.id % 2 == 1) == self.conn.client:
+                s.reset(ErrorCode.REFUSED_STREAM)
+                s._sink_abort()
+                s._notify()
+        if not self.streams:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Close the connection: GOAWAY, then a TCP shutdown that also ends our reader (its
+        socket reads EOF), which resets whatever stream is still open."""
+        if self.closed:
+            return
+        self.conn.close()
+        self.queue_output()
+        with contextlib.suppress(OSError):
+            self.tls.sock.shutdown(socket.SHUT_RDWR)
 
     def _deliver(self, ev: Data, fin_follows: bool = False) -> None:
         """Hand received payload on: straight into the app's socket when it takes it all.

@@ -82,7 +82,4 @@ class HbonePool:
             for conns in self._conns.values():
                 for c in conns:
                     if not c.streams and now - c.last_active > self.idle_timeout:
-                        c.conn.close()
-                        c.queue_output()
-                        await c.flush()
-                        c.tls.close()
+                        c.shutdown()  # its reader sees the end and finishes

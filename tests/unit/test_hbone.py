@@ -5,19 +5,23 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import struct
 
 import pytest
 import trio
 
 from agent.hbone.conn import (
+    GOAWAY,
     BadRequest,
     ConnectRequest,
+    ErrorCode,
     HboneConnection,
     RequestReceived,
     check_request,
     parse_authority,
 )
 from agent.hbone.io import HboneError, HboneIO, Stream, TlsSocket
+from agent.hbone.pool import HbonePool
 from agent.identity.manager import CertificateManager
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import verify_peer
@@ -196,6 +200,70 @@ async def test_peer_going_away_wakes_every_stream(tunnel):
     server.tls.close()
     with trio.fail_after(2), pytest.raises(HboneError):
         await s.receive()
+
+
+async def echoes(s: Stream, data: bytes) -> bool:
+    await s.send(data)
+    with trio.fail_after(2):
+        return await s.receive() == data
+
+
+async def test_a_graceful_goaway_lets_open_streams_finish(tunnel):
+    """RFC 9113 section 6.8: a peer that goes away (e.g. an Envoy draining) still serves the
+    streams it took; the connection takes no new one and closes once they are done."""
+    client, server = tunnel
+    s = await client.open_stream("10.244.2.11:9080", [])
+    assert await echoes(s, b"before")
+    server.conn.close()  # GOAWAY(NO_ERROR, last stream id = s.id)
+    server.queue_output()
+    with trio.fail_after(2):
+        while client.conn.can_open_stream():
+            await trio.sleep(0.01)
+    assert await echoes(s, b"after the GOAWAY")
+    await s.send_eof()
+    assert await s.receive() == b""
+    assert not client.closed
+    s.close()
+    with trio.fail_after(2):
+        while not (client.closed and server.closed):
+            await trio.sleep(0.01)
+
+
+async def test_streams_above_the_goaways_last_id_are_refused(tunnel):
+    """Streams the peer says it never processed end as refused; the others carry on."""
+    client, server = tunnel
+    first = await client.open_stream("10.244.2.11:9080", [])
+    second = await client.open_stream("10.244.2.11:9080", [])
+    assert await echoes(first, b"1")
+    assert await echoes(second, b"2")
+    # Raw: our server would name its last stream (the second), not an older one.
+    goaway = struct.pack("!IBI", 8 << 8 | GOAWAY, 0, 0) + struct.pack("!II", first.id, 0)
+    server.tls.write(goaway)
+    server.tls.flush_nowait()
+    with trio.fail_after(2), pytest.raises(HboneError):
+        await second.receive()
+    assert second.reset_code == ErrorCode.REFUSED_STREAM
+    assert await echoes(first, b"still served")
+
+
+async def test_idle_pooled_connections_are_closed(tmp_path, nursery):
+    client, server = await hbone_pair(tmp_path, nursery, on_request)
+    pool = HbonePool(nursery, idle_timeout=0)
+
+    async def dial() -> HboneIO:
+        io: HboneIO = client
+        return io
+
+    s = await pool.open_stream("key", dial, "10.244.2.11:9080", [])
+    assert await echoes(s, b"x")
+    await s.send_eof()
+    assert await s.receive() == b""
+    s.close()
+    nursery.start_soon(pool.reap_idle, 0.01)
+    with trio.fail_after(2):
+        while not (client.closed and server.closed):
+            await trio.sleep(0.01)
+    assert pool.connections() == []
 
 
 async def test_relay_keeps_order_when_the_app_reads_slowly(tmp_path, nursery):
