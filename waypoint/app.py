@@ -316,6 +316,7 @@ class WaypointServer:
             await self.certs.get(self.identity, timeout=60)
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited
             listener.bind(cfg.listen)
             listener.listen(1024)
             from agent.proxy.pod import serve  # noqa: PLC0415 - the agent's accept loop

@@ -179,6 +179,7 @@ def listen(ns: NetNs, address: tuple[str, int], backlog: int = 1024) -> socket.s
     s = ns.socket()
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted ones
         s.bind(address)
         s.listen(backlog)
     except OSError:

@@ -91,6 +91,8 @@ Handler = Callable[[socket.socket, Any], Awaitable[None]]  # (connection, peer a
 async def serve(listener: socket.socket, handler: Handler) -> None:
     """Accept every connection that is ready and run its handler; runs until cancelled."""
     listener.setblocking(False)
+    with contextlib.suppress(OSError):  # accepted sockets inherit it (Linux): no call per accept
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         async with trio.open_nursery() as nursery:
             while True:
@@ -105,8 +107,6 @@ async def serve(listener: socket.socket, handler: Handler) -> None:
                         await trio.sleep(0.1)
                         break
                     conn.setblocking(False)
-                    with contextlib.suppress(OSError):
-                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     nursery.start_soon(handler, conn, peer)
     finally:
         listener.close()

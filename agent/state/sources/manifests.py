@@ -1,14 +1,17 @@
 """ManifestSource: cluster state from a directory of Kubernetes YAML (what the lab writes).
 
-The directory is polled (a stat of every file, every `interval` seconds; the lab's state
-lives on tmpfs, so this is cheap and needs no inotify) and re-read whole when anything
-changed, so every snapshot is a consistent read of the directory. A file that cannot be parsed
-is reported in the snapshot's `errors` and skipped; the rest still applies.
+The directory is polled (a stat of every file, every `interval` seconds, in the event loop: on
+the lab's tmpfs a walk takes ~0.1 ms, less than handing it to a thread, whose GIL hand-offs
+would slow the proxies' tasks) and re-read whole (in a thread) when anything changed, so every
+snapshot is a consistent read of the directory. A file that cannot be parsed is reported in
+the snapshot's `errors` and skipped; the rest still applies. Names starting with a dot (a
+writer's temporary file) are ignored.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,24 +28,35 @@ Signature = tuple[tuple[str, int, int], ...]
 
 
 def signature(root: Path) -> Signature:
+    """(path, mtime, size) of every manifest under `root`, sorted."""
     out = []
-    for p in sorted(root.rglob("*.yaml")):
-        if p.name.startswith("."):
-            continue  # a writer's temporary file
+    dirs = [str(root)]
+    while dirs:
         try:
-            st = p.stat()
-        except FileNotFoundError:
+            entries = os.scandir(dirs.pop())
+        except (FileNotFoundError, NotADirectoryError):
             continue
-        out.append((str(p), st.st_mtime_ns, st.st_size))
+        with entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue  # a writer's temporary file
+                if e.is_dir(follow_symlinks=False):
+                    dirs.append(e.path)
+                elif e.name.endswith(".yaml"):
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:
+                        continue
+                    out.append((e.path, st.st_mtime_ns, st.st_size))
+    out.sort()
     return tuple(out)
 
 
 def read_directory(root: Path, version: int) -> MeshState:
     objects: list[Mapping[str, Any]] = []
     errors: list[str] = []
-    for path in sorted(root.rglob("*.yaml")):
-        if path.name.startswith("."):
-            continue
+    for name, _, _ in signature(root):
+        path = Path(name)
         try:
             for doc in yaml.safe_load_all(path.read_text()):
                 if isinstance(doc, dict):
@@ -77,7 +91,7 @@ class ManifestSource:
         version = store.current.version
         started = False
         while True:
-            sig = await trio.to_thread.run_sync(signature, self.root)
+            sig = signature(self.root)
             if sig != last:
                 version += 1
                 state = await trio.to_thread.run_sync(read_directory, self.root, version)
