@@ -1,9 +1,11 @@
 """Data-path benchmark on the lab: direct TCP vs Veil's HBONE vs Envoy's HBONE, in one run.
 
-    sudo .venv/bin/python bench/hbone.py [--seconds 5] [--clients 4] [--json bench/last.json]
+    sudo .venv/bin/python bench/hbone.py [--seconds 5] [--clients 4] [--rounds 3]
+                                         [--json bench/last.json]
 
 Topology: a lab with two nodes; `client` on node1 and `server` on node2 (bench/tcpbench
-server), pods of namespace `bench`. Paths, measured one after the other on the same pods:
+server), pods of namespace `bench`. Paths, measured one after the other on the same pods, in
+ROUNDS rounds (the table shows medians; the VM's speed drifts, so no path gets a lucky stretch):
 
   direct  client -> server:5001 over the underlay, no proxy (the limit)
   envoy   client -> Envoy (client pod, 127.0.0.1:10000) == HBONE mTLS ==> Envoy (server pod,
@@ -164,34 +166,66 @@ def wait_enrolled(want: bool) -> None:
     time.sleep(0.5)
 
 
-def switch_capture(mode: str) -> None:
-    """Release the pods, restart both agents in `mode`, enroll again."""
-    labmod.label(LAB, "namespace", "bench", None, ["veil.dev/dataplane-mode-"])
-    wait_enrolled(False)
+def switch_capture(mode: str | None) -> None:
+    """None: release the pods (direct and Envoy paths). Else restart both agents in `mode` if
+    they run in another, and enroll the pods."""
     record = store.read_record(LAB) or {}
-    for node in record["nodes"]:
-        controlplane.stop_agent(LAB, node["name"], signal=15)
-        node["capture"] = mode
-    store.write_record(LAB, record)
-    for node in record["nodes"]:
-        controlplane.start_agent(LAB, node["name"], labmod.spawn, labmod.node_netns)
-    labmod.label(LAB, "namespace", "bench", None, ["veil.dev/dataplane-mode=ambient"])
-    wait_enrolled(True)
+    enrolled = bool(
+        json.loads(controlplane.agent_get(f"veil-{LAB}-node2", "/config_dump")[1])["enrolled"]
+    )
+    running = record["nodes"][0].get("capture", "iptables")
+    if enrolled and mode != running:
+        labmod.label(LAB, "namespace", "bench", None, ["veil.dev/dataplane-mode-"])
+        wait_enrolled(False)
+        enrolled = False
+    if mode is None:
+        return
+    if running != mode:
+        for node in record["nodes"]:
+            controlplane.stop_agent(LAB, node["name"], signal=15)
+            node["capture"] = mode
+        store.write_record(LAB, record)
+        for node in record["nodes"]:
+            controlplane.start_agent(LAB, node["name"], labmod.spawn, labmod.node_netns)
+    if not enrolled:
+        labmod.label(LAB, "namespace", "bench", None, ["veil.dev/dataplane-mode=ambient"])
+        wait_enrolled(True)
 
 
-def run(seconds: float, clients: int) -> dict[str, Any]:
+PATHS = ("direct", "envoy", "veil", "veil-ebpf")
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per path and metric, the median over the rounds (and each round's value)."""
+    out: dict[str, Any] = {}
+    for name in PATHS:
+        runs = [r[name] for r in rounds]
+        out[name] = {
+            k: None if runs[0][k] is None else median([r[k] for r in runs]) for k in runs[0]
+        }
+        out[name]["rounds"] = runs
+    return out
+
+
+def run(seconds: float, clients: int, rounds: int = 3) -> dict[str, Any]:
+    """The paths measured in turn, `rounds` times over: the VM's speed drifts by up to 2x
+    within minutes, so each path gets samples from the same stretches of time."""
     binary = build_tcpbench()
-    results: dict[str, Any] = {}
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         labmod.up([manifests(binary, work)], LAB, 2, log=lambda _m: None)
+        env_s = env_c = None
         try:
             st = labmod.status(LAB)
             server = next(p["ip"] for p in st["pods"] if p["name"] == "server")
             td = "cluster.local"
-            print("direct ... ", end="", flush=True)
-            results["direct"] = measure(binary, server, PORT, seconds, clients, [])
-            print("envoy ... ", end="", flush=True)
             ccert = mesh_cert("node1", SpiffeId(td, "bench", "client"), work / "client")
             scert = mesh_cert("node2", SpiffeId(td, "bench", "server"), work / "server")
             env_s = EnvoyProcess(
@@ -212,26 +246,29 @@ def run(seconds: float, clients: int) -> dict[str, Any]:
                 work,
                 "envoy-client",
             )
-            try:
-                env_s.wait_started()
-                env_c.wait_started()
-                results["envoy"] = measure(
-                    binary, "127.0.0.1", 10000, seconds, clients, [env_s.proc.pid, env_c.proc.pid]
-                )
-            finally:
-                env_c.stop()
-                env_s.stop()
-            print("veil (iptables) ... ", end="", flush=True)
-            labmod.label(LAB, "namespace", "bench", None, ["veil.dev/dataplane-mode=ambient"])
-            wait_enrolled(True)
-            results["veil"] = measure(binary, server, PORT, seconds, clients, agent_pids())
-            print("veil (ebpf) ... ", end="", flush=True)
-            switch_capture("ebpf")
-            results["veil-ebpf"] = measure(binary, server, PORT, seconds, clients, agent_pids())
-            print("done")
+            env_s.wait_started()
+            env_c.wait_started()
+            envoys = [env_s.proc.pid, env_c.proc.pid]
+            for i in range(rounds):
+                print(f"round {i + 1}/{rounds}: direct ... ", end="", flush=True)
+                switch_capture(None)
+                one = {"direct": measure(binary, server, PORT, seconds, clients, [])}
+                print("envoy ... ", end="", flush=True)
+                one["envoy"] = measure(binary, "127.0.0.1", 10000, seconds, clients, envoys)
+                print("veil (iptables) ... ", end="", flush=True)
+                switch_capture("iptables")
+                one["veil"] = measure(binary, server, PORT, seconds, clients, agent_pids())
+                print("veil (ebpf) ... ", end="", flush=True)
+                switch_capture("ebpf")
+                one["veil-ebpf"] = measure(binary, server, PORT, seconds, clients, agent_pids())
+                print("done", flush=True)
+                results.append(one)
         finally:
+            for env in (env_c, env_s):
+                if env is not None:
+                    env.stop()
             labmod.down(LAB, log=lambda _m: None)
-    return results
+    return combine(results)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -241,7 +278,7 @@ def table(results: dict[str, Any]) -> str:
         "proxy CPU-s/GB (both ends) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name in ("direct", "envoy", "veil", "veil-ebpf"):
+    for name in PATHS:
         r = results[name]
         cpu = "-" if r["cpu_s_per_gb"] is None else f"{r['cpu_s_per_gb']:.2f}"
         ratio = (
@@ -256,6 +293,15 @@ def table(results: dict[str, Any]) -> str:
             f"| {name}{ratio} | {r['gbit_s']:.2f} | {r['p50_us']:.0f} | "
             f"{r['p99_us']:.0f} | {r['conn_s']:.0f} | {cpu} |"
         )
+    if len(results["direct"]["rounds"]) > 1:
+        lines.append("")
+        lines.append(
+            "conn/s per round: "
+            + "; ".join(
+                f"{name} " + " / ".join(f"{r['conn_s']:.0f}" for r in results[name]["rounds"])
+                for name in PATHS
+            )
+        )
     return "\n".join(lines)
 
 
@@ -263,16 +309,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="each path measured this many times")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (it builds a lab)", file=sys.stderr)
         return 1
-    results = run(args.seconds, args.clients)
+    results = run(args.seconds, args.clients, max(1, args.rounds))
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"\n{stamp}, {os.cpu_count()} cores, {args.seconds:g} s per measurement, "
-        f"{args.clients} connect clients; ratios are to direct (throughput, p50, conn/s)\n"
+        f"{args.clients} connect clients, medians of {max(1, args.rounds)} rounds; ratios are "
+        "to direct (throughput, p50, conn/s)\n"
     )
     print(table(results))
     if args.json:
