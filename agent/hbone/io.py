@@ -52,6 +52,11 @@ READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024  # outbound bytes queued before DATA senders wait
 HOLD_LIMIT = 64 * 1024  # at most this much output waits to share a packet (send_data)
 HANDSHAKE_TIMEOUT = 10.0
+# A tunnel whose peer went silent (node gone, agent frozen) ends instead of holding its
+# streams until TCP gives up (~15 minutes): data unacknowledged this long aborts it, and an
+# idle tunnel is probed (TCP keepalive) so a pooled one is found dead before it is reused.
+TUNNEL_TIMEOUT = 20.0
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES = 10, 5, 3
 
 
 class HboneError(Exception):
@@ -60,6 +65,16 @@ class HboneError(Exception):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
+
+
+def tcp_liveness(sock: socket.socket) -> None:
+    """TCP_NODELAY, keepalive probes and a user timeout on a tunnel's TCP connection."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(TUNNEL_TIMEOUT * 1000))
 
 
 class TlsSocket:
@@ -76,7 +91,7 @@ class TlsSocket:
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool) -> None:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tcp_liveness(sock)
         self.sock = sock
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.ssl = ctx.wrap_bio(self._in, self._out, server_side=server_side)
