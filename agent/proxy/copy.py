@@ -105,7 +105,7 @@ async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
     own (opening one is ~14 us of scheduling, per side and connection).
     """
     moved = Transferred()
-    reset = False
+    reset = True  # until the relay ends normally: a cancelled one (agent stopping) resets
     plain(sock)
     stream.sink = sock
     stream.on_backlog = lambda: _start_drain(sock, stream)
@@ -126,17 +126,19 @@ async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
                 moved.up += len(data)
             await stream.send_eof()
             await stream.wait_down()
+            reset = False
         except (OSError, trio.ClosedResourceError):
-            reset = True
             stream.reset()
         except HboneError:
-            reset = True
+            pass
     finally:
         if stream.drain_scope is not None:
             stream.drain_scope.cancel()  # the drain leaves the socket before it is closed
         moved.down = stream.delivered
         stream.sink = None
         stream.on_backlog = None
+        if reset and stream.reset_code is None:
+            stream.reset()  # cancelled: the peer's app must see the cut too
         stream.close()
         if reset or stream.sink_failed or (stream.reset_code is not None and not stream.down_done):
             abort(sock)
@@ -175,6 +177,7 @@ async def relay_tcp(a: socket.socket, b: socket.socket) -> Transferred:
     """TCP <-> TCP (passthrough and the plaintext inbound path)."""
     moved = Transferred()
     reset = False
+    finished = False  # a cancelled relay (agent stopping) resets both sides
     plain(a)
     plain(b)
 
@@ -197,9 +200,10 @@ async def relay_tcp(a: socket.socket, b: socket.socket) -> Transferred:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump, b, a, False)
             await pump(a, b, True)
+        finished = True
     finally:
         for s in (a, b):
-            if reset:
+            if reset or not finished:
                 abort(s)
             else:
                 s.close()

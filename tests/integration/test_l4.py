@@ -21,7 +21,7 @@ from agent.capture import bpfsys, ebpf, iptables
 from agent.lab import cgroups, controlplane, store
 from agent.lab.sniff import Sniffer
 from agent.telemetry.accesslog import FLUSH_INTERVAL
-from tests.integration.conftest import ca_post, capture_mode, lab_exec, veil
+from tests.integration.conftest import VEIL, ca_post, capture_mode, lab_exec, veil
 from tests.support.logs import access_entries, wait_for_access
 
 
@@ -304,6 +304,45 @@ def test_istio_tcp_metrics_and_access_log_match_the_traffic(lab, pods):
     entries = mine(wait_for_access(log, lambda es: len(mine(es)) >= seen + 3))[seen:]
     assert all(e["bytes_sent"] > 5000 and e["bytes_received"] > 0 for e in entries[-3:])
     assert entries[-1]["src_workload"] == "client" and entries[-1]["error"] is None
+
+
+HOLD_OPEN = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 8080), timeout=15)
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+got = b""
+while b"\\r\\n\\r\\n" not in got:
+    got += s.recv(65536)
+print("open", flush=True)
+try:
+    while s.recv(65536):
+        pass
+    print("eof", flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+"""
+
+
+@pytest.mark.parametrize("node", ["node1", "node2"])
+def test_stopping_an_agent_resets_its_open_connections(lab, pods, node):
+    """An agent that stops (SIGTERM) cuts its connections with a reset, never a clean end: an
+    app must not take a cut-off stream for a complete one."""
+    exec_client = [VEIL, "lab", "exec", "--name", lab, "-n", "mesh", "client", "--"]
+    app = subprocess.Popen(
+        [*exec_client, "python3", "-c", HOLD_OPEN, pods["server-b"]["ip"]],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert app.stdout is not None
+        assert app.stdout.readline().strip() == "open"  # a keep-alive connection, idle
+        controlplane.stop_agent(lab, node, signal=15)
+        assert app.stdout.readline().strip() == "reset"
+    finally:
+        app.kill()
+        app.wait()
+        veil("lab", "agent", "--name", lab, "start", node)
+    assert curl(lab, "client", f"http://{pods['server-b']['ip']}:8080/")["pod"] == "server-b"
 
 
 def test_agent_down_means_refused_never_plaintext_then_resume(lab, pods):
