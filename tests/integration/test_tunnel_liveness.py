@@ -16,12 +16,8 @@ import trio
 
 from agent.capture.netns import NetNs, connect, listen
 from agent.hbone import io as hbone_io
-from agent.hbone.conn import HboneConnection
-from agent.hbone.io import HboneError, HboneIO, TlsSocket
-from agent.identity.manager import CertificateManager
-from agent.identity.spiffe import SpiffeId
-from tests.support.mesh import TD, InProcessCa
-from tests.unit.test_hbone import on_request
+from agent.hbone.io import HboneError
+from tests.support.hbone import hbone_pair, on_request
 
 pytestmark = pytest.mark.integration
 
@@ -57,26 +53,15 @@ async def test_a_silent_peer_ends_the_tunnel(
 ) -> None:
     monkeypatch.setattr(hbone_io, "TUNNEL_TIMEOUT", 2.0)
     ns_a, ns_b = NetNs(two_hosts[0]), NetNs(two_hosts[1])
-    certs = CertificateManager(InProcessCa(tmp_path).fetcher("node2"))
-    await nursery.start(certs.run)
-    server_cred = await certs.get(SpiffeId(TD, "shop", "catalog"))
-    client_cred = await certs.get(SpiffeId(TD, "shop", "frontend"))
     listener = listen(ns_b, ("10.99.7.2", 15008))
     try:
         client_sock = await connect(ns_a, ("10.99.7.2", 15008), 5)
         server_sock, _ = listener.accept()
     finally:
         listener.close()
-    server_tls = TlsSocket(server_sock, server_cred.server_context, server_side=True)
-    client_tls = TlsSocket(client_sock, client_cred.client_context, server_side=False)
-    async with trio.open_nursery() as n:
-        n.start_soon(server_tls.handshake)
-        n.start_soon(client_tls.handshake)
-    server = HboneIO(server_tls, HboneConnection(client=False), "client", on_request)
-    server.served_resets = 0  # type: ignore[attr-defined]
-    client = HboneIO(client_tls, HboneConnection(client=True), "server")
-    await nursery.start(server.run)
-    await nursery.start(client.run)
+    client, _server = await hbone_pair(
+        tmp_path, nursery, on_request, socks=(server_sock, client_sock)
+    )
 
     stream = await client.open_stream("10.99.7.2:9080", [])
     await stream.send(b"ping")

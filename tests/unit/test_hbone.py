@@ -15,20 +15,13 @@ from agent.hbone.conn import (
     BadRequest,
     ConnectRequest,
     ErrorCode,
-    HboneConnection,
     RequestReceived,
     check_request,
     parse_authority,
 )
-from agent.hbone.io import HboneError, HboneIO, Stream, TlsSocket
+from agent.hbone.io import HboneError, HboneIO, Stream
 from agent.hbone.pool import HbonePool
-from agent.identity.manager import CertificateManager
-from agent.identity.spiffe import SpiffeId
-from agent.identity.tls import verify_peer
-from tests.support.mesh import TD, InProcessCa
-
-FRONTEND = SpiffeId(TD, "shop", "frontend")
-CATALOG = SpiffeId(TD, "shop", "catalog")
+from tests.support.hbone import hbone_pair, on_request
 
 
 @pytest.mark.parametrize(
@@ -68,52 +61,6 @@ def test_check_request():
     )
     bad = check_request(request([(b":method", b"CONNECT"), (b":authority", b"nohost")]))
     assert isinstance(bad, BadRequest) and "bad authority" in bad.why
-
-
-async def echo(io: HboneIO, req: ConnectRequest) -> None:
-    stream = io.streams[req.stream_id]
-    io.conn.respond(req.stream_id, 200)
-    io.queue_output()
-    await io.flush()
-    try:
-        while data := await stream.receive():
-            await stream.send(data)
-        await stream.send_eof()
-    except HboneError:
-        io.served_resets += 1  # type: ignore[attr-defined]
-    stream.close()
-
-
-def on_request(ev, io):
-    req = check_request(ev)
-    if isinstance(req, BadRequest) or req.target[1] == 9:
-        io.conn.respond(ev.stream_id, 400 if isinstance(req, BadRequest) else 503, end_stream=True)
-        io.streams.pop(ev.stream_id, None)
-        io.queue_output()
-        return
-    io.spawn(echo, io, req)
-
-
-async def hbone_pair(tmp_path, nursery, handler):
-    """A client and a server HboneIO over real TLS 1.3 on a socketpair, both running."""
-    ca = InProcessCa(tmp_path)
-    certs = CertificateManager(ca.fetcher("node2"))
-    await nursery.start(certs.run)
-    server_cred, client_cred = await certs.get(CATALOG), await certs.get(FRONTEND)
-    a, b = socket.socketpair()
-    server_tls = TlsSocket(a, server_cred.server_context, server_side=True)
-    client_tls = TlsSocket(b, client_cred.client_context, server_side=False)
-    async with trio.open_nursery() as n:
-        n.start_soon(server_tls.handshake)
-        n.start_soon(client_tls.handshake)
-    assert verify_peer(client_tls.ssl, expected={CATALOG}) == CATALOG
-    assert verify_peer(server_tls.ssl, trust_domain=TD) == FRONTEND
-    server = HboneIO(server_tls, HboneConnection(client=False), "client", handler)
-    server.served_resets = 0  # type: ignore[attr-defined]
-    client = HboneIO(client_tls, HboneConnection(client=True), "server")
-    await nursery.start(server.run)
-    await nursery.start(client.run)
-    return client, server
 
 
 @pytest.fixture
