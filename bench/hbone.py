@@ -293,6 +293,12 @@ def table(results: dict[str, Any]) -> str:
             f"| {name}{ratio} | {r['gbit_s']:.2f} | {r['p50_us']:.0f} | "
             f"{r['p99_us']:.0f} | {r['conn_s']:.0f} | {cpu} |"
         )
+    envoy = results["envoy"]["conn_s"]
+    lines.append("")
+    lines.append(
+        "conn/s relative to Envoy (the VM's drift moves both): "
+        + ", ".join(f"{n} {results[n]['conn_s'] / envoy:.2f}x" for n in ("veil", "veil-ebpf"))
+    )
     if len(results["direct"]["rounds"]) > 1:
         lines.append("")
         lines.append(
