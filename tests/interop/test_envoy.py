@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from agent.identity.csr import build_csr, key_pem, new_key
 from agent.identity.spiffe import SpiffeId
 from agent.lab import controlplane
-from tests.integration.conftest import ca_post, lab_exec, veil
+from tests.integration.conftest import VEIL, ca_post, lab_exec, veil
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server
 
 TD = "cluster.local"
@@ -100,5 +102,89 @@ def test_envoy_as_hbone_server_for_the_agent(lab, pods, tmp_path):
         stats = envoy.log.read_text()
         assert "error" not in stats.lower() or "starting main dispatch loop" in stats
     finally:
+        envoy.stop()
+        veil("lab", "agent", "--name", lab, "start", "node2")
+
+
+TWO_REQUESTS = """
+import socket, sys
+
+def get(s, path):
+    s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n".encode())
+    got = b""
+    while b"\\r\\n\\r\\n" not in got:
+        chunk = s.recv(65536)
+        if not chunk:
+            return "eof"
+        got += chunk
+    head, _, body = got.partition(b"\\r\\n\\r\\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\\r\\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head.split(b" ")[1].decode()
+
+s = socket.create_connection((sys.argv[1], 8080), timeout=15)
+try:
+    print(get(s, "/first"), flush=True)
+    sys.stdin.readline()
+    print(get(s, "/second"), flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+"""
+
+
+def envoy_stat(netns: str, port: int, name: str) -> int:
+    out = subprocess.run(
+        ["nsenter", f"--net={netns}", "curl", "-sS", f"http://127.0.0.1:{port}/stats"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    return next(
+        int(line.split(": ")[1]) for line in out.splitlines() if line.startswith(name + ":")
+    )
+
+
+def test_a_draining_envoy_finishes_the_streams_it_took(lab, pods, tmp_path):
+    """Envoy (server-b's 15008) drains the tunnel (GOAWAY, here because it reached its maximum
+    age): the connection already running through it keeps working (RFC 9113 section 6.8)."""
+    cert, key, root = mesh_cert(lab, "node2", SpiffeId(TD, "mesh", "server"), tmp_path)
+    target = pods["server-b"]["ip"]
+    netns = f"/run/netns/veil-{lab}-mesh_server-b"
+    controlplane.stop_agent(lab, "node2")
+    envoy = EnvoyProcess(
+        netns,
+        hbone_server(
+            (target, 15008), ("127.0.0.1", 8080), TD, cert, key, root, 15099, max_connection_s=2
+        ),
+        tmp_path,
+        "envoy-draining",
+    )
+    app = None
+    try:
+        envoy.wait_started()
+        exec_client = [VEIL, "lab", "exec", "--name", lab, "-n", "mesh", "client", "--"]
+        app = subprocess.Popen(
+            [*exec_client, "python3", "-c", TWO_REQUESTS, target],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert app.stdin is not None and app.stdout is not None
+        assert app.stdout.readline().strip() == "200"
+        deadline = time.monotonic() + 10
+        while envoy_stat(netns, 15099, "http.hbone_in.downstream_cx_max_duration_reached") < 1:
+            assert time.monotonic() < deadline, "Envoy did not start draining the tunnel"
+            time.sleep(0.2)
+        time.sleep(1.5)  # its GOAWAY notice went out, and its last GOAWAY a drain timeout later
+        app.stdin.write("go\n")
+        app.stdin.flush()
+        assert app.stdout.readline().strip() == "200"  # the same connection, after the GOAWAY
+    finally:
+        if app is not None:
+            app.kill()
+            app.wait()
         envoy.stop()
         veil("lab", "agent", "--name", lab, "start", "node2")

@@ -135,9 +135,31 @@ def hbone_server(
     cert: Path,
     key: Path,
     root: Path,
+    admin_port: int | None = None,
+    max_connection_s: int | None = None,
 ) -> dict[str, Any]:
-    """HBONE in on `listen` (mTLS, clients of the trust domain), each CONNECT to `app`."""
+    """HBONE in on `listen` (mTLS, clients of the trust domain), each CONNECT to `app`; with
+    `admin_port`, Envoy's admin API on 127.0.0.1 (its stats); with `max_connection_s`, Envoy
+    drains each HBONE connection that old (GOAWAY, then a last GOAWAY a second later)."""
+    limits = (
+        {
+            "common_http_protocol_options": {"max_connection_duration": f"{max_connection_s}s"},
+            "drain_timeout": "1s",
+        }
+        if max_connection_s
+        else {}
+    )
+    admin = (
+        {
+            "admin": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+            }
+        }
+        if admin_port
+        else {}
+    )
     return {
+        **admin,
         "static_resources": {
             "listeners": [
                 {
@@ -161,6 +183,7 @@ def hbone_server(
                                     "typed_config": {
                                         "@type": HCM,
                                         "stat_prefix": "hbone_in",
+                                        **limits,
                                         "codec_type": "HTTP2",
                                         "http2_protocol_options": {
                                             "allow_connect": True,
@@ -211,7 +234,7 @@ def hbone_server(
                     "load_assignment": _endpoint("app", *app),
                 }
             ],
-        }
+        },
     }
 
 
