@@ -7,13 +7,6 @@
  */
 #include "veil.h"
 
-struct veil_sockaddr_in {
-    __u16 family;
-    __u16 port;
-    __u32 addr;
-    __u8 zero[8];
-};
-
 int veil_getsockopt(struct bpf_sockopt *ctx)
 {
     if (ctx->level != 0 /* SOL_IP */ || ctx->optname != VEIL_SO_ORIGINAL_DST)

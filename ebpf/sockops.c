@@ -1,6 +1,7 @@
 /* sockops on each captured pod's cgroup: when a redirected connect sends its SYN, the source
  * port is known; re-key the original destination by (netns, source address, source port), which
- * is what the agent sees as the peer of the accepted connection.
+ * is what the agent sees as the peer of the accepted connection. The entry by socket cookie
+ * stays for getpeername4.c (the LRU map drops it once the socket is long gone).
  */
 #include "veil.h"
 
@@ -19,6 +20,5 @@ int veil_sockops(struct bpf_sock_ops *skops)
         .port = skops->local_port,
     };
     veil_conn_orig.update(&key, &orig);
-    veil_sock_orig.delete(&cookie);
     return 1;
 }

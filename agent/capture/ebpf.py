@@ -1,7 +1,8 @@
 """eBPF capture mode: the programs in ebpf/, compiled by bcc at agent start, attached per pod.
 
-Per enrolled pod: cgroup/connect4 and sockops on the pod's cgroup v2 group (outbound connects
-go to 15001, the original destination is recorded), tc ingress and egress on the pod's eth0
+Per enrolled pod: cgroup/connect4, cgroup/getpeername4 and sockops on the pod's cgroup v2 group
+(outbound connects go to 15001 from the pod's IP, the original destination is recorded and is
+what the app reads back as its peer), tc ingress and egress on the pod's eth0
 (inbound plaintext to 15006 with bpf_sk_assign; the app's replies to spoofed connections are
 handed to lo, where the same policy routing as iptables mode delivers them to the agent). Once
 per agent: cgroup/getsockopt on the agent's own cgroup answers SO_ORIGINAL_DST from the maps,
@@ -38,7 +39,14 @@ from agent.capture.netns import NetNs, NetnsError
 log = logging.getLogger("veil.capture.ebpf")
 
 EBPF_DIR = Path(os.environ.get("VEIL_EBPF_DIR") or Path(__file__).resolve().parents[2] / "ebpf")
-HOOKS = ("connect4.c", "sockops.c", "getsockopt.c", "tc_ingress.c", "tc_egress.c")
+HOOKS = (
+    "connect4.c",
+    "getpeername4.c",
+    "sockops.c",
+    "getsockopt.c",
+    "tc_ingress.c",
+    "tc_egress.c",
+)
 INCLUDE = '#include "veil.h"'
 BPFFS = Path("/sys/fs/bpf")
 DEFAULT_PIN_DIR = BPFFS / "veil"
@@ -60,7 +68,7 @@ COUNTERS = (
 
 # bpf_prog_type / bpf_attach_type numbers (uapi/linux/bpf.h)
 PROG_SCHED_CLS, PROG_SOCK_OPS, PROG_SOCK_ADDR, PROG_SOCKOPT = 3, 13, 18, 25
-ATTACH_SOCK_OPS, ATTACH_CONNECT4, ATTACH_GETSOCKOPT = 3, 10, 21
+ATTACH_SOCK_OPS, ATTACH_CONNECT4, ATTACH_GETSOCKOPT, ATTACH_GETPEERNAME4 = 3, 10, 21, 29
 
 
 @dataclass(frozen=True)
@@ -73,12 +81,15 @@ class Program:
 
 PROGRAMS = {
     "connect4": Program("veil_connect4", PROG_SOCK_ADDR, ATTACH_CONNECT4, ATTACH_CONNECT4),
+    "getpeername4": Program(
+        "veil_getpeername4", PROG_SOCK_ADDR, ATTACH_GETPEERNAME4, ATTACH_GETPEERNAME4
+    ),
     "sockops": Program("veil_sockops", PROG_SOCK_OPS, -1, ATTACH_SOCK_OPS),
     "getsockopt": Program("veil_getsockopt", PROG_SOCKOPT, ATTACH_GETSOCKOPT, ATTACH_GETSOCKOPT),
     "tc_ingress": Program("veil_tc_ingress", PROG_SCHED_CLS, -1, -1),
     "tc_egress": Program("veil_tc_egress", PROG_SCHED_CLS, -1, -1),
 }
-POD_CGROUP_PROGRAMS = ("connect4", "sockops")
+POD_CGROUP_PROGRAMS = ("connect4", "getpeername4", "sockops")
 
 
 def program_text(ebpf_dir: Path = EBPF_DIR) -> str:

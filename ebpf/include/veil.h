@@ -40,6 +40,16 @@
 
 /* bcc declares the socket cookie as 32 bits; the kernel returns 64. */
 #define veil_socket_cookie(ctx) (((__u64(*)(void *))BPF_FUNC_get_socket_cookie)(ctx))
+/* bpf_bind (cgroup/connect4 only): a source address for the socket before it connects. */
+#define veil_bind(ctx, addr, len) (((long (*)(void *, void *, int))BPF_FUNC_bind)(ctx, addr, len))
+
+/* struct sockaddr_in, as bpf_bind and SO_ORIGINAL_DST take it. */
+struct veil_sockaddr_in {
+    __u16 family;
+    __u16 port;
+    __u32 addr;
+    __u8 zero[8];
+};
 
 /* Where a redirected connection was going (network byte order). */
 struct veil_orig {

@@ -85,6 +85,32 @@ def test_same_node(lab, pods):
     assert answer["client"].split(":")[0] == pods["client"]["ip"]
 
 
+ADDRESSES = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 8080), timeout=5)
+print(*s.getsockname(), *s.getpeername())
+s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+while s.recv(65536):
+    pass
+"""
+
+
+def test_the_app_sees_its_own_address_and_its_destination(lab, pods):
+    """Capture is invisible to the app: its socket has the pod's IP and the address it dialled
+    (in eBPF mode too, where the connect is rewritten to the agent's 127.0.0.1:15001), and the
+    agent knows the client by the pod's IP (access log, `forwarded`)."""
+    target = pods["server-b"]["ip"]
+    out = lab_exec(lab, "client", "python3", "-c", ADDRESSES, target, ns="mesh").stdout.split()
+    assert (out[0], out[2], out[3]) == (pods["client"]["ip"], target, "8080")
+    client = f"{out[0]}:{out[1]}"
+    log = store.lab_dir(lab) / "logs" / "agent-node1.log"
+    entries = wait_for_access(log, lambda es: any(e["src"] == client for e in es), timeout=5)
+    mine = [e for e in entries if e["src"] == client]
+    assert [(e["reporter"], e["dst"], e["path"]) for e in mine] == [
+        ("source", f"{target}:8080", "hbone")
+    ]
+
+
 def test_service_vip_spreads_over_endpoints(lab):
     seen = {curl(lab, "client", "http://server/")["pod"] for _ in range(16)}
     assert seen == {"server-a", "server-b"}

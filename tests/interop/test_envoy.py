@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -79,9 +80,12 @@ def test_envoy_as_hbone_server_for_the_agent(lab, pods, tmp_path):
     cert, key, root = mesh_cert(lab, "node2", SpiffeId(TD, "mesh", "server"), tmp_path)
     target = pods["server-b"]["ip"]
     controlplane.stop_agent(lab, "node2")
+    connects = tmp_path / "connects.log"
     envoy = EnvoyProcess(
         f"/run/netns/veil-{lab}-mesh_server-b",
-        hbone_server((target, 15008), ("127.0.0.1", 8080), TD, cert, key, root),
+        hbone_server(
+            (target, 15008), ("127.0.0.1", 8080), TD, cert, key, root, access_log=connects
+        ),
         tmp_path,
         "envoy-server",
     )
@@ -101,6 +105,20 @@ def test_envoy_as_hbone_server_for_the_agent(lab, pods, tmp_path):
         assert answer["pod"] == "server-b" and answer["path"] == "/to-envoy"
         stats = envoy.log.read_text()
         assert "error" not in stats.lower() or "starting main dispatch loop" in stats
+        # The CONNECT as Envoy read it: the agent's headers and its client identity.
+        deadline = time.monotonic() + 10  # a line is written once the stream ended
+        while not connects.exists() or not connects.read_text().strip():
+            assert time.monotonic() < deadline, "Envoy logged no CONNECT"
+            time.sleep(0.1)
+        seen = json.loads(connects.read_text().splitlines()[0])
+        assert seen["method"] == "CONNECT" and seen["authority"] == f"{target}:8080"
+        assert seen["code"] == 200
+        assert seen["peer"] == f"spiffe://{TD}/ns/mesh/sa/client"
+        assert re.fullmatch(rf'for="{re.escape(pods["client"]["ip"])}:\d+"', seen["forwarded"])
+        assert {"k8s.namespace.name=mesh", "k8s.pod.name=client", "k8s.node.name=node1"} <= set(
+            seen["baggage"].split(",")
+        )
+        assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", seen["traceparent"])
     finally:
         envoy.stop()
         veil("lab", "agent", "--name", lab, "start", "node2")

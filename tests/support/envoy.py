@@ -26,6 +26,7 @@ HCM = (
     "onnection_manager.v3.HttpConnectionManager"
 )
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -137,11 +138,13 @@ def hbone_server(
     root: Path,
     admin_port: int | None = None,
     max_connection_s: int | None = None,
+    access_log: Path | None = None,
 ) -> dict[str, Any]:
     """HBONE in on `listen` (mTLS, clients of the trust domain), each CONNECT to `app`; with
     `admin_port`, Envoy's admin API on 127.0.0.1 (its stats); with `max_connection_s`, Envoy
-    drains each HBONE connection that old (GOAWAY, then a last GOAWAY a second later)."""
-    limits = (
+    drains each HBONE connection that old (GOAWAY, then a last GOAWAY a second later); with
+    `access_log`, a JSON line per CONNECT: what the client sent, as Envoy read it."""
+    hcm_options: dict[str, Any] = (
         {
             "common_http_protocol_options": {"max_connection_duration": f"{max_connection_s}s"},
             "drain_timeout": "1s",
@@ -149,6 +152,8 @@ def hbone_server(
         if max_connection_s
         else {}
     )
+    if access_log is not None:
+        hcm_options["access_log"] = [_connect_log(access_log)]
     admin = (
         {
             "admin": {
@@ -183,7 +188,7 @@ def hbone_server(
                                     "typed_config": {
                                         "@type": HCM,
                                         "stat_prefix": "hbone_in",
-                                        **limits,
+                                        **hcm_options,
                                         "codec_type": "HTTP2",
                                         "http2_protocol_options": {
                                             "allow_connect": True,
@@ -234,6 +239,27 @@ def hbone_server(
                     "load_assignment": _endpoint("app", *app),
                 }
             ],
+        },
+    }
+
+
+def _connect_log(path: Path) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": FILE_LOG,
+            "path": str(path),
+            "log_format": {
+                "json_format": {
+                    "method": "%REQ(:METHOD)%",
+                    "authority": "%REQ(:AUTHORITY)%",
+                    "forwarded": "%REQ(FORWARDED)%",
+                    "baggage": "%REQ(BAGGAGE)%",
+                    "traceparent": "%REQ(TRACEPARENT)%",
+                    "peer": "%DOWNSTREAM_PEER_URI_SAN%",
+                    "code": "%RESPONSE_CODE%",
+                }
+            },
         },
     }
 

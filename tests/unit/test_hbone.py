@@ -213,6 +213,42 @@ async def test_idle_pooled_connections_are_closed(tmp_path, nursery):
     assert pool.connections() == []
 
 
+async def test_the_pool_puts_at_most_100_streams_on_a_connection(tmp_path, nursery):
+    """150 connections open at once to one destination: two tunnels (one handshake per 100
+    streams, never one per connection), and a burst waits for one dial instead of each
+    dialling its own."""
+    pool = HbonePool(nursery)
+    tunnels: list[HboneIO] = []
+
+    async def dial() -> HboneIO:
+        client, _ = await hbone_pair(tmp_path / f"dial{len(tunnels)}", nursery, on_request)
+        tunnels.append(client)
+        return client
+
+    opened: list[Stream] = []
+    peak = 0
+
+    async def one(i: int) -> None:
+        nonlocal peak
+        s = await pool.open_stream("key", dial, "10.244.2.11:9080", [])
+        opened.append(s)
+        peak = max(peak, *(len(t.streams) for t in tunnels))
+        assert await echoes(s, f"hello {i}".encode())
+
+    async with trio.open_nursery() as n:
+        for i in range(150):
+            n.start_soon(one, i)
+    assert len(tunnels) == pool.dialled == 2
+    assert peak == 100
+    assert sorted(len(t.streams) for t in tunnels) == [50, 100]
+    for s in opened:
+        s.reset()
+        s.close()
+    s = await pool.open_stream("key", dial, "10.244.2.11:9080", [])  # room again: no dial
+    assert await echoes(s, b"again")
+    assert pool.dialled == 2
+
+
 async def test_relay_keeps_order_when_the_app_reads_slowly(tmp_path, nursery):
     """Backpressure from the app: the drain task takes over and no byte is reordered."""
     from agent.proxy.copy import relay_stream  # noqa: PLC0415
