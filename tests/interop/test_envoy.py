@@ -17,7 +17,7 @@ import pytest
 
 from agent.identity.csr import build_csr, key_pem, new_key
 from agent.identity.spiffe import SpiffeId
-from agent.lab import controlplane
+from agent.lab import controlplane, store
 from tests.integration.conftest import VEIL, ca_post, lab_exec, veil
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server
 
@@ -73,6 +73,76 @@ def test_envoy_as_hbone_client_to_the_agent(lab, pods, tmp_path):
         assert answer["client"].split(":")[0] == pods["legacy"]["ip"]  # the agent spoofed it
     finally:
         envoy.stop()
+
+
+def test_the_agent_answers_400_to_a_connect_for_another_pod_and_to_other_methods(
+    lab, pods, tmp_path
+):
+    """15008 serves CONNECTs to its own pod only: Envoy asking server-b's agent for server-a's
+    address gets a 400 (nothing reaches either app), and so does curl sending a GET."""
+    cert, key, root = mesh_cert(lab, "node2", SpiffeId(TD, "plain", "default"), tmp_path)
+    target, elsewhere = pods["server-b"]["ip"], pods["server-a"]["ip"]
+    log = store.lab_dir(lab) / "logs" / "agent-node2.log"
+    envoy = EnvoyProcess(
+        f"/run/netns/veil-{lab}-plain_legacy",
+        hbone_client(
+            ("127.0.0.1", 10000),
+            (target, 15008),
+            f"{elsewhere}:8080",
+            f"spiffe://{TD}/ns/mesh/sa/server",
+            cert,
+            key,
+            root,
+        ),
+        tmp_path,
+        "envoy-client",
+    )
+    try:
+        envoy.wait_started()
+        r = lab_exec(
+            lab,
+            "legacy",
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:10000/",
+            ns="plain",
+            check=False,
+        )
+        assert r.returncode != 0 and '"pod"' not in r.stdout  # no app answered
+    finally:
+        envoy.stop()
+    why = f"400, authority {elsewhere}:8080 is not this pod ({target})"
+    deadline = time.monotonic() + 5
+    while why not in log.read_text():
+        assert time.monotonic() < deadline, f"no '{why}' in {log}"
+        time.sleep(0.1)
+
+    # curl speaks HTTP/2 over the same mTLS (-k: the agent's certificate names a SPIFFE id,
+    # not a host name; the client certificate is what the agent checks).
+    r = lab_exec(
+        lab,
+        "legacy",
+        "curl",
+        "-sS",
+        "-k",
+        "--http2",
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        "--max-time",
+        "5",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{http_version}",
+        f"https://{target}:15008/",
+        ns="plain",
+        check=False,
+    )
+    assert r.stdout == "400 2", r.stderr
 
 
 def test_envoy_as_hbone_server_for_the_agent(lab, pods, tmp_path):
