@@ -349,6 +349,64 @@ except ConnectionResetError:
 """
 
 
+# One connection on port 9090; SIDE ("client" or "server") aborts it with a TCP reset (SO_LINGER
+# 0) once both ends exchanged a line; the other side reports what it saw: "reset" or "eof".
+RESETS = """
+import socket, struct, sys
+role, side, peer = sys.argv[1], sys.argv[2], sys.argv[3]
+if role == "server":
+    ls = socket.create_server(("0.0.0.0", 9090))
+    print("listening", flush=True)
+    s, _ = ls.accept()
+else:
+    s = socket.create_connection((peer, 9090), timeout=10)
+s.settimeout(10)
+s.sendall(b"hello from " + role.encode() + b"\\n")
+got = b""
+while not got.endswith(b"\\n"):
+    got += s.recv(100)
+if role == side:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    print("aborted", flush=True)
+else:
+    try:
+        while s.recv(65536):
+            pass
+        print("eof", flush=True)
+    except ConnectionResetError:
+        print("reset", flush=True)
+"""
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_a_reset_crosses_the_mesh_as_a_reset(lab, pods, side):
+    """An app that aborts its connection (RST) is seen as a reset by the app at the other end,
+    across nodes, never as a clean end of stream (a cut transfer must not look complete)."""
+
+    def run(pod: str, role: str) -> subprocess.Popen[str]:
+        argv = [VEIL, "lab", "exec", "--name", lab, "-n", "mesh", pod, "--", "python3", "-c"]
+        return subprocess.Popen(
+            [*argv, RESETS, role, side, pods["server-b"]["ip"]], stdout=subprocess.PIPE, text=True
+        )
+
+    server = run("server-b", "server")
+    client = None
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "listening"
+        client = run("client", "client")
+        out, _ = client.communicate(timeout=20)
+        server_out, _ = server.communicate(timeout=20)
+        want = {"client": ("aborted", "reset"), "server": ("reset", "aborted")}[side]
+        assert (out.strip(), server_out.strip()) == want
+    finally:
+        for p in (server, client):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 @pytest.mark.parametrize("node", ["node1", "node2"])
 def test_stopping_an_agent_resets_its_open_connections(lab, pods, node):
     """An agent that stops (SIGTERM) cuts its connections with a reset, never a clean end: an
