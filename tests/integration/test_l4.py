@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import secrets
 import subprocess
 import time
@@ -427,6 +428,44 @@ def test_stopping_an_agent_resets_its_open_connections(lab, pods, node):
         app.wait()
         veil("lab", "agent", "--name", lab, "start", node)
     assert curl(lab, "client", f"http://{pods['server-b']['ip']}:8080/")["pod"] == "server-b"
+
+
+HOLD_MANY = """
+import socket, sys
+socks = [socket.create_connection((sys.argv[1], 8080), timeout=20) for _ in range(int(sys.argv[2]))]
+answered = 0
+for s in socks:
+    s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+for s in socks:
+    got = b""
+    while b"\\r\\n\\r\\n" not in got:
+        got += s.recv(65536)
+    answered += got.startswith(b"HTTP/1.1 200")
+print(answered)
+"""
+
+
+def test_an_agent_started_with_a_low_open_files_limit_raises_it(lab, pods):
+    """Started with the usual soft limit of a login shell or a systemd service (here 512 to
+    keep the test short), the agent raises it to the hard limit and holds more connections
+    open at once than the soft limit would allow (one descriptor each)."""
+    nofile = resource.RLIMIT_NOFILE
+    soft, hard = resource.getrlimit(nofile)
+    controlplane.stop_agent(lab, "node1", signal=15)
+    resource.setrlimit(nofile, (512, hard))  # inherited by the agent `veil lab agent` starts
+    try:
+        veil("lab", "agent", "--name", lab, "start", "node1")
+    finally:
+        resource.setrlimit(nofile, (soft, hard))
+    pid = controlplane.agent_process(lab, "node1")["pid"]
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    assert next(line.split()[3:5] for line in limits if line.startswith("Max open files")) == [
+        str(hard),
+        str(hard),
+    ]
+    target = pods["server-b"]["ip"]
+    out = lab_exec(lab, "client", "python3", "-c", HOLD_MANY, target, "800", ns="mesh").stdout
+    assert out.strip() == "800"
 
 
 def test_agent_down_means_refused_never_plaintext_then_resume(lab, pods):
