@@ -14,27 +14,16 @@
 
 int veil_connect4(struct bpf_sock_addr *ctx)
 {
-    if (ctx->type != VEIL_SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+    __u32 pod_ip = 0;
+    if (!veil_outbound(ctx, ctx->user_ip4, &pod_ip))
         return 1;
-    __u32 dst = ctx->user_ip4;
-    __u32 dst_host = veil_ntohl(dst);
-    if ((dst_host >> 24) == 127 || dst_host == VEIL_PROBE_SOURCE)
-        return 1; /* loopback and the kubelet's probe address stay direct */
-    __u64 netns = bpf_get_netns_cookie(ctx);
-    struct veil_pod *pod = veil_pods.lookup(&netns);
-    if (pod && pod->ip == dst)
-        return 1; /* the pod calling itself never leaves the netns */
-    struct veil_orig orig = {.ip = dst, .port = (__u16)ctx->user_port};
-    __u64 cookie = veil_socket_cookie(ctx);
-    veil_sock_orig.update(&cookie, &orig);
-    if (pod) {
+    if (pod_ip) {
         /* Port 0: the port is picked at connect, by the 4-tuple (IP_BIND_ADDRESS_NO_PORT).
          * A socket the app bound itself refuses (EINVAL) and keeps its own address. */
-        struct veil_sockaddr_in src = {.family = 2 /* AF_INET */, .addr = pod->ip};
+        struct veil_sockaddr_in src = {.family = 2 /* AF_INET */, .addr = pod_ip};
         veil_bind(ctx, &src, sizeof(src));
     }
     ctx->user_ip4 = veil_htonl(VEIL_LOOPBACK);
     ctx->user_port = veil_htons(VEIL_OUTBOUND_PORT);
-    veil_count(VEIL_REDIRECTED);
     return 1;
 }

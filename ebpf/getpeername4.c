@@ -7,14 +7,10 @@
 
 int veil_getpeername4(struct bpf_sock_addr *ctx)
 {
-    if (ctx->user_ip4 != veil_htonl(VEIL_LOOPBACK) ||
-        ctx->user_port != veil_htons(VEIL_OUTBOUND_PORT))
-        return 1;
-    __u64 cookie = veil_socket_cookie(ctx);
-    struct veil_orig *orig = veil_sock_orig.lookup(&cookie);
-    if (!orig)
-        return 1;
-    ctx->user_ip4 = orig->ip;
-    ctx->user_port = orig->port;
+    struct veil_orig *orig = veil_peer_of(ctx, ctx->user_ip4);
+    if (orig) {
+        ctx->user_ip4 = orig->ip;
+        ctx->user_port = orig->port;
+    }
     return 1;
 }

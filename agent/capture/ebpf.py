@@ -1,8 +1,9 @@
 """eBPF capture mode: the programs in ebpf/, compiled by bcc at agent start, attached per pod.
 
-Per enrolled pod: cgroup/connect4, cgroup/getpeername4 and sockops on the pod's cgroup v2 group
-(outbound connects go to 15001 from the pod's IP, the original destination is recorded and is
-what the app reads back as its peer), tc ingress and egress on the pod's eth0
+Per enrolled pod: cgroup/connect4 and connect6 (dual-stack sockets reaching IPv4 through
+v4-mapped addresses), cgroup/getpeername4 and getpeername6, and sockops on the pod's cgroup v2
+group (outbound connects go to 15001 from the pod's IP, the original destination is recorded
+and is what the app reads back as its peer), tc ingress and egress on the pod's eth0
 (inbound plaintext to 15006 with bpf_sk_assign; the app's replies to spoofed connections are
 handed to lo, where the same policy routing as iptables mode delivers them to the agent). Once
 per agent: cgroup/getsockopt on the agent's own cgroup answers SO_ORIGINAL_DST from the maps,
@@ -41,7 +42,9 @@ log = logging.getLogger("veil.capture.ebpf")
 EBPF_DIR = Path(os.environ.get("VEIL_EBPF_DIR") or Path(__file__).resolve().parents[2] / "ebpf")
 HOOKS = (
     "connect4.c",
+    "connect6.c",
     "getpeername4.c",
+    "getpeername6.c",
     "sockops.c",
     "getsockopt.c",
     "tc_ingress.c",
@@ -68,7 +71,8 @@ COUNTERS = (
 
 # bpf_prog_type / bpf_attach_type numbers (uapi/linux/bpf.h)
 PROG_SCHED_CLS, PROG_SOCK_OPS, PROG_SOCK_ADDR, PROG_SOCKOPT = 3, 13, 18, 25
-ATTACH_SOCK_OPS, ATTACH_CONNECT4, ATTACH_GETSOCKOPT, ATTACH_GETPEERNAME4 = 3, 10, 21, 29
+ATTACH_SOCK_OPS, ATTACH_CONNECT4, ATTACH_CONNECT6, ATTACH_GETSOCKOPT = 3, 10, 11, 21
+ATTACH_GETPEERNAME4, ATTACH_GETPEERNAME6 = 29, 30
 
 
 @dataclass(frozen=True)
@@ -81,15 +85,19 @@ class Program:
 
 PROGRAMS = {
     "connect4": Program("veil_connect4", PROG_SOCK_ADDR, ATTACH_CONNECT4, ATTACH_CONNECT4),
+    "connect6": Program("veil_connect6", PROG_SOCK_ADDR, ATTACH_CONNECT6, ATTACH_CONNECT6),
     "getpeername4": Program(
         "veil_getpeername4", PROG_SOCK_ADDR, ATTACH_GETPEERNAME4, ATTACH_GETPEERNAME4
+    ),
+    "getpeername6": Program(
+        "veil_getpeername6", PROG_SOCK_ADDR, ATTACH_GETPEERNAME6, ATTACH_GETPEERNAME6
     ),
     "sockops": Program("veil_sockops", PROG_SOCK_OPS, -1, ATTACH_SOCK_OPS),
     "getsockopt": Program("veil_getsockopt", PROG_SOCKOPT, ATTACH_GETSOCKOPT, ATTACH_GETSOCKOPT),
     "tc_ingress": Program("veil_tc_ingress", PROG_SCHED_CLS, -1, -1),
     "tc_egress": Program("veil_tc_egress", PROG_SCHED_CLS, -1, -1),
 }
-POD_CGROUP_PROGRAMS = ("connect4", "getpeername4", "sockops")
+POD_CGROUP_PROGRAMS = ("connect4", "connect6", "getpeername4", "getpeername6", "sockops")
 
 
 def program_text(ebpf_dir: Path = EBPF_DIR) -> str:

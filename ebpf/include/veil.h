@@ -51,6 +51,18 @@ struct veil_sockaddr_in {
     __u8 zero[8];
 };
 
+/* struct sockaddr_in6, for bpf_bind on a dual-stack socket (a v4-mapped address). */
+struct veil_sockaddr_in6 {
+    __u16 family;
+    __u16 port;
+    __u32 flowinfo;
+    __u32 addr[4];
+    __u32 scope_id;
+};
+
+/* ::ffff:a.b.c.d: how an AF_INET6 socket names an IPv4 address; its traffic is IPv4. */
+#define veil_v4_mapped(ip6) ((ip6)[0] == 0 && (ip6)[1] == 0 && (ip6)[2] == veil_htonl(0xffff))
+
 /* Where a redirected connection was going (network byte order). */
 struct veil_orig {
     __u32 ip;
@@ -114,6 +126,38 @@ static __always_inline void veil_count(__u32 which)
     __u64 *v = veil_counters.lookup(&which);
     if (v)
         __sync_fetch_and_add(v, 1);
+}
+
+/* The decision and bookkeeping of an outbound connect to IPv4 `dst` (network order), shared
+ * by connect4.c and connect6.c: 0 if it stays direct; otherwise the original destination is
+ * recorded by socket cookie, the caller rewrites the destination to 127.0.0.1:15001, and
+ * `*pod_ip` is the pod's address for the socket to bind first (0 if unknown). */
+static __always_inline int veil_outbound(struct bpf_sock_addr *ctx, __u32 dst, __u32 *pod_ip)
+{
+    if (ctx->type != VEIL_SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+        return 0;
+    __u32 dst_host = veil_ntohl(dst);
+    if ((dst_host >> 24) == 127 || dst_host == VEIL_PROBE_SOURCE)
+        return 0; /* loopback and the kubelet's probe address stay direct */
+    __u64 netns = bpf_get_netns_cookie(ctx);
+    struct veil_pod *pod = veil_pods.lookup(&netns);
+    if (pod && pod->ip == dst)
+        return 0; /* the pod calling itself never leaves the netns */
+    struct veil_orig orig = {.ip = dst, .port = (__u16)ctx->user_port};
+    __u64 cookie = veil_socket_cookie(ctx);
+    veil_sock_orig.update(&cookie, &orig);
+    *pod_ip = pod ? pod->ip : 0;
+    veil_count(VEIL_REDIRECTED);
+    return 1;
+}
+
+/* A redirected connection's original destination, for the app's getpeername (0: not ours). */
+static __always_inline struct veil_orig *veil_peer_of(struct bpf_sock_addr *ctx, __u32 ip)
+{
+    if (ip != veil_htonl(VEIL_LOOPBACK) || ctx->user_port != veil_htons(VEIL_OUTBOUND_PORT))
+        return 0;
+    __u64 cookie = veil_socket_cookie(ctx);
+    return veil_sock_orig.lookup(&cookie);
 }
 
 #endif /* VEIL_H */

@@ -112,6 +112,39 @@ def test_the_app_sees_its_own_address_and_its_destination(lab, pods):
     ]
 
 
+DUAL_STACK = """
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.settimeout(5)
+s.connect(("::ffff:" + sys.argv[1], 8080))
+local, peer = s.getsockname(), s.getpeername()
+s.sendall(b"GET / HTTP/1.0\\r\\nX-Marker: " + sys.argv[2].encode() + b"\\r\\n\\r\\n")
+got = b""
+while chunk := s.recv(65536):
+    got += chunk
+print(local[0], peer[0], peer[1])
+print(got.split(b"\\r\\n\\r\\n", 1)[1].decode())
+"""
+
+
+def test_dual_stack_sockets_reaching_ipv4_are_captured_too(lab, pods):
+    """Java and Node.js open AF_INET6 sockets and reach IPv4 peers through v4-mapped addresses
+    (::ffff:a.b.c.d): IPv4 on the wire, but in eBPF mode a different connect hook. They must
+    be captured like any connection: mTLS on 15008 only, never plaintext."""
+    marker = f"dual-{secrets.token_hex(8)}"
+    client, target = pods["client"]["ip"], pods["server-b"]["ip"]
+    out, seen = sniff(
+        lab,
+        lambda: lab_exec(lab, "client", "python3", "-c", DUAL_STACK, target, marker, ns="mesh"),
+    )
+    addresses, body = out.stdout.split("\n", 1)
+    assert addresses.split() == [f"::ffff:{client}", f"::ffff:{target}", "8080"]
+    answer = json.loads(body)
+    assert answer["pod"] == "server-b" and answer["client"].split(":")[0] == client
+    assert seen.flows() == {(client, target, 15008)}
+    assert seen.plaintext(marker.encode()) == []
+
+
 def test_service_vip_spreads_over_endpoints(lab):
     seen = {curl(lab, "client", "http://server/")["pod"] for _ in range(16)}
     assert seen == {"server-a", "server-b"}

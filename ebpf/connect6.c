@@ -1,0 +1,27 @@
+/* cgroup/connect6 on each captured pod's cgroup: a dual-stack socket (AF_INET6, what Java and
+ * Node.js open by default) reaches an IPv4 destination through its v4-mapped address
+ * (::ffff:a.b.c.d). Its traffic is IPv4, but its connect passes this hook, not connect4's:
+ * without this program such a connection would leave the pod uncaptured, in plaintext. Handled
+ * as connect4.c does, in v4-mapped form. IPv6 destinations proper stay as they are: the cluster
+ * is IPv4 and pods have no routable IPv6 address.
+ */
+#include "veil.h"
+
+int veil_connect6(struct bpf_sock_addr *ctx)
+{
+    if (!veil_v4_mapped(ctx->user_ip6))
+        return 1;
+    __u32 pod_ip = 0;
+    if (!veil_outbound(ctx, ctx->user_ip6[3], &pod_ip))
+        return 1;
+    if (pod_ip) {
+        struct veil_sockaddr_in6 src = {
+            .family = 10 /* AF_INET6 */,
+            .addr = {0, 0, veil_htonl(0xffff), pod_ip},
+        };
+        veil_bind(ctx, &src, sizeof(src));
+    }
+    ctx->user_ip6[3] = veil_htonl(VEIL_LOOPBACK);
+    ctx->user_port = veil_htons(VEIL_OUTBOUND_PORT);
+    return 1;
+}
