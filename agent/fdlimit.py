@@ -4,9 +4,8 @@ Every proxied connection holds a descriptor on each agent it crosses (the app's 
 the tunnels, listeners and files. Distributions start processes with a soft limit of 1024
 (systemd's default, kept for `select()`), which would cap a node at about a thousand open
 connections, after which accepts fail with EMFILE and new connections wait in the backlog.
-Raising the soft limit up to the hard one is what a process may do on its own (Envoy and
-ztunnel's containers run with a high limit for the same reason); the kernel's cap on a
-process's descriptors is `fs.nr_open`.
+Raising the soft limit up to the hard one is what a process may do on its own; where the hard
+limit is unlimited, the kernel's cap on a process's descriptors (`fs.nr_open`) is the target.
 """
 
 from __future__ import annotations

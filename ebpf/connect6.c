@@ -9,18 +9,8 @@
 
 int veil_connect6(struct bpf_sock_addr *ctx)
 {
-    if (!veil_v4_mapped(ctx->user_ip6))
+    if (!veil_v4_mapped(ctx->user_ip6) || !veil_outbound(ctx, ctx->user_ip6[3]))
         return 1;
-    __u32 pod_ip = 0;
-    if (!veil_outbound(ctx, ctx->user_ip6[3], &pod_ip))
-        return 1;
-    if (pod_ip) {
-        struct veil_sockaddr_in6 src = {
-            .family = 10 /* AF_INET6 */,
-            .addr = {0, 0, veil_htonl(0xffff), pod_ip},
-        };
-        veil_bind(ctx, &src, sizeof(src));
-    }
     ctx->user_ip6[3] = veil_htonl(VEIL_LOOPBACK);
     ctx->user_port = veil_htons(VEIL_OUTBOUND_PORT);
     return 1;

@@ -1,7 +1,7 @@
 /* sockops on each captured pod's cgroup: when a redirected connect sends its SYN, the source
  * port is known; re-key the original destination by (netns, source address, source port), which
  * is what the agent sees as the peer of the accepted connection. The entry by socket cookie
- * stays for getpeername4.c/getpeername6.c (the LRU map drops it once the socket is long gone).
+ * stays for names.c (the LRU map drops it once the socket is long gone).
  * A dual-stack socket's IPv4 connection (connect6.c) has a v4-mapped local address.
  */
 #include "veil.h"

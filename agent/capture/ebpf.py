@@ -1,13 +1,13 @@
 """eBPF capture mode: the programs in ebpf/, compiled by bcc at agent start, attached per pod.
 
 Per enrolled pod: cgroup/connect4 and connect6 (dual-stack sockets reaching IPv4 through
-v4-mapped addresses), cgroup/getpeername4 and getpeername6, and sockops on the pod's cgroup v2
-group (outbound connects go to 15001 from the pod's IP, the original destination is recorded
-and is what the app reads back as its peer), tc ingress and egress on the pod's eth0
-(inbound plaintext to 15006 with bpf_sk_assign; the app's replies to spoofed connections are
-handed to lo, where the same policy routing as iptables mode delivers them to the agent). Once
-per agent: cgroup/getsockopt on the agent's own cgroup answers SO_ORIGINAL_DST from the maps,
-so the proxy code is the same in both modes.
+v4-mapped addresses), cgroup/getpeername4/6 and getsockname4/6, and sockops on the pod's cgroup
+v2 group (outbound connects go to 15001, the original destination is recorded; the app reads
+back its destination as its peer and the pod's IP as its own address, as with NAT), tc ingress
+and egress on the pod's eth0 (inbound plaintext to 15006 with bpf_sk_assign; the app's replies
+to spoofed connections are handed to lo, where the same policy routing as iptables mode
+delivers them to the agent). Once per agent: cgroup/getsockopt on the agent's own cgroup
+answers SO_ORIGINAL_DST from the maps, so the proxy code is the same in both modes.
 
 Cgroup programs are attached without BPF_F_ALLOW_MULTI: attaching again replaces the previous
 program atomically, which is how a restarted agent takes over its predecessor's pods without a
@@ -43,8 +43,7 @@ EBPF_DIR = Path(os.environ.get("VEIL_EBPF_DIR") or Path(__file__).resolve().pare
 HOOKS = (
     "connect4.c",
     "connect6.c",
-    "getpeername4.c",
-    "getpeername6.c",
+    "names.c",
     "sockops.c",
     "getsockopt.c",
     "tc_ingress.c",
@@ -72,7 +71,7 @@ COUNTERS = (
 # bpf_prog_type / bpf_attach_type numbers (uapi/linux/bpf.h)
 PROG_SCHED_CLS, PROG_SOCK_OPS, PROG_SOCK_ADDR, PROG_SOCKOPT = 3, 13, 18, 25
 ATTACH_SOCK_OPS, ATTACH_CONNECT4, ATTACH_CONNECT6, ATTACH_GETSOCKOPT = 3, 10, 11, 21
-ATTACH_GETPEERNAME4, ATTACH_GETPEERNAME6 = 29, 30
+ATTACH_GETPEERNAME4, ATTACH_GETPEERNAME6, ATTACH_GETSOCKNAME4, ATTACH_GETSOCKNAME6 = 29, 30, 31, 32
 
 
 @dataclass(frozen=True)
@@ -92,12 +91,26 @@ PROGRAMS = {
     "getpeername6": Program(
         "veil_getpeername6", PROG_SOCK_ADDR, ATTACH_GETPEERNAME6, ATTACH_GETPEERNAME6
     ),
+    "getsockname4": Program(
+        "veil_getsockname4", PROG_SOCK_ADDR, ATTACH_GETSOCKNAME4, ATTACH_GETSOCKNAME4
+    ),
+    "getsockname6": Program(
+        "veil_getsockname6", PROG_SOCK_ADDR, ATTACH_GETSOCKNAME6, ATTACH_GETSOCKNAME6
+    ),
     "sockops": Program("veil_sockops", PROG_SOCK_OPS, -1, ATTACH_SOCK_OPS),
     "getsockopt": Program("veil_getsockopt", PROG_SOCKOPT, ATTACH_GETSOCKOPT, ATTACH_GETSOCKOPT),
     "tc_ingress": Program("veil_tc_ingress", PROG_SCHED_CLS, -1, -1),
     "tc_egress": Program("veil_tc_egress", PROG_SCHED_CLS, -1, -1),
 }
-POD_CGROUP_PROGRAMS = ("connect4", "connect6", "getpeername4", "getpeername6", "sockops")
+POD_CGROUP_PROGRAMS = (
+    "connect4",
+    "connect6",
+    "getpeername4",
+    "getpeername6",
+    "getsockname4",
+    "getsockname6",
+    "sockops",
+)
 
 
 def program_text(ebpf_dir: Path = EBPF_DIR) -> str:

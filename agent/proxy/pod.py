@@ -162,6 +162,10 @@ class PodProxy:
             abort(client)
             return
         r = route(self.ctx.store.current, self.workload, dst, self.ctx.trust_domain)
+        # Only this pod reaches its 127.0.0.1:15001, from its own IP (iptables mode) or from
+        # 127.0.0.1 (eBPF mode, where the connect was rewritten before a source was chosen):
+        # the client is the pod's IP either way.
+        peer = (self.ip, peer[1])
         c = Connection(
             "source",
             "hbone" if r.kind is Kind.HBONE else "passthrough",

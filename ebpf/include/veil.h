@@ -40,24 +40,12 @@
 
 /* bcc declares the socket cookie as 32 bits; the kernel returns 64. */
 #define veil_socket_cookie(ctx) (((__u64(*)(void *))BPF_FUNC_get_socket_cookie)(ctx))
-/* bpf_bind (cgroup/connect4 only): a source address for the socket before it connects. */
-#define veil_bind(ctx, addr, len) (((long (*)(void *, void *, int))BPF_FUNC_bind)(ctx, addr, len))
-
-/* struct sockaddr_in, as bpf_bind and SO_ORIGINAL_DST take it. */
+/* struct sockaddr_in, as SO_ORIGINAL_DST answers it. */
 struct veil_sockaddr_in {
     __u16 family;
     __u16 port;
     __u32 addr;
     __u8 zero[8];
-};
-
-/* struct sockaddr_in6, for bpf_bind on a dual-stack socket (a v4-mapped address). */
-struct veil_sockaddr_in6 {
-    __u16 family;
-    __u16 port;
-    __u32 flowinfo;
-    __u32 addr[4];
-    __u32 scope_id;
 };
 
 /* ::ffff:a.b.c.d: how an AF_INET6 socket names an IPv4 address; its traffic is IPv4. */
@@ -130,9 +118,8 @@ static __always_inline void veil_count(__u32 which)
 
 /* The decision and bookkeeping of an outbound connect to IPv4 `dst` (network order), shared
  * by connect4.c and connect6.c: 0 if it stays direct; otherwise the original destination is
- * recorded by socket cookie, the caller rewrites the destination to 127.0.0.1:15001, and
- * `*pod_ip` is the pod's address for the socket to bind first (0 if unknown). */
-static __always_inline int veil_outbound(struct bpf_sock_addr *ctx, __u32 dst, __u32 *pod_ip)
+ * recorded by socket cookie and the caller rewrites the destination to 127.0.0.1:15001. */
+static __always_inline int veil_outbound(struct bpf_sock_addr *ctx, __u32 dst)
 {
     if (ctx->type != VEIL_SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
         return 0;
@@ -146,18 +133,8 @@ static __always_inline int veil_outbound(struct bpf_sock_addr *ctx, __u32 dst, _
     struct veil_orig orig = {.ip = dst, .port = (__u16)ctx->user_port};
     __u64 cookie = veil_socket_cookie(ctx);
     veil_sock_orig.update(&cookie, &orig);
-    *pod_ip = pod ? pod->ip : 0;
     veil_count(VEIL_REDIRECTED);
     return 1;
-}
-
-/* A redirected connection's original destination, for the app's getpeername (0: not ours). */
-static __always_inline struct veil_orig *veil_peer_of(struct bpf_sock_addr *ctx, __u32 ip)
-{
-    if (ip != veil_htonl(VEIL_LOOPBACK) || ctx->user_port != veil_htons(VEIL_OUTBOUND_PORT))
-        return 0;
-    __u64 cookie = veil_socket_cookie(ctx);
-    return veil_sock_orig.lookup(&cookie);
 }
 
 #endif /* VEIL_H */
