@@ -123,7 +123,12 @@ LAB = (
     _cgroup2,
     _tool("curl", "curl"),
 )
-IPTABLES = (_tool("iptables-restore", "iptables"), _tool("iptables-save", "iptables"))
+IPTABLES = (
+    _tool("iptables-restore", "iptables"),
+    _tool("iptables-save", "iptables"),
+    _tool("ip6tables-restore", "iptables"),
+    _tool("ip6tables-save", "iptables"),
+)
 EBPF = (_cgroup2, _btf, _headers, _veil_programs_load)
 
 

@@ -1,7 +1,8 @@
 /* tc ingress on the pod's eth0: steer inbound plaintext TCP to the agent's 15006 listener with
  * bpf_sk_assign (the connection keeps its real destination, as TPROXY would). HBONE (15008) and
  * the kubelet's probes pass untouched. No listener (agent down): the SYN is dropped, so the
- * connection fails instead of reaching the app unauthenticated.
+ * connection fails instead of reaching the app unauthenticated. IPv6 TCP is not supported yet
+ * and is dropped (iptables mode rejects it): nothing reaches the app uncaptured.
  */
 #include "veil.h"
 
@@ -10,7 +11,7 @@ int veil_tc_ingress(struct __sk_buff *skb)
     struct iphdr *ip;
     struct tcphdr *tcp = veil_tcp(skb, &ip);
     if (!tcp)
-        return TC_ACT_OK;
+        return veil_ipv6_tcp(skb) ? TC_ACT_SHOT : TC_ACT_OK;
     if (!tcp->syn || tcp->ack)
         return TC_ACT_OK; /* established connections find their sockets as usual */
     if (tcp->dest == veil_htons(VEIL_HBONE_PORT) || ip->saddr == veil_htonl(VEIL_PROBE_SOURCE))

@@ -30,8 +30,15 @@ def save(netns_path: str) -> str:
     return run_in(netns_path, ["iptables-save"])
 
 
+def save6(netns_path: str) -> str:
+    return run_in(netns_path, ["ip6tables-save"])
+
+
 def install(netns_path: str) -> None:
-    """Idempotent: rules present exactly once, policy routing in place."""
+    """Idempotent: rules present exactly once, policy routing in place. IPv6 TCP is refused
+    first: there is no moment when the pod's IPv4 is captured and its IPv6 leaves in clear."""
+    script6 = rules.install_script(save6(netns_path), rules.IPV6)
+    run_in(netns_path, ["ip6tables-restore", "--noflush"], script6)
     run_in(netns_path, ["iptables-restore", "--noflush"], rules.install_script(save(netns_path)))
     install_routing(netns_path)
 
@@ -49,6 +56,9 @@ def remove(netns_path: str) -> None:
     script = rules.remove_script(save(netns_path))
     if script:
         run_in(netns_path, ["iptables-restore", "--noflush"], script)
+    script6 = rules.remove_script(save6(netns_path), rules.IPV6)
+    if script6:
+        run_in(netns_path, ["ip6tables-restore", "--noflush"], script6)
     remove_routing(netns_path)
 
 

@@ -3,10 +3,16 @@
 Install and remove are computed from the netns's current `iptables-save` output, so that
 installing twice changes nothing and removing deletes exactly what install added (every
 jump, then Veil's own chains), leaving whatever else the pod had untouched.
+
+IPv4 is captured (`IPV4`). IPv6 is not supported yet, and an enrolled pod's IPv6 TCP would
+leave uncaptured, in plaintext: `IPV6` (ip6tables) refuses it instead, both ways, with a reset
+(loopback excepted). A dual-stack socket reaching IPv4 through a v4-mapped address is IPv4 on
+the wire and captured like any other.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 AGENT_MARK = 0x539  # SO_MARK of every agent socket: never recaptured
@@ -46,6 +52,35 @@ def chain_rules() -> dict[str, list[str]]:
     }
 
 
+def ipv6_rules() -> dict[str, list[str]]:
+    """Fail closed for IPv6: no TCP in or out of the pod but over loopback."""
+    return {
+        "filter": [
+            "-A VEIL-INPUT -i lo -j ACCEPT",
+            "-A VEIL-INPUT -p tcp -j REJECT --reject-with tcp-reset",
+            "-A VEIL-OUTPUT -o lo -j ACCEPT",
+            "-A VEIL-OUTPUT -p tcp -j REJECT --reject-with tcp-reset",
+        ]
+    }
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """One address family's capture: Veil's chains per table, the jumps into them, the rules."""
+
+    chains: Mapping[str, tuple[str, ...]]
+    jumps: tuple[tuple[str, str], ...]
+    rules: Mapping[str, list[str]]
+
+
+IPV4 = RuleSet(CHAINS, JUMPS, chain_rules())
+IPV6 = RuleSet(
+    {"filter": ("VEIL-INPUT", "VEIL-OUTPUT")},
+    (("INPUT", "VEIL-INPUT"), ("OUTPUT", "VEIL-OUTPUT")),
+    ipv6_rules(),
+)
+
+
 @dataclass(frozen=True)
 class SaveFacts:
     """What an `iptables-save` output says about Veil's rules."""
@@ -54,7 +89,7 @@ class SaveFacts:
     chains: frozenset[tuple[str, str]]  # (table, chain) that exist
 
 
-def parse_save(text: str) -> SaveFacts:
+def parse_save(text: str, jumps_of: tuple[tuple[str, str], ...] = JUMPS) -> SaveFacts:
     table = ""
     jumps: dict[tuple[str, str, str], int] = {}
     chains: set[tuple[str, str]] = set()
@@ -65,21 +100,21 @@ def parse_save(text: str) -> SaveFacts:
             chains.add((table, line[1:].split()[0]))
         elif line.startswith("-A "):
             parts = line.split()
-            for builtin, target in JUMPS:
+            for builtin, target in jumps_of:
                 if parts[1:] == [builtin, "-j", target]:
                     key = (table, builtin, target)
                     jumps[key] = jumps.get(key, 0) + 1
     return SaveFacts(jumps=jumps, chains=frozenset(chains))
 
 
-def install_script(current_save: str) -> str:
+def install_script(current_save: str, rs: RuleSet = IPV4) -> str:
     """iptables-restore --noflush input that makes the capture rules present exactly once."""
-    facts = parse_save(current_save)
+    facts = parse_save(current_save, rs.jumps)
     out = []
-    for table, rules in chain_rules().items():
+    for table, rules in rs.rules.items():
         out.append(f"*{table}")
-        out += [f":{c} - [0:0]" for c in CHAINS[table]]  # declaring a chain flushes it
-        for builtin, target in JUMPS:
+        out += [f":{c} - [0:0]" for c in rs.chains[table]]  # declaring a chain flushes it
+        for builtin, target in rs.jumps:
             extra = facts.jumps.get((table, builtin, target), 0) - 1
             out += [f"-D {builtin} -j {target}"] * max(0, extra)
             if extra < 0:
@@ -89,13 +124,13 @@ def install_script(current_save: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def remove_script(current_save: str) -> str | None:
+def remove_script(current_save: str, rs: RuleSet = IPV4) -> str | None:
     """iptables-restore --noflush input that removes every trace of capture; None if clean."""
-    facts = parse_save(current_save)
+    facts = parse_save(current_save, rs.jumps)
     out = []
-    for table, chains in CHAINS.items():
+    for table, chains in rs.chains.items():
         lines = []
-        for builtin, target in JUMPS:
+        for builtin, target in rs.jumps:
             lines += [f"-D {builtin} -j {target}"] * facts.jumps.get((table, builtin, target), 0)
         for c in chains:
             if (table, c) in facts.chains:

@@ -109,6 +109,20 @@ static __always_inline struct tcphdr *veil_tcp(struct __sk_buff *skb, struct iph
     return tcp;
 }
 
+/* An IPv6 packet that carries TCP (right after the fixed header; Ethernet first). */
+static __always_inline int veil_ipv6_tcp(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end || eth->h_proto != veil_htons(ETH_P_IPV6))
+        return 0;
+    __u8 *next_header = (__u8 *)(eth + 1) + 6; /* ipv6hdr.nexthdr */
+    if ((void *)(next_header + 1) > end)
+        return 0;
+    return *next_header == IPPROTO_TCP;
+}
+
 static __always_inline void veil_count(__u32 which)
 {
     __u64 *v = veil_counters.lookup(&which);

@@ -118,6 +118,31 @@ def test_ingress_leaves_alone_what_iptables_mode_leaves_alone(progs, scratch, pa
     assert (counter(progs, "steered"), counter(progs, "no_listener")) == (steered, dropped)
 
 
+def frame6(next_header: int) -> bytes:
+    """An Ethernet frame with an IPv6 header (fd00::7 -> fd00::2) and a TCP SYN or whatever
+    `next_header` says."""
+    eth = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + b"\x86\xdd"
+    l4 = struct.pack("!HHIIBBHHH", 40000, 8080, 1, 0, 5 << 4, SYN, 65535, 0, 0)
+    ip6 = struct.pack(
+        "!IHBB16s16s",
+        6 << 28,
+        len(l4),
+        next_header,
+        64,
+        socket.inet_pton(socket.AF_INET6, "fd00::7"),
+        socket.inet_pton(socket.AF_INET6, "fd00::2"),
+    )
+    return eth + ip6 + l4
+
+
+def test_ingress_drops_ipv6_tcp_and_nothing_else_of_ipv6(progs, scratch):
+    """IPv6 is not captured: its TCP must not reach the app in clear (iptables mode rejects
+    it too); ICMPv6 (neighbour discovery) and UDP pass."""
+    assert run(progs, scratch, "tc_ingress", frame6(6)).retval == TC_ACT_SHOT
+    assert run(progs, scratch, "tc_ingress", frame6(58)).retval == TC_ACT_OK
+    assert run(progs, scratch, "tc_ingress", frame6(17)).retval == TC_ACT_OK
+
+
 def test_egress_hands_replies_of_spoofed_connections_to_lo(progs, scratch):
     with scratch.socket(mark=False) as server, scratch.socket(mark=False) as client:
         server.setblocking(True)

@@ -53,3 +53,55 @@ def test_agent_traffic_and_probes_are_never_redirected():
     assert all("! --mark 0x539/0xfff" in r for r in redirects)
     assert any("169.254.7.127" in r and "ACCEPT" in r for r in nat)
     assert any("! --dport 15008" in r and "--to-ports 15006" in r for r in redirects)
+
+
+def test_ipv6_install_on_a_clean_netns_matches_golden():
+    script = rules.install_script("", rules.IPV6)
+    golden = GOLDEN / "capture-install-ipv6.rules"
+    if os.environ.get("VEIL_UPDATE_GOLDEN"):
+        golden.write_text(script)
+    assert script == golden.read_text()
+
+
+IP6_SAVE_INSTALLED = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:VEIL-INPUT - [0:0]
+:VEIL-OUTPUT - [0:0]
+-A INPUT -j VEIL-INPUT
+-A INPUT -s fd00::9/128 -j ACCEPT
+-A OUTPUT -j VEIL-OUTPUT
+-A VEIL-INPUT -i lo -j ACCEPT
+-A VEIL-INPUT -p tcp -j REJECT --reject-with tcp-reset
+-A VEIL-OUTPUT -o lo -j ACCEPT
+-A VEIL-OUTPUT -p tcp -j REJECT --reject-with tcp-reset
+COMMIT
+"""
+
+
+def test_ipv6_tcp_is_refused_both_ways_but_on_loopback():
+    assert rules.ipv6_rules()["filter"] == [
+        "-A VEIL-INPUT -i lo -j ACCEPT",
+        "-A VEIL-INPUT -p tcp -j REJECT --reject-with tcp-reset",
+        "-A VEIL-OUTPUT -o lo -j ACCEPT",
+        "-A VEIL-OUTPUT -p tcp -j REJECT --reject-with tcp-reset",
+    ]
+
+
+def test_ipv6_install_twice_adds_no_jump_and_remove_leaves_the_rest():
+    again = rules.install_script(IP6_SAVE_INSTALLED, rules.IPV6)
+    assert "-A INPUT -j VEIL-INPUT" not in again and "-D INPUT" not in again
+    removal = rules.remove_script(IP6_SAVE_INSTALLED, rules.IPV6)
+    assert removal is not None
+    assert removal.splitlines() == [
+        "*filter",
+        "-D INPUT -j VEIL-INPUT",
+        "-D OUTPUT -j VEIL-OUTPUT",
+        "-F VEIL-INPUT",
+        "-X VEIL-INPUT",
+        "-F VEIL-OUTPUT",
+        "-X VEIL-OUTPUT",
+        "COMMIT",
+    ]
+    assert rules.remove_script("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n", rules.IPV6) is None
