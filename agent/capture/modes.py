@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from agent.capture import iptables
+from agent.capture.iptables import CaptureError
 
 MODES = ("iptables", "ebpf")
 
@@ -44,7 +46,12 @@ class IptablesCapture:
         pass
 
     def install(self, t: CaptureTarget) -> None:
-        iptables.install(t.netns)
+        try:
+            iptables.install(t.netns)
+        except CaptureError:
+            with contextlib.suppress(CaptureError):
+                iptables.remove(t.netns)  # e.g. the IPv6 refusal went in, the IPv4 rules did not
+            raise
 
     def remove(self, t: CaptureTarget) -> None:
         if Path(t.netns).exists():  # a pod that is gone took its rules with it
