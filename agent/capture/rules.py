@@ -25,6 +25,9 @@ RULE_PRIORITY = 32764
 OUTBOUND_PORT = 15001
 INBOUND_PLAIN_PORT = 15006
 HBONE_PORT = 15008
+# The agent's listeners in every enrolled pod: never a destination the agent connects to for
+# a client (it would be connecting to itself, and each such connection makes the next one).
+AGENT_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT})
 
 CHAINS = {"mangle": ("VEIL-PRERT", "VEIL-OUTPUT"), "nat": ("VEIL-PRERT", "VEIL-OUTPUT")}
 JUMPS = (("PREROUTING", "VEIL-PRERT"), ("OUTPUT", "VEIL-OUTPUT"))

@@ -51,6 +51,10 @@ def route(
     choose: Choose = random.choice,
 ) -> Route:
     ip, port = dst
+    if ip.startswith("127."):
+        # Capture never redirects loopback: this is a direct connection to the 15001
+        # listener, and passing it on would connect the agent to itself, again and again.
+        return Route(Kind.REJECT, dst, reason="a direct connection to the mesh agent's listener")
     service = None
     target: Workload | None
     hit = state.services_by_vip.get((ip, port))

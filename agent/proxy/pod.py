@@ -28,7 +28,7 @@ from prometheus_client import Counter
 
 from agent.authz import Decision, Facts, PolicySet, decide
 from agent.capture.netns import NetNs, connect, listen, original_dst
-from agent.capture.rules import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
+from agent.capture.rules import AGENT_PORTS, HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
 from agent.hbone.conn import BadRequest, HboneConnection, RequestReceived, check_request
 from agent.hbone.io import HboneError, HboneIO, TlsSocket
 from agent.hbone.pool import HbonePool
@@ -158,7 +158,15 @@ class PodProxy:
         assert self.ns is not None and self.pool is not None
         try:
             dst = original_dst(client)
-        except OSError:
+        except OSError as e:
+            # Not a redirected connection (an app dialling 127.0.0.1:15001 itself), or its
+            # record is gone: nowhere known to send it.
+            log.info(
+                "outbound %s from port %d refused: no original destination (%s)",
+                self.workload.key,
+                peer[1],
+                e.strerror,
+            )
             abort(client)
             return
         r = route(self.ctx.store.current, self.workload, dst, self.ctx.trust_domain)
@@ -267,6 +275,10 @@ class PodProxy:
         except OSError:
             abort(client)
             return
+        if dst[1] in AGENT_PORTS:
+            self._self_call(peer[0], dst[1])
+            abort(client)
+            return
         bypass = self._bypass(None)
         d = (
             Decision(False, "", bypass)
@@ -335,9 +347,13 @@ class PodProxy:
             req.why
             if isinstance(req, BadRequest)
             else (
-                None
-                if req.target[0] == self.ip
-                else f"authority {req.target[0]}:{req.target[1]} is not this pod ({self.ip})"
+                f"authority {req.target[0]}:{req.target[1]} is not this pod ({self.ip})"
+                if req.target[0] != self.ip
+                else (
+                    f"port {req.target[1]} is the mesh agent's own"
+                    if req.target[1] in AGENT_PORTS
+                    else None
+                )
             )
         )
         if why is not None:
@@ -375,6 +391,23 @@ class PodProxy:
             peer_id,
             self._service_from(req.headers.get("baggage", "")),
         )
+
+    def _self_call(self, peer_ip: str, port: int) -> None:
+        """A connection for one of the agent's own ports (15001/15006/15008) on this pod:
+        refused. Passed on, the agent would connect to itself, and that connection again."""
+        log.info("%s -> %s:%d refused: the mesh agent's own port", peer_ip, self.workload.key, port)
+        c = Connection(
+            "destination",
+            "plaintext",
+            peer_ip,
+            f"{self.ip}:{port}",
+            source=self.ctx.store.current.workloads_by_ip.get(peer_ip),
+            destination=self.workload,
+            destination_principal=str(self.identity),
+            trust_domain=self.ctx.trust_domain,
+        )
+        c.response_flags, c.error = "UH", f"port {port} is the mesh agent's own"
+        self.ctx.report(c)
 
     def _inbound(
         self, peer_ip: str, peer_id: SpiffeId, port: int, service: Service | None = None

@@ -210,6 +210,49 @@ def test_ipv6_tcp_of_an_enrolled_pod_is_refused_not_sent_in_clear(lab, pods):
             iptables.run_in(where, ["ip", "addr", "del", address, "dev", dev])
 
 
+SELF_CALL = """
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    print("answered" if s.recv(100) else "closed")
+except OSError as e:
+    print("refused", type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize(
+    ("pod", "ns", "node", "where", "port", "why"),
+    [
+        ("legacy", "plain", "node2", "server-b", 15006, "the mesh agent's own port"),
+        ("client", "mesh", "node2", "server-b", 15006, "400, port 15006 is the mesh agent's own"),
+        ("client", "mesh", "node2", "server-b", 15008, "400, port 15008 is the mesh agent's own"),
+        # iptables mode: conntrack names 127.0.0.1:15001 as the destination, which route()
+        # refuses; eBPF mode: no record of a redirect, so no original destination at all
+        ("client", "mesh", "node1", "127.0.0.1", 15001, "mesh/client from port"),
+    ],
+    ids=["plaintext-to-15006", "hbone-to-15006", "hbone-to-15008", "app-to-its-15001"],
+)
+def test_connections_to_the_agents_own_ports_are_refused_not_looped(
+    lab, pods, pod, ns, node, where, port, why
+):
+    """A connection for one of the agent's listeners (plaintext to a pod's 15006, a CONNECT for
+    its 15006/15008, an app dialling 127.0.0.1:15001) is refused. Passed on, the agent connected
+    to itself, each connection making the next: one plaintext connection to 15006 had an agent
+    open 15 000 sockets within two seconds."""
+    fds = Path(f"/proc/{controlplane.agent_process(lab, node)['pid']}/fd")
+    fds_before = sum(1 for _ in fds.iterdir())
+    target = pods[where]["ip"] if where in pods else where
+    out = lab_exec(lab, pod, "python3", "-c", SELF_CALL, target, str(port), ns=ns).stdout
+    assert out.split()[0] in ("refused", "closed"), out
+    log = store.lab_dir(lab) / "logs" / f"agent-{node}.log"
+    if port == 15001 and capture_mode(lab) == "iptables":
+        why = "a direct connection to the mesh agent's listener"
+    wait_for(lambda: why in log.read_text(), 5, f"'{why}' in {log.name}")
+    time.sleep(0.5)
+    assert sum(1 for _ in fds.iterdir()) < fds_before + 10
+
+
 def test_service_vip_spreads_over_endpoints(lab):
     seen = {curl(lab, "client", "http://server/")["pod"] for _ in range(16)}
     assert seen == {"server-a", "server-b"}

@@ -112,6 +112,9 @@ CLIENT = _client
         (("10.96.0.12", 80), Kind.REJECT, ("10.96.0.12", 80), "", None),
         # a VIP port the service does not have: not a service address, nothing there
         (("10.96.0.10", 81), Kind.PASSTHROUGH, ("10.96.0.10", 81), "", None),
+        # loopback is never captured: an app that dialled 127.0.0.1:15001 itself is refused
+        # (passed on, the agent would connect to its own listener, over and over)
+        (("127.0.0.1", 15001), Kind.REJECT, ("127.0.0.1", 15001), "", None),
     ],
 )
 def test_route_table(dst, kind, address, authority, identity):
