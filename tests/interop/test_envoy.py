@@ -38,24 +38,30 @@ def mesh_cert(lab: str, node: str, identity: SpiffeId, where: Path) -> tuple[Pat
     return where / "cert.pem", where / "key.pem", where / "root.pem"
 
 
-def test_envoy_as_hbone_client_to_the_agent(lab, pods, tmp_path):
-    """legacy (outside the mesh) runs Envoy tunnelling to server-b's 15008 (the agent)."""
-    cert, key, root = mesh_cert(lab, "node2", SpiffeId(TD, "plain", "default"), tmp_path)
-    target = pods["server-b"]["ip"]
-    envoy = EnvoyProcess(
+def envoy_client_in_legacy(
+    lab: str, target: str, authority: str, cert: tuple[Path, Path, Path], tmp_path: Path
+) -> EnvoyProcess:
+    """Envoy in the non-mesh pod `legacy`: 127.0.0.1:10000 -> CONNECT `authority` over HBONE to
+    `target`:15008, expecting server-b's identity."""
+    return EnvoyProcess(
         f"/run/netns/veil-{lab}-plain_legacy",
         hbone_client(
             ("127.0.0.1", 10000),
             (target, 15008),
-            f"{target}:8080",
+            authority,
             f"spiffe://{TD}/ns/mesh/sa/server",
-            cert,
-            key,
-            root,
+            *cert,
         ),
         tmp_path,
         "envoy-client",
     )
+
+
+def test_envoy_as_hbone_client_to_the_agent(lab, pods, tmp_path):
+    """legacy (outside the mesh) runs Envoy tunnelling to server-b's 15008 (the agent)."""
+    cert = mesh_cert(lab, "node2", SpiffeId(TD, "plain", "default"), tmp_path)
+    target = pods["server-b"]["ip"]
+    envoy = envoy_client_in_legacy(lab, target, f"{target}:8080", cert, tmp_path)
     try:
         envoy.wait_started()
         out = lab_exec(
@@ -80,23 +86,10 @@ def test_the_agent_answers_400_to_a_connect_for_another_pod_and_to_other_methods
 ):
     """15008 serves CONNECTs to its own pod only: Envoy asking server-b's agent for server-a's
     address gets a 400 (nothing reaches either app), and so does curl sending a GET."""
-    cert, key, root = mesh_cert(lab, "node2", SpiffeId(TD, "plain", "default"), tmp_path)
+    cert, key, _ = creds = mesh_cert(lab, "node2", SpiffeId(TD, "plain", "default"), tmp_path)
     target, elsewhere = pods["server-b"]["ip"], pods["server-a"]["ip"]
     log = store.lab_dir(lab) / "logs" / "agent-node2.log"
-    envoy = EnvoyProcess(
-        f"/run/netns/veil-{lab}-plain_legacy",
-        hbone_client(
-            ("127.0.0.1", 10000),
-            (target, 15008),
-            f"{elsewhere}:8080",
-            f"spiffe://{TD}/ns/mesh/sa/server",
-            cert,
-            key,
-            root,
-        ),
-        tmp_path,
-        "envoy-client",
-    )
+    envoy = envoy_client_in_legacy(lab, target, f"{elsewhere}:8080", creds, tmp_path)
     try:
         envoy.wait_started()
         r = lab_exec(
