@@ -12,7 +12,7 @@
  */
 #include "veil.h"
 
-/* The redirected socket's original destination and the pod's address, or 0 if not ours. */
+/* The original destination connect4.c/connect6.c recorded for this socket; 0: not redirected. */
 static __always_inline struct veil_orig *veil_redirected(struct bpf_sock_addr *ctx)
 {
     __u64 cookie = veil_socket_cookie(ctx);
