@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import ssl
 import time
@@ -353,7 +354,8 @@ class HboneIO:
         self._drained_waiters = 0
         self._window = trio.Event()
         self.closed = False
-        self.going_away = False  # the peer sent GOAWAY: no new streams, close when idle
+        self.going_away = False  # GOAWAY sent or received: no new streams, close when idle
+        self.expires = math.inf  # Unix time the tunnel's certificates run out (tunnel_expiry)
         self.last_active = time.monotonic()
         self._nursery: trio.Nursery | None = None
 
@@ -548,6 +550,13 @@ class HboneIO:
                         s._sink_abort()
                     s._notify()
             elif isinstance(ev, RequestReceived):
+                if time.time() >= self.expires:
+                    # Authenticated by a certificate that has expired since: not processed,
+                    # so a client may retry it on a new connection (RFC 9113 section 8.7).
+                    log.info("hbone connection %s: certificates expired, no new stream", self.peer)
+                    self.conn.reset(ev.stream_id, ErrorCode.REFUSED_STREAM)
+                    self.retire()
+                    continue
                 self.streams[ev.stream_id] = Stream(self, ev.stream_id)
                 self.last_active = time.monotonic()
                 if self.on_request is not None:
@@ -572,6 +581,16 @@ class HboneIO:
                 s.reset(ErrorCode.REFUSED_STREAM)
                 s._sink_abort()
                 s._notify()
+        if not self.streams:
+            self.shutdown()
+
+    def retire(self) -> None:
+        """Take no new stream (GOAWAY); close once the open ones have ended."""
+        if self.closed:
+            return
+        self.conn.close()
+        self.queue_output()
+        self.going_away = True
         if not self.streams:
             self.shutdown()
 

@@ -2,11 +2,13 @@
 
 Pooled per key (source workload, destination address, expected identities); a connection
 with room takes the next stream, otherwise one more is dialled (one dial at a time per key,
-so a burst shares the new connection). Connections idle for `idle_timeout` are closed.
+so a burst shares the new connection). Connections idle for `idle_timeout` are closed; a
+connection whose certificates (either end's) have expired takes no new stream.
 """
 
 from __future__ import annotations
 
+import math
 import socket
 import ssl
 import time
@@ -18,7 +20,7 @@ import trio
 from agent.hbone.conn import HboneConnection
 from agent.hbone.io import HboneIO, Stream, TlsSocket
 from agent.identity.spiffe import SpiffeId
-from agent.identity.tls import verify_peer
+from agent.identity.tls import tunnel_expiry, verify_peer
 
 Dial = Callable[[], Awaitable[HboneIO]]
 IDLE_TIMEOUT = 300.0
@@ -36,18 +38,27 @@ class HbonePool:
         """Run a freshly dialled connection's reader in the pool's nursery."""
         return self._nursery.start(io.run)
 
-    async def tunnel(self, sock: socket.socket, ctx: ssl.SSLContext, expected: SpiffeId) -> HboneIO:
+    async def tunnel(
+        self,
+        sock: socket.socket,
+        ctx: ssl.SSLContext,
+        expected: SpiffeId,
+        own_not_after: float = math.inf,
+    ) -> HboneIO:
         """A new client connection over a connected socket: TLS, the server must be
-        `expected`, then its reader runs in the pool's nursery. The socket is ours either way."""
+        `expected`, then its reader runs in the pool's nursery. The socket is ours either way.
+        `own_not_after`: when the client certificate in `ctx` expires."""
         peer = "{}:{}".format(*sock.getpeername()[:2])
         tls = TlsSocket(sock, ctx, server_side=False)
         try:
             await tls.handshake()
             verify_peer(tls.ssl, expected={expected})
+            expires = tunnel_expiry(tls.ssl, own_not_after)
         except BaseException:
             tls.close()
             raise
         io = HboneIO(tls, HboneConnection(client=True), peer)
+        io.expires = expires
         await self.start_conn(io)
         return io
 
@@ -59,8 +70,11 @@ class HbonePool:
         headers: Sequence[tuple[str, str]],
         wait_response: bool = True,
     ) -> Stream:
+        now = time.time()
         for c in self._conns.get(key, ()):  # the common case: no lock, no scheduler pass
-            if not c.closed and c.conn.can_open_stream():
+            if now >= c.expires:
+                c.retire()  # its certificates ran out: the streams on it finish, no new one
+            elif not c.closed and c.conn.can_open_stream():
                 return await c.open_stream(authority, headers, wait_response)
         async with self._locks[key]:
             conns = self._conns[key]

@@ -105,6 +105,13 @@ def peer_certificate(sslobj: ssl.SSLObject | ssl.SSLSocket) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
+def tunnel_expiry(sslobj: ssl.SSLObject | ssl.SSLSocket, own_not_after: float) -> float:
+    """When a tunnel's authentication runs out: the earlier of the two ends' certificates. A
+    pooled tunnel lives far longer than a handshake; past this it takes no new stream, so an
+    identity that is no longer renewed does not live on in connections made while it was."""
+    return min(peer_certificate(sslobj).not_valid_after_utc.timestamp(), own_not_after)
+
+
 def verify_peer(
     sslobj: ssl.SSLObject | ssl.SSLSocket,
     *,

@@ -34,7 +34,7 @@ from agent.hbone.io import HboneError, HboneIO, TlsSocket
 from agent.hbone.pool import HbonePool
 from agent.identity.manager import CertificateManager, NoCertificate
 from agent.identity.spiffe import SpiffeId
-from agent.identity.tls import PeerIdentityError, verify_peer
+from agent.identity.tls import PeerIdentityError, tunnel_expiry, verify_peer
 from agent.proxy.copy import Transferred, abort, relay_stream, relay_tcp
 from agent.proxy.outbound import Kind, Route, route
 from agent.state.model import Service, Workload
@@ -207,7 +207,7 @@ class PodProxy:
             cred = await self.ctx.certs.get(self.identity, timeout=self.ctx.cert_timeout)
             stream = await self.pool.open_stream(
                 (r.address, r.identity),
-                lambda: self._dial(r, cred.client_context),
+                lambda: self._dial(r, cred.client_context, cred.not_after),
                 r.authority,
                 self._headers(peer, r),
                 wait_response=False,  # the app's first bytes follow the CONNECT at once
@@ -261,10 +261,10 @@ class PodProxy:
             ("traceparent", traceparent()),
         ]
 
-    async def _dial(self, r: Route, ctx: ssl.SSLContext) -> HboneIO:
+    async def _dial(self, r: Route, ctx: ssl.SSLContext, not_after: float) -> HboneIO:
         assert self.ns is not None and self.pool is not None and r.identity is not None
         sock = await connect(self.ns, r.address, self.ctx.connect_timeout)
-        return await self.pool.tunnel(sock, ctx, r.identity)
+        return await self.pool.tunnel(sock, ctx, r.identity, not_after)
 
     # -- 15006 -----------------------------------------------------------------------------
 
@@ -332,6 +332,7 @@ class PodProxy:
             tls.close()
             return
         io = HboneIO(tls, HboneConnection(client=False), f"{peer_ip} ({peer_id})")
+        io.expires = tunnel_expiry(tls.ssl, cred.not_after)
         io.on_request = lambda ev, conn: self._on_request(ev, conn, peer_ip, peer_id)
         self.inbound_tunnels += 1
         try:

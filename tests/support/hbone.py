@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import socket
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from agent.hbone.conn import BadRequest, ConnectRequest, HboneConnection, check_
 from agent.hbone.io import HboneError, HboneIO, TlsSocket
 from agent.identity.manager import CertificateManager
 from agent.identity.spiffe import SpiffeId
-from agent.identity.tls import verify_peer
+from agent.identity.tls import tunnel_expiry, verify_peer
 from tests.support.mesh import TD, InProcessCa
 
 FRONTEND = SpiffeId(TD, "shop", "frontend")
@@ -48,10 +49,11 @@ async def hbone_pair(
     nursery: trio.Nursery,
     handler: Any,
     socks: tuple[socket.socket, socket.socket] | None = None,
+    ttl: datetime.timedelta = datetime.timedelta(hours=1),
 ) -> tuple[HboneIO, HboneIO]:
     """A client and a server HboneIO over real TLS 1.3, both running: on a socketpair, or on
-    `socks` (server end, client end) when given."""
-    ca = InProcessCa(tmp_path)
+    `socks` (server end, client end) when given; certificates valid for `ttl`."""
+    ca = InProcessCa(tmp_path, ttl=ttl)
     certs = CertificateManager(ca.fetcher("node2"))
     await nursery.start(certs.run)
     server_cred, client_cred = await certs.get(CATALOG), await certs.get(FRONTEND)
@@ -64,8 +66,10 @@ async def hbone_pair(
     assert verify_peer(client_tls.ssl, expected={CATALOG}) == CATALOG
     assert verify_peer(server_tls.ssl, trust_domain=TD) == FRONTEND
     server = HboneIO(server_tls, HboneConnection(client=False), "client", handler)
+    server.expires = tunnel_expiry(server_tls.ssl, server_cred.not_after)
     server.served_resets = 0  # type: ignore[attr-defined]
     client = HboneIO(client_tls, HboneConnection(client=True), "server")
+    client.expires = tunnel_expiry(client_tls.ssl, client_cred.not_after)
     await nursery.start(server.run)
     await nursery.start(client.run)
     return client, server

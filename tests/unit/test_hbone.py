@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import socket
 import struct
+import time
 
 import pytest
 import trio
@@ -247,6 +249,57 @@ async def test_the_pool_puts_at_most_100_streams_on_a_connection(tmp_path, nurse
     s = await pool.open_stream("key", dial, "10.244.2.11:9080", [])  # room again: no dial
     assert await echoes(s, b"again")
     assert pool.dialled == 2
+
+
+SHORT = datetime.timedelta(seconds=2)
+
+
+async def until_expired(io: HboneIO) -> None:
+    with trio.fail_after(5):
+        while time.time() < io.expires:
+            await trio.sleep(0.05)
+
+
+async def test_a_pooled_tunnel_takes_no_new_stream_once_its_certificates_expired(tmp_path, nursery):
+    """A pooled connection outlives its handshake: once either end's certificate has expired,
+    the next connection gets a new tunnel (new certificates, checked again) and the old one
+    closes when its last stream ends."""
+    pool = HbonePool(nursery)
+    tunnels: list[HboneIO] = []
+
+    async def dial() -> HboneIO:
+        client, _ = await hbone_pair(tmp_path / f"d{len(tunnels)}", nursery, on_request, ttl=SHORT)
+        tunnels.append(client)
+        return client
+
+    held = await pool.open_stream("key", dial, "10.244.2.11:9080", [])
+    assert await echoes(held, b"first")
+    assert tunnels[0].expires < time.time() + 3
+    await until_expired(tunnels[0])
+    s = await pool.open_stream("key", dial, "10.244.2.11:9080", [])
+    assert await echoes(s, b"second")
+    assert pool.dialled == 2 and s.io is tunnels[1]
+    assert await echoes(held, b"still served")  # the open stream was not cut
+    held.reset()
+    held.close()
+    with trio.fail_after(2):
+        while not tunnels[0].closed:
+            await trio.sleep(0.01)
+
+
+async def test_a_server_refuses_new_streams_once_the_tunnels_certificates_expired(
+    tmp_path, nursery
+):
+    """A client that keeps using an expired tunnel (another implementation, or clocks apart):
+    the server refuses the stream (REFUSED_STREAM: retry elsewhere) and sends GOAWAY."""
+    client, server = await hbone_pair(tmp_path, nursery, on_request, ttl=SHORT)
+    await until_expired(server)
+    with trio.fail_after(2), pytest.raises(HboneError):
+        await client.open_stream("10.244.2.11:9080", [])
+    with trio.fail_after(2):
+        while not client.going_away:
+            await trio.sleep(0.01)
+    assert not server.streams
 
 
 async def test_relay_keeps_order_when_the_app_reads_slowly(tmp_path, nursery):
