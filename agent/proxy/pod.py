@@ -44,6 +44,7 @@ from agent.telemetry.metrics import Connection, TcpMetrics
 log = logging.getLogger("veil.proxy")
 CERT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5.0
+EXPIRY_GRACE = 30.0  # seconds a server still takes streams on a tunnel past its certificates
 
 
 @dataclass
@@ -332,7 +333,9 @@ class PodProxy:
             tls.close()
             return
         io = HboneIO(tls, HboneConnection(client=False), f"{peer_ip} ({peer_id})")
-        io.expires = tunnel_expiry(tls.ssl, cred.not_after)
+        # Clients retire the tunnel at its expiry by their own clock; the grace keeps a client
+        # whose clock is a little behind from having streams refused in between.
+        io.expires = tunnel_expiry(tls.ssl, cred.not_after) + EXPIRY_GRACE
         io.on_request = lambda ev, conn: self._on_request(ev, conn, peer_ip, peer_id)
         self.inbound_tunnels += 1
         try:
