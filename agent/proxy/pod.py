@@ -478,6 +478,13 @@ class PodProxy:
         if stream is None:
             return
         c = self._inbound(peer_ip, peer_id, target[1], service)
+        if stream.reset_code is not None:
+            # Reset by the client before this task ran (a CONNECT and its RST_STREAM in one
+            # read, the "rapid reset" pattern): no connection to the app that nobody waits for.
+            stream.close()
+            c.response_flags, c.error = "DC", "reset by the client before the app was reached"
+            self.ctx.report(c)
+            return
         try:
             upstream = await connect(self.ns, target, self.ctx.connect_timeout, source_ip=peer_ip)
         except (OSError, trio.TooSlowError) as e:

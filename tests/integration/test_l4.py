@@ -12,14 +12,18 @@ import json
 import os
 import resource
 import secrets
+import ssl
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from agent.capture import bpfsys, ebpf, iptables
+from agent.capture.netns import NetNs
+from agent.identity.spiffe import SpiffeId
 from agent.lab import cgroups, controlplane, store
 from agent.lab.sniff import Sniffer
 from agent.telemetry.accesslog import FLUSH_INTERVAL
@@ -251,6 +255,88 @@ def test_connections_to_the_agents_own_ports_are_refused_not_looped(
     wait_for(lambda: why in log.read_text(), 5, f"'{why}' in {log.name}")
     time.sleep(0.5)
     assert sum(1 for _ in fds.iterdir()) < fds_before + 10
+
+
+COUNT_ACCEPTS = """
+import socket, time
+s = socket.create_server(("0.0.0.0", 9091))
+s.settimeout(0.2)
+print("listening", flush=True)
+accepted, end = 0, time.time() + 4
+while time.time() < end:
+    try:
+        s.accept()[0].close()
+        accepted += 1
+    except TimeoutError:
+        pass
+print(accepted, flush=True)
+"""
+
+
+def test_streams_reset_at_once_do_not_reach_the_app(lab, pods, tmp_path):
+    """'Rapid reset': a client sends CONNECTs with their RST_STREAMs right behind. A stream
+    already reset when its turn comes opens no connection to the app (one frame pair must not
+    buy one TCP connection to the app)."""
+    from agent.hbone.conn import ErrorCode, HboneConnection  # noqa: PLC0415
+    from agent.hbone.io import TlsSocket  # noqa: PLC0415
+    from tests.interop.test_envoy import mesh_cert  # noqa: PLC0415
+
+    cert, key, root = mesh_cert(
+        lab, "node2", SpiffeId("cluster.local", "plain", "default"), tmp_path
+    )
+    target = pods["server-b"]["ip"]
+    counter = subprocess.Popen(
+        [
+            VEIL,
+            "lab",
+            "exec",
+            "--name",
+            lab,
+            "-n",
+            "mesh",
+            "server-b",
+            "--",
+            "python3",
+            "-c",
+            COUNT_ACCEPTS,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert counter.stdout is not None and counter.stdout.readline().strip() == "listening"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False  # the agent's certificate names a SPIFFE id
+        ctx.load_verify_locations(root)
+        ctx.load_cert_chain(cert, key)
+        ctx.set_alpn_protocols(["h2"])
+
+        async def attack() -> None:
+            ns = NetNs(f"/run/netns/veil-{lab}-plain_legacy")
+            try:
+                sock = ns.socket(mark=False)
+                sock.setblocking(True)
+                sock.connect((target, 15008))
+                tls = TlsSocket(sock, ctx, server_side=False)
+                await tls.handshake()
+                conn = HboneConnection(client=True)
+                for _ in range(50):
+                    sid = conn.connect(f"{target}:9091", [])
+                    conn.reset(sid, ErrorCode.CANCEL)
+                tls.write(conn.data_to_send())
+                await tls.flush()
+                await trio.sleep(1)
+                tls.close()
+            finally:
+                ns.close()
+
+        trio.run(attack)
+        out, _ = counter.communicate(timeout=10)
+        assert out.strip() == "0"
+    finally:
+        if counter.poll() is None:
+            counter.kill()
+            counter.wait()
 
 
 def test_service_vip_spreads_over_endpoints(lab):
