@@ -1,7 +1,9 @@
 /* tcpbench: a small C load generator for the data-path benchmark (no Python on the ends).
  *
- *   tcpbench server PORT                       one thread per connection; the first byte of
- *                                              a connection picks its mode: S, R or C
+ *   tcpbench server PORT                       the first byte of a connection picks its
+ *                                              mode: S, R or C; C connections are served by
+ *                                              a fixed set of accepting threads, S and R by a
+ *                                              thread each (they live long)
  *   tcpbench stream HOST PORT SECONDS          send 256 KiB writes; prints bytes/s
  *   tcpbench rr     HOST PORT SECONDS          64-byte ping-pong on one connection;
  *                                              prints round trips, p50 and p99 in us
@@ -67,46 +69,77 @@ static int dial(const char *host, int port) {
     return fd;
 }
 
-static void *serve_conn(void *arg) {
-    int fd = (int)(intptr_t)arg;
+/* A long-lived connection (stream or ping-pong), on a thread of its own. */
+struct long_conn { int fd; char mode; };
+
+static void *serve_long(void *arg) {
+    struct long_conn *lc = arg;
+    int fd = lc->fd;
+    char mode = lc->mode;
+    free(lc);
     char *buf = malloc(CHUNK);
-    char mode;
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (read_full(fd, &mode, 1) == 0) {
-        if (mode == 'S') {
-            while (read(fd, buf, CHUNK) > 0) {}
-        } else if (mode == 'R') {
-            while (read_full(fd, buf, MSG) == 0 && write_full(fd, buf, MSG) == 0) {}
-        } else if (mode == 'C') {
-            write_full(fd, "c", 1);
-        }
+    if (mode == 'S') {
+        while (read(fd, buf, CHUNK) > 0) {}
+    } else if (mode == 'R') {
+        while (read_full(fd, buf, MSG) == 0 && write_full(fd, buf, MSG) == 0) {}
     }
     free(buf);
     close(fd);
     return NULL;
 }
 
+/* Accepting threads, all blocked in accept() on the one listener (the kernel wakes one per
+ * connection). A C connection is answered on the spot: a thread created per connection, as
+ * the first version did, cost the machine a clone, a stack and a 256 KiB buffer for each, CPU
+ * taken from whatever path was being measured (a real server keeps its workers). */
+#define ACCEPTORS 8
+
+static void *acceptor(void *arg) {
+    int lfd = (int)(intptr_t)arg;
+    for (;;) {
+        int c = accept(lfd, NULL, NULL);  /* accepted sockets inherit TCP_NODELAY */
+        if (c < 0) continue;
+        char mode;
+        if (read_full(c, &mode, 1) != 0) {
+            close(c);
+        } else if (mode == 'C') {
+            write_full(c, "c", 1);
+            close(c);
+        } else if (mode == 'S' || mode == 'R') {
+            struct long_conn *lc = malloc(sizeof *lc);
+            pthread_t t;
+            pthread_attr_t attr;
+            lc->fd = c;
+            lc->mode = mode;
+            pthread_attr_init(&attr);
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            if (pthread_create(&t, &attr, serve_long, lc) != 0) {
+                free(lc);
+                close(c);
+            }
+            pthread_attr_destroy(&attr);
+        } else {
+            close(c);
+        }
+    }
+    return NULL;
+}
+
 static int server(int port) {
     int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
     if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, 4096) != 0) {
         perror("tcpbench server");
         return 1;
     }
     fprintf(stderr, "tcpbench: listening on %d\n", port);
-    for (;;) {
-        int c = accept(fd, NULL, NULL);
-        if (c < 0) continue;
-        pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_attr_setstacksize(&attr, 64 * 1024 + CHUNK);
-        if (pthread_create(&t, &attr, serve_conn, (void *)(intptr_t)c) != 0) close(c);
-        pthread_attr_destroy(&attr);
-    }
+    pthread_t t[ACCEPTORS];
+    for (int i = 0; i < ACCEPTORS; i++)
+        pthread_create(&t[i], NULL, acceptor, (void *)(intptr_t)fd);
+    for (int i = 0; i < ACCEPTORS; i++) pthread_join(t[i], NULL);
+    return 0;
 }
 
 static int stream(const char *host, int port, double seconds) {
