@@ -511,9 +511,21 @@ class HboneConnection:
         self._send_conn -= length
         return frame_header(length, DATA, 0, stream_id)
 
+    def data_frame(self, stream_id: int, payload: bytes | memoryview) -> None:
+        """Queue a whole DATA frame with the other pending frames (`data_to_send()`), for
+        small payloads: one TLS record for everything pending costs less than a record per
+        piece. `len(payload)` must fit `send_window()` and `max_frame`."""
+        self._out += self.data_header(stream_id, len(payload))
+        self._out += payload
+
     @property
     def max_frame(self) -> int:
         return self._peer_frame
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes of frames queued and not yet taken by `data_to_send()`."""
+        return len(self._out)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close: the sender will send no more data (TCP FIN)."""

@@ -52,6 +52,7 @@ log = logging.getLogger("veil.hbone")
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024  # outbound bytes queued before DATA senders wait
 HOLD_LIMIT = 64 * 1024  # at most this much output waits to share a packet (send_data)
+SMALL_FRAME = 4096  # DATA up to this size is copied into the pending frames (one TLS record)
 HANDSHAKE_TIMEOUT = 10.0
 # A tunnel whose peer went silent (node gone, agent frozen) ends instead of holding its
 # streams until TCP gives up (~15 minutes): data unacknowledged this long aborts it, and an
@@ -425,19 +426,27 @@ class HboneIO:
             if window < 0:
                 raise HboneError("stream closed while sending")
             if window == 0:
-                self._push()  # the peer grants more only for what it received
+                self.queue_output()  # the peer grants more only for what it received
                 await self._window.wait()
                 continue
             n = min(len(view), window, self.conn.max_frame)
-            header = self.conn.data_header(stream.id, n)
-            pending = self.conn.data_to_send()
-            if pending:
-                self.tls.write(pending)
-            self.tls.write(header)
-            self.tls.write(view[:n])  # the payload is encrypted straight from the read buffer
-            view = view[n:]
-            if push or view or self.tls.pending >= HOLD_LIMIT:
-                self._push()
+            if n <= SMALL_FRAME:
+                # Queued with the frames before and after it (the CONNECT, a held 200, the
+                # END_STREAM): they leave as one TLS record instead of one each.
+                self.conn.data_frame(stream.id, view[:n])
+                view = view[n:]
+                if push or view or self.conn.pending_output + self.tls.pending >= HOLD_LIMIT:
+                    self.queue_output()
+            else:
+                header = self.conn.data_header(stream.id, n)
+                pending = self.conn.data_to_send()
+                if pending:
+                    self.tls.write(pending)
+                self.tls.write(header)
+                self.tls.write(view[:n])  # a big payload is encrypted from the read buffer
+                view = view[n:]
+                if push or view or self.tls.pending >= HOLD_LIMIT:
+                    self._push()
             await self.flush()
 
     # -- client ----------------------------------------------------------------------------

@@ -417,3 +417,25 @@ async def test_a_client_waiting_for_the_answer_gets_it_from_a_silent_app(tmp_pat
     with trio.fail_after(2):
         s = await client.open_stream("10.0.0.1:80", [])  # Envoy and ztunnel wait like this
     assert s.status == 200
+
+
+async def test_a_connect_its_early_data_and_end_stream_leave_as_one_tls_record(tunnel):
+    """Small DATA is queued with the frames around it: the CONNECT, the app's first bytes and
+    the END_STREAM are encrypted together (a record each cost a TLS write here and a read at
+    the peer, per connection)."""
+    client, _ = tunnel
+    writes: list[int] = []
+    write = client.tls.write
+
+    def counting(data):
+        writes.append(len(data))
+        write(data)
+
+    client.tls.write = counting  # type: ignore[method-assign]
+    s = await client.open_stream("10.244.2.11:9080", [], wait_response=False)
+    await s.send(b"ping", push=False)
+    await s.send_eof()
+    assert len(writes) == 1
+    with trio.fail_after(2):
+        assert await s.receive() == b"ping"
+        assert await s.receive() == b""
