@@ -37,7 +37,7 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import PeerIdentityError, tunnel_expiry, verify_peer
 from agent.proxy.copy import Transferred, abort, relay_stream, relay_tcp
 from agent.proxy.outbound import Kind, Route, route
-from agent.state.model import Service, Workload
+from agent.state.model import MeshState, Service, Waypoint, Workload
 from agent.state.store import StateStore
 from agent.telemetry.metrics import Connection, TcpMetrics
 
@@ -113,6 +113,17 @@ async def serve(listener: socket.socket, handler: Handler) -> None:
         listener.close()
 
 
+@dataclass
+class _PodView:
+    """One snapshot's answers for one pod (see `PodProxy._view`)."""
+
+    state: MeshState
+    current: Workload  # the pod as this snapshot has it (its labels may have changed)
+    bound: set[Waypoint]  # waypoints its traffic must come through
+    waypoint_ids: frozenset[SpiffeId]
+    services: dict[str, Service | None] = field(default_factory=dict)  # by baggage
+
+
 _trace_ids = random.Random(secrets.randbits(64))  # trace ids need uniqueness, not secrecy
 
 
@@ -128,6 +139,7 @@ class PodProxy:
         self.ns: NetNs | None = None
         self.pool: HbonePool | None = None
         self.inbound_tunnels = 0
+        self._pod_view: _PodView | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ns = self.ns = NetNs(self.netns_path)
@@ -430,37 +442,58 @@ class PodProxy:
             trust_domain=self.ctx.trust_domain,
         )
 
+    def _view(self) -> _PodView:
+        """What the current snapshot says about this pod, worked out once per snapshot: every
+        inbound connection asks (the state is immutable, so nothing here goes stale)."""
+        state = self.ctx.store.current
+        view = self._pod_view
+        if view is None or view.state is not state:
+            current = state.workload(self.workload.namespace, self.workload.name) or self.workload
+            bound = state.bound_waypoints(current)
+            view = self._pod_view = _PodView(
+                state,
+                current,
+                bound,
+                frozenset(wp.identity(self.ctx.trust_domain) for wp in bound),
+            )
+        return view
+
     def _service_from(self, baggage: str) -> Service | None:
         """The service the client addressed, from its `baggage` (`service.name=...`)."""
+        view = self._view()
+        if baggage in view.services:
+            return view.services[baggage]
+        found = None
         for item in baggage.split(","):
             key, _, value = item.strip().partition("=")
             if key == "service.name":
-                for s in self.ctx.store.current.services:
+                for s in view.state.services:
                     if s.name == value and s.namespace == self.workload.namespace:
-                        return s
-        return None
+                        found = s
+                        break
+                if found is not None:
+                    break
+        if len(view.services) < 1024:  # baggage repeats per client pod and service
+            view.services[baggage] = found
+        return found
 
     def _bypass(self, peer: SpiffeId | None) -> str | None:
         """Why a connection may not reach this pod directly: it is bound to a waypoint
         (its own or a service's) and the peer is not that waypoint. None: it may."""
-        state = self.ctx.store.current
-        current = state.workload(self.workload.namespace, self.workload.name) or self.workload
-        bound = state.bound_waypoints(current)
-        if not bound or peer in {wp.identity(self.ctx.trust_domain) for wp in bound}:
+        view = self._view()
+        if not view.bound or peer in view.waypoint_ids:
             return None
-        names = ", ".join(sorted(f"{wp.namespace}/{wp.name}" for wp in bound))
+        names = ", ".join(sorted(f"{wp.namespace}/{wp.name}" for wp in view.bound))
         log.info("%s -> %s refused: must come through waypoint %s", peer, self.workload.key, names)
         return f"waypoint bypass: traffic to {self.workload.key} must come through {names}"
 
     def _facts(self, source_ip: str, port: int, principal: str | None) -> Facts:
-        current = self.ctx.store.current.workload(self.workload.namespace, self.workload.name)
-        labels = (current or self.workload).labels  # labels may change while the pod runs
         return Facts(
             source_ip=source_ip,
             destination_ip=self.ip,
             destination_port=port,
             principal=principal,
-            destination_labels=labels,
+            destination_labels=self._view().current.labels,  # labels change while pods run
             destination_namespace=self.workload.namespace,
         )
 

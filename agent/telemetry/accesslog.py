@@ -39,15 +39,16 @@ class AccessLog:
 
     def write(self, entry: Mapping[str, Any]) -> None:
         """Log one entry (callers check `enabled()` first to skip building it)."""
+        self.write_json(json.dumps(entry))
+
+    def write_json(self, entry: str) -> None:
+        """Log one entry already encoded as a JSON object."""
         now = time.time()
         second = int(now)
         if second != self._second:  # logging's asctime, computed once a second
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        line = (
-            f"{self._stamp},{int((now - second) * 1000):03d} INFO {self.logger.name}: "
-            f"{json.dumps(entry)}\n"
-        )
+        line = f"{self._stamp},{int((now - second) * 1000):03d} INFO {self.logger.name}: {entry}\n"
         self._lines.append(line)
         self._size += len(line)
         if not self._buffered or self._size >= FLUSH_SIZE:

@@ -9,10 +9,14 @@ for HBONE and `none` for plaintext and passthrough.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from agent.state.model import Service, Workload
 from agent.telemetry.accesslog import AccessLog
@@ -96,54 +100,79 @@ class LabelChildren:
         return children
 
 
-class TcpMetrics:
+_TCP_FAMILIES = (
+    ("istio_tcp_connections_opened", "TCP connections opened"),
+    ("istio_tcp_connections_closed", "TCP connections closed"),
+    ("istio_tcp_sent_bytes", "Bytes sent by the client side"),
+    ("istio_tcp_received_bytes", "Bytes sent back to the client"),
+)
+_q = encode_basestring_ascii  # a JSON string, as json.dumps writes it
+
+
+class TcpMetrics(Collector):
+    """Istio's four TCP counters, kept as plain integers per label set and exported at scrape
+    time (prometheus-client's Counter takes a lock and checks its arguments on every `inc`:
+    four per connection and side), and the access log line per connection."""
+
     def __init__(self, registry: CollectorRegistry, access: AccessLog | None = None) -> None:
         self.access = access or AccessLog()
-        self.opened = Counter(
-            "istio_tcp_connections_opened", "TCP connections opened", LABELS, registry=registry
-        )
-        self.closed = Counter(
-            "istio_tcp_connections_closed", "TCP connections closed", LABELS, registry=registry
-        )
-        self.sent = Counter(
-            "istio_tcp_sent_bytes", "Bytes sent by the client side", LABELS, registry=registry
-        )
-        self.received = Counter(
-            "istio_tcp_received_bytes", "Bytes sent back to the client", LABELS, registry=registry
-        )
-        self._children = LabelChildren(self.opened, self.closed, self.sent, self.received)
+        # label values -> [opened, closed, sent bytes, received bytes]
+        self._counts: dict[tuple[str, ...], list[int]] = {}
+        # label values -> the access log fields they decide, encoded once
+        self._fields: dict[tuple[str, ...], str] = {}
+        registry.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        rows = list(self._counts.items())
+        for i, (name, doc) in enumerate(_TCP_FAMILIES):
+            family = CounterMetricFamily(name, doc, labels=LABELS)
+            for values, counts in rows:
+                family.add_metric(values, counts[i])
+            yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        for name, doc in _TCP_FAMILIES:
+            yield CounterMetricFamily(name, doc, labels=LABELS)
 
     def record(self, c: Connection) -> None:
         """Count a connection that ended (or never started) and write its access log line."""
         values = c.label_values()
-        opened, closed, sent, received = self._children.get(values)
-        opened.inc()
-        closed.inc()
-        if c.sent:
-            sent.inc(c.sent)
-        if c.received:
-            received.inc(c.received)
+        counts = self._counts.get(values)
+        if counts is None:
+            counts = self._counts[values] = [0, 0, 0, 0]
+        counts[0] += 1
+        counts[1] += 1
+        counts[2] += c.sent
+        counts[3] += c.received
         if not self.access.enabled():
             return
-        self.access.write(
-            {
-                "reporter": c.reporter,
-                "path": c.path,
-                "src": c.src,
-                "dst": c.dst,
-                "src_workload": values[1],
-                "src_namespace": values[2],
-                "src_identity": c.source_principal,
-                "dst_service": values[4],
-                "dst_workload": values[5],
-                "dst_namespace": values[6],
-                "dst_identity": c.destination_principal,
-                "bytes_sent": c.sent,
-                "bytes_received": c.received,
-                "duration_ms": round((time.monotonic() - c.started) * 1000, 3),
-                "decision": "deny" if c.response_flags == "RBAC" else "allow",
-                "policy": c.policy or None,
-                "response_flags": c.response_flags,
-                "error": c.error or None,
-            }
+        fields = self._fields.get(values)
+        if fields is None:
+            if len(self._fields) >= 4096:
+                self._fields.clear()
+            fields = self._fields[values] = ", ".join(
+                f'"{key}": {_q(values[i])}' for key, i in _LOG_LABELS
+            )
+        duration = round((time.monotonic() - c.started) * 1000, 3)
+        # The same line json.dumps would write for the entry, in this key order.
+        self.access.write_json(
+            f'{{"reporter": {_q(c.reporter)}, "path": {_q(c.path)}, "src": {_q(c.src)}, '
+            f'"dst": {_q(c.dst)}, {fields}, "bytes_sent": {c.sent:d}, '
+            f'"bytes_received": {c.received:d}, "duration_ms": {duration!r}, '
+            f'"decision": "{"deny" if c.response_flags == "RBAC" else "allow"}", '
+            f'"policy": {_q(c.policy) if c.policy else "null"}, '
+            f'"response_flags": {_q(c.response_flags)}, '
+            f'"error": {_q(c.error) if c.error else "null"}}}'
         )
+
+
+# Access log keys taken from the label values (index into LABELS), in the line's order.
+_LOG_LABELS = (
+    ("src_workload", 1),
+    ("src_namespace", 2),
+    ("src_identity", 3),
+    ("dst_service", 4),
+    ("dst_workload", 5),
+    ("dst_namespace", 6),
+    ("dst_identity", 7),
+)

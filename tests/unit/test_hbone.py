@@ -431,7 +431,7 @@ async def test_a_connect_its_early_data_and_end_stream_leave_as_one_tls_record(t
         writes.append(len(data))
         write(data)
 
-    client.tls.write = counting  # type: ignore[method-assign]
+    client.tls.write = counting
     s = await client.open_stream("10.244.2.11:9080", [], wait_response=False)
     await s.send(b"ping", push=False)
     await s.send_eof()
