@@ -120,7 +120,9 @@ def measure(  # noqa: PLR0917
     stream = tcpbench(binary, "stream", host, str(port), str(seconds))
     cpu = cpu_seconds(proxy_pids) - before if proxy_pids else 0.0
     rr = tcpbench(binary, "rr", host, str(port), str(seconds))
+    before = cpu_seconds(proxy_pids) if proxy_pids else 0.0
     crr = tcpbench(binary, "crr", host, str(port), str(seconds), str(clients))
+    conn_cpu = cpu_seconds(proxy_pids) - before if proxy_pids else 0.0
     gb = stream["bytes"] / 1e9
     return {
         "gbit_s": stream["bytes_per_s"] * 8 / 1e9,
@@ -129,6 +131,8 @@ def measure(  # noqa: PLR0917
         "conn_s": crr["conn_per_s"],
         "conn_failed": crr["failed"],
         "cpu_s_per_gb": cpu / gb if proxy_pids else None,
+        # the proxies' CPU per new connection, both ends (the portable connection number)
+        "cpu_us_per_conn": conn_cpu / crr["connections"] * 1e6 if proxy_pids else None,
     }
 
 
@@ -195,6 +199,16 @@ def switch_capture(mode: str | None) -> None:
 PATHS = ("direct", "envoy", "veil", "veil-ebpf")
 
 
+def speed_probe() -> float:
+    """Seconds for a fixed pure-Python loop: how fast the VM runs right now (its speed
+    drifts by up to 2x within minutes; the numbers of a round are read against it)."""
+    start = time.perf_counter()
+    x = 0
+    for i in range(3_000_000):
+        x += i
+    return time.perf_counter() - start
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -218,6 +232,7 @@ def run(seconds: float, clients: int, rounds: int = 3) -> dict[str, Any]:
     within minutes, so each path gets samples from the same stretches of time."""
     binary = build_tcpbench()
     results: list[dict[str, Any]] = []
+    probes: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         labmod.up([manifests(binary, work)], LAB, 2, log=lambda _m: None)
@@ -252,6 +267,7 @@ def run(seconds: float, clients: int, rounds: int = 3) -> dict[str, Any]:
             for i in range(rounds):
                 print(f"round {i + 1}/{rounds}: direct ... ", end="", flush=True)
                 switch_capture(None)
+                probes.append(speed_probe())
                 one = {"direct": measure(binary, server, PORT, seconds, clients, [])}
                 print("envoy ... ", end="", flush=True)
                 one["envoy"] = measure(binary, "127.0.0.1", 10000, seconds, clients, envoys)
@@ -268,19 +284,22 @@ def run(seconds: float, clients: int, rounds: int = 3) -> dict[str, Any]:
                 if env is not None:
                     env.stop()
             labmod.down(LAB, log=lambda _m: None)
-    return combine(results)
+    out = combine(results)
+    out["speed_probe_s"] = probes
+    return out
 
 
 def table(results: dict[str, Any]) -> str:
     d = results["direct"]
     lines = [
         "| path | Gbit/s (1 stream) | p50 µs (64 B RR) | p99 µs | conn/s | "
-        "proxy CPU-s/GB (both ends) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "proxy CPU-s/GB (both ends) | proxy CPU µs/conn (both ends) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in PATHS:
         r = results[name]
         cpu = "-" if r["cpu_s_per_gb"] is None else f"{r['cpu_s_per_gb']:.2f}"
+        per_conn = "-" if r["cpu_us_per_conn"] is None else f"{r['cpu_us_per_conn']:.0f}"
         ratio = (
             ""
             if name == "direct"
@@ -291,13 +310,18 @@ def table(results: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {name}{ratio} | {r['gbit_s']:.2f} | {r['p50_us']:.0f} | "
-            f"{r['p99_us']:.0f} | {r['conn_s']:.0f} | {cpu} |"
+            f"{r['p99_us']:.0f} | {r['conn_s']:.0f} | {cpu} | {per_conn} |"
         )
     envoy = results["envoy"]["conn_s"]
     lines.append("")
     lines.append(
         "conn/s relative to Envoy (the VM's drift moves both): "
         + ", ".join(f"{n} {results[n]['conn_s'] / envoy:.2f}x" for n in ("veil", "veil-ebpf"))
+    )
+    lines.append("")
+    lines.append(
+        "VM speed probe per round (pure-Python loop, s; lower is faster): "
+        + " / ".join(f"{p:.3f}" for p in results["speed_probe_s"])
     )
     if len(results["direct"]["rounds"]) > 1:
         lines.append("")

@@ -95,8 +95,13 @@ async def sendall(sock: socket.socket, data: bytes | memoryview) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
-async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
+async def relay_stream(sock: socket.socket, stream: Stream, *, answers: bool = True) -> Transferred:
     """TCP <-> HBONE stream until both directions ended (or one side reset).
+
+    `answers`: the app answers requests (the server side), so after each read one more recv
+    is tried at once: an app that writes and closes has its FIN leave with its data. A
+    client app (the outbound side) waits for the answer after writing, and that recv would
+    only fail.
 
     This task carries the app's bytes up; the HBONE reader writes the peer's bytes straight
     into the app's socket (`Stream.sink`) and passes END_STREAM on as a FIN. Only when the
@@ -116,13 +121,18 @@ async def relay_stream(sock: socket.socket, stream: Stream) -> Transferred:
         # What the tunnel holds back (the CONNECT, the 200) leaves with the first bytes read
         # here, or before this relay waits for them.
         reader = Reader(sock, before_wait=stream.io.queue_output)
+        # The app has yet to see the peer's first bytes (or, outbound, the connection was only
+        # just accepted): a first recv would nearly always fail. The wait is level-triggered,
+        # so bytes already there are not missed.
+        reader.more = False
         try:
             while data := await reader.recv():
                 # Held back, then one more recv: an app that writes and closes at once (a
                 # response, then close) has its FIN leave in the same packet as its data, as
                 # it would without the mesh; otherwise the output leaves before the wait.
-                await stream.send(data, push=False)
-                reader.more = True
+                await stream.send(data, push=not answers)
+                if answers:
+                    reader.more = True
                 moved.up += len(data)
             await stream.send_eof()
             await stream.wait_down()

@@ -236,7 +236,7 @@ class PodProxy:
             self._refused(c, r, e)
             abort(client)
             return
-        moved = await relay_stream(client, stream)
+        moved = await relay_stream(client, stream, answers=False)
         if stream.status is None or not 200 <= stream.status < 300:
             # Refused (the relay reset the app's connection) or reset before any answer.
             why = (
