@@ -12,6 +12,7 @@ from pathlib import Path
 
 from agent.config import CA_SERVER_NAME, AgentConfig, CaConfig, parse_hostport
 from agent.fdlimit import raise_open_files
+from agent.heap import keep_heap
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from agent.lab.errors import LabError
 from agent.lab.manifests import ManifestError
@@ -311,6 +312,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.getLogger("veil.limits").info("open files limit: %d", raise_open_files())
+    keep_heap()
     try:
         if args.command == "ca":
             from agent.ca import app as ca_app  # noqa: PLC0415
