@@ -298,46 +298,64 @@ def _read_int(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
             return value, pos
 
 
-def _read_str(block: bytes, pos: int) -> tuple[str | None, int]:
-    if block[pos] & 0x80:  # Huffman coded
-        return None, pos
-    length, pos = _read_int(block, pos, 7)
-    if pos + length > len(block):
-        raise IndexError("truncated string")
-    return block[pos : pos + length].decode("latin-1"), pos + length
-
-
 def decode_plain(block: bytes) -> list[tuple[str, str]] | None:
     """Decode a block made only of static-table entries and plain (not Huffman) literals
     that are not indexed; None if it uses anything else (the dynamic table, Huffman, a size
     update) or looks broken. Such blocks change no decoder state, so a None costs nothing
-    but the retry with hpack's full decoder, which then also reports any error."""
+    but the retry with hpack's full decoder, which then also reports any error.
+
+    Integers that fit their prefix (all of an HBONE CONNECT's, whose strings are short) are
+    read inline: this runs once per proxied connection."""
     out: list[tuple[str, str]] = []
     pos, end = 0, len(block)
+    static = _STATIC
     try:
         while pos < end:
             first = block[pos]
             if first & 0x80:  # an indexed field
-                index, pos = _read_int(block, pos, 7)
-                if not 0 < index <= len(_STATIC):
+                index = first & 0x7F
+                if index == 0x7F:
+                    index, pos = _read_int(block, pos, 7)
+                else:
+                    pos += 1
+                if not 0 < index <= len(static):
                     return None
-                out.append(_STATIC[index - 1])
+                out.append(static[index - 1])
                 continue
             if first & 0xE0:  # incremental indexing or a table size update
                 return None
-            index, pos = _read_int(block, pos, 4)  # literal, without or never indexed
-            if index:
-                if index > len(_STATIC):
-                    return None
-                name: str | None = _STATIC[index - 1][0]
+            index = first & 0x0F  # literal, without or never indexed
+            if index == 0x0F:
+                index, pos = _read_int(block, pos, 4)
             else:
-                name, pos = _read_str(block, pos)
-            if name is None:
+                pos += 1
+            if index:
+                if index > len(static):
+                    return None
+                name = static[index - 1][0]
+            else:
+                length = block[pos]
+                if length & 0x80:  # Huffman coded
+                    return None
+                if length == 0x7F:
+                    length, pos = _read_int(block, pos, 7)
+                else:
+                    pos += 1
+                if pos + length > end:
+                    return None
+                name = block[pos : pos + length].decode("latin-1")
+                pos += length
+            length = block[pos]
+            if length & 0x80:
                 return None
-            value, pos = _read_str(block, pos)
-            if value is None:
+            if length == 0x7F:
+                length, pos = _read_int(block, pos, 7)
+            else:
+                pos += 1
+            if pos + length > end:
                 return None
-            out.append((name, value))
+            out.append((name, block[pos : pos + length].decode("latin-1")))
+            pos += length
     except IndexError:
         return None
     return out
