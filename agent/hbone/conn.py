@@ -305,7 +305,7 @@ def decode_plain(block: bytes) -> list[tuple[str, str]] | None:
     but the retry with hpack's full decoder, which then also reports any error.
 
     Integers that fit their prefix (all of an HBONE CONNECT's, whose strings are short) are
-    read inline: this runs once per proxied connection."""
+    read without a call: this runs once per proxied connection."""
     out: list[tuple[str, str]] = []
     pos, end = 0, len(block)
     static = _STATIC
@@ -332,33 +332,30 @@ def decode_plain(block: bytes) -> list[tuple[str, str]] | None:
             if index:
                 if index > len(static):
                     return None
-                name = static[index - 1][0]
+                name: str | None = static[index - 1][0]
             else:
-                length = block[pos]
-                if length & 0x80:  # Huffman coded
-                    return None
-                if length == 0x7F:
-                    length, pos = _read_int(block, pos, 7)
-                else:
-                    pos += 1
-                if pos + length > end:
-                    return None
-                name = block[pos : pos + length].decode("latin-1")
-                pos += length
-            length = block[pos]
-            if length & 0x80:
+                name, pos = _read_str(block, pos)
+            value, pos = _read_str(block, pos)
+            if name is None or value is None:
                 return None
-            if length == 0x7F:
-                length, pos = _read_int(block, pos, 7)
-            else:
-                pos += 1
-            if pos + length > end:
-                return None
-            out.append((name, block[pos : pos + length].decode("latin-1")))
-            pos += length
+            out.append((name, value))
     except IndexError:
         return None
     return out
+
+
+def _read_str(block: bytes, pos: int) -> tuple[str | None, int]:
+    """A plain string literal (section 5.2); None if Huffman coded. IndexError if cut."""
+    length = block[pos]
+    if length & 0x80:  # Huffman coded
+        return None, pos
+    if length == 0x7F:
+        length, pos = _read_int(block, pos, 7)
+    else:
+        pos += 1
+    if pos + length > len(block):
+        raise IndexError("truncated string")
+    return block[pos : pos + length].decode("latin-1"), pos + length
 
 
 def frame_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
