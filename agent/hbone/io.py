@@ -216,7 +216,7 @@ class Stream:
         self.io, self.id = io, stream_id
         self._chunks: deque[tuple[memoryview, int]] = deque()
         self._unacked = 0
-        self._wake = trio.Event()
+        self._wake: trio.Event | None = None  # made when a task waits: most never do
         self.eof = False  # the peer sent END_STREAM
         self.reset_code: int | None = None
         self.status: int | None = None  # client: the CONNECT answer
@@ -234,13 +234,20 @@ class Stream:
         self.delivered = 0  # bytes handed to the consumer
 
     def _notify(self) -> None:
-        self._wake.set()
-        self._wake = trio.Event()
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
+
+    async def _changed(self) -> None:
+        """Until the next `_notify()`."""
+        if self._wake is None:
+            self._wake = trio.Event()
+        await self._wake.wait()
 
     async def wait_down(self) -> None:
         """Until the peer's side is delivered (FIN passed on), or the stream or sink failed."""
         while not self.down_done and self.reset_code is None and not self.sink_failed:
-            await self._wake.wait()
+            await self._changed()
 
     def deliver_buffered(self) -> bool:
         """Write what arrived before the sink was set straight into it (and the FIN, if it
@@ -287,7 +294,7 @@ class Stream:
 
     async def response(self) -> int:
         while self.status is None and self.reset_code is None:
-            await self._wake.wait()
+            await self._changed()
         if self.status is None:
             raise HboneError(f"stream reset before an answer (code {self.reset_code})")
         return self.status
@@ -300,7 +307,7 @@ class Stream:
             self.io.queue_output()
             await self.io.flush()
         while not self._chunks and not self.eof and self.reset_code is None:
-            await self._wake.wait()
+            await self._changed()
         if self._chunks:
             data, flow = self._chunks.popleft()
             self._unacked = flow
