@@ -116,13 +116,15 @@ def tcpbench(binary: Path, *args: str, timeout: float = 60) -> dict[str, Any]:
 def measure(  # noqa: PLR0917
     binary: Path, host: str, port: int, seconds: float, clients: int, proxy_pids: list[int]
 ) -> dict[str, Any]:
-    before = cpu_seconds(proxy_pids) if proxy_pids else 0.0
-    stream = tcpbench(binary, "stream", host, str(port), str(seconds))
-    cpu = cpu_seconds(proxy_pids) - before if proxy_pids else 0.0
+    def with_cpu(*args: str) -> tuple[dict[str, Any], float]:
+        """A tcpbench run and the proxies' CPU seconds during it."""
+        before = cpu_seconds(proxy_pids) if proxy_pids else 0.0
+        result = tcpbench(binary, *args)
+        return result, (cpu_seconds(proxy_pids) - before if proxy_pids else 0.0)
+
+    stream, cpu = with_cpu("stream", host, str(port), str(seconds))
     rr = tcpbench(binary, "rr", host, str(port), str(seconds))
-    before = cpu_seconds(proxy_pids) if proxy_pids else 0.0
-    crr = tcpbench(binary, "crr", host, str(port), str(seconds), str(clients))
-    conn_cpu = cpu_seconds(proxy_pids) - before if proxy_pids else 0.0
+    crr, conn_cpu = with_cpu("crr", host, str(port), str(seconds), str(clients))
     gb = stream["bytes"] / 1e9
     return {
         "gbit_s": stream["bytes_per_s"] * 8 / 1e9,

@@ -463,16 +463,20 @@ class PodProxy:
         view = self._view()
         if baggage in view.services:
             return view.services[baggage]
-        found = None
-        for item in baggage.split(","):
-            key, _, value = item.strip().partition("=")
-            if key == "service.name":
-                for s in view.state.services:
-                    if s.name == value and s.namespace == self.workload.namespace:
-                        found = s
-                        break
-                if found is not None:
-                    break
+        names = [
+            value
+            for key, _, value in (item.strip().partition("=") for item in baggage.split(","))
+            if key == "service.name"
+        ]
+        found = next(
+            (
+                s
+                for name in names
+                for s in view.state.services
+                if s.name == name and s.namespace == self.workload.namespace
+            ),
+            None,
+        )
         if len(view.services) < 1024:  # baggage repeats per client pod and service
             view.services[baggage] = found
         return found

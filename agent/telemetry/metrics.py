@@ -107,6 +107,16 @@ _TCP_FAMILIES = (
     ("istio_tcp_received_bytes", "Bytes sent back to the client"),
 )
 _q = encode_basestring_ascii  # a JSON string, as json.dumps writes it
+# Access log keys taken from the label values (index into LABELS), in the line's order.
+_LOG_LABELS = (
+    ("src_workload", 1),
+    ("src_namespace", 2),
+    ("src_identity", 3),
+    ("dst_service", 4),
+    ("dst_workload", 5),
+    ("dst_namespace", 6),
+    ("dst_identity", 7),
+)
 
 
 class TcpMetrics(Collector):
@@ -164,15 +174,3 @@ class TcpMetrics(Collector):
             f'"response_flags": {_q(c.response_flags)}, '
             f'"error": {_q(c.error) if c.error else "null"}}}'
         )
-
-
-# Access log keys taken from the label values (index into LABELS), in the line's order.
-_LOG_LABELS = (
-    ("src_workload", 1),
-    ("src_namespace", 2),
-    ("src_identity", 3),
-    ("dst_service", 4),
-    ("dst_workload", 5),
-    ("dst_namespace", 6),
-    ("dst_identity", 7),
-)
