@@ -439,3 +439,35 @@ async def test_a_connect_its_early_data_and_end_stream_leave_as_one_tls_record(t
     with trio.fail_after(2):
         assert await s.receive() == b"ping"
         assert await s.receive() == b""
+
+
+async def test_an_outbound_relay_sends_the_connect_with_what_the_app_already_wrote(tunnel):
+    """A client app writes as soon as it is connected, before the agent accepted it: the relay
+    reads first, so the CONNECT leaves with those bytes (one message, and the server may hold
+    its answer for the app's reply) instead of alone before them."""
+    from agent.proxy.copy import relay_stream  # noqa: PLC0415
+
+    client, _ = tunnel
+    writes: list[int] = []
+    write = client.tls.write
+
+    def counting(data):
+        writes.append(len(data))
+        write(data)
+
+    client.tls.write = counting
+    app, app_peer = socket.socketpair()
+    app_peer.sendall(b"ping")
+    s = await client.open_stream("10.244.2.11:9080", [], wait_response=False)
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: relay_stream(app, s, answers=False))
+        app_peer.setblocking(False)
+        with trio.fail_after(2):
+            await trio.lowlevel.wait_readable(app_peer)
+        assert app_peer.recv(100) == b"ping"  # the echo: CONNECT and data went out
+        assert len(writes) == 1
+        app_peer.shutdown(socket.SHUT_WR)
+        with trio.fail_after(2):
+            await trio.lowlevel.wait_readable(app_peer)
+            assert app_peer.recv(100) == b""
+    app_peer.close()
