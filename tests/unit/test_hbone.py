@@ -419,19 +419,25 @@ async def test_a_client_waiting_for_the_answer_gets_it_from_a_silent_app(tmp_pat
     assert s.status == 200
 
 
-async def test_a_connect_its_early_data_and_end_stream_leave_as_one_tls_record(tunnel):
-    """Small DATA is queued with the frames around it: the CONNECT, the app's first bytes and
-    the END_STREAM are encrypted together (a record each cost a TLS write here and a read at
-    the peer, per connection)."""
-    client, _ = tunnel
+def count_tls_writes(io: HboneIO) -> list[int]:
+    """The sizes of what `io` hands to TLS from now on, one entry per record written."""
     writes: list[int] = []
-    write = client.tls.write
+    write = io.tls.write
 
     def counting(data):
         writes.append(len(data))
         write(data)
 
-    client.tls.write = counting
+    io.tls.write = counting  # type: ignore[method-assign]
+    return writes
+
+
+async def test_a_connect_its_early_data_and_end_stream_leave_as_one_tls_record(tunnel):
+    """Small DATA is queued with the frames around it: the CONNECT, the app's first bytes and
+    the END_STREAM are encrypted together (a record each cost a TLS write here and a read at
+    the peer, per connection)."""
+    client, _ = tunnel
+    writes = count_tls_writes(client)
     s = await client.open_stream("10.244.2.11:9080", [], wait_response=False)
     await s.send(b"ping", push=False)
     await s.send_eof()
@@ -448,14 +454,7 @@ async def test_an_outbound_relay_sends_the_connect_with_what_the_app_already_wro
     from agent.proxy.copy import relay_stream  # noqa: PLC0415
 
     client, _ = tunnel
-    writes: list[int] = []
-    write = client.tls.write
-
-    def counting(data):
-        writes.append(len(data))
-        write(data)
-
-    client.tls.write = counting
+    writes = count_tls_writes(client)
     app, app_peer = socket.socketpair()
     app_peer.sendall(b"ping")
     s = await client.open_stream("10.244.2.11:9080", [], wait_response=False)
