@@ -100,11 +100,13 @@ class LabelChildren:
         return children
 
 
+# name, help, index into a label set's counts (a connection is counted opened and closed
+# together, when it ends, so both come from one count)
 _TCP_FAMILIES = (
-    ("istio_tcp_connections_opened", "TCP connections opened"),
-    ("istio_tcp_connections_closed", "TCP connections closed"),
-    ("istio_tcp_sent_bytes", "Bytes sent by the client side"),
-    ("istio_tcp_received_bytes", "Bytes sent back to the client"),
+    ("istio_tcp_connections_opened", "TCP connections opened", 0),
+    ("istio_tcp_connections_closed", "TCP connections closed", 0),
+    ("istio_tcp_sent_bytes", "Bytes sent by the client side", 1),
+    ("istio_tcp_received_bytes", "Bytes sent back to the client", 2),
 )
 _q = encode_basestring_ascii  # a JSON string, as json.dumps writes it
 # Access log keys taken from the label values (index into LABELS), in the line's order.
@@ -126,7 +128,7 @@ class TcpMetrics(Collector):
 
     def __init__(self, registry: CollectorRegistry, access: AccessLog | None = None) -> None:
         self.access = access or AccessLog()
-        # label values -> [opened, closed, sent bytes, received bytes]
+        # label values -> [connections, sent bytes, received bytes]
         self._counts: dict[tuple[str, ...], list[int]] = {}
         # label values -> the access log fields they decide, encoded once
         self._fields: dict[tuple[str, ...], str] = {}
@@ -134,14 +136,14 @@ class TcpMetrics(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         rows = list(self._counts.items())
-        for i, (name, doc) in enumerate(_TCP_FAMILIES):
+        for name, doc, i in _TCP_FAMILIES:
             family = CounterMetricFamily(name, doc, labels=LABELS)
             for values, counts in rows:
                 family.add_metric(values, counts[i])
             yield family
 
     def describe(self) -> Iterator[CounterMetricFamily]:
-        for name, doc in _TCP_FAMILIES:
+        for name, doc, _ in _TCP_FAMILIES:
             yield CounterMetricFamily(name, doc, labels=LABELS)
 
     def record(self, c: Connection) -> None:
@@ -149,11 +151,10 @@ class TcpMetrics(Collector):
         values = c.label_values()
         counts = self._counts.get(values)
         if counts is None:
-            counts = self._counts[values] = [0, 0, 0, 0]
+            counts = self._counts[values] = [0, 0, 0]
         counts[0] += 1
-        counts[1] += 1
-        counts[2] += c.sent
-        counts[3] += c.received
+        counts[1] += c.sent
+        counts[2] += c.received
         if not self.access.enabled():
             return
         fields = self._fields.get(values)
