@@ -13,12 +13,16 @@ import pytest
 import trio
 
 from agent.hbone.conn import (
+    DATA,
+    END_STREAM,
     GOAWAY,
+    HEADERS,
     BadRequest,
     ConnectRequest,
     ErrorCode,
     RequestReceived,
     check_request,
+    frame_header,
     parse_authority,
 )
 from agent.hbone.io import HboneError, HboneIO, Stream
@@ -419,17 +423,25 @@ async def test_a_client_waiting_for_the_answer_gets_it_from_a_silent_app(tmp_pat
     assert s.status == 200
 
 
-def count_tls_writes(io: HboneIO) -> list[int]:
-    """The sizes of what `io` hands to TLS from now on, one entry per record written."""
-    writes: list[int] = []
+def tls_writes(io: HboneIO) -> list[bytes]:
+    """What `io` hands to TLS from now on (frames, in plaintext), one entry per record."""
+    writes: list[bytes] = []
     write = io.tls.write
 
-    def counting(data):
-        writes.append(len(data))
+    def recording(data):
+        writes.append(bytes(data))
         write(data)
 
-    io.tls.write = counting  # type: ignore[method-assign]
+    io.tls.write = recording  # type: ignore[method-assign]
     return writes
+
+
+def carrying(writes: list[bytes], payload: bytes) -> bytes:
+    """The one record that carries `payload` (the tunnel's own frames may come and go
+    around it: settings and window updates)."""
+    found = [w for w in writes if payload in w]
+    assert len(found) == 1, writes
+    return found[0]
 
 
 async def test_a_connect_its_early_data_and_end_stream_leave_as_one_tls_record(tunnel):
@@ -437,11 +449,13 @@ async def test_a_connect_its_early_data_and_end_stream_leave_as_one_tls_record(t
     the END_STREAM are encrypted together (a record each cost a TLS write here and a read at
     the peer, per connection)."""
     client, _ = tunnel
-    writes = count_tls_writes(client)
+    writes = tls_writes(client)
     s = await client.open_stream("10.244.2.11:9080", [], wait_response=False)
     await s.send(b"ping", push=False)
     await s.send_eof()
-    assert len(writes) == 1
+    record = carrying(writes, b"ping")
+    assert record[3] == HEADERS  # the CONNECT first, then the data
+    assert record.endswith(frame_header(0, DATA, END_STREAM, s.id))
     with trio.fail_after(2):
         assert await s.receive() == b"ping"
         assert await s.receive() == b""
@@ -454,17 +468,21 @@ async def test_an_outbound_relay_sends_the_connect_with_what_the_app_already_wro
     from agent.proxy.copy import relay_stream  # noqa: PLC0415
 
     client, _ = tunnel
-    writes = count_tls_writes(client)
+    writes = tls_writes(client)
     app, app_peer = socket.socketpair()
     app_peer.sendall(b"ping")
-    s = await client.open_stream("10.244.2.11:9080", [], wait_response=False)
+
+    async def outbound() -> None:  # as PodProxy.outbound: open, then relay, in one task
+        s = await client.open_stream("10.244.2.11:9080", [], wait_response=False)
+        await relay_stream(app, s, answers=False)
+
     async with trio.open_nursery() as n:
-        n.start_soon(lambda: relay_stream(app, s, answers=False))
+        n.start_soon(outbound)
         app_peer.setblocking(False)
         with trio.fail_after(2):
             await trio.lowlevel.wait_readable(app_peer)
         assert app_peer.recv(100) == b"ping"  # the echo: CONNECT and data went out
-        assert len(writes) == 1
+        assert carrying(writes, b"ping")[3] == HEADERS  # in one record, the CONNECT first
         app_peer.shutdown(socket.SHUT_WR)
         with trio.fail_after(2):
             await trio.lowlevel.wait_readable(app_peer)
