@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from agent import http
+from agent import guard, http
 from agent.capture import modes as capture_modes
 from agent.capture.iptables import CaptureError
 from agent.cni import server as cni_server
@@ -79,6 +79,7 @@ class Agent:
         self.capture = capture_modes.make(cfg.capture, cfg.bpf_pin_dir)
         self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir, self.capture)
         self.registry.register(CaptureCollector(self.capture))
+        guard.register(self.registry)
         self.resumed = False
         self.snapshot_version = Gauge(
             "veil_agent_snapshot_version",

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.grammar import port_number
+
 ROOT_NAMESPACE = "veil-system"
 API_VERSION = "security.veil.dev/v1"
 ACTIONS = ("ALLOW", "DENY", "AUDIT")
@@ -169,7 +171,7 @@ def _check_cidrs(ref: str, path: str, values: Sequence[str]) -> None:
 
 def _check_ports(ref: str, path: str, values: Sequence[str]) -> None:
     for v in values:
-        if not v.isdigit() or not 0 < int(v) < 65536:
+        if port_number(v) is None:
             raise PolicyError(ref, path, f"{v!r} is not a port number")
 
 

@@ -5,7 +5,8 @@ Not for the data path: requests and responses are whole byte strings with a size
 Resource handling: one task per connection, owned by the serving nursery; each connection is
 closed after the handler answers unless the client keeps it alive, and idles out after
 `IDLE_TIMEOUT`. Error handling: a malformed request is answered 400 and the connection
-closed; a handler exception is answered 500 (and logged), never crashing the server.
+closed; a handler exception is answered 500 (and logged), never crashing the server, and any
+other failure of one connection ends that connection only (`agent.guard`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import h11
 import trio
+
+from agent import guard
 
 log = logging.getLogger("veil.http")
 IDLE_TIMEOUT = 30.0
@@ -182,7 +185,14 @@ async def serve(
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def on_conn(stream: trio.SocketStream) -> None:
-        addr = stream.socket.getpeername()
+        await guard.guarded("http_connection", serve_one, stream, cleanup=stream.socket.close)
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        try:  # a client that resets right after the handshake is gone before we ask
+            addr = stream.socket.getpeername()
+        except OSError:
+            await stream.aclose()
+            return
         peer = f"{addr[0]}:{addr[1]}"
         s: trio.abc.Stream = stream
         if ssl_context is not None:

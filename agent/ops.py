@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.authz import Decision, Facts, PolicySet, decide
+from agent.grammar import port_number
 from agent.lab import controlplane, store
 from agent.lab.errors import LabError
 from agent.state.model import MeshState, Workload, build_state
@@ -99,9 +100,9 @@ class Verdict:
 
 def _resolve(state: MeshState, target: str, src_ns: str) -> tuple[list[tuple[Workload, int]], str]:
     host, _, port_s = target.rpartition(":")
-    if not port_s.isdigit():
+    port = port_number(port_s)
+    if port is None:
         raise LabError(f"--to {target!r}: expected <service|pod|ip>:<port>")
-    port = int(port_s)
     try:
         ip = str(ipaddress.ip_address(host))
     except ValueError:

@@ -31,7 +31,7 @@ import h11
 import trio
 from prometheus_client import CollectorRegistry
 
-from agent import http
+from agent import guard, http
 from agent.authz import Facts, HttpFacts, PolicySet, at_waypoint, decide
 from agent.capture.rules import HBONE_PORT
 from agent.config import CA_SERVER_NAME
@@ -243,6 +243,7 @@ class WaypointServer:
         self.identity = SpiffeId(cfg.trust_domain, cfg.namespace, cfg.gateway)
         self.store = StateStore()
         self.registry = CollectorRegistry()
+        guard.register(self.registry)
         self.certs = CertificateManager(CaEndpoint.of(cfg).request, registry=self.registry)
         self.metrics = RequestMetrics(self.registry)
         self.pool: HbonePool | None = None
@@ -383,7 +384,9 @@ class WaypointServer:
         stream = io.streams.get(req.stream_id)
         if stream is not None:
             client = req.forwarded_for
-            io.spawn(self.serve_stream, stream, dest, peer, client[0] if client else "")
+            io.spawn(
+                req.stream_id, self.serve_stream, stream, dest, peer, client[0] if client else ""
+            )
 
     async def serve_stream(
         self, stream: Stream, dest: Destination, peer: SpiffeId, client_ip: str
@@ -498,21 +501,31 @@ class WaypointServer:
     ) -> None:
         down = h11.Connection(h11.SERVER)
         down.receive_data(first)
-        while True:
-            ev = await next_event(down, stream)
-            if not isinstance(ev, h11.Request):
-                break
-            if not await self._one_request(down, stream, ev, dest, peer, client_ip):
+        try:
+            while True:
+                ev = await next_event(down, stream)
+                if not isinstance(ev, h11.Request):
+                    break
+                if not await self._one_request(down, stream, ev, dest, peer, client_ip):
+                    stream.reset()
+                    return
+                if down.our_state is h11.MUST_CLOSE or down.their_state is h11.MUST_CLOSE:
+                    break
+                if down.their_state is not h11.DONE:
+                    await self._drain_request(down, stream)
+                try:
+                    down.start_next_cycle()
+                except h11.LocalProtocolError:
+                    break
+        except h11.RemoteProtocolError as e:
+            # Not HTTP/1.1 we can frame with certainty (two Host headers, an oversized head,
+            # bad chunking): answered 400 when no response has begun, and the stream ends.
+            log.info("HTTP/1.1 from %s refused: %s", peer, e)
+            if down.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await self._local_reply(down, stream, 400, f"bad request: {e}")
+            else:
                 stream.reset()
                 return
-            if down.our_state is h11.MUST_CLOSE or down.their_state is h11.MUST_CLOSE:
-                break
-            if down.their_state is not h11.DONE:
-                await self._drain_request(down, stream)
-            try:
-                down.start_next_cycle()
-            except h11.LocalProtocolError:
-                break
         await stream.send_eof()
 
     async def h2(
@@ -542,7 +555,10 @@ class WaypointServer:
         rec = self._record(req, dest, peer, client_ip)
         ok = True
         try:
-            await self._exchange(down, stream, req, dest, rec, client_ip, peer)
+            try:
+                await self._exchange(down, stream, req, dest, rec, client_ip, peer)
+            except h11.RemoteProtocolError as e:  # the client's body broke HTTP/1.1 framing
+                raise HttpError(400, "DPE", f"bad request: {e}") from None
         except HttpError as e:
             rec.response_code, rec.response_flags, rec.error = e.status, e.flags, str(e)
             if down.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -1091,6 +1107,8 @@ class WaypointServer:
         return cb
 
     async def _local_reply(self, down: Any, stream: Stream, status: int, why: str) -> None:
+        """A response of the waypoint's own; if the client is gone, its stream is reset (an
+        HTTP/2 exchange resets only its own HTTP/2 stream, never the connection's)."""
         body = f"{why}\n".encode()
         try:
             await send(
@@ -1104,7 +1122,8 @@ class WaypointServer:
             await send(down, stream, h11.Data(data=body))
             await send(down, stream, h11.EndOfMessage())
         except (h11.ProtocolError, HboneError):
-            stream.reset()
+            if not isinstance(down, H2Exchange):
+                stream.reset()
 
     async def _drain_request(self, down: h11.Connection, stream: Stream) -> None:
         """Read the rest of a request we answered early, so the connection can go on."""

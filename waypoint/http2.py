@@ -24,6 +24,7 @@ import h2.exceptions
 import h11
 import trio
 
+from agent import guard
 from agent.hbone.io import HboneError, Stream
 from waypoint.http1 import HOP_BY_HOP
 
@@ -41,6 +42,7 @@ class H2Exchange:
         self.our_state: Any = h11.SEND_RESPONSE
         self.their_state: Any = h11.SEND_BODY
         self.request: h11.Request | None = None
+        self.gone = False  # reset by the client: nothing more is delivered
 
     async def next_event(self) -> Any:
         if self.their_state is h11.DONE:
@@ -56,6 +58,14 @@ class H2Exchange:
         return ev
 
     async def send(self, event: Any) -> None:
+        """Send an h11-style event on this HTTP/2 stream; HboneError if the stream is gone
+        (reset by the client, or the connection closed), as for an HBONE stream."""
+        try:
+            await self._send_event(event)
+        except h2.exceptions.ProtocolError as e:
+            raise HboneError(f"HTTP/2 stream {self.stream_id} closed: {e!r}") from None
+
+    async def _send_event(self, event: Any) -> None:
         if isinstance(event, h11.Response | h11.InformationalResponse):
             if isinstance(event, h11.InformationalResponse):
                 return  # 1xx are not passed on
@@ -134,6 +144,7 @@ class H2Server:
             self.closed = True
             self._window.set()
             for ex in self.exchanges.values():
+                ex.gone = True
                 ex._send.close()
             await self._wait_handlers()
             nursery.cancel_scope.cancel()
@@ -152,15 +163,17 @@ class H2Server:
                 new.request = _request(ev.headers or [], ev.stream_ended is None)
                 nursery.start_soon(self._handle, new)
             elif isinstance(ev, h2.events.DataReceived):
-                if found is not None and ev.data:
+                if found is not None and ev.data and not found.gone:
                     found._send.send_nowait(h11.Data(data=ev.data))
                 elif ev.flow_controlled_length:
-                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                        self.h2.acknowledge_received_data(ev.flow_controlled_length, sid)
             elif isinstance(ev, h2.events.StreamEnded):
-                if found is not None:
+                if found is not None and not found.gone:
                     found._send.send_nowait(h11.EndOfMessage())
             elif isinstance(ev, h2.events.StreamReset):
                 if found is not None:
+                    found.gone = True
                     found._send.close()
             elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                 self._window.set()
@@ -170,6 +183,8 @@ class H2Server:
     async def _handle(self, ex: H2Exchange) -> None:
         try:
             await self.handler(ex)
+        except Exception:  # one request's failure resets its stream, not the connection
+            guard.caught("waypoint_http2_request")
         finally:
             if ex.our_state is not h11.DONE:
                 with contextlib.suppress(h2.exceptions.ProtocolError):

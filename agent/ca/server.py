@@ -24,6 +24,7 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from agent import guard
 from agent.ca.auth import AuthError, NodeAuthenticator, NodeCredential, authorize
 from agent.ca.signer import Issued, Signer, SignError, pem
 from agent.http import Request, Response
@@ -45,6 +46,7 @@ class CaMetrics:
     @classmethod
     def create(cls) -> CaMetrics:
         reg = CollectorRegistry()
+        guard.register(reg)
         return cls(
             registry=reg,
             issued=Counter(

@@ -32,6 +32,8 @@ from enum import IntEnum
 import hpack
 import hpack.exceptions
 
+from agent.grammar import port_number
+
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME = 1024 * 1024
@@ -85,10 +87,8 @@ class HboneProtocolError(Exception):
 def parse_authority(authority: str) -> tuple[str, int] | None:
     """`<ipv4>:<port>` (or `[ipv6]:port`) from a CONNECT authority; None if malformed."""
     host, sep, port = authority.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    number = int(port)
-    if not 0 < number < 65536:
+    number = port_number(port) if sep else None
+    if number is None:
         return None
     try:  # the common case, a canonical IPv4 address, without ipaddress's parser
         if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, host)) == host:

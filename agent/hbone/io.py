@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from agent import guard
 from agent.hbone.conn import (
     ConnectionTerminated,
     Data,
@@ -576,7 +577,11 @@ class HboneIO:
                 self.streams[ev.stream_id] = Stream(self, ev.stream_id)
                 self.last_active = time.monotonic()
                 if self.on_request is not None:
-                    self.on_request(ev, self)
+                    try:
+                        self.on_request(ev, self)
+                    except Exception:  # a bug on one stream ends that stream, not the tunnel
+                        guard.caught("hbone_request")
+                        self.abort_stream(ev.stream_id)
             elif isinstance(ev, ConnectionTerminated):
                 self._peer_goes_away(ev)
         return window_changed
@@ -655,7 +660,22 @@ class HboneIO:
         if s.on_backlog is not None:
             s.on_backlog()
 
-    def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
-        """Run a stream handler in this connection's nursery (server side)."""
+    def spawn(self, stream_id: int, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run a handler of stream `stream_id` in this connection's nursery (server side),
+        behind the barrier: an exception it leaves unhandled resets that stream only."""
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
+        self._nursery.start_soon(
+            lambda: guard.guarded(
+                "hbone_stream", fn, *args, cleanup=lambda: self.abort_stream(stream_id)
+            )
+        )
+
+    def abort_stream(self, stream_id: int, code: ErrorCode = ErrorCode.INTERNAL_ERROR) -> None:
+        """Reset and forget a stream whose handler failed; its app socket is woken."""
+        s = self.streams.get(stream_id)
+        if s is None:
+            return
+        s.reset(code)
+        s._sink_abort()
+        s._notify()
+        s.close()

@@ -164,7 +164,7 @@ def _start_drain(sock: socket.socket, stream: Stream) -> None:
     if not stream.draining:
         stream.draining = True
         stream.drain_scope = trio.CancelScope()
-        stream.io.spawn(_drain, sock, stream, stream.drain_scope)
+        stream.io.spawn(stream.id, _drain, sock, stream, stream.drain_scope)
 
 
 async def _drain(sock: socket.socket, stream: Stream, scope: trio.CancelScope) -> None:

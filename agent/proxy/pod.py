@@ -26,6 +26,7 @@ from typing import Any
 import trio
 from prometheus_client import Counter
 
+from agent import guard
 from agent.authz import Decision, Facts, PolicySet, decide
 from agent.capture.netns import NetNs, connect, listen, original_dst
 from agent.capture.rules import AGENT_PORTS, HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
@@ -108,9 +109,18 @@ async def serve(listener: socket.socket, handler: Handler) -> None:
                         await trio.sleep(0.1)
                         break
                     conn.setblocking(False)
-                    nursery.start_soon(handler, conn, peer)
+                    nursery.start_soon(_guarded_conn, handler, conn, peer)
     finally:
         listener.close()
+
+
+async def _guarded_conn(handler: Handler, conn: socket.socket, peer: Any) -> None:
+    """One connection's handler behind the barrier: a failure closes that connection only."""
+    try:
+        await handler(conn, peer)
+    except Exception:
+        guard.caught(getattr(handler, "__name__", "connection"))
+        conn.close()
 
 
 @dataclass
@@ -399,6 +409,7 @@ class PodProxy:
             self.ctx.report(c)
             return
         io.spawn(
+            req.stream_id,
             self._serve_connect,
             req.stream_id,
             req.target,

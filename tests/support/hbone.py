@@ -41,7 +41,7 @@ def on_request(ev, io):
         io.streams.pop(ev.stream_id, None)
         io.queue_output()
         return
-    io.spawn(echo, io, req)
+    io.spawn(req.stream_id, echo, io, req)
 
 
 async def hbone_pair(

@@ -317,7 +317,7 @@ async def test_relay_keeps_order_when_the_app_reads_slowly(tmp_path, nursery):
     def relay_to_app(ev, io):
         io.conn.respond(ev.stream_id, 200)
         io.queue_output()
-        io.spawn(relay_stream, app, io.streams[ev.stream_id])
+        io.spawn(ev.stream_id, relay_stream, app, io.streams[ev.stream_id])
 
     client, _server = await hbone_pair(tmp_path, nursery, relay_to_app)
     stream = await client.open_stream("10.0.0.1:80", [])
@@ -393,7 +393,9 @@ async def relaying_server(tmp_path, nursery, app):
         io.conn.respond(sid, 200, hold=bool(stream._chunks))
         await relay_stream(app, stream)
 
-    return await hbone_pair(tmp_path, nursery, lambda ev, io: io.spawn(serve, io, ev.stream_id))
+    return await hbone_pair(
+        tmp_path, nursery, lambda ev, io: io.spawn(ev.stream_id, serve, io, ev.stream_id)
+    )
 
 
 async def test_after_early_data_the_answer_waits_for_the_apps_first_bytes(tmp_path, nursery):

@@ -1,0 +1,254 @@
+"""No connection's failure stops a daemon: each handler kind has a barrier (agent.guard).
+
+Each test injects a failure into one handler kind (or sends the hostile input that used to
+escape it) and then checks that the same server still serves the next connection or stream.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h11
+import pytest
+import trio
+import trio.testing
+
+from agent import guard, http
+from agent.grammar import decimal, port_number
+from agent.hbone.conn import ConnectRequest, RequestReceived, check_request, parse_authority
+from agent.hbone.io import HboneError, HboneIO
+from agent.proxy.pod import serve
+from agent.state.model import Service
+from tests.support.hbone import FRONTEND, hbone_pair, on_request
+from tests.unit.test_waypoint_conversations import Pipe
+from waypoint.app import Destination, WaypointConfig, WaypointServer, send
+from waypoint.http2 import H2Exchange, H2Server
+
+
+def rst_close(s: socket.socket) -> None:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+async def get(port: int) -> int:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        status, _, _ = await http.request(stream, "GET", "/", "x")
+    return status
+
+
+async def test_control_plane_http_survives_connections_reset_after_the_handshake():
+    """Issue 17.1: getpeername() on a connection reset before it ran escaped the nursery."""
+
+    async def handler(req: http.Request) -> http.Response:
+        return http.Response.text(200, "ok")
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(http.serve, handler, "127.0.0.1", 0)
+        port = listener.socket.getsockname()[1]
+        for _ in range(300):  # connect and reset, faster than the server accepts
+            c = socket.socket()
+            c.connect(("127.0.0.1", port))
+            rst_close(c)
+        await trio.sleep(0.3)
+        with trio.fail_after(5):
+            assert await get(port) == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_control_plane_http_survives_a_connection_whose_task_fails(monkeypatch):
+    calls = 0
+    real = http.handle_connection
+
+    async def flaky(*args: Any, **kw: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected")
+        await real(*args, **kw)
+
+    async def handler(req: http.Request) -> http.Response:
+        return http.Response.text(200, "ok")
+
+    monkeypatch.setattr(http, "handle_connection", flaky)
+    before = guard.ERRORS["http_connection"]
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(http.serve, handler, "127.0.0.1", 0)
+        port = listener.socket.getsockname()[1]
+        with pytest.raises(Exception):  # noqa: B017 - the first connection is cut
+            await get(port)
+        assert await get(port) == 200
+        nursery.cancel_scope.cancel()
+    assert guard.ERRORS["http_connection"] == before + 1
+
+
+async def test_the_proxies_accept_loop_survives_a_failing_handler():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    served: list[int] = []
+
+    async def handler(conn: socket.socket, peer: object) -> None:
+        served.append(1)
+        if len(served) == 1:
+            raise ValueError("injected")
+        conn.close()
+
+    before = guard.ERRORS["handler"]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve, listener, handler)
+        await trio.testing.wait_all_tasks_blocked()
+        first = socket.create_connection(listener.getsockname())
+        with trio.fail_after(2):
+            while len(served) < 1:
+                await trio.sleep(0.01)
+        assert first.recv(1) == b""  # the failed connection was closed, not leaked
+        second = socket.create_connection(listener.getsockname())
+        with trio.fail_after(2):
+            while len(served) < 2:
+                await trio.sleep(0.01)
+        first.close()
+        second.close()
+        nursery.cancel_scope.cancel()
+    assert guard.ERRORS["handler"] == before + 1
+
+
+async def test_a_failing_stream_handler_resets_its_stream_only(tmp_path: Path, nursery):
+    async def broken(io: HboneIO, req: ConnectRequest) -> None:
+        raise RuntimeError("injected")
+
+    def on_req(ev: RequestReceived, io: HboneIO) -> None:
+        req = check_request(ev)
+        assert isinstance(req, ConnectRequest)
+        if req.target[1] == 666:
+            io.spawn(req.stream_id, broken, io, req)
+        elif req.target[1] == 667:
+            raise KeyError("injected in the request callback")
+        else:
+            on_request(ev, io)
+
+    client, server = await hbone_pair(tmp_path, nursery, on_req)
+    for port in (666, 667):
+        stream = await client.open_stream(f"10.0.0.1:{port}", [], wait_response=False)
+        client.queue_output()
+        with trio.fail_after(5), pytest.raises(HboneError):
+            await stream.response()
+    ok = await client.open_stream("10.0.0.1:80", [])
+    await ok.send(b"still serving")
+    with trio.fail_after(5):
+        assert bytes(await ok.receive()) == b"still serving"
+    assert not client.closed and not server.closed
+
+
+@pytest.mark.parametrize(
+    "text", ["²", "٣", "1²", "\uff18\uff10", "+80", " 80", "80 ", "0x50", "", "1" * 30]
+)
+def test_numbers_from_peers_are_ascii_digits_only(text):
+    """Issue 17.3: '²'.isdigit() is true and int('²') raises."""
+    assert decimal(text) is None or text == "1" * 30
+    assert port_number(text) is None
+
+
+def test_ports_in_range():
+    assert port_number("1") == 1 and port_number("65535") == 65535
+    assert port_number("0") is None and port_number("65536") is None
+
+
+def test_a_connect_with_a_unicode_digit_port_is_a_bad_request():
+    assert parse_authority("10.0.0.1:²") is None
+    bad = check_request(RequestReceived(1, [(":method", "CONNECT"), (":authority", "10.0.0.1:²")]))
+    assert not isinstance(bad, ConnectRequest)
+    ok = check_request(
+        RequestReceived(
+            1,
+            [
+                (":method", "CONNECT"),
+                (":authority", "10.0.0.1:80"),
+                ("forwarded", 'for="1.2.3.4:²"'),
+            ],
+        )
+    )
+    assert isinstance(ok, ConnectRequest) and ok.forwarded_for is None
+
+
+# -- the waypoint -------------------------------------------------------------------------------
+
+
+def waypoint(tmp_path: Path) -> WaypointServer:
+    cfg = WaypointConfig(
+        "waypoint", "shop", tmp_path, ("127.0.0.1", 1), tmp_path / "r", tmp_path / "t"
+    )
+    return WaypointServer(cfg)
+
+
+DEST = Destination("10.96.0.5:80", Service("shop", "catalog", "10.96.0.5", ()), 80)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # two Host headers
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n",  # oversized head
+        b"GET / HTTP/1.1\r\nHost: a\r\nNo colon here\r\n\r\n",  # a header line without a name
+    ],
+)
+async def test_the_waypoint_answers_http1_it_cannot_frame_with_400(tmp_path, wire):
+    """Issue 17.2: h11's RemoteProtocolError escaped WaypointServer.http1."""
+    wp = waypoint(tmp_path)
+    pipe = Pipe()
+    first, rest = wire[:20], wire[20:]
+    for i in range(0, len(rest), 20_000):  # the head in parts, as a client may send it
+        await pipe.tx.send(rest[i : i + 20_000])
+    await pipe.tx.aclose()
+    with trio.fail_after(5):
+        await wp.http1(pipe, first, DEST, FRONTEND, "")  # type: ignore[arg-type]
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("host", "a")]))
+    client.receive_data(bytes(pipe.out))
+    resp = client.next_event()
+    assert isinstance(resp, h11.Response) and resp.status_code == 400
+    assert pipe.sent_eof or pipe.reset_code is not None
+
+
+async def test_a_waypoint_reply_to_a_reset_http2_stream_leaves_the_connection_serving(tmp_path):
+    """Issue 17.2: h2's StreamClosedError escaped `_local_reply` / `_respond`."""
+    wp = waypoint(tmp_path)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    reset_seen = trio.Event()
+
+    async def handler(ex: H2Exchange) -> None:
+        if ex.stream_id == 1:
+            while not ex.gone:
+                await trio.sleep(0.01)
+            reset_seen.set()
+            await wp._local_reply(ex, pipe, 503, "too late")  # type: ignore[arg-type]
+            return
+        await send(ex, None, h11.Response(status_code=204, headers=[]))  # type: ignore[arg-type]
+        await send(ex, None, h11.EndOfMessage())  # type: ignore[arg-type]
+
+    pipe = Pipe()
+    base = [(":scheme", "http"), (":authority", "c:1"), (":method", "GET"), (":path", "/")]
+    client.send_headers(1, base, end_stream=True)
+    server = H2Server(pipe, handler)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run, client.data_to_send())
+        await trio.sleep(0.05)
+        client.reset_stream(1)
+        await pipe.tx.send(client.data_to_send())
+        with trio.fail_after(2):
+            await reset_seen.wait()
+        client.send_headers(3, base, end_stream=True)
+        await pipe.tx.send(client.data_to_send())
+        await trio.sleep(0.1)
+        await pipe.tx.aclose()
+    assert pipe.reset_code is None  # the HBONE stream carrying the connection lives on
+    events = client.receive_data(bytes(pipe.out))
+    answered = [e.stream_id for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert answered == [3]
