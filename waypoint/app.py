@@ -32,10 +32,16 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from agent import guard, http
-from agent.authz import Facts, HttpFacts, PolicySet, at_waypoint, decide
+from agent.authz import Decision, Facts, HttpFacts, PolicySet, at_waypoint, decide
 from agent.capture.rules import HBONE_PORT
 from agent.config import CA_SERVER_NAME
-from agent.hbone.conn import BadRequest, HboneConnection, RequestReceived, check_request
+from agent.hbone.conn import (
+    BadRequest,
+    ErrorCode,
+    HboneConnection,
+    RequestReceived,
+    check_request,
+)
 from agent.hbone.io import HboneError, HboneIO, Stream, TlsSocket
 from agent.hbone.pool import HbonePool
 from agent.identity.ca_client import CaEndpoint
@@ -77,6 +83,7 @@ from waypoint.telemetry import RequestMetrics, RequestRecord
 log = logging.getLogger("veil.waypoint")
 CONNECT_TIMEOUT = 5.0
 MAX_IDLE_UPSTREAMS = 16
+DETECT_TIMEOUT = 5.0  # a client silent this long (a server-first protocol) is relayed as TCP
 
 
 @dataclass(frozen=True)
@@ -392,20 +399,31 @@ class WaypointServer:
         self, stream: Stream, dest: Destination, peer: SpiffeId, client_ip: str
     ) -> None:
         try:
-            first = await stream.receive()
-        except HboneError:
-            stream.close()
-            return
-        try:
-            kind = http1.detect(bytes(first[:24]))
+            kind, first = await self._detect(stream)
             if kind == "http1":
-                await self.http1(stream, bytes(first), dest, peer, client_ip)
+                await self.http1(stream, http1.skip_empty_lines(first), dest, peer, client_ip)
             elif kind == "h2":
-                await self.h2(stream, bytes(first), dest, peer, client_ip)
+                await self.h2(stream, first, dest, peer, client_ip)
             else:
-                await self.tcp(stream, bytes(first), dest, client_ip)
+                await self.tcp(stream, first, dest, peer, client_ip)
+        except HboneError:
+            stream.reset()
         finally:
             stream.close()
+
+    async def _detect(self, stream: Stream) -> tuple[str, bytes]:
+        """Read until the protocol is certain (`http1.detect`), at most DETECT_LIMIT bytes and
+        DETECT_TIMEOUT seconds; what is still undecided then is TCP, judged as TCP."""
+        buf = bytearray()
+        with trio.move_on_after(DETECT_TIMEOUT):
+            while (kind := http1.detect(bytes(buf))) is None:
+                chunk = await stream.receive()
+                if not chunk:
+                    break
+                buf += chunk
+            else:
+                return kind, bytes(buf)
+        return "tcp", bytes(buf)
 
     # -- upstreams -----------------------------------------------------------------------------
 
@@ -447,8 +465,17 @@ class WaypointServer:
         ]
         return await self.pool.open_stream((w.ip, expected), dial, f"{w.ip}:{port}", headers)
 
-    async def tcp(self, stream: Stream, first: bytes, dest: Destination, client_ip: str) -> None:
-        """Not HTTP: a TCP relay to one ready pod of the destination, over HBONE."""
+    async def tcp(
+        self, stream: Stream, first: bytes, dest: Destination, peer: SpiffeId, client_ip: str
+    ) -> None:
+        """Not HTTP: a TCP relay to one ready pod of the destination, over HBONE, once the
+        policies in scope allow it as TCP (`_authorize_tcp`)."""
+        denied = self._authorize_tcp(dest, client_ip, peer)
+        if denied is not None:
+            log.info("TCP from %s to %s denied: %s", peer, dest.authority, denied)
+            self.metrics.tcp_denied.inc()
+            stream.reset(ErrorCode.CONNECT_ERROR)
+            return
         target = (
             (dest.workload, dest.port)
             if dest.workload is not None
@@ -669,17 +696,47 @@ class WaypointServer:
             raise HttpError(504, "UT", f"no response within {timeout:g}s (timeouts.request)")
         await self._respond(down, stream, resp[0], resp[1], rule, rec)
 
-    def _authorize(
-        self, dest: Destination, facts: RequestFacts, client_ip: str, peer: SpiffeId
-    ) -> None:
-        """AuthorizationPolicies targeting this waypoint (Gateway) or the addressed Service,
-        L7 fields included; the principal is the original client's (its agent's tunnel)."""
+    def _policies_now(self) -> PolicySet:
         state = self.store.current
         if self._authz_version != state.version:
             self.policies = self.policies.update(state.others)
             self._authz_version = state.version
             for ref, err in self.policies.errors.items():
                 log.error("policy %s: %s", ref, err)
+        return self.policies
+
+    def _decide(
+        self, dest: Destination, client_ip: str, peer: SpiffeId, http: HttpFacts | None
+    ) -> Decision:
+        """The policies targeting this waypoint (Gateway) or the addressed Service; `http`
+        None judges a stream as TCP: an ALLOW rule with HTTP fields matches nothing and a DENY
+        rule with HTTP fields is applied without them (Istio's TCP filter chain)."""
+        service = dest.service.name if dest.service else None
+        f = Facts(
+            source_ip=client_ip or "0.0.0.0",
+            destination_ip=dest.authority.rsplit(":", 1)[0],
+            destination_port=dest.port,
+            principal=peer.istio_principal,
+            destination_namespace=self.cfg.namespace,
+            http=http,
+        )
+        return decide(
+            self._policies_now().policies.values(),
+            f,
+            at_waypoint(self.cfg.namespace, self.cfg.gateway, service),
+        )
+
+    def _authorize_tcp(self, dest: Destination, client_ip: str, peer: SpiffeId) -> str | None:
+        """Why a non-HTTP stream is refused, or None if the policies allow it as TCP."""
+        d = self._decide(dest, client_ip, peer, None)
+        return None if d.allowed else f"RBAC: access denied ({d.policy or '-'}: {d.reason})"
+
+    def _authorize(
+        self, dest: Destination, facts: RequestFacts, client_ip: str, peer: SpiffeId
+    ) -> None:
+        """AuthorizationPolicies targeting this waypoint (Gateway) or the addressed Service,
+        L7 fields included; the principal is the original client's (its agent's tunnel)."""
+        state = self.store.current
         service = dest.service.name if dest.service else None
         if self._jwt_version != state.version:
             self._jwt_policies = []
@@ -700,13 +757,11 @@ class WaypointServer:
         except jwt.JwtError as e:
             raise HttpError(401, "UAEX", f"Jwt verification fails: {e}") from None
         host = facts.header("host") or dest.authority
-        f = Facts(
-            source_ip=client_ip or "0.0.0.0",
-            destination_ip=dest.authority.rsplit(":", 1)[0],
-            destination_port=dest.port,
-            principal=peer.istio_principal,
-            destination_namespace=self.cfg.namespace,
-            http=HttpFacts(
+        d = self._decide(
+            dest,
+            client_ip,
+            peer,
+            HttpFacts(
                 facts.method,
                 facts.path,
                 host.rsplit(":", 1)[0],
@@ -714,11 +769,6 @@ class WaypointServer:
                 who.principal if who else None,
                 who.claims if who else {},
             ),
-        )
-        d = decide(
-            self.policies.policies.values(),
-            f,
-            at_waypoint(self.cfg.namespace, self.cfg.gateway, service),
         )
         if not d.allowed:
             raise HttpError(403, "RBAC", f"RBAC: access denied ({d.policy or '-'}: {d.reason})")

@@ -10,7 +10,6 @@ import re
 import secrets
 from collections.abc import Iterable
 
-HTTP1_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # RFC 9110 7.6.1: meaningful for one hop only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -30,14 +29,50 @@ TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _ids = random.Random(secrets.randbits(64))
 
 
-def detect(first: bytes) -> str:
-    """`http1`, `h2` (prior knowledge) or `tcp`, from the first bytes a client sent."""
-    if first.startswith(H2_PREFACE[: len(first)]) and first:
-        return "h2"
-    token = first.split(b" ", 1)[0]
-    if token in HTTP1_METHODS or (token == b"CONNECT" and b" HTTP/1." in first):
-        return "http1"
-    return "tcp"
+# RFC 9110 5.6.2: a method is a token; RFC 9112 3: request-line = method SP target SP version.
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/1\.[01]\r?")
+MAX_REQUEST_LINE = 8192  # longer than this without a line end: not HTTP/1.x we will parse
+
+
+def detect(buf: bytes) -> str | None:
+    """`http1`, `h2` (prior knowledge) or `tcp` once the first bytes a client sent make it
+    certain; None while they are still the start of an HTTP/1.x request line or of the HTTP/2
+    preface (read more, up to a limit and a deadline, then call it `tcp`).
+
+    A method is any RFC 9110 token (`post`, `PROPFIND`, `PURGE` ...), leading empty lines are
+    skipped (RFC 9112 2.2), and a request line split across reads is waited for: what is
+    judged as TCP must never be a request that policies would judge as HTTP.
+    """
+    if buf[:24] == H2_PREFACE[: len(buf[:24])]:
+        return "h2" if len(buf) >= len(H2_PREFACE) else None
+    data = skip_empty_lines(buf)
+    end = data.find(b"\n")
+    if end < 0:
+        if not data:
+            return None if len(buf) < MAX_REQUEST_LINE else "tcp"
+        if len(data) >= MAX_REQUEST_LINE or not _could_be_request_line(data):
+            return "tcp"
+        return None
+    return "http1" if _REQUEST_LINE.fullmatch(data[:end]) else "tcp"
+
+
+def skip_empty_lines(buf: bytes) -> bytes:
+    """The bytes after any empty lines (CRLF or LF) that precede a request line."""
+    return buf.lstrip(b"\r\n")
+
+
+def _could_be_request_line(prefix: bytes) -> bool:
+    """Whether `prefix` (no line end yet) can still grow into a request line."""
+    method, sp, rest = prefix.partition(b" ")
+    if not method or any(c not in _TCHAR for c in method):
+        return False
+    if not sp:
+        return True
+    target, sp, version = rest.partition(b" ")
+    if any(c < 0x21 or c > 0x7E for c in target):
+        return False
+    return not sp or any(v.startswith(version) for v in (b"HTTP/1.1\r", b"HTTP/1.0\r"))
 
 
 def end_to_end(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

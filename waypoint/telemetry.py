@@ -76,6 +76,11 @@ class RequestMetrics:
             ["backend", "response_code"],
             registry=registry,
         )
+        self.tcp_denied = Counter(
+            "veil_waypoint_tcp_denied",
+            "Non-HTTP streams refused by the AuthorizationPolicies in scope (judged as TCP)",
+            registry=registry,
+        )
 
     def record(self, r: RequestRecord) -> None:
         labels = (

@@ -252,3 +252,98 @@ async def test_a_waypoint_reply_to_a_reset_http2_stream_leaves_the_connection_se
     events = client.receive_data(bytes(pipe.out))
     answered = [e.stream_id for e in events if isinstance(e, h2.events.ResponseReceived)]
     assert answered == [3]
+
+
+# -- policy bypasses at the waypoint: detection and the TCP path ---------------------------------
+
+
+def deny_admin_policy() -> dict[str, Any]:
+    return {
+        "apiVersion": "security.veil.dev/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"namespace": "shop", "name": "no-admin"},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "name": "catalog"}],
+            "action": "DENY",
+            "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}],
+        },
+    }
+
+
+def with_state(wp: WaypointServer, *objects: dict[str, Any]) -> None:
+    from agent.state.model import build_state  # noqa: PLC0415
+
+    wp.store.update(build_state(list(objects), wp.store.current.version + 1))
+
+
+async def feed(pipe: Pipe, *parts: bytes, pause: float = 0.05) -> None:
+    for p in parts:
+        await pipe.tx.send(p)
+        await trio.sleep(pause)
+    await pipe.tx.aclose()
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        (b"G", b"ET /admin HTTP/1.1\r\nHost: catalog\r\n\r\n"),  # split after one byte
+        (b"GET /adm", b"in/x HTTP/1.1\r\nHost: catalog\r\n\r\n"),
+        (b"\r\n", b"GET /admin HTTP/1.1\r\nHost: catalog\r\n\r\n"),  # leading empty line
+        (b"PROPFIND /admin HTTP/1.1\r\nHost: catalog\r\n\r\n",),  # an extension method
+        (b"post /admin HTTP/1.1\r\nHost: catalog\r\ncontent-length: 0\r\n\r\n",),
+    ],
+)
+async def test_split_or_unusual_requests_are_judged_as_http(tmp_path, parts):
+    """Issue 17.9: these were classified `tcp` and relayed with no authorization at all."""
+    wp = waypoint(tmp_path)
+    with_state(wp, deny_admin_policy())
+    pipe = Pipe()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed, pipe, *parts)
+        with trio.fail_after(5):
+            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
+    assert pipe.out.startswith(b"HTTP/1.1 403 ")
+
+
+@pytest.mark.parametrize(
+    "wire", [b"\x16\x03\x01\x02\x00hello", b"SSH-2.0-OpenSSH_9.2\r\n", b"GET " + b"a" * 9000]
+)
+async def test_non_http_streams_are_judged_as_tcp(tmp_path, wire):
+    """Issue 17.10: a DENY rule with HTTP fields applies without them on the TCP path."""
+    wp = waypoint(tmp_path)
+    with_state(wp, deny_admin_policy())
+    pipe = Pipe()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed, pipe, wire)
+        with trio.fail_after(5):
+            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
+    assert pipe.reset_code is not None and not pipe.out
+    assert wp.metrics.tcp_denied._value.get() == 1
+
+
+def test_tcp_judgement_follows_istios_tcp_chain(tmp_path):
+    """An ALLOW rule with HTTP fields matches nothing on TCP; L4-only rules apply as written."""
+    wp = waypoint(tmp_path)
+    allow_get = {
+        "apiVersion": "security.veil.dev/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"namespace": "shop", "name": "get-only"},
+        "spec": {
+            "targetRefs": [{"kind": "Gateway", "name": "waypoint"}],
+            "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}],
+        },
+    }
+    allow_frontend = {
+        **allow_get,
+        "metadata": {"namespace": "shop", "name": "frontend"},
+        "spec": {
+            "targetRefs": [{"kind": "Gateway", "name": "waypoint"}],
+            "rules": [{"from": [{"source": {"principals": [FRONTEND.istio_principal]}}]}],
+        },
+    }
+    with_state(wp)
+    assert wp._authorize_tcp(DEST, "10.244.1.5", FRONTEND) is None  # no policy: allowed
+    with_state(wp, allow_get)
+    assert wp._authorize_tcp(DEST, "10.244.1.5", FRONTEND) is not None
+    with_state(wp, allow_get, allow_frontend)
+    assert wp._authorize_tcp(DEST, "10.244.1.5", FRONTEND) is None

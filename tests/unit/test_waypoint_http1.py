@@ -13,10 +13,23 @@ from waypoint import http1
         (b"GET / HTTP/1.1\r\n", "http1"),
         (b"POST /x HTTP/1.1\r\n", "http1"),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "h2"),
-        (b"PRI * HTTP/2", "h2"),  # a first read may be short
+        (b"PRI * HTTP/2", None),  # a first read may be short: read on
         (b"\x16\x03\x01\x02\x00", "tcp"),  # TLS inside the tunnel
-        (b"SSH-2.0-OpenSSH", "tcp"),
-        (b"", "tcp"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "tcp"),
+        (b"", None),
+        # Issue 17.9: what used to be judged as TCP and relayed with no policy at all.
+        (b"G", None),  # split request: wait for the rest of the line
+        (b"GET /adm", None),
+        (b"GET /admin HTTP/1.", None),
+        (b"post /cart HTTP/1.1\r\n", "http1"),  # a method is any token
+        (b"PROPFIND / HTTP/1.1\r\n", "http1"),
+        (b"PURGE /x HTTP/1.0\n", "http1"),
+        (b"\r\nGET / HTTP/1.1\r\n", "http1"),  # leading empty line (RFC 9112 2.2)
+        (b"\r\n\r\n", None),
+        (b"GET / HTTP/2.0\r\n", "tcp"),  # not HTTP/1.x
+        (b"GET /a b HTTP/1.1\r\n", "tcp"),
+        (b"GE\x00T", "tcp"),
+        (b"GET " + b"a" * 9000, "tcp"),  # no line end within the limit
     ],
 )
 def test_protocol_detection(first, kind):
