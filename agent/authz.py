@@ -70,7 +70,7 @@ class HttpFacts:
 
     method: str
     path: str  # without the query string
-    host: str  # without the port
+    host: str  # the Host / :authority as sent (port included), lower case, no trailing dot
     headers: Mapping[str, str]  # lower-case names
     request_principal: str | None = None  # "<iss>/<sub>" of a validated JWT
     claims: Mapping[str, Any] = field(default_factory=dict)
@@ -441,6 +441,8 @@ def _operation_matches(op: Mapping[str, tuple[str, ...]], f: Facts) -> bool:
     h = f.http
     if h is None:
         return True  # L7 fields: the agent judges the L4 part only (see rule_matches)
+    # `hosts` match the authority as Istio does (case-insensitive, port included: list
+    # `catalog` and `catalog:9080`, or `catalog*`); the waypoint drops a trailing dot.
     for key, value in (("hosts", h.host.lower()), ("methods", h.method), ("paths", h.path)):
         if key in op and not _strings_match(
             [v.lower() if key == "hosts" else v for v in op[key]], value

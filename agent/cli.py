@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file", type=Path, default=env("VEIL_TOKEN_FILE"), help="the pod's own credential"
     )
     wp.add_argument("--trust-domain", default=env("VEIL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
+    wp.add_argument(
+        "--path-normalization",
+        default=env("VEIL_PATH_NORMALIZATION", "MERGE_SLASHES"),
+        choices=["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"],
+        help="how request paths are normalized before policy and routing (Istio's options)",
+    )
     wp.add_argument("--log-level", default="info", choices=LEVELS)
 
     lb = labsub.add_parser("label", help="set (k=v) or remove (k-) labels of a namespace or pod")
@@ -351,6 +357,7 @@ def run_daemon(args: argparse.Namespace) -> int:
             trio.run(Agent(acfg).run)
         else:
             from waypoint.app import WaypointConfig, WaypointServer  # noqa: PLC0415
+            from waypoint.normalize import PathNormalization  # noqa: PLC0415
 
             missing = [
                 f"--{n.replace('_', '-')}"
@@ -369,6 +376,7 @@ def run_daemon(args: argparse.Namespace) -> int:
                         ca_root=args.ca_root,
                         token_file=args.token_file,
                         trust_domain=args.trust_domain,
+                        path_normalization=PathNormalization(args.path_normalization),
                     )
                 ).run
             )

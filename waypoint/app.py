@@ -53,8 +53,9 @@ from agent.state.model import MeshState, Service, Workload
 from agent.state.sources.manifests import ManifestSource
 from agent.state.store import StateStore
 from agent.telemetry.admin import AdminService
-from waypoint import http1, jwt
+from waypoint import http1, jwt, normalize
 from waypoint.http2 import H2Exchange, H2Server
+from waypoint.normalize import BadTarget, PathNormalization
 from waypoint.resilience import (
     GROUP,
     KIND,
@@ -99,6 +100,7 @@ class WaypointConfig:
     listen: tuple[str, int] = ("0.0.0.0", HBONE_PORT)
     metrics_listen: tuple[str, int] = ("0.0.0.0", 15020)
     ready_listen: tuple[str, int] = ("0.0.0.0", 15021)
+    path_normalization: PathNormalization = normalize.DEFAULT
 
 
 @dataclass(frozen=True)
@@ -583,6 +585,8 @@ class WaypointServer:
         ok = True
         try:
             try:
+                req = self._normalized(req)
+                rec.path = req.target.decode("latin-1")
                 await self._exchange(down, stream, req, dest, rec, client_ip, peer)
             except h11.RemoteProtocolError as e:  # the client's body broke HTTP/1.1 framing
                 raise HttpError(400, "DPE", f"bad request: {e}") from None
@@ -595,6 +599,24 @@ class WaypointServer:
         rec.duration_ms = (time.monotonic() - started) * 1000
         self.metrics.record(rec)
         return ok
+
+    def _normalized(self, req: h11.Request) -> h11.Request:
+        """The request with its target in the one spelling policies, routes and the backend
+        all see (`waypoint.normalize`); an absolute-form target's authority becomes the Host
+        (RFC 9112 3.2.2). An unusable target: HttpError 400."""
+        raw = req.target.decode("latin-1")
+        try:
+            t = normalize.normalize_target(
+                raw, self.cfg.path_normalization, req.method.decode("latin-1")
+            )
+        except BadTarget as e:
+            raise HttpError(400, "DPE", f"bad request target: {e}") from None
+        if t.authority is None and t.target == raw:
+            return req
+        headers = [(n, v) for n, v in req.headers if t.authority is None or n != b"host"]
+        if t.authority is not None:
+            headers.insert(0, (b"host", t.authority.encode("latin-1")))
+        return h11.Request(method=req.method, target=t.target, headers=headers)
 
     def _record(
         self, req: h11.Request, dest: Destination, peer: SpiffeId, client_ip: str
@@ -764,7 +786,7 @@ class WaypointServer:
             HttpFacts(
                 facts.method,
                 facts.path,
-                host.rsplit(":", 1)[0],
+                normalize.normalize_authority(host),
                 dict(facts.headers),
                 who.principal if who else None,
                 who.claims if who else {},
