@@ -24,10 +24,9 @@ from agent.grammar import decimal, port_number
 from agent.hbone.conn import ConnectRequest, RequestReceived, check_request, parse_authority
 from agent.hbone.io import HboneError, HboneIO
 from agent.proxy.pod import serve
-from agent.state.model import Service
 from tests.support.hbone import FRONTEND, hbone_pair, on_request
-from tests.unit.test_waypoint_conversations import Pipe
-from waypoint.app import Destination, WaypointConfig, WaypointServer, send
+from tests.support.waypoint import DEST, Pipe, feed, waypoint, with_state
+from waypoint.app import send
 from waypoint.http2 import H2Exchange, H2Server
 
 
@@ -180,16 +179,6 @@ def test_a_connect_with_a_unicode_digit_port_is_a_bad_request():
 # -- the waypoint -------------------------------------------------------------------------------
 
 
-def waypoint(tmp_path: Path) -> WaypointServer:
-    cfg = WaypointConfig(
-        "waypoint", "shop", tmp_path, ("127.0.0.1", 1), tmp_path / "r", tmp_path / "t"
-    )
-    return WaypointServer(cfg)
-
-
-DEST = Destination("10.96.0.5:80", Service("shop", "catalog", "10.96.0.5", ()), 80)
-
-
 @pytest.mark.parametrize(
     "wire",
     [
@@ -268,19 +257,6 @@ def deny_admin_policy() -> dict[str, Any]:
             "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}],
         },
     }
-
-
-def with_state(wp: WaypointServer, *objects: dict[str, Any]) -> None:
-    from agent.state.model import build_state  # noqa: PLC0415
-
-    wp.store.update(build_state(list(objects), wp.store.current.version + 1))
-
-
-async def feed(pipe: Pipe, *parts: bytes, pause: float = 0.05) -> None:
-    for p in parts:
-        await pipe.tx.send(p)
-        await trio.sleep(pause)
-    await pipe.tx.aclose()
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ import h2.events
 import pytest
 import trio
 
-from tests.unit.test_barriers import DEST, FRONTEND, Pipe, feed, waypoint, with_state
+from tests.support.hbone import FRONTEND
+from tests.support.waypoint import DEST, Pipe, feed, waypoint, with_state
 
 
 def policy(name: str, action: str, operation: dict[str, Any]) -> dict[str, Any]:

@@ -12,38 +12,11 @@ import h2.events
 import h11
 import trio
 
+from tests.support.waypoint import Pipe
 from waypoint.app import next_event, send
 from waypoint.http2 import H2Exchange, H2Server
 
 NO_STREAM: Any = None  # an HTTP/2 exchange carries its own stream
-
-
-class Pipe:
-    """What the waypoint needs of an HBONE stream: receive, send, end."""
-
-    def __init__(self) -> None:
-        self.tx, self.rx = trio.open_memory_channel[bytes](100)
-        self.out = bytearray()
-        self.sent_eof = False
-        self.reset_code: int | None = None
-
-    async def receive(self) -> bytes:
-        try:
-            return await self.rx.receive()
-        except trio.EndOfChannel:
-            return b""
-
-    async def send(self, data: Any) -> None:
-        self.out += bytes(data)
-
-    async def send_eof(self) -> None:
-        self.sent_eof = True
-
-    def reset(self, code: Any = None) -> None:
-        self.reset_code = 8
-
-    def close(self) -> None:
-        pass
 
 
 def pipe_stream(pipe: Pipe) -> Any:
