@@ -532,7 +532,7 @@ class WaypointServer:
         down.receive_data(first)
         try:
             while True:
-                ev = await next_event(down, stream)
+                ev = await self._request_head(down, stream)
                 if not isinstance(ev, h11.Request):
                     break
                 if not await self._one_request(down, stream, ev, dest, peer, client_ip):
@@ -548,7 +548,8 @@ class WaypointServer:
                     break
         except h11.RemoteProtocolError as e:
             # Not HTTP/1.1 we can frame with certainty (two Host headers, an oversized head,
-            # bad chunking): answered 400 when no response has begun, and the stream ends.
+            # ambiguous framing, bad chunking): answered 400 when no response has begun, and
+            # the stream ends, so nothing after the doubt is read as a request.
             log.info("HTTP/1.1 from %s refused: %s", peer, e)
             if down.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 await self._local_reply(down, stream, 400, f"bad request: {e}")
@@ -556,6 +557,25 @@ class WaypointServer:
                 stream.reset()
                 return
         await stream.send_eof()
+
+    async def _request_head(self, down: h11.Connection, stream: Stream) -> Any:
+        """The next event of a request's start (a Request, or the connection's end), with the
+        head's raw bytes checked for ambiguous framing (`http1.framing_doubt`), which h11
+        would let through: RemoteProtocolError then."""
+        raw = bytearray(down.trailing_data[0])  # a pipelined head may have arrived already
+        while True:
+            ev = down.next_event()
+            if ev is not h11.NEED_DATA:
+                if isinstance(ev, h11.Request) and (doubt := http1.framing_doubt(bytes(raw))):
+                    raise h11.RemoteProtocolError(f"ambiguous framing: {doubt}", 400)
+                return ev
+            try:
+                data = await stream.receive()
+            except HboneError:
+                data = b""
+            if len(raw) < http1.MAX_HEAD:
+                raw += data
+            down.receive_data(bytes(data))
 
     async def h2(
         self, stream: Stream, first: bytes, dest: Destination, peer: SpiffeId, client_ip: str

@@ -75,6 +75,44 @@ def _could_be_request_line(prefix: bytes) -> bool:
     return not sp or any(v.startswith(version) for v in (b"HTTP/1.1\r", b"HTTP/1.0\r"))
 
 
+_BARE_CR_OR_LF = re.compile(rb"(?<!\r)\n|\r(?!\n)")
+_FOLDED = re.compile(rb"\r\n[ \t]")
+_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*)", re.I)
+MAX_HEAD = 64 * 1024  # h11 refuses larger heads (16 KiB), so this much always holds one
+
+
+def framing_doubt(raw: bytes) -> str | None:
+    """Why a request head's framing is ambiguous, or None.
+
+    h11 accepts some heads that proxies and backends read differently, the root of request
+    smuggling: Content-Length beside Transfer-Encoding (h11 forwards both), a repeated
+    Content-Length (merged when equal), bare LF or CR line ends, folded header lines, and a
+    Transfer-Encoding other than exactly `chunked`. `raw` is the head as received, from its
+    request line on (anything after the blank line is ignored).
+    """
+    end = raw.find(b"\r\n\r\n")
+    head = raw if end < 0 else raw[: end + 2]
+    if _BARE_CR_OR_LF.search(head):
+        return "a line ends in a bare LF or CR"
+    if _FOLDED.search(head):
+        return "a folded header line (obs-fold)"
+    lengths = encodings = 0
+    for name, value in _FRAMING.findall(head):
+        if name.lower() == b"content-length":
+            lengths += 1
+        else:
+            encodings += 1
+            if value.strip().lower() != b"chunked":
+                return f"Transfer-Encoding {value.strip()[:32]!r} is not just chunked"
+    if lengths > 1:
+        return "more than one Content-Length"
+    if encodings > 1:
+        return "more than one Transfer-Encoding"
+    if lengths and encodings:
+        return "Content-Length together with Transfer-Encoding"
+    return None
+
+
 def end_to_end(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Drop hop-by-hop headers and those the Connection header names."""
     pairs = list(headers)

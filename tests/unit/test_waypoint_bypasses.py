@@ -3,6 +3,7 @@ spelling, over HTTP/1.1 and HTTP/2, must get the same verdict (no sockets, no la
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import h2.config
@@ -102,3 +103,34 @@ async def test_hosts_match_the_authority_as_istio_does(tmp_path, rule, host, den
     wire = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
     assert (await http1_status(wp, wire) == 403) is denied
     assert (await http2_status(wp, "/", host) == 403) is denied
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST / HTTP/1.1\r\nHost: c\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: c\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: c\r\nTransfer-Encoding:\tchunked\r\n x\r\n\r\n",  # folded
+        b"POST / HTTP/1.1\nHost: c\nContent-Length: 4\n\n",  # bare LF
+        b"POST / HTTP/1.1\r\nHost: c\rContent-Length: 4\r\n\r\n",  # bare CR
+        b"POST / HTTP/1.1\r\nHost: c\r\nContent-Length : 4\r\n\r\n",  # space in the name
+        # The second, pipelined request carries the ambiguity.
+        b"GET / HTTP/1.1\r\nHost: c\r\n\r\n"
+        b"POST / HTTP/1.1\r\nHost: c\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+async def test_ambiguous_framing_is_refused_with_400_and_the_stream_ends(tmp_path, head):
+    """Issue 17.13: request smuggling."""
+    wp = waypoint(tmp_path)
+    with_state(wp)
+    pipe = Pipe()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed, pipe, head + b"0\r\n\r\n")
+        with trio.fail_after(5):
+            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")
+    statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", bytes(pipe.out))]
+    assert statuses[-1] == 400
+    assert pipe.sent_eof or pipe.reset_code is not None
