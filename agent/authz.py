@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,9 +307,21 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
     refs = []
     raw_refs = spec.get("targetRefs") or ([spec["targetRef"]] if spec.get("targetRef") else [])
     for i, t in enumerate(raw_refs):
-        if not isinstance(t, dict) or t.get("kind") not in ("Gateway", "Service"):
-            raise PolicyError(ref, f"spec.targetRefs[{i}].kind", "expected Gateway or Service")
-        refs.append((str(t["kind"]), str(t.get("name", ""))))
+        kind = t.get("kind") if isinstance(t, dict) else None
+        if kind == "GatewayClass":
+            if md.get("namespace") != ROOT_NAMESPACE or t.get("name") != WAYPOINT_CLASS:
+                raise PolicyError(
+                    ref,
+                    f"spec.targetRefs[{i}]",
+                    f"a GatewayClass target must be {WAYPOINT_CLASS!r}, from a policy in the "
+                    f"root namespace {ROOT_NAMESPACE!r}",
+                )
+        elif kind not in ("Gateway", "Service"):
+            raise PolicyError(
+                ref, f"spec.targetRefs[{i}].kind", "expected Gateway, Service or GatewayClass"
+            )
+        assert isinstance(t, dict)
+        refs.append((str(kind), str(t.get("name", ""))))
     return Policy(
         namespace=md.get("namespace", "default"),
         name=str(md.get("name", "?")),
@@ -518,18 +530,25 @@ def rule_matches(rule: Rule, f: Facts, action: str) -> bool:
     )
 
 
-def at_waypoint(namespace: str, gateway: str, service: str | None) -> Callable[[Policy], bool]:
-    """Which policies a waypoint enforces for a request: those whose targetRefs name it (the
-    Gateway) or the Service the request addressed, in that namespace."""
+WAYPOINT_CLASS = "veil-waypoint"
+
+
+def at_waypoint(
+    namespace: str, gateway: str, services: Collection[str]
+) -> Callable[[Policy], bool]:
+    """Which policies a waypoint enforces for a request: those in its namespace whose
+    targetRefs name it (the Gateway) or a Service the request addressed (a pod addressed by
+    IP: every Service that selects it), and those in the root namespace that target the
+    GatewayClass `veil-waypoint` (every waypoint of the mesh)."""
 
     def scope(p: Policy) -> bool:
-        return (
-            p.waypoint
-            and p.namespace == namespace
-            and any(
-                (kind == "Gateway" and name == gateway) or (kind == "Service" and name == service)
-                for kind, name in p.target_refs
-            )
+        if not p.waypoint:
+            return False
+        if p.namespace == ROOT_NAMESPACE and ("GatewayClass", WAYPOINT_CLASS) in p.target_refs:
+            return True
+        return p.namespace == namespace and any(
+            (kind == "Gateway" and name == gateway) or (kind == "Service" and name in services)
+            for kind, name in p.target_refs
         )
 
     return scope

@@ -111,6 +111,15 @@ class Destination:
     service: Service | None
     port: int
     workload: Workload | None = None
+    # The Services whose Service-targeted policies apply: the addressed one, or for a pod
+    # addressed by IP every Service of this namespace that selects it.
+    policy_services: tuple[str, ...] = ()
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        if self.policy_services:
+            return self.policy_services
+        return (self.service.name,) if self.service is not None else ()
 
 
 @dataclass
@@ -363,25 +372,41 @@ class WaypointServer:
         io.on_request = lambda ev, conn: self._on_request(ev, conn, peer_id)
         await io.run()
 
-    def _destination(self, state: MeshState, target: tuple[str, int]) -> Destination | None:
+    def _destination(self, state: MeshState, target: tuple[str, int]) -> Destination | str:
+        """What a CONNECT may reach through this waypoint, or why not: a Service VIP whose
+        traffic this waypoint takes, or a pod bound to it (its own `use-waypoint`, or a
+        Service of its that uses this waypoint). Anything else would let a client carry its
+        traffic under the waypoint's identity past policies that target that Service."""
+        me = (self.cfg.namespace, self.cfg.gateway)
         authority = f"{target[0]}:{target[1]}"
         hit = state.services_by_vip.get(target)
         if hit is not None:
+            wp = state.service_waypoint(hit[0])
+            if wp is None or (wp.namespace, wp.name) != me:
+                return f"service {hit[0].namespace}/{hit[0].name} is not served by this waypoint"
             return Destination(authority, hit[0], target[1])
         w = state.workloads_by_ip.get(target[0])
-        if w is not None:
-            return Destination(authority, None, target[1], w)
-        return None
+        if w is None:
+            return f"unknown destination {authority}"
+        own = state.workload_waypoint(w)
+        served = any(
+            (wp := state.service_waypoint(s)) is not None and (wp.namespace, wp.name) == me
+            for s in state.services_of(w)
+        )
+        if not served and (own is None or (own.namespace, own.name) != me):
+            return f"pod {w.key} is not served by this waypoint"
+        names = tuple(s.name for s in state.services_of(w) if s.namespace == self.cfg.namespace)
+        return Destination(authority, None, target[1], w, names)
 
     def _on_request(self, ev: RequestReceived, io: HboneIO, peer: SpiffeId) -> None:
         req = check_request(ev)
         dest = (
-            None
+            req.why
             if isinstance(req, BadRequest)
             else self._destination(self.store.current, req.target)
         )
-        if isinstance(req, BadRequest) or dest is None:
-            why = req.why if isinstance(req, BadRequest) else f"unknown destination {req.target}"
+        if isinstance(req, BadRequest) or isinstance(dest, str):
+            why = req.why if isinstance(req, BadRequest) else str(dest)
             log.info("HBONE from %s: 400, %s", peer, why)
             io.conn.respond(req.stream_id, 400, end_stream=True)
             io.queue_output()
@@ -753,7 +778,6 @@ class WaypointServer:
         """The policies targeting this waypoint (Gateway) or the addressed Service; `http`
         None judges a stream as TCP: an ALLOW rule with HTTP fields matches nothing and a DENY
         rule with HTTP fields is applied without them (Istio's TCP filter chain)."""
-        service = dest.service.name if dest.service else None
         f = Facts(
             source_ip=client_ip or "0.0.0.0",
             destination_ip=dest.authority.rsplit(":", 1)[0],
@@ -765,7 +789,7 @@ class WaypointServer:
         return decide(
             self._policies_now().policies.values(),
             f,
-            at_waypoint(self.cfg.namespace, self.cfg.gateway, service),
+            at_waypoint(self.cfg.namespace, self.cfg.gateway, dest.services),
         )
 
     def _authorize_tcp(self, dest: Destination, client_ip: str, peer: SpiffeId) -> str | None:
@@ -779,7 +803,6 @@ class WaypointServer:
         """AuthorizationPolicies targeting this waypoint (Gateway) or the addressed Service,
         L7 fields included; the principal is the original client's (its agent's tunnel)."""
         state = self.store.current
-        service = dest.service.name if dest.service else None
         if self._jwt_version != state.version:
             self._jwt_policies = []
             for obj in state.others:
@@ -792,7 +815,7 @@ class WaypointServer:
         authn = [
             p
             for p in self._jwt_policies
-            if p.applies(self.cfg.namespace, self.cfg.gateway, service)
+            if p.applies(self.cfg.namespace, self.cfg.gateway, dest.services)
         ]
         try:
             who = jwt.authenticate(authn, facts.headers) if authn else None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,9 +168,9 @@ class RequestAuthentication:
     target_refs: tuple[tuple[str, str], ...]
     rules: tuple[JwtRule, ...]
 
-    def applies(self, namespace: str, gateway: str, service: str | None) -> bool:
+    def applies(self, namespace: str, gateway: str, services: Collection[str]) -> bool:
         return self.namespace == namespace and any(
-            (k == "Gateway" and n == gateway) or (k == "Service" and n == service)
+            (k == "Gateway" and n == gateway) or (k == "Service" and n in services)
             for k, n in self.target_refs
         )
 

@@ -272,7 +272,7 @@ def test_l7_rules_are_enforced_at_the_waypoint_only():
         "      to: [{operation: {methods: [GET], paths: ['/items*']}}]\n"
         "      when: [{key: 'request.headers[x-team]', values: [blue]}]\n"
     )
-    scope = at_waypoint("shop", "waypoint", "catalog")
+    scope = at_waypoint("shop", "waypoint", ("catalog",))
     assert decide([p], request(path="/items/1", x_team="blue"), scope).allowed
     assert not decide([p], request(path="/admin", x_team="blue"), scope).allowed
     assert not decide([p], request("POST", "/items", x_team="blue"), scope).allowed
@@ -280,7 +280,7 @@ def test_l7_rules_are_enforced_at_the_waypoint_only():
     other = "cluster.local/ns/shop/sa/frontend"
     assert not decide([p], request(path="/items", principal=other, x_team="blue"), scope).allowed
     # other waypoints and other services' requests are not in its scope; the agent ignores it
-    assert decide([p], request(path="/admin"), at_waypoint("shop", "other", "cart")).allowed
+    assert decide([p], request(path="/admin"), at_waypoint("shop", "other", ("cart",))).allowed
     assert decide([p], facts()).allowed
 
 
@@ -290,7 +290,7 @@ def test_a_deny_on_l7_fields_and_a_never_valid_waypoint_policy():
     deny = l7_policy(
         "  action: DENY\n  rules: [{to: [{operation: {paths: ['/admin*'], notMethods: [GET]}}]}]\n"
     )
-    scope = at_waypoint("shop", "waypoint", "catalog")
+    scope = at_waypoint("shop", "waypoint", ("catalog",))
     assert not decide([deny], request("POST", "/admin/x"), scope).allowed
     assert decide([deny], request("GET", "/admin/x"), scope).allowed
     broken = {

@@ -130,7 +130,111 @@ async def test_ambiguous_framing_is_refused_with_400_and_the_stream_ends(tmp_pat
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed, pipe, head + b"0\r\n\r\n")
         with trio.fail_after(5):
-            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")
+            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
     statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", bytes(pipe.out))]
     assert statuses[-1] == 400
     assert pipe.sent_eof or pipe.reset_code is not None
+
+
+# -- which destinations the waypoint serves (issue 17.14) ----------------------------------------
+
+
+def cluster(*extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """shop (its Services use waypoint `waypoint`) and other (no waypoint)."""
+
+    def ns(name: str, labels: dict[str, str]) -> dict[str, Any]:
+        return {"kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+    def svc(ns: str, name: str, vip: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+        return {
+            "kind": "Service",
+            "metadata": {"namespace": ns, "name": name, "labels": labels or {}},
+            "spec": {"clusterIP": vip, "ports": [{"port": 80}], "selector": {"app": name}},
+        }
+
+    def pod(ns: str, name: str, app: str, ip: str) -> dict[str, Any]:
+        return {
+            "kind": "Pod",
+            "metadata": {"namespace": ns, "name": name, "labels": {"app": app}},
+            "spec": {"nodeName": "node1"},
+            "status": {"podIP": ip, "phase": "Running"},
+        }
+
+    return [
+        ns("shop", {"veil.dev/use-waypoint": "waypoint"}),
+        ns("other", {}),
+        {
+            "kind": "Gateway",
+            "metadata": {"namespace": "shop", "name": "waypoint"},
+            "spec": {"gatewayClassName": "veil-waypoint"},
+        },
+        svc("shop", "cart", "10.96.0.7"),
+        svc("shop", "legacy", "10.96.0.8", {"veil.dev/use-waypoint": "none"}),
+        svc("other", "db", "10.96.0.9"),
+        pod("shop", "cart-1", "cart", "10.244.1.7"),
+        pod("shop", "legacy-1", "legacy", "10.244.1.8"),
+        pod("other", "db-1", "db", "10.244.2.9"),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("target", "served"),
+    [
+        (("10.96.0.7", 80), True),  # shop/cart's VIP: its Service uses this waypoint
+        (("10.244.1.7", 80), True),  # a cart pod: bound through its Service
+        (("10.96.0.8", 80), False),  # a Service that opted out
+        (("10.244.1.8", 80), False),  # ... and its pod
+        (("10.96.0.9", 80), False),  # another namespace's Service
+        (("10.244.2.9", 80), False),  # another namespace's pod
+        (("10.0.0.1", 80), False),  # nothing known
+    ],
+)
+def test_the_waypoint_takes_connects_only_for_what_it_serves(tmp_path, target, served):
+    wp = waypoint(tmp_path)
+    with_state(wp, *cluster())
+    dest = wp._destination(wp.store.current, target)
+    assert isinstance(dest, str) is not served, dest
+
+
+async def test_a_pod_addressed_by_ip_is_judged_by_its_services_policies(tmp_path):
+    """POST to cart's pod IP got 200 where the Service-targeted policy denies POST."""
+    wp = waypoint(tmp_path)
+    no_post = {
+        "apiVersion": "security.veil.dev/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"namespace": "shop", "name": "cart-no-post"},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "name": "cart"}],
+            "action": "DENY",
+            "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}],
+        },
+    }
+    with_state(wp, *cluster(no_post))
+    for target in (("10.96.0.7", 80), ("10.244.1.7", 80)):
+        dest = wp._destination(wp.store.current, target)
+        assert not isinstance(dest, str)
+        pipe = Pipe()
+        wire = b"POST / HTTP/1.1\r\nHost: cart\r\nContent-Length: 0\r\n\r\n"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed, pipe, wire)
+            with trio.fail_after(5):
+                await wp.serve_stream(pipe, dest, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
+        assert bytes(pipe.out).startswith(b"HTTP/1.1 403 "), target
+
+
+async def test_a_default_deny_on_the_gateway_class_holds_at_every_waypoint(tmp_path):
+    """Issue 17.17: a root-namespace policy targeting GatewayClass veil-waypoint."""
+    wp = waypoint(tmp_path)
+    deny_all = {
+        "apiVersion": "security.veil.dev/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"namespace": "veil-system", "name": "default-deny"},
+        "spec": {"targetRefs": [{"kind": "GatewayClass", "name": "veil-waypoint"}]},
+    }
+    with_state(wp, *cluster(deny_all))
+    dest = wp._destination(wp.store.current, ("10.96.0.7", 80))
+    assert not isinstance(dest, str)
+    assert await http1_status(wp, b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n") == 403
+    assert wp._authorize_tcp(dest, "10.244.1.5", FRONTEND) is not None
+    assert wp.policies.errors == {}
