@@ -76,7 +76,9 @@ from waypoint.routes import (
     Selected,
     parse_routes,
     pick_backend,
+    reference_granted,
     replace_path,
+    routes_for_client,
     select,
 )
 from waypoint.telemetry import RequestMetrics, RequestRecord
@@ -697,7 +699,7 @@ class WaypointServer:
         headers = _str_headers(req.headers)
         facts = RequestFacts.of(rec.method, rec.path, headers)
         self._authorize(dest, facts, client_ip, peer)
-        hit, backend = self._route(dest, facts, rec)
+        hit, backend = self._route(dest, facts, rec, peer.namespace)
         rule = hit.rule if hit else None
         policy = self._traffic_policy(dest)
         route_policy = self._route_policy(hit)
@@ -713,7 +715,8 @@ class WaypointServer:
         retry = retry or RetryPolicy(attempts=0)
         if rule is not None and body is not None:
             for ref in rule.mirrors:
-                self._mirror(ref, req.method, target, out, body, client_ip)
+                if self._granted(hit, ref):
+                    self._mirror(ref, req.method, target, out, body, client_ip)
         timeout = rule.timeout if rule and rule.timeout else float("inf")
         resp: tuple[Upstream, Any] | None = None
         with trio.move_on_after(timeout):
@@ -839,13 +842,14 @@ class WaypointServer:
             raise HttpError(403, "RBAC", f"RBAC: access denied ({d.policy or '-'}: {d.reason})")
 
     def _route(
-        self, dest: Destination, facts: RequestFacts, rec: RequestRecord
+        self, dest: Destination, facts: RequestFacts, rec: RequestRecord, client_ns: str
     ) -> tuple[Selected | None, Service | None]:
-        """The HTTPRoute rule (if any route attaches) and the backend Service it chose."""
+        """The HTTPRoute rule (if any route applies to this client) and the backend Service
+        it chose."""
         if dest.service is None:
             return None, None
         svc = dest.service
-        attached = [r for r in self.routes() if r.attaches_to(svc.namespace, svc.name, dest.port)]
+        attached = routes_for_client(self.routes(), svc.namespace, svc.name, dest.port, client_ns)
         if not attached:
             return None, svc
         hit = select(attached, facts)
@@ -857,10 +861,23 @@ class WaypointServer:
         ref = pick_backend(hit.rule, self.rng)
         if ref is None:
             raise HttpError(500, "NR", f"HTTPRoute {hit.route.key}: no backend with weight")
+        if not self._granted(hit, ref):
+            raise HttpError(
+                500,
+                "NR",
+                f"HTTPRoute {hit.route.key}: backendRef {ref.namespace}/{ref.name} is in "
+                "another namespace and no ReferenceGrant there permits it",
+            )
         backend = self._service(ref.namespace, ref.name)
         if backend is None:
             raise HttpError(500, "NR", f"backend Service {ref.namespace}/{ref.name} is unknown")
         return hit, backend
+
+    def _granted(self, hit: Selected | None, ref: BackendRef) -> bool:
+        assert hit is not None
+        return reference_granted(
+            self.store.current.others, hit.route.namespace, ref.namespace, ref.name
+        )
 
     def _service(self, namespace: str, name: str) -> Service | None:
         return next(

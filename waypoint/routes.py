@@ -287,7 +287,7 @@ def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
             if kind == "Service" and group in ("", "core"):
                 parents.append((p.get("namespace", ns), str(p["name"]), p.get("port")))
             elif kind != "Gateway":
-                raise RouteError(f"{where}.parentRefs[{i}]: kind {kind!r} is not Service")
+                raise RouteError(f"{where}.parentRefs[{i}]: {group}/{kind} is not a core Service")
         rules = []
         for i, r in enumerate(_list(spec.get("rules"), f"{where}.rules") or [{}]):
             rw = f"{where}.rules[{i}]"
@@ -392,6 +392,56 @@ def parse_routes(objects: Iterable[Mapping[str, Any]]) -> tuple[list[HttpRoute],
 
 
 # -- deciding ------------------------------------------------------------------------------
+
+
+def routes_for_client(
+    routes: Iterable[HttpRoute], namespace: str, service: str, port: int, client_ns: str
+) -> list[HttpRoute]:
+    """The routes that apply to one client's request to a Service (GAMMA, GEP-1426).
+
+    A producer route (in the Service's namespace) applies to every client. A consumer route
+    (in another namespace) applies only to clients of its own namespace, and for them it
+    replaces the producer routes. So a route in namespace `attacker` never steers the
+    requests of clients elsewhere.
+    """
+    attached = [r for r in routes if r.attaches_to(namespace, service, port)]
+    if client_ns != namespace:
+        consumer = [r for r in attached if r.namespace == client_ns]
+        if consumer:
+            return consumer
+    return [r for r in attached if r.namespace == namespace]
+
+
+def reference_granted(
+    objects: Iterable[Mapping[str, Any]], from_ns: str, to_ns: str, to_name: str
+) -> bool:
+    """Whether an HTTPRoute in `from_ns` may send to Service `to_ns/to_name`: always within
+    a namespace, across namespaces only with a ReferenceGrant in the target namespace."""
+    if from_ns == to_ns:
+        return True
+    for obj in objects:
+        if obj.get("kind") != "ReferenceGrant":
+            continue
+        if (obj.get("metadata") or {}).get("namespace") != to_ns:
+            continue
+        spec = obj.get("spec") or {}
+        if not isinstance(spec, dict):
+            continue
+        froms = [f for f in spec.get("from") or [] if isinstance(f, dict)]
+        tos = [t for t in spec.get("to") or [] if isinstance(t, dict)]
+        if any(
+            f.get("group") == API_GROUP
+            and f.get("kind") == "HTTPRoute"
+            and f.get("namespace") == from_ns
+            for f in froms
+        ) and any(
+            t.get("group", "") in ("", "core")
+            and t.get("kind") == "Service"
+            and t.get("name") in (None, "", to_name)
+            for t in tos
+        ):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
