@@ -8,12 +8,12 @@ weighted choice. No I/O: the waypoint feeds requests in and acts on what comes o
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from waypoint import regex
 from waypoint.resilience import PolicyError, RetryPolicy, parse_duration, parse_retry
 
 API_GROUP = "gateway.networking.k8s.io"
@@ -34,7 +34,7 @@ class PathMatch:
         if self.type == "PathPrefix":
             prefix = self.value.rstrip("/")
             return prefix in ("", path) or path.startswith(prefix + "/")
-        return re.fullmatch(self.value, path) is not None
+        return regex.fullmatch(self.value, path)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ValueMatch:
     def matches(self, got: str | None) -> bool:
         if got is None:
             return False
-        return got == self.value if self.type == "Exact" else bool(re.fullmatch(self.value, got))
+        return got == self.value if self.type == "Exact" else regex.fullmatch(self.value, got)
 
 
 @dataclass(frozen=True)
@@ -208,9 +208,9 @@ def _values(items: Any, where: str) -> tuple[ValueMatch, ...]:
 
 def _check_regex(value: str, where: str) -> None:
     try:
-        re.compile(value)
-    except re.error as e:
-        raise RouteError(f"{where}: invalid regular expression: {e}") from None
+        regex.compile_re2(value)
+    except regex.RegexError as e:
+        raise RouteError(f"{where}: {e}") from None
 
 
 def _match(m: Mapping[str, Any], where: str) -> Match:

@@ -86,3 +86,30 @@ async def test_the_waypoint_answers_500_for_an_ungranted_backend(tmp_path):
             await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
     assert bytes(pipe.out).startswith(b"HTTP/1.1 500 ")
     assert b"ReferenceGrant" in bytes(pipe.out)
+
+
+# -- regular expressions run on RE2 (issue 17.16) ------------------------------------------------
+
+
+def regex_route(pattern: str) -> dict[str, Any]:
+    r = route("shop", "re", "shop", "catalog")
+    r["spec"]["rules"][0]["matches"] = [{"path": {"type": "RegularExpression", "value": pattern}}]
+    return r
+
+
+def test_a_catastrophic_pattern_runs_in_linear_time():
+    """`(a+)+$` on Python's backtracking `re` takes ~2^n steps for n a's and no match."""
+    import time  # noqa: PLC0415
+
+    m = parse_route(regex_route("/(a+)+$")).rules[0].matches[0]
+    started = time.process_time()
+    assert not m.path.matches("/" + "a" * 5000 + "!")
+    assert time.process_time() - started < 1.0  # `re` would not finish in our lifetime
+
+
+@pytest.mark.parametrize("pattern", ["/(a)\\1", "/(?=x)y", "/(?<!a)b", "/[z-a]"])
+def test_patterns_re2_refuses_are_rejected_with_its_reason(pattern):
+    from waypoint.routes import RouteError  # noqa: PLC0415
+
+    with pytest.raises(RouteError, match="RE2"):
+        parse_route(regex_route(pattern))
