@@ -34,6 +34,8 @@ ACTIONS = ("ALLOW", "DENY", "AUDIT")
 SOURCE_L4 = {
     "principals",
     "notPrincipals",
+    "serviceAccounts",
+    "notServiceAccounts",
     "namespaces",
     "notNamespaces",
     "ipBlocks",
@@ -94,6 +96,15 @@ class Facts:
             return None
         parts = self.principal.split("/")
         return parts[2] if len(parts) == 5 and parts[1] == "ns" else None
+
+    @property
+    def service_account(self) -> str | None:
+        """`<ns>/<sa>` of the peer's identity (any trust domain), None for plaintext."""
+        if self.principal is None:
+            return None
+        parts = self.principal.split("/")
+        ok = len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa"
+        return f"{parts[2]}/{parts[4]}" if ok else None
 
 
 @dataclass(frozen=True)
@@ -221,6 +232,16 @@ def _clauses(  # noqa: PLR0917 - one schema section's names and field sets
     return out, has_l7
 
 
+def _qualify_service_accounts(
+    src: dict[str, tuple[str, ...]], namespace: str
+) -> dict[str, tuple[str, ...]]:
+    """`serviceAccounts: [sa]` means `<policy namespace>/sa` (Istio); exact names only."""
+    for key in ("serviceAccounts", "notServiceAccounts"):
+        if key in src:
+            src[key] = tuple(v if "/" in v else f"{namespace}/{v}" for v in src[key])
+    return src
+
+
 def parse_policy(obj: Mapping[str, Any]) -> Policy:
     md = obj.get("metadata") or {}
     ref = f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
@@ -275,6 +296,9 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
             {"ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"},
             set(),
         )
+        sources = [
+            _qualify_service_accounts(src, md.get("namespace", "default")) for src in sources
+        ]
         operations, l7_to = _clauses(
             ref, rp, r, "to", "operation", OPERATION_L4, OPERATION_L7, set(), {"ports", "notPorts"}
         )
@@ -431,6 +455,8 @@ def _source_matches(src: Mapping[str, tuple[str, ...]], f: Facts) -> bool:
             ok = _strings_match(values, f.principal)
         elif key == "notPrincipals":
             ok = not _strings_match(values, f.principal)
+        elif key in ("serviceAccounts", "notServiceAccounts"):
+            ok = (f.service_account in values) == (key == "serviceAccounts")
         elif key == "namespaces":
             ok = _strings_match(values, f.source_namespace)
         elif key == "notNamespaces":

@@ -698,7 +698,12 @@ class WaypointServer:
         answers."""
         headers = _str_headers(req.headers)
         facts = RequestFacts.of(rec.method, rec.path, headers)
-        self._authorize(dest, facts, client_ip, peer)
+        authn, who = self._authorize(dest, facts, client_ip, peer)
+        if authn:
+            headers, upstream_target = jwt.upstream_request(
+                authn, who, headers, req.target.decode("latin-1")
+            )
+            req = h11.Request(method=req.method, target=upstream_target, headers=headers)
         hit, backend = self._route(dest, facts, rec, peer.namespace)
         rule = hit.rule if hit else None
         policy = self._traffic_policy(dest)
@@ -802,9 +807,10 @@ class WaypointServer:
 
     def _authorize(
         self, dest: Destination, facts: RequestFacts, client_ip: str, peer: SpiffeId
-    ) -> None:
+    ) -> tuple[list[jwt.RequestAuthentication], jwt.Authenticated | None]:
         """AuthorizationPolicies targeting this waypoint (Gateway) or the addressed Service,
-        L7 fields included; the principal is the original client's (its agent's tunnel)."""
+        L7 fields included; the principal is the original client's (its agent's tunnel).
+        Returns the RequestAuthentications in scope and who the token says the caller is."""
         state = self.store.current
         if self._jwt_version != state.version:
             self._jwt_policies = []
@@ -821,7 +827,7 @@ class WaypointServer:
             if p.applies(self.cfg.namespace, self.cfg.gateway, dest.services)
         ]
         try:
-            who = jwt.authenticate(authn, facts.headers) if authn else None
+            who = jwt.authenticate(authn, facts.headers, facts.query) if authn else None
         except jwt.JwtError as e:
             raise HttpError(401, "UAEX", f"Jwt verification fails: {e}") from None
         host = facts.header("host") or dest.authority
@@ -840,6 +846,7 @@ class WaypointServer:
         )
         if not d.allowed:
             raise HttpError(403, "RBAC", f"RBAC: access denied ({d.policy or '-'}: {d.reason})")
+        return authn, who
 
     def _route(
         self, dest: Destination, facts: RequestFacts, rec: RequestRecord, client_ns: str

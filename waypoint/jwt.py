@@ -16,6 +16,9 @@ Signatures: RS256/384/512 and ES256/384 (`cryptography`); `alg: none` and HMAC a
           jwks: '{"keys": [...]}'                       # inline, or
           jwksUri: file:///etc/veil/jwks.json           # a file the waypoint can read
           fromHeaders: [{name: Authorization, prefix: "Bearer "}]   # the default
+          fromParams: [access_token]                    # a query parameter instead
+          forwardOriginalToken: false                   # the default: removed upstream
+          outputClaimToHeaders: [{header: x-jwt-sub, claim: sub}]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -89,12 +93,18 @@ class JwtRule:
     keys: tuple[Jwk, ...]
     audiences: tuple[str, ...] = ()
     headers: tuple[tuple[str, str], ...] = (("authorization", "Bearer "),)
+    params: tuple[str, ...] = ()  # fromParams: query parameters that may carry the token
+    forward: bool = False  # forwardOriginalToken (Istio's default: the token is removed)
+    claim_headers: tuple[tuple[str, str], ...] = ()  # outputClaimToHeaders: (header, claim)
 
 
 @dataclass(frozen=True)
 class Authenticated:
     principal: str  # "<iss>/<sub>"
     claims: Mapping[str, Any] = field(default_factory=dict)
+    rule: JwtRule | None = None
+    header: str | None = None  # where the token was found: a header name ...
+    param: str | None = None  # ... or a query parameter
 
 
 def _verify_signature(alg: str, key: Any, signed: bytes, sig: bytes) -> None:
@@ -201,15 +211,27 @@ def parse_request_authentication(obj: Mapping[str, Any]) -> RequestAuthenticatio
             keys = parse_jwks(text)
         except JwtError as e:
             raise JwtError(f"{rw}.jwks: {e}") from None
+        params = tuple(str(p) for p in r.get("fromParams") or [])
         headers = tuple(
             (str(h["name"]).lower(), str(h.get("prefix", ""))) for h in r.get("fromHeaders") or []
-        ) or (("authorization", "Bearer "),)
+        ) or (() if params else (("authorization", "Bearer "),))
+        forward = r.get("forwardOriginalToken", False)
+        if not isinstance(forward, bool):
+            raise JwtError(f"{rw}.forwardOriginalToken: true or false")
+        claim_headers = []
+        for j, o in enumerate(r.get("outputClaimToHeaders") or []):
+            if not isinstance(o, dict) or not o.get("header") or not o.get("claim"):
+                raise JwtError(f"{rw}.outputClaimToHeaders[{j}]: {{header: ..., claim: ...}}")
+            claim_headers.append((str(o["header"]).lower(), str(o["claim"])))
         rules.append(
             JwtRule(
                 str(r["issuer"]),
                 tuple(keys),
                 tuple(str(a) for a in r.get("audiences") or []),
                 headers,
+                params,
+                forward,
+                tuple(claim_headers),
             )
         )
     if not rules:
@@ -218,7 +240,9 @@ def parse_request_authentication(obj: Mapping[str, Any]) -> RequestAuthenticatio
 
 
 def authenticate(
-    policies: Sequence[RequestAuthentication], headers: Mapping[str, str]
+    policies: Sequence[RequestAuthentication],
+    headers: Mapping[str, str],
+    query: Mapping[str, str] | None = None,
 ) -> Authenticated | None:
     """None: no token in the places the rules name (unauthenticated, not refused).
     JwtError: a token is present and no rule accepts it."""
@@ -226,15 +250,66 @@ def authenticate(
     found = False
     for p in policies:
         for rule in p.rules:
+            places: list[tuple[str | None, str | None, str]] = []
             for name, prefix in rule.headers:
                 value = headers.get(name)
-                if value is None or not value.startswith(prefix):
-                    continue
+                if value is not None and value.startswith(prefix):
+                    places.append((name, None, value[len(prefix) :].strip()))
+            for param in rule.params:
+                if query and param in query:
+                    places.append((None, param, query[param]))
+            for in_header, in_param, token in places:
                 found = True
                 try:
-                    return validate(value[len(prefix) :].strip(), rule)
+                    who = validate(token, rule)
                 except JwtError as e:
                     errors.append(str(e))
+                    continue
+                return Authenticated(who.principal, who.claims, rule, in_header, in_param)
     if found:
         raise JwtError(errors[0] if len(errors) == 1 else "; ".join(errors))
     return None
+
+
+def upstream_request(
+    policies: Sequence[RequestAuthentication],
+    who: Authenticated | None,
+    headers: list[tuple[str, str]],
+    target: str,
+) -> tuple[list[tuple[str, str]], str]:
+    """What is forwarded after authentication, as Istio does: the validated token removed
+    unless its rule says `forwardOriginalToken: true`, and `outputClaimToHeaders` set from the
+    claims. Those output headers are always removed from what the client sent, so a client
+    without a token cannot pose as one with a claim."""
+    drop = {h for p in policies for r in p.rules for h, _ in r.claim_headers}
+    add: list[tuple[str, str]] = []
+    if who is not None and who.rule is not None:
+        if not who.rule.forward and who.header:
+            drop.add(who.header)
+        for header, claim in who.rule.claim_headers:
+            value = _claim(who.claims, claim)
+            if value is not None:
+                add.append((header, value))
+        if not who.rule.forward and who.param:
+            path, _, qs = target.partition("?")
+            kept = [
+                kv for kv in qs.split("&") if kv and unquote_plus(kv.split("=")[0]) != who.param
+            ]
+            target = path + ("?" + "&".join(kept) if kept else "")
+    if drop:
+        headers = [(n, v) for n, v in headers if n.lower() not in drop]
+    return headers + add, target
+
+
+def _claim(claims: Mapping[str, Any], name: str) -> str | None:
+    """A claim's value for a header: nested claims by `.`, lists joined by commas."""
+    node: Any = claims
+    for part in name.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if node is None or isinstance(node, dict):
+        return None
+    if isinstance(node, list):
+        return ",".join(str(x) for x in node)
+    if isinstance(node, bool):
+        return "true" if node else "false"
+    return str(node)

@@ -302,3 +302,22 @@ def test_a_deny_on_l7_fields_and_a_never_valid_waypoint_policy():
     ps = PolicySet().update([broken])
     assert not decide(ps.policies.values(), request(), scope).allowed  # fails closed there
     assert decide(ps.policies.values(), facts()).allowed  # and is not the agent's
+
+
+@pytest.mark.parametrize(
+    ("accounts", "client", "expected"),
+    [
+        (["client"], "cluster.local/ns/mesh/sa/client", True),  # the policy's namespace
+        (["mesh/client"], "other.td/ns/mesh/sa/client", True),  # any trust domain
+        (["client"], "cluster.local/ns/other/sa/client", False),
+        (["other/client"], "cluster.local/ns/other/sa/client", True),
+        (["mesh/client"], None, False),  # plaintext has no service account
+    ],
+)
+def test_source_service_accounts(accounts, client, expected):
+    """Issue 17.17: `source.serviceAccounts` used to turn the policy into deny-all."""
+    spec = {"rules": [{"from": [{"source": {"serviceAccounts": accounts}}]}]}
+    p = parse_policy(policy(spec))
+    assert decide([p], facts(principal=client)).allowed is expected
+    deny = parse_policy(policy({**spec, "action": "DENY"}))
+    assert decide([deny], facts(principal=client)).allowed is not expected

@@ -12,6 +12,7 @@ from waypoint.jwt import (
     RequestAuthentication,
     authenticate,
     parse_request_authentication,
+    upstream_request,
     validate,
 )
 
@@ -71,3 +72,54 @@ def test_jwks_from_a_file_and_errors_name_the_field(tmp_path):
     assert authenticate([policy], {"authorization": "Bearer " + iss.token()}) is not None
     with pytest.raises(JwtError, match=r"RequestAuthentication shop/jwt: spec.jwtRules\[0\]"):
         ra(iss, jwks=None)
+
+
+# -- what goes upstream (issue 17.17: Istio's forwardOriginalToken defaults to false) ------------
+
+
+def test_the_token_is_removed_upstream_by_default():
+    iss = Issuer()
+    p = ra(iss)
+    headers = [("authorization", "Bearer " + iss.token()), ("x-a", "1")]
+    who = authenticate([p], dict(headers))
+    out, target = upstream_request([p], who, headers, "/x?y=1")
+    assert out == [("x-a", "1")] and target == "/x?y=1"
+
+
+def test_forward_original_token_keeps_it():
+    iss = Issuer()
+    p = ra(iss, forwardOriginalToken=True)
+    headers = [("authorization", "Bearer " + iss.token())]
+    out, _ = upstream_request([p], authenticate([p], dict(headers)), headers, "/")
+    assert out == headers
+
+
+def test_a_token_from_a_query_parameter_is_removed_from_the_query():
+    iss = Issuer()
+    p = ra(iss, fromParams=["access_token"])
+    token = iss.token()
+    who = authenticate([p], {}, {"access_token": token})
+    assert who is not None and who.principal == f"{iss.iss}/alice"
+    _, target = upstream_request([p], who, [], f"/x?a=1&access_token={token}&b=2")
+    assert target == "/x?a=1&b=2"
+    assert authenticate([p], {"authorization": "Bearer " + token}) is None  # only the param
+
+
+def test_claims_go_to_headers_and_a_client_cannot_forge_them():
+    iss = Issuer()
+    p = ra(iss, outputClaimToHeaders=[{"header": "x-jwt-team", "claim": "team"}])
+    forged = [("x-jwt-team", "admins")]
+    out, _ = upstream_request([p], None, forged, "/")  # no token: the header is dropped
+    assert out == []
+    headers = [("authorization", "Bearer " + iss.token(team="blue")), *forged]
+    out, _ = upstream_request([p], authenticate([p], dict(headers)), headers, "/")
+    assert out == [("x-jwt-team", "blue")]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [{"forwardOriginalToken": "yes"}, {"outputClaimToHeaders": [{"header": "x"}]}],
+)
+def test_bad_forwarding_fields_are_refused(rule):
+    with pytest.raises(JwtError):
+        ra(Issuer(), **rule)
