@@ -40,6 +40,12 @@ MAX_FRAME = 1024 * 1024
 MAX_STREAMS = 100  # a client opens at most this many on one connection
 MAX_INBOUND_STREAMS = 1000  # a server accepts at most this many at once
 MAX_HEADER_BLOCK = 64 * 1024  # one header block, CONTINUATIONs included
+# Floods a peer can send cheaply and we pay for (each ends the connection with
+# ENHANCE_YOUR_CALM; the limits are Envoy's and nghttp2's, where they have one):
+MAX_QUEUED_CONTROL = 1000  # our answers (PING/SETTINGS ACK, RST_STREAM) the peer leaves unread
+MAX_PRIORITY_PER_STREAM = 100  # PRIORITY frames per stream the peer opened (plus one)
+MAX_EMPTY_FRAMES = 16  # DATA/HEADERS/CONTINUATION in a row with no payload that end nothing
+MAX_CONTINUATIONS = 32  # CONTINUATION frames in one header block
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65535
 DEFAULT_FRAME = 16384
@@ -77,6 +83,7 @@ _SETTING = struct.Struct("!HI")
 _CONNECTION_HEADERS = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
 )
+_CARRIERS = frozenset({DATA, HEADERS, CONTINUATION})  # frames whose payload is the point
 _REQUEST_PSEUDO = frozenset({":method", ":scheme", ":authority", ":path", ":protocol"})
 
 
@@ -412,6 +419,12 @@ class HboneConnection:
         self._headers_sid = 0  # a header block continues in CONTINUATION frames
         self._headers_flags = 0
         self._headers_block = bytearray()
+        self._continuations = 0
+        # Flood accounting (see MAX_QUEUED_CONTROL and the limits beside it).
+        self._control_queued = 0
+        self._priority_frames = 0
+        self._streams_opened = 0
+        self._empty_run = 0
         # Our settings hold from the first frame the peer sends: they lead our preface.
         settings = [
             (INITIAL_WINDOW_SIZE, STREAM_WINDOW),
@@ -441,6 +454,7 @@ class HboneConnection:
         assert self.client, "only a client opens streams"
         sid = self._next_sid
         self._next_sid += 2
+        self._streams_opened += 1
         self._state[sid] = 0
         self._open(sid)
         self._headers(sid, encode_headers(headers), end_stream)
@@ -660,6 +674,14 @@ class HboneConnection:
                 )
             if not self._settings_seen and ftype != SETTINGS:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "the first frame is not SETTINGS")
+            if length:
+                self._empty_run = 0
+            elif ftype in _CARRIERS and not flags & (END_STREAM | END_HEADERS):
+                self._empty_run += 1
+                if self._empty_run > MAX_EMPTY_FRAMES:
+                    raise _ConnectionError(
+                        ErrorCode.ENHANCE_YOUR_CALM, "a flood of frames with empty payloads"
+                    )
             if self._headers_sid and ftype != CONTINUATION:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "header block interrupted")
             if ftype == DATA and not flags & PADDED:
@@ -695,6 +717,11 @@ class HboneConnection:
         elif ftype == CONTINUATION:
             if not self._headers_sid or sid != self._headers_sid:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+            self._continuations += 1
+            if self._continuations > MAX_CONTINUATIONS:
+                raise _ConnectionError(
+                    ErrorCode.ENHANCE_YOUR_CALM, "too many CONTINUATION frames in a header block"
+                )
             self._block_fragment(payload, flags, events)
         elif ftype == RST_STREAM:
             if sid == 0 or len(payload) != 4:
@@ -708,6 +735,7 @@ class HboneConnection:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "malformed PING")
             if not flags & ACK:
                 self._frame(PING, ACK, 0, payload)
+                self._control_answered()
         elif ftype == GOAWAY:
             if sid != 0 or len(payload) < 8:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "malformed GOAWAY")
@@ -727,6 +755,9 @@ class HboneConnection:
         elif ftype == PRIORITY:
             if sid == 0 or len(payload) != 5:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "malformed PRIORITY")
+            self._priority_frames += 1
+            if self._priority_frames > MAX_PRIORITY_PER_STREAM * (1 + self._streams_opened):
+                raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "a flood of PRIORITY frames")
         elif ftype == PUSH_PROMISE:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
         # Unknown frame types are ignored (section 4.1).
@@ -790,6 +821,21 @@ class HboneConnection:
             events.append(StreamReset(sid, int(code)))
         else:
             self._frame(RST_STREAM, 0, sid, int(code).to_bytes(4, "big"))
+        self._control_answered()
+
+    def _control_answered(self) -> None:
+        """Count a frame queued only because the peer sent one; a peer that keeps sending
+        them without reading our answers would grow our output without bound."""
+        self._control_queued += 1
+        if self._control_queued > MAX_QUEUED_CONTROL:
+            raise _ConnectionError(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"over {MAX_QUEUED_CONTROL} answers to control frames left unread",
+            )
+
+    def output_drained(self) -> None:
+        """The I/O layer sent everything queued: the peer reads, its answers are gone."""
+        self._control_queued = 0
 
     def _settings(self, sid: int, flags: int, payload: bytes, events: list[Event]) -> None:
         if sid != 0:
@@ -823,6 +869,7 @@ class HboneConnection:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"ENABLE_PUSH {value}")
             # HEADER_TABLE_SIZE: our encoder never uses the dynamic table. Others: advisory.
         self._frame(SETTINGS, ACK, 0)
+        self._control_answered()
 
     # -- header blocks -------------------------------------------------------------------------
 
@@ -836,6 +883,7 @@ class HboneConnection:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS priority truncated")
             payload = payload[5:]
         self._headers_sid, self._headers_flags = sid, flags
+        self._continuations = 0
         self._block_fragment(payload, flags, events)
 
     def _block_fragment(self, fragment: bytes, flags: int, events: list[Event]) -> None:
@@ -871,11 +919,14 @@ class HboneConnection:
         if sid % 2 == 0 or sid <= self._last_peer_sid:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"HEADERS opening stream {sid}")
         self._last_peer_sid = sid
+        self._streams_opened += 1
         if self._goaway_sent or len(self._state) >= MAX_INBOUND_STREAMS:
             self._frame(RST_STREAM, 0, sid, int(ErrorCode.REFUSED_STREAM).to_bytes(4, "big"))
+            self._control_answered()
             return
         if _malformed(headers, _REQUEST_PSEUDO):
             self._frame(RST_STREAM, 0, sid, int(ErrorCode.PROTOCOL_ERROR).to_bytes(4, "big"))
+            self._control_answered()
             return
         self._state[sid] = 0
         self._open(sid)
@@ -918,12 +969,15 @@ class HboneConnection:
 
 
 def _malformed(headers: list[tuple[str, str]], pseudo: frozenset[str] | set[str]) -> bool:
-    """Section 8.2: lowercase names, known pseudo-headers first, no connection headers."""
+    """Section 8.2: lowercase names, known pseudo-headers first and once each (a repeated
+    `:authority` would leave which one wins to the reader), no connection headers."""
     regular = False
+    seen: set[str] = set()
     for name, value in headers:
         if name.startswith(":"):
-            if regular or name not in pseudo:
+            if regular or name not in pseudo or name in seen:
                 return True
+            seen.add(name)
         else:
             regular = True
             if name in _CONNECTION_HEADERS or (name == "te" and value != "trailers"):

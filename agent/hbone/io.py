@@ -55,6 +55,9 @@ HIGH_WATER = 1024 * 1024  # outbound bytes queued before DATA senders wait
 HOLD_LIMIT = 64 * 1024  # at most this much output waits to share a packet (send_data)
 SMALL_FRAME = 4096  # DATA up to this size is copied into the pending frames (one TLS record)
 HANDSHAKE_TIMEOUT = 10.0
+# A connection whose data keeps coming yields to the others after this many reads (1 MiB): one
+# busy or flooding tunnel never holds the node's loop for long.
+FAIR_READS = 4
 # A tunnel whose peer went silent (node gone, agent frozen) ends instead of holding its
 # streams until TCP gives up (~15 minutes): data unacknowledged this long aborts it, and an
 # idle tunnel is probed (TCP keepalive) so a pooled one is found dead before it is reused.
@@ -185,7 +188,7 @@ class TlsSocket:
     async def recv(self, n: int = READ_SIZE) -> bytes:
         """Up to `n` decrypted bytes, at least one; b"" once the peer closed."""
         self._streak += 1
-        if self._streak >= 16:  # fairness: yield now and then even when data keeps coming
+        if self._streak >= FAIR_READS:  # fairness: yield now and then even when data keeps coming
             self._streak = 0
             await trio.lowlevel.checkpoint()
         while True:
@@ -394,7 +397,9 @@ class HboneIO:
             return
         if not done:
             self._out_ready.set()
-        elif self._drained_waiters:
+            return
+        self.conn.output_drained()
+        if self._drained_waiters:
             self._drained.set()
             self._drained = trio.Event()
 

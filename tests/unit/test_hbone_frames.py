@@ -339,3 +339,72 @@ def test_a_reset_stream_still_carries_its_held_answer_first():
         ResponseReceived(sid, 200, [(":status", "200")]),
         StreamReset(sid, ErrorCode.CANCEL),
     ]
+
+
+# -- floods and duplicates (issue 17, items 6 and 8) ---------------------------------------------
+
+
+def test_a_repeated_authority_is_malformed():
+    _, server = pair()
+    block = encode_headers(
+        [(":method", "CONNECT"), (":authority", "10.0.0.2:80"), (":authority", "10.0.0.3:80")]
+    )
+    assert server.receive_data(frame(HEADERS, 0x4, 1, block)) == []
+    assert (RST_STREAM, 0, 1, struct.pack("!I", ErrorCode.PROTOCOL_ERROR)) in frames(
+        server.data_to_send()
+    )
+
+
+def calm(conn: HboneConnection, data: bytes) -> None:
+    with pytest.raises(HboneProtocolError, match="ENHANCE_YOUR_CALM"):
+        conn.receive_data(data)
+    (goaway,) = [f for f in frames(conn.data_to_send()) if f[0] == GOAWAY]
+    assert struct.unpack("!II", goaway[3])[1] == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_pings_whose_answers_are_never_read_end_the_connection():
+    _, server = pair()
+    ping = frame(PING, 0, 0, b"12345678")
+    server.receive_data(ping * 990)  # answers queued, none sent: the peer reads nothing
+    calm(server, ping * 20)
+
+
+def test_pings_answered_and_read_go_on_forever():
+    _, server = pair()
+    ping = frame(PING, 0, 0, b"12345678")
+    for _ in range(5):
+        server.receive_data(ping * 900)
+        server.data_to_send()
+        server.output_drained()  # what the I/O layer says once the socket took it all
+
+
+def test_settings_floods_count_too():
+    _, server = pair()
+    calm(server, frame(SETTINGS, 0, 0) * 1001)
+
+
+def test_priority_floods_end_the_connection():
+    _, server = pair()
+    priority = frame(0x2, 0, 1, b"\x00\x00\x00\x00\x10")
+    server.receive_data(priority * 100)  # up to 100 per stream opened, plus 100
+    calm(server, priority)
+
+
+def test_zero_length_continuation_floods_end_the_connection():
+    _, server = pair()
+    head = frame(HEADERS, 0, 1, encode_headers([(":method", "CONNECT")]))
+    calm(server, head + frame(CONTINUATION, 0, 1) * 17)
+
+
+def test_continuations_per_header_block_are_bounded():
+    _, server = pair()
+    head = frame(HEADERS, 0, 1, encode_headers([(":method", "CONNECT")]))
+    calm(server, head + frame(CONTINUATION, 0, 1, b"\x00") * 33)
+
+
+def test_empty_data_floods_end_the_connection():
+    client, server = pair()
+    sid = client.connect("10.0.0.2:80")
+    server.receive_data(client.data_to_send())
+    server.receive_data(frame(DATA, 0, sid) * 16)
+    calm(server, frame(DATA, 0, sid))
