@@ -23,6 +23,7 @@ from agent.capture.iptables import CaptureError
 from agent.cni import server as cni_server
 from agent.config import AgentConfig
 from agent.enrollment import Enrollment
+from agent.hbone import admission
 from agent.identity.ca_client import CaEndpoint
 from agent.identity.manager import CertificateManager
 from agent.lifecycle import run_until_signalled
@@ -80,6 +81,7 @@ class Agent:
         self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir, self.capture)
         self.registry.register(CaptureCollector(self.capture))
         guard.register(self.registry)
+        admission.register(self.proxy_ctx.admission, self.registry)
         self.resumed = False
         self.snapshot_version = Gauge(
             "veil_agent_snapshot_version",

@@ -35,6 +35,8 @@ from agent import guard, http
 from agent.authz import Decision, Facts, HttpFacts, PolicySet, at_waypoint, decide
 from agent.capture.rules import HBONE_PORT
 from agent.config import CA_SERVER_NAME
+from agent.hbone import admission
+from agent.hbone.admission import Admission
 from agent.hbone.conn import (
     BadRequest,
     ErrorCode,
@@ -264,6 +266,8 @@ class WaypointServer:
         self.store = StateStore()
         self.registry = CollectorRegistry()
         guard.register(self.registry)
+        self.admission = Admission()
+        admission.register(self.admission, self.registry)
         self.certs = CertificateManager(CaEndpoint.of(cfg).request, registry=self.registry)
         self.metrics = RequestMetrics(self.registry)
         self.pool: HbonePool | None = None
@@ -356,23 +360,37 @@ class WaypointServer:
 
     async def inbound(self, sock: socket.socket, peer: Any) -> None:
         peer_ip = peer[0]
-        try:
-            cred = await self.certs.get(self.identity, timeout=5)
-        except NoCertificate as e:
-            log.warning("HBONE from %s refused: %s", peer_ip, e)
+        if not self.admission.take_handshake(peer_ip):
+            log.warning("HBONE from %s refused: too many handshakes in progress", peer_ip)
             sock.close()
             return
-        tls = TlsSocket(sock, cred.server_context, server_side=True)
         try:
-            await tls.handshake()
-            peer_id = verify_peer(tls.ssl, trust_domain=self.cfg.trust_domain)
-        except (OSError, ssl.SSLError, trio.TooSlowError, PeerIdentityError) as e:
-            log.info("HBONE handshake from %s failed: %s", peer_ip, e)
+            try:
+                cred = await self.certs.get(self.identity, timeout=5)
+            except NoCertificate as e:
+                log.warning("HBONE from %s refused: %s", peer_ip, e)
+                sock.close()
+                return
+            tls = TlsSocket(sock, cred.server_context, server_side=True)
+            try:
+                await tls.handshake()
+                peer_id = verify_peer(tls.ssl, trust_domain=self.cfg.trust_domain)
+            except (OSError, ssl.SSLError, trio.TooSlowError, PeerIdentityError) as e:
+                log.info("HBONE handshake from %s failed: %s", peer_ip, e)
+                tls.close()
+                return
+        finally:
+            self.admission.drop_handshake(peer_ip)
+        if not self.admission.take_tunnel(peer_ip, "waypoint"):
+            log.warning("HBONE from %s (%s) refused: tunnel limit reached", peer_ip, peer_id)
             tls.close()
             return
         io = HboneIO(tls, HboneConnection(client=False), f"{peer_ip} ({peer_id})")
         io.on_request = lambda ev, conn: self._on_request(ev, conn, peer_id)
-        await io.run()
+        try:
+            await io.run()
+        finally:
+            self.admission.drop_tunnel(peer_ip, "waypoint")
 
     def _destination(self, state: MeshState, target: tuple[str, int]) -> Destination | str:
         """What a CONNECT may reach through this waypoint, or why not: a Service VIP whose
@@ -415,16 +433,33 @@ class WaypointServer:
             if (stream := io.streams.get(req.stream_id)) is not None:
                 stream.close()
             return
+        if not self.admission.take_stream():
+            log.warning("HBONE from %s: 503, stream limit reached", peer)
+            io.conn.respond(req.stream_id, 503, end_stream=True)
+            io.queue_output()
+            if (refused := io.streams.get(req.stream_id)) is not None:
+                refused.close()
+            return
         io.conn.respond(req.stream_id, 200)
         io.queue_output()
         stream = io.streams.get(req.stream_id)
-        if stream is not None:
+        if stream is None:
+            self.admission.drop_stream()
+        else:
             client = req.forwarded_for
             io.spawn(
                 req.stream_id, self.serve_stream, stream, dest, peer, client[0] if client else ""
             )
 
     async def serve_stream(
+        self, stream: Stream, dest: Destination, peer: SpiffeId, client_ip: str
+    ) -> None:
+        try:
+            await self._serve_stream(stream, dest, peer, client_ip)
+        finally:
+            self.admission.drop_stream()
+
+    async def _serve_stream(
         self, stream: Stream, dest: Destination, peer: SpiffeId, client_ip: str
     ) -> None:
         try:

@@ -51,6 +51,7 @@ from agent.hbone.conn import (
 
 log = logging.getLogger("veil.hbone")
 READ_SIZE = 256 * 1024
+FIRST_READ_SIZE = 16 * 1024  # the read buffer until a tunnel is authenticated and busy
 HIGH_WATER = 1024 * 1024  # outbound bytes queued before DATA senders wait
 HOLD_LIMIT = 64 * 1024  # at most this much output waits to share a packet (send_data)
 SMALL_FRAME = 4096  # DATA up to this size is copied into the pending frames (one TLS record)
@@ -101,7 +102,11 @@ class TlsSocket:
         self.sock = sock
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.ssl = ctx.wrap_bio(self._in, self._out, server_side=server_side)
-        self._rbuf = bytearray(READ_SIZE)
+        # Small until the peer is authenticated and sends in bulk: an idle or half-open
+        # connection costs 16 KiB, not 256 (`_fill` grows it on the first full read after
+        # the handshake).
+        self._rbuf = bytearray(FIRST_READ_SIZE)
+        self._handshaken = False
         self._wbuf = bytearray()
         self._eof = False
         self._streak = 0
@@ -120,6 +125,10 @@ class TlsSocket:
             self._more = False
             return False
         self._more = n == len(self._rbuf)
+        if self._more and self._handshaken and n < READ_SIZE:
+            self._in.write(memoryview(self._rbuf)[:n])
+            self._rbuf = bytearray(READ_SIZE)  # a busy tunnel: read in large pieces from now on
+            return True
         if n == 0:
             self._eof = True
             self._in.write_eof()
@@ -161,6 +170,7 @@ class TlsSocket:
                 if self._eof and not self._in.pending:
                     raise ssl.SSLEOFError("the peer closed during the TLS handshake") from None
             await self.flush()
+        self._handshaken = True
 
     def _decrypt(self, n: int) -> bytes:
         chunks: list[bytes] = []

@@ -30,6 +30,7 @@ from agent import guard
 from agent.authz import Decision, Facts, PolicySet, decide
 from agent.capture.netns import NetNs, connect, listen, original_dst
 from agent.capture.rules import AGENT_PORTS, HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
+from agent.hbone.admission import Admission
 from agent.hbone.conn import BadRequest, HboneConnection, RequestReceived, check_request
 from agent.hbone.io import HboneError, HboneIO, TlsSocket
 from agent.hbone.pool import HbonePool
@@ -61,6 +62,7 @@ class ProxyContext:
     metrics: TcpMetrics | None = None
     policies: PolicySet = field(default_factory=PolicySet)
     denied: Counter | None = None
+    admission: Admission = field(default_factory=Admission)
 
     def authorize(self, w: Workload, facts_: Facts) -> Decision:
         """Decide with the policies in force now; every denial is logged and counted."""
@@ -338,19 +340,39 @@ class PodProxy:
 
     async def inbound_hbone(self, sock: socket.socket, peer: Any) -> None:
         peer_ip = peer[0]
-        try:
-            cred = await self.ctx.certs.get(self.identity, timeout=self.ctx.cert_timeout)
-            tls = TlsSocket(sock, cred.server_context, server_side=True)
-        except NoCertificate as e:
-            log.warning("inbound HBONE to %s refused: %s", self.workload.key, e)
+        admission = self.ctx.admission
+        if not admission.take_handshake(peer_ip):
+            log.warning("inbound HBONE from %s refused: too many handshakes in progress", peer_ip)
             sock.close()
             return
         try:
-            await tls.handshake()
-            peer_id = verify_peer(tls.ssl, trust_domain=self.ctx.trust_domain)
-        except (OSError, ssl.SSLError, trio.TooSlowError) as e:
-            log.info(
-                "inbound HBONE handshake from %s to %s failed: %s", peer_ip, self.workload.key, e
+            try:
+                cred = await self.ctx.certs.get(self.identity, timeout=self.ctx.cert_timeout)
+                tls = TlsSocket(sock, cred.server_context, server_side=True)
+            except NoCertificate as e:
+                log.warning("inbound HBONE to %s refused: %s", self.workload.key, e)
+                sock.close()
+                return
+            try:
+                await tls.handshake()
+                peer_id = verify_peer(tls.ssl, trust_domain=self.ctx.trust_domain)
+            except (OSError, ssl.SSLError, trio.TooSlowError) as e:
+                log.info(
+                    "inbound HBONE handshake from %s to %s failed: %s",
+                    peer_ip,
+                    self.workload.key,
+                    e,
+                )
+                tls.close()
+                return
+        finally:
+            admission.drop_handshake(peer_ip)
+        if not admission.take_tunnel(peer_ip, self.ip):
+            log.warning(
+                "inbound HBONE from %s (%s) to %s refused: tunnel limit reached",
+                peer_ip,
+                peer_id,
+                self.workload.key,
             )
             tls.close()
             return
@@ -364,6 +386,7 @@ class PodProxy:
             await io.run()
         finally:
             self.inbound_tunnels -= 1
+            admission.drop_tunnel(peer_ip, self.ip)
 
     def _on_request(
         self, ev: RequestReceived, io: HboneIO, peer_ip: str, peer_id: SpiffeId
@@ -407,6 +430,15 @@ class PodProxy:
             c.response_flags, c.policy = "RBAC", d.policy
             c.error = f"denied by policy {d.policy}: {d.reason}" if d.policy else d.reason
             self.ctx.report(c)
+            return
+        if not self.ctx.admission.take_stream():
+            log.warning(
+                "HBONE from %s to %s: 503, stream limit reached", peer_id, self.workload.key
+            )
+            io.conn.respond(req.stream_id, 503, end_stream=True)
+            io.queue_output()
+            if (stream := io.streams.get(req.stream_id)) is not None:
+                stream.close()
             return
         io.spawn(
             req.stream_id,
@@ -521,6 +553,20 @@ class PodProxy:
         peer_id: SpiffeId,
         service: Service | None = None,
     ) -> None:
+        try:
+            await self._serve_admitted(stream_id, target, io, peer_ip, peer_id, service)
+        finally:
+            self.ctx.admission.drop_stream()
+
+    async def _serve_admitted(  # noqa: PLR0917
+        self,
+        stream_id: int,
+        target: tuple[str, int],
+        io: HboneIO,
+        peer_ip: str,
+        peer_id: SpiffeId,
+        service: Service | None,
+    ) -> None:
         assert self.ns is not None
         stream = io.streams.get(stream_id)
         if stream is None:
@@ -533,6 +579,14 @@ class PodProxy:
             c.response_flags, c.error = "DC", "reset by the client before the app was reached"
             self.ctx.report(c)
             return
+        if not self.ctx.admission.take_connect():
+            log.warning("HBONE to %s:%d: 503, too many app connections being opened", *target)
+            io.conn.respond(stream_id, 503, end_stream=True)
+            stream.close()
+            io.queue_output()
+            c.response_flags, c.error = "UO", "too many app connections being opened"
+            self.ctx.report(c)
+            return
         try:
             upstream = await connect(self.ns, target, self.ctx.connect_timeout, source_ip=peer_ip)
         except (OSError, trio.TooSlowError) as e:
@@ -543,6 +597,8 @@ class PodProxy:
             c.response_flags, c.error = "UF", str(e)
             self.ctx.report(c)
             return
+        finally:
+            self.ctx.admission.drop_connect()
         # A client that sent data with its CONNECT did not wait for the answer: it leaves with
         # the app's first bytes (or FIN), so an answer at once crosses back as one packet.
         io.conn.respond(stream_id, 200, hold=bool(stream._chunks))
