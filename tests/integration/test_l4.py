@@ -279,7 +279,7 @@ def test_streams_reset_at_once_do_not_reach_the_app(lab, pods, tmp_path):
     buy one TCP connection to the app)."""
     from agent.hbone.conn import ErrorCode, HboneConnection  # noqa: PLC0415
     from agent.hbone.io import TlsSocket  # noqa: PLC0415
-    from tests.interop.test_envoy import mesh_cert  # noqa: PLC0415
+    from tests.support.pki import mesh_cert  # noqa: PLC0415
 
     cert, key, root = mesh_cert(
         lab, "node2", SpiffeId("cluster.local", "plain", "default"), tmp_path

@@ -15,27 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity.csr import build_csr, key_pem, new_key
 from agent.identity.spiffe import SpiffeId
 from agent.lab import controlplane, store
-from tests.integration.conftest import VEIL, ca_post, lab_exec, veil
+from tests.integration.conftest import VEIL, lab_exec, veil
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server
+from tests.support.pki import mesh_cert
 
 TD = "cluster.local"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a real lab)")
-
-
-def mesh_cert(lab: str, node: str, identity: SpiffeId, where: Path) -> tuple[Path, Path, Path]:
-    key = new_key()
-    status, doc = ca_post(
-        lab, node, {"identity": str(identity), "csr": build_csr(key, identity).decode()}
-    )
-    assert status == 200, doc
-    (where / "cert.pem").write_text("".join(doc["certChain"]))
-    (where / "key.pem").write_bytes(key_pem(key))
-    (where / "root.pem").write_text("".join(doc["trustBundle"]))
-    return where / "cert.pem", where / "key.pem", where / "root.pem"
 
 
 def envoy_client_in_legacy(

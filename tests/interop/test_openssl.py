@@ -11,7 +11,8 @@ import pytest
 from agent.identity.spiffe import SpiffeId
 from agent.lab import store
 from tests.integration.conftest import lab_exec
-from tests.interop.test_envoy import TD, mesh_cert
+from tests.interop.test_envoy import TD
+from tests.support.pki import mesh_cert
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a real lab)")
 

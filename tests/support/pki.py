@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from agent.ca.signer import CaMaterial, generate_root, pem
+from agent.identity.spiffe import SpiffeId
 
 
 def intermediate_plugin(directory: Path, trust_domain: str = "cluster.local") -> CaMaterial:
@@ -50,3 +51,20 @@ def csr_with(
     if names is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def mesh_cert(lab: str, node: str, identity: SpiffeId, where: Path) -> tuple[Path, Path, Path]:
+    """A certificate for `identity` from a lab's CA, asked for with `node`'s credential (as
+    that node's agent would): (cert chain, key, trust bundle) files in `where`."""
+    from agent.identity.csr import build_csr, key_pem, new_key  # noqa: PLC0415
+    from agent.lab import controlplane  # noqa: PLC0415
+
+    key = new_key()
+    status, doc = controlplane.ca_request(
+        lab, node, {"identity": str(identity), "csr": build_csr(key, identity).decode()}
+    )
+    assert status == 200, doc
+    (where / "cert.pem").write_text("".join(doc["certChain"]))
+    (where / "key.pem").write_bytes(key_pem(key))
+    (where / "root.pem").write_text("".join(doc["trustBundle"]))
+    return where / "cert.pem", where / "key.pem", where / "root.pem"

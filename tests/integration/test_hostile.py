@@ -1,0 +1,158 @@
+"""Hostile input against a real agent (issue 17): each attack, then proof that the same agent
+process still serves. Runs on tests/integration/mesh with iptables capture (these attacks
+reach the agent's listeners directly, whatever the capture mode)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from agent.capture.netns import NetNs
+from agent.hbone.conn import HboneConnection, ResponseReceived
+from agent.hbone.io import TlsSocket
+from agent.identity.spiffe import SpiffeId
+from agent.lab import controlplane, store
+from tests.integration.conftest import MESH, lab_exec, new_lab_name, veil
+from tests.support.pki import mesh_cert
+
+
+@pytest.fixture(scope="module")
+def hlab() -> Iterator[str]:
+    name = new_lab_name()
+    try:
+        veil("lab", "up", "-f", MESH, "--name", name)
+        yield name
+    finally:
+        veil("lab", "down", "--name", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def hpods(hlab: str) -> dict[str, dict[str, Any]]:
+    st = json.loads(veil("lab", "status", "--name", hlab, "-o", "json").stdout)
+    return {p["name"]: p for p in st["pods"]}
+
+
+def agent_pid(lab: str, node: str) -> int:
+    record = store.read_record(lab) or {}
+    return int(next(p["pid"] for p in record["processes"] if p["name"] == f"agent {node}"))
+
+
+def still_serving(lab: str, pods: dict[str, dict[str, Any]]) -> None:
+    out = lab_exec(
+        lab,
+        "client",
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        f"http://{pods['server-b']['ip']}:8080/",
+        ns="mesh",
+    ).stdout
+    assert json.loads(out)["pod"] == "server-b"
+
+
+def tls_context(lab: str, tmp_path: Path) -> ssl.SSLContext:
+    cert, key, root = mesh_cert(
+        lab, "node2", SpiffeId("cluster.local", "plain", "default"), tmp_path
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # the agent's certificate names a SPIFFE id
+    ctx.load_verify_locations(root)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def test_a_connect_to_a_unicode_digit_port_gets_400_and_the_agent_serves_on(hlab, hpods, tmp_path):
+    """Issue 17.3: one frame from any mesh certificate holder used to kill the agent."""
+    pid = agent_pid(hlab, "node2")
+    ctx = tls_context(hlab, tmp_path)
+    target = hpods["server-b"]["ip"]
+    statuses: list[int] = []
+
+    async def attack() -> None:
+        ns = NetNs(f"/run/netns/veil-{hlab}-plain_legacy")
+        try:
+            sock = ns.socket(mark=False)
+            sock.setblocking(True)
+            sock.connect((target, 15008))
+            tls = TlsSocket(sock, ctx, server_side=False)
+            await tls.handshake()
+            conn = HboneConnection(client=True)
+            conn.connect(f"{target}:\u00b2", [])
+            conn.connect(f"{target}:8080", [("forwarded", 'for="10.0.0.1:\u00b2"')])
+            tls.write(conn.data_to_send())
+            await tls.flush()
+            with trio.move_on_after(5):
+                while len(statuses) < 2:
+                    data = await tls.recv()
+                    if not data:
+                        break
+                    for ev in conn.receive_data(data):
+                        if isinstance(ev, ResponseReceived):
+                            statuses.append(ev.status)
+            tls.close()
+        finally:
+            ns.close()
+
+    trio.run(attack)
+    assert statuses[0] == 400  # the second: 200, its bad `forwarded` ignored
+    still_serving(hlab, hpods)
+    assert agent_pid(hlab, "node2") == pid
+
+
+def test_connections_reset_at_the_agents_http_ports_do_not_stop_it(hlab, hpods):
+    """Issue 17.1: a burst reset right after the handshake killed every agent/http server."""
+    pid = agent_pid(hlab, "node1")
+    ns = NetNs(f"/run/netns/veil-{hlab}-node1")
+    try:
+        for port in (15020, 15021, 15000):
+            for _ in range(300):
+                s = ns.socket(mark=False)
+                s.setblocking(True)
+                s.connect(("127.0.0.1", port))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+    finally:
+        ns.close()
+    code, _ = controlplane.agent_get(f"veil-{hlab}-node1", "/metrics", 15020)
+    assert code == 200
+    still_serving(hlab, hpods)
+    assert agent_pid(hlab, "node1") == pid
+
+
+def test_idle_handshakes_from_one_peer_are_capped_and_others_get_through(hlab, hpods):
+    """Issue 17.5: idle connections to 15008 each held a 256 KiB buffer, without limit."""
+    target = hpods["server-b"]["ip"]
+    ns = NetNs(f"/run/netns/veil-{hlab}-plain_legacy")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            s = ns.socket(mark=False)
+            s.setblocking(True)
+            s.connect((target, 15008))
+            held.append(s)
+        closed = 0
+        for s in held:
+            s.settimeout(2 if closed == 0 else 0.2)
+            try:
+                if s.recv(1) == b"":
+                    closed += 1
+            except TimeoutError:
+                pass
+            except OSError:
+                closed += 1
+        assert closed >= 100 - 64  # past 64 pending handshakes from one peer: closed at once
+        still_serving(hlab, hpods)  # another peer's handshake goes through meanwhile
+    finally:
+        for s in held:
+            s.close()
+        ns.close()
