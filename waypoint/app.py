@@ -51,6 +51,7 @@ from agent.identity.manager import CertificateManager, NoCertificate
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from agent.identity.tls import PeerIdentityError, verify_peer
 from agent.lifecycle import run_until_signalled
+from agent.ratelimit import TokenBucket
 from agent.state.model import MeshState, Service, Workload
 from agent.state.sources.manifests import ManifestSource
 from agent.state.store import StateStore
@@ -66,7 +67,6 @@ from waypoint.resilience import (
     PolicyError,
     PoolLimits,
     RetryPolicy,
-    TokenBucket,
     TrafficPolicy,
     parse_traffic_policy,
 )

@@ -29,11 +29,15 @@ from agent.ca.auth import AuthError, NodeAuthenticator, NodeCredential, authoriz
 from agent.ca.signer import Issued, Signer, SignError, pem
 from agent.http import Request, Response
 from agent.identity.spiffe import SpiffeId
+from agent.ratelimit import TokenBucket
 from agent.state.store import StateStore
 
 audit = logging.getLogger("veil.ca.audit")
 MAX_TTL_SECONDS = 30 * 24 * 3600
 STATE_GRACE = 1.0  # seconds to wait for a fresher snapshot before refusing
+# Certificates one node may ask for: 20 a second, bursts of 200 (a restarting agent asks for
+# every identity on its node at once). Past it: 429, counted as refused{code="rate_limited"}.
+NODE_RATE = (20.0, 200.0)
 
 
 @dataclass
@@ -74,8 +78,12 @@ class CaService:
         state: StateStore,
         metrics: CaMetrics | None = None,
         state_grace: float = STATE_GRACE,
+        *,
+        node_rate: tuple[float, float] = NODE_RATE,
     ) -> None:
         self.state_grace = state_grace
+        self.node_rate = node_rate
+        self._buckets: dict[str, TokenBucket] = {}
         self.signer = signer
         self.authenticator = authenticator
         self.state = state
@@ -103,6 +111,16 @@ class CaService:
         try:
             bearer = _bearer(req.headers.get("authorization"))
             node = self.authenticator.authenticate(bearer)
+            bucket = self._buckets.get(node.node)
+            if bucket is None:
+                bucket = self._buckets[node.node] = TokenBucket(*self.node_rate)
+            if not bucket.take(time.monotonic()):
+                raise SignError(
+                    429,
+                    "rate_limited",
+                    f"node {node.node} asked for more than {self.node_rate[0]:g} certificates "
+                    f"a second (burst {self.node_rate[1]:g}); retry with backoff",
+                )
             doc = _json_object(req.body)
             raw_identity = _field(doc, "identity", str)
             csr_pem = _field(doc, "csr", str)
@@ -210,6 +228,8 @@ def _json_object(body: bytes) -> dict[str, Any]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise SignError(400, "bad_request", "the body is not JSON") from None
+    except RecursionError:  # `[[[[...]]]]` deeper than the parser's stack
+        raise SignError(400, "bad_request", "the body's JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise SignError(400, "bad_request", "the body must be a JSON object")
     return doc

@@ -150,3 +150,18 @@ async def test_a_workload_credential_obtains_only_its_own_identity(ca):
     status, doc = await ca.post(body(CATALOG), "pod-token")
     assert (status, doc["code"]) == (403, "not_this_identity")
     assert f"this credential is for {FRONTEND} only" in doc["error"]
+
+
+async def test_deeply_nested_json_is_a_bad_request_not_a_crash(ca):
+    """Issue 17.8: answered 500 (a RecursionError) before."""
+    status, doc = await ca.post(b"[" * 50_000 + b"]" * 50_000, ca.tokens["node1"])
+    assert (status, doc["code"]) == (400, "bad_request")
+
+
+async def test_one_node_is_rate_limited(ca):
+    """Issue 17.8: 150 certificates in 15 s from one node were all issued."""
+    ca.service.node_rate = (1.0, 3.0)
+    got = [(await ca.post(body(FRONTEND), ca.tokens["node1"]))[0] for _ in range(5)]
+    assert got[:3] == [200, 200, 200] and 429 in got[3:]
+    status, doc = await ca.post(body(CATALOG), ca.tokens["node2"])
+    assert status == 200, doc  # other nodes are not held up

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from agent.ratelimit import TokenBucket
 from waypoint.resilience import (
     CircuitBreaker,
     Fault,
@@ -14,7 +15,6 @@ from waypoint.resilience import (
     PolicyError,
     PoolLimits,
     RetryPolicy,
-    TokenBucket,
     parse_duration,
     parse_traffic_policy,
 )
