@@ -25,7 +25,7 @@ from typing import Any
 from agent.ca.auth import new_token, write_tokens_file
 from agent.config import CA_SERVER_NAME
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from agent.lab import cgroups, netns, store
+from agent.lab import cgroups, netns, store, supervise
 from agent.lab.errors import LabError
 from agent.lab.plan import UNDERLAY_CIDR, LabPlan
 from agent.state.model import GATEWAY_NAME_LABEL
@@ -112,9 +112,10 @@ def write_node_credentials(plan: LabPlan, trust_domain: str = DEFAULT_TRUST_DOMA
 class Daemon:
     name: str
     netns: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes]  # its supervisor (agent/lab/supervise.py)
     port: int
     logfile: Path
+    state: Path | None = None  # the supervisor's state file: the daemon's pid, restarts
 
     def record(self) -> dict[str, Any]:
         return {
@@ -122,7 +123,20 @@ class Daemon:
             "netns": self.netns,
             "pid": self.proc.pid,
             "log": str(self.logfile),
+            **({"state": str(self.state)} if self.state else {}),
         }
+
+    def restarts(self) -> int:
+        return int(supervise.read_state(self.state).get("restarts", 0)) if self.state else 0
+
+
+def supervised(lab: str, name: str, argv: Sequence[str]) -> tuple[list[str], Path]:
+    """`argv` under the lab's supervisor (restarted whenever it ends, as `restartPolicy:
+    Always`), and the state file that tells its pid and restarts."""
+    state = store.lab_dir(lab) / "supervise" / f"{name.replace(' ', '-')}.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.unlink(missing_ok=True)
+    return [sys.executable, "-m", "agent.lab.supervise", str(state), "--", *argv], state
 
 
 def wait_listening(daemons: Sequence[Daemon], timeout: float) -> None:
@@ -130,10 +144,10 @@ def wait_listening(daemons: Sequence[Daemon], timeout: float) -> None:
     pending = list(daemons)
     while pending:
         for d in list(pending):
-            if d.proc.poll() is not None:
+            if d.proc.poll() is not None or d.restarts():
                 tail = d.logfile.read_text(errors="replace").splitlines()[-15:]
                 raise LabError(
-                    f"{d.name} exited with code {d.proc.returncode}; its log:\n"
+                    f"{d.name} exited while starting; its log:\n"
                     + "\n".join(f"    {line}" for line in tail)
                 )
             if d.port in netns.listening_ports(d.proc.pid):
@@ -171,8 +185,9 @@ def start_ca(
         f"{CA_IP}:{CA_METRICS_PORT}",
         *(["--ttl", str(cert_ttl)] if cert_ttl else []),
     )
+    argv, state = supervised(lab, "ca", argv)
     proc = spawn(cp_netns(lab), argv, daemon_env(), group, log)
-    return Daemon("ca", cp_netns(lab), proc, CA_PORT, log)
+    return Daemon("ca", cp_netns(lab), proc, CA_PORT, log, state)
 
 
 def distribute_trust_bundle(plan: LabPlan) -> None:
@@ -221,6 +236,7 @@ def start_agents(
             str(bpf_lab_dir(lab) / n.name),
         )
         ns = node_netns(lab, n.name)
+        argv, state = supervised(lab, f"agent {n.name}", argv)
         out.append(
             Daemon(
                 f"agent {n.name}",
@@ -228,6 +244,7 @@ def start_agents(
                 spawn(ns, argv, daemon_env(), group, log),
                 AGENT_READY_PORT,
                 log,
+                state,
             )
         )
     return out
@@ -295,31 +312,58 @@ def ca_address() -> tuple[IPv4Address, int]:
     return CA_IP, CA_PORT
 
 
+def process_view(p: Mapping[str, Any]) -> dict[str, Any]:
+    """A daemon's record with `pid` the daemon's own (not its supervisor's, `supervisor`) and
+    its `restarts`."""
+    out = dict(p)
+    st = supervise.read_state(Path(p["state"])) if p.get("state") else {}
+    if st.get("pid"):
+        out["supervisor"], out["pid"] = p["pid"], int(st["pid"])
+    out["restarts"] = int(st.get("restarts", 0))
+    return out
+
+
 def agent_process(lab: str, node: str) -> dict[str, Any]:
     record = store.read_record(lab) or {}
     for p in record.get("processes", []):
         if p["name"] == f"agent {node}":
-            return dict(p)
+            return process_view(p)
     raise LabError(f"no agent for node {node!r} in lab {lab!r}")
 
 
-def stop_agent(lab: str, node: str, signal: int = 9) -> None:
-    """SIGKILL a node's agent, as a crash would (capture stays in the pods); SIGTERM (15) for a
-    clean exit. Returns once the process is gone."""
-    p = agent_process(lab, node)
-    try:
-        os.kill(p["pid"], signal)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{p['pid']}").exists() and time.monotonic() < deadline:
+def _wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         try:
-            state = Path(f"/proc/{p['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except FileNotFoundError:
             break
         if state == "Z":
             break
         time.sleep(0.02)
+
+
+def stop_agent(lab: str, node: str, signal: int = 9) -> None:
+    """SIGKILL a node's agent, as a crash would (capture stays in the pods); SIGTERM (15) for a
+    clean exit. Either way it stays stopped (its supervisor goes first). Returns once the
+    processes are gone."""
+    p = agent_process(lab, node)
+    supervisor = p.get("supervisor")
+    if supervisor is not None:
+        try:  # SIGTERM: passed on to the agent, then the supervisor exits without a restart
+            os.kill(supervisor, 9 if signal == 9 else signal)
+        except ProcessLookupError:
+            pass
+        else:
+            if signal == 9:
+                _wait_gone(supervisor)
+    try:
+        os.kill(p["pid"], signal)
+    except ProcessLookupError:
+        return
+    _wait_gone(p["pid"])
+    if supervisor is not None:
+        _wait_gone(supervisor)
 
 
 def start_agent(
@@ -346,9 +390,9 @@ def start_agent(
     wait_agents_ready([daemon], timeout)
     for p in record["processes"]:
         if p["name"] == daemon.name:
-            p["pid"] = daemon.proc.pid
+            p.update(daemon.record())
     store.write_record(lab, record)
-    return daemon.proc.pid
+    return int(agent_process(lab, node)["pid"])
 
 
 def ca_request(

@@ -38,7 +38,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from agent.lab import cgroups, controlplane, netns, store
+from agent.lab import cgroups, controlplane, netns, store, supervise
 from agent.lab.cni import (
     DEFAULT_CNI_PATH,
     LOOPBACK_CONFIG,
@@ -372,22 +372,23 @@ def start_pod(
     logs = store.lab_dir(lab) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = pod_env(pod, ip, node)
-    if pod.labels.get(GATEWAY_NAME_LABEL):
+    waypoint = bool(pod.labels.get(GATEWAY_NAME_LABEL))
+    if waypoint:
         env |= controlplane.waypoint_env(lab, pod.namespace, pod.name, node.name)
-    procs = [
-        spawn(
-            ns,
-            c.command,
-            {**env, **dict(c.env)},
-            group,
-            logs / f"{pod.namespace}_{pod.name}_{c.name}.log",
-        )
-        for c in pod.spec.containers
-    ]
+    procs, states = [], []
+    for c in pod.spec.containers:
+        argv = list(c.command)
+        if waypoint:  # a mesh daemon: restarted whenever it ends, as the kubelet would
+            argv, state = controlplane.supervised(lab, f"{pod.namespace}_{pod.name}_{c.name}", argv)
+            states.append(str(state))
+        log_file = logs / f"{pod.namespace}_{pod.name}_{c.name}.log"
+        procs.append(spawn(ns, argv, {**env, **dict(c.env)}, group, log_file))
     entry = next(
         e for e in record["pods"] if e["namespace"] == pod.namespace and e["name"] == pod.name
     )
     entry["pids"] = [p.pid for p in procs]
+    if states:
+        entry["states"] = states
     entry["ip"] = str(ip)
     write_pod(plan, pod, ip, phase="Pending", ready=False)
     ports = {p.container_port for c in pod.spec.containers for p in c.ports}
@@ -761,6 +762,12 @@ def status(lab: str) -> dict[str, Any]:
         (e["namespace"], e["name"]): (e.get("pids", []), e["cgroup"])
         for e in record.get("pods", [])
     }
+    restarts = {
+        (e["namespace"], e["name"]): sum(
+            int(supervise.read_state(Path(f)).get("restarts", 0)) for f in e.get("states", [])
+        )
+        for e in record.get("pods", [])
+    }
     pods = []
     for p in by_kind.get("Pod", []):
         md, st = p["metadata"], p.get("status", {})
@@ -776,6 +783,7 @@ def status(lab: str) -> dict[str, Any]:
                 "node": p["spec"].get("nodeName", ""),
                 "phase": phase,
                 "labels": md.get("labels") or {},
+                "restarts": restarts.get((md["namespace"], md["name"]), 0),
             }
         )
     slices = {
@@ -806,10 +814,12 @@ def status(lab: str) -> dict[str, Any]:
         {
             "name": p["name"],
             "netns": p["netns"],
-            "pid": p["pid"],
-            "phase": "Running" if _alive(p["pid"], p.get("cgroup", "")) else "Failed",
+            "pid": v["pid"],
+            "phase": "Running" if _alive(v["pid"], p.get("cgroup", "")) else "Failed",
+            "restarts": v["restarts"],
         }
         for p in record.get("processes", [])
+        if (v := controlplane.process_view(p))
     ]
     return {
         "name": lab,
@@ -832,14 +842,19 @@ def format_status(st: Mapping[str, Any]) -> str:
         f"      {n['name']:<10} {n['underlayIP']:<15} {n['podCIDR']:<18} {n['netns']}"
         for n in st["nodes"]
     ]
-    lines += ["", f"MESH  {'PROCESS':<14} {'PID':<8} {'PHASE':<9} NETNS"]
+    lines += ["", f"MESH  {'PROCESS':<14} {'PID':<8} {'PHASE':<9} {'RESTARTS':<9} NETNS"]
     lines += [
-        f"      {p['name']:<14} {p['pid']:<8} {p['phase']:<9} {p['netns']}"
+        f"      {p['name']:<14} {p['pid']:<8} {p['phase']:<9} {p.get('restarts', 0):<9} "
+        f"{p['netns']}"
         for p in st.get("processes", [])
     ]
-    lines += ["", f"PODS  {'NAMESPACE':<14} {'POD':<24} {'IP':<15} {'NODE':<10} PHASE"]
     lines += [
-        f"      {p['namespace']:<14} {p['name']:<24} {p['ip']:<15} {p['node']:<10} {p['phase']}"
+        "",
+        f"PODS  {'NAMESPACE':<14} {'POD':<24} {'IP':<15} {'NODE':<10} {'PHASE':<9} RESTARTS",
+    ]
+    lines += [
+        f"      {p['namespace']:<14} {p['name']:<24} {p['ip']:<15} {p['node']:<10} "
+        f"{p['phase']:<9} {p.get('restarts', 0)}"
         for p in st["pods"]
     ]
     lines += [

@@ -19,7 +19,7 @@ from agent.capture.netns import NetNs
 from agent.hbone.conn import HboneConnection, ResponseReceived
 from agent.hbone.io import TlsSocket
 from agent.identity.spiffe import SpiffeId
-from agent.lab import controlplane, store
+from agent.lab import controlplane
 from tests.integration.conftest import MESH, lab_exec, new_lab_name, veil
 from tests.support.pki import mesh_cert
 
@@ -41,8 +41,10 @@ def hpods(hlab: str) -> dict[str, dict[str, Any]]:
 
 
 def agent_pid(lab: str, node: str) -> int:
-    record = store.read_record(lab) or {}
-    return int(next(p["pid"] for p in record["processes"] if p["name"] == f"agent {node}"))
+    """The agent's own pid (not its supervisor's), asserting it never had to be restarted."""
+    p = controlplane.agent_process(lab, node)
+    assert p["restarts"] == 0, f"agent {node} was restarted: see its log"
+    return int(p["pid"])
 
 
 def still_serving(lab: str, pods: dict[str, dict[str, Any]]) -> None:
@@ -156,3 +158,27 @@ def test_idle_handshakes_from_one_peer_are_capped_and_others_get_through(hlab, h
         for s in held:
             s.close()
         ns.close()
+
+
+def test_a_crashed_agent_is_restarted_and_lab_status_says_so(hlab, hpods):
+    """Issue 17.4: the lab supervises its daemons as the kubelet would (restartPolicy Always)."""
+    import os  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    before = controlplane.agent_process(hlab, "node2")
+    os.kill(before["pid"], 9)  # the agent itself, as a crash would end it
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = controlplane.agent_process(hlab, "node2")
+        if now["restarts"] == 1 and now["pid"] != before["pid"]:
+            code, _ = controlplane.agent_get(f"veil-{hlab}-node2", "/healthz/ready", 15021)
+            if code == 200:
+                break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the agent did not come back ready within 20 s")
+    still_serving(hlab, hpods)  # pods resumed from the registry, no pod restarted
+    st = json.loads(veil("lab", "status", "--name", hlab, "-o", "json").stdout)
+    agent = next(p for p in st["processes"] if p["name"] == "agent node2")
+    assert (agent["restarts"], agent["phase"]) == (1, "Running")
+    assert "RESTARTS" in veil("lab", "status", "--name", hlab).stdout
