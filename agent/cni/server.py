@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from agent import guard
 from agent.enrollment import EnrollError, Enrollment
 
 log = logging.getLogger("veil.cni")
@@ -56,6 +57,9 @@ async def serve(
     listener = trio.SocketListener(sock)
 
     async def on_conn(stream: trio.SocketStream) -> None:
+        await guard.guarded("cni_request", serve_one, stream, cleanup=stream.socket.close)
+
+    async def serve_one(stream: trio.SocketStream) -> None:
         async with stream:
             buf = b""
             with trio.move_on_after(10):

@@ -357,3 +357,60 @@ def test_a_rate_limit_per_httproute(wlab):
     assert got[:3] == [200] * 3 and got[3:].count(429) >= 4
     limited = [e for e in access_log(wlab) if e["response_flags"] == "RL"]
     assert "quota-route" in limited[-1]["error"]
+
+
+RAW_REQUESTS = r"""
+import socket, sys, time
+host = sys.argv[1]
+for parts in (
+    [b"G", b"ET /admin HTTP/1.1\r\nHost: catalog\r\nConnection: close\r\n\r\n"],
+    [b"GET /./admin HTTP/1.1\r\nHost: catalog\r\nConnection: close\r\n\r\n"],
+    [b"GET /%61dmin HTTP/1.1\r\nHost: catalog\r\nConnection: close\r\n\r\n"],
+    [b"GET //admin HTTP/1.1\r\nHost: catalog\r\nConnection: close\r\n\r\n"],
+    [b"GET http://catalog/admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"],
+    [b"post /admin HTTP/1.1\r\nHost: catalog\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"],
+    [b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n"],
+    [b"POST / HTTP/1.1\r\nHost: catalog\r\nContent-Length: 3\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"],
+    [b"GET / HTTP/1.1\r\nHost: catalog\r\nConnection: close\r\n\r\n"],
+):
+    s = socket.create_connection((host, 9080), timeout=10)
+    for p in parts:
+        s.sendall(p)
+        time.sleep(0.3)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+        if b"\r\n\r\n" in data:
+            break
+    s.close()
+    print(data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else "none")
+"""
+
+
+def test_every_spelling_of_a_denied_request_is_denied_and_the_waypoint_serves_on(wlab, tmp_path):
+    """Issue 17: raw bytes from a captured pod through its agent and the real waypoint: split
+    request lines, dot segments, escapes, double slashes, absolute form and odd methods all
+    meet the DENY; unframeable requests get 400; the same waypoint process answers after."""
+    policy = tmp_path / "deny.yaml"
+    policy.write_text(
+        """apiVersion: security.veil.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: web}
+spec:
+  targetRefs: [{group: "", kind: Service, name: catalog}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"""
+    )
+    veil("lab", "apply", "--name", wlab, "-f", str(policy))
+    try:
+        time.sleep(1.0)
+        out = lab_exec(wlab, "client", "python3", "-c", RAW_REQUESTS, "catalog", ns="web").stdout
+        assert out.split() == ["403"] * 6 + ["400", "400", "200"]
+        st = json.loads(veil("lab", "status", "--name", wlab, "-o", "json").stdout)
+        waypoint = next(p for p in st["pods"] if p["name"] == "waypoint-0")
+        assert (waypoint["phase"], waypoint["restarts"]) == ("Running", 0)
+    finally:
+        veil("lab", "delete", "--name", wlab, "authorizationpolicy", "no-admin", "-n", "web")
+        time.sleep(1.0)
