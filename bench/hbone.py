@@ -156,8 +156,13 @@ def mesh_cert(
 
 
 def agent_pids() -> list[int]:
+    """The agents' own pids (not their supervisors'): whose CPU is measured."""
     record = store.read_record(LAB) or {}
-    return [p["pid"] for p in record.get("processes", []) if p["name"].startswith("agent ")]
+    return [
+        controlplane.process_view(p)["pid"]
+        for p in record.get("processes", [])
+        if p["name"].startswith("agent ")
+    ]
 
 
 def wait_enrolled(want: bool) -> None:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.identity.spiffe import SpiffeId  # noqa: E402
 from agent.lab import lab as labmod  # noqa: E402
-from agent.lab import store  # noqa: E402
+from agent.lab import store, supervise  # noqa: E402
 from bench.hbone import cpu_seconds, mesh_cert  # noqa: E402
 from tests.support.envoy import (  # noqa: E402
     ENVOY,
@@ -270,9 +270,14 @@ def measure(requests: int, clients: int, work: Path, proxy_pids: list[int]) -> d
     return r
 
 
-def pod_pids(name: str) -> list[int]:
+def pod_pids(name: str, own: bool = False) -> list[int]:
+    """A pod's processes as the lab started them (a waypoint's: its supervisors), or with
+    `own` the daemons themselves (whose CPU is measured)."""
     record = store.read_record(LAB) or {}
-    return next(p["pids"] for p in record["pods"] if p["name"] == name)
+    entry = next(p for p in record["pods"] if p["name"] == name)
+    if own and entry.get("states"):
+        return [int(supervise.read_state(Path(f))["pid"]) for f in entry["states"]]
+    return list(entry["pids"])
 
 
 def run(requests: int, clients: int) -> dict[str, Any]:
@@ -291,7 +296,7 @@ def run(requests: int, clients: int) -> dict[str, Any]:
             labmod.label(LAB, "namespace", "bench", None, ["veil.dev/use-waypoint=waypoint"])
             time.sleep(1.5)
             print("veil ... ", end="", flush=True)
-            results["veil"] = measure(requests, clients, work, pod_pids("waypoint-0"))
+            results["veil"] = measure(requests, clients, work, pod_pids("waypoint-0", own=True))
             print("envoy ... ", end="", flush=True)
             cert = mesh_cert(
                 node["waypoint-0"], SpiffeId(TD, "bench", "waypoint"), work / "wp", LAB

@@ -476,7 +476,7 @@ class WaypointServer:
             stream.close()
 
     async def _detect(self, stream: Stream) -> tuple[str, bytes]:
-        """Read until the protocol is certain (`http1.detect`), at most DETECT_LIMIT bytes and
+        """Read until the protocol is certain (`http1.detect`), at most MAX_REQUEST_LINE bytes and
         DETECT_TIMEOUT seconds; what is still undecided then is TCP, judged as TCP."""
         buf = bytearray()
         with trio.move_on_after(DETECT_TIMEOUT):
