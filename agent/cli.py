@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("pod", help="pod name, or deploy/<name>")
     ex.add_argument("-n", "--namespace")
     ex.add_argument("--name", help=name_help)
-    ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- command [args...]")
+    ex.epilog = "the command follows `--`; options (-n, --name) go anywhere before it"
 
     chk = sub.add_parser("check", help="can this machine run the lab and each capture mode?")
     chk.add_argument("--no-ebpf", action="store_true", help="skip the eBPF checks")
@@ -208,7 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` is a command to run (`veil lab exec POD -n NS -- cmd`),
+    # never options of ours: split it off before parsing, as kubectl does.
+    command: list[str] | None = None
+    if "--" in words:
+        cut = words.index("--")
+        words, command = words[:cut], words[cut + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(words)
+    if getattr(args, "lab_command", None) == "exec":
+        if not command:
+            parser.error("lab exec: give the command after `--`: veil lab exec POD [-n NS] -- CMD")
+        args.argv = command
+    elif command is not None:
+        parser.error(f"unexpected `-- {' '.join(command)}`: only `veil lab exec` runs a command")
     if args.command in ("ca", "agent", "waypoint"):
         return run_daemon(args)
     if args.command == "echo":
@@ -270,8 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + (", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(none)")
             )
         elif args.lab_command == "exec":
-            command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-            lab.exec_in_pod(name, args.pod, args.namespace, command)
+            lab.exec_in_pod(name, args.pod, args.namespace, args.argv)
     except ManifestError as e:
         print(f"veil: invalid manifest: {e}", file=sys.stderr)
         return 2

@@ -35,8 +35,15 @@ if os.geteuid() != 0:
 
 
 def veil(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # errors="replace": a command may print binary (openssl s_client shows the server's
+    # HTTP/2 SETTINGS when they arrive first); the tests read text around it.
     proc = subprocess.run(
-        [VEIL, *args], capture_output=True, text=True, timeout=timeout, check=False
+        [VEIL, *args],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        check=False,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
