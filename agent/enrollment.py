@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,6 +66,40 @@ def cgroup_path(w: Workload) -> str:
 
 def wanted(state: MeshState, node: str, w: Workload) -> bool:
     return w.node == node and state.in_mesh(w)
+
+
+@dataclass(frozen=True)
+class ReconcilePlan:
+    release: tuple[str, ...]  # enrolled pods (ns/name) to let go
+    enroll: tuple[tuple[Workload, str], ...]  # pods to capture, with their netns path
+
+
+def plan_reconcile(
+    state: MeshState,
+    node: str,
+    enrolled: Mapping[str, str],
+    netns_exists: Callable[[str], bool],
+) -> ReconcilePlan:
+    """What following the labels asks for, given the pods enrolled now (ns/name -> uid):
+    release a pod that is gone, no longer wanted, or replaced (another uid under the same
+    name); enroll a wanted running pod of this node whose netns is there. Pure."""
+    release = tuple(
+        key
+        for key, uid in enrolled.items()
+        if (w := state.workload(*key.split("/", 1))) is None
+        or not wanted(state, node, w)
+        or (w.uid and uid and w.uid != uid)
+    )
+    enroll = tuple(
+        (w, path)
+        for w in state.workloads
+        if (w.key not in enrolled or w.key in release)
+        and wanted(state, node, w)
+        and w.ip
+        and (path := netns_path(w)) is not None
+        and netns_exists(path)
+    )
+    return ReconcilePlan(release, enroll)
 
 
 class Enrollment:
@@ -176,21 +211,16 @@ class Enrollment:
     async def reconcile(self, state: MeshState) -> None:
         """Follow labels of running pods: enroll the wanted, release the others."""
         async with self._lock:
-            for key in list(self.pods):
-                ns, name = key.split("/", 1)
-                w = state.workload(ns, name)
-                if (
-                    w is None
-                    or not wanted(state, self.ctx.node, w)
-                    or (w.uid and self.pods[key].uid and w.uid != self.pods[key].uid)
-                ):
-                    await self._release(key)
-            for w in state.workloads:
-                if w.key in self.pods or not wanted(state, self.ctx.node, w) or not w.ip:
-                    continue
-                path = netns_path(w)
-                if path is None or not Path(path).exists():
-                    continue
+            plan = plan_reconcile(
+                state,
+                self.ctx.node,
+                {key: e.uid for key, e in self.pods.items()},
+                lambda path: Path(path).exists(),
+            )
+            for key in plan.release:
+                await self._release(key)
+            for w, path in plan.enroll:
+                assert w.ip is not None
                 try:
                     await self._enroll(w, path, w.ip)
                 except EnrollError as e:

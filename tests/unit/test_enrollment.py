@@ -57,3 +57,64 @@ async def test_broken_capture_refuses_every_enrollment_with_its_cause(tmp_path: 
 def test_the_pod_cgroup_comes_from_the_pod() -> None:
     assert cgroup_path(POD).endswith("/pods/mesh_client")
     assert cgroup_path(Workload("a", "b", "n", "sa")) == ""
+
+
+# -- following labels, as a pure plan (issue 18.7) -----------------------------------------------
+
+
+OPT_OUT = {"veil.dev/dataplane-mode": "none"}
+
+
+def _cluster(*pods: dict[str, Any], mesh: bool = True) -> Any:
+    from agent.state.model import build_state  # noqa: PLC0415
+
+    labels = {"veil.dev/dataplane-mode": "ambient"} if mesh else {}
+    ns = {"kind": "Namespace", "metadata": {"name": "mesh", "labels": labels}}
+    return build_state([ns, *pods], 1)
+
+
+def _pod(name: str, uid: str = "u1", node: str = "node1", **labels: str) -> dict[str, Any]:
+    from agent.enrollment import NETNS_ANNOTATION  # noqa: PLC0415
+
+    return {
+        "kind": "Pod",
+        "metadata": {
+            "namespace": "mesh",
+            "name": name,
+            "uid": uid,
+            "labels": labels,
+            "annotations": {NETNS_ANNOTATION: f"ns-{name}"},
+        },
+        "spec": {"nodeName": node},
+        "status": {"podIP": "10.244.1.9", "phase": "Running"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("pods", "mesh", "enrolled", "release", "enroll"),
+    [
+        ([_pod("a")], True, {}, [], ["mesh/a"]),  # new and wanted
+        ([_pod("a")], True, {"mesh/a": "u1"}, [], []),  # already enrolled
+        ([_pod("a")], False, {"mesh/a": "u1"}, ["mesh/a"], []),  # namespace left the mesh
+        (
+            [_pod("a", **{"veil.dev/dataplane-mode": "none"})],
+            True,
+            {"mesh/a": "u1"},
+            ["mesh/a"],
+            [],
+        ),
+        ([], True, {"mesh/a": "u1"}, ["mesh/a"], []),  # gone
+        ([_pod("a", uid="u2")], True, {"mesh/a": "u1"}, ["mesh/a"], ["mesh/a"]),  # replaced
+        ([_pod("a", node="node2")], True, {}, [], []),  # another node's
+        ([_pod("gone-netns")], True, {}, [], []),  # its netns is not there (yet)
+    ],
+)
+def test_the_reconcile_plan(pods, mesh, enrolled, release, enroll):
+    from agent.enrollment import plan_reconcile  # noqa: PLC0415
+
+    plan = plan_reconcile(
+        _cluster(*pods, mesh=mesh), "node1", enrolled, lambda path: "gone" not in path
+    )
+    assert list(plan.release) == release
+    assert [w.key for w, _ in plan.enroll] == enroll
+    assert all(path.startswith("/run/netns/ns-") for _, path in plan.enroll)
