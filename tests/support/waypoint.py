@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 
 from agent.state.model import Service, build_state
 from waypoint.app import Destination, WaypointConfig, WaypointServer
@@ -54,8 +55,10 @@ def with_state(wp: WaypointServer, *objects: dict[str, Any]) -> None:
     wp.store.update(build_state(list(objects), wp.store.current.version + 1))
 
 
-async def feed(pipe: Pipe, *parts: bytes, pause: float = 0.05) -> None:
+async def feed(pipe: Pipe, *parts: bytes) -> None:
+    """Send a client's bytes in parts, each once the waypoint has done all it can with the
+    previous one (every other task blocked), then end the stream."""
     for p in parts:
         await pipe.tx.send(p)
-        await trio.sleep(pause)
+        await trio.testing.wait_all_tasks_blocked()
     await pipe.tx.aclose()

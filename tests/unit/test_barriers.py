@@ -228,14 +228,14 @@ async def test_a_waypoint_reply_to_a_reset_http2_stream_leaves_the_connection_se
     server = H2Server(pipe, handler)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.run, client.data_to_send())
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         client.reset_stream(1)
         await pipe.tx.send(client.data_to_send())
         with trio.fail_after(2):
             await reset_seen.wait()
         client.send_headers(3, base, end_stream=True)
         await pipe.tx.send(client.data_to_send())
-        await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()
         await pipe.tx.aclose()
     assert pipe.reset_code is None  # the HBONE stream carrying the connection lives on
     events = client.receive_data(bytes(pipe.out))

@@ -49,7 +49,7 @@ async def http2_status(wp: Any, path: str, authority: str = "catalog") -> int:
     )
     pipe = Pipe()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: feed(pipe, client.data_to_send(), pause=0.3))
+        nursery.start_soon(feed, pipe, client.data_to_send())
         with trio.fail_after(5):
             await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")
     for ev in client.receive_data(bytes(pipe.out)):

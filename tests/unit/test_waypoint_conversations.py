@@ -11,6 +11,7 @@ import h2.connection
 import h2.events
 import h11
 import trio
+import trio.testing
 
 from tests.support.waypoint import Pipe
 from waypoint.app import next_event, send
@@ -66,7 +67,7 @@ async def test_http2_requests_multiplexed_with_bodies_in_both_directions():
     first = client.data_to_send()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(H2Server(pipe_stream(pipe), handler).run, first)
-        await trio.sleep(0.2)
+        await trio.testing.wait_all_tasks_blocked()
         await pipe.tx.aclose()
     events = client.receive_data(bytes(pipe.out))
     status = {
@@ -110,7 +111,7 @@ async def test_http2_request_head_becomes_an_h11_request_with_host():
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(H2Server(pipe_stream(pipe), handler).run, client.data_to_send())
-        await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()
         await pipe.tx.aclose()
     (req,) = seen
     assert (req.method, req.target) == (b"GET", b"/x?y=1")
