@@ -38,7 +38,7 @@ STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME = 1024 * 1024
 MAX_STREAMS = 100  # a client opens at most this many on one connection
-MAX_INBOUND_STREAMS = 1000  # a server accepts at most this many at once
+MAX_INBOUND_STREAMS = 100  # a server accepts at most this many at once (as our SETTINGS say)
 MAX_HEADER_BLOCK = 64 * 1024  # one header block, CONTINUATIONs included
 # Floods a peer can send cheaply and we pay for (each ends the connection with
 # ENHANCE_YOUR_CALM; the limits are Envoy's and nghttp2's, where they have one):

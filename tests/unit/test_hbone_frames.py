@@ -408,3 +408,28 @@ def test_empty_data_floods_end_the_connection():
     server.receive_data(client.data_to_send())
     server.receive_data(frame(DATA, 0, sid) * 16)
     calm(server, frame(DATA, 0, sid))
+
+
+def test_a_server_takes_at_most_100_streams_on_a_tunnel():
+    """Issue 17.7: 20 tunnels of 1000 streams took an agent to its descriptor limit."""
+    from agent.hbone.conn import MAX_INBOUND_STREAMS  # noqa: PLC0415
+
+    client, server = HboneConnection(client=True), HboneConnection(client=False)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    opened = []
+    for _ in range(MAX_INBOUND_STREAMS + 1):
+        sid = client._next_sid
+        client._next_sid += 2
+        client._state[sid] = 0
+        client._open(sid)
+        client._headers(sid, encode_headers([(":method", "CONNECT"), (":authority", "a:1")]), False)
+        opened += [
+            e for e in server.receive_data(client.data_to_send()) if isinstance(e, RequestReceived)
+        ]
+    assert len(opened) == MAX_INBOUND_STREAMS == 100
+    refused = [f for f in frames(server.data_to_send()) if f[0] == RST_STREAM]
+    assert refused == [
+        (RST_STREAM, 0, 2 * MAX_INBOUND_STREAMS + 1, struct.pack("!I", ErrorCode.REFUSED_STREAM))
+    ]
