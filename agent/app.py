@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from agent import guard, http
 from agent.capture import modes as capture_modes
-from agent.capture.iptables import CaptureError
+from agent.capture.errors import CaptureError
 from agent.cni import server as cni_server
 from agent.config import AgentConfig
 from agent.enrollment import Enrollment

@@ -101,7 +101,7 @@ def _veil_programs_load() -> Check:
     import shutil  # noqa: PLC0415
 
     from agent.capture import ebpf  # noqa: PLC0415
-    from agent.capture.iptables import CaptureError  # noqa: PLC0415
+    from agent.capture.errors import CaptureError  # noqa: PLC0415
 
     name = "Veil's eBPF programs compile and load"
     cap = ebpf.EbpfCapture(pin_dir=ebpf.BPFFS / f"veil-check-{secrets.token_hex(3)}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import trio
 
-from agent.capture.iptables import CaptureError
+from agent.capture.errors import CaptureError
 from agent.capture.modes import Capture, CaptureTarget, IptablesCapture
 from agent.proxy.pod import PodProxy, ProxyContext
 from agent.state.model import MeshState, Workload

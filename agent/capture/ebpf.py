@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.capture import iptables
-from agent.capture.iptables import CaptureError
+from agent.capture.errors import CaptureError
 from agent.capture.modes import CaptureTarget
 from agent.capture.netns import NetNs, NetnsError
 

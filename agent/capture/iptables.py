@@ -5,10 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from agent.capture import rules
-
-
-class CaptureError(RuntimeError):
-    """Capture could not be installed or removed; the pod must not be reported enrolled."""
+from agent.capture.errors import CaptureError
 
 
 def run_in(netns_path: str, argv: list[str], stdin: str | None = None) -> str:

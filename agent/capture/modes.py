@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.capture import iptables
-from agent.capture.iptables import CaptureError
+from agent.capture.errors import CaptureError
 
 MODES = ("iptables", "ebpf")
 

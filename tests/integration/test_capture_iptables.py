@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.capture import iptables
-from agent.capture.iptables import CaptureError
+from agent.capture.errors import CaptureError
 from agent.capture.modes import CaptureTarget, IptablesCapture
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.capture import bpfsys, ebpf
-from agent.capture.iptables import CaptureError
+from agent.capture.errors import CaptureError
 from agent.capture.modes import CaptureTarget
 from agent.capture.netns import NetNs
 
