@@ -553,56 +553,48 @@ class PodProxy:
         peer_id: SpiffeId,
         service: Service | None = None,
     ) -> None:
+        """Connect the admitted stream to the app and relay; its admission ends with it."""
         try:
-            await self._serve_admitted(stream_id, target, io, peer_ip, peer_id, service)
+            assert self.ns is not None
+            stream = io.streams.get(stream_id)
+            if stream is None:
+                return
+            c = self._inbound(peer_ip, peer_id, target[1], service)
+            if stream.reset_code is not None:
+                # Reset by the client before this task ran (a CONNECT and its RST_STREAM in one
+                # read, the "rapid reset" pattern): no connection to the app that nobody waits for.
+                stream.close()
+                c.response_flags, c.error = "DC", "reset by the client before the app was reached"
+                self.ctx.report(c)
+                return
+            if not self.ctx.admission.take_connect():
+                log.warning("HBONE to %s:%d: 503, too many app connections being opened", *target)
+                io.conn.respond(stream_id, 503, end_stream=True)
+                stream.close()
+                io.queue_output()
+                c.response_flags, c.error = "UO", "too many app connections being opened"
+                self.ctx.report(c)
+                return
+            try:
+                upstream = await connect(
+                    self.ns, target, self.ctx.connect_timeout, source_ip=peer_ip
+                )
+            except (OSError, trio.TooSlowError) as e:
+                log.info("HBONE to %s:%d: 503, the app refused: %s", *target, e)
+                io.conn.respond(stream_id, 503, end_stream=True)
+                stream.close()
+                io.queue_output()
+                c.response_flags, c.error = "UF", str(e)
+                self.ctx.report(c)
+                return
+            finally:
+                self.ctx.admission.drop_connect()
+            # A client that sent data with its CONNECT did not wait for the answer: it leaves with
+            # the app's first bytes (or FIN), so an answer at once crosses back as one packet.
+            io.conn.respond(stream_id, 200, hold=bool(stream._chunks))
+            moved = await relay_stream(upstream, stream)
+            # relay_stream counts from the app's side here: its `up` went back to the client.
+            c.sent, c.received = moved.down, moved.up
+            self.ctx.report(c)
         finally:
             self.ctx.admission.drop_stream()
-
-    async def _serve_admitted(  # noqa: PLR0917
-        self,
-        stream_id: int,
-        target: tuple[str, int],
-        io: HboneIO,
-        peer_ip: str,
-        peer_id: SpiffeId,
-        service: Service | None,
-    ) -> None:
-        assert self.ns is not None
-        stream = io.streams.get(stream_id)
-        if stream is None:
-            return
-        c = self._inbound(peer_ip, peer_id, target[1], service)
-        if stream.reset_code is not None:
-            # Reset by the client before this task ran (a CONNECT and its RST_STREAM in one
-            # read, the "rapid reset" pattern): no connection to the app that nobody waits for.
-            stream.close()
-            c.response_flags, c.error = "DC", "reset by the client before the app was reached"
-            self.ctx.report(c)
-            return
-        if not self.ctx.admission.take_connect():
-            log.warning("HBONE to %s:%d: 503, too many app connections being opened", *target)
-            io.conn.respond(stream_id, 503, end_stream=True)
-            stream.close()
-            io.queue_output()
-            c.response_flags, c.error = "UO", "too many app connections being opened"
-            self.ctx.report(c)
-            return
-        try:
-            upstream = await connect(self.ns, target, self.ctx.connect_timeout, source_ip=peer_ip)
-        except (OSError, trio.TooSlowError) as e:
-            log.info("HBONE to %s:%d: 503, the app refused: %s", *target, e)
-            io.conn.respond(stream_id, 503, end_stream=True)
-            stream.close()
-            io.queue_output()
-            c.response_flags, c.error = "UF", str(e)
-            self.ctx.report(c)
-            return
-        finally:
-            self.ctx.admission.drop_connect()
-        # A client that sent data with its CONNECT did not wait for the answer: it leaves with
-        # the app's first bytes (or FIN), so an answer at once crosses back as one packet.
-        io.conn.respond(stream_id, 200, hold=bool(stream._chunks))
-        moved = await relay_stream(upstream, stream)
-        # relay_stream counts from the app's side here: its `up` went back to the client.
-        c.sent, c.received = moved.down, moved.up
-        self.ctx.report(c)

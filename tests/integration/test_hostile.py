@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,11 +15,13 @@ import trio
 
 from agent.capture.netns import NetNs
 from agent.hbone.conn import HboneConnection, ResponseReceived
-from agent.hbone.io import TlsSocket
 from agent.identity.spiffe import SpiffeId
 from agent.lab import controlplane
 from tests.integration.conftest import MESH, lab_exec, new_lab_name, veil
-from tests.support.pki import mesh_cert
+from tests.support.hbone import raw_tunnel
+from tests.support.pki import mesh_client_context
+
+TD = "cluster.local"
 
 
 @pytest.fixture(scope="module")
@@ -61,49 +61,29 @@ def still_serving(lab: str, pods: dict[str, dict[str, Any]]) -> None:
     assert json.loads(out)["pod"] == "server-b"
 
 
-def tls_context(lab: str, tmp_path: Path) -> ssl.SSLContext:
-    cert, key, root = mesh_cert(
-        lab, "node2", SpiffeId("cluster.local", "plain", "default"), tmp_path
-    )
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False  # the agent's certificate names a SPIFFE id
-    ctx.load_verify_locations(root)
-    ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
-
-
 def test_a_connect_to_a_unicode_digit_port_gets_400_and_the_agent_serves_on(hlab, hpods, tmp_path):
     """Issue 17.3: one frame from any mesh certificate holder used to kill the agent."""
     pid = agent_pid(hlab, "node2")
-    ctx = tls_context(hlab, tmp_path)
+    ctx = mesh_client_context(hlab, "node2", SpiffeId(TD, "plain", "default"), tmp_path)
     target = hpods["server-b"]["ip"]
     statuses: list[int] = []
 
     async def attack() -> None:
-        ns = NetNs(f"/run/netns/veil-{hlab}-plain_legacy")
-        try:
-            sock = ns.socket(mark=False)
-            sock.setblocking(True)
-            sock.connect((target, 15008))
-            tls = TlsSocket(sock, ctx, server_side=False)
-            await tls.handshake()
-            conn = HboneConnection(client=True)
-            conn.connect(f"{target}:\u00b2", [])
-            conn.connect(f"{target}:8080", [("forwarded", 'for="10.0.0.1:\u00b2"')])
-            tls.write(conn.data_to_send())
-            await tls.flush()
-            with trio.move_on_after(5):
-                while len(statuses) < 2:
-                    data = await tls.recv()
-                    if not data:
-                        break
-                    for ev in conn.receive_data(data):
-                        if isinstance(ev, ResponseReceived):
-                            statuses.append(ev.status)
-            tls.close()
-        finally:
-            ns.close()
+        tls = await raw_tunnel(f"/run/netns/veil-{hlab}-plain_legacy", target, ctx)
+        conn = HboneConnection(client=True)
+        conn.connect(f"{target}:\u00b2", [])
+        conn.connect(f"{target}:8080", [("forwarded", 'for="10.0.0.1:\u00b2"')])
+        tls.write(conn.data_to_send())
+        await tls.flush()
+        with trio.move_on_after(5):
+            while len(statuses) < 2:
+                data = await tls.recv()
+                if not data:
+                    break
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, ResponseReceived):
+                        statuses.append(ev.status)
+        tls.close()
 
     trio.run(attack)
     assert statuses[0] == 400  # the second: 200, its bad `forwarded` ignored

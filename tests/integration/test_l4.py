@@ -12,7 +12,6 @@ import json
 import os
 import resource
 import secrets
-import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ import pytest
 import trio
 
 from agent.capture import bpfsys, ebpf, iptables
-from agent.capture.netns import NetNs
 from agent.identity.spiffe import SpiffeId
 from agent.lab import cgroups, controlplane, store
 from agent.lab.sniff import Sniffer
@@ -278,12 +276,10 @@ def test_streams_reset_at_once_do_not_reach_the_app(lab, pods, tmp_path):
     already reset when its turn comes opens no connection to the app (one frame pair must not
     buy one TCP connection to the app)."""
     from agent.hbone.conn import ErrorCode, HboneConnection  # noqa: PLC0415
-    from agent.hbone.io import TlsSocket  # noqa: PLC0415
-    from tests.support.pki import mesh_cert  # noqa: PLC0415
+    from tests.support.hbone import raw_tunnel  # noqa: PLC0415
+    from tests.support.pki import mesh_client_context  # noqa: PLC0415
 
-    cert, key, root = mesh_cert(
-        lab, "node2", SpiffeId("cluster.local", "plain", "default"), tmp_path
-    )
+    ctx = mesh_client_context(lab, "node2", SpiffeId("cluster.local", "plain", "default"), tmp_path)
     target = pods["server-b"]["ip"]
     counter = subprocess.Popen(
         [
@@ -305,30 +301,17 @@ def test_streams_reset_at_once_do_not_reach_the_app(lab, pods, tmp_path):
     )
     try:
         assert counter.stdout is not None and counter.stdout.readline().strip() == "listening"
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False  # the agent's certificate names a SPIFFE id
-        ctx.load_verify_locations(root)
-        ctx.load_cert_chain(cert, key)
-        ctx.set_alpn_protocols(["h2"])
 
         async def attack() -> None:
-            ns = NetNs(f"/run/netns/veil-{lab}-plain_legacy")
-            try:
-                sock = ns.socket(mark=False)
-                sock.setblocking(True)
-                sock.connect((target, 15008))
-                tls = TlsSocket(sock, ctx, server_side=False)
-                await tls.handshake()
-                conn = HboneConnection(client=True)
-                for _ in range(50):
-                    sid = conn.connect(f"{target}:9091", [])
-                    conn.reset(sid, ErrorCode.CANCEL)
-                tls.write(conn.data_to_send())
-                await tls.flush()
-                await trio.sleep(1)
-                tls.close()
-            finally:
-                ns.close()
+            tls = await raw_tunnel(f"/run/netns/veil-{lab}-plain_legacy", target, ctx)
+            conn = HboneConnection(client=True)
+            for _ in range(50):
+                sid = conn.connect(f"{target}:9091", [])
+                conn.reset(sid, ErrorCode.CANCEL)
+            tls.write(conn.data_to_send())
+            await tls.flush()
+            await trio.sleep(1)
+            tls.close()
 
         trio.run(attack)
         out, _ = counter.communicate(timeout=10)

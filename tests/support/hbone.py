@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,20 @@ async def hbone_pair(
     await nursery.start(server.run)
     await nursery.start(client.run)
     return client, server
+
+
+async def raw_tunnel(netns_path: str, target: str, ctx: ssl.SSLContext) -> TlsSocket:
+    """A TLS connection to `target`:15008 from inside a netns, handshaken: frames are then
+    written by hand (hostile-input tests)."""
+    from agent.capture.netns import NetNs  # noqa: PLC0415
+
+    ns = NetNs(netns_path)
+    try:
+        sock = ns.socket(mark=False)
+        sock.setblocking(True)
+        sock.connect((target, 15008))
+    finally:
+        ns.close()
+    tls = TlsSocket(sock, ctx, server_side=False)
+    await tls.handshake()
+    return tls

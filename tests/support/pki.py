@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ssl
 from pathlib import Path
 
 from cryptography import x509
@@ -68,3 +69,15 @@ def mesh_cert(lab: str, node: str, identity: SpiffeId, where: Path) -> tuple[Pat
     (where / "key.pem").write_bytes(key_pem(key))
     (where / "root.pem").write_text("".join(doc["trustBundle"]))
     return where / "cert.pem", where / "key.pem", where / "root.pem"
+
+
+def mesh_client_context(lab: str, node: str, identity: SpiffeId, where: Path) -> ssl.SSLContext:
+    """A TLS client context holding `identity`'s mesh certificate (see `mesh_cert`), for
+    speaking HBONE to an agent by hand."""
+    cert, key, root = mesh_cert(lab, node, identity, where)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # the agent's certificate names a SPIFFE id
+    ctx.load_verify_locations(root)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
