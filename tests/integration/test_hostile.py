@@ -17,7 +17,7 @@ from agent.capture.netns import NetNs
 from agent.hbone.conn import HboneConnection, ResponseReceived
 from agent.identity.spiffe import SpiffeId
 from agent.lab import controlplane
-from tests.integration.conftest import MESH, lab_exec, new_lab_name, veil
+from tests.integration.conftest import MESH, curl_json, new_lab_name, veil
 from tests.support.hbone import raw_tunnel
 from tests.support.pki import mesh_client_context
 
@@ -48,17 +48,8 @@ def agent_pid(lab: str, node: str) -> int:
 
 
 def still_serving(lab: str, pods: dict[str, dict[str, Any]]) -> None:
-    out = lab_exec(
-        lab,
-        "client",
-        "curl",
-        "-sS",
-        "--max-time",
-        "5",
-        f"http://{pods['server-b']['ip']}:8080/",
-        ns="mesh",
-    ).stdout
-    assert json.loads(out)["pod"] == "server-b"
+    answer = curl_json(lab, "client", f"http://{pods['server-b']['ip']}:8080/", "mesh")
+    assert answer["pod"] == "server-b"
 
 
 def test_a_connect_to_a_unicode_digit_port_gets_400_and_the_agent_serves_on(hlab, hpods, tmp_path):
