@@ -27,19 +27,20 @@ import trio
 from prometheus_client import Counter
 
 from agent import guard
-from agent.authz import Decision, Facts, PolicySet, decide
+from agent.authz import Decision, PolicySet
 from agent.capture.netns import NetNs, connect, listen, original_dst
-from agent.capture.rules import AGENT_PORTS, HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
+from agent.capture.rules import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
 from agent.hbone.admission import Admission
-from agent.hbone.conn import BadRequest, HboneConnection, RequestReceived, check_request
+from agent.hbone.conn import ConnectRequest, HboneConnection, RequestReceived, check_request
 from agent.hbone.io import HboneError, HboneIO, TlsSocket
 from agent.hbone.pool import HbonePool
 from agent.identity.manager import CertificateManager, NoCertificate
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import PeerIdentityError, tunnel_expiry, verify_peer
 from agent.proxy.copy import Transferred, abort, relay_stream, relay_tcp
+from agent.proxy.inbound import PodFacts, Verdict, admit_connect, admit_plaintext
 from agent.proxy.outbound import Kind, Route, route
-from agent.state.model import MeshState, Service, Waypoint, Workload
+from agent.state.model import MeshState, Service, Workload
 from agent.state.store import StateStore
 from agent.telemetry.metrics import Connection, TcpMetrics
 
@@ -64,22 +65,13 @@ class ProxyContext:
     denied: Counter | None = None
     admission: Admission = field(default_factory=Admission)
 
-    def authorize(self, w: Workload, facts_: Facts) -> Decision:
-        """Decide with the policies in force now; every denial is logged and counted."""
-        d = decide(self.policies.policies.values(), facts_)
-        if not d.allowed:
-            log.info(
-                "denied %s -> %s:%d (%s): policy %s: %s",
-                facts_.principal or facts_.source_ip,
-                w.key,
-                facts_.destination_port,
-                facts_.source_ip,
-                d.policy or "-",
-                d.reason,
-            )
-            if self.denied is not None:
-                self.denied.labels(policy=d.policy or "none").inc()
-        return d
+    def count_denial(self, w: Workload, source: str, port: int, d: Decision) -> None:
+        """Log and count a connection an AuthorizationPolicy denied."""
+        log.info(
+            "denied %s -> %s:%d: policy %s: %s", source, w.key, port, d.policy or "-", d.reason
+        )
+        if self.denied is not None:
+            self.denied.labels(policy=d.policy or "none").inc()
 
     def report(self, c: Connection, moved: Transferred | None = None) -> None:
         """Count a connection that ended (or never started) and write its access log line."""
@@ -130,9 +122,7 @@ class _PodView:
     """One snapshot's answers for one pod (see `PodProxy._view`)."""
 
     state: MeshState
-    current: Workload  # the pod as this snapshot has it (its labels may have changed)
-    bound: set[Waypoint]  # waypoints its traffic must come through
-    waypoint_ids: frozenset[SpiffeId]
+    pod: PodFacts  # what inbound decisions need: the pod as this snapshot has it
     services: dict[str, Service | None] = field(default_factory=dict)  # by baggage
 
 
@@ -300,16 +290,11 @@ class PodProxy:
         except OSError:
             abort(client)
             return
-        if dst[1] in AGENT_PORTS:
+        v = admit_plaintext(dst, self._view().pod, self.ctx.policies.policies.values(), peer[0])
+        if v.self_call:
             self._self_call(peer[0], dst[1])
             abort(client)
             return
-        bypass = self._bypass(None)
-        d = (
-            Decision(False, "", bypass)
-            if bypass
-            else self.ctx.authorize(self.workload, self._facts(peer[0], dst[1], None))
-        )
         c = Connection(
             "destination",
             "plaintext",
@@ -320,11 +305,9 @@ class PodProxy:
             destination_principal=str(self.identity),
             trust_domain=self.ctx.trust_domain,
         )
-        if not d.allowed:
+        if not v.allowed:
             abort(client)  # plaintext has no status to carry a 401: the connection is reset
-            c.response_flags, c.policy = "RBAC", d.policy
-            c.error = f"denied by policy {d.policy}: {d.reason}" if d.policy else d.reason
-            self.ctx.report(c)
+            self._denied(c, v, peer[0], dst[1])
             return
         try:
             upstream = await connect(self.ns, dst, self.ctx.connect_timeout, source_ip=peer[0])
@@ -392,45 +375,21 @@ class PodProxy:
         self, ev: RequestReceived, io: HboneIO, peer_ip: str, peer_id: SpiffeId
     ) -> None:
         req = check_request(ev)
-        why = (
-            req.why
-            if isinstance(req, BadRequest)
-            else (
-                f"authority {req.target[0]}:{req.target[1]} is not this pod ({self.ip})"
-                if req.target[0] != self.ip
-                else (
-                    f"port {req.target[1]} is the mesh agent's own"
-                    if req.target[1] in AGENT_PORTS
-                    else None
-                )
-            )
+        v = admit_connect(
+            req, self._view().pod, self.ctx.policies.policies.values(), peer_id, peer_ip
         )
-        if why is not None:
-            log.info("HBONE from %s to %s: 400, %s", peer_id, self.workload.key, why)
-            io.conn.respond(req.stream_id, 400, end_stream=True)
+        if not v.allowed:
+            io.conn.respond(req.stream_id, v.status, end_stream=True)
             io.queue_output()
             if (stream := io.streams.get(req.stream_id)) is not None:
                 stream.close()
+            if v.status == 400:
+                log.info("HBONE from %s to %s: 400, %s", peer_id, self.workload.key, v.why)
+                return
+            port = req.target[1] if isinstance(req, ConnectRequest) else 0
+            self._denied(self._inbound(peer_ip, peer_id, port), v, str(peer_id), port)
             return
-        assert not isinstance(req, BadRequest)
-        bypass = self._bypass(peer_id)
-        d = (
-            Decision(False, "", bypass)
-            if bypass
-            else self.ctx.authorize(
-                self.workload, self._facts(peer_ip, req.target[1], peer_id.istio_principal)
-            )
-        )
-        if not d.allowed:
-            io.conn.respond(req.stream_id, 401, end_stream=True)
-            io.queue_output()
-            if (stream := io.streams.get(req.stream_id)) is not None:
-                stream.close()
-            c = self._inbound(peer_ip, peer_id, req.target[1])
-            c.response_flags, c.policy = "RBAC", d.policy
-            c.error = f"denied by policy {d.policy}: {d.reason}" if d.policy else d.reason
-            self.ctx.report(c)
-            return
+        assert isinstance(req, ConnectRequest)
         if not self.ctx.admission.take_stream():
             log.warning(
                 "HBONE from %s to %s: 503, stream limit reached", peer_id, self.workload.key
@@ -450,6 +409,17 @@ class PodProxy:
             peer_id,
             self._service_from(req.headers.get("baggage", "")),
         )
+
+    def _denied(self, c: Connection, v: Verdict, source: str, port: int) -> None:
+        """Log, count and report a connection an inbound decision denied (401)."""
+        d = v.decision
+        if d is None:  # around the pod's waypoint
+            log.info("%s -> %s refused: %s", source, self.workload.key, v.why)
+        else:
+            self.ctx.count_denial(self.workload, source, port, d)
+        c.response_flags, c.policy = "RBAC", d.policy if d else ""
+        c.error = f"denied by policy {d.policy}: {d.reason}" if d and d.policy else v.why
+        self.ctx.report(c)
 
     def _self_call(self, peer_ip: str, port: int) -> None:
         """A connection for one of the agent's own ports (15001/15006/15008) on this pod:
@@ -492,12 +462,15 @@ class PodProxy:
         view = self._pod_view
         if view is None or view.state is not state:
             current = state.workload(self.workload.namespace, self.workload.name) or self.workload
-            bound = state.bound_waypoints(current)
+            bound = frozenset(state.bound_waypoints(current))
             view = self._pod_view = _PodView(
                 state,
-                current,
-                bound,
-                frozenset(wp.identity(self.ctx.trust_domain) for wp in bound),
+                PodFacts(
+                    current,
+                    self.ip,
+                    bound,
+                    frozenset(wp.identity(self.ctx.trust_domain) for wp in bound),
+                ),
             )
         return view
 
@@ -523,26 +496,6 @@ class PodProxy:
         if len(view.services) < 1024:  # baggage repeats per client pod and service
             view.services[baggage] = found
         return found
-
-    def _bypass(self, peer: SpiffeId | None) -> str | None:
-        """Why a connection may not reach this pod directly: it is bound to a waypoint
-        (its own or a service's) and the peer is not that waypoint. None: it may."""
-        view = self._view()
-        if not view.bound or peer in view.waypoint_ids:
-            return None
-        names = ", ".join(sorted(f"{wp.namespace}/{wp.name}" for wp in view.bound))
-        log.info("%s -> %s refused: must come through waypoint %s", peer, self.workload.key, names)
-        return f"waypoint bypass: traffic to {self.workload.key} must come through {names}"
-
-    def _facts(self, source_ip: str, port: int, principal: str | None) -> Facts:
-        return Facts(
-            source_ip=source_ip,
-            destination_ip=self.ip,
-            destination_port=port,
-            principal=principal,
-            destination_labels=self._view().current.labels,  # labels change while pods run
-            destination_namespace=self.workload.namespace,
-        )
 
     async def _serve_connect(  # noqa: PLR0917 - spawned by trio, which passes positionals
         self,
