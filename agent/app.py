@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from agent import guard, http
 from agent.capture import modes as capture_modes
-from agent.capture.errors import CaptureError
+from agent.capture.base import Capture, CaptureError
 from agent.cni import server as cni_server
 from agent.config import AgentConfig
 from agent.enrollment import Enrollment
@@ -40,7 +40,7 @@ log = logging.getLogger("veil.agent")
 class CaptureCollector(Collector):
     """eBPF capture's in-kernel counters, read at scrape time."""
 
-    def __init__(self, capture: capture_modes.Capture) -> None:
+    def __init__(self, capture: Capture) -> None:
         self.capture = capture
 
     def collect(self) -> Any:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.lab import cgroups
+from agent.capture import cgroup2
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ def _cni() -> Check:
 
 def _cgroup2() -> Check:
     try:
-        root = cgroups.root()
-    except cgroups.CgroupError as e:
+        root = cgroup2.root()
+    except cgroup2.CgroupError as e:
         return Check(
             "cgroup v2",
             False,
@@ -101,7 +101,7 @@ def _veil_programs_load() -> Check:
     import shutil  # noqa: PLC0415
 
     from agent.capture import ebpf  # noqa: PLC0415
-    from agent.capture.errors import CaptureError  # noqa: PLC0415
+    from agent.capture.base import CaptureError  # noqa: PLC0415
 
     name = "Veil's eBPF programs compile and load"
     cap = ebpf.EbpfCapture(pin_dir=ebpf.BPFFS / f"veil-check-{secrets.token_hex(3)}")

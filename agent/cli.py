@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_ops(args: argparse.Namespace) -> int:
-    from agent import ops  # noqa: PLC0415
+    from agent.lab import ops  # noqa: PLC0415
 
     name = _lab_name(args.name)
     try:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import trio
 
-from agent.capture.errors import CaptureError
-from agent.capture.modes import Capture, CaptureTarget, IptablesCapture
+from agent.capture.base import Capture, CaptureError, CaptureTarget
+from agent.capture.modes import IptablesCapture
 from agent.proxy.pod import PodProxy, ProxyContext
 from agent.state.model import MeshState, Workload
 

@@ -26,8 +26,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from agent import guard
 from agent.ca.auth import AuthError, NodeAuthenticator, NodeCredential, authorize
-from agent.ca.signer import Issued, Signer, SignError, pem
+from agent.ca.signer import Issued, Signer, SignError
 from agent.http import Request, Response
+from agent.identity.certs import pem
 from agent.identity.spiffe import SpiffeId
 from agent.ratelimit import TokenBucket
 from agent.state.store import StateStore

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.identity.certs import is_ca, pem, verify_chain
 from agent.identity.csr import spki
 from agent.identity.spiffe import IdentityError, SpiffeId
 
@@ -65,10 +65,6 @@ class Issued:
     @property
     def leaf(self) -> x509.Certificate:
         return self.chain[0]
-
-
-def pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def utcnow() -> datetime.datetime:
@@ -142,50 +138,6 @@ def _load_key(path: Path) -> CaKey:
     return key
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
-
-
-def verify_chain(
-    chain: Sequence[x509.Certificate],
-    roots: Sequence[x509.Certificate],
-    now: datetime.datetime | None = None,
-) -> None:
-    """Check each certificate is issued by the next, in date, up to one of the roots.
-
-    Raises ValueError naming the first broken link.
-    """
-    now = now or utcnow()
-    for i, cert in enumerate(chain):
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            name = cert.subject.rfc4514_string() or "leaf"
-            raise ValueError(
-                f"certificate {i} ({name}) is not valid now (valid "
-                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
-                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC)"
-            )
-        if i > 0 and not _is_ca(cert):
-            raise ValueError(f"certificate {i} ({cert.subject.rfc4514_string()}) is not a CA")
-        for root in roots:
-            if root.subject == cert.issuer:
-                try:
-                    cert.verify_directly_issued_by(root)
-                except (ValueError, TypeError, InvalidSignature):
-                    continue
-                return
-        if i + 1 < len(chain):
-            try:
-                cert.verify_directly_issued_by(chain[i + 1])
-            except (ValueError, TypeError, InvalidSignature) as e:
-                raise ValueError(
-                    f"certificate {i} is not issued by certificate {i + 1}: {e or 'bad signature'}"
-                ) from None
-    raise ValueError("the chain does not lead to any certificate of the trust bundle")
-
-
 def load_plugin(directory: Path) -> CaMaterial:
     """An operator-supplied intermediate CA in Istio's plug-in layout, checked before use."""
     certs = _load_certs(directory / "ca-cert.pem")
@@ -195,7 +147,7 @@ def load_plugin(directory: Path) -> CaMaterial:
     key = _load_key(directory / "ca-key.pem")
     roots = _load_certs(directory / "root-cert.pem")
     chain = _load_certs(directory / "cert-chain.pem")
-    if not _is_ca(cert):
+    if not is_ca(cert):
         raise CaSetupError(
             f"{directory / 'ca-cert.pem'}: not a CA certificate "
             "(BasicConstraints CA:TRUE is required)"

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.capture import iptables
-from agent.capture.errors import CaptureError
-from agent.capture.modes import CaptureTarget
+from agent.capture import cgroup2, iptables
+from agent.capture.base import CaptureError, CaptureTarget
 from agent.capture.netns import NetNs, NetnsError
 
 log = logging.getLogger("veil.capture.ebpf")
@@ -135,11 +134,10 @@ def headers_dir() -> Path:
 
 def preflight() -> None:
     """The causes bcc itself would report obscurely, each with its fix."""
-    from agent.lab import cgroups  # noqa: PLC0415 - cgroup2 mount lookup
 
     try:
-        cgroups.root()
-    except cgroups.CgroupError as e:
+        cgroup2.root()
+    except cgroup2.CgroupError as e:
         raise CaptureError(
             f"eBPF capture attaches to cgroup v2 groups: {e}; or use --capture iptables"
         ) from None
@@ -207,13 +205,12 @@ def ensure_bpffs() -> None:
 
 def own_cgroup() -> Path:
     """This process's cgroup v2 group, where getsockopt.c is attached."""
-    from agent.lab import cgroups  # noqa: PLC0415 - cgroup2 mount lookup
 
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         hier, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if hier == "0" and controllers == "":
-            return cgroups.root() / path.lstrip("/")
+            return cgroup2.root() / path.lstrip("/")
     raise CaptureError("this process is in no cgroup v2 group: eBPF capture needs cgroup v2")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from agent.capture import rules
-from agent.capture.errors import CaptureError
+from agent.capture.base import CaptureError
 
 
 def run_in(netns_path: str, argv: list[str], stdin: str | None = None) -> str:

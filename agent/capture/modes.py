@@ -1,42 +1,15 @@
-"""The capture modes behind one interface: the agent enrolls pods the same way in both."""
+"""The capture modes behind one interface (`capture/base.py`): the agent enrolls pods the same
+way in both."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from agent.capture import iptables
-from agent.capture.errors import CaptureError
+from agent.capture.base import Capture, CaptureError, CaptureTarget
 
 MODES = ("iptables", "ebpf")
-
-
-@dataclass(frozen=True)
-class CaptureTarget:
-    netns: str  # path of the pod's netns
-    cgroup: str  # path of the pod's cgroup v2 group ("" if unknown)
-    ip: str
-
-
-class Capture(Protocol):
-    mode: str
-
-    def start(self) -> None:
-        """Prepare the mode once per agent; CaptureError names the cause and the fix."""
-
-    def install(self, t: CaptureTarget) -> None:
-        """Idempotent; CaptureError leaves nothing half-installed."""
-
-    def remove(self, t: CaptureTarget) -> None: ...
-
-    def forget_others(self) -> None:
-        """After resuming the registry: drop state of pods that are not enrolled any more."""
-
-    def close(self) -> None: ...
-
-    def counters(self) -> dict[str, int]: ...
 
 
 class IptablesCapture:

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from agent.ca.signer import pem, verify_chain
+from agent.identity.certs import pem, verify_chain
 from agent.identity.csr import build_csr, new_key, spki
 from agent.identity.spiffe import IdentityError, SpiffeId, identity_of, uri_sans
 from agent.identity.tls import mesh_context

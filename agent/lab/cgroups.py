@@ -13,30 +13,19 @@ import os
 import time
 from pathlib import Path
 
-MOUNTINFO = Path("/proc/self/mountinfo")
+from agent.capture.cgroup2 import MOUNTINFO, CgroupError, parse_mountinfo, root
 
-
-class CgroupError(RuntimeError):
-    pass
-
-
-def parse_mountinfo(text: str) -> Path | None:
-    """The first cgroup2 mount point in /proc/self/mountinfo text."""
-    for line in text.splitlines():
-        pre, sep, post = line.partition(" - ")
-        if sep and post.split()[0] == "cgroup2":
-            return Path(pre.split()[4].replace("\\040", " "))
-    return None
-
-
-def root() -> Path:
-    mount = parse_mountinfo(MOUNTINFO.read_text())
-    if mount is None:
-        raise CgroupError(
-            "no cgroup v2 hierarchy is mounted (mount -t cgroup2 none "
-            "/sys/fs/cgroup/unified, or boot with systemd.unified_cgroup_hierarchy)"
-        )
-    return mount
+__all__ = [  # the mount lookup lives with eBPF capture, which the product needs without the lab
+    "MOUNTINFO",
+    "CgroupError",
+    "create",
+    "join",
+    "kill_and_remove",
+    "lab_group",
+    "parse_mountinfo",
+    "procs",
+    "root",
+]
 
 
 def lab_group(lab: str) -> Path:

@@ -168,7 +168,7 @@ def up(
     preflight()
     if "ebpf" in modes.values():
         from agent.capture import ebpf  # noqa: PLC0415
-        from agent.capture.errors import CaptureError  # noqa: PLC0415
+        from agent.capture.base import CaptureError  # noqa: PLC0415
 
         try:
             ebpf.preflight()

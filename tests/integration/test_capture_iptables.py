@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from agent.capture import iptables
-from agent.capture.errors import CaptureError
-from agent.capture.modes import CaptureTarget, IptablesCapture
+from agent.capture.base import CaptureError, CaptureTarget
+from agent.capture.modes import IptablesCapture
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.capture import bpfsys, ebpf
-from agent.capture.errors import CaptureError
-from agent.capture.modes import CaptureTarget
+from agent.capture.base import CaptureError, CaptureTarget
 from agent.capture.netns import NetNs
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7

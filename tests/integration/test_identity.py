@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.ca.signer import pem
+from agent.identity.certs import pem
 from agent.identity.csr import build_csr, new_key
 from agent.identity.spiffe import SpiffeId
 from agent.lab import controlplane, store

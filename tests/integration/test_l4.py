@@ -446,7 +446,8 @@ def test_enroll_and_release_follow_labels_within_2s(lab, pods):
 
 
 def test_client_certificate_from_another_ca_is_rejected_on_15008(lab, pods, tmp_path):
-    from agent.ca.signer import Signer, generate_root, pem  # noqa: PLC0415
+    from agent.ca.signer import Signer, generate_root  # noqa: PLC0415
+    from agent.identity.certs import pem  # noqa: PLC0415
     from agent.identity.csr import build_csr, key_pem, new_key  # noqa: PLC0415
     from agent.identity.spiffe import SpiffeId  # noqa: PLC0415
 

@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent.ca.signer import CaMaterial, generate_root, pem
+from agent.ca.signer import CaMaterial, generate_root
+from agent.identity.certs import pem
 from agent.identity.spiffe import SpiffeId
 
 

@@ -17,8 +17,8 @@ from agent.ca.signer import (
     generate_root,
     load_or_create,
     load_plugin,
-    pem,
 )
+from agent.identity.certs import pem
 from agent.identity.csr import build_csr, new_key
 from agent.identity.spiffe import SpiffeId
 from tests.support.pki import csr_with, intermediate_plugin

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.capture.modes import CaptureTarget
+from agent.capture.base import CaptureTarget
 from agent.enrollment import EnrollError, Enrollment, cgroup_path
 from agent.state.model import Workload
 

@@ -8,7 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from agent.ca.signer import Signer, generate_root, pem
+from agent.ca.signer import Signer, generate_root
+from agent.identity.certs import pem
 from agent.identity.csr import build_csr, new_key
 from agent.identity.manager import Backoff, CertificateManager, NoCertificate, check_answer
 from agent.identity.spiffe import IdentityError, SpiffeId
