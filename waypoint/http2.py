@@ -30,6 +30,7 @@ from waypoint.http1 import HOP_BY_HOP
 
 log = logging.getLogger("veil.waypoint")
 WINDOW = 1024 * 1024
+OUTPUT_LIMIT = 1024 * 1024  # answers queued for a client before we stop reading its requests
 
 
 class H2Exchange:
@@ -98,10 +99,16 @@ class H2Server:
         )
         self.exchanges: dict[int, H2Exchange] = {}
         self._dirty = trio.Event()
+        self._out = bytearray()  # produced, not yet handed to the HBONE stream
+        self._drained = trio.Event()
         self._window = trio.Event()
         self.closed = False
 
     def wake(self) -> None:
+        """Take what h2 produced into our output buffer (in order) and let the writer run."""
+        out = self.h2.data_to_send()
+        if out:
+            self._out += out
         self._dirty.set()
 
     def consumed(self, stream_id: int, n: int) -> None:
@@ -138,6 +145,10 @@ class H2Server:
                 while data:
                     self._dispatch(self.h2.receive_data(bytes(data)), nursery)
                     self.wake()
+                    # A client that sends (PINGs, SETTINGS, requests) but never reads our
+                    # answers would grow them without bound: read on only once they left.
+                    while len(self._out) > OUTPUT_LIMIT and not self.closed:
+                        await self._drained.wait()
                     data = await self.stream.receive()
             except (h2.exceptions.ProtocolError, HboneError) as e:
                 log.info("HTTP/2 client connection ended: %s", e)
@@ -196,14 +207,18 @@ class H2Server:
         while True:
             await self._dirty.wait()
             self._dirty = trio.Event()
-            data = self.h2.data_to_send()
-            if data:
+            while self._out:
+                data = bytes(self._out)
+                self._out.clear()
                 try:
                     await self.stream.send(data)
                 except HboneError:
                     self.closed = True
                     self._window.set()
+                    self._drained.set()
                     return
+            self._drained.set()
+            self._drained = trio.Event()
 
 
 def _request(headers: list[tuple[Any, Any]], has_body: bool) -> h11.Request | None:

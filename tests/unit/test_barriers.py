@@ -323,3 +323,29 @@ def test_tcp_judgement_follows_istios_tcp_chain(tmp_path):
     assert wp._authorize_tcp(DEST, "10.244.1.5", FRONTEND) is not None
     with_state(wp, allow_get, allow_frontend)
     assert wp._authorize_tcp(DEST, "10.244.1.5", FRONTEND) is None
+
+
+async def test_a_waypoint_http2_client_that_never_reads_cannot_grow_our_output():
+    """Issue 17.6 at the waypoint's HTTP/2 listener: PINGs whose answers are never read."""
+    from waypoint.http2 import OUTPUT_LIMIT  # noqa: PLC0415
+
+    class StuckPipe(Pipe):
+        async def send(self, data: Any) -> None:
+            await trio.sleep_forever()  # the client's tunnel never opens its window
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    preface = client.data_to_send()
+    pipe = StuckPipe()
+    server = H2Server(pipe, lambda ex: trio.sleep(0))  # type: ignore[arg-type]
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+    fed = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run, preface)
+        with trio.move_on_after(0.5):
+            while True:
+                await pipe.tx.send(ping * 1000)  # blocks once the server stops reading
+                fed += 1
+        nursery.cancel_scope.cancel()
+    assert len(server._out) <= OUTPUT_LIMIT + 1000 * 17  # one read's answers past the limit
+    assert fed < 200  # it stopped reading: the rest stayed with the client
