@@ -186,10 +186,19 @@ class MeshState:
             out.add(own)
         return out
 
+    @cached_property
+    def workloads_by_key(self) -> Mapping[tuple[str, str], Workload]:
+        return {(w.namespace, w.name): w for w in self.workloads}
+
+    @cached_property
+    def workloads_by_namespace(self) -> Mapping[str, tuple[Workload, ...]]:
+        out: dict[str, list[Workload]] = {}
+        for w in self.workloads:
+            out.setdefault(w.namespace, []).append(w)
+        return {k: tuple(v) for k, v in out.items()}
+
     def workload(self, namespace: str, name: str) -> Workload | None:
-        return next(
-            (w for w in self.workloads if w.namespace == namespace and w.name == name), None
-        )
+        return self.workloads_by_key.get((namespace, name))
 
     def in_mesh(self, w: Workload) -> bool:
         """Enrolled by labels: namespace `veil.dev/dataplane-mode: ambient`, pod not `none`."""
@@ -204,10 +213,9 @@ class MeshState:
     def endpoints(self, service: Service, port: ServicePort) -> list[tuple[Workload, int]]:
         """Ready pods behind a service port, with the pod port it maps to."""
         out = []
-        for w in self.workloads:
+        for w in self.workloads_by_namespace.get(service.namespace, ()):
             if (
-                w.namespace != service.namespace
-                or not service.selector
+                not service.selector
                 or not w.ready
                 or not w.ip
                 or any(w.labels.get(k) != v for k, v in service.selector.items())
@@ -294,33 +302,81 @@ def service_from(obj: Mapping[str, Any]) -> Service:
 
 def build_state(objects: Iterable[Mapping[str, Any]], version: int) -> MeshState:
     """Convert API objects into a snapshot; an object that cannot be read is reported, not fatal."""
-    namespaces: dict[str, Namespace] = {}
-    workloads: list[Workload] = []
-    services: list[Service] = []
-    others: list[Mapping[str, Any]] = []
-    errors: list[str] = []
+    builder = StateBuilder()
     for obj in objects:
-        kind = obj.get("kind")
-        md = obj.get("metadata") or {}
-        ref = f"{kind} {md.get('namespace', '')}/{md.get('name', '?')}".replace(" /", " ")
+        builder.apply(obj)
+    return builder.snapshot(version)
+
+
+ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
+_SKIPPED = frozenset({"Node", "ServiceAccount", "Deployment", "EndpointSlice"})  # derived, unused
+
+
+def object_key(obj: Mapping[str, Any]) -> ObjectKey:
+    md = obj.get("metadata") or {}
+    if not isinstance(md, Mapping):
+        md = {}
+    return str(obj.get("kind", "")), str(md.get("namespace", "")), str(md.get("name", "?"))
+
+
+class StateBuilder:
+    """The single writer's memory of the cluster, updated by events.
+
+    `apply()` takes one object added or changed, `delete()` one removed (a watch event, or a
+    manifest file that changed): only that object is converted, so a change costs O(changed
+    objects) in conversion; `snapshot()` then assembles the immutable MeshState the consumers
+    read (sorting what is already nearly sorted). Objects are keyed by (kind, namespace, name);
+    one that cannot be read is kept as an error of its key, and a later good version of it
+    replaces the error.
+    """
+
+    def __init__(self) -> None:
+        self.namespaces: dict[str, Namespace] = {}
+        self.workloads: dict[tuple[str, str], Workload] = {}
+        self.services: dict[tuple[str, str], Service] = {}
+        self.others: dict[ObjectKey, Mapping[str, Any]] = {}
+        self.errors: dict[ObjectKey, str] = {}
+
+    def apply(self, obj: Mapping[str, Any]) -> None:
+        key = object_key(obj)
+        kind, ns, name = key
+        self.delete(key)
+        if kind in _SKIPPED:
+            return
         try:
             if kind == "Namespace":
-                namespaces[md["name"]] = Namespace(md["name"], _str_map(md.get("labels")))
+                md = obj["metadata"]
+                self.namespaces[name] = Namespace(md["name"], _str_map(md.get("labels")))
             elif kind == "Pod":
-                workloads.append(workload_from(obj))
+                w = workload_from(obj)
+                self.workloads[(w.namespace, w.name)] = w
             elif kind == "Service":
-                services.append(service_from(obj))
-            elif kind in ("Node", "ServiceAccount", "Deployment", "EndpointSlice"):
-                continue  # derived or not needed by consumers yet
+                svc = service_from(obj)
+                self.services[(svc.namespace, svc.name)] = svc
             else:
-                others.append(obj)
+                self.others[key] = obj
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            errors.append(f"{ref}: cannot read: {e!r}")
-    return MeshState(
-        version=version,
-        namespaces=namespaces,
-        workloads=tuple(sorted(workloads, key=lambda w: (w.namespace, w.name))),
-        services=tuple(sorted(services, key=lambda s: (s.namespace, s.name))),
-        others=tuple(others),
-        errors=tuple(errors),
-    )
+            ref = f"{kind} {ns}/{name}".replace(" /", " ")
+            self.errors[key] = f"{ref}: cannot read: {e!r}"
+
+    def delete(self, key: ObjectKey) -> None:
+        kind, ns, name = key
+        self.errors.pop(key, None)
+        if kind == "Namespace":
+            self.namespaces.pop(name, None)
+        elif kind == "Pod":
+            self.workloads.pop((ns or "default", name), None)
+        elif kind == "Service":
+            self.services.pop((ns or "default", name), None)
+        else:
+            self.others.pop(key, None)
+
+    def snapshot(self, version: int, extra_errors: Iterable[str] = ()) -> MeshState:
+        return MeshState(
+            version=version,
+            namespaces=dict(self.namespaces),
+            workloads=tuple(self.workloads[k] for k in sorted(self.workloads)),
+            services=tuple(self.services[k] for k in sorted(self.services)),
+            others=tuple(self.others.values()),
+            errors=(*self.errors.values(), *extra_errors),
+        )

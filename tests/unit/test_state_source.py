@@ -52,3 +52,76 @@ async def test_a_change_is_published(tmp_path: Path) -> None:
             newer = await store.wait_newer(first.version)
         assert set(newer.namespaces) == {"a", "b"}
         nursery.cancel_scope.cancel()
+
+
+# -- the state updated by events (issue 18.1) ----------------------------------------------------
+
+
+def pod(name: str, ip: str, **labels: str) -> dict[str, object]:
+    return {
+        "kind": "Pod",
+        "metadata": {"namespace": "a", "name": name, "labels": labels},
+        "spec": {"nodeName": "node1"},
+        "status": {"podIP": ip, "phase": "Running"},
+    }
+
+
+def test_the_builder_converts_one_object_per_event() -> None:
+    from agent.state.model import StateBuilder  # noqa: PLC0415
+
+    b = StateBuilder()
+    b.apply(pod("p2", "10.0.0.2"))
+    b.apply(pod("p1", "10.0.0.1"))
+    s1 = b.snapshot(1)
+    assert [w.name for w in s1.workloads] == ["p1", "p2"]  # sorted as before
+    b.apply(pod("p1", "10.0.0.9", app="x"))  # modified
+    b.delete(("Pod", "a", "p2"))
+    s2 = b.snapshot(2)
+    assert [(w.name, w.ip, dict(w.labels)) for w in s2.workloads] == [
+        ("p1", "10.0.0.9", {"app": "x"})
+    ]
+    assert s2.workload("a", "p1") is s2.workloads[0] and s1.workload("a", "p2") is not None
+    broken = pod("p3", "not-an-ip")
+    b.apply(broken)
+    assert [e.split(":")[0] for e in b.snapshot(3).errors] == ["Pod a/p3"]
+    b.apply(pod("p3", "10.0.0.3"))  # the good version replaces the error
+    s4 = b.snapshot(4)
+    assert s4.errors == () and s4.workload("a", "p3") is not None
+
+
+async def test_only_changed_files_are_read_again(tmp_path: Path, monkeypatch) -> None:
+    from agent.state.sources import manifests  # noqa: PLC0415
+
+    for i in range(5):
+        (tmp_path / f"ns{i}.yaml").write_text(namespace(f"n{i}"))
+    read: list[list[str]] = []
+    real = manifests.parse_files
+
+    def counting(paths):
+        paths = list(paths)
+        read.append([Path(p).name for p in paths])
+        return real(paths)
+
+    monkeypatch.setattr(manifests, "parse_files", counting)
+    store = StateStore()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ManifestSource(tmp_path, interval=0.01).run, store)
+        assert len(read[0]) == 5 and set(store.current.namespaces) == {f"n{i}" for i in range(5)}
+
+        async def change(fn) -> None:
+            version = store.current.version
+            fn()
+            with trio.fail_after(2):
+                await store.wait_newer(version)
+
+        await change(lambda: (tmp_path / "ns2.yaml").write_text(namespace("n2", mode="none")))
+        assert read[-1] == ["ns2.yaml"]
+        assert store.current.namespaces["n2"].labels["veil.dev/dataplane-mode"] == "none"
+        await change((tmp_path / "ns3.yaml").unlink)  # a removed file: no read at all
+        assert read[-1] == [] and "n3" not in store.current.namespaces
+        await change(lambda: (tmp_path / "ns4.yaml").write_text("kind: [unclosed"))
+        assert "n4" not in store.current.namespaces  # its objects are left out ...
+        assert any("ns4.yaml: invalid YAML" in e for e in store.current.errors)  # ... and said
+        await change(lambda: (tmp_path / "ns4.yaml").write_text(namespace("n4b")))
+        assert "n4b" in store.current.namespaces and store.current.errors == ()
+        nursery.cancel_scope.cancel()
