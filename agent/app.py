@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from agent import guard, http
+from agent.authz import PolicySet
 from agent.capture import modes as capture_modes
 from agent.capture.base import Capture, CaptureError
 from agent.cni import server as cni_server
@@ -173,18 +174,16 @@ class Agent:
             "enrolled": [asdict(e) for _, e in sorted(self.enrollment.pods.items())],
             "tunnels": dict(zip(("outbound", "inbound"), self.enrollment.tunnels(), strict=True)),
             "policies": {
-                "inForce": sorted(self.proxy_ctx.policies.policies),
-                "errors": self.proxy_ctx.policies.errors,
+                "inForce": sorted(self.store.current.policies.policies),
+                "errors": self.store.current.policies.errors,
                 "l7OnlyAtWaypoints": sorted(
-                    r for r, p in self.proxy_ctx.policies.policies.items() if p.has_l7
+                    r for r, p in self.store.current.policies.policies.items() if p.has_l7
                 ),
             },
         }
 
-    def update_policies(self, objects: Any) -> None:
-        """Swap in the policies of a new snapshot; each new error is logged once."""
-        old = self.proxy_ctx.policies
-        new = old.update(objects)
+    def note_policies(self, old: PolicySet, new: PolicySet) -> None:
+        """Log what changed in the policies between two snapshots: each new error once."""
         for ref, err in sorted(new.errors.items()):
             if old.errors.get(ref) != err:
                 fallback = (
@@ -203,11 +202,11 @@ class Agent:
                     if p.action == "ALLOW"
                     else "its DENY rules deny on L4 alone",
                 )
-        self.proxy_ctx.policies = new
 
     async def follow_state(self) -> None:
         """Consumer of the snapshot: keep certificates for exactly the node's identities."""
         version = -1
+        policies = PolicySet()
         while True:
             state = await self.store.wait_newer(version)
             version = state.version
@@ -215,7 +214,9 @@ class Agent:
             self.snapshot_time.set(time.time())
             self._snapshot_at = time.time()
             self.certs.set_identities(self.identities())
-            self.update_policies(state.others)
+            if state.policies is not policies:
+                self.note_policies(policies, state.policies)
+                policies = state.policies
 
     async def run(self) -> None:
         cfg = self.cfg

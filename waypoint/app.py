@@ -281,8 +281,7 @@ class WaypointServer:
         self._buckets: dict[str, TokenBucket] = {}
         self._detectors: dict[str, OutlierDetector] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
-        self.policies = PolicySet()
-        self._authz_version = -1
+        self._policies_seen = PolicySet()
         self._jwt_policies: list[jwt.RequestAuthentication] = []
         self._jwt_version = -1
 
@@ -807,13 +806,14 @@ class WaypointServer:
         await self._respond(down, stream, resp[0], resp[1], rule, rec)
 
     def _policies_now(self) -> PolicySet:
-        state = self.store.current
-        if self._authz_version != state.version:
-            self.policies = self.policies.update(state.others)
-            self._authz_version = state.version
-            for ref, err in self.policies.errors.items():
-                log.error("policy %s: %s", ref, err)
-        return self.policies
+        """The snapshot's policies (parsed by the state's writer); new errors logged once."""
+        policies = self.store.current.policies
+        if policies is not self._policies_seen:
+            for ref, err in policies.errors.items():
+                if self._policies_seen.errors.get(ref) != err:
+                    log.error("policy %s: %s", ref, err)
+            self._policies_seen = policies
+        return policies
 
     def _decide(
         self, dest: Destination, client_ip: str, peer: SpiffeId, http: HttpFacts | None

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from agent.authz import Decision, Facts, PolicySet, decide
+from agent.authz import Decision, Facts, decide
 from agent.grammar import port_number
 from agent.lab import controlplane, store
 from agent.lab.errors import LabError
@@ -134,7 +134,7 @@ def authz_check(lab: str, src_pod: str, src_ns: str, target: str) -> tuple[str, 
     src = state.workload(src_ns, src_pod)
     if src is None:
         raise LabError(f"no pod {src_ns}/{src_pod}")
-    policies = PolicySet().update(state.others)
+    policies = state.policies
     endpoints, what = _resolve(state, target, src_ns)
     verdicts = []
     for w, port in endpoints:

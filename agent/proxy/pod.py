@@ -27,7 +27,7 @@ import trio
 from prometheus_client import Counter
 
 from agent import guard
-from agent.authz import Decision, PolicySet
+from agent.authz import Decision
 from agent.capture.netns import NetNs, connect, listen, original_dst
 from agent.capture.rules import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
 from agent.hbone.admission import Admission
@@ -61,7 +61,6 @@ class ProxyContext:
     cert_timeout: float = CERT_TIMEOUT
     connect_timeout: float = CONNECT_TIMEOUT
     metrics: TcpMetrics | None = None
-    policies: PolicySet = field(default_factory=PolicySet)
     denied: Counter | None = None
     admission: Admission = field(default_factory=Admission)
 
@@ -290,7 +289,9 @@ class PodProxy:
         except OSError:
             abort(client)
             return
-        v = admit_plaintext(dst, self._view().pod, self.ctx.policies.policies.values(), peer[0])
+        v = admit_plaintext(
+            dst, self._view().pod, self.ctx.store.current.policies.policies.values(), peer[0]
+        )
         if v.self_call:
             self._self_call(peer[0], dst[1])
             abort(client)
@@ -376,7 +377,11 @@ class PodProxy:
     ) -> None:
         req = check_request(ev)
         v = admit_connect(
-            req, self._view().pod, self.ctx.policies.policies.values(), peer_id, peer_ip
+            req,
+            self._view().pod,
+            self.ctx.store.current.policies.policies.values(),
+            peer_id,
+            peer_ip,
         )
         if not v.allowed:
             io.conn.respond(req.stream_id, v.status, end_stream=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from agent.authz import PolicySet
 from agent.identity.spiffe import SpiffeId
 
 DATAPLANE_MODE = "veil.dev/dataplane-mode"
@@ -105,9 +106,11 @@ class MeshState:
     namespaces: Mapping[str, Namespace] = field(default_factory=dict)
     workloads: tuple[Workload, ...] = ()
     services: tuple[Service, ...] = ()
-    # Kinds no typed view exists for yet (policies, routes, gateways), as read.
+    # Kinds no typed view exists for yet (routes, gateways, ...), as read.
     others: tuple[Mapping[str, Any], ...] = ()
     errors: tuple[str, ...] = ()  # objects a source could not convert, and why
+    # AuthorizationPolicies, parsed once by the writer (each keeps its last valid version).
+    policies: PolicySet = field(default_factory=PolicySet)
 
     @cached_property
     def workloads_by_ip(self) -> Mapping[str, Workload]:
@@ -336,6 +339,8 @@ class StateBuilder:
         self.services: dict[tuple[str, str], Service] = {}
         self.others: dict[ObjectKey, Mapping[str, Any]] = {}
         self.errors: dict[ObjectKey, str] = {}
+        self.policies = PolicySet()
+        self._policies_changed = False
 
     def apply(self, obj: Mapping[str, Any]) -> None:
         key = object_key(obj)
@@ -362,6 +367,8 @@ class StateBuilder:
     def delete(self, key: ObjectKey) -> None:
         kind, ns, name = key
         self.errors.pop(key, None)
+        if kind == "AuthorizationPolicy":
+            self._policies_changed = True
         if kind == "Namespace":
             self.namespaces.pop(name, None)
         elif kind == "Pod":
@@ -372,6 +379,11 @@ class StateBuilder:
             self.others.pop(key, None)
 
     def snapshot(self, version: int, extra_errors: Iterable[str] = ()) -> MeshState:
+        if self._policies_changed:  # parsed again only when one of them changed
+            self.policies = self.policies.update(
+                o for k, o in self.others.items() if k[0] == "AuthorizationPolicy"
+            )
+            self._policies_changed = False
         return MeshState(
             version=version,
             namespaces=dict(self.namespaces),
@@ -379,4 +391,5 @@ class StateBuilder:
             services=tuple(self.services[k] for k in sorted(self.services)),
             others=tuple(self.others.values()),
             errors=(*self.errors.values(), *extra_errors),
+            policies=self.policies,
         )

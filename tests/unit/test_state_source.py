@@ -125,3 +125,27 @@ async def test_only_changed_files_are_read_again(tmp_path: Path, monkeypatch) ->
         await change(lambda: (tmp_path / "ns4.yaml").write_text(namespace("n4b")))
         assert "n4b" in store.current.namespaces and store.current.errors == ()
         nursery.cancel_scope.cancel()
+
+
+def test_policies_are_parsed_once_by_the_writer_and_keep_their_last_valid_version() -> None:
+    from agent.state.model import StateBuilder  # noqa: PLC0415
+
+    def policy(action: str) -> dict[str, object]:
+        return {
+            "apiVersion": "security.veil.dev/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"namespace": "a", "name": "p"},
+            "spec": {"action": action, "rules": [{}]},
+        }
+
+    b = StateBuilder()
+    b.apply(policy("DENY"))
+    s1 = b.snapshot(1)
+    assert s1.policies.policies["a/p"].action == "DENY"
+    b.apply(pod("x", "10.0.0.1"))
+    assert b.snapshot(2).policies is s1.policies  # not parsed again for a pod's change
+    b.apply(policy("MAYBE"))  # a bad edit: the last valid version stays in force
+    s3 = b.snapshot(3)
+    assert s3.policies.policies["a/p"].action == "DENY" and "a/p" in s3.policies.errors
+    b.delete(("AuthorizationPolicy", "a", "p"))
+    assert b.snapshot(4).policies.policies == {}

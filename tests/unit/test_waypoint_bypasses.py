@@ -237,4 +237,4 @@ async def test_a_default_deny_on_the_gateway_class_holds_at_every_waypoint(tmp_p
     assert not isinstance(dest, str)
     assert await http1_status(wp, b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n") == 403
     assert wp._authorize_tcp(dest, "10.244.1.5", FRONTEND) is not None
-    assert wp.policies.errors == {}
+    assert wp._policies_now().errors == {}
