@@ -247,6 +247,38 @@ class Stream:
         self.down_done = False  # END_STREAM delivered to the sink as a FIN
         self.delivered = 0  # bytes handed to the consumer
 
+    # -- what a relay uses (agent/proxy/copy.py): it owns the sink while it runs ------------
+
+    @property
+    def has_buffered(self) -> bool:
+        """Payload arrived that no consumer took yet (early data before the answer)."""
+        return bool(self._chunks)
+
+    def attach_sink(self, sock: socket.socket, on_backlog: Callable[[], None]) -> None:
+        """From now on the reader writes received payload straight into `sock`; when it
+        pushes back, `on_backlog` is called (once) to start a drain task."""
+        self.sink, self.on_backlog = sock, on_backlog
+
+    def detach_sink(self) -> None:
+        """The relay is done with the socket: stop any drain and write nothing more to it."""
+        if self.drain_scope is not None:
+            self.drain_scope.cancel()  # the drain leaves the socket before it is closed
+        self.sink = None
+        self.on_backlog = None
+
+    def begin_drain(self) -> trio.CancelScope | None:
+        """Switch to draining through a task (under the returned scope, which `detach_sink`
+        cancels); None if a drain already runs: all data then goes through it, in order."""
+        if self.draining:
+            return None
+        self.draining = True
+        self.drain_scope = trio.CancelScope()
+        return self.drain_scope
+
+    def drained(self) -> None:
+        """The drain task ended: wake whoever waits on the stream."""
+        self._notify()
+
     def _notify(self) -> None:
         if self._wake is not None:
             self._wake.set()

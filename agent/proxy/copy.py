@@ -112,12 +112,11 @@ async def relay_stream(sock: socket.socket, stream: Stream, *, answers: bool = T
     moved = Transferred()
     reset = True  # until the relay ends normally: a cancelled one (agent stopping) resets
     plain(sock)
-    stream.sink = sock
-    stream.on_backlog = lambda: _start_drain(sock, stream)
+    stream.attach_sink(sock, lambda: _start_drain(sock, stream))
     try:
-        pending = stream._chunks or stream.eof
+        pending = stream.has_buffered or stream.eof
         if pending and not stream.deliver_buffered() and not stream.sink_failed:
-            stream.on_backlog()
+            _start_drain(sock, stream)
         # What the tunnel holds back (the CONNECT, the 200) leaves with the first bytes read
         # here, or before this relay waits for them.
         reader = Reader(sock, before_wait=stream.io.queue_output)
@@ -145,11 +144,8 @@ async def relay_stream(sock: socket.socket, stream: Stream, *, answers: bool = T
         except HboneError:
             pass
     finally:
-        if stream.drain_scope is not None:
-            stream.drain_scope.cancel()  # the drain leaves the socket before it is closed
+        stream.detach_sink()
         moved.down = stream.delivered
-        stream.sink = None
-        stream.on_backlog = None
         if reset and stream.reset_code is None:
             stream.reset()  # cancelled: the peer's app must see the cut too
         stream.close()
@@ -161,10 +157,9 @@ async def relay_stream(sock: socket.socket, stream: Stream, *, answers: bool = T
 
 
 def _start_drain(sock: socket.socket, stream: Stream) -> None:
-    if not stream.draining:
-        stream.draining = True
-        stream.drain_scope = trio.CancelScope()
-        stream.io.spawn(stream.id, _drain, sock, stream, stream.drain_scope)
+    scope = stream.begin_drain()
+    if scope is not None:
+        stream.io.spawn(stream.id, _drain, sock, stream, scope)
 
 
 async def _drain(sock: socket.socket, stream: Stream, scope: trio.CancelScope) -> None:
@@ -183,7 +178,7 @@ async def _drain(sock: socket.socket, stream: Stream, scope: trio.CancelScope) -
             stream.sink_failed = True
             stream.reset()
             trio.lowlevel.notify_closing(sock)  # wake the relay if it waits to read
-    stream._notify()
+    stream.drained()
 
 
 async def relay_tcp(a: socket.socket, b: socket.socket) -> Transferred:

@@ -549,7 +549,7 @@ class PodProxy:
                 self.ctx.admission.drop_connect()
             # A client that sent data with its CONNECT did not wait for the answer: it leaves with
             # the app's first bytes (or FIN), so an answer at once crosses back as one packet.
-            io.conn.respond(stream_id, 200, hold=bool(stream._chunks))
+            io.conn.respond(stream_id, 200, hold=stream.has_buffered)
             moved = await relay_stream(upstream, stream)
             # relay_stream counts from the app's side here: its `up` went back to the client.
             c.sent, c.received = moved.down, moved.up

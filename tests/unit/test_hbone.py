@@ -390,7 +390,7 @@ async def relaying_server(tmp_path, nursery, app):
 
     async def serve(io, sid):
         stream = io.streams[sid]
-        io.conn.respond(sid, 200, hold=bool(stream._chunks))
+        io.conn.respond(sid, 200, hold=stream.has_buffered)
         await relay_stream(app, stream)
 
     return await hbone_pair(
