@@ -391,7 +391,7 @@ class WaypointServer:
         finally:
             self.admission.drop_tunnel(peer_ip, "waypoint")
 
-    def _destination(self, state: MeshState, target: tuple[str, int]) -> Destination | str:
+    def destination(self, state: MeshState, target: tuple[str, int]) -> Destination | str:
         """What a CONNECT may reach through this waypoint, or why not: a Service VIP whose
         traffic this waypoint takes, or a pod bound to it (its own `use-waypoint`, or a
         Service of its that uses this waypoint). Anything else would let a client carry its
@@ -422,7 +422,7 @@ class WaypointServer:
         dest = (
             req.why
             if isinstance(req, BadRequest)
-            else self._destination(self.store.current, req.target)
+            else self.destination(self.store.current, req.target)
         )
         if isinstance(req, BadRequest) or isinstance(dest, str):
             why = req.why if isinstance(req, BadRequest) else str(dest)
@@ -532,8 +532,8 @@ class WaypointServer:
         self, stream: Stream, first: bytes, dest: Destination, peer: SpiffeId, client_ip: str
     ) -> None:
         """Not HTTP: a TCP relay to one ready pod of the destination, over HBONE, once the
-        policies in scope allow it as TCP (`_authorize_tcp`)."""
-        denied = self._authorize_tcp(dest, client_ip, peer)
+        policies in scope allow it as TCP (`authorize_tcp`)."""
+        denied = self.authorize_tcp(dest, client_ip, peer)
         if denied is not None:
             log.info("TCP from %s to %s denied: %s", peer, dest.authority, denied)
             self.metrics.tcp_denied.inc()
@@ -835,7 +835,7 @@ class WaypointServer:
             at_waypoint(self.cfg.namespace, self.cfg.gateway, dest.services),
         )
 
-    def _authorize_tcp(self, dest: Destination, client_ip: str, peer: SpiffeId) -> str | None:
+    def authorize_tcp(self, dest: Destination, client_ip: str, peer: SpiffeId) -> str | None:
         """Why a non-HTTP stream is refused, or None if the policies allow it as TCP."""
         d = self._decide(dest, client_ip, peer, None)
         return None if d.allowed else f"RBAC: access denied ({d.policy or '-'}: {d.reason})"

@@ -104,6 +104,11 @@ class H2Server:
         self._window = trio.Event()
         self.closed = False
 
+    @property
+    def pending_output(self) -> int:
+        """Bytes produced for the client and not yet handed to its HBONE stream."""
+        return len(self._out)
+
     def wake(self) -> None:
         """Take what h2 produced into our output buffer (in order) and let the writer run."""
         out = self.h2.data_to_send()

@@ -113,6 +113,11 @@ class TlsSocket:
         self._more = True  # the last read filled the buffer: the socket may hold more
 
     @property
+    def read_buffer(self) -> int:
+        """Bytes this connection holds for reading (16 KiB until it is busy, then 256)."""
+        return len(self._rbuf)
+
+    @property
     def pending(self) -> int:
         """Ciphertext bytes not yet accepted by the kernel."""
         return len(self._wbuf) + self._out.pending

@@ -40,14 +40,14 @@ def test_a_connection_before_its_handshake_holds_a_small_buffer():
     """Each accepted connection used to allocate 256 KiB before the TLS handshake."""
     a, b = socket.socketpair()
     tls = TlsSocket(a, ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), server_side=True)
-    assert len(tls._rbuf) == FIRST_READ_SIZE
+    assert tls.read_buffer == FIRST_READ_SIZE
     tls.close()
     b.close()
 
 
 async def test_a_busy_authenticated_tunnel_reads_in_large_pieces(tmp_path, nursery):
     client, server = await hbone_pair(tmp_path, nursery, on_request)
-    assert len(server.tls._rbuf) == FIRST_READ_SIZE  # authenticated, not busy yet
+    assert server.tls.read_buffer == FIRST_READ_SIZE  # authenticated, not busy yet
     stream = await client.open_stream("10.0.0.1:80", [])
     payload = b"x" * (2 * 1024 * 1024)
     got = 0
@@ -55,4 +55,4 @@ async def test_a_busy_authenticated_tunnel_reads_in_large_pieces(tmp_path, nurse
         n.start_soon(stream.send, payload)
         while got < len(payload):
             got += len(await stream.receive())
-    assert len(server.tls._rbuf) == READ_SIZE
+    assert server.tls.read_buffer == READ_SIZE

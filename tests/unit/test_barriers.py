@@ -318,11 +318,11 @@ def test_tcp_judgement_follows_istios_tcp_chain(tmp_path):
         },
     }
     with_state(wp)
-    assert wp._authorize_tcp(DEST, "10.244.1.5", FRONTEND) is None  # no policy: allowed
+    assert wp.authorize_tcp(DEST, "10.244.1.5", FRONTEND) is None  # no policy: allowed
     with_state(wp, allow_get)
-    assert wp._authorize_tcp(DEST, "10.244.1.5", FRONTEND) is not None
+    assert wp.authorize_tcp(DEST, "10.244.1.5", FRONTEND) is not None
     with_state(wp, allow_get, allow_frontend)
-    assert wp._authorize_tcp(DEST, "10.244.1.5", FRONTEND) is None
+    assert wp.authorize_tcp(DEST, "10.244.1.5", FRONTEND) is None
 
 
 async def test_a_waypoint_http2_client_that_never_reads_cannot_grow_our_output():
@@ -347,5 +347,5 @@ async def test_a_waypoint_http2_client_that_never_reads_cannot_grow_our_output()
                 await pipe.tx.send(ping * 1000)  # blocks once the server stops reading
                 fed += 1
         nursery.cancel_scope.cancel()
-    assert len(server._out) <= OUTPUT_LIMIT + 1000 * 17  # one read's answers past the limit
+    assert server.pending_output <= OUTPUT_LIMIT + 1000 * 17  # one read's answers past the limit
     assert fed < 200  # it stopped reading: the rest stayed with the client

@@ -193,7 +193,7 @@ def cluster(*extra: dict[str, Any]) -> list[dict[str, Any]]:
 def test_the_waypoint_takes_connects_only_for_what_it_serves(tmp_path, target, served):
     wp = waypoint(tmp_path)
     with_state(wp, *cluster())
-    dest = wp._destination(wp.store.current, target)
+    dest = wp.destination(wp.store.current, target)
     assert isinstance(dest, str) is not served, dest
 
 
@@ -212,7 +212,7 @@ async def test_a_pod_addressed_by_ip_is_judged_by_its_services_policies(tmp_path
     }
     with_state(wp, *cluster(no_post))
     for target in (("10.96.0.7", 80), ("10.244.1.7", 80)):
-        dest = wp._destination(wp.store.current, target)
+        dest = wp.destination(wp.store.current, target)
         assert not isinstance(dest, str)
         pipe = Pipe()
         wire = b"POST / HTTP/1.1\r\nHost: cart\r\nContent-Length: 0\r\n\r\n"
@@ -233,8 +233,8 @@ async def test_a_default_deny_on_the_gateway_class_holds_at_every_waypoint(tmp_p
         "spec": {"targetRefs": [{"kind": "GatewayClass", "name": "veil-waypoint"}]},
     }
     with_state(wp, *cluster(deny_all))
-    dest = wp._destination(wp.store.current, ("10.96.0.7", 80))
+    dest = wp.destination(wp.store.current, ("10.96.0.7", 80))
     assert not isinstance(dest, str)
     assert await http1_status(wp, b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n") == 403
-    assert wp._authorize_tcp(dest, "10.244.1.5", FRONTEND) is not None
-    assert wp._policies_now().errors == {}
+    assert wp.authorize_tcp(dest, "10.244.1.5", FRONTEND) is not None
+    assert wp.store.current.policies.errors == {}
