@@ -296,6 +296,37 @@ def run(seconds: float, clients: int, rounds: int = 3) -> dict[str, Any]:
     return out
 
 
+# Guards, not goals (issue 24): each path's ratio to Envoy in the same run. (conn/s at least,
+# CPU-s/GB at most, p50 at most.)
+FLOORS = {"veil": (0.6, 1.3, 1.7), "veil-ebpf": (0.7, 1.1, 1.7)}
+
+
+def floors(results: dict[str, Any]) -> list[str]:
+    """Veil's ratios to Envoy in this run, each against its floor; a miss is flagged BELOW."""
+    envoy = results["envoy"]
+    out = ["Ratios to Envoy in this run (the VM's drift moves both), against the floors:", ""]
+    out.append("| path | conn/s (>= floor) | CPU-s/GB (<= floor) | p50 (<= floor) |")
+    out.append("|---|---:|---:|---:|")
+    for name, (min_rate, max_cpu, max_p50) in FLOORS.items():
+        r = results[name]
+        cells = []
+        for got, bound, higher_is_better in (
+            (r["conn_s"] / envoy["conn_s"], min_rate, True),
+            (
+                r["cpu_s_per_gb"] / envoy["cpu_s_per_gb"]
+                if r["cpu_s_per_gb"] and envoy["cpu_s_per_gb"]
+                else float("nan"),
+                max_cpu,
+                False,
+            ),
+            (r["p50_us"] / envoy["p50_us"], max_p50, False),
+        ):
+            ok = got >= bound if higher_is_better else got <= bound
+            cells.append(f"{got:.2f}x ({bound:g}x){'' if ok else ' BELOW'}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
+
+
 def table(results: dict[str, Any]) -> str:
     d = results["direct"]
     lines = [
@@ -319,12 +350,8 @@ def table(results: dict[str, Any]) -> str:
             f"| {name}{ratio} | {r['gbit_s']:.2f} | {r['p50_us']:.0f} | "
             f"{r['p99_us']:.0f} | {r['conn_s']:.0f} | {cpu} | {per_conn} |"
         )
-    envoy = results["envoy"]["conn_s"]
     lines.append("")
-    lines.append(
-        "conn/s relative to Envoy (the VM's drift moves both): "
-        + ", ".join(f"{n} {results[n]['conn_s'] / envoy:.2f}x" for n in ("veil", "veil-ebpf"))
-    )
+    lines += floors(results)
     lines.append("")
     lines.append(
         "VM speed probe per round (pure-Python loop, s; lower is faster): "
