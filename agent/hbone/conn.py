@@ -420,6 +420,7 @@ class HboneConnection:
         self._headers_flags = 0
         self._headers_block = bytearray()
         self._continuations = 0
+        self.frames_received = 0  # the I/O layer yields to other tunnels after many
         # Flood accounting (see MAX_QUEUED_CONTROL and the limits beside it).
         self._control_queued = 0
         self._priority_frames = 0
@@ -667,6 +668,7 @@ class HboneConnection:
                 if len(self._pending) < 9:
                     break
             hi, lo, ftype, flags, sid = _HEADER.unpack_from(self._pending)
+            self.frames_received += 1
             length, sid = (hi << 8) | lo, sid & 0x7FFFFFFF
             if length > MAX_FRAME:
                 raise _ConnectionError(

@@ -56,9 +56,11 @@ HIGH_WATER = 1024 * 1024  # outbound bytes queued before DATA senders wait
 HOLD_LIMIT = 64 * 1024  # at most this much output waits to share a packet (send_data)
 SMALL_FRAME = 4096  # DATA up to this size is copied into the pending frames (one TLS record)
 HANDSHAKE_TIMEOUT = 10.0
-# A connection whose data keeps coming yields to the others after this many reads (1 MiB): one
-# busy or flooding tunnel never holds the node's loop for long.
-FAIR_READS = 4
+# A connection whose data keeps coming yields to the others after this many reads (4 MiB),
+# and after any read that carried more than FAIR_FRAMES frames: one busy or flooding tunnel
+# never holds the node's loop for long, while bulk transfers (big DATA frames) read on.
+FAIR_READS = 16
+FAIR_FRAMES = 1024
 # A tunnel whose peer went silent (node gone, agent frozen) ends instead of holding its
 # streams until TCP gives up (~15 minutes): data unacknowledged this long aborts it, and an
 # idle tunnel is probed (TCP keepalive) so a pooled one is found dead before it is reused.
@@ -564,6 +566,7 @@ class HboneIO:
             self.tls.close()
 
     async def _read_loop(self) -> None:
+        frames = 0
         while True:
             try:
                 data = await self.tls.recv(READ_SIZE)
@@ -589,6 +592,11 @@ class HboneIO:
             self.queue_output()
             if self.closed:
                 return
+            if self.conn.frames_received - frames > FAIR_FRAMES:
+                # Many small frames (a flood, or a chatty peer): each costs us far more than
+                # its bytes, so let the other tunnels run before the next read.
+                frames = self.conn.frames_received
+                await trio.lowlevel.checkpoint()
 
     def _dispatch(self, events: list[Event]) -> bool:
         window_changed = False

@@ -56,3 +56,49 @@ async def test_a_busy_authenticated_tunnel_reads_in_large_pieces(tmp_path, nurse
         while got < len(payload):
             got += len(await stream.receive())
     assert server.tls.read_buffer == READ_SIZE
+
+
+async def test_a_tunnel_full_of_small_frames_yields_after_each_read(tmp_path, nursery):
+    """Issue 17.6: a tunnel's turn used to last up to 16 reads of 256 KiB, whatever they held;
+    one read full of tiny frames now ends the turn, so other tunnels run in between."""
+    import struct  # noqa: PLC0415
+
+    from agent.hbone.conn import WINDOW_UPDATE, frame_header  # noqa: PLC0415
+    from agent.hbone.io import FAIR_READS  # noqa: PLC0415
+
+    # Loopback TCP with large buffers: the whole burst can sit in the server's socket at once.
+    listener = socket.create_server(("127.0.0.1", 0))
+    a_side = socket.socket()
+    for sock in (listener, a_side):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    a_side.connect(listener.getsockname())
+    b_side, _ = listener.accept()
+    listener.close()
+    client, server = await hbone_pair(tmp_path, nursery, on_request, socks=(b_side, a_side))
+    steps: list[int] = []
+
+    class FramesPerStep(trio.abc.Instrument):
+        before = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            self.before = server.conn.frames_received
+
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            steps.append(server.conn.frames_received - self.before)
+
+    update = frame_header(4, WINDOW_UPDATE, 0, 0) + struct.pack("!I", 1)  # 13 bytes, no answer
+    burst = update * (READ_SIZE // len(update) * 3)  # three reads' worth of frames
+    instrument = FramesPerStep()
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        client.tls.write(burst)
+        client.queue_output()  # sent now and by the client's writer task
+        with trio.fail_after(10):
+            while server.conn.frames_received < len(burst) // len(update):
+                await trio.sleep(0.01)
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+    per_read = READ_SIZE // len(update) + 2  # a frame cut at the edges of a read
+    assert max(steps) < per_read * 1.5 < len(burst) // len(update)  # about one read a turn
+    assert FAIR_READS > 1  # without the frame count, one step could have taken all three reads
