@@ -5,13 +5,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.veil-installed
 
-.PHONY: demo test setup system venv lint typecheck unit integration clean
+.PHONY: demo test setup system venv lint typecheck unit integration fuzz clean
 
 demo: setup
 	$(BIN)/python -m agent.lab.demo -f examples/shop/ $(if $(KEEP),--keep,) $(if $(CAPTURE),--capture $(CAPTURE),)
 
 test: setup lint typecheck
-	$(BIN)/pytest -q tests/unit tests/integration tests/interop
+	$(BIN)/pytest -q tests/unit tests/fuzz tests/integration tests/interop
 
 setup: system venv
 
@@ -41,6 +41,13 @@ unit: venv
 
 integration: setup
 	$(BIN)/pytest -q tests/integration
+
+# Every fuzz harness for FUZZ_SECONDS each (make test runs them for a few seconds).
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	for h in $$($(BIN)/python -c 'from tests.fuzz.harnesses import HARNESSES; print(*HARNESSES)'); do \
+	  echo "== $$h"; $(BIN)/python -m tests.fuzz.harnesses $$h -max_total_time=$(FUZZ_SECONDS) \
+	    -print_final_stats=1 2>&1 | grep -E '^(Done|stat::number_of_executed_units|==)|ERROR' ; done
 
 clean:
 	-$(BIN)/veil lab down --all

@@ -40,8 +40,9 @@ def ask_agent(path: str, request: dict[str, Any], timeout: float = AGENT_TIMEOUT
 
 
 def pod_ip(prev: dict[str, Any]) -> str:
-    for entry in prev.get("ips", []):
-        address = str(entry.get("address", ""))
+    ips = prev.get("ips")
+    for entry in ips if isinstance(ips, list) else []:
+        address = str(entry.get("address", "")) if isinstance(entry, dict) else ""
         if "." in address:
             return address.split("/", maxsplit=1)[0]
     raise ValueError(
@@ -58,9 +59,11 @@ def error(version: str, code: int, msg: str, details: str = "") -> int:
 def run(env: dict[str, str], stdin: str) -> int:
     command = env.get("CNI_COMMAND", "")
     try:
-        conf: dict[str, Any] = json.loads(stdin) if stdin.strip() else {}
-    except ValueError as e:
+        conf: Any = json.loads(stdin) if stdin.strip() else {}
+    except (ValueError, RecursionError) as e:
         return error("1.0.0", 6, "veil-cni: the network configuration is not JSON", str(e))
+    if not isinstance(conf, dict):
+        return error("1.0.0", 6, "veil-cni: the network configuration is not a JSON object")
     version = str(conf.get("cniVersion", "1.0.0"))
     if command == "VERSION":
         print(json.dumps({"cniVersion": version, "supportedVersions": SUPPORTED}))

@@ -128,3 +128,23 @@ def test_del_tells_the_agent(agent):
 def test_bad_input_is_refused_with_the_specs_codes(env, stdin, code, capsys):
     assert run(env, stdin) == 1
     assert out(capsys)["code"] == code
+
+
+@pytest.mark.parametrize(
+    "stdin",
+    [
+        "1",  # found by tests/fuzz (cni_stdin): JSON that is not an object crashed the plugin
+        "[]",
+        '"x"',
+        "[" * 10_000 + "]" * 10_000,
+    ],
+)
+def test_configuration_that_is_not_an_object_is_refused(stdin, capsys):
+    assert run({"CNI_COMMAND": "ADD"}, stdin) == 1
+    assert out(capsys)["code"] == 6
+
+
+def test_a_previous_result_with_odd_ips_is_refused(capsys):
+    prev = {"ips": [1, "x", {"address": 7}]}
+    assert run({**ENV, "CNI_COMMAND": "ADD"}, conf("/x", prev=prev)) == 1
+    assert out(capsys)["code"] == 7
