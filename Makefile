@@ -47,7 +47,7 @@ FUZZ_SECONDS ?= 60
 fuzz: venv
 	for h in $$($(BIN)/python -c 'from tests.fuzz.harnesses import HARNESSES; print(*HARNESSES)'); do \
 	  echo "== $$h"; $(BIN)/python -m tests.fuzz.harnesses $$h -max_total_time=$(FUZZ_SECONDS) \
-	    -print_final_stats=1 2>&1 | grep -E '^(Done|stat::number_of_executed_units|==)|ERROR' ; done
+	    -print_final_stats=1 2>&1 | grep -E '^(Done|==)|DONE|ERROR' ; done
 
 clean:
 	-$(BIN)/veil lab down --all

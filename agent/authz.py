@@ -243,6 +243,21 @@ def _qualify_service_accounts(
 
 
 def parse_policy(obj: Mapping[str, Any]) -> Policy:
+    """The object as a Policy; PolicyError (naming the policy and field) for anything it
+    cannot be, whatever its shape: a gap in the checks below must never stop the state's
+    writer, nor open the policy."""
+    try:
+        return _parse_policy(obj)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, PolicyError):
+            raise
+        raw = obj.get("metadata")
+        md: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+        ref = f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
+        raise PolicyError(ref, "spec", f"cannot read: {e!r}") from None
+
+
+def _parse_policy(obj: Mapping[str, Any]) -> Policy:
     md = obj.get("metadata") or {}
     ref = f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
     if obj.get("apiVersion") != API_VERSION:
@@ -330,6 +345,8 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
         rules.append(Rule(tuple(sources), tuple(operations), tuple(conditions), has_l7))
     refs = []
     raw_refs = spec.get("targetRefs") or ([spec["targetRef"]] if spec.get("targetRef") else [])
+    if not isinstance(raw_refs, list):
+        raise PolicyError(ref, "spec.targetRefs", "expected a list")
     for i, t in enumerate(raw_refs):
         kind = t.get("kind") if isinstance(t, dict) else None
         if kind == "GatewayClass":
@@ -374,7 +391,8 @@ class PolicySet:
         for obj in objects:
             if obj.get("kind") != "AuthorizationPolicy":
                 continue
-            md = obj.get("metadata") or {}
+            raw = obj.get("metadata")
+            md: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
             ref = f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
             try:
                 policies[ref] = parse_policy(obj)

@@ -186,6 +186,21 @@ class RequestAuthentication:
 
 
 def parse_request_authentication(obj: Mapping[str, Any]) -> RequestAuthentication:
+    """The object as a RequestAuthentication; JwtError (naming it) for anything it cannot
+    be, whatever its shape."""
+    try:
+        return _parse_request_authentication(obj)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, JwtError):
+            raise
+        raw = obj.get("metadata")
+        md: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+        raise JwtError(
+            f"{KIND} {md.get('namespace')}/{md.get('name')}: cannot read: {e!r}"
+        ) from None
+
+
+def _parse_request_authentication(obj: Mapping[str, Any]) -> RequestAuthentication:
     md = obj.get("metadata") or {}
     ns, name = md.get("namespace", "default"), md.get("name", "?")
     where = f"{KIND} {ns}/{name}: spec"

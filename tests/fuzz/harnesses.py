@@ -20,7 +20,7 @@ from collections.abc import Callable
 import atheris
 
 with atheris.instrument_imports():
-    from agent.authz import PolicyError, parse_policy
+    from agent.authz import PolicyError, PolicySet, parse_policy
     from agent.cni.plugin import run as cni_run
     from agent.hbone.conn import (
         PREFACE,
@@ -86,6 +86,168 @@ def path_normalization(data: bytes) -> None:
         raise AssertionError(f"{mode.value}: {raw!r} -> {once.path!r} -> {twice.path!r}")
 
 
+# Field names the parsers know (and a few they do not): structured documents reach far deeper
+# into a parser than JSON made of random bytes ever does.
+WORDS = [
+    "apiVersion",
+    "kind",
+    "metadata",
+    "spec",
+    "name",
+    "namespace",
+    "labels",
+    "action",
+    "rules",
+    "from",
+    "to",
+    "when",
+    "source",
+    "operation",
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "ipBlocks",
+    "notIpBlocks",
+    "ports",
+    "notPorts",
+    "methods",
+    "paths",
+    "hosts",
+    "notHosts",
+    "requestPrincipals",
+    "serviceAccounts",
+    "key",
+    "values",
+    "notValues",
+    "selector",
+    "matchLabels",
+    "targetRef",
+    "targetRefs",
+    "group",
+    "parentRefs",
+    "sectionName",
+    "backendRefs",
+    "port",
+    "weight",
+    "matches",
+    "path",
+    "type",
+    "value",
+    "headers",
+    "queryParams",
+    "method",
+    "filters",
+    "requestHeaderModifier",
+    "set",
+    "add",
+    "remove",
+    "requestRedirect",
+    "urlRewrite",
+    "replaceFullPath",
+    "replacePrefixMatch",
+    "requestMirror",
+    "backendRef",
+    "timeouts",
+    "request",
+    "backendRequest",
+    "retry",
+    "attempts",
+    "codes",
+    "backoff",
+    "jwtRules",
+    "issuer",
+    "jwks",
+    "jwksUri",
+    "audiences",
+    "fromHeaders",
+    "prefix",
+    "fromParams",
+    "outputClaimToHeaders",
+    "header",
+    "claim",
+    "forwardOriginalToken",
+    "faults",
+    "delay",
+    "fixedDelay",
+    "abort",
+    "httpStatus",
+    "percent",
+    "rateLimit",
+    "requestsPerSecond",
+    "burst",
+    "connectionPool",
+    "maxConnections",
+    "outlierDetection",
+    "consecutive5xxErrors",
+    "baseEjectionTime",
+    "services",
+    "routes",
+    "Exact",
+    "PathPrefix",
+    "RegularExpression",
+    "ALLOW",
+    "DENY",
+    "AUDIT",
+    "CUSTOM",
+    "Gateway",
+    "Service",
+    "GatewayClass",
+    "HTTPRoute",
+    "veil-waypoint",
+    "veil-system",
+    "cluster.local/ns/a/sa/b",
+    "/admin*",
+    "*",
+    "10.0.0.0/8",
+    "80",
+    "8080",
+    "1s",
+    "100ms",
+    "GET",
+    "POST",
+]
+
+
+def value(fdp: atheris.FuzzedDataProvider, depth: int = 0) -> object:
+    choice = fdp.ConsumeIntInRange(0, 9 if depth < 4 else 5)
+    if choice <= 2:
+        return WORDS[fdp.ConsumeIntInRange(0, len(WORDS) - 1)]
+    if choice == 3:
+        return fdp.ConsumeIntInRange(-2, 70000)
+    if choice == 4:
+        return [None, True, False, 1.5][fdp.ConsumeIntInRange(0, 3)]
+    if choice == 5:
+        return fdp.ConsumeUnicodeNoSurrogates(16)
+    if choice <= 7:
+        return [value(fdp, depth + 1) for _ in range(fdp.ConsumeIntInRange(0, 3))]
+    return {
+        WORDS[fdp.ConsumeIntInRange(0, len(WORDS) - 1)]: value(fdp, depth + 1)
+        for _ in range(fdp.ConsumeIntInRange(0, 4))
+    }
+
+
+API = {
+    "AuthorizationPolicy": "security.veil.dev/v1",
+    "RequestAuthentication": "security.veil.dev/v1",
+    "TrafficPolicy": "traffic.veil.dev/v1",
+    "HTTPRoute": "gateway.networking.k8s.io/v1",
+}
+
+
+def document(fdp: atheris.FuzzedDataProvider, kind: str) -> dict[str, object]:
+    return {
+        "apiVersion": API[kind],
+        "kind": kind,
+        "metadata": {"namespace": "a", "name": "x"},
+        "spec": value(fdp, 1)
+        if fdp.ConsumeBool()
+        else {
+            WORDS[fdp.ConsumeIntInRange(0, len(WORDS) - 1)]: value(fdp, 2)
+            for _ in range(fdp.ConsumeIntInRange(1, 5))
+        },
+    }
+
+
 def _json(data: bytes) -> object:
     try:
         return json.loads(data.decode("utf-8", "replace"))
@@ -94,28 +256,43 @@ def _json(data: bytes) -> object:
 
 
 def policies(data: bytes) -> None:
-    doc = _json(data)
-    if not isinstance(doc, dict):
-        return
-    for parse, errors in (
-        (parse_policy, (PolicyError,)),
-        (parse_route, (RouteError,)),
-        (parse_traffic_policy, (TrafficPolicyError,)),
-        (parse_request_authentication, (JwtError,)),
+    """Each parser on documents of its kind whose spec is made of known field names and odd
+    values: it accepts them or refuses with its own error, nothing else."""
+    fdp = atheris.FuzzedDataProvider(data)
+    for kind, parse, errors in (
+        ("AuthorizationPolicy", parse_policy, (PolicyError,)),
+        ("HTTPRoute", parse_route, (RouteError,)),
+        ("TrafficPolicy", parse_traffic_policy, (TrafficPolicyError,)),
+        ("RequestAuthentication", parse_request_authentication, (JwtError,)),
     ):
+        doc = document(fdp, kind)
         with contextlib.suppress(*errors):
             parse(doc)
+        if kind == "AuthorizationPolicy":
+            PolicySet().update([doc])  # what the state's writer calls: it never raises
 
 
 def cni_stdin(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     command = ["ADD", "DEL", "CHECK", "VERSION", ""][fdp.ConsumeIntInRange(0, 4)]
     env = {"CNI_COMMAND": command, "CNI_ARGS": fdp.ConsumeUnicodeNoSurrogates(64)}
-    stdin = fdp.ConsumeUnicodeNoSurrogates(512)
-    doc = _json(stdin.encode())
-    if isinstance(doc, dict) and "agentSocket" in doc:  # no agent here: one that is absent
-        doc["agentSocket"] = "/nonexistent/veil-fuzz.sock"
+    if fdp.ConsumeBool():
+        stdin = fdp.ConsumeUnicodeNoSurrogates(512)
+    else:  # shaped like a chained plugin's input, with odd values
+        doc = {
+            "cniVersion": value(fdp, 3),
+            "name": "net",
+            "prevResult": {"ips": value(fdp, 2), "interfaces": []}
+            if fdp.ConsumeBool()
+            else value(fdp),
+        }
+        if fdp.ConsumeBool():
+            doc["agentSocket"] = value(fdp, 4)
         stdin = json.dumps(doc)
+    parsed = _json(stdin.encode())
+    if isinstance(parsed, dict) and "agentSocket" in parsed:  # no agent here: an absent one
+        parsed["agentSocket"] = "/nonexistent/veil-fuzz.sock"
+        stdin = json.dumps(parsed)
     with contextlib.redirect_stdout(io.StringIO()):  # the plugin answers on stdout
         code = cni_run(env, stdin)
     if code not in (0, 1):

@@ -321,3 +321,24 @@ def test_source_service_accounts(accounts, client, expected):
     assert decide([p], facts(principal=client)).allowed is expected
     deny = parse_policy(policy({**spec, "action": "DENY"}))
     assert decide([deny], facts(principal=client)).allowed is not expected
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        # found by tests/fuzz (policies): these shapes raised TypeError/AttributeError out of
+        # the parser, and a raise there stops the state's writer (every agent and waypoint)
+        {"spec": {"targetRefs": 5}},
+        {"spec": {"rules": [{"from": 5}]}},
+        {"spec": {"rules": [{"when": [{"key": "source.ip", "values": 5}]}]}},
+        {"metadata": "x", "spec": 5},
+    ],
+)
+def test_odd_shapes_are_invalid_policies_that_deny_never_crashes(obj):
+    doc = {"apiVersion": "security.veil.dev/v1", "kind": "AuthorizationPolicy", **obj}
+    doc.setdefault("metadata", {"namespace": "mesh", "name": "odd"})
+    with pytest.raises(PolicyError):
+        parse_policy(doc)
+    policies = PolicySet().update([doc])
+    (p,) = policies.policies.values()
+    assert p.invalid and p.action == "DENY" and policies.errors

@@ -123,3 +123,23 @@ def test_claims_go_to_headers_and_a_client_cannot_forge_them():
 def test_bad_forwarding_fields_are_refused(rule):
     with pytest.raises(JwtError):
         ra(Issuer(), **rule)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [  # found by tests/fuzz (policies): these raised AttributeError/TypeError, not JwtError
+        {"targetRefs": ["x"], "jwtRules": [{"issuer": "i"}]},
+        {"targetRefs": [{"kind": "Service", "name": "a"}], "jwtRules": ["x"]},
+        {"targetRefs": 5},
+    ],
+)
+def test_odd_shapes_are_refused_with_jwt_error(spec):
+    with pytest.raises(JwtError):
+        parse_request_authentication(
+            {
+                "apiVersion": "security.veil.dev/v1",
+                "kind": "RequestAuthentication",
+                "metadata": {"name": "jwt", "namespace": "shop"},
+                "spec": spec,
+            }
+        )
