@@ -45,7 +45,7 @@ integration: setup
 # Every fuzz harness for FUZZ_SECONDS each (make test runs them for a few seconds).
 FUZZ_SECONDS ?= 60
 fuzz: venv
-	for h in $$($(BIN)/python -c 'from tests.fuzz.harnesses import HARNESSES; print(*HARNESSES)'); do \
+	for h in $$($(BIN)/python -c 'from tests.fuzz.harnesses import HARNESSES; print(*HARNESSES)' 2>/dev/null); do \
 	  echo "== $$h"; $(BIN)/python -m tests.fuzz.harnesses $$h -max_total_time=$(FUZZ_SECONDS) \
 	    -print_final_stats=1 2>&1 | grep -E '^(Done|==)|DONE|ERROR' ; done
 
