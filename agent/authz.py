@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.grammar import port_number
+from agent.objects import object_ref, refuse_odd_shapes
 
 ROOT_NAMESPACE = "veil-system"
 API_VERSION = "security.veil.dev/v1"
@@ -242,22 +243,8 @@ def _qualify_service_accounts(
     return src
 
 
+@refuse_odd_shapes(PolicyError, lambda ref, e: PolicyError(ref, "spec", f"cannot read: {e!r}"))
 def parse_policy(obj: Mapping[str, Any]) -> Policy:
-    """The object as a Policy; PolicyError (naming the policy and field) for anything it
-    cannot be, whatever its shape: a gap in the checks below must never stop the state's
-    writer, nor open the policy."""
-    try:
-        return _parse_policy(obj)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        if isinstance(e, PolicyError):
-            raise
-        raw = obj.get("metadata")
-        md: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
-        ref = f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
-        raise PolicyError(ref, "spec", f"cannot read: {e!r}") from None
-
-
-def _parse_policy(obj: Mapping[str, Any]) -> Policy:
     md = obj.get("metadata") or {}
     ref = f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
     if obj.get("apiVersion") != API_VERSION:
@@ -391,9 +378,7 @@ class PolicySet:
         for obj in objects:
             if obj.get("kind") != "AuthorizationPolicy":
                 continue
-            raw = obj.get("metadata")
-            md: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
-            ref = f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
+            ref = object_ref(obj)
             try:
                 policies[ref] = parse_policy(obj)
             except PolicyError as e:
@@ -403,9 +388,10 @@ class PolicySet:
                     policies[ref] = previous  # the last valid version stays in force
                 else:  # never valid: deny everything in its scope rather than fail open
                     refs = _target_refs(obj)
+                    namespace, _, name = ref.partition("/")
                     policies[ref] = Policy(
-                        namespace=md.get("namespace", "default"),
-                        name=str(md.get("name", "?")),
+                        namespace=namespace,
+                        name=name,
                         action="DENY",
                         rules=(Rule(),),
                         selector=_selector(obj),

@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from agent.objects import refuse_odd_shapes
+
 API_VERSION = "security.veil.dev/v1"
 KIND = "RequestAuthentication"
 SKEW = 60.0  # seconds of clock difference tolerated for exp/nbf
@@ -185,22 +187,8 @@ class RequestAuthentication:
         )
 
 
+@refuse_odd_shapes(JwtError, lambda ref, e: JwtError(f"{KIND} {ref}: cannot read: {e!r}"))
 def parse_request_authentication(obj: Mapping[str, Any]) -> RequestAuthentication:
-    """The object as a RequestAuthentication; JwtError (naming it) for anything it cannot
-    be, whatever its shape."""
-    try:
-        return _parse_request_authentication(obj)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        if isinstance(e, JwtError):
-            raise
-        raw = obj.get("metadata")
-        md: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
-        raise JwtError(
-            f"{KIND} {md.get('namespace')}/{md.get('name')}: cannot read: {e!r}"
-        ) from None
-
-
-def _parse_request_authentication(obj: Mapping[str, Any]) -> RequestAuthentication:
     md = obj.get("metadata") or {}
     ns, name = md.get("namespace", "default"), md.get("name", "?")
     where = f"{KIND} {ns}/{name}: spec"

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.objects import refuse_odd_shapes
+
 GROUP = "traffic.veil.dev"
 KIND = "TrafficPolicy"
 _DURATION = re.compile(r"^(?:([0-9]{1,5})(h|ms|m|s)){1,4}$")
@@ -173,22 +175,8 @@ def _percent(v: Any, where: str) -> float:
     return p
 
 
+@refuse_odd_shapes(PolicyError, lambda ref, e: PolicyError(f"{KIND} {ref}: cannot read: {e!r}"))
 def parse_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicy:
-    """The object as a TrafficPolicy; PolicyError (naming it) for anything it cannot be,
-    whatever its shape."""
-    try:
-        return _parse_traffic_policy(obj)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        if isinstance(e, PolicyError):
-            raise
-        raw = obj.get("metadata")
-        md: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
-        raise PolicyError(
-            f"{KIND} {md.get('namespace')}/{md.get('name')}: cannot read: {e!r}"
-        ) from None
-
-
-def _parse_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicy:
     md = obj.get("metadata") or {}
     ns, name = md.get("namespace", "default"), md.get("name", "?")
     where = f"{KIND} {ns}/{name}: spec"
