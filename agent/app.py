@@ -217,6 +217,8 @@ class Agent:
             if state.policies is not policies:
                 self.note_policies(policies, state.policies)
                 policies = state.policies
+                if cut := self.enrollment.reevaluate():
+                    log.info("%d open connection(s) closed: the policies now deny them", cut)
 
     async def run(self) -> None:
         cfg = self.cfg

@@ -133,6 +133,11 @@ class Enrollment:
             return {}
         return {k: Enrolled(**v) for k, v in doc.items()}
 
+    def reevaluate(self) -> int:
+        """Judge every enrolled pod's live inbound connections again (after a policy
+        change); how many were cut."""
+        return sum(proxy.reevaluate() for proxy in self.proxies.values())
+
     def tunnels(self) -> tuple[int, int]:
         """Open HBONE connections: (outbound, pooled by our pods; inbound, to our pods)."""
         out = sum(len(p.pool.connections()) for p in self.proxies.values() if p.pool)

@@ -66,7 +66,7 @@ def facts(pod: PodFacts, source_ip: str, port: int, principal: str | None) -> Fa
     )
 
 
-def _judge(
+def judge(
     pod: PodFacts,
     policies: Iterable[Policy],
     peer: SpiffeId | None,
@@ -97,7 +97,7 @@ def admit_connect(
         return Verdict(400, f"authority {host}:{port} is not this pod ({pod.ip})")
     if port in AGENT_PORTS:
         return Verdict(400, f"port {port} is the mesh agent's own", self_call=True)
-    return _judge(pod, policies, peer, peer_ip, port)
+    return judge(pod, policies, peer, peer_ip, port)
 
 
 def admit_plaintext(
@@ -107,4 +107,4 @@ def admit_plaintext(
     if dst[1] in AGENT_PORTS:
         # Passed on, the agent would connect to itself, and that connection again.
         return Verdict(400, f"port {dst[1]} is the mesh agent's own", self_call=True)
-    return _judge(pod, policies, None, peer_ip, dst[1])
+    return judge(pod, policies, None, peer_ip, dst[1])

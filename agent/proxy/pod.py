@@ -19,7 +19,7 @@ import random
 import secrets
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from agent.identity.manager import CertificateManager, NoCertificate
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import PeerIdentityError, tunnel_expiry, verify_peer
 from agent.proxy.copy import Transferred, abort, relay_stream, relay_tcp
-from agent.proxy.inbound import PodFacts, Verdict, admit_connect, admit_plaintext
+from agent.proxy.inbound import PodFacts, Verdict, admit_connect, admit_plaintext, judge
 from agent.proxy.outbound import Kind, Route, route
 from agent.state.model import MeshState, Service, Workload
 from agent.state.store import StateStore
@@ -116,6 +116,18 @@ async def _guarded_conn(handler: Handler, conn: socket.socket, peer: Any) -> Non
         conn.close()
 
 
+@dataclass(eq=False)
+class _Live:
+    """An inbound connection in progress, as its admission judged it: judged again whenever
+    the policies change (`PodProxy.reevaluate`), and cut if they now deny it."""
+
+    scope: trio.CancelScope
+    peer: SpiffeId | None
+    peer_ip: str
+    port: int
+    denied: Verdict | None = None
+
+
 @dataclass
 class _PodView:
     """One snapshot's answers for one pod (see `PodProxy._view`)."""
@@ -141,6 +153,7 @@ class PodProxy:
         self.pool: HbonePool | None = None
         self.inbound_tunnels = 0
         self._pod_view: _PodView | None = None
+        self.live: set[_Live] = set()  # inbound connections relaying now
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ns = self.ns = NetNs(self.netns_path)
@@ -318,7 +331,9 @@ class PodProxy:
             c.response_flags, c.error = "UF", str(e)
             self.ctx.report(c)
             return
-        self.ctx.report(c, await relay_tcp(client, upstream))
+        live = _Live(trio.CancelScope(), None, peer[0], dst[1])
+        moved = await self._relay_live(live, relay_tcp(client, upstream))
+        self._report_live(c, live, moved)
 
     # -- 15008 -----------------------------------------------------------------------------
 
@@ -414,6 +429,48 @@ class PodProxy:
             peer_id,
             self._service_from(req.headers.get("baggage", "")),
         )
+
+    async def _relay_live(
+        self, live: _Live, relay: Coroutine[Any, Any, Transferred]
+    ) -> Transferred | None:
+        """Run a relay as a live inbound connection; None if a policy change cut it."""
+        self.live.add(live)
+        try:
+            with live.scope:
+                return await relay
+            return None
+        finally:
+            self.live.discard(live)
+
+    def _report_live(self, c: Connection, live: _Live, moved: Transferred | None) -> None:
+        if live.denied is None:
+            self.ctx.report(c, moved)
+            return
+        d = live.denied.decision
+        c.response_flags, c.policy = "RBAC", d.policy if d else ""
+        c.error = f"closed after a policy change: {live.denied.why}"
+        self.ctx.report(c)
+
+    def reevaluate(self) -> int:
+        """Judge every live inbound connection again with the policies in force now (as
+        ztunnel does); cut those they deny. Returns how many were cut."""
+        view = self._view()
+        policies = view.state.policies.policies.values()
+        cut = 0
+        for live in list(self.live):
+            v = judge(view.pod, policies, live.peer, live.peer_ip, live.port)
+            if not v.allowed and live.denied is None:
+                live.denied = v
+                live.scope.cancel()  # the relay resets both sides
+                log.info(
+                    "%s -> %s:%d closed after a policy change: %s",
+                    live.peer or live.peer_ip,
+                    self.workload.key,
+                    live.port,
+                    v.why,
+                )
+                cut += 1
+        return cut
 
     def _denied(self, c: Connection, v: Verdict, source: str, port: int) -> None:
         """Log, count and report a connection an inbound decision denied (401)."""
@@ -550,9 +607,11 @@ class PodProxy:
             # A client that sent data with its CONNECT did not wait for the answer: it leaves with
             # the app's first bytes (or FIN), so an answer at once crosses back as one packet.
             io.conn.respond(stream_id, 200, hold=stream.has_buffered)
-            moved = await relay_stream(upstream, stream)
+            live = _Live(trio.CancelScope(), peer_id, peer_ip, target[1])
+            moved = await self._relay_live(live, relay_stream(upstream, stream))
             # relay_stream counts from the app's side here: its `up` went back to the client.
-            c.sent, c.received = moved.down, moved.up
-            self.ctx.report(c)
+            if moved is not None:
+                moved = Transferred(moved.down, moved.up)
+            self._report_live(c, live, moved)
         finally:
             self.ctx.admission.drop_stream()

@@ -208,3 +208,61 @@ def test_denials_reach_the_access_log_and_logging_level_changes_at_runtime(lab, 
     assert json.loads(controlplane.agent_get(ns, "/logging")[1]) == {"level": "debug"}
     assert controlplane.agent_get(ns, "/logging?level=loud")[0] == 400
     controlplane.agent_get(ns, "/logging?level=info")
+
+
+HOLD_OPEN = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 8080), timeout=5)
+print("open", flush=True)
+s.settimeout(15)
+started = time.monotonic()
+try:
+    got = s.recv(1)
+    print("ended" if got == b"" else "data", round(time.monotonic() - started, 1), flush=True)
+except ConnectionResetError:
+    print("reset", round(time.monotonic() - started, 1), flush=True)
+except TimeoutError:
+    print("still open", flush=True)
+"""
+
+
+def test_a_policy_change_closes_open_connections_it_now_denies(lab, pods, tmp_path):
+    """Issue 23.6 (as ztunnel): an open connection is judged again when the policies change."""
+    import subprocess  # noqa: PLC0415
+
+    from tests.integration.conftest import VEIL  # noqa: PLC0415
+
+    hold = ["python3", "-c", HOLD_OPEN, pods["server-b"]["ip"]]
+    holder = subprocess.Popen(
+        [VEIL, "lab", "exec", "--name", lab, "-n", "mesh", "client", "--", *hold],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        time.sleep(0.5)  # the CONNECT has reached server-b's agent
+        apply(
+            lab,
+            tmp_path,
+            POLICY.format(
+                spec="""  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]"""
+            ),
+        )
+        out, _ = holder.communicate(timeout=20)
+        assert out.split()[0] == "reset", out  # cut at both ends, never a clean end
+        log = Path(f"/run/veil/lab/{lab}/logs/agent-node2.log")
+        entries = wait_for_access(
+            log,
+            lambda es: any("closed after a policy change" in (e.get("error") or "") for e in es),
+        )
+        closed = next(
+            e for e in entries if "closed after a policy change" in (e.get("error") or "")
+        )
+        assert closed["response_flags"] == "RBAC"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        veil("lab", "delete", "--name", lab, "authorizationpolicy", "server-policy", "-n", "mesh")
+        time.sleep(1.0)
