@@ -34,6 +34,11 @@ spec:
 {spec}
 """
 
+DENY_CLIENT = POLICY.format(
+    spec="""  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]"""
+)
+
 
 def test_deny_allow_invalid_and_delete(lab, pods, tmp_path):
     b = f"http://{pods['server-b']['ip']}:8080/"
@@ -43,10 +48,7 @@ def test_deny_allow_invalid_and_delete(lab, pods, tmp_path):
     apply(
         lab,
         tmp_path,
-        POLICY.format(
-            spec="""  action: DENY
-  rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]"""
-        ),
+        DENY_CLIENT,
     )
     assert code(lab, "client", b, "mesh") != 0
     assert (
@@ -244,10 +246,7 @@ def test_a_policy_change_closes_open_connections_it_now_denies(lab, pods, tmp_pa
         apply(
             lab,
             tmp_path,
-            POLICY.format(
-                spec="""  action: DENY
-  rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]"""
-            ),
+            DENY_CLIENT,
         )
         out, _ = holder.communicate(timeout=20)
         assert out.split()[0] == "reset", out  # cut at both ends, never a clean end

@@ -62,3 +62,19 @@ async def feed(pipe: Pipe, *parts: bytes) -> None:
         await pipe.tx.send(p)
         await trio.testing.wait_all_tasks_blocked()
     await pipe.tx.aclose()
+
+
+def service_policy(
+    name: str, action: str, operation: dict[str, Any], service: str = "catalog"
+) -> dict[str, Any]:
+    """An AuthorizationPolicy in namespace shop targeting a Service, with one `to` rule."""
+    return {
+        "apiVersion": "security.veil.dev/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"namespace": "shop", "name": name},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "name": service}],
+            "action": action,
+            "rules": [{"to": [{"operation": operation}]}],
+        },
+    }

@@ -25,7 +25,7 @@ from agent.hbone.conn import ConnectRequest, RequestReceived, check_request, par
 from agent.hbone.io import HboneError, HboneIO
 from agent.proxy.pod import serve
 from tests.support.hbone import FRONTEND, hbone_pair, on_request
-from tests.support.waypoint import DEST, Pipe, feed, waypoint, with_state
+from tests.support.waypoint import DEST, Pipe, feed, service_policy, waypoint, with_state
 from waypoint.app import send
 from waypoint.http2 import H2Exchange, H2Server
 
@@ -247,16 +247,7 @@ async def test_a_waypoint_reply_to_a_reset_http2_stream_leaves_the_connection_se
 
 
 def deny_admin_policy() -> dict[str, Any]:
-    return {
-        "apiVersion": "security.veil.dev/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"namespace": "shop", "name": "no-admin"},
-        "spec": {
-            "targetRefs": [{"kind": "Service", "name": "catalog"}],
-            "action": "DENY",
-            "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}],
-        },
-    }
+    return service_policy("no-admin", "DENY", {"paths": ["/admin*"]})
 
 
 @pytest.mark.parametrize(

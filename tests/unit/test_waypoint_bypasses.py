@@ -13,20 +13,7 @@ import pytest
 import trio
 
 from tests.support.hbone import FRONTEND
-from tests.support.waypoint import DEST, Pipe, feed, waypoint, with_state
-
-
-def policy(name: str, action: str, operation: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "security.veil.dev/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"namespace": "shop", "name": name},
-        "spec": {
-            "targetRefs": [{"kind": "Service", "name": "catalog"}],
-            "action": action,
-            "rules": [{"to": [{"operation": operation}]}],
-        },
-    }
+from tests.support.waypoint import DEST, Pipe, feed, service_policy, waypoint, with_state
 
 
 async def http1_status(wp: Any, wire: bytes) -> int:
@@ -65,7 +52,7 @@ ADMIN_SPELLINGS = ["/admin", "/./admin", "/x/../admin", "/%61dmin", "//admin", "
 async def test_a_deny_on_a_path_holds_for_every_spelling_in_both_protocols(tmp_path, path):
     """Issue 17.11."""
     wp = waypoint(tmp_path)
-    with_state(wp, policy("no-admin", "DENY", {"paths": ["/admin*"]}))
+    with_state(wp, service_policy("no-admin", "DENY", {"paths": ["/admin*"]}))
     wire = f"GET {path} HTTP/1.1\r\nHost: catalog\r\n\r\n".encode()
     assert await http1_status(wp, wire) == 403
     assert await http2_status(wp, path) == 403
@@ -73,7 +60,7 @@ async def test_a_deny_on_a_path_holds_for_every_spelling_in_both_protocols(tmp_p
 
 async def test_absolute_form_is_judged_by_its_path_and_host(tmp_path):
     wp = waypoint(tmp_path)
-    with_state(wp, policy("no-admin", "DENY", {"paths": ["/admin*"]}))
+    with_state(wp, service_policy("no-admin", "DENY", {"paths": ["/admin*"]}))
     wire = b"GET http://catalog/admin HTTP/1.1\r\nHost: elsewhere\r\n\r\n"
     assert await http1_status(wp, wire) == 403
 
@@ -99,7 +86,7 @@ async def test_targets_without_one_meaning_get_400(tmp_path, path):
 async def test_hosts_match_the_authority_as_istio_does(tmp_path, rule, host, denied):
     """Issue 17.12."""
     wp = waypoint(tmp_path)
-    with_state(wp, policy("no-host", "DENY", {"hosts": rule}))
+    with_state(wp, service_policy("no-host", "DENY", {"hosts": rule}))
     wire = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
     assert (await http1_status(wp, wire) == 403) is denied
     assert (await http2_status(wp, "/", host) == 403) is denied
@@ -200,16 +187,7 @@ def test_the_waypoint_takes_connects_only_for_what_it_serves(tmp_path, target, s
 async def test_a_pod_addressed_by_ip_is_judged_by_its_services_policies(tmp_path):
     """POST to cart's pod IP got 200 where the Service-targeted policy denies POST."""
     wp = waypoint(tmp_path)
-    no_post = {
-        "apiVersion": "security.veil.dev/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"namespace": "shop", "name": "cart-no-post"},
-        "spec": {
-            "targetRefs": [{"kind": "Service", "name": "cart"}],
-            "action": "DENY",
-            "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}],
-        },
-    }
+    no_post = service_policy("cart-no-post", "DENY", {"methods": ["POST"]}, service="cart")
     with_state(wp, *cluster(no_post))
     for target in (("10.96.0.7", 80), ("10.244.1.7", 80)):
         dest = wp.destination(wp.store.current, target)
