@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.veil-installed
 .PHONY: demo test setup system venv lint typecheck unit integration fuzz clean
 
 demo: setup
-	$(BIN)/python -m agent.lab.demo -f examples/shop/ $(if $(KEEP),--keep,) $(if $(CAPTURE),--capture $(CAPTURE),)
+	$(BIN)/python -m veil.lab.demo -f examples/shop/ $(if $(KEEP),--keep,) $(if $(CAPTURE),--capture $(CAPTURE),)
 
 test: setup lint typecheck
 	$(BIN)/pytest -q tests/unit tests/fuzz tests/integration tests/interop
@@ -29,9 +29,12 @@ $(STAMP): pyproject.toml
 	  "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc"
 	@touch $@
 
+# The Python folders (src/veil only links them, plus the `veil` command itself).
+PYDIRS := core runtime agent waypoint ca lab src/veil/__init__.py src/veil/cli.py tests bench
+
 lint: venv
-	$(BIN)/ruff check agent waypoint tests bench
-	$(BIN)/ruff format --check agent waypoint tests bench
+	$(BIN)/ruff check $(PYDIRS)
+	$(BIN)/ruff format --check $(PYDIRS)
 
 typecheck: venv
 	$(BIN)/mypy

@@ -17,23 +17,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from agent import guard, http
-from agent.authz import PolicySet
-from agent.capture import modes as capture_modes
-from agent.capture.base import Capture, CaptureError
-from agent.cni import server as cni_server
-from agent.config import AgentConfig
-from agent.enrollment import Enrollment
-from agent.hbone import admission
-from agent.identity.ca_client import CaEndpoint
-from agent.identity.manager import CertificateManager
-from agent.lifecycle import run_until_signalled
-from agent.proxy.pod import ProxyContext
-from agent.state.sources.manifests import ManifestSource
-from agent.state.store import StateStore
-from agent.telemetry.accesslog import AccessLog
-from agent.telemetry.admin import AdminService
-from agent.telemetry.metrics import TcpMetrics
+from veil.agent.capture import modes as capture_modes
+from veil.agent.capture.base import Capture, CaptureError
+from veil.agent.cni import server as cni_server
+from veil.agent.enrollment import Enrollment
+from veil.agent.proxy.pod import ProxyContext
+from veil.core import admission
+from veil.core.authz import PolicySet
+from veil.runtime import guard, http
+from veil.runtime.config import AgentConfig
+from veil.runtime.identity.ca_client import CaEndpoint
+from veil.runtime.identity.manager import CertificateManager
+from veil.runtime.lifecycle import run_until_signalled
+from veil.runtime.sources.manifests import ManifestSource
+from veil.runtime.store import StateStore
+from veil.runtime.telemetry.accesslog import AccessLog
+from veil.runtime.telemetry.admin import AdminService
+from veil.runtime.telemetry.metrics import TcpMetrics
 
 log = logging.getLogger("veil.agent")
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.capture import cgroup2
+from veil.agent.capture import cgroup2
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,8 @@ def _veil_programs_load() -> Check:
     import secrets  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
-    from agent.capture import ebpf  # noqa: PLC0415
-    from agent.capture.base import CaptureError  # noqa: PLC0415
+    from veil.agent.capture import ebpf  # noqa: PLC0415
+    from veil.agent.capture.base import CaptureError  # noqa: PLC0415
 
     name = "Veil's eBPF programs compile and load"
     cap = ebpf.EbpfCapture(pin_dir=ebpf.BPFFS / f"veil-check-{secrets.token_hex(3)}")

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import trio
 
-from agent.capture.base import Capture, CaptureError, CaptureTarget
-from agent.capture.modes import IptablesCapture
-from agent.proxy.pod import PodProxy, ProxyContext
-from agent.state.model import MeshState, Workload
+from veil.agent.capture.base import Capture, CaptureError, CaptureTarget
+from veil.agent.capture.modes import IptablesCapture
+from veil.agent.proxy.pod import PodProxy, ProxyContext
+from veil.core.state import MeshState, Workload
 
 log = logging.getLogger("veil.enrollment")
 NETNS_ANNOTATION = "lab.veil.dev/netns"

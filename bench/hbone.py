@@ -37,11 +37,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.identity.csr import build_csr, key_pem, new_key  # noqa: E402
-from agent.identity.spiffe import SpiffeId  # noqa: E402
-from agent.lab import cgroups, controlplane, store  # noqa: E402
-from agent.lab import lab as labmod  # noqa: E402
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server  # noqa: E402
+
+from veil.core.csr import build_csr, key_pem, new_key  # noqa: E402
+from veil.core.spiffe import SpiffeId  # noqa: E402
+from veil.lab import cgroups, controlplane, store  # noqa: E402
+from veil.lab import lab as labmod  # noqa: E402
 
 LAB = "bench"
 PORT = 5001

@@ -37,10 +37,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.identity.spiffe import SpiffeId  # noqa: E402
-from agent.lab import lab as labmod  # noqa: E402
-from agent.lab import store, supervise  # noqa: E402
-from bench.hbone import cpu_seconds, mesh_cert  # noqa: E402
 from tests.support.envoy import (  # noqa: E402
     ENVOY,
     HCM,
@@ -49,6 +45,11 @@ from tests.support.envoy import (  # noqa: E402
     hbone_client,
     hbone_server,
 )
+
+from bench.hbone import cpu_seconds, mesh_cert  # noqa: E402
+from veil.core.spiffe import SpiffeId  # noqa: E402
+from veil.lab import lab as labmod  # noqa: E402
+from veil.lab import store, supervise  # noqa: E402
 
 LAB = "benchwp"
 TD = "cluster.local"

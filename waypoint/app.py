@@ -31,35 +31,36 @@ import h11
 import trio
 from prometheus_client import CollectorRegistry
 
-from agent import guard, http
-from agent.authz import Decision, Facts, HttpFacts, PolicySet, at_waypoint, decide
-from agent.capture.rules import HBONE_PORT
-from agent.config import CA_SERVER_NAME
-from agent.hbone import admission
-from agent.hbone.admission import Admission
-from agent.hbone.conn import (
+from veil.core import admission
+from veil.core.admission import Admission
+from veil.core.authz import Decision, Facts, HttpFacts, PolicySet, at_waypoint, decide
+from veil.core.hbone import (
     BadRequest,
     ErrorCode,
     HboneConnection,
     RequestReceived,
     check_request,
 )
-from agent.hbone.io import HboneError, HboneIO, Stream, TlsSocket
-from agent.hbone.pool import HbonePool
-from agent.identity.ca_client import CaEndpoint
-from agent.identity.manager import CertificateManager, NoCertificate
-from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
-from agent.identity.tls import PeerIdentityError, verify_peer
-from agent.lifecycle import run_until_signalled
-from agent.ratelimit import TokenBucket
-from agent.state.model import MeshState, Service, Workload
-from agent.state.sources.manifests import ManifestSource
-from agent.state.store import StateStore
-from agent.telemetry.admin import AdminService
-from waypoint import http1, jwt, normalize
-from waypoint.http2 import H2Exchange, H2Server
-from waypoint.normalize import BadTarget, PathNormalization
-from waypoint.resilience import (
+from veil.core.ports import HBONE_PORT, METRICS_PORT, READY_PORT
+from veil.core.ratelimit import TokenBucket
+from veil.core.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
+from veil.core.state import MeshState, Service, Workload
+from veil.runtime import guard, http
+from veil.runtime.config import CA_SERVER_NAME
+from veil.runtime.hbone.io import HboneError, HboneIO, Stream, TlsSocket
+from veil.runtime.hbone.pool import HbonePool
+from veil.runtime.identity.ca_client import CaEndpoint
+from veil.runtime.identity.manager import CertificateManager, NoCertificate
+from veil.runtime.identity.tls import PeerIdentityError, verify_peer
+from veil.runtime.lifecycle import run_until_signalled
+from veil.runtime.listener import serve
+from veil.runtime.sources.manifests import ManifestSource
+from veil.runtime.store import StateStore
+from veil.runtime.telemetry.admin import AdminService
+from veil.waypoint import http1, jwt, normalize
+from veil.waypoint.http2 import H2Exchange, H2Server
+from veil.waypoint.normalize import BadTarget, PathNormalization
+from veil.waypoint.resilience import (
     GROUP,
     KIND,
     CircuitBreaker,
@@ -70,7 +71,7 @@ from waypoint.resilience import (
     TrafficPolicy,
     parse_traffic_policy,
 )
-from waypoint.routes import (
+from veil.waypoint.routes import (
     BackendRef,
     HttpRoute,
     RequestFacts,
@@ -83,7 +84,7 @@ from waypoint.routes import (
     routes_for_client,
     select,
 )
-from waypoint.telemetry import RequestMetrics, RequestRecord
+from veil.waypoint.telemetry import RequestMetrics, RequestRecord
 
 log = logging.getLogger("veil.waypoint")
 CONNECT_TIMEOUT = 5.0
@@ -102,8 +103,8 @@ class WaypointConfig:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     ca_server_name: str = CA_SERVER_NAME
     listen: tuple[str, int] = ("0.0.0.0", HBONE_PORT)
-    metrics_listen: tuple[str, int] = ("0.0.0.0", 15020)
-    ready_listen: tuple[str, int] = ("0.0.0.0", 15021)
+    metrics_listen: tuple[str, int] = ("0.0.0.0", METRICS_PORT)
+    ready_listen: tuple[str, int] = ("0.0.0.0", READY_PORT)
     path_normalization: PathNormalization = normalize.DEFAULT
 
 
@@ -343,8 +344,6 @@ class WaypointServer:
             listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited
             listener.bind(cfg.listen)
             listener.listen(1024)
-            from agent.proxy.pod import serve  # noqa: PLC0415 - the agent's accept loop
-
             nursery.start_soon(serve, listener, self.inbound)
             self.listening = True
             log.info(

@@ -24,9 +24,9 @@ import h2.exceptions
 import h11
 import trio
 
-from agent import guard
-from agent.hbone.io import HboneError, Stream
-from waypoint.http1 import HOP_BY_HOP
+from veil.runtime import guard
+from veil.runtime.hbone.io import HboneError, Stream
+from veil.waypoint.http1 import HOP_BY_HOP
 
 log = logging.getLogger("veil.waypoint")
 WINDOW = 1024 * 1024

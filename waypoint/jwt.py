@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from agent.objects import refuse_odd_shapes
+from veil.core.objects import refuse_odd_shapes
 
 API_VERSION = "security.veil.dev/v1"
 KIND = "RequestAuthentication"

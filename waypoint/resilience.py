@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.objects import refuse_odd_shapes
+from veil.core.objects import refuse_odd_shapes
 
 GROUP = "traffic.veil.dev"
 KIND = "TrafficPolicy"

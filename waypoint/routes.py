@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-from waypoint import regex
-from waypoint.resilience import PolicyError, RetryPolicy, parse_duration, parse_retry
+from veil.waypoint import regex
+from veil.waypoint.resilience import PolicyError, RetryPolicy, parse_duration, parse_retry
 
 API_GROUP = "gateway.networking.k8s.io"
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from agent.telemetry.accesslog import AccessLog
-from agent.telemetry.metrics import LABELS as TCP_LABELS
-from agent.telemetry.metrics import LabelChildren
+from veil.runtime.telemetry.accesslog import AccessLog
+from veil.runtime.telemetry.metrics import LABELS as TCP_LABELS
+from veil.runtime.telemetry.metrics import LabelChildren
 
 LABELS = (*TCP_LABELS, "response_code")  # Istio's request labels: the TCP ones + the code
 MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)

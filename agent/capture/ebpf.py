@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.capture import cgroup2, iptables
-from agent.capture.base import CaptureError, CaptureTarget
-from agent.capture.netns import NetNs, NetnsError
+from veil.agent.capture import cgroup2, iptables
+from veil.agent.capture.base import CaptureError, CaptureTarget
+from veil.agent.capture.netns import NetNs, NetnsError
 
 log = logging.getLogger("veil.capture.ebpf")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 
-from agent.capture import rules
-from agent.capture.base import CaptureError
+from veil.agent.capture import rules
+from veil.agent.capture.base import CaptureError
+from veil.core import ports
 
 
 def run_in(netns_path: str, argv: list[str], stdin: str | None = None) -> str:
@@ -61,6 +62,6 @@ def remove(netns_path: str) -> None:
 
 def remove_routing(netns_path: str) -> None:
     shown = run_in(netns_path, ["ip", "rule", "show"])
-    for _ in range(shown.count(f"lookup {rules.ROUTE_TABLE}")):
+    for _ in range(shown.count(f"lookup {ports.ROUTE_TABLE}")):
         run_in(netns_path, ["ip", "rule", "del", *rules.rule_args()])
-    run_in(netns_path, ["ip", "route", "flush", "table", str(rules.ROUTE_TABLE)])
+    run_in(netns_path, ["ip", "route", "flush", "table", str(ports.ROUTE_TABLE)])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from agent.capture import iptables
-from agent.capture.base import Capture, CaptureError, CaptureTarget
+from veil.agent.capture import iptables
+from veil.agent.capture.base import Capture, CaptureError, CaptureTarget
 
 MODES = ("iptables", "ebpf")
 
@@ -44,7 +44,7 @@ def make(mode: str, pin_dir: Path | None = None) -> Capture:
     if mode == "iptables":
         return IptablesCapture()
     if mode == "ebpf":
-        from agent.capture.ebpf import DEFAULT_PIN_DIR, EbpfCapture  # noqa: PLC0415
+        from veil.agent.capture.ebpf import DEFAULT_PIN_DIR, EbpfCapture  # noqa: PLC0415
 
         return EbpfCapture(pin_dir or DEFAULT_PIN_DIR)
     raise ValueError(f"unknown capture mode {mode!r}: use one of {', '.join(MODES)}")

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.capture.rules import AGENT_MARK
+from veil.core.ports import AGENT_MARK
 
 CLONE_NEWNET = 0x40000000
 SO_MARK = 36

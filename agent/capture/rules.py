@@ -15,19 +15,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-AGENT_MARK = 0x539  # SO_MARK of every agent socket: never recaptured
-CONN_MARK = 0x111  # set on connections the agent opened; restored on the app's replies
-MARK_MASK = 0xFFF
-PROBE_SOURCE = "169.254.7.127"  # kubelet health probes arrive SNATed from here
-ROUTE_TABLE = 100
-RULE_PRIORITY = 32764
-
-OUTBOUND_PORT = 15001
-INBOUND_PLAIN_PORT = 15006
-HBONE_PORT = 15008
-# The agent's listeners in every enrolled pod: never a destination the agent connects to for
-# a client (it would be connecting to itself, and each such connection makes the next one).
-AGENT_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT})
+from veil.core.ports import (
+    AGENT_MARK,
+    CONN_MARK,
+    HBONE_PORT,
+    INBOUND_PLAIN_PORT,
+    MARK_MASK,
+    OUTBOUND_PORT,
+    PROBE_SOURCE,
+    ROUTE_TABLE,
+    RULE_PRIORITY,
+)
 
 CHAINS = {"mangle": ("VEIL-PRERT", "VEIL-OUTPUT"), "nat": ("VEIL-PRERT", "VEIL-OUTPUT")}
 JUMPS = (("PREROUTING", "VEIL-PRERT"), ("OUTPUT", "VEIL-OUTPUT"))

@@ -19,8 +19,8 @@ from typing import Any
 
 import trio
 
-from agent import guard
-from agent.enrollment import EnrollError, Enrollment
+from veil.agent.enrollment import EnrollError, Enrollment
+from veil.runtime import guard
 
 log = logging.getLogger("veil.cni")
 MAX_REQUEST = 64 * 1024

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from agent.hbone.io import HboneError, Stream
+from veil.runtime.hbone.io import HboneError, Stream
 
 READ_SIZE = 256 * 1024
 FAIRNESS = 16  # operations that did not wait before a task yields anyway

@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.authz import Decision, Facts, Policy, decide
-from agent.capture.rules import AGENT_PORTS
-from agent.hbone.conn import BadRequest, ConnectRequest
-from agent.identity.spiffe import SpiffeId
-from agent.state.model import Waypoint, Workload
+from veil.core.authz import Decision, Facts, Policy, decide
+from veil.core.hbone import BadRequest, ConnectRequest
+from veil.core.ports import AGENT_PORTS
+from veil.core.spiffe import SpiffeId
+from veil.core.state import Waypoint, Workload
 
 
 @dataclass(frozen=True)

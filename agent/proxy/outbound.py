@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from agent.capture.rules import HBONE_PORT
-from agent.identity.spiffe import SpiffeId
-from agent.state.model import MeshState, Service, Waypoint, Workload
+from veil.core.ports import HBONE_PORT
+from veil.core.spiffe import SpiffeId
+from veil.core.state import MeshState, Service, Waypoint, Workload
 
 
 class Kind(Enum):

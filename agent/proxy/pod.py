@@ -13,36 +13,35 @@ nursery `run()` opens; cancelling it closes listeners, tunnels and relays.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import secrets
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from prometheus_client import Counter
 
-from agent import guard
-from agent.authz import Decision
-from agent.capture.netns import NetNs, connect, listen, original_dst
-from agent.capture.rules import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
-from agent.hbone.admission import Admission
-from agent.hbone.conn import ConnectRequest, HboneConnection, RequestReceived, check_request
-from agent.hbone.io import HboneError, HboneIO, TlsSocket
-from agent.hbone.pool import HbonePool
-from agent.identity.manager import CertificateManager, NoCertificate
-from agent.identity.spiffe import SpiffeId
-from agent.identity.tls import PeerIdentityError, tunnel_expiry, verify_peer
-from agent.proxy.copy import Transferred, abort, relay_stream, relay_tcp
-from agent.proxy.inbound import PodFacts, Verdict, admit_connect, admit_plaintext, judge
-from agent.proxy.outbound import Kind, Route, route
-from agent.state.model import MeshState, Service, Workload
-from agent.state.store import StateStore
-from agent.telemetry.metrics import Connection, TcpMetrics
+from veil.agent.capture.netns import NetNs, connect, listen, original_dst
+from veil.agent.proxy.copy import Transferred, abort, relay_stream, relay_tcp
+from veil.agent.proxy.inbound import PodFacts, Verdict, admit_connect, admit_plaintext, judge
+from veil.agent.proxy.outbound import Kind, Route, route
+from veil.core.admission import Admission
+from veil.core.authz import Decision
+from veil.core.hbone import ConnectRequest, HboneConnection, RequestReceived, check_request
+from veil.core.ports import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
+from veil.core.spiffe import SpiffeId
+from veil.core.state import MeshState, Service, Workload
+from veil.runtime.hbone.io import HboneError, HboneIO, TlsSocket
+from veil.runtime.hbone.pool import HbonePool
+from veil.runtime.identity.manager import CertificateManager, NoCertificate
+from veil.runtime.identity.tls import PeerIdentityError, tunnel_expiry, verify_peer
+from veil.runtime.listener import serve
+from veil.runtime.store import StateStore
+from veil.runtime.telemetry.metrics import Connection, TcpMetrics
 
 log = logging.getLogger("veil.proxy")
 CERT_TIMEOUT = 5.0
@@ -78,42 +77,6 @@ class ProxyContext:
             c.sent, c.received = moved.up, moved.down
         if self.metrics is not None:
             self.metrics.record(c)
-
-
-Handler = Callable[[socket.socket, Any], Awaitable[None]]  # (connection, peer address)
-
-
-async def serve(listener: socket.socket, handler: Handler) -> None:
-    """Accept every connection that is ready and run its handler; runs until cancelled."""
-    listener.setblocking(False)
-    with contextlib.suppress(OSError):  # accepted sockets inherit it (Linux): no call per accept
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        async with trio.open_nursery() as nursery:
-            while True:
-                await trio.lowlevel.wait_readable(listener)
-                while True:
-                    try:
-                        conn, peer = listener.accept()
-                    except BlockingIOError:
-                        break
-                    except OSError as e:  # EMFILE and the like: back off, keep serving
-                        log.warning("accept on %s failed: %s", listener.getsockname(), e)
-                        await trio.sleep(0.1)
-                        break
-                    conn.setblocking(False)
-                    nursery.start_soon(_guarded_conn, handler, conn, peer)
-    finally:
-        listener.close()
-
-
-async def _guarded_conn(handler: Handler, conn: socket.socket, peer: Any) -> None:
-    """One connection's handler behind the barrier: a failure closes that connection only."""
-    try:
-        await handler(conn, peer)
-    except Exception:
-        guard.caught(getattr(handler, "__name__", "connection"))
-        conn.close()
 
 
 @dataclass(eq=False)

@@ -17,8 +17,8 @@ from typing import Any
 import trio
 import yaml
 
-from agent.state.sources import manifests
-from agent.state.store import StateStore
+from veil.runtime.sources import manifests
+from veil.runtime.store import StateStore
 
 
 def pod(i: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@
 #error "compile with -DVEIL_PIN_DIR=\"/sys/fs/bpf/veil\""
 #endif
 
-/* Same numbers as iptables mode (agent/capture/rules.py). */
+/* Same numbers as iptables mode (core/ports.py). */
 #define VEIL_OUTBOUND_PORT 15001
 #define VEIL_INBOUND_PLAIN_PORT 15006
 #define VEIL_HBONE_PORT 15008

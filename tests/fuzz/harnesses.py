@@ -20,9 +20,9 @@ from collections.abc import Callable
 import atheris
 
 with atheris.instrument_imports():
-    from agent.authz import PolicyError, PolicySet, parse_policy
-    from agent.cni.plugin import run as cni_run
-    from agent.hbone.conn import (
+    from veil.agent.cni.plugin import run as cni_run
+    from veil.core.authz import PolicyError, PolicySet, parse_policy
+    from veil.core.hbone import (
         PREFACE,
         HboneConnection,
         HboneProtocolError,
@@ -30,12 +30,12 @@ with atheris.instrument_imports():
         check_request,
         decode_plain,
     )
-    from waypoint import http1
-    from waypoint.jwt import JwtError, parse_request_authentication
-    from waypoint.normalize import BadTarget, PathNormalization, normalize_target
-    from waypoint.resilience import PolicyError as TrafficPolicyError
-    from waypoint.resilience import parse_traffic_policy
-    from waypoint.routes import RouteError, parse_route
+    from veil.waypoint import http1
+    from veil.waypoint.jwt import JwtError, parse_request_authentication
+    from veil.waypoint.normalize import BadTarget, PathNormalization, normalize_target
+    from veil.waypoint.resilience import PolicyError as TrafficPolicyError
+    from veil.waypoint.resilience import parse_traffic_policy
+    from veil.waypoint.routes import RouteError, parse_route
 
 SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from agent.lab import controlplane, netns, store
-from agent.lab import lab as labmod
+from veil.lab import controlplane, netns, store
+from veil.lab import lab as labmod
 
 ROOT = Path(__file__).parents[2]
 VEIL = str(Path(sys.executable).parent / "veil")

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.lab import controlplane
-from agent.telemetry.accesslog import FLUSH_INTERVAL
 from tests.integration.conftest import lab_exec, veil
 from tests.integration.test_l4 import metric
 from tests.support.logs import access_entries, wait_for_access
+from veil.lab import controlplane
+from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL
 
 
 def apply(lab: str, tmp: Path, doc: str) -> None:
@@ -100,7 +100,7 @@ def test_grafana_dashboard_uses_only_exported_metrics(lab):
 
     from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 
-    from agent.lab import netns  # noqa: PLC0415
+    from veil.lab import netns  # noqa: PLC0415
 
     dash = json.loads(
         (Path(__file__).parents[2] / "deploy" / "grafana" / "veil-dashboard.json").read_text()

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.capture import iptables
-from agent.capture.base import CaptureError, CaptureTarget
-from agent.capture.modes import IptablesCapture
+from veil.agent.capture import iptables
+from veil.agent.capture.base import CaptureError, CaptureTarget
+from veil.agent.capture.modes import IptablesCapture
 
 
 @pytest.fixture

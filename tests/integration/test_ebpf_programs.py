@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import bpfsys, ebpf
-from agent.capture.base import CaptureError, CaptureTarget
-from agent.capture.netns import NetNs
+from veil.agent.capture import bpfsys, ebpf
+from veil.agent.capture.base import CaptureError, CaptureTarget
+from veil.agent.capture.netns import NetNs
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 POD, CLIENT, PROBE = "10.9.0.2", "10.9.0.7", "169.254.7.127"

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import trio
 
-from agent.capture.netns import NetNs
-from agent.hbone.conn import HboneConnection, ResponseReceived
-from agent.identity.spiffe import SpiffeId
-from agent.lab import controlplane
 from tests.integration.conftest import MESH, curl_json, new_lab_name, veil
 from tests.support.hbone import raw_tunnel
 from tests.support.pki import mesh_client_context
+from veil.agent.capture.netns import NetNs
+from veil.core.hbone import HboneConnection, ResponseReceived
+from veil.core.spiffe import SpiffeId
+from veil.lab import controlplane
 
 TD = "cluster.local"
 

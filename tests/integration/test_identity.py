@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.identity.certs import pem
-from agent.identity.csr import build_csr, new_key
-from agent.identity.spiffe import SpiffeId
-from agent.lab import controlplane, store
 from tests.integration.conftest import SHOP, ca_post, new_lab_name, veil
 from tests.support.pki import intermediate_plugin
+from veil.core.certs import pem
+from veil.core.csr import build_csr, new_key
+from veil.core.spiffe import SpiffeId
+from veil.lab import controlplane, store
 
 TD = "cluster.local"
 

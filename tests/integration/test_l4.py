@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 import trio
 
-from agent.capture import bpfsys, ebpf, iptables
-from agent.identity.spiffe import SpiffeId
-from agent.lab import cgroups, controlplane, store
-from agent.lab.sniff import Sniffer
-from agent.telemetry.accesslog import FLUSH_INTERVAL
 from tests.integration.conftest import VEIL, ca_post, capture_mode, lab_exec, veil
 from tests.support.logs import access_entries, wait_for_access
+from veil.agent.capture import bpfsys, ebpf, iptables
+from veil.core.spiffe import SpiffeId
+from veil.lab import cgroups, controlplane, store
+from veil.lab.sniff import Sniffer
+from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL
 
 
 def curl(lab: str, pod: str, url: str, ns: str = "mesh", *extra: str) -> dict[str, Any]:
@@ -275,9 +275,9 @@ def test_streams_reset_at_once_do_not_reach_the_app(lab, pods, tmp_path):
     """'Rapid reset': a client sends CONNECTs with their RST_STREAMs right behind. A stream
     already reset when its turn comes opens no connection to the app (one frame pair must not
     buy one TCP connection to the app)."""
-    from agent.hbone.conn import ErrorCode, HboneConnection  # noqa: PLC0415
     from tests.support.hbone import raw_tunnel  # noqa: PLC0415
     from tests.support.pki import mesh_client_context  # noqa: PLC0415
+    from veil.core.hbone import ErrorCode, HboneConnection  # noqa: PLC0415
 
     ctx = mesh_client_context(lab, "node2", SpiffeId("cluster.local", "plain", "default"), tmp_path)
     target = pods["server-b"]["ip"]
@@ -446,10 +446,10 @@ def test_enroll_and_release_follow_labels_within_2s(lab, pods):
 
 
 def test_client_certificate_from_another_ca_is_rejected_on_15008(lab, pods, tmp_path):
-    from agent.ca.signer import Signer, generate_root  # noqa: PLC0415
-    from agent.identity.certs import pem  # noqa: PLC0415
-    from agent.identity.csr import build_csr, key_pem, new_key  # noqa: PLC0415
-    from agent.identity.spiffe import SpiffeId  # noqa: PLC0415
+    from veil.ca.signer import Signer, generate_root  # noqa: PLC0415
+    from veil.core.certs import pem  # noqa: PLC0415
+    from veil.core.csr import build_csr, key_pem, new_key  # noqa: PLC0415
+    from veil.core.spiffe import SpiffeId  # noqa: PLC0415
 
     sid = SpiffeId("cluster.local", "mesh", "client")
     signer = Signer(generate_root("cluster.local"), "cluster.local")
@@ -784,8 +784,8 @@ def test_ebpf_programs_outlive_the_agent_and_its_successor_takes_them_over(lab, 
 
 def test_server_presenting_the_wrong_identity_is_rejected(lab, pods, tmp_path):
     """A rogue server on server-b's 15008 with a genuine mesh certificate of another identity."""
-    from agent.identity.csr import build_csr, key_pem, new_key  # noqa: PLC0415
-    from agent.identity.spiffe import SpiffeId  # noqa: PLC0415
+    from veil.core.csr import build_csr, key_pem, new_key  # noqa: PLC0415
+    from veil.core.spiffe import SpiffeId  # noqa: PLC0415
 
     other = SpiffeId("cluster.local", "plain", "default")  # legacy runs on node2
     key = new_key()

@@ -13,7 +13,6 @@ from typing import Any
 
 import yaml
 
-from agent.lab import cgroups, netns, store
 from tests.integration.conftest import (
     ROOT,
     SHOP,
@@ -26,6 +25,7 @@ from tests.integration.conftest import (
     new_lab_name,
     veil,
 )
+from veil.lab import cgroups, netns, store
 
 
 def pod_of(status: dict[str, Any], name: str) -> dict[str, Any]:

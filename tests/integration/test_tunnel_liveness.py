@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from agent.capture.netns import NetNs, connect, listen
-from agent.hbone import io as hbone_io
-from agent.hbone.io import HboneError
 from tests.support.hbone import hbone_pair, on_request
+from veil.agent.capture.netns import NetNs, connect, listen
+from veil.runtime.hbone import io as hbone_io
+from veil.runtime.hbone.io import HboneError
 
 pytestmark = pytest.mark.integration
 

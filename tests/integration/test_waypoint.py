@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from agent.lab import netns, store
-from agent.telemetry.accesslog import FLUSH_INTERVAL
 from tests.integration.conftest import lab_exec, leftovers, new_lab_name, veil
 from tests.support.logs import access_entries, wait_for_access
+from veil.lab import netns, store
+from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL
 
 WAYPOINT = str(Path(__file__).parent / "waypoint")
 

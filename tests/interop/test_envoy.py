@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity.spiffe import SpiffeId
-from agent.lab import controlplane, store
 from tests.integration.conftest import VEIL, lab_exec, veil
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server
 from tests.support.pki import mesh_cert
+from veil.core.spiffe import SpiffeId
+from veil.lab import controlplane, store
 
 TD = "cluster.local"
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from agent.identity.spiffe import SpiffeId
-from agent.lab import store
 from tests.integration.conftest import lab_exec
 from tests.interop.test_envoy import TD
 from tests.support.pki import mesh_cert
+from veil.core.spiffe import SpiffeId
+from veil.lab import store
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a real lab)")
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import trio
 
-from agent.hbone.conn import BadRequest, ConnectRequest, HboneConnection, check_request
-from agent.hbone.io import HboneError, HboneIO, TlsSocket
-from agent.identity.manager import CertificateManager
-from agent.identity.spiffe import SpiffeId
-from agent.identity.tls import tunnel_expiry, verify_peer
 from tests.support.mesh import TD, InProcessCa
+from veil.core.hbone import BadRequest, ConnectRequest, HboneConnection, check_request
+from veil.core.spiffe import SpiffeId
+from veil.runtime.hbone.io import HboneError, HboneIO, TlsSocket
+from veil.runtime.identity.manager import CertificateManager
+from veil.runtime.identity.tls import tunnel_expiry, verify_peer
 
 FRONTEND = SpiffeId(TD, "shop", "frontend")
 CATALOG = SpiffeId(TD, "shop", "catalog")
@@ -79,7 +79,7 @@ async def hbone_pair(
 async def raw_tunnel(netns_path: str, target: str, ctx: ssl.SSLContext) -> TlsSocket:
     """A TLS connection to `target`:15008 from inside a netns, handshaken: frames are then
     written by hand (hostile-input tests)."""
-    from agent.capture.netns import NetNs  # noqa: PLC0415
+    from veil.agent.capture.netns import NetNs  # noqa: PLC0415
 
     ns = NetNs(netns_path)
     try:

@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agent.ca.auth import BootstrapTokens, new_token, write_tokens_file
-from agent.ca.server import CaService
-from agent.ca.signer import Signer, generate_root
-from agent.http import Request
-from agent.identity.manager import Fetcher
-from agent.identity.spiffe import SpiffeId
-from agent.state.model import build_state
-from agent.state.store import StateStore
+from veil.ca.auth import BootstrapTokens, new_token, write_tokens_file
+from veil.ca.server import CaService
+from veil.ca.signer import Signer, generate_root
+from veil.core.spiffe import SpiffeId
+from veil.core.state import build_state
+from veil.runtime.http import Request
+from veil.runtime.identity.manager import Fetcher
+from veil.runtime.store import StateStore
 
 TD = "cluster.local"
 

@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent.ca.signer import CaMaterial, generate_root
-from agent.identity.certs import pem
-from agent.identity.spiffe import SpiffeId
+from veil.ca.signer import CaMaterial, generate_root
+from veil.core.certs import pem
+from veil.core.spiffe import SpiffeId
 
 
 def intermediate_plugin(directory: Path, trust_domain: str = "cluster.local") -> CaMaterial:
@@ -58,8 +58,8 @@ def csr_with(
 def mesh_cert(lab: str, node: str, identity: SpiffeId, where: Path) -> tuple[Path, Path, Path]:
     """A certificate for `identity` from a lab's CA, asked for with `node`'s credential (as
     that node's agent would): (cert chain, key, trust bundle) files in `where`."""
-    from agent.identity.csr import build_csr, key_pem, new_key  # noqa: PLC0415
-    from agent.lab import controlplane  # noqa: PLC0415
+    from veil.core.csr import build_csr, key_pem, new_key  # noqa: PLC0415
+    from veil.lab import controlplane  # noqa: PLC0415
 
     key = new_key()
     status, doc = controlplane.ca_request(

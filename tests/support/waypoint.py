@@ -9,8 +9,8 @@ from typing import Any
 import trio
 import trio.testing
 
-from agent.state.model import Service, build_state
-from waypoint.app import Destination, WaypointConfig, WaypointServer
+from veil.core.state import Service, build_state
+from veil.waypoint.app import Destination, WaypointConfig, WaypointServer
 
 
 class Pipe:

@@ -10,8 +10,8 @@ import re
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.telemetry.accesslog import FLUSH_INTERVAL, AccessLog
-from agent.telemetry.metrics import LABELS, Connection, TcpMetrics
+from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL, AccessLog
+from veil.runtime.telemetry.metrics import LABELS, Connection, TcpMetrics
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO veil\.access: (\{.*\})$")
 

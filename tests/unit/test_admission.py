@@ -7,9 +7,9 @@ import ssl
 
 import trio
 
-from agent.hbone.admission import Admission, Limits
-from agent.hbone.io import FIRST_READ_SIZE, READ_SIZE, TlsSocket
 from tests.support.hbone import hbone_pair, on_request
+from veil.core.admission import Admission, Limits
+from veil.runtime.hbone.io import FIRST_READ_SIZE, READ_SIZE, TlsSocket
 
 
 def test_caps_refuse_the_newest_and_count_it():
@@ -63,8 +63,8 @@ async def test_a_tunnel_full_of_small_frames_yields_after_each_read(tmp_path, nu
     one read full of tiny frames now ends the turn, so other tunnels run in between."""
     import struct  # noqa: PLC0415
 
-    from agent.hbone.conn import WINDOW_UPDATE, frame_header  # noqa: PLC0415
-    from agent.hbone.io import FAIR_READS  # noqa: PLC0415
+    from veil.core.hbone import WINDOW_UPDATE, frame_header  # noqa: PLC0415
+    from veil.runtime.hbone.io import FAIR_READS  # noqa: PLC0415
 
     # Loopback TCP with large buffers: the whole burst can sit in the server's socket at once.
     listener = socket.create_server(("127.0.0.1", 0))

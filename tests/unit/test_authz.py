@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from agent.authz import Facts, PolicyError, PolicySet, decide, parse_policy
+from veil.core.authz import Facts, PolicyError, PolicySet, decide, parse_policy
 
 CLIENT = "cluster.local/ns/mesh/sa/client"
 OTHER = "cluster.local/ns/other/sa/default"
@@ -249,7 +249,7 @@ SHOP_CLIENT = "cluster.local/ns/shop/sa/client"
 def request(
     method: str = "GET", path: str = "/", principal: str = SHOP_CLIENT, **headers: str
 ) -> Facts:
-    from agent.authz import HttpFacts  # noqa: PLC0415
+    from veil.core.authz import HttpFacts  # noqa: PLC0415
 
     return Facts(
         "10.244.1.10",
@@ -264,7 +264,7 @@ def request(
 
 
 def test_l7_rules_are_enforced_at_the_waypoint_only():
-    from agent.authz import at_waypoint  # noqa: PLC0415
+    from veil.core.authz import at_waypoint  # noqa: PLC0415
 
     p = l7_policy(
         "  rules:\n"
@@ -285,7 +285,7 @@ def test_l7_rules_are_enforced_at_the_waypoint_only():
 
 
 def test_a_deny_on_l7_fields_and_a_never_valid_waypoint_policy():
-    from agent.authz import PolicySet, at_waypoint  # noqa: PLC0415
+    from veil.core.authz import PolicySet, at_waypoint  # noqa: PLC0415
 
     deny = l7_policy(
         "  action: DENY\n  rules: [{to: [{operation: {paths: ['/admin*'], notMethods: [GET]}}]}]\n"

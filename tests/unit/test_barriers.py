@@ -1,4 +1,4 @@
-"""No connection's failure stops a daemon: each handler kind has a barrier (agent.guard).
+"""No connection's failure stops a daemon: each handler kind has a barrier (veil.runtime.guard).
 
 Each test injects a failure into one handler kind (or sends the hostile input that used to
 escape it) and then checks that the same server still serves the next connection or stream.
@@ -19,15 +19,15 @@ import pytest
 import trio
 import trio.testing
 
-from agent import guard, http
-from agent.grammar import decimal, port_number
-from agent.hbone.conn import ConnectRequest, RequestReceived, check_request, parse_authority
-from agent.hbone.io import HboneError, HboneIO
-from agent.proxy.pod import serve
 from tests.support.hbone import FRONTEND, hbone_pair, on_request
 from tests.support.waypoint import DEST, Pipe, feed, service_policy, waypoint, with_state
-from waypoint.app import send
-from waypoint.http2 import H2Exchange, H2Server
+from veil.core.grammar import decimal, port_number
+from veil.core.hbone import ConnectRequest, RequestReceived, check_request, parse_authority
+from veil.runtime import guard, http
+from veil.runtime.hbone.io import HboneError, HboneIO
+from veil.runtime.listener import serve
+from veil.waypoint.app import send
+from veil.waypoint.http2 import H2Exchange, H2Server
 
 
 def rst_close(s: socket.socket) -> None:
@@ -318,7 +318,7 @@ def test_tcp_judgement_follows_istios_tcp_chain(tmp_path):
 
 async def test_a_waypoint_http2_client_that_never_reads_cannot_grow_our_output():
     """Issue 17.6 at the waypoint's HTTP/2 listener: PINGs whose answers are never read."""
-    from waypoint.http2 import OUTPUT_LIMIT  # noqa: PLC0415
+    from veil.waypoint.http2 import OUTPUT_LIMIT  # noqa: PLC0415
 
     class StuckPipe(Pipe):
         async def send(self, data: Any) -> None:

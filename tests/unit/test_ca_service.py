@@ -9,13 +9,13 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from agent.ca.auth import write_tokens_file
-from agent.http import Request
-from agent.identity.csr import build_csr, new_key
-from agent.identity.spiffe import SpiffeId
-from agent.state.model import build_state
 from tests.support.mesh import SHOP_PODS, TD, InProcessCa
 from tests.support.pki import csr_with
+from veil.ca.auth import write_tokens_file
+from veil.core.csr import build_csr, new_key
+from veil.core.spiffe import SpiffeId
+from veil.core.state import build_state
+from veil.runtime.http import Request
 
 FRONTEND = SpiffeId(TD, "shop", "frontend")
 CATALOG = SpiffeId(TD, "shop", "catalog")

@@ -9,7 +9,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.ca.signer import (
+from tests.support.pki import csr_with, intermediate_plugin
+from veil.ca.signer import (
     CaSetupError,
     FileCaStorage,
     Signer,
@@ -18,10 +19,9 @@ from agent.ca.signer import (
     load_or_create,
     load_plugin,
 )
-from agent.identity.certs import pem
-from agent.identity.csr import build_csr, new_key
-from agent.identity.spiffe import SpiffeId
-from tests.support.pki import csr_with, intermediate_plugin
+from veil.core.certs import pem
+from veil.core.csr import build_csr, new_key
+from veil.core.spiffe import SpiffeId
 
 TD = "cluster.local"
 FRONTEND = SpiffeId(TD, "shop", "frontend")

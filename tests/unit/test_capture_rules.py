@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from agent.capture import rules
+from veil.agent.capture import rules
 
 GOLDEN = Path(__file__).parent / "golden"
 

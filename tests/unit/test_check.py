@@ -1,6 +1,6 @@
 """`veil check`: failures say what is missing and how to fix it."""
 
-from agent import check
+from veil.agent import check
 
 
 def test_missing_tool_names_the_package():

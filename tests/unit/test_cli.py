@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent import cli
-from agent.lab import lab
+from veil import cli
+from veil.lab import lab
 
 
 @pytest.fixture

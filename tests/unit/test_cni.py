@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent.lab.cni import (
+from veil.lab.cni import (
     CNI_VERSION,
     Attachment,
     CniError,

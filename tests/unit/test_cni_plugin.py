@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.cni.plugin import SUPPORTED, run
+from veil.agent.cni.plugin import SUPPORTED, run
 
 PREV = {"cniVersion": "1.0.0", "ips": [{"address": "10.244.1.12/24"}], "interfaces": []}
 ENV = {"CNI_ARGS": "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0", "CNI_NETNS": "/run/netns/x"}

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from agent.capture.base import CaptureTarget
-from agent.enrollment import EnrollError, Enrollment, cgroup_path
-from agent.state.model import Workload
+from veil.agent.capture.base import CaptureTarget
+from veil.agent.enrollment import EnrollError, Enrollment, cgroup_path
+from veil.core.state import Workload
 
 
 class RecordingCapture:
@@ -66,7 +66,7 @@ OPT_OUT = {"veil.dev/dataplane-mode": "none"}
 
 
 def _cluster(*pods: dict[str, Any], mesh: bool = True) -> Any:
-    from agent.state.model import build_state  # noqa: PLC0415
+    from veil.core.state import build_state  # noqa: PLC0415
 
     labels = {"veil.dev/dataplane-mode": "ambient"} if mesh else {}
     ns = {"kind": "Namespace", "metadata": {"name": "mesh", "labels": labels}}
@@ -74,7 +74,7 @@ def _cluster(*pods: dict[str, Any], mesh: bool = True) -> Any:
 
 
 def _pod(name: str, uid: str = "u1", node: str = "node1", **labels: str) -> dict[str, Any]:
-    from agent.enrollment import NETNS_ANNOTATION  # noqa: PLC0415
+    from veil.agent.enrollment import NETNS_ANNOTATION  # noqa: PLC0415
 
     return {
         "kind": "Pod",
@@ -110,7 +110,7 @@ def _pod(name: str, uid: str = "u1", node: str = "node1", **labels: str) -> dict
     ],
 )
 def test_the_reconcile_plan(pods, mesh, enrolled, release, enroll):
-    from agent.enrollment import plan_reconcile  # noqa: PLC0415
+    from veil.agent.enrollment import plan_reconcile  # noqa: PLC0415
 
     plan = plan_reconcile(
         _cluster(*pods, mesh=mesh), "node1", enrolled, lambda path: "gone" not in path

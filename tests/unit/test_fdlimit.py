@@ -11,7 +11,7 @@ RUN = """
 import logging, resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
-from agent.fdlimit import raise_open_files
+from veil.runtime.fdlimit import raise_open_files
 print(raise_open_files(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 """
 

@@ -12,7 +12,8 @@ import time
 import pytest
 import trio
 
-from agent.hbone.conn import (
+from tests.support.hbone import hbone_pair, on_request
+from veil.core.hbone import (
     DATA,
     END_STREAM,
     GOAWAY,
@@ -25,9 +26,8 @@ from agent.hbone.conn import (
     frame_header,
     parse_authority,
 )
-from agent.hbone.io import HboneError, HboneIO, Stream
-from agent.hbone.pool import HbonePool
-from tests.support.hbone import hbone_pair, on_request
+from veil.runtime.hbone.io import HboneError, HboneIO, Stream
+from veil.runtime.hbone.pool import HbonePool
 
 
 @pytest.mark.parametrize(
@@ -308,7 +308,7 @@ async def test_a_server_refuses_new_streams_once_the_tunnels_certificates_expire
 
 async def test_relay_keeps_order_when_the_app_reads_slowly(tmp_path, nursery):
     """Backpressure from the app: the drain task takes over and no byte is reordered."""
-    from agent.proxy.copy import relay_stream  # noqa: PLC0415
+    from veil.agent.proxy.copy import relay_stream  # noqa: PLC0415
 
     app, app_peer = socket.socketpair()
     app_peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -367,7 +367,7 @@ async def test_early_data_reaches_the_server_before_its_answer(tunnel):
 
 
 async def test_a_refusal_after_early_data_resets_the_app_connection(tunnel):
-    from agent.proxy.copy import relay_stream  # noqa: PLC0415
+    from veil.agent.proxy.copy import relay_stream  # noqa: PLC0415
 
     client, _ = tunnel
     with socket.create_server(("127.0.0.1", 0)) as listener:  # TCP: a reset must be visible
@@ -386,7 +386,7 @@ async def test_a_refusal_after_early_data_resets_the_app_connection(tunnel):
 
 async def relaying_server(tmp_path, nursery, app):
     """A tunnel whose server relays every stream to `app`, answering as the agent does."""
-    from agent.proxy.copy import relay_stream  # noqa: PLC0415
+    from veil.agent.proxy.copy import relay_stream  # noqa: PLC0415
 
     async def serve(io, sid):
         stream = io.streams[sid]
@@ -467,7 +467,7 @@ async def test_an_outbound_relay_sends_the_connect_with_what_the_app_already_wro
     """A client app writes as soon as it is connected, before the agent accepted it: the relay
     reads first, so the CONNECT leaves with those bytes (one message, and the server may hold
     its answer for the app's reply) instead of alone before them."""
-    from agent.proxy.copy import relay_stream  # noqa: PLC0415
+    from veil.agent.proxy.copy import relay_stream  # noqa: PLC0415
 
     client, _ = tunnel
     writes = tls_writes(client)

@@ -13,7 +13,7 @@ import h2.settings
 import hpack
 import pytest
 
-from agent.hbone.conn import (
+from veil.core.hbone import (
     CONTINUATION,
     DATA,
     GOAWAY,
@@ -412,7 +412,7 @@ def test_empty_data_floods_end_the_connection():
 
 def test_a_server_takes_at_most_100_streams_on_a_tunnel():
     """Issue 17.7: 20 tunnels of 1000 streams took an agent to its descriptor limit."""
-    from agent.hbone.conn import MAX_INBOUND_STREAMS  # noqa: PLC0415
+    from veil.core.hbone import MAX_INBOUND_STREAMS  # noqa: PLC0415
 
     client, server = HboneConnection(client=True), HboneConnection(client=False)
     server.receive_data(client.data_to_send())

@@ -10,7 +10,7 @@ READS = textwrap.dedent(
     """
     import resource, socket, sys
     if sys.argv[1] == "keep":
-        from agent.heap import keep_heap
+        from veil.runtime.heap import keep_heap
         assert keep_heap()
     a, b = socket.socketpair()
     chunk = b"x" * 65536

@@ -8,13 +8,13 @@ import pytest
 import trio
 import trio.testing
 
-from agent.ca.signer import Signer, generate_root
-from agent.identity.certs import pem
-from agent.identity.csr import build_csr, new_key
-from agent.identity.manager import Backoff, CertificateManager, NoCertificate, check_answer
-from agent.identity.spiffe import IdentityError, SpiffeId
-from agent.identity.tls import PeerIdentityError, verify_peer
 from tests.support.mesh import TD, InProcessCa
+from veil.ca.signer import Signer, generate_root
+from veil.core.certs import pem
+from veil.core.csr import build_csr, new_key
+from veil.core.spiffe import IdentityError, SpiffeId
+from veil.runtime.identity.manager import Backoff, CertificateManager, NoCertificate, check_answer
+from veil.runtime.identity.tls import PeerIdentityError, verify_peer
 
 FRONTEND = SpiffeId(TD, "shop", "frontend")
 CATALOG = SpiffeId(TD, "shop", "catalog")

@@ -1,69 +1,130 @@
-"""The layout's rules, read off the imports (issue 18): nothing in the product imports the lab
-(only the CLI, which runs it, does), the agent does not import the waypoint, and no two
-modules import each other in a cycle (function-level imports included)."""
+"""The layout's rules, read off the imports (issue 18): each role builds on the shared core and
+runtime and never on another role; the core does no I/O; nothing in the product imports the
+lab (only the `veil` command, which runs it, does); no two modules import each other in a
+cycle (function-level imports included)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
-PACKAGES = ("agent", "waypoint")
+# top-level folder -> import name (src/veil links each folder into the `veil` package)
+FOLDERS = {
+    "core": "veil.core",
+    "runtime": "veil.runtime",
+    "agent": "veil.agent",
+    "waypoint": "veil.waypoint",
+    "ca": "veil.ca",
+    "lab": "veil.lab",
+}
+ROLES = ("veil.agent", "veil.waypoint", "veil.ca")
+SHARED = ("veil.core", "veil.runtime")
+# The stdlib and third-party modules that mean I/O: none of them in the core.
+IO_MODULES = {"trio", "ssl", "subprocess", "asyncio", "selectors", "pyroute2", "bcc"}
+# `socket` is allowed for its address helpers (inet_pton) but never to make a socket.
+IO_CALLS = re.compile(r"socket\.socket\(|create_connection\(|(?<![\w.])open\(|os\.system\(")
 
 
 def modules() -> dict[str, Path]:
-    out = {}
-    for pkg in PACKAGES:
-        for path in (ROOT / pkg).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            out[name] = path
+    out = {"veil": ROOT / "src" / "veil" / "__init__.py", "veil.cli": ROOT / "src/veil/cli.py"}
+    for folder, pkg in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            out[".".join((pkg, *parts))] = path
     return out
 
 
-def imports(path: Path, known: set[str]) -> set[str]:
-    """The project modules a file imports, anywhere in it."""
-    found = set()
+def imported_names(path: Path) -> set[str]:
+    """Every absolute module name a file imports, anywhere in it."""
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names: list[str] = []
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            mod = name
-            while mod and mod not in known:
-                mod = mod.rpartition(".")[0]
-            if mod:
-                found.add(mod)
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
     return found
 
 
 def graph() -> dict[str, set[str]]:
     mods = modules()
     known = set(mods)
-    return {m: imports(p, known) - {m} for m, p in mods.items()}
+    out = {}
+    for m, p in mods.items():
+        deps = set()
+        for name in imported_names(p):
+            mod = name
+            while mod and mod not in known:
+                mod = mod.rpartition(".")[0]
+            if mod and mod != "veil":
+                deps.add(mod)
+        out[m] = deps - {m}
+    return out
+
+
+def within(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_every_folder_is_linked_into_the_veil_package():
+    for folder in FOLDERS:
+        link = ROOT / "src" / "veil" / folder
+        assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), folder
+    import veil.core  # noqa: PLC0415
+
+    assert Path(veil.core.__file__).resolve() == (ROOT / "core" / "__init__.py").resolve()
 
 
 def test_nothing_in_the_product_imports_the_lab():
     offenders = {
-        m: sorted(d for d in deps if d.startswith("agent.lab"))
+        m: sorted(d for d in deps if within(d, "veil.lab"))
         for m, deps in graph().items()
-        if not m.startswith("agent.lab") and m != "agent.cli"
+        if not within(m, "veil.lab", "veil.cli")
     }
     assert {m: d for m, d in offenders.items() if d} == {}
 
 
-def test_the_agent_does_not_import_the_waypoint():
-    """The waypoint builds on the agent's modules, never the other way round (the CLI, which
-    starts either, excepted)."""
+def test_roles_build_on_the_shared_core_and_runtime_only():
+    """The agent, the waypoint and the CA never import each other's modules."""
+    offenders = {}
+    for m, deps in graph().items():
+        role = next((r for r in ROLES if within(m, r)), None)
+        if role:
+            bad = sorted(d for d in deps if not within(d, role, *SHARED))
+            if bad:
+                offenders[m] = bad
+    assert offenders == {}
+
+
+def test_the_shared_layers_import_no_role():
     g = graph()
     offenders = {
-        m: sorted(d for d in deps if d.startswith("waypoint"))
+        m: sorted(d for d in deps if not within(d, *SHARED))
         for m, deps in g.items()
-        if m.startswith("agent") and m != "agent.cli"
+        if within(m, *SHARED)
     }
     assert {m: d for m, d in offenders.items() if d} == {}
+    runtime_in_core = {
+        m: sorted(d for d in deps if within(d, "veil.runtime"))
+        for m, deps in g.items()
+        if within(m, "veil.core")
+    }
+    assert {m: d for m, d in runtime_in_core.items() if d} == {}
+
+
+def test_the_core_does_no_io():
+    mods = modules()
+    offenders = {}
+    for m, path in mods.items():
+        if within(m, "veil.core"):
+            io = {n.split(".")[0] for n in imported_names(path)} & IO_MODULES
+            io |= set(IO_CALLS.findall(path.read_text()))
+            if io:
+                offenders[m] = sorted(io)
+    assert offenders == {}
 
 
 def test_no_import_cycles():

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from agent.authz import parse_policy
-from agent.hbone.conn import BadRequest, ConnectRequest
-from agent.identity.spiffe import SpiffeId
-from agent.proxy.inbound import PodFacts, admit_connect, admit_plaintext
-from agent.state.model import Waypoint, Workload
+from veil.agent.proxy.inbound import PodFacts, admit_connect, admit_plaintext
+from veil.core.authz import parse_policy
+from veil.core.hbone import BadRequest, ConnectRequest
+from veil.core.spiffe import SpiffeId
+from veil.core.state import Waypoint, Workload
 
 TD = "cluster.local"
 CLIENT = SpiffeId(TD, "shop", "frontend")

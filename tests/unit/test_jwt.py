@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.support.jwt import Issuer, b64
-from waypoint.jwt import (
+from veil.waypoint.jwt import (
     JwtError,
     RequestAuthentication,
     authenticate,

@@ -1,8 +1,8 @@
 """Kernel text the lab reads (/proc/net/tcp, mountinfo) and the state store's file rules."""
 
-from agent.lab import store
-from agent.lab.cgroups import parse_mountinfo
-from agent.lab.netns import parse_proc_net_tcp
+from veil.lab import store
+from veil.lab.cgroups import parse_mountinfo
+from veil.lab.netns import parse_proc_net_tcp
 
 PROC_NET_TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.manifests import (
+from veil.lab.manifests import (
     Deployment,
     ManifestError,
     Object,

@@ -9,7 +9,7 @@ import urllib.parse
 
 import pytest
 
-from waypoint.normalize import (
+from veil.waypoint.normalize import (
     BadTarget,
     PathNormalization,
     normalize_authority,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.manifests import ManifestError, load_paths, parse_text
-from agent.lab.plan import (
+from veil.lab.manifests import ManifestError, load_paths, parse_text
+from veil.lab.plan import (
     check_lab_name,
     endpoints,
     make_plan,

@@ -7,7 +7,7 @@ import socket
 import trio
 import trio.testing
 
-from agent.proxy.pod import serve
+from veil.runtime.listener import serve
 
 
 async def test_accepted_connections_are_non_blocking_without_nagle() -> None:

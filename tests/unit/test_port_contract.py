@@ -1,4 +1,4 @@
-"""The port and mark contract has one source (agent/capture/rules.py); the eBPF programs'
+"""The port and mark contract has one source (core/ports.py); the eBPF programs'
 header repeats it for C, and this test keeps the two in step (issue 18, item 2)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 import socket
 from pathlib import Path
 
-from agent.capture import rules
+from veil.core import ports
 
 HEADER = Path(__file__).parents[2] / "ebpf" / "include" / "veil.h"
 
@@ -22,13 +22,13 @@ def defines() -> dict[str, int]:
 
 def test_the_ebpf_header_agrees_with_the_python_contract():
     d = defines()
-    assert d["VEIL_OUTBOUND_PORT"] == rules.OUTBOUND_PORT
-    assert d["VEIL_INBOUND_PLAIN_PORT"] == rules.INBOUND_PLAIN_PORT
-    assert d["VEIL_HBONE_PORT"] == rules.HBONE_PORT
-    assert d["VEIL_AGENT_MARK"] == rules.AGENT_MARK
-    assert d["VEIL_CONN_MARK"] == rules.CONN_MARK
-    assert d["VEIL_MARK_MASK"] == rules.MARK_MASK
-    assert d["VEIL_PROBE_SOURCE"] == int(ipaddress.IPv4Address(rules.PROBE_SOURCE))
+    assert d["VEIL_OUTBOUND_PORT"] == ports.OUTBOUND_PORT
+    assert d["VEIL_INBOUND_PLAIN_PORT"] == ports.INBOUND_PLAIN_PORT
+    assert d["VEIL_HBONE_PORT"] == ports.HBONE_PORT
+    assert d["VEIL_AGENT_MARK"] == ports.AGENT_MARK
+    assert d["VEIL_CONN_MARK"] == ports.CONN_MARK
+    assert d["VEIL_MARK_MASK"] == ports.MARK_MASK
+    assert d["VEIL_PROBE_SOURCE"] == int(ipaddress.IPv4Address(ports.PROBE_SOURCE))
     assert d["VEIL_LOOPBACK"] == int(ipaddress.IPv4Address("127.0.0.1"))
     assert d["VEIL_SO_ORIGINAL_DST"] == 80  # linux/netfilter_ipv4.h
     assert d["VEIL_SOCK_STREAM"] == socket.SOCK_STREAM

@@ -7,7 +7,7 @@ import socket
 import pytest
 import trio
 
-from agent.proxy.copy import relay_tcp
+from veil.agent.proxy.copy import relay_tcp
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:

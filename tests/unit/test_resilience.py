@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from agent.ratelimit import TokenBucket
-from waypoint.resilience import (
+from veil.core.ratelimit import TokenBucket
+from veil.waypoint.resilience import (
     CircuitBreaker,
     Fault,
     OutlierDetector,

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from agent.proxy.outbound import Kind, route
-from agent.state.model import build_state
+from veil.agent.proxy.outbound import Kind, route
+from veil.core.state import build_state
 
 TD = "cluster.local"
 

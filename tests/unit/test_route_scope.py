@@ -10,7 +10,7 @@ import trio
 
 from tests.support.hbone import FRONTEND
 from tests.support.waypoint import DEST, Pipe, feed, waypoint, with_state
-from waypoint.routes import parse_route, reference_granted, routes_for_client
+from veil.waypoint.routes import parse_route, reference_granted, routes_for_client
 
 
 def route(ns: str, name: str, backend_ns: str, backend: str) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def test_a_catastrophic_pattern_runs_in_linear_time():
 
 @pytest.mark.parametrize("pattern", ["/(a)\\1", "/(?=x)y", "/(?<!a)b", "/[z-a]"])
 def test_patterns_re2_refuses_are_rejected_with_its_reason(pattern):
-    from waypoint.routes import RouteError  # noqa: PLC0415
+    from veil.waypoint.routes import RouteError  # noqa: PLC0415
 
     with pytest.raises(RouteError, match="RE2"):
         parse_route(regex_route(pattern))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from waypoint.routes import (
+from veil.waypoint.routes import (
     Redirect,
     RequestFacts,
     Rewrite,

@@ -1,6 +1,6 @@
 import pytest
 
-from agent.identity.spiffe import IdentityError, SpiffeId
+from veil.core.spiffe import IdentityError, SpiffeId
 
 
 def test_round_trip():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import trio
 
-from agent.state.sources.manifests import ManifestSource, signature
-from agent.state.store import StateStore
+from veil.runtime.sources.manifests import ManifestSource, signature
+from veil.runtime.store import StateStore
 
 
 def namespace(name: str, mode: str = "ambient") -> str:
@@ -67,7 +67,7 @@ def pod(name: str, ip: str, **labels: str) -> dict[str, object]:
 
 
 def test_the_builder_converts_one_object_per_event() -> None:
-    from agent.state.model import StateBuilder  # noqa: PLC0415
+    from veil.core.state import StateBuilder  # noqa: PLC0415
 
     b = StateBuilder()
     b.apply(pod("p2", "10.0.0.2"))
@@ -90,7 +90,7 @@ def test_the_builder_converts_one_object_per_event() -> None:
 
 
 async def test_only_changed_files_are_read_again(tmp_path: Path, monkeypatch) -> None:
-    from agent.state.sources import manifests  # noqa: PLC0415
+    from veil.runtime.sources import manifests  # noqa: PLC0415
 
     for i in range(5):
         (tmp_path / f"ns{i}.yaml").write_text(namespace(f"n{i}"))
@@ -128,7 +128,7 @@ async def test_only_changed_files_are_read_again(tmp_path: Path, monkeypatch) ->
 
 
 def test_policies_are_parsed_once_by_the_writer_and_keep_their_last_valid_version() -> None:
-    from agent.state.model import StateBuilder  # noqa: PLC0415
+    from veil.core.state import StateBuilder  # noqa: PLC0415
 
     def policy(action: str) -> dict[str, object]:
         return {

@@ -14,8 +14,8 @@ import trio
 import trio.testing
 
 from tests.support.waypoint import Pipe
-from waypoint.app import next_event, send
-from waypoint.http2 import H2Exchange, H2Server
+from veil.waypoint.app import next_event, send
+from veil.waypoint.http2 import H2Exchange, H2Server
 
 NO_STREAM: Any = None  # an HTTP/2 exchange carries its own stream
 

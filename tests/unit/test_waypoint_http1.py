@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from waypoint import http1
+from veil.waypoint import http1
 
 
 @pytest.mark.parametrize(

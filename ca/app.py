@@ -1,0 +1,72 @@
+"""`veil ca` as a process: state source, signer, TLS API on 15012, metrics on 15014."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import trio
+
+from veil.ca.auth import BootstrapTokens
+from veil.ca.server import CaService
+from veil.ca.signer import FileCaStorage, Signer, load_or_create
+from veil.core.csr import new_key
+from veil.core.spiffe import SpiffeId
+from veil.runtime import http
+from veil.runtime.config import CaConfig
+from veil.runtime.identity.tls import plain_server_context
+from veil.runtime.lifecycle import run_until_signalled
+from veil.runtime.sources.manifests import ManifestSource
+from veil.runtime.store import StateStore
+
+log = logging.getLogger("veil.ca")
+
+
+def build_service(cfg: CaConfig) -> tuple[CaService, StateStore]:
+    material = load_or_create(FileCaStorage(cfg.data_dir), cfg.trust_domain, cfg.plugin_certs)
+    # The bundle agents and waypoints trust, published next to the CA's data.
+    bundle = "".join(material.bundle_pem())
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (cfg.data_dir / "trust-bundle.pem").write_text(bundle)
+    signer = Signer(
+        material, cfg.trust_domain, default_ttl=datetime.timedelta(seconds=cfg.ttl_seconds)
+    )
+    store = StateStore()
+    return CaService(signer, BootstrapTokens(cfg.node_tokens), store), store
+
+
+async def run(cfg: CaConfig) -> None:
+    service, store = build_service(cfg)
+    signer = service.signer
+    key = new_key()
+    serving = signer.server_certificate(
+        SpiffeId(cfg.trust_domain, "veil-system", "veil-ca"), [cfg.server_name, "veil-ca"], key
+    )
+    ctx = plain_server_context(serving.chain, key)
+
+    async def start(nursery: trio.Nursery) -> None:
+        await nursery.start(ManifestSource(cfg.state_dir).run, store)
+        await nursery.start(
+            lambda task_status: http.serve(
+                service.handle, cfg.listen[0], cfg.listen[1], ctx, task_status=task_status
+            )
+        )
+        await nursery.start(
+            lambda task_status: http.serve(
+                service.metrics_handler,
+                cfg.metrics_listen[0],
+                cfg.metrics_listen[1],
+                task_status=task_status,
+            )
+        )
+        root = signer.material.roots[0]
+        log.info(
+            "ca: serving on %s:%d (trust domain %s, root %s, %s), metrics on %s:%d",
+            *cfg.listen,
+            cfg.trust_domain,
+            root.subject.rfc4514_string(),
+            "plug-in intermediate" if signer.material.plugged else "self-signed",
+            *cfg.metrics_listen,
+        )
+
+    await run_until_signalled("ca", start)

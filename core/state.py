@@ -1,0 +1,395 @@
+"""The immutable snapshot of cluster state every consumer reads (pure conversion + indexes)."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from veil.core.authz import PolicySet
+from veil.core.spiffe import SpiffeId
+
+DATAPLANE_MODE = "veil.dev/dataplane-mode"
+AMBIENT = "ambient"
+NONE = "none"
+USE_WAYPOINT = "veil.dev/use-waypoint"
+WAYPOINT_FOR = "veil.dev/waypoint-for"
+WAYPOINT_CLASS = "veil-waypoint"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+ALLOW_BYPASS = "veil.dev/allow-waypoint-bypass"  # "true": direct traffic is accepted too
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A pod, as the mesh sees it."""
+
+    namespace: str
+    name: str
+    node: str
+    service_account: str
+    ip: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    phase: str = "Pending"
+    ready: bool = False
+    uid: str = ""
+    ports: Mapping[str, int] = field(default_factory=dict)  # named container ports
+    owner: str = ""  # the controller (Deployment) that made the pod, if any
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def identity(self, trust_domain: str) -> SpiffeId:
+        return SpiffeId(trust_domain, self.namespace, self.service_account)
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int | str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    vip: str | None
+    ports: tuple[ServicePort, ...]
+    selector: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Waypoint:
+    """A Gateway of class veil-waypoint: its pods run `veil waypoint` as service account
+    <gateway name>; `waypoint_for` says which traffic it takes (service, workload or all)."""
+
+    namespace: str
+    name: str
+    waypoint_for: str = "service"
+
+    def identity(self, trust_domain: str) -> SpiffeId:
+        return SpiffeId(trust_domain, self.namespace, self.name)
+
+    def takes(self, kind: str) -> bool:
+        return self.waypoint_for in (kind, "all")
+
+
+def waypoint_from(obj: Mapping[str, Any]) -> Waypoint | None:
+    spec = obj.get("spec") or {}
+    if spec.get("gatewayClassName") != WAYPOINT_CLASS:
+        return None
+    md = obj.get("metadata") or {}
+    labels = _str_map(md.get("labels"))
+    wfor = labels.get(WAYPOINT_FOR, "service")
+    if wfor not in ("service", "workload", "all", "none"):
+        raise ValueError(f"label {WAYPOINT_FOR}: {wfor!r} is not service, workload, all or none")
+    return Waypoint(md.get("namespace", "default"), md["name"], wfor)
+
+
+@dataclass(frozen=True)
+class MeshState:
+    """One version of the cluster. Never mutated: a change is a new MeshState."""
+
+    version: int = 0
+    namespaces: Mapping[str, Namespace] = field(default_factory=dict)
+    workloads: tuple[Workload, ...] = ()
+    services: tuple[Service, ...] = ()
+    # Kinds no typed view exists for yet (routes, gateways, ...), as read.
+    others: tuple[Mapping[str, Any], ...] = ()
+    errors: tuple[str, ...] = ()  # objects a source could not convert, and why
+    # AuthorizationPolicies, parsed once by the writer (each keeps its last valid version).
+    policies: PolicySet = field(default_factory=PolicySet)
+
+    @cached_property
+    def workloads_by_ip(self) -> Mapping[str, Workload]:
+        return {w.ip: w for w in self.workloads if w.ip}
+
+    @cached_property
+    def workloads_by_node(self) -> Mapping[str, tuple[Workload, ...]]:
+        out: dict[str, list[Workload]] = {}
+        for w in self.workloads:
+            out.setdefault(w.node, []).append(w)
+        return {k: tuple(v) for k, v in out.items()}
+
+    @cached_property
+    def services_by_vip(self) -> Mapping[tuple[str, int], tuple[Service, ServicePort]]:
+        return {(s.vip, p.port): (s, p) for s in self.services if s.vip for p in s.ports}
+
+    @cached_property
+    def waypoints(self) -> Mapping[tuple[str, str], Waypoint]:
+        out = {}
+        for obj in self.others:
+            if obj.get("kind") == "Gateway":
+                with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                    if (wp := waypoint_from(obj)) is not None:
+                        out[(wp.namespace, wp.name)] = wp
+        return out
+
+    def waypoint_pods(self, wp: Waypoint) -> list[Workload]:
+        """The ready pods that run a waypoint."""
+        return [
+            w
+            for w in self.workloads
+            if w.namespace == wp.namespace
+            and w.labels.get(GATEWAY_NAME_LABEL) == wp.name
+            and w.ready
+            and w.ip
+        ]
+
+    def _use_waypoint(self, namespace: str, own: Mapping[str, str], kind: str) -> Waypoint | None:
+        """`veil.dev/use-waypoint` on the object, else on its namespace; `none` opts out."""
+        ns = self.namespaces.get(namespace)
+        name = own.get(USE_WAYPOINT) or (ns.labels.get(USE_WAYPOINT) if ns else None)
+        if not name or name == NONE:
+            return None
+        wp = self.waypoints.get((namespace, name))
+        return wp if wp is not None and wp.takes(kind) else None
+
+    def service_waypoint(self, service: Service) -> Waypoint | None:
+        return self._use_waypoint(service.namespace, service.labels, "service")
+
+    def workload_waypoint(self, w: Workload) -> Waypoint | None:
+        if w.labels.get(GATEWAY_NAME_LABEL):
+            return None  # a waypoint never sends its own traffic through a waypoint
+        return self._use_waypoint(w.namespace, w.labels, "workload")
+
+    def services_of(self, w: Workload) -> list[Service]:
+        return [
+            s
+            for s in self.services
+            if s.namespace == w.namespace
+            and s.selector
+            and all(w.labels.get(k) == v for k, v in s.selector.items())
+        ]
+
+    def bound_waypoints(self, w: Workload) -> set[Waypoint]:
+        """Waypoints traffic to this pod must come through (its own, its services'), unless
+        the namespace, the Service or the pod says `veil.dev/allow-waypoint-bypass: "true"`."""
+        ns = self.namespaces.get(w.namespace)
+        if ns is not None and ns.labels.get(ALLOW_BYPASS) == "true":
+            return set()
+        out = {
+            wp
+            for s in self.services_of(w)
+            if s.labels.get(ALLOW_BYPASS) != "true" and (wp := self.service_waypoint(s))
+        }
+        if w.labels.get(ALLOW_BYPASS) != "true" and (own := self.workload_waypoint(w)):
+            out.add(own)
+        return out
+
+    @cached_property
+    def workloads_by_key(self) -> Mapping[tuple[str, str], Workload]:
+        return {(w.namespace, w.name): w for w in self.workloads}
+
+    @cached_property
+    def workloads_by_namespace(self) -> Mapping[str, tuple[Workload, ...]]:
+        out: dict[str, list[Workload]] = {}
+        for w in self.workloads:
+            out.setdefault(w.namespace, []).append(w)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def workload(self, namespace: str, name: str) -> Workload | None:
+        return self.workloads_by_key.get((namespace, name))
+
+    def in_mesh(self, w: Workload) -> bool:
+        """Enrolled by labels: namespace `veil.dev/dataplane-mode: ambient`, pod not `none`."""
+        ns = self.namespaces.get(w.namespace)
+        return (
+            ns is not None
+            and ns.labels.get(DATAPLANE_MODE) == AMBIENT
+            and w.labels.get(DATAPLANE_MODE) != NONE
+            and w.phase not in ("Succeeded", "Failed")
+        )
+
+    def endpoints(self, service: Service, port: ServicePort) -> list[tuple[Workload, int]]:
+        """Ready pods behind a service port, with the pod port it maps to."""
+        out = []
+        for w in self.workloads_by_namespace.get(service.namespace, ()):
+            if (
+                not service.selector
+                or not w.ready
+                or not w.ip
+                or any(w.labels.get(k) != v for k, v in service.selector.items())
+            ):
+                continue
+            target = port.target_port
+            number = target if isinstance(target, int) else w.ports.get(str(target))
+            if number is not None:
+                out.append((w, int(number)))
+        return out
+
+    def identities_on_node(self, node: str, trust_domain: str) -> frozenset[SpiffeId]:
+        """Identities of the pods scheduled on a node that are not finished."""
+        return frozenset(
+            w.identity(trust_domain)
+            for w in self.workloads_by_node.get(node, ())
+            if w.phase not in ("Succeeded", "Failed")
+        )
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (value or {}).items()} if isinstance(value, dict) else {}
+
+
+def workload_from(obj: Mapping[str, Any]) -> Workload:
+    md, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    ports = {
+        str(p["name"]): int(p["containerPort"])
+        for c in spec.get("containers") or []
+        for p in c.get("ports") or []
+        if p.get("name")
+    }
+    ip = status.get("podIP")
+    if ip is not None:
+        ip = str(ipaddress.ip_address(ip))
+    return Workload(
+        namespace=md.get("namespace", "default"),
+        name=md["name"],
+        node=spec.get("nodeName") or "",
+        service_account=spec.get("serviceAccountName") or "default",
+        ip=ip,
+        labels=_str_map(md.get("labels")),
+        annotations=_str_map(md.get("annotations")),
+        phase=status.get("phase", "Pending"),
+        ready=ready,
+        uid=md.get("uid", ""),
+        ports=ports,
+        owner=next(
+            (
+                str(r.get("name", ""))
+                for r in md.get("ownerReferences") or []
+                if isinstance(r, dict)
+            ),
+            "",
+        ),
+    )
+
+
+def service_from(obj: Mapping[str, Any]) -> Service:
+    md, spec = obj["metadata"], obj.get("spec") or {}
+    vip = spec.get("clusterIP")
+    vip = None if vip in (None, "", "None") else str(ipaddress.ip_address(vip))
+    ports = tuple(
+        ServicePort(
+            port=int(p["port"]),
+            target_port=p.get("targetPort", p["port"]),
+            name=p.get("name") or "",
+        )
+        for p in spec.get("ports") or []
+    )
+    return Service(
+        namespace=md.get("namespace", "default"),
+        name=md["name"],
+        vip=vip,
+        ports=ports,
+        selector=_str_map(spec.get("selector")),
+        labels=_str_map(md.get("labels")),
+    )
+
+
+def build_state(objects: Iterable[Mapping[str, Any]], version: int) -> MeshState:
+    """Convert API objects into a snapshot; an object that cannot be read is reported, not fatal."""
+    builder = StateBuilder()
+    for obj in objects:
+        builder.apply(obj)
+    return builder.snapshot(version)
+
+
+ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
+_SKIPPED = frozenset({"Node", "ServiceAccount", "Deployment", "EndpointSlice"})  # derived, unused
+
+
+def object_key(obj: Mapping[str, Any]) -> ObjectKey:
+    md = obj.get("metadata") or {}
+    if not isinstance(md, Mapping):
+        md = {}
+    return str(obj.get("kind", "")), str(md.get("namespace", "")), str(md.get("name", "?"))
+
+
+class StateBuilder:
+    """The single writer's memory of the cluster, updated by events.
+
+    `apply()` takes one object added or changed, `delete()` one removed (a watch event, or a
+    manifest file that changed): only that object is converted, so a change costs O(changed
+    objects) in conversion; `snapshot()` then assembles the immutable MeshState the consumers
+    read (sorting what is already nearly sorted). Objects are keyed by (kind, namespace, name);
+    one that cannot be read is kept as an error of its key, and a later good version of it
+    replaces the error.
+    """
+
+    def __init__(self) -> None:
+        self.namespaces: dict[str, Namespace] = {}
+        self.workloads: dict[tuple[str, str], Workload] = {}
+        self.services: dict[tuple[str, str], Service] = {}
+        self.others: dict[ObjectKey, Mapping[str, Any]] = {}
+        self.errors: dict[ObjectKey, str] = {}
+        self.policies = PolicySet()
+        self._policies_changed = False
+
+    def apply(self, obj: Mapping[str, Any]) -> None:
+        key = object_key(obj)
+        kind, ns, name = key
+        self.delete(key)
+        if kind in _SKIPPED:
+            return
+        try:
+            if kind == "Namespace":
+                md = obj["metadata"]
+                self.namespaces[name] = Namespace(md["name"], _str_map(md.get("labels")))
+            elif kind == "Pod":
+                w = workload_from(obj)
+                self.workloads[(w.namespace, w.name)] = w
+            elif kind == "Service":
+                svc = service_from(obj)
+                self.services[(svc.namespace, svc.name)] = svc
+            else:
+                self.others[key] = obj
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            ref = f"{kind} {ns}/{name}".replace(" /", " ")
+            self.errors[key] = f"{ref}: cannot read: {e!r}"
+
+    def delete(self, key: ObjectKey) -> None:
+        kind, ns, name = key
+        self.errors.pop(key, None)
+        if kind == "AuthorizationPolicy":
+            self._policies_changed = True
+        if kind == "Namespace":
+            self.namespaces.pop(name, None)
+        elif kind == "Pod":
+            self.workloads.pop((ns or "default", name), None)
+        elif kind == "Service":
+            self.services.pop((ns or "default", name), None)
+        else:
+            self.others.pop(key, None)
+
+    def snapshot(self, version: int, extra_errors: Iterable[str] = ()) -> MeshState:
+        if self._policies_changed:  # parsed again only when one of them changed
+            self.policies = self.policies.update(
+                o for k, o in self.others.items() if k[0] == "AuthorizationPolicy"
+            )
+            self._policies_changed = False
+        return MeshState(
+            version=version,
+            namespaces=dict(self.namespaces),
+            workloads=tuple(self.workloads[k] for k in sorted(self.workloads)),
+            services=tuple(self.services[k] for k in sorted(self.services)),
+            others=tuple(self.others.values()),
+            errors=(*self.errors.values(), *extra_errors),
+            policies=self.policies,
+        )

@@ -1,0 +1,69 @@
+"""Agent and CA configuration: parsed once into immutable objects (pure construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from veil.core.ports import ADMIN_PORT, CA_METRICS_PORT, CA_PORT, METRICS_PORT, READY_PORT
+from veil.core.spiffe import DEFAULT_TRUST_DOMAIN, check_trust_domain
+
+CA_SERVER_NAME = "veil-ca.veil-system.svc"
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{value!r}: expected host:port")
+        return value, default_port
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{value!r}: port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"{value!r}: port {number} is outside 0-65535")
+    return host.strip("[]") or "0.0.0.0", number
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    state_dir: Path
+    ca_address: tuple[str, int]
+    ca_server_name: str
+    ca_root: Path
+    token_file: Path
+    data_dir: Path = Path("/var/run/veil/agent")
+    cni_socket: Path = Path("/var/run/veil/cni.sock")
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    admin_listen: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
+    metrics_listen: tuple[str, int] = ("0.0.0.0", METRICS_PORT)
+    ready_listen: tuple[str, int] = ("0.0.0.0", READY_PORT)
+    capture: str = "iptables"
+    bpf_pin_dir: Path = Path("/sys/fs/bpf/veil")
+
+    def __post_init__(self) -> None:
+        check_trust_domain(self.trust_domain)
+        if self.capture not in ("iptables", "ebpf"):
+            raise ValueError(f"--capture {self.capture!r}: use iptables or ebpf")
+        if not self.node:
+            raise ValueError("--node is required: the name of the node this agent runs on")
+
+
+@dataclass(frozen=True)
+class CaConfig:
+    state_dir: Path
+    data_dir: Path
+    node_tokens: Path
+    plugin_certs: Path | None = None
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    listen: tuple[str, int] = ("0.0.0.0", CA_PORT)
+    metrics_listen: tuple[str, int] = ("0.0.0.0", CA_METRICS_PORT)
+    ttl_seconds: int = 24 * 3600
+    server_name: str = CA_SERVER_NAME
+
+    def __post_init__(self) -> None:
+        check_trust_domain(self.trust_domain)
+        if self.ttl_seconds < 1:
+            raise ValueError(f"--ttl must be at least 1 second, got {self.ttl_seconds}")
