@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 T = TypeVar("T")
 
@@ -22,17 +22,25 @@ def object_ref(obj: Mapping[str, Any]) -> str:
     return f"{md.get('namespace', 'default')}/{md.get('name', '?')}"
 
 
+P = ParamSpec("P")
+
+
 def refuse_odd_shapes(
     own: type[Exception], error: Callable[[str, Exception], Exception]
-) -> Callable[[Callable[[Mapping[str, Any]], T]], Callable[[Mapping[str, Any]], T]]:
-    """Decorate a parser: an exception other than its own error (`own`) becomes
-    `error(ref, exc)`."""
+) -> Callable[
+    [Callable[Concatenate[Mapping[str, Any], P], T]],
+    Callable[Concatenate[Mapping[str, Any], P], T],
+]:
+    """Decorate a parser (the object first, then any settings): an exception other than its
+    own error (`own`) becomes `error(ref, exc)`."""
 
-    def decorate(parse: Callable[[Mapping[str, Any]], T]) -> Callable[[Mapping[str, Any]], T]:
+    def decorate(
+        parse: Callable[Concatenate[Mapping[str, Any], P], T],
+    ) -> Callable[Concatenate[Mapping[str, Any], P], T]:
         @functools.wraps(parse)
-        def wrapper(obj: Mapping[str, Any]) -> T:
+        def wrapper(obj: Mapping[str, Any], /, *args: P.args, **kwargs: P.kwargs) -> T:
             try:
-                return parse(obj)
+                return parse(obj, *args, **kwargs)
             except own:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from veil.core import jwt, routes, traffic
 from veil.core.authz import PolicySet
+from veil.core.jwt import RequestAuthentication
+from veil.core.routes import HttpRoute, ReferenceGrant
 from veil.core.spiffe import SpiffeId
+from veil.core.traffic import TrafficPolicy
 
 DATAPLANE_MODE = "veil.dev/dataplane-mode"
 AMBIENT = "ambient"
@@ -20,6 +23,9 @@ WAYPOINT_FOR = "veil.dev/waypoint-for"
 WAYPOINT_CLASS = "veil-waypoint"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 ALLOW_BYPASS = "veil.dev/allow-waypoint-bypass"  # "true": direct traffic is accepted too
+
+
+ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
 
 
 @dataclass(frozen=True)
@@ -106,11 +112,21 @@ class MeshState:
     namespaces: Mapping[str, Namespace] = field(default_factory=dict)
     workloads: tuple[Workload, ...] = ()
     services: tuple[Service, ...] = ()
-    # Kinds no typed view exists for yet (routes, gateways, ...), as read.
+    # Kinds no typed view exists for, as read (no consumer reads them; config dumps do).
     others: tuple[Mapping[str, Any], ...] = ()
     errors: tuple[str, ...] = ()  # objects a source could not convert, and why
     # AuthorizationPolicies, parsed once by the writer (each keeps its last valid version).
     policies: PolicySet = field(default_factory=PolicySet)
+    # The L7 kinds, parsed once per change of the object by the writer; an object that does
+    # not validate is absent here and its error is in `invalid`.
+    waypoints: Mapping[tuple[str, str], Waypoint] = field(default_factory=dict)
+    routes: tuple[HttpRoute, ...] = ()
+    reference_grants: tuple[ReferenceGrant, ...] = ()
+    traffic_policies: tuple[TrafficPolicy, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()
+    # Why an object is not in force, by (kind, namespace, name): attached to the object it
+    # belongs to, for logs now and status conditions on Kubernetes.
+    invalid: Mapping[ObjectKey, str] = field(default_factory=dict)
 
     @cached_property
     def workloads_by_ip(self) -> Mapping[str, Workload]:
@@ -128,14 +144,18 @@ class MeshState:
         return {(s.vip, p.port): (s, p) for s in self.services if s.vip for p in s.ports}
 
     @cached_property
-    def waypoints(self) -> Mapping[tuple[str, str], Waypoint]:
-        out = {}
-        for obj in self.others:
-            if obj.get("kind") == "Gateway":
-                with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
-                    if (wp := waypoint_from(obj)) is not None:
-                        out[(wp.namespace, wp.name)] = wp
+    def _traffic_by_target(self) -> Mapping[tuple[str, str, str], TrafficPolicy]:
+        out: dict[tuple[str, str, str], TrafficPolicy] = {}
+        for p in self.traffic_policies:  # the first one (by namespace/name) wins, as before
+            for name in p.services:
+                out.setdefault(("Service", p.namespace, name), p)
+            for name in p.routes:
+                out.setdefault(("HTTPRoute", p.namespace, name), p)
         return out
+
+    def traffic_policy(self, kind: str, namespace: str, name: str) -> TrafficPolicy | None:
+        """The TrafficPolicy targeting a Service or an HTTPRoute, if any."""
+        return self._traffic_by_target.get((kind, namespace, name))
 
     def waypoint_pods(self, wp: Waypoint) -> list[Workload]:
         """The ready pods that run a waypoint."""
@@ -303,15 +323,16 @@ def service_from(obj: Mapping[str, Any]) -> Service:
     )
 
 
-def build_state(objects: Iterable[Mapping[str, Any]], version: int) -> MeshState:
+def build_state(
+    objects: Iterable[Mapping[str, Any]], version: int, fetch_jwks: jwt.FetchJwks | None = None
+) -> MeshState:
     """Convert API objects into a snapshot; an object that cannot be read is reported, not fatal."""
-    builder = StateBuilder()
+    builder = StateBuilder(fetch_jwks)
     for obj in objects:
         builder.apply(obj)
     return builder.snapshot(version)
 
 
-ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
 _SKIPPED = frozenset({"Node", "ServiceAccount", "Deployment", "EndpointSlice"})  # derived, unused
 
 
@@ -333,7 +354,8 @@ class StateBuilder:
     replaces the error.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fetch_jwks: jwt.FetchJwks | None = None) -> None:
+        """`fetch_jwks` reads a RequestAuthentication's jwksUri (the source's I/O)."""
         self.namespaces: dict[str, Namespace] = {}
         self.workloads: dict[tuple[str, str], Workload] = {}
         self.services: dict[tuple[str, str], Service] = {}
@@ -341,6 +363,13 @@ class StateBuilder:
         self.errors: dict[ObjectKey, str] = {}
         self.policies = PolicySet()
         self._policies_changed = False
+        self.waypoints: dict[ObjectKey, Waypoint] = {}
+        self.routes: dict[ObjectKey, HttpRoute] = {}
+        self.grants: dict[ObjectKey, ReferenceGrant] = {}
+        self.traffic: dict[ObjectKey, TrafficPolicy] = {}
+        self.authns: dict[ObjectKey, RequestAuthentication] = {}
+        self.invalid: dict[ObjectKey, str] = {}
+        self.fetch_jwks = fetch_jwks
 
     def apply(self, obj: Mapping[str, Any]) -> None:
         key = object_key(obj)
@@ -360,13 +389,44 @@ class StateBuilder:
                 self.services[(svc.namespace, svc.name)] = svc
             else:
                 self.others[key] = obj
+                self._typed(key, obj)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             ref = f"{kind} {ns}/{name}".replace(" /", " ")
             self.errors[key] = f"{ref}: cannot read: {e!r}"
 
+    def _typed(self, key: ObjectKey, obj: Mapping[str, Any]) -> None:
+        """The typed view of an L7 object, or its validation error."""
+        kind = key[0]
+        try:
+            if kind == "Gateway":
+                if (wp := waypoint_from(obj)) is not None:
+                    self.waypoints[key] = wp
+            elif kind == "HTTPRoute":
+                self.routes[key] = routes.parse_route(obj)
+            elif kind == "ReferenceGrant":
+                self.grants[key] = routes.parse_reference_grant(obj)
+            elif kind == traffic.KIND and str(obj.get("apiVersion", "")).startswith(traffic.GROUP):
+                self.traffic[key] = traffic.parse_traffic_policy(obj)
+            elif kind == jwt.KIND:
+                self.authns[key] = jwt.parse_request_authentication(obj, self.fetch_jwks)
+        except (routes.RouteError, traffic.PolicyError, jwt.JwtError) as e:
+            self.invalid[key] = str(e)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            self.invalid[key] = f"{kind} {key[1]}/{key[2]}: cannot read: {e!r}"
+
+    def _policy_errors(self) -> dict[ObjectKey, str]:
+        out: dict[ObjectKey, str] = {}
+        for ref, err in self.policies.errors.items():
+            ns, _, name = ref.partition("/")
+            out[("AuthorizationPolicy", ns, name)] = err
+        return out
+
     def delete(self, key: ObjectKey) -> None:
         kind, ns, name = key
         self.errors.pop(key, None)
+        self.invalid.pop(key, None)
+        for typed in (self.waypoints, self.routes, self.grants, self.traffic, self.authns):
+            typed.pop(key, None)
         if kind == "AuthorizationPolicy":
             self._policies_changed = True
         if kind == "Namespace":
@@ -392,4 +452,10 @@ class StateBuilder:
             others=tuple(self.others.values()),
             errors=(*self.errors.values(), *extra_errors),
             policies=self.policies,
+            waypoints={(w.namespace, w.name): w for w in self.waypoints.values()},
+            routes=tuple(self.routes[k] for k in sorted(self.routes)),
+            reference_grants=tuple(self.grants[k] for k in sorted(self.grants)),
+            traffic_policies=tuple(self.traffic[k] for k in sorted(self.traffic)),
+            request_authentications=tuple(self.authns[k] for k in sorted(self.authns)),
+            invalid={**self.invalid, **self._policy_errors()},
         )

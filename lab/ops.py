@@ -16,6 +16,7 @@ from veil.core.grammar import port_number
 from veil.core.state import MeshState, Workload, build_state
 from veil.lab import controlplane, store
 from veil.lab.errors import LabError
+from veil.runtime.sources.jwks import fetch_jwks
 
 TD = "cluster.local"
 
@@ -23,7 +24,7 @@ TD = "cluster.local"
 def cluster_state(lab: str) -> MeshState:
     if store.read_record(lab) is None:
         raise LabError(f"lab {lab!r} is not up")
-    return build_state(store.read_objects(store.state_dir(lab)), 0)
+    return build_state(store.read_objects(store.state_dir(lab)), 0, fetch_jwks)
 
 
 def status(lab: str) -> list[dict[str, Any]]:

@@ -31,9 +31,9 @@ import h11
 import trio
 from prometheus_client import CollectorRegistry
 
-from veil.core import admission
+from veil.core import admission, jwt
 from veil.core.admission import Admission
-from veil.core.authz import Decision, Facts, HttpFacts, PolicySet, at_waypoint, decide
+from veil.core.authz import Decision, Facts, HttpFacts, at_waypoint, decide
 from veil.core.hbone import (
     BadRequest,
     ErrorCode,
@@ -43,8 +43,25 @@ from veil.core.hbone import (
 )
 from veil.core.ports import HBONE_PORT, METRICS_PORT, READY_PORT
 from veil.core.ratelimit import TokenBucket
+from veil.core.routes import (
+    BackendRef,
+    RequestFacts,
+    Rule,
+    Selected,
+    pick_backend,
+    reference_granted,
+    replace_path,
+    routes_for_client,
+    select,
+)
 from veil.core.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from veil.core.state import MeshState, Service, Workload
+from veil.core.traffic import (
+    KIND,
+    PoolLimits,
+    RetryPolicy,
+    TrafficPolicy,
+)
 from veil.runtime import guard, http
 from veil.runtime.config import CA_SERVER_NAME
 from veil.runtime.hbone.io import HboneError, HboneIO, Stream, TlsSocket
@@ -57,33 +74,10 @@ from veil.runtime.listener import serve
 from veil.runtime.sources.manifests import ManifestSource
 from veil.runtime.store import StateStore
 from veil.runtime.telemetry.admin import AdminService
-from veil.waypoint import http1, jwt, normalize
+from veil.waypoint import http1, normalize
 from veil.waypoint.http2 import H2Exchange, H2Server
 from veil.waypoint.normalize import BadTarget, PathNormalization
-from veil.waypoint.resilience import (
-    GROUP,
-    KIND,
-    CircuitBreaker,
-    OutlierDetector,
-    PolicyError,
-    PoolLimits,
-    RetryPolicy,
-    TrafficPolicy,
-    parse_traffic_policy,
-)
-from veil.waypoint.routes import (
-    BackendRef,
-    HttpRoute,
-    RequestFacts,
-    Rule,
-    Selected,
-    parse_routes,
-    pick_backend,
-    reference_granted,
-    replace_path,
-    routes_for_client,
-    select,
-)
+from veil.waypoint.resilience import CircuitBreaker, OutlierDetector
 from veil.waypoint.telemetry import RequestMetrics, RequestRecord
 
 log = logging.getLogger("veil.waypoint")
@@ -273,30 +267,27 @@ class WaypointServer:
         self.metrics = RequestMetrics(self.registry)
         self.pool: HbonePool | None = None
         self.idle: dict[tuple[str, str, int], list[Upstream]] = defaultdict(list)
-        self._routes: tuple[int, list[HttpRoute]] = (-1, [])
         self.rng = random.Random()
         self.admin = AdminService(self.config_dump, self.not_ready, self.registry)
         self.listening = False
         self._nursery: trio.Nursery | None = None
-        self._policies: tuple[int, list[TrafficPolicy]] = (-1, [])
         self._buckets: dict[str, TokenBucket] = {}
         self._detectors: dict[str, OutlierDetector] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._policies_seen = PolicySet()
-        self._jwt_policies: list[jwt.RequestAuthentication] = []
-        self._jwt_version = -1
+        self._seen: MeshState | None = None
 
     # -- state ---------------------------------------------------------------------------------
 
-    def routes(self) -> list[HttpRoute]:
-        """The HTTPRoutes in force (parsed once per snapshot; invalid ones are logged)."""
+    def state(self) -> MeshState:
+        """The current snapshot (typed by its writer); what it refuses is logged once."""
         state = self.store.current
-        if self._routes[0] != state.version:
-            routes, errors = parse_routes(state.others)
-            for e in errors:
-                log.error("%s", e)
-            self._routes = (state.version, routes)
-        return self._routes[1]
+        if state is not self._seen:
+            before = self._seen.invalid if self._seen is not None else {}
+            for key, err in state.invalid.items():
+                if before.get(key) != err:
+                    log.error("%s", err)
+            self._seen = state
+        return state
 
     def not_ready(self) -> str | None:
         if not self.store.loaded:
@@ -312,7 +303,7 @@ class WaypointServer:
             "waypoint": f"{self.cfg.namespace}/{self.cfg.gateway}",
             "identity": str(self.identity),
             "snapshot": self.store.current.version,
-            "routes": [r.key for r in self.routes()],
+            "routes": [r.key for r in self.state().routes],
             "certificates": self.certs.snapshot(),
         }
 
@@ -804,16 +795,6 @@ class WaypointServer:
             raise HttpError(504, "UT", f"no response within {timeout:g}s (timeouts.request)")
         await self._respond(down, stream, resp[0], resp[1], rule, rec)
 
-    def _policies_now(self) -> PolicySet:
-        """The snapshot's policies (parsed by the state's writer); new errors logged once."""
-        policies = self.store.current.policies
-        if policies is not self._policies_seen:
-            for ref, err in policies.errors.items():
-                if self._policies_seen.errors.get(ref) != err:
-                    log.error("policy %s: %s", ref, err)
-            self._policies_seen = policies
-        return policies
-
     def _decide(
         self, dest: Destination, client_ip: str, peer: SpiffeId, http: HttpFacts | None
     ) -> Decision:
@@ -829,7 +810,7 @@ class WaypointServer:
             http=http,
         )
         return decide(
-            self._policies_now().policies.values(),
+            self.state().policies.policies.values(),
             f,
             at_waypoint(self.cfg.namespace, self.cfg.gateway, dest.services),
         )
@@ -845,19 +826,9 @@ class WaypointServer:
         """AuthorizationPolicies targeting this waypoint (Gateway) or the addressed Service,
         L7 fields included; the principal is the original client's (its agent's tunnel).
         Returns the RequestAuthentications in scope and who the token says the caller is."""
-        state = self.store.current
-        if self._jwt_version != state.version:
-            self._jwt_policies = []
-            for obj in state.others:
-                if obj.get("kind") == jwt.KIND:
-                    try:
-                        self._jwt_policies.append(jwt.parse_request_authentication(obj))
-                    except jwt.JwtError as e:
-                        log.error("%s", e)
-            self._jwt_version = state.version
         authn = [
             p
-            for p in self._jwt_policies
+            for p in self.state().request_authentications
             if p.applies(self.cfg.namespace, self.cfg.gateway, dest.services)
         ]
         try:
@@ -890,7 +861,9 @@ class WaypointServer:
         if dest.service is None:
             return None, None
         svc = dest.service
-        attached = routes_for_client(self.routes(), svc.namespace, svc.name, dest.port, client_ns)
+        attached = routes_for_client(
+            self.state().routes, svc.namespace, svc.name, dest.port, client_ns
+        )
         if not attached:
             return None, svc
         hit = select(attached, facts)
@@ -917,7 +890,7 @@ class WaypointServer:
     def _granted(self, hit: Selected | None, ref: BackendRef) -> bool:
         assert hit is not None
         return reference_granted(
-            self.store.current.others, hit.route.namespace, ref.namespace, ref.name
+            self.store.current.reference_grants, hit.route.namespace, ref.namespace, ref.name
         )
 
     def _service(self, namespace: str, name: str) -> Service | None:
@@ -955,7 +928,7 @@ class WaypointServer:
         return w, target_port
 
     def _backend_port(self, backend: Service, dest: Destination) -> int:
-        for r in self.routes():
+        for r in self.state().routes:
             for rule in r.rules:
                 for ref in rule.backends:
                     if (ref.namespace, ref.name) == (backend.namespace, backend.name):
@@ -1210,39 +1183,15 @@ class WaypointServer:
     # -- traffic policy (TrafficPolicy CRD) ----------------------------------------------------
 
     def _traffic_policy(self, dest: Destination) -> TrafficPolicy | None:
-        state = self.store.current
-        if self._policies[0] != state.version:
-            found = []
-            for obj in state.others:
-                if obj.get("kind") == KIND and str(obj.get("apiVersion", "")).startswith(GROUP):
-                    try:
-                        found.append(parse_traffic_policy(obj))
-                    except PolicyError as e:
-                        log.error("%s", e)
-            self._policies = (state.version, found)
         if dest.service is None:
             return None
-        return next(
-            (
-                p
-                for p in self._policies[1]
-                if p.namespace == dest.service.namespace and dest.service.name in p.services
-            ),
-            None,
-        )
+        return self.state().traffic_policy("Service", dest.service.namespace, dest.service.name)
 
     def _route_policy(self, hit: Selected | None) -> TrafficPolicy | None:
         """A TrafficPolicy targeting the HTTPRoute that matched (per-route rate limits)."""
         if hit is None:
             return None
-        return next(
-            (
-                p
-                for p in self._policies[1]
-                if p.namespace == hit.route.namespace and hit.route.name in p.routes
-            ),
-            None,
-        )
+        return self.state().traffic_policy("HTTPRoute", hit.route.namespace, hit.route.name)
 
     async def _apply_policy(self, policy: TrafficPolicy) -> None:
         if policy.rate is not None:

@@ -22,6 +22,7 @@ import trio
 import yaml
 
 from veil.core.state import ObjectKey, StateBuilder, object_key
+from veil.runtime.sources.jwks import fetch_jwks
 from veil.runtime.store import StateStore
 
 log = logging.getLogger("veil.state")
@@ -91,7 +92,7 @@ class ManifestSource:
     def __init__(self, root: Path, interval: float = 0.2) -> None:
         self.root = root
         self.interval = interval
-        self.builder = StateBuilder()
+        self.builder = StateBuilder(fetch_jwks)
         self._files: dict[str, _File] = {}
 
     def _apply(self, sig: Signature, parsed: list[Parsed]) -> None:

@@ -30,12 +30,12 @@ with atheris.instrument_imports():
         check_request,
         decode_plain,
     )
+    from veil.core.jwt import JwtError, parse_request_authentication
+    from veil.core.routes import RouteError, parse_route
+    from veil.core.traffic import PolicyError as TrafficPolicyError
+    from veil.core.traffic import parse_traffic_policy
     from veil.waypoint import http1
-    from veil.waypoint.jwt import JwtError, parse_request_authentication
     from veil.waypoint.normalize import BadTarget, PathNormalization, normalize_target
-    from veil.waypoint.resilience import PolicyError as TrafficPolicyError
-    from veil.waypoint.resilience import parse_traffic_policy
-    from veil.waypoint.routes import RouteError, parse_route
 
 SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
 

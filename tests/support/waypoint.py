@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from veil.core.state import Service, build_state
+from veil.runtime.sources.jwks import fetch_jwks
 from veil.waypoint.app import Destination, WaypointConfig, WaypointServer
 
 
@@ -52,7 +53,7 @@ DEST = Destination("10.96.0.5:80", Service("shop", "catalog", "10.96.0.5", ()), 
 
 
 def with_state(wp: WaypointServer, *objects: dict[str, Any]) -> None:
-    wp.store.update(build_state(list(objects), wp.store.current.version + 1))
+    wp.store.update(build_state(list(objects), wp.store.current.version + 1, fetch_jwks))
 
 
 async def feed(pipe: Pipe, *parts: bytes) -> None:

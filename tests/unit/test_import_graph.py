@@ -24,7 +24,10 @@ SHARED = ("veil.core", "veil.runtime")
 # The stdlib and third-party modules that mean I/O: none of them in the core.
 IO_MODULES = {"trio", "ssl", "subprocess", "asyncio", "selectors", "pyroute2", "bcc"}
 # `socket` is allowed for its address helpers (inet_pton) but never to make a socket.
-IO_CALLS = re.compile(r"socket\.socket\(|create_connection\(|(?<![\w.])open\(|os\.system\(")
+IO_CALLS = re.compile(
+    r"socket\.socket\(|create_connection\(|(?<![\w.])open\(|\.read_text\(|\.read_bytes\(|"
+    r"\.write_text\(|\.write_bytes\(|os\.system\("
+)
 
 
 def modules() -> dict[str, Path]:

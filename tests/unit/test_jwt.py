@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.support.jwt import Issuer, b64
-from veil.waypoint.jwt import (
+from veil.core.jwt import (
     JwtError,
     RequestAuthentication,
     authenticate,
@@ -15,6 +15,7 @@ from veil.waypoint.jwt import (
     upstream_request,
     validate,
 )
+from veil.runtime.sources.jwks import fetch_jwks
 
 
 def ra(issuer: Issuer, **rule: object) -> RequestAuthentication:
@@ -27,7 +28,8 @@ def ra(issuer: Issuer, **rule: object) -> RequestAuthentication:
                 "targetRefs": [{"kind": "Service", "name": "catalog"}],
                 "jwtRules": [{"issuer": issuer.iss, "jwks": issuer.jwks(), **rule}],
             },
-        }
+        },
+        fetch_jwks,
     )
 
 
@@ -72,6 +74,10 @@ def test_jwks_from_a_file_and_errors_name_the_field(tmp_path):
     assert authenticate([policy], {"authorization": "Bearer " + iss.token()}) is not None
     with pytest.raises(JwtError, match=r"RequestAuthentication shop/jwt: spec.jwtRules\[0\]"):
         ra(iss, jwks=None)
+    with pytest.raises(JwtError, match=r"jwksUri: 'https://idp/jwks': only file://"):
+        ra(iss, jwks=None, jwksUri="https://idp/jwks")
+    with pytest.raises(JwtError, match=r"jwksUri: .*No such file"):
+        ra(iss, jwks=None, jwksUri=f"file://{tmp_path}/missing.json")
 
 
 # -- what goes upstream (issue 17.17: Istio's forwardOriginalToken defaults to false) ------------

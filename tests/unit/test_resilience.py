@@ -8,16 +8,15 @@ from typing import Any
 import pytest
 
 from veil.core.ratelimit import TokenBucket
-from veil.waypoint.resilience import (
-    CircuitBreaker,
+from veil.core.traffic import (
     Fault,
-    OutlierDetector,
     PolicyError,
     PoolLimits,
     RetryPolicy,
     parse_duration,
     parse_traffic_policy,
 )
+from veil.waypoint.resilience import CircuitBreaker, OutlierDetector
 
 
 @pytest.mark.parametrize(

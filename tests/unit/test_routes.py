@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from veil.waypoint.routes import (
+from veil.core.routes import (
     Redirect,
     RequestFacts,
     Rewrite,

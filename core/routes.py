@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-from veil.waypoint import regex
-from veil.waypoint.resilience import PolicyError, RetryPolicy, parse_duration, parse_retry
+from veil.core import regex
+from veil.core.traffic import PolicyError, RetryPolicy, parse_duration, parse_retry
 
 API_GROUP = "gateway.networking.k8s.io"
 
@@ -412,36 +412,57 @@ def routes_for_client(
     return [r for r in attached if r.namespace == namespace]
 
 
+@dataclass(frozen=True)
+class ReferenceGrant:
+    """Gateway API's ReferenceGrant, as far as routes use it: which HTTPRoute namespaces may
+    send to which Services of this one (`name` None: any)."""
+
+    namespace: str
+    from_namespaces: frozenset[str]  # of HTTPRoutes
+    to_services: tuple[str | None, ...]
+
+    def grants(self, from_ns: str, to_ns: str, to_name: str) -> bool:
+        return (
+            self.namespace == to_ns
+            and from_ns in self.from_namespaces
+            and any(n is None or n == to_name for n in self.to_services)
+        )
+
+
+def parse_reference_grant(obj: Mapping[str, Any]) -> ReferenceGrant:
+    """Read leniently: a `from` or `to` entry that is not an HTTPRoute or a core Service
+    grants nothing (an unreadable grant grants nothing, never more)."""
+    md = obj.get("metadata")
+    ns = str(md.get("namespace", "default")) if isinstance(md, dict) else "default"
+    raw = obj.get("spec")
+    spec: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+    froms = [f for f in _plain_list(spec.get("from")) if isinstance(f, dict)]
+    tos = [t for t in _plain_list(spec.get("to")) if isinstance(t, dict)]
+    return ReferenceGrant(
+        ns,
+        frozenset(
+            str(f.get("namespace"))
+            for f in froms
+            if f.get("group") == API_GROUP and f.get("kind") == "HTTPRoute"
+        ),
+        tuple(
+            None if t.get("name") in (None, "") else str(t.get("name"))
+            for t in tos
+            if t.get("group", "") in ("", "core") and t.get("kind") == "Service"
+        ),
+    )
+
+
+def _plain_list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
 def reference_granted(
-    objects: Iterable[Mapping[str, Any]], from_ns: str, to_ns: str, to_name: str
+    grants: Iterable[ReferenceGrant], from_ns: str, to_ns: str, to_name: str
 ) -> bool:
     """Whether an HTTPRoute in `from_ns` may send to Service `to_ns/to_name`: always within
     a namespace, across namespaces only with a ReferenceGrant in the target namespace."""
-    if from_ns == to_ns:
-        return True
-    for obj in objects:
-        if obj.get("kind") != "ReferenceGrant":
-            continue
-        if (obj.get("metadata") or {}).get("namespace") != to_ns:
-            continue
-        spec = obj.get("spec") or {}
-        if not isinstance(spec, dict):
-            continue
-        froms = [f for f in spec.get("from") or [] if isinstance(f, dict)]
-        tos = [t for t in spec.get("to") or [] if isinstance(t, dict)]
-        if any(
-            f.get("group") == API_GROUP
-            and f.get("kind") == "HTTPRoute"
-            and f.get("namespace") == from_ns
-            for f in froms
-        ) and any(
-            t.get("group", "") in ("", "core")
-            and t.get("kind") == "Service"
-            and t.get("name") in (None, "", to_name)
-            for t in tos
-        ):
-            return True
-    return False
+    return from_ns == to_ns or any(g.grants(from_ns, to_ns, to_name) for g in grants)
 
 
 @dataclass(frozen=True)

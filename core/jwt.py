@@ -26,9 +26,8 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -187,8 +186,15 @@ class RequestAuthentication:
         )
 
 
+FetchJwks = Callable[[str], str]  # a jwksUri -> the JWKS document; raises OSError or JwtError
+
+
 @refuse_odd_shapes(JwtError, lambda ref, e: JwtError(f"{KIND} {ref}: cannot read: {e!r}"))
-def parse_request_authentication(obj: Mapping[str, Any]) -> RequestAuthentication:
+def parse_request_authentication(
+    obj: Mapping[str, Any], fetch_jwks: FetchJwks | None = None
+) -> RequestAuthentication:
+    """`fetch_jwks` reads a `jwksUri` (the caller's I/O: this module does none); without one
+    only inline `jwks` can be read."""
     md = obj.get("metadata") or {}
     ns, name = md.get("namespace", "default"), md.get("name", "?")
     where = f"{KIND} {ns}/{name}: spec"
@@ -203,10 +209,14 @@ def parse_request_authentication(obj: Mapping[str, Any]) -> RequestAuthenticatio
             raise JwtError(f"{rw}.issuer: required")
         if r.get("jwks"):
             text = str(r["jwks"])
-        elif str(r.get("jwksUri", "")).startswith("file://"):
+        elif r.get("jwksUri"):
+            if fetch_jwks is None:
+                raise JwtError(f"{rw}.jwksUri: cannot be fetched here")
             try:
-                text = Path(str(r["jwksUri"])[len("file://") :]).read_text()
+                text = fetch_jwks(str(r["jwksUri"]))
             except OSError as e:
+                raise JwtError(f"{rw}.jwksUri: {e}") from None
+            except JwtError as e:
                 raise JwtError(f"{rw}.jwksUri: {e}") from None
         else:
             raise JwtError(f"{rw}: jwks (inline) or jwksUri (file://...) is required")
