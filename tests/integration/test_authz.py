@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import lab_exec, veil
-from tests.integration.test_l4 import metric
+from tests.support.lab import lab_exec, metric, veil
 from tests.support.logs import access_entries, wait_for_access
 from veil.lab import controlplane
 from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL
@@ -232,7 +231,7 @@ def test_a_policy_change_closes_open_connections_it_now_denies(lab, pods, tmp_pa
     """Issue 23.6 (as ztunnel): an open connection is judged again when the policies change."""
     import subprocess  # noqa: PLC0415
 
-    from tests.integration.conftest import VEIL  # noqa: PLC0415
+    from tests.support.lab import VEIL  # noqa: PLC0415
 
     hold = ["python3", "-c", HOLD_OPEN, pods["server-b"]["ip"]]
     holder = subprocess.Popen(

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import trio
 
-from tests.integration.conftest import MESH, curl_json, new_lab_name, veil
 from tests.support.hbone import raw_tunnel
+from tests.support.lab import MESH, curl_json, new_lab_name, veil
 from tests.support.pki import mesh_client_context
 from veil.agent.capture.netns import NetNs
 from veil.core.hbone import HboneConnection, ResponseReceived

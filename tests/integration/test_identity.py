@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import SHOP, ca_post, new_lab_name, veil
+from tests.support.lab import SHOP, ca_post, new_lab_name, veil
 from tests.support.pki import intermediate_plugin
 from veil.core.certs import pem
 from veil.core.csr import build_csr, new_key

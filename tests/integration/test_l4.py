@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.integration.conftest import VEIL, ca_post, capture_mode, lab_exec, veil
+from tests.support.lab import VEIL, ca_post, capture_mode, lab_exec, metric, veil
 from tests.support.logs import access_entries, wait_for_access
 from veil.agent.capture import bpfsys, ebpf, iptables
 from veil.core.spiffe import SpiffeId
@@ -476,19 +476,6 @@ def test_client_certificate_from_another_ca_is_rejected_on_15008(lab, pods, tmp_
     out = subprocess.run(cmd, input="", capture_output=True, text=True, timeout=10, check=False)
     text = out.stdout + out.stderr
     assert "alert" in text.lower() and "unknown ca" in text.lower(), text[-2000:]
-
-
-def metric(lab: str, node: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
-
-    code, body = controlplane.agent_get(f"veil-{lab}-{node}", "/metrics", 15020)
-    assert code == 200, body
-    total = 0.0
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def test_istio_tcp_metrics_and_access_log_match_the_traffic(lab, pods):

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tests.integration.conftest import (
+from tests.support.lab import (
     ROOT,
     SHOP,
     VEIL,
@@ -215,7 +215,7 @@ def test_a_failing_test_still_removes_its_lab(tmp_path):
     test_file.write_text(
         textwrap.dedent("""
         import json
-        from tests.integration.conftest import shop_lab, veil  # noqa: F401
+        from tests.support.lab import shop_lab, veil  # noqa: F401
 
         def test_fails(shop_lab):
             st = json.loads(veil("lab", "status", "--name", shop_lab, "-o", "json").stdout)

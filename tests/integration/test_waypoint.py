@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import lab_exec, leftovers, new_lab_name, veil
+from tests.support.lab import lab_exec, leftovers, new_lab_name, veil
 from tests.support.logs import access_entries, wait_for_access
 from veil.lab import netns, store
 from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL

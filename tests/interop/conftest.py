@@ -1,3 +1,3 @@
 """Interop tests run on the integration tests' mesh lab."""
 
-from tests.integration.conftest import _remove_test_labs, lab, pods  # noqa: F401
+from tests.support.lab import _remove_test_labs, lab, pods  # noqa: F401

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import VEIL, lab_exec, veil
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server
+from tests.support.lab import TD, VEIL, lab_exec, veil
 from tests.support.pki import mesh_cert
 from veil.core.spiffe import SpiffeId
 from veil.lab import controlplane, store
-
-TD = "cluster.local"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a real lab)")
 

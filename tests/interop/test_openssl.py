@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import lab_exec
-from tests.interop.test_envoy import TD
+from tests.support.lab import TD, lab_exec
 from tests.support.pki import mesh_cert
 from veil.core.spiffe import SpiffeId
 from veil.lab import store

@@ -29,7 +29,7 @@ def test_lines_look_like_the_daemons_log_lines_and_parse_as_json():
     assert LINE.match(formatter.format(record))  # the same shape as logging's own
 
 
-async def test_while_a_flusher_runs_lines_are_written_in_batches():
+async def test_while_a_flusher_runs_lines_are_written_in_batches(autojump_clock):
     out = io.StringIO()
     log = AccessLog(stream=out)
     async with trio.open_nursery() as nursery:

@@ -8,6 +8,7 @@ import ssl
 import trio
 
 from tests.support.hbone import hbone_pair, on_request
+from tests.support.waiting import until
 from veil.core.admission import Admission, Limits
 from veil.runtime.hbone.io import FIRST_READ_SIZE, READ_SIZE, TlsSocket
 
@@ -94,9 +95,7 @@ async def test_a_tunnel_full_of_small_frames_yields_after_each_read(tmp_path, nu
     try:
         client.tls.write(burst)
         client.queue_output()  # sent now and by the client's writer task
-        with trio.fail_after(10):
-            while server.conn.frames_received < len(burst) // len(update):
-                await trio.sleep(0.01)
+        await until(lambda: server.conn.frames_received >= len(burst) // len(update), 10)
     finally:
         trio.lowlevel.remove_instrument(instrument)
     per_read = READ_SIZE // len(update) + 2  # a frame cut at the edges of a read

@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 from tests.support.hbone import FRONTEND, hbone_pair, on_request
+from tests.support.waiting import until
 from tests.support.waypoint import DEST, Pipe, feed, service_policy, waypoint, with_state
 from veil.core.grammar import decimal, port_number
 from veil.core.hbone import ConnectRequest, RequestReceived, check_request, parse_authority
@@ -55,7 +56,7 @@ async def test_control_plane_http_survives_connections_reset_after_the_handshake
             c = socket.socket()
             c.connect(("127.0.0.1", port))
             rst_close(c)
-        await trio.sleep(0.3)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
         with trio.fail_after(5):
             assert await get(port) == 200
         nursery.cancel_scope.cancel()
@@ -104,14 +105,10 @@ async def test_the_proxies_accept_loop_survives_a_failing_handler():
         nursery.start_soon(serve, listener, handler)
         await trio.testing.wait_all_tasks_blocked()
         first = socket.create_connection(listener.getsockname())
-        with trio.fail_after(2):
-            while len(served) < 1:
-                await trio.sleep(0.01)
+        await until(lambda: len(served) >= 1, 2)
         assert first.recv(1) == b""  # the failed connection was closed, not leaked
         second = socket.create_connection(listener.getsockname())
-        with trio.fail_after(2):
-            while len(served) < 2:
-                await trio.sleep(0.01)
+        await until(lambda: len(served) >= 2, 2)
         first.close()
         second.close()
         nursery.cancel_scope.cancel()
@@ -214,8 +211,7 @@ async def test_a_waypoint_reply_to_a_reset_http2_stream_leaves_the_connection_se
 
     async def handler(ex: H2Exchange) -> None:
         if ex.stream_id == 1:
-            while not ex.gone:
-                await trio.sleep(0.01)
+            await until(lambda: ex.gone)
             reset_seen.set()
             await wp._local_reply(ex, pipe, 503, "too late")  # type: ignore[arg-type]
             return

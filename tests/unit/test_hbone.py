@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import os
 import socket
@@ -11,8 +12,10 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from tests.support.hbone import hbone_pair, on_request
+from tests.support.waiting import until
 from veil.core.hbone import (
     DATA,
     END_STREAM,
@@ -127,9 +130,7 @@ async def test_reset_reaches_the_other_side(tunnel):
     await s.send(b"x")
     assert await s.receive() == b"x"
     s.reset()
-    with trio.fail_after(2):
-        while server.served_resets == 0:
-            await trio.sleep(0.01)
+    await until(lambda: server.served_resets != 0, 2)
 
 
 async def test_refusals_carry_the_status(tunnel):
@@ -169,17 +170,13 @@ async def test_a_graceful_goaway_lets_open_streams_finish(tunnel):
     assert await echoes(s, b"before")
     server.conn.close()  # GOAWAY(NO_ERROR, last stream id = s.id)
     server.queue_output()
-    with trio.fail_after(2):
-        while client.conn.can_open_stream():
-            await trio.sleep(0.01)
+    await until(lambda: not client.conn.can_open_stream(), 2)
     assert await echoes(s, b"after the GOAWAY")
     await s.send_eof()
     assert await s.receive() == b""
     assert not client.closed
     s.close()
-    with trio.fail_after(2):
-        while not (client.closed and server.closed):
-            await trio.sleep(0.01)
+    await until(lambda: bool(client.closed and server.closed), 2)
 
 
 async def test_streams_above_the_goaways_last_id_are_refused(tunnel):
@@ -213,9 +210,7 @@ async def test_idle_pooled_connections_are_closed(tmp_path, nursery):
     assert await s.receive() == b""
     s.close()
     nursery.start_soon(pool.reap_idle, 0.01)
-    with trio.fail_after(2):
-        while not (client.closed and server.closed):
-            await trio.sleep(0.01)
+    await until(lambda: bool(client.closed and server.closed), 2)
     assert pool.connections() == []
 
 
@@ -259,6 +254,7 @@ SHORT = datetime.timedelta(seconds=2)
 
 
 async def until_expired(io: HboneIO) -> None:
+    # a certificate's expiry is wall-clock time, which no trio clock can move: sleep
     with trio.fail_after(5):
         while time.time() < io.expires:
             await trio.sleep(0.05)
@@ -286,9 +282,7 @@ async def test_a_pooled_tunnel_takes_no_new_stream_once_its_certificates_expired
     assert await echoes(held, b"still served")  # the open stream was not cut
     held.reset()
     held.close()
-    with trio.fail_after(2):
-        while not tunnels[0].closed:
-            await trio.sleep(0.01)
+    await until(lambda: bool(tunnels[0].closed), 2)
 
 
 async def test_a_server_refuses_new_streams_once_the_tunnels_certificates_expired(
@@ -300,9 +294,7 @@ async def test_a_server_refuses_new_streams_once_the_tunnels_certificates_expire
     await until_expired(server)
     with trio.fail_after(2), pytest.raises(HboneError):
         await client.open_stream("10.244.2.11:9080", [])
-    with trio.fail_after(2):
-        while not client.going_away:
-            await trio.sleep(0.01)
+    await until(lambda: bool(client.going_away), 2)
     assert not server.streams
 
 
@@ -342,12 +334,14 @@ async def test_relay_keeps_order_when_the_app_reads_slowly(tmp_path, nursery):
 async def test_abandoned_streams_give_the_connection_window_back(tunnel):
     """Streams reset with unread data must not eat the 16 MiB connection window for good."""
     client, _ = tunnel
+
+    def echoed(sid: int) -> bool:  # the echo's bytes arrived (the window is 4 MiB)
+        return bool(client.conn._recv.get(sid, 0) <= 1024 * 1024 + 1)
+
     for _ in range(8):  # 8 x 3 MiB unread > the 16 MiB connection window
         s = await client.open_stream("10.244.2.11:9080", [])
         await s.send(os.urandom(3 * 1024 * 1024))  # the echo sends it back; nobody reads it
-        with trio.fail_after(5):
-            while client.conn._recv.get(s.id, 0) > 4 * 1024 * 1024 - 3 * 1024 * 1024 + 1:
-                await trio.sleep(0.01)  # wait until the echo's bytes arrived
+        await until(functools.partial(echoed, s.id), 5)
         s.reset()
         s.close()
     s = await client.open_stream("10.244.2.11:9080", [])
@@ -407,7 +401,7 @@ async def test_after_early_data_the_answer_waits_for_the_apps_first_bytes(tmp_pa
     with trio.fail_after(2):
         await trio.lowlevel.wait_readable(app_peer)
     assert app_peer.recv(100) == b"hello"
-    await trio.sleep(0.2)
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
     assert s.status is None  # held: the client did not wait for it
     app_peer.send(b"world")
     app_peer.shutdown(socket.SHUT_WR)

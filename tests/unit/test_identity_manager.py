@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from tests.support.mesh import TD, InProcessCa
+from tests.support.waiting import until
 from veil.ca.signer import Signer, generate_root
 from veil.core.certs import pem
 from veil.core.csr import build_csr, new_key
@@ -134,14 +135,11 @@ async def test_failures_back_off_and_keep_the_old_certificate(tmp_path):
         mgr = await run_manager(n, ca.fetcher("node1"))
         first = await mgr.get(FRONTEND)
         ca.fail_next = 2  # the refresh at half life (2 s) fails twice: retries at +0.5 s, +1 s
-        with trio.fail_after(5):
-            while "lastError" not in mgr.snapshot()[0]:
-                await trio.sleep(0.02)
+        await until(lambda: "lastError" in mgr.snapshot()[0], 5)
         assert mgr.current(FRONTEND) is first  # still served while refresh fails
         assert "unreachable" in mgr.snapshot()[0]["lastError"]
-        with trio.fail_after(10):
-            while (cred := mgr.current(FRONTEND)) is first:
-                await trio.sleep(0.05)
+        await until(lambda: mgr.current(FRONTEND) is not first, 10)
+        cred = mgr.current(FRONTEND)
         assert cred is not None  # the old one was served until the new one arrived
         assert cred.leaf.serial_number != first.leaf.serial_number
         n.cancel_scope.cancel()

@@ -153,3 +153,20 @@ def test_no_import_cycles():
         if m not in seen:
             visit(m)
     assert cycles == []
+
+
+def test_no_test_imports_another_test_module():
+    """Shared helpers live in tests/support; test modules and conftests import only that."""
+    offenders = {}
+    for path in (ROOT / "tests").rglob("*.py"):
+        if "support" in path.parts:
+            continue
+        bad = sorted(
+            n
+            for n in imported_names(path)
+            if n.startswith("tests.")
+            and not n.startswith(("tests.support", "tests.fuzz.harnesses"))
+        )
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = bad
+    assert offenders == {}

@@ -7,6 +7,7 @@ import socket
 import trio
 import trio.testing
 
+from tests.support.waiting import until
 from veil.runtime.listener import serve
 
 
@@ -24,9 +25,7 @@ async def test_accepted_connections_are_non_blocking_without_nagle() -> None:
         nursery.start_soon(serve, listener, handler)
         await trio.testing.wait_all_tasks_blocked()  # serving: the listener's options are set
         client = socket.create_connection(listener.getsockname())
-        with trio.fail_after(2):
-            while not seen:
-                await trio.sleep(0.01)
+        await until(lambda: bool(seen), 2)
         client.close()
         nursery.cancel_scope.cancel()
     assert seen[0][0] != 0 and seen[0][1] == 0.0
