@@ -233,6 +233,13 @@ class MeshState:
             and w.phase not in ("Succeeded", "Failed")
         )
 
+    @cached_property
+    def services_by_key(self) -> Mapping[tuple[str, str], Service]:
+        return {(s.namespace, s.name): s for s in self.services}
+
+    def service(self, namespace: str, name: str) -> Service | None:
+        return self.services_by_key.get((namespace, name))
+
     def endpoints(self, service: Service, port: ServicePort) -> list[tuple[Workload, int]]:
         """Ready pods behind a service port, with the pod port it maps to."""
         out = []

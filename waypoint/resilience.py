@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from veil.core.traffic import PoolLimits
+from veil.core.ratelimit import TokenBucket
+from veil.core.traffic import PoolLimits, TrafficPolicy
 
 
 @dataclass
@@ -61,3 +62,35 @@ class OutlierDetector:
             del self.ejected_until[endpoint]
             return False
         return True
+
+
+@dataclass
+class Limits:
+    """The waypoint's per-policy state: a token bucket per rate limit, an outlier detector
+    per outlier setting (each replaced when its policy's numbers change)."""
+
+    buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    detectors: dict[str, OutlierDetector] = field(default_factory=dict)
+
+    def admit(self, policy: TrafficPolicy, now: float) -> bool:
+        """Whether a request fits the policy's rate limit (always, without one)."""
+        if policy.rate is None:
+            return True
+        bucket = self.buckets.get(policy.key)
+        if bucket is None or (bucket.rate, bucket.burst) != policy.rate:
+            bucket = self.buckets[policy.key] = TokenBucket(*policy.rate)
+        return bucket.take(now)
+
+    def outliers(self, policy: TrafficPolicy) -> OutlierDetector | None:
+        if policy.outlier is None:
+            return None
+        d = self.detectors.get(policy.key)
+        if d is None or (d.consecutive, d.ejection_time) != policy.outlier:
+            d = self.detectors[policy.key] = OutlierDetector(*policy.outlier)
+        return d
+
+    def record(
+        self, policy: TrafficPolicy | None, endpoint: str, status: int | None, now: float
+    ) -> None:
+        if policy is not None and (d := self.outliers(policy)) is not None:
+            d.record(endpoint, status, now)

@@ -11,7 +11,8 @@ import trio.testing
 
 from veil.core.state import Service, build_state
 from veil.runtime.sources.jwks import fetch_jwks
-from veil.waypoint.app import Destination, WaypointConfig, WaypointServer
+from veil.waypoint.app import WaypointConfig, WaypointServer
+from veil.waypoint.pipeline import Destination
 
 
 class Pipe:

@@ -27,8 +27,8 @@ from veil.core.hbone import ConnectRequest, RequestReceived, check_request, pars
 from veil.runtime import guard, http
 from veil.runtime.hbone.io import HboneError, HboneIO
 from veil.runtime.listener import serve
-from veil.waypoint.app import send
 from veil.waypoint.http2 import H2Exchange, H2Server
+from veil.waypoint.messages import local_reply, send
 
 
 def rst_close(s: socket.socket) -> None:
@@ -203,8 +203,7 @@ async def test_the_waypoint_answers_http1_it_cannot_frame_with_400(tmp_path, wir
 
 
 async def test_a_waypoint_reply_to_a_reset_http2_stream_leaves_the_connection_serving(tmp_path):
-    """Issue 17.2: h2's StreamClosedError escaped `_local_reply` / `_respond`."""
-    wp = waypoint(tmp_path)
+    """Issue 17.2: h2's StreamClosedError escaped the waypoint's own replies."""
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     reset_seen = trio.Event()
@@ -213,7 +212,7 @@ async def test_a_waypoint_reply_to_a_reset_http2_stream_leaves_the_connection_se
         if ex.stream_id == 1:
             await until(lambda: ex.gone)
             reset_seen.set()
-            await wp._local_reply(ex, pipe, 503, "too late")  # type: ignore[arg-type]
+            await local_reply(ex, pipe, 503, "too late")  # type: ignore[arg-type]
             return
         await send(ex, None, h11.Response(status_code=204, headers=[]))  # type: ignore[arg-type]
         await send(ex, None, h11.EndOfMessage())  # type: ignore[arg-type]

@@ -14,8 +14,8 @@ import trio
 import trio.testing
 
 from tests.support.waypoint import Pipe
-from veil.waypoint.app import next_event, send
 from veil.waypoint.http2 import H2Exchange, H2Server
+from veil.waypoint.messages import next_event, send
 
 NO_STREAM: Any = None  # an HTTP/2 exchange carries its own stream
 

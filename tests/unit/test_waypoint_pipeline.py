@@ -1,0 +1,242 @@
+"""The waypoint's request pipeline as a pure function (issue 18, item 4): a request and a
+state in, a Plan, a Redirect or a Reply out; no sockets, no waypoint process."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import h11
+import pytest
+
+from tests.support.hbone import FRONTEND
+from tests.support.jwt import Issuer
+from tests.support.waypoint import service_policy
+from veil.core.state import build_state
+from veil.runtime.sources.jwks import fetch_jwks
+from veil.waypoint import pipeline
+from veil.waypoint.pipeline import Caller, Plan, Redirect, Reply
+
+ME = pipeline.Waypoint("shop", "waypoint", "cluster.local")
+CALLER = Caller(FRONTEND, "10.244.1.5")
+
+
+def svc(ns: str, name: str, vip: str, port: int = 80) -> dict[str, Any]:
+    return {
+        "kind": "Service",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {"clusterIP": vip, "ports": [{"port": port}], "selector": {"app": name}},
+    }
+
+
+def route(name: str, rule: dict[str, Any], ns: str = "shop") -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {
+            "parentRefs": [
+                {"group": "", "kind": "Service", "name": "catalog", "namespace": "shop"}
+            ],
+            "rules": [rule],
+        },
+    }
+
+
+def traffic(name: str, kind: str, target: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "traffic.veil.dev/v1",
+        "kind": "TrafficPolicy",
+        "metadata": {"namespace": "shop", "name": name},
+        "spec": {"targetRefs": [{"group": "", "kind": kind, "name": target}], **spec},
+    }
+
+
+BASE = [
+    {
+        "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"veil.dev/use-waypoint": "waypoint"}},
+    },
+    {
+        "kind": "Gateway",
+        "metadata": {"namespace": "shop", "name": "waypoint"},
+        "spec": {"gatewayClassName": "veil-waypoint"},
+    },
+    svc("shop", "catalog", "10.96.0.5"),
+    svc("shop", "catalog-v2", "10.96.0.6", 8080),
+    svc("backend", "api", "10.96.0.9"),
+]
+
+
+def run(*objects: dict[str, Any], wire: str = "GET /items?x=1 HTTP/1.1", headers=()) -> Any:
+    state = build_state([*BASE, *objects], 1, fetch_jwks)
+    dest = pipeline.destination(state, ME, ("10.96.0.5", 80))
+    assert not isinstance(dest, str), dest
+    method, target, _ = wire.split(" ")
+    req = h11.Request(method=method, target=target, headers=[("host", "catalog"), *headers])
+    return pipeline.plan(state, ME, dest, CALLER, req, rng=random.Random(7))
+
+
+def test_without_routes_the_request_goes_to_the_addressed_service():
+    p = run(headers=[("connection", "keep-alive"), ("x-app", "1")])
+    assert isinstance(p, Plan)
+    assert (p.backend.name if p.backend else None, p.port, p.target) == (
+        "catalog",
+        80,
+        b"/items?x=1",
+    )
+    names = [n for n, _ in p.headers]
+    assert "connection" not in names and "x-app" in names and "traceparent" in names
+    assert p.traceparent.startswith("00-") and p.retry.attempts == 0
+
+
+@pytest.mark.parametrize(
+    ("objects", "wire", "status", "flags"),
+    [
+        ((), "GET /a%2 HTTP/1.1", 400, "DPE"),  # a target without one meaning
+        ((service_policy("no-get", "DENY", {"methods": ["GET"]}),), "GET / HTTP/1.1", 403, "RBAC"),
+        (
+            (service_policy("no-admin", "DENY", {"paths": ["/admin"]}),),
+            "GET //admin HTTP/1.1",
+            403,
+            "RBAC",
+        ),
+        (
+            (route("r", {"matches": [{"path": {"type": "Exact", "value": "/x"}}]}),),
+            "GET /y HTTP/1.1",
+            404,
+            "NR",
+        ),
+        (
+            (route("r", {"backendRefs": [{"name": "api", "namespace": "backend", "port": 80}]}),),
+            "GET / HTTP/1.1",
+            500,
+            "NR",
+        ),
+    ],
+)
+def test_the_waypoint_answers_itself(objects, wire, status, flags):
+    r = run(*objects, wire=wire)
+    assert isinstance(r, Reply) and (r.status, r.flags) == (status, flags), r
+
+
+def test_a_denied_path_is_judged_in_its_normalized_spelling():
+    r = run(
+        service_policy("no-admin", "DENY", {"paths": ["/admin"]}), wire="GET /./%61dmin HTTP/1.1"
+    )
+    assert isinstance(r, Reply) and r.status == 403 and r.path == "/admin"
+
+
+def test_a_token_is_checked_and_stripped_before_routing():
+    iss = Issuer()
+    authn = {
+        "apiVersion": "security.veil.dev/v1",
+        "kind": "RequestAuthentication",
+        "metadata": {"namespace": "shop", "name": "jwt"},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "name": "catalog"}],
+            "jwtRules": [{"issuer": iss.iss, "jwks": iss.jwks()}],
+        },
+    }
+    bad = run(authn, headers=[("authorization", "Bearer not.a.token")])
+    assert isinstance(bad, Reply) and bad.status == 401
+    ok = run(authn, headers=[("authorization", "Bearer " + iss.token())])
+    assert isinstance(ok, Plan)
+    assert "authorization" not in {n for n, _ in ok.headers}  # forwardOriginalToken: false
+
+
+def test_a_route_picks_its_backend_rewrites_and_sets_retries_and_timeouts():
+    r = route(
+        "v2",
+        {
+            "matches": [{"path": {"type": "PathPrefix", "value": "/items"}}],
+            "filters": [
+                {
+                    "type": "URLRewrite",
+                    "urlRewrite": {
+                        "hostname": "v2.internal",
+                        "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/v2/items"},
+                    },
+                }
+            ],
+            "backendRefs": [{"name": "catalog-v2", "port": 8080}],
+            "timeouts": {"request": "3s", "backendRequest": "1s"},
+        },
+    )
+    p = run(r, traffic("retry", "Service", "catalog", retry={"attempts": 2, "codes": [503]}))
+    assert isinstance(p, Plan)
+    assert (p.route, p.backend.name if p.backend else None, p.port) == (
+        "shop/v2",
+        "catalog-v2",
+        8080,
+    )
+    assert p.target == b"/v2/items?x=1" and p.path == "/items?x=1"
+    assert ("host", "v2.internal") in p.headers
+    assert (p.timeout, p.backend_timeout) == (3.0, 1.0)
+    assert p.retry.attempts == 2  # the Service's TrafficPolicy: the rule has none
+
+
+def test_a_redirect_keeps_the_limits_of_the_route_then_the_service():
+    r = route(
+        "old",
+        {
+            "filters": [
+                {
+                    "type": "RequestRedirect",
+                    "requestRedirect": {
+                        "path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"}
+                    },
+                }
+            ]
+        },
+    )
+    out = run(
+        r,
+        traffic("svc-rate", "Service", "catalog", rateLimit={"requestsPerSecond": 5, "burst": 5}),
+        traffic("route-rate", "HTTPRoute", "old", rateLimit={"requestsPerSecond": 1, "burst": 1}),
+    )
+    assert isinstance(out, Redirect)
+    assert out.location == "http://catalog/new?x=1" and out.status == 302
+    assert [p.name for p in out.limits] == ["route-rate", "svc-rate"]
+
+
+def test_a_mirror_in_another_namespace_needs_a_grant():
+    r = route(
+        "m",
+        {
+            "filters": [
+                {
+                    "type": "RequestMirror",
+                    "requestMirror": {
+                        "backendRef": {"name": "api", "namespace": "backend", "port": 80}
+                    },
+                }
+            ],
+            "backendRefs": [{"name": "catalog", "port": 80}],
+        },
+    )
+    grant = {
+        "kind": "ReferenceGrant",
+        "metadata": {"namespace": "backend", "name": "g"},
+        "spec": {
+            "from": [
+                {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}
+            ],
+            "to": [{"group": "", "kind": "Service"}],
+        },
+    }
+    without = run(r)
+    assert isinstance(without, Plan) and without.mirrors == ()
+    granted = run(r, grant)
+    assert isinstance(granted, Plan) and [m.name for m in granted.mirrors] == ["api"]
+
+
+def test_tcp_is_judged_by_the_same_policies():
+    state = build_state([*BASE, service_policy("no-tcp", "DENY", {"ports": ["80"]})], 1)
+    dest = pipeline.destination(state, ME, ("10.96.0.5", 80))
+    assert not isinstance(dest, str)
+    assert "RBAC: access denied (shop/no-tcp" in (
+        pipeline.tcp_denied(state, ME, dest, CALLER) or ""
+    )
+    open_state = build_state(BASE, 1)
+    assert pipeline.tcp_denied(open_state, ME, dest, CALLER) is None

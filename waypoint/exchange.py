@@ -1,0 +1,287 @@
+"""The I/O driver of a request's plan (`waypoint.pipeline.plan`): traffic-policy limits, the
+request body, tries against backends with retries and timeouts, mirrors, the response.
+
+Every decision is already in the `Plan`; what is decided here is only what depends on the
+network as it happens (which try answered, whether a breaker is full, an outlier ejected).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import trio
+
+from veil.core.routes import BackendRef
+from veil.core.state import MeshState, Service, Workload
+from veil.core.traffic import KIND, TrafficPolicy
+from veil.runtime.hbone.io import HboneError, Stream
+from veil.runtime.identity.tls import PeerIdentityError
+from veil.waypoint import http1
+from veil.waypoint.messages import HttpError, Writer, copy_body, next_event, redirect, send
+from veil.waypoint.pipeline import Destination, Plan, Redirect, pick_endpoint
+from veil.waypoint.resilience import Limits
+from veil.waypoint.telemetry import RequestMetrics, RequestRecord
+from veil.waypoint.upstreams import Upstream, Upstreams
+
+log = logging.getLogger("veil.waypoint")
+REPLAY_LIMIT = 64 * 1024  # bodies up to this size are kept for retries and mirrors
+DIAL_ERRORS = (HboneError, OSError, ssl.SSLError, trio.TooSlowError, PeerIdentityError)
+
+
+class TryFailed(Exception):
+    """One try at a backend failed before a response head (retryable like a 503)."""
+
+    def __init__(self, why: str, status: int = 503, flags: str = "UF") -> None:
+        super().__init__(why)
+        self.status, self.flags = status, flags
+
+
+@dataclass
+class Request:
+    """One request in flight: where it came from, and its record."""
+
+    down: Any  # the client's h11.Connection or H2Exchange
+    stream: Stream
+    dest: Destination
+    rec: RequestRecord
+    client_ip: str
+
+
+def service_key(service: Service | None) -> str:
+    return f"{service.namespace}/{service.name}" if service else ""
+
+
+class Forwarder:
+    """Executes plans; owns nothing but borrows the waypoint's upstreams, limits and metrics."""
+
+    def __init__(  # noqa: PLR0917
+        self,
+        state: Callable[[], MeshState],
+        upstreams: Upstreams,
+        limits: Limits,
+        metrics: RequestMetrics,
+        rng: random.Random,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.state, self.upstreams, self.limits = state, upstreams, limits
+        self.metrics, self.rng, self.nursery = metrics, rng, nursery
+
+    async def apply_limits(self, policies: tuple[TrafficPolicy, ...]) -> None:
+        """Rate limits (429) and faults (a delay, an abort), the route's policy first."""
+        for policy in policies:
+            if not self.limits.admit(policy, time.monotonic()):
+                raise HttpError(429, "RL", f"rate limited by {KIND} {policy.key}")
+            if policy.fault is not None:
+                wait, abort = policy.fault.decide(self.rng)
+                if wait:
+                    await trio.sleep(wait)
+                if abort is not None:
+                    raise HttpError(abort, "FI", f"fault injected by {KIND} {policy.key}")
+
+    async def redirect(self, r: Redirect, req: Request) -> None:
+        await self.apply_limits(r.limits)
+        await redirect(req.down, req.stream, r.status, r.location)
+        req.rec.response_code = r.status
+
+    async def forward(self, plan: Plan, req: Request) -> None:
+        """Send the request upstream, trying again as the plan's retry policy says, until a
+        backend answers or the request's timeout passes; then relay the response."""
+        await self.apply_limits(plan.limits)
+        rec = req.rec
+        rec.traceparent = plan.traceparent
+        length = plan.replayable_length
+        body = None  # None: streamed as it comes, so neither retried nor mirrored
+        if length is not None and length <= REPLAY_LIMIT:
+            body = await self._read_body(req)
+            for ref in plan.mirrors:
+                self._mirror(ref, plan, body, req.client_ip)
+        resp: tuple[Upstream, Any] | None = None
+        with trio.move_on_after(plan.timeout):
+            attempt = 0
+            while resp is None:
+                attempt += 1
+                w, port = self._pick(plan, req)
+                status: int | None = None
+                failure: TryFailed | None = None
+                try:
+                    up, answer = await self._try(w, port, plan, body, req)
+                    status = answer.status_code
+                except TryFailed as e:
+                    up, answer, failure = None, None, e
+                self.limits.record(plan.policy, f"{w.ip}:{port}", status, time.monotonic())
+                if up is not None and not (
+                    body is not None and plan.retry.retries(attempt, status)
+                ):
+                    resp = (up, answer)
+                    break
+                if up is not None:  # a retryable answer: read it away, try again
+                    await self.upstreams.discard(up)
+                if body is None or not plan.retry.retries(attempt, status):
+                    assert failure is not None
+                    raise HttpError(
+                        failure.status, failure.flags, f"upstream {rec.upstream}: {failure}"
+                    )
+                rec.retries += 1
+                await trio.sleep(plan.retry.delay(attempt, self.rng))
+        if resp is None:
+            raise HttpError(504, "UT", f"no response within {plan.timeout:g}s (timeouts.request)")
+        await self._respond(plan, req, *resp)
+
+    async def _read_body(self, req: Request) -> bytes:
+        chunks = []
+        while True:
+            ev = await next_event(req.down, req.stream)
+            if isinstance(ev, h11.Data):
+                chunks.append(bytes(ev.data))
+            elif isinstance(ev, h11.EndOfMessage):
+                break
+            else:
+                raise HttpError(400, "DC", "the client went away during the request")
+        body = b"".join(chunks)
+        req.rec.request_bytes = len(body)
+        return body
+
+    def _pick(self, plan: Plan, req: Request) -> tuple[Workload, int]:
+        dest, rec = req.dest, req.rec
+        if plan.backend is None:
+            if dest.workload is None:
+                raise HttpError(503, "UH", f"no ready endpoint for {dest.authority}")
+            return dest.workload, dest.port
+        detector = self.limits.outliers(plan.policy) if plan.policy is not None else None
+        now = time.monotonic()
+        hit = pick_endpoint(
+            self.state(),
+            plan.backend,
+            plan.port,
+            self.rng,
+            (lambda e: detector.ejected(e, now)) if detector is not None else None,
+        )
+        if hit is None:
+            b = plan.backend
+            raise HttpError(503, "UH", f"no ready endpoint for {b.namespace}/{b.name}")
+        w, target_port = hit
+        rec.destination_workload = w.owner or w.name
+        rec.destination_namespace = w.namespace
+        rec.destination_principal = str(w.identity(self.upstreams.trust_domain))
+        rec.upstream = f"{w.ip}:{target_port}"
+        return w, target_port
+
+    async def _try(
+        self, w: Workload, port: int, plan: Plan, body: bytes | None, req: Request
+    ) -> tuple[Upstream, Any]:
+        """Send the request to one pod and wait for its response head."""
+        svc = service_key(req.dest.service)
+        breaker = self.upstreams.breaker(svc, plan.policy)
+        if not breaker.admit():
+            raise HttpError(503, "UO", f"circuit breaker open for {w.key} (max requests)")
+        try:
+            if not self.upstreams.has_idle(svc, w, port) and not breaker.may_connect():
+                raise HttpError(503, "UO", f"circuit breaker open for {w.key} (max connections)")
+            try:
+                breaker.pending += 1
+                up = await self.upstreams.acquire(w, port, req.client_ip, plan.traceparent, svc)
+            except DIAL_ERRORS as e:
+                raise TryFailed(f"connect: {e}") from None
+            finally:
+                breaker.pending -= 1
+            out = list(plan.headers)
+            if body is not None:
+                out = [(n, v) for n, v in out if n.lower() != "content-length"]
+                out.append(("content-length", str(len(body))))
+            limit = plan.backend_timeout
+            try:
+                w_up = Writer(up.conn, up.stream)
+                await w_up.send(h11.Request(method=plan.method, target=plan.target, headers=out))
+                if body is not None:
+                    if body:
+                        await w_up.send(h11.Data(data=body))
+                    await w_up.send(h11.EndOfMessage())
+                else:
+                    req.rec.request_bytes += await copy_body(
+                        req.down, req.stream, w_up, "the client went away"
+                    )
+                with trio.fail_after(limit):
+                    answer = await next_event(up.conn, up.stream)
+                    while isinstance(answer, h11.InformationalResponse):
+                        answer = await next_event(up.conn, up.stream)
+            except trio.TooSlowError:
+                self.upstreams.drop(up)
+                raise TryFailed(
+                    f"no response within {limit:g}s (timeouts.backendRequest)", 504, "UT"
+                ) from None
+            except (h11.ProtocolError, HboneError) as e:
+                self.upstreams.drop(up)
+                raise TryFailed(str(e)) from None
+            if not isinstance(answer, h11.Response):
+                self.upstreams.drop(up)
+                raise TryFailed("closed without a response")
+            return up, answer
+        finally:
+            breaker.done()
+
+    async def _respond(self, plan: Plan, req: Request, up: Upstream, resp: Any) -> None:
+        rec = req.rec
+        rheaders = http1.end_to_end(
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in resp.headers]
+        )
+        if plan.response_headers is not None:
+            rheaders = plan.response_headers.apply(rheaders)
+        try:
+            out = Writer(req.down, req.stream)
+            await out.send(
+                h11.Response(status_code=resp.status_code, headers=rheaders, reason=resp.reason)
+            )
+            rec.response_code = resp.status_code
+            rec.response_bytes += await copy_body(
+                up.conn, up.stream, out, f"upstream {rec.upstream} ended mid-response", 502, "UC"
+            )
+        except (h11.ProtocolError, HboneError) as e:
+            self.upstreams.drop(up)
+            raise HttpError(502, "UPE", f"upstream {rec.upstream}: {e}") from None
+        except BaseException:
+            self.upstreams.drop(up)
+            raise
+        self.upstreams.release(up)
+
+    def _mirror(self, ref: BackendRef, plan: Plan, body: bytes, client_ip: str) -> None:
+        """Send a copy to the mirror backend and forget the answer (never slows the original)."""
+        svc = self.state().service(ref.namespace, ref.name)
+        hit = pick_endpoint(self.state(), svc, ref.port, self.rng) if svc else None
+        if hit is None:
+            return
+        w, port = hit
+        headers = plan.headers
+
+        async def shadow() -> None:
+            with trio.move_on_after(10):
+                try:
+                    up = await self.upstreams.acquire(
+                        w, port, client_ip, http1.child_traceparent(headers)
+                    )
+                    out = [(n, v) for n, v in headers if n.lower() != "content-length"]
+                    out.append(("content-length", str(len(body))))
+                    request = h11.Request(method=plan.method, target=plan.target, headers=out)
+                    await send(up.conn, up.stream, request)
+                    if body:
+                        await send(up.conn, up.stream, h11.Data(data=body))
+                    await send(up.conn, up.stream, h11.EndOfMessage())
+                    answer = await next_event(up.conn, up.stream)
+                    if isinstance(answer, h11.Response):
+                        code = str(answer.status_code)
+                        await self.upstreams.discard(up)
+                    else:
+                        code = "error"
+                        self.upstreams.drop(up)
+                except (*DIAL_ERRORS, h11.ProtocolError) as e:
+                    log.debug("mirror to %s failed: %s", w.key, e)
+                    code = "error"
+                self.metrics.mirrored.labels(f"{ref.namespace}/{ref.name}", code).inc()
+
+        self.nursery.start_soon(shadow)

@@ -1,0 +1,157 @@
+"""Moving HTTP messages between a stream and an h11 connection (or an HTTP/2 exchange, which
+speaks the same events): the next event, sending, coalesced writing, copying a body, the
+waypoint's own replies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+
+from veil.runtime.hbone.io import HboneError, Stream
+from veil.waypoint.http2 import H2Exchange
+
+COALESCE = 64 * 1024
+
+
+class HttpError(Exception):
+    """A request ends with a status of the waypoint's own (or, once a response has begun,
+    with the stream broken off)."""
+
+    def __init__(self, status: int, flags: str, why: str) -> None:
+        super().__init__(why)
+        self.status, self.flags = status, flags
+
+
+async def next_event(conn: Any, stream: Stream) -> Any:
+    """The next h11 event, feeding it stream bytes as it needs them (an HTTP/2 exchange
+    produces the same events itself)."""
+    if isinstance(conn, H2Exchange):
+        return await conn.next_event()
+    while True:
+        ev = conn.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev
+        try:
+            data = await stream.receive()
+        except HboneError:
+            data = b""
+        conn.receive_data(bytes(data))
+
+
+async def send(conn: Any, stream: Stream, event: Any) -> None:
+    if isinstance(conn, H2Exchange):
+        await conn.send(event)
+        return
+    data = conn.send(event)
+    if data:
+        await stream.send(data)
+
+
+class Writer:
+    """One message's output towards a stream, sent only when the proxy is about to wait for
+    input, at the end of the message, or past 64 KiB: a small response leaves as one TLS
+    record and one DATA frame instead of three (head, body, end)."""
+
+    def __init__(self, conn: Any, stream: Stream) -> None:
+        self.conn, self.stream = conn, stream
+        self.buf = bytearray()
+
+    async def send(self, event: Any) -> None:
+        if isinstance(self.conn, H2Exchange):
+            await self.conn.send(event)
+            return
+        self.buf += self.conn.send(event) or b""
+        if isinstance(event, h11.EndOfMessage) or len(self.buf) >= COALESCE:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.buf:
+            data, self.buf = bytes(self.buf), bytearray()
+            await self.stream.send(data)
+
+
+async def next_event_then(conn: Any, stream: Stream, pending: Writer) -> Any:
+    """`next_event`, flushing `pending` before it would block on the network."""
+    if isinstance(conn, H2Exchange):
+        await pending.flush()
+        return await conn.next_event()
+    while True:
+        ev = conn.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev
+        await pending.flush()
+        try:
+            data = await stream.receive()
+        except HboneError:
+            data = b""
+        conn.receive_data(bytes(data))
+
+
+async def copy_body(  # noqa: PLR0917
+    conn: Any, stream: Stream, out: Writer, why: str, status: int = 400, flags: str = "DC"
+) -> int:
+    """Stream one message body from `conn` into `out` (sent whenever the source makes us
+    wait); the bytes copied. A message that ends early: HttpError(status, flags, why)."""
+    copied = 0
+    while True:
+        ev = await next_event_then(conn, stream, out)
+        if isinstance(ev, h11.Data):
+            copied += len(ev.data)
+            await out.send(h11.Data(data=ev.data))
+        elif isinstance(ev, h11.EndOfMessage):
+            await out.send(h11.EndOfMessage())
+            return copied
+        else:
+            raise HttpError(status, flags, why)
+
+
+async def read_body(down: Any, stream: Stream) -> bytes:
+    """A whole (small) request body."""
+    chunks = []
+    while True:
+        ev = await next_event(down, stream)
+        if isinstance(ev, h11.Data):
+            chunks.append(bytes(ev.data))
+        elif isinstance(ev, h11.EndOfMessage):
+            return b"".join(chunks)
+        else:
+            raise HttpError(400, "DC", "the client went away during the request")
+
+
+async def drain_request(down: Any, stream: Stream) -> None:
+    """Read the rest of a request we answered early, so the connection can go on."""
+    while down.their_state is h11.SEND_BODY:
+        ev = await next_event(down, stream)
+        if isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+
+
+async def local_reply(down: Any, stream: Stream, status: int, why: str) -> None:
+    """A response of the waypoint's own; if the client is gone, its stream is reset (an
+    HTTP/2 exchange resets only its own HTTP/2 stream, never the connection's)."""
+    body = f"{why}\n".encode()
+    try:
+        await send(
+            down,
+            stream,
+            h11.Response(
+                status_code=status,
+                headers=[("content-type", "text/plain"), ("content-length", str(len(body)))],
+            ),
+        )
+        await send(down, stream, h11.Data(data=body))
+        await send(down, stream, h11.EndOfMessage())
+    except (h11.ProtocolError, HboneError):
+        if not isinstance(down, H2Exchange):
+            stream.reset()
+
+
+async def redirect(down: Any, stream: Stream, status: int, location: str) -> None:
+    await drain_request(down, stream)
+    await send(
+        down,
+        stream,
+        h11.Response(status_code=status, headers=[("location", location), ("content-length", "0")]),
+    )
+    await send(down, stream, h11.EndOfMessage())

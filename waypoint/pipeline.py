@@ -1,0 +1,376 @@
+"""The waypoint's decisions, pure: what a CONNECT may reach, whether a TCP stream may pass,
+and what to do with one HTTP request.
+
+`plan()` runs a request through the pipeline (normalization, authentication,
+authorization, route selection, traffic policy, the upstream request) and returns what the
+I/O driver (`waypoint.exchange`) executes: a `Plan` (send upstream, with retries, timeouts
+and mirrors), a `Redirect`, or a `Reply` of the waypoint's own (400, 401, 403, 404, 500...).
+Nothing here awaits or touches a socket; randomness (weighted backends) is passed in.
+Tested as tables in tests/unit/test_waypoint_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import h11
+
+from veil.core import jwt
+from veil.core.authz import Decision, Facts, HttpFacts, at_waypoint, decide
+from veil.core.routes import (
+    BackendRef,
+    HeaderModifier,
+    RequestFacts,
+    Rule,
+    Selected,
+    pick_backend,
+    reference_granted,
+    replace_path,
+    routes_for_client,
+    select,
+)
+from veil.core.spiffe import SpiffeId
+from veil.core.state import MeshState, Service, Workload
+from veil.core.traffic import RetryPolicy, TrafficPolicy
+from veil.waypoint import http1, normalize
+from veil.waypoint.normalize import BadTarget, PathNormalization
+
+# -- where a stream may go -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Destination:
+    """What a CONNECT addressed: a service port (VIP) or one pod."""
+
+    authority: str
+    service: Service | None
+    port: int
+    workload: Workload | None = None
+    # The Services whose Service-targeted policies apply: the addressed one, or for a pod
+    # addressed by IP every Service of this namespace that selects it.
+    policy_services: tuple[str, ...] = ()
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        if self.policy_services:
+            return self.policy_services
+        return (self.service.name,) if self.service is not None else ()
+
+
+@dataclass(frozen=True)
+class Waypoint:
+    """Who this waypoint is: what every decision is relative to."""
+
+    namespace: str
+    gateway: str
+    trust_domain: str
+    normalization: PathNormalization = normalize.DEFAULT
+
+
+def destination(state: MeshState, me: Waypoint, target: tuple[str, int]) -> Destination | str:
+    """What a CONNECT may reach through this waypoint, or why not: a Service VIP whose
+    traffic this waypoint takes, or a pod bound to it (its own `use-waypoint`, or a Service
+    of its that uses this waypoint). Anything else would let a client carry its traffic
+    under the waypoint's identity past policies that target that Service."""
+    ours = (me.namespace, me.gateway)
+    authority = f"{target[0]}:{target[1]}"
+    hit = state.services_by_vip.get(target)
+    if hit is not None:
+        wp = state.service_waypoint(hit[0])
+        if wp is None or (wp.namespace, wp.name) != ours:
+            return f"service {hit[0].namespace}/{hit[0].name} is not served by this waypoint"
+        return Destination(authority, hit[0], target[1])
+    w = state.workloads_by_ip.get(target[0])
+    if w is None:
+        return f"unknown destination {authority}"
+    own = state.workload_waypoint(w)
+    served = any(
+        (wp := state.service_waypoint(s)) is not None and (wp.namespace, wp.name) == ours
+        for s in state.services_of(w)
+    )
+    if not served and (own is None or (own.namespace, own.name) != ours):
+        return f"pod {w.key} is not served by this waypoint"
+    names = tuple(s.name for s in state.services_of(w) if s.namespace == me.namespace)
+    return Destination(authority, None, target[1], w, names)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a stream: the original client's identity (its agent's tunnel) and address."""
+
+    peer: SpiffeId
+    ip: str  # from the tunnel's `forwarded` header; "" if unknown
+
+
+def authorize(
+    state: MeshState, me: Waypoint, dest: Destination, caller: Caller, http: HttpFacts | None
+) -> Decision:
+    """The policies targeting this waypoint (Gateway) or the addressed Service; `http` None
+    judges a stream as TCP: an ALLOW rule with HTTP fields matches nothing and a DENY rule
+    with HTTP fields is applied without them (Istio's TCP filter chain)."""
+    f = Facts(
+        source_ip=caller.ip or "0.0.0.0",
+        destination_ip=dest.authority.rsplit(":", 1)[0],
+        destination_port=dest.port,
+        principal=caller.peer.istio_principal,
+        destination_namespace=me.namespace,
+        http=http,
+    )
+    return decide(
+        state.policies.policies.values(), f, at_waypoint(me.namespace, me.gateway, dest.services)
+    )
+
+
+def tcp_denied(state: MeshState, me: Waypoint, dest: Destination, caller: Caller) -> str | None:
+    """Why a non-HTTP stream is refused, or None if the policies allow it as TCP."""
+    d = authorize(state, me, dest, caller, None)
+    return None if d.allowed else f"RBAC: access denied ({d.policy or '-'}: {d.reason})"
+
+
+# -- what to do with a request -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The waypoint answers itself (text/plain `why`); nothing goes upstream."""
+
+    status: int
+    flags: str  # Envoy's response flags, for the access log
+    why: str
+    path: str = ""  # the normalized path, once known
+    route: str = ""  # the HTTPRoute that matched, if one did
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """A RequestRedirect filter's answer, after the traffic policies' limits."""
+
+    status: int
+    location: str
+    path: str
+    route: str
+    limits: tuple[TrafficPolicy, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request to send upstream, and everything about how."""
+
+    method: bytes
+    target: bytes  # what the backend sees (JWT query parameter removed, path rewritten)
+    headers: list[tuple[str, str]]  # end-to-end, new trace span, the rule's modifications
+    path: str  # the normalized path, for the record
+    traceparent: str
+    backend: Service | None  # None: the pod the CONNECT addressed (`Destination.workload`)
+    port: int  # the backend Service's port (or the pod's)
+    route: str = ""
+    policy: TrafficPolicy | None = None  # the addressed Service's (pool limits, outliers)
+    limits: tuple[
+        TrafficPolicy, ...
+    ] = ()  # rate limits and faults: the route's, then the Service's
+    retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=0))
+    timeout: float = float("inf")  # the whole request (timeouts.request)
+    backend_timeout: float = float("inf")  # each try (timeouts.backendRequest)
+    mirrors: tuple[BackendRef, ...] = ()  # granted mirror backends
+    response_headers: HeaderModifier | None = None
+    chunked: bool = False  # the request body is streamed with chunked encoding
+
+    @property
+    def replayable_length(self) -> int | None:
+        """The body's Content-Length (0 without one), None when chunked."""
+        if self.chunked:
+            return None
+        for n, v in self.headers:
+            if n.lower() == "content-length":
+                return int(v)
+        return 0
+
+
+Outcome = Plan | Redirect | Reply
+
+
+def plan(
+    state: MeshState,
+    me: Waypoint,
+    dest: Destination,
+    caller: Caller,
+    req: h11.Request,
+    *,
+    rng: random.Random,
+) -> Outcome:
+    """One request through the pipeline: normalize, authenticate, authorize, route, apply
+    traffic policy, build the upstream request."""
+    method = req.method.decode("latin-1")
+    raw = req.target.decode("latin-1")
+    try:
+        t = normalize.normalize_target(raw, me.normalization, method)
+    except BadTarget as e:
+        return Reply(400, "DPE", f"bad request target: {e}", raw)
+    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
+    if t.authority is not None:  # absolute form: its authority is the Host (RFC 9112 3.2.2)
+        headers = [("host", t.authority), *((n, v) for n, v in headers if n.lower() != "host")]
+    path = target = t.target  # `path`: as normalized, for the record and messages
+    facts = RequestFacts.of(method, target, headers)
+
+    # authentication and authorization
+    authn = [
+        p
+        for p in state.request_authentications
+        if p.applies(me.namespace, me.gateway, dest.services)
+    ]
+    try:
+        who = jwt.authenticate(authn, facts.headers, facts.query) if authn else None
+    except jwt.JwtError as e:
+        return Reply(401, "UAEX", f"Jwt verification fails: {e}", path)
+    host = facts.header("host") or dest.authority
+    http = HttpFacts(
+        facts.method,
+        facts.path,
+        normalize.normalize_authority(host),
+        dict(facts.headers),
+        who.principal if who else None,
+        who.claims if who else {},
+    )
+    d = authorize(state, me, dest, caller, http)
+    if not d.allowed:
+        why = f"RBAC: access denied ({d.policy or '-'}: {d.reason})"
+        return Reply(403, "RBAC", why, path)
+    if authn:
+        headers, target = jwt.upstream_request(authn, who, headers, target)
+
+    # route
+    hit: Selected | None = None
+    backend = dest.service
+    if dest.service is not None:
+        svc = dest.service
+        attached = routes_for_client(
+            state.routes, svc.namespace, svc.name, dest.port, caller.peer.namespace
+        )
+        if attached:
+            hit = select(attached, facts)
+            if hit is None:
+                return Reply(404, "NR", f"no HTTPRoute rule matches {method} {path}", path)
+    route = hit.route.key if hit else ""
+    service_policy = (
+        state.traffic_policy("Service", dest.service.namespace, dest.service.name)
+        if dest.service is not None
+        else None
+    )
+    route_policy = (
+        state.traffic_policy("HTTPRoute", hit.route.namespace, hit.route.name) if hit else None
+    )
+    limits = tuple(p for p in (route_policy, service_policy) if p is not None)
+    rule: Rule | None = hit.rule if hit else None
+    if hit is not None and hit.rule.redirect is not None:
+        return _redirect(hit, headers, target, path, route, limits)
+    if hit is not None:
+        ref = pick_backend(hit.rule, rng)
+        if ref is None:
+            return Reply(500, "NR", f"HTTPRoute {route}: no backend with weight", path, route)
+        if not reference_granted(
+            state.reference_grants, hit.route.namespace, ref.namespace, ref.name
+        ):
+            why = (
+                f"HTTPRoute {route}: backendRef {ref.namespace}/{ref.name} is in another "
+                "namespace and no ReferenceGrant there permits it"
+            )
+            return Reply(500, "NR", why, path, route)
+        backend = state.service(ref.namespace, ref.name)
+        if backend is None:
+            why = f"backend Service {ref.namespace}/{ref.name} is unknown"
+            return Reply(500, "NR", why, path, route)
+
+    # the upstream request
+    trace = http1.child_traceparent(headers)
+    out = [(n, v) for n, v in http1.end_to_end(headers) if n.lower() != "traceparent"]
+    out.append(("traceparent", trace))
+    chunked = http1.is_chunked(headers)
+    if chunked:  # streamed as it comes, re-chunked by h11
+        out.append(("transfer-encoding", "chunked"))
+    upstream_target = target.encode("latin-1")
+    if hit is not None and rule is not None:
+        if rule.request_headers is not None:
+            out = rule.request_headers.apply(out)
+        if rule.rewrite is not None:
+            if rule.rewrite.hostname:
+                out = [
+                    ("host", rule.rewrite.hostname),
+                    *((n, v) for n, v in out if n.lower() != "host"),
+                ]
+            if rule.rewrite.path is not None:
+                rpath, sep, query = target.partition("?")
+                new = replace_path(rpath, rule.rewrite.path, hit.match)
+                upstream_target = (new + sep + query).encode("latin-1")
+    retry = (rule.retry if rule else None) or (service_policy.retry if service_policy else None)
+    mirrors = tuple(
+        ref
+        for ref in (rule.mirrors if rule is not None else ())
+        if hit is not None
+        and reference_granted(state.reference_grants, hit.route.namespace, ref.namespace, ref.name)
+    )
+    return Plan(
+        method=req.method,
+        target=upstream_target,
+        headers=out,
+        path=path,
+        traceparent=trace,
+        backend=backend,
+        port=backend_port(state, backend, dest.port) if backend is not None else dest.port,
+        route=route,
+        policy=service_policy,
+        limits=limits,
+        retry=retry or RetryPolicy(attempts=0),
+        timeout=rule.timeout if rule and rule.timeout else float("inf"),
+        backend_timeout=rule.backend_timeout if rule and rule.backend_timeout else float("inf"),
+        mirrors=mirrors,
+        response_headers=rule.response_headers if rule else None,
+        chunked=chunked,
+    )
+
+
+def _redirect(  # noqa: PLR0917
+    hit: Selected,
+    headers: list[tuple[str, str]],
+    target: str,
+    normalized: str,
+    route: str,
+    limits: tuple[TrafficPolicy, ...],
+) -> Redirect:
+    r = hit.rule.redirect
+    assert r is not None
+    host = {n.lower(): v for n, v in headers}.get("host", "").split(":")[0]
+    path, sep, query = target.partition("?")
+    if r.path is not None:
+        path = replace_path(path, r.path, hit.match)
+    port = f":{r.port}" if r.port else ""
+    location = f"{r.scheme or 'http'}://{r.hostname or host}{port}{path}{sep}{query}"
+    return Redirect(r.status, location, normalized, route, limits)
+
+
+def backend_port(state: MeshState, backend: Service, port: int) -> int:
+    """The port a route names for a backend Service, else the addressed port."""
+    for r in state.routes:
+        for rule in r.rules:
+            for ref in rule.backends:
+                if (ref.namespace, ref.name) == (backend.namespace, backend.name):
+                    return ref.port
+    return port
+
+
+def pick_endpoint(
+    state: MeshState,
+    service: Service,
+    port: int,
+    rng: random.Random,
+    ejected: Callable[[str], bool] | None = None,
+) -> tuple[Workload, int] | None:
+    """A ready pod of a Service port (and its target port), avoiding endpoints (`ip:port`)
+    that are `ejected` unless every one is (Envoy's panic threshold)."""
+    sport = next((p for p in service.ports if p.port == port), None)
+    endpoints = state.endpoints(service, sport) if sport else []
+    if ejected is not None:
+        healthy = [e for e in endpoints if not ejected(f"{e[0].ip}:{e[1]}")]
+        endpoints = healthy or endpoints
+    return rng.choice(endpoints) if endpoints else None
