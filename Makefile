@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.veil-installed
 
-.PHONY: demo test setup system venv lint typecheck unit integration fuzz clean
+.PHONY: demo test setup system venv lint typecheck unit integration fuzz upstream clean
 
 demo: setup
 	$(BIN)/python -m veil.lab.demo -f examples/shop/ $(if $(KEEP),--keep,) $(if $(CAPTURE),--capture $(CAPTURE),)
@@ -51,6 +51,11 @@ fuzz: venv
 	for h in $$($(BIN)/python -c 'from tests.fuzz.harnesses import HARNESSES; print(*HARNESSES)' 2>/dev/null); do \
 	  echo "== $$h"; $(BIN)/python -m tests.fuzz.harnesses $$h -max_total_time=$(FUZZ_SECONDS) \
 	    -print_final_stats=1 2>&1 | grep -E '^(Done|==)|DONE|ERROR' ; done
+
+# The upstream control plane (Kubernetes, etcd, helm) built from Go modules into
+# ~/.cache/veil/kubernetes/<version>/bin; nothing when it is already there.
+upstream:
+	@bash scripts/build-upstream.sh
 
 clean:
 	-$(BIN)/veil lab down --all

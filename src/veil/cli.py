@@ -232,9 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "check":
         from veil.agent import check as preflight  # noqa: PLC0415
+        from veil.lab import upstream  # noqa: PLC0415
 
         report = preflight.run(ebpf=not args.no_ebpf)
-        print(preflight.format_report(report))
+        optional = {"upstream Kubernetes (optional)": [upstream.check()]}
+        print(preflight.format_report({**report, **optional}))
         return 0 if all(c.ok for cs in report.values() for c in cs) else 1
     if args.command in ("status", "authz"):
         return run_ops(args)
