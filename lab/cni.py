@@ -119,7 +119,7 @@ class CniRuntime:
         self.cni_path = tuple(cni_path)
         self.cache_dir = cache_dir
 
-    def _find(self, plugin_type: str) -> str:
+    def find(self, plugin_type: str) -> str:
         for d in self.cni_path:
             candidate = Path(d) / plugin_type
             if candidate.is_file() and os.access(candidate, os.X_OK):
@@ -137,7 +137,7 @@ class CniRuntime:
         att: Attachment,
         prev: Mapping[str, Any] | None,
     ) -> dict[str, Any]:
-        binary = self._find(str(plugin["type"]))
+        binary = self.find(str(plugin["type"]))
         stdin = json.dumps(plugin_input(conflist, plugin, prev))
         proc = netns.run(
             netns.nsenter_argv(self.host_netns, [binary]),

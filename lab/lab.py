@@ -114,7 +114,7 @@ def preflight() -> None:
     runtime = CniRuntime("unused")
     for plugin in ("ptp", "host-local", "loopback"):
         try:
-            runtime._find(plugin)
+            runtime.find(plugin)
         except CniError as e:
             raise LabError(str(e)) from None
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import random
 import socket
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,6 @@ from veil.core.admission import Admission
 from veil.core.hbone import (
     BadRequest,
     ErrorCode,
-    HboneConnection,
     RequestReceived,
     check_request,
 )
@@ -44,11 +42,11 @@ from veil.core.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from veil.core.state import MeshState
 from veil.runtime import guard, http
 from veil.runtime.config import CA_SERVER_NAME
-from veil.runtime.hbone.io import HboneError, HboneIO, Stream, TlsSocket
+from veil.runtime.hbone.io import HboneError, HboneIO, Stream
 from veil.runtime.hbone.pool import HbonePool
+from veil.runtime.hbone.server import HboneServer
 from veil.runtime.identity.ca_client import CaEndpoint
-from veil.runtime.identity.manager import CertificateManager, NoCertificate
-from veil.runtime.identity.tls import PeerIdentityError, verify_peer
+from veil.runtime.identity.manager import CertificateManager
 from veil.runtime.lifecycle import run_until_signalled
 from veil.runtime.listener import serve
 from veil.runtime.sources.manifests import ManifestSource
@@ -95,6 +93,15 @@ class WaypointServer:
         admission.register(self.admission, self.registry)
         self.certs = CertificateManager(CaEndpoint.of(cfg).request, registry=self.registry)
         self.metrics = RequestMetrics(self.registry)
+        self.hbone = HboneServer(
+            self.certs,
+            self.identity,
+            cfg.trust_domain,
+            self.admission,
+            scope="waypoint",
+            name=f"waypoint {cfg.namespace}/{cfg.gateway}",
+            on_request=self._on_request,
+        )
         self.me = pipeline.Waypoint(
             cfg.namespace, cfg.gateway, cfg.trust_domain, cfg.path_normalization
         )
@@ -168,7 +175,7 @@ class WaypointServer:
             listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited
             listener.bind(cfg.listen)
             listener.listen(1024)
-            nursery.start_soon(serve, listener, self.inbound)
+            nursery.start_soon(serve, listener, self.hbone.handle)
             self.listening = True
             log.info(
                 "waypoint %s/%s up as %s on %s:%d",
@@ -180,40 +187,6 @@ class WaypointServer:
 
         await run_until_signalled("waypoint", start)
 
-    async def inbound(self, sock: socket.socket, peer: Any) -> None:
-        peer_ip = peer[0]
-        if not self.admission.take_handshake(peer_ip):
-            log.warning("HBONE from %s refused: too many handshakes in progress", peer_ip)
-            sock.close()
-            return
-        try:
-            try:
-                cred = await self.certs.get(self.identity, timeout=5)
-            except NoCertificate as e:
-                log.warning("HBONE from %s refused: %s", peer_ip, e)
-                sock.close()
-                return
-            tls = TlsSocket(sock, cred.server_context, server_side=True)
-            try:
-                await tls.handshake()
-                peer_id = verify_peer(tls.ssl, trust_domain=self.cfg.trust_domain)
-            except (OSError, ssl.SSLError, trio.TooSlowError, PeerIdentityError) as e:
-                log.info("HBONE handshake from %s failed: %s", peer_ip, e)
-                tls.close()
-                return
-        finally:
-            self.admission.drop_handshake(peer_ip)
-        if not self.admission.take_tunnel(peer_ip, "waypoint"):
-            log.warning("HBONE from %s (%s) refused: tunnel limit reached", peer_ip, peer_id)
-            tls.close()
-            return
-        io = HboneIO(tls, HboneConnection(client=False), f"{peer_ip} ({peer_id})")
-        io.on_request = lambda ev, conn: self._on_request(ev, conn, peer_id)
-        try:
-            await io.run()
-        finally:
-            self.admission.drop_tunnel(peer_ip, "waypoint")
-
     def destination(self, state: MeshState, target: tuple[str, int]) -> Destination | str:
         """What a CONNECT may reach through this waypoint, or why not (`pipeline.destination`)."""
         return pipeline.destination(state, self.me, target)
@@ -222,7 +195,7 @@ class WaypointServer:
         """Why a non-HTTP stream is refused, or None if the policies allow it as TCP."""
         return pipeline.tcp_denied(self.state(), self.me, dest, Caller(peer, client_ip))
 
-    def _on_request(self, ev: RequestReceived, io: HboneIO, peer: SpiffeId) -> None:
+    def _on_request(self, ev: RequestReceived, io: HboneIO, peer_ip: str, peer: SpiffeId) -> None:
         req = check_request(ev)
         dest = (
             req.why

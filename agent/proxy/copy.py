@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from veil.runtime.hbone.io import HboneError, Stream
+from veil.runtime.hbone.io import DrainOutcome, HboneError, Stream
 
 READ_SIZE = 256 * 1024
 FAIRNESS = 16  # operations that did not wait before a task yields anyway
@@ -166,19 +166,18 @@ async def _drain(sock: socket.socket, stream: Stream, scope: trio.CancelScope) -
     """The peer's bytes into the app's socket, once it pushed back (see `relay_stream`)."""
     if scope.cancel_called:  # the relay ended (and closed the socket) before we started
         return
+    outcome: DrainOutcome = "stopped"  # cancelled: the relay ended first
     with scope:
         try:
             while data := await stream.receive():
                 await sendall(sock, data)
             sock.shutdown(socket.SHUT_WR)
-            stream.down_done = True
+            outcome = "delivered"
         except (HboneError, trio.ClosedResourceError):
             pass  # the stream was reset: the relay sees it and aborts the socket
         except OSError:  # the app is gone
-            stream.sink_failed = True
-            stream.reset()
-            trio.lowlevel.notify_closing(sock)  # wake the relay if it waits to read
-    stream.drained()
+            outcome = "failed"
+    stream.drained(outcome)
 
 
 async def relay_tcp(a: socket.socket, b: socket.socket) -> Transferred:

@@ -31,14 +31,15 @@ from veil.agent.proxy.inbound import PodFacts, Verdict, admit_connect, admit_pla
 from veil.agent.proxy.outbound import Kind, Route, route
 from veil.core.admission import Admission
 from veil.core.authz import Decision
-from veil.core.hbone import ConnectRequest, HboneConnection, RequestReceived, check_request
+from veil.core.hbone import ConnectRequest, RequestReceived, check_request
 from veil.core.ports import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
 from veil.core.spiffe import SpiffeId
 from veil.core.state import MeshState, Service, Workload
-from veil.runtime.hbone.io import HboneError, HboneIO, TlsSocket
+from veil.runtime.hbone.io import HboneError, HboneIO
 from veil.runtime.hbone.pool import HbonePool
+from veil.runtime.hbone.server import HboneServer
 from veil.runtime.identity.manager import CertificateManager, NoCertificate
-from veil.runtime.identity.tls import PeerIdentityError, tunnel_expiry, verify_peer
+from veil.runtime.identity.tls import PeerIdentityError
 from veil.runtime.listener import serve
 from veil.runtime.store import StateStore
 from veil.runtime.telemetry.metrics import Connection, TcpMetrics
@@ -114,7 +115,17 @@ class PodProxy:
         self.identity = workload.identity(ctx.trust_domain)
         self.ns: NetNs | None = None
         self.pool: HbonePool | None = None
-        self.inbound_tunnels = 0
+        self.hbone = HboneServer(
+            ctx.certs,
+            self.identity,
+            ctx.trust_domain,
+            ctx.admission,
+            scope=ip,
+            name=workload.key,
+            on_request=self._on_request,
+            cert_timeout=ctx.cert_timeout,
+            expiry_grace=EXPIRY_GRACE,
+        )
         self._pod_view: _PodView | None = None
         self.live: set[_Live] = set()  # inbound connections relaying now
 
@@ -132,7 +143,7 @@ class PodProxy:
                 self.pool = HbonePool(nursery)
                 nursery.start_soon(self.pool.reap_idle)
                 for sock, handler in zip(
-                    socks, (self.outbound, self.inbound_plain, self.inbound_hbone), strict=True
+                    socks, (self.outbound, self.inbound_plain, self.hbone.handle), strict=True
                 ):
                     nursery.start_soon(serve, sock, handler)
                 socks = []  # owned by the listeners now
@@ -300,55 +311,9 @@ class PodProxy:
 
     # -- 15008 -----------------------------------------------------------------------------
 
-    async def inbound_hbone(self, sock: socket.socket, peer: Any) -> None:
-        peer_ip = peer[0]
-        admission = self.ctx.admission
-        if not admission.take_handshake(peer_ip):
-            log.warning("inbound HBONE from %s refused: too many handshakes in progress", peer_ip)
-            sock.close()
-            return
-        try:
-            try:
-                cred = await self.ctx.certs.get(self.identity, timeout=self.ctx.cert_timeout)
-                tls = TlsSocket(sock, cred.server_context, server_side=True)
-            except NoCertificate as e:
-                log.warning("inbound HBONE to %s refused: %s", self.workload.key, e)
-                sock.close()
-                return
-            try:
-                await tls.handshake()
-                peer_id = verify_peer(tls.ssl, trust_domain=self.ctx.trust_domain)
-            except (OSError, ssl.SSLError, trio.TooSlowError) as e:
-                log.info(
-                    "inbound HBONE handshake from %s to %s failed: %s",
-                    peer_ip,
-                    self.workload.key,
-                    e,
-                )
-                tls.close()
-                return
-        finally:
-            admission.drop_handshake(peer_ip)
-        if not admission.take_tunnel(peer_ip, self.ip):
-            log.warning(
-                "inbound HBONE from %s (%s) to %s refused: tunnel limit reached",
-                peer_ip,
-                peer_id,
-                self.workload.key,
-            )
-            tls.close()
-            return
-        io = HboneIO(tls, HboneConnection(client=False), f"{peer_ip} ({peer_id})")
-        # Clients retire the tunnel at its expiry by their own clock; the grace keeps a client
-        # whose clock is a little behind from having streams refused in between.
-        io.expires = tunnel_expiry(tls.ssl, cred.not_after) + EXPIRY_GRACE
-        io.on_request = lambda ev, conn: self._on_request(ev, conn, peer_ip, peer_id)
-        self.inbound_tunnels += 1
-        try:
-            await io.run()
-        finally:
-            self.inbound_tunnels -= 1
-            admission.drop_tunnel(peer_ip, self.ip)
+    @property
+    def inbound_tunnels(self) -> int:
+        return self.hbone.tunnels
 
     def _on_request(
         self, ev: RequestReceived, io: HboneIO, peer_ip: str, peer_id: SpiffeId

@@ -31,6 +31,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
 
 import trio
 
@@ -48,6 +49,8 @@ from veil.core.hbone import (
     WindowOpened,
 )
 from veil.runtime import guard
+
+DrainOutcome = Literal["delivered", "failed", "stopped"]
 
 log = logging.getLogger("veil.hbone")
 READ_SIZE = 256 * 1024
@@ -282,8 +285,17 @@ class Stream:
         self.drain_scope = trio.CancelScope()
         return self.drain_scope
 
-    def drained(self) -> None:
-        """The drain task ended: wake whoever waits on the stream."""
+    def drained(self, outcome: DrainOutcome) -> None:
+        """The drain task ended: "delivered" (everything and the FIN reached the socket),
+        "failed" (the app's socket is gone: the stream is reset) or "stopped" (the stream was
+        reset, or the relay ended first). Wakes whoever waits on the stream."""
+        if outcome == "delivered":
+            self.down_done = True
+        elif outcome == "failed":
+            self.sink_failed = True
+            self.reset()
+            if self.sink is not None:
+                trio.lowlevel.notify_closing(self.sink)  # wake the relay if it waits to read
         self._notify()
 
     def _notify(self) -> None:

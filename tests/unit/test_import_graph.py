@@ -170,3 +170,62 @@ def test_no_test_imports_another_test_module():
         if bad:
             offenders[str(path.relative_to(ROOT))] = bad
     assert offenders == {}
+
+
+# Private names of other libraries the product sets on purpose, with the reason.
+FOREIGN_PRIVATE_OK = {"logging._srcfile"}  # the logging docs' advice: skip caller lookup
+
+
+def test_no_module_touches_another_modules_private_names():
+    """`obj._name` only where `_name` is defined in the same module (a class and its
+    friends in one file); every other owner is asked through its public methods (issue 18,
+    item 5: the relay and the HBONE stream)."""
+    offenders = []
+    for m, path in modules().items():
+        tree = ast.parse(path.read_text())
+        defined = {
+            n.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        }
+        defined |= {
+            n.attr
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)
+        }
+        defined |= {
+            t.id
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Assign | ast.AnnAssign)
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+            if isinstance(t, ast.Name)
+        }
+        for n in ast.walk(tree):
+            if (
+                isinstance(n, ast.Attribute)
+                and n.attr.startswith("_")
+                and not n.attr.startswith("__")
+                and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))
+                and n.attr not in defined
+                and ast.unparse(n) not in FOREIGN_PRIVATE_OK
+            ):
+                offenders.append(f"{m}:{n.lineno}: {ast.unparse(n)}")
+    assert offenders == []
+
+
+def test_only_the_hbone_stream_changes_its_own_state():
+    """The relay (agent/proxy/copy.py) once set `Stream.sink`, `draining`, `down_done`...
+    itself; now it calls the stream's methods (`attach_sink`, `begin_drain`, `drained`)."""
+    offenders = []
+    for m, path in modules().items():
+        if m == "veil.runtime.hbone.io":
+            continue
+        for n in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(n, ast.Attribute)
+                and isinstance(n.ctx, ast.Store)
+                and isinstance(n.value, ast.Name)
+                and n.value.id == "stream"
+            ):
+                offenders.append(f"{m}:{n.lineno}: {ast.unparse(n)}")
+    assert offenders == []
