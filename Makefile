@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.veil-installed
 demo: setup
 	$(BIN)/python -m veil.lab.demo -f examples/shop/ $(if $(KEEP),--keep,) $(if $(CAPTURE),--capture $(CAPTURE),)
 
-test: setup lint typecheck
+test: setup lint typecheck upstream
 	$(BIN)/pytest -q tests/unit tests/fuzz tests/integration tests/interop
 
 setup: system venv

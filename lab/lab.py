@@ -39,7 +39,7 @@ from typing import Any, NoReturn
 import yaml
 
 from veil.core.state import GATEWAY_NAME_LABEL
-from veil.lab import cgroups, controlplane, netns, store, supervise
+from veil.lab import cgroups, controlplane, netns, store, supervise, upstream
 from veil.lab.cni import (
     DEFAULT_CNI_PATH,
     LOOPBACK_CONFIG,
@@ -67,6 +67,7 @@ from veil.lab.plan import (
 
 ETC_NETNS = Path("/etc/netns")
 READY_TIMEOUT = 30.0
+K8S_TIMEOUT = 90.0  # etcd, the API server and node registration, on a busy 2-core machine
 ANNOTATION_NETNS = "lab.veil.dev/netns"
 ANNOTATION_CGROUP = "lab.veil.dev/cgroup"
 CAPTURE_MODES = ("iptables", "ebpf")
@@ -161,11 +162,19 @@ def up(
     ready_timeout: float = READY_TIMEOUT,
     cert_ttl: int | None = None,
     capture: Sequence[str] = (),
+    kubernetes: bool = False,
 ) -> LabPlan:
+    """Bring a lab up from manifests. With `kubernetes`, the upstream control plane runs in
+    the control-plane netns too, and each node registers with it (lab/kubernetes.py)."""
     check_lab_name(lab)
     plan = make_plan(load_paths(paths), lab, nodes)  # all validation happens before any change
     modes = capture_modes(capture, [n.name for n in plan.nodes])
     preflight()
+    if kubernetes and (missing := upstream.missing()):
+        raise LabError(
+            f"--kubernetes needs the upstream binaries ({', '.join(missing)} missing in "
+            f"{upstream.bin_dir()}): run `make upstream`"
+        )
     if "ebpf" in modes.values():
         from veil.agent.capture import ebpf  # noqa: PLC0415
         from veil.agent.capture.base import CaptureError  # noqa: PLC0415
@@ -187,6 +196,7 @@ def up(
         "upPid": os.getpid(),
         "manifests": [str(Path(p).resolve()) for p in paths],
         "cgroup": str(cg),
+        "kubernetes": kubernetes,
         "underlay": {"netns": underlay_netns(lab), "cidr": str(UNDERLAY_CIDR)},
         "nodes": [
             {
@@ -227,6 +237,20 @@ def up(
         record["processes"] = [{**ca.record(), "cgroup": str(cg / "control-plane" / "ca")}]
         store.write_record(lab, record)
         controlplane.wait_listening([ca], ready_timeout)
+        if kubernetes:
+            from veil.lab import kubernetes as k8s  # noqa: PLC0415
+
+            cp = k8s.start(plan, spawn, K8S_TIMEOUT)
+            kubelets = k8s.start_kubelets(plan, spawn, node_netns)
+            record["processes"] += [
+                {**d.record(), "cgroup": str(cg / "control-plane" / d.name)} for d in cp
+            ] + [
+                {**d.record(), "cgroup": str(cg / "nodes" / d.name.split()[1] / "kubelet")}
+                for d in kubelets
+            ]
+            store.write_record(lab, record)
+            k8s.wait_nodes_ready(plan, K8S_TIMEOUT)
+            log(f"lab {lab!r}: Kubernetes API on {k8s.server_url()}, nodes registered")
         controlplane.distribute_trust_bundle(plan)
         agents = controlplane.start_agents(plan, spawn, node_netns, modes)
         record["processes"] += [
@@ -842,11 +866,13 @@ def format_status(st: Mapping[str, Any]) -> str:
         f"      {n['name']:<10} {n['underlayIP']:<15} {n['podCIDR']:<18} {n['netns']}"
         for n in st["nodes"]
     ]
-    lines += ["", f"MESH  {'PROCESS':<14} {'PID':<8} {'PHASE':<9} {'RESTARTS':<9} NETNS"]
+    procs = st.get("processes", [])
+    w = max([14, *(len(p["name"]) for p in procs)])  # kube-controller-manager, in kubernetes mode
+    lines += ["", f"MESH  {'PROCESS':<{w}} {'PID':<8} {'PHASE':<9} {'RESTARTS':<9} NETNS"]
     lines += [
-        f"      {p['name']:<14} {p['pid']:<8} {p['phase']:<9} {p.get('restarts', 0):<9} "
+        f"      {p['name']:<{w}} {p['pid']:<8} {p['phase']:<9} {p.get('restarts', 0):<9} "
         f"{p['netns']}"
-        for p in st.get("processes", [])
+        for p in procs
     ]
     lines += [
         "",

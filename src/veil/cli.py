@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="lifetime of workload certificates (default 24 h)",
     )
+    up.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="also run the upstream control plane (make upstream builds it) and register the "
+        "nodes with it",
+    )
+
+    kc = labsub.add_parser("kubectl", help="kubectl as the lab's admin (kubernetes mode)")
+    kc.add_argument("--name", help=name_help)
+    kc.epilog = "kubectl's arguments follow `--`: veil lab kubectl -- get nodes"
+    kcfg = labsub.add_parser("kubeconfig", help="print the admin kubeconfig (kubernetes mode)")
+    kcfg.add_argument("--name", help=name_help)
 
     down = labsub.add_parser("down", help="remove a lab and everything it created")
     down.add_argument("--name", help=name_help)
@@ -221,8 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not command:
             parser.error("lab exec: give the command after `--`: veil lab exec POD [-n NS] -- CMD")
         args.argv = command
+    elif getattr(args, "lab_command", None) == "kubectl":
+        args.argv = command or []
     elif command is not None:
-        parser.error(f"unexpected `-- {' '.join(command)}`: only `veil lab exec` runs a command")
+        parser.error(
+            f"unexpected `-- {' '.join(command)}`: only `veil lab exec` and `veil lab kubectl` "
+            "take arguments after `--`"
+        )
     if args.command in ("ca", "agent", "waypoint"):
         return run_daemon(args)
     if args.command == "echo":
@@ -255,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ready_timeout=args.timeout,
                 cert_ttl=args.cert_ttl,
                 capture=args.capture,
+                kubernetes=args.kubernetes,
             )
             print(lab.format_status(lab.status(name)))
         elif args.lab_command == "down":
@@ -287,6 +306,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif args.lab_command == "exec":
             lab.exec_in_pod(name, args.pod, args.namespace, args.argv)
+        elif args.lab_command in ("kubectl", "kubeconfig"):
+            from veil.lab import kubernetes, store  # noqa: PLC0415
+
+            if not (store.read_record(name) or {}).get("kubernetes"):
+                raise LabError(
+                    f"lab {name!r} runs no Kubernetes control plane (lab up --kubernetes)"
+                )
+            if args.lab_command == "kubeconfig":
+                print((kubernetes.kube_dir(name) / "admin.kubeconfig").read_text(), end="")
+            else:
+                return subprocess.run(
+                    kubernetes.kubectl_argv(name, *args.argv), check=False
+                ).returncode
     except ManifestError as e:
         print(f"veil: invalid manifest: {e}", file=sys.stderr)
         return 2

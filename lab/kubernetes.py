@@ -1,0 +1,396 @@
+"""The lab's kubernetes mode: the genuine upstream control plane (etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler, built by `make upstream`) in the control-plane netns,
+beside the CA, with a PKI and kubeconfigs of its own.
+
+    veil-<lab>-cp (172.30.0.2)
+        etcd                     127.0.0.1:2379 (the netns's loopback only: no TLS needed)
+        kube-apiserver           172.30.0.2:6443, TLS from the lab PKI, Node,RBAC
+        kube-controller-manager  service-account tokens, deployments, endpointslices, GC, ...
+        kube-scheduler
+
+Everything lives in `<lab dir>/kubernetes/` (keys mode 0600) and goes with `veil lab down`.
+The API server is reached from inside the lab's netns (`veil lab kubectl ...` runs kubectl
+in the control-plane netns with the admin kubeconfig); nothing is opened to the host.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from veil.lab import cgroups, netns, store, upstream
+from veil.lab.controlplane import (
+    CA_IP,
+    Daemon,
+    Spawn,
+    cp_netns,
+    daemon_env,
+    supervised,
+    wait_listening,
+)
+from veil.lab.errors import LabError
+from veil.lab.plan import SERVICE_CIDR, LabPlan
+
+API_PORT = 6443
+ETCD_PORT = 2379
+API_SERVICE_IP = SERVICE_CIDR.network_address + 1  # the `kubernetes` Service
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+LIFETIME = datetime.timedelta(days=30)
+Key = ec.EllipticCurvePrivateKey
+
+
+def kube_dir(lab: str) -> Path:
+    return store.lab_dir(lab) / "kubernetes"
+
+
+def server_url() -> str:
+    return f"https://{CA_IP}:{API_PORT}"
+
+
+# -- PKI -------------------------------------------------------------------------------------
+
+
+def _name(cn: str, orgs: Sequence[str] = ()) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
+    return x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def new_ca(cn: str = "veil-lab-kubernetes-ca") -> tuple[Key, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def issue(  # noqa: PLR0917
+    ca: tuple[Key, x509.Certificate],
+    cn: str,
+    orgs: Sequence[str] = (),
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    server: bool = False,
+) -> tuple[Key, x509.Certificate]:
+    """A leaf of the lab's Kubernetes CA: a client certificate (user `cn`, groups `orgs`),
+    or a serving one for the names and addresses given."""
+    ca_key, ca_cert = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn, orgs))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+    )
+    if dns or ips:
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def kubeconfig(user: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> str:
+    """A kubeconfig for one user of the lab's API server, credentials inline."""
+    import base64  # noqa: PLC0415
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "veil-lab",
+                "cluster": {"server": server_url(), "certificate-authority-data": b64(ca_pem)},
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)},
+            }
+        ],
+        "contexts": [{"name": "veil-lab", "context": {"cluster": "veil-lab", "user": user}}],
+        "current-context": "veil-lab",
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+# Users of the control plane: file name -> (user, groups)
+USERS = {
+    "admin": ("kubernetes-admin", ("system:masters",)),
+    "controller-manager": ("system:kube-controller-manager", ()),
+    "scheduler": ("system:kube-scheduler", ()),
+}
+
+
+def write_pki(plan: LabPlan) -> None:
+    """The CA, the API server's serving certificate, the service-account signing key, and a
+    kubeconfig per user: admin, the controllers, the scheduler, each node's kubelet."""
+    d = kube_dir(plan.name)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca = new_ca()
+    ca_pem = _pem_cert(ca[1])
+    store.atomic_write(d / "ca.pem", ca_pem.decode())
+    store.atomic_write(d / "ca.key", _pem_key(ca[0]).decode(), mode=0o600)
+    key, cert = issue(
+        ca,
+        "kube-apiserver",
+        dns=[
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+            "localhost",
+        ],
+        ips=[str(CA_IP), str(API_SERVICE_IP), "127.0.0.1"],
+        server=True,
+    )
+    store.atomic_write(d / "apiserver.pem", _pem_cert(cert).decode())
+    store.atomic_write(d / "apiserver.key", _pem_key(key).decode(), mode=0o600)
+    sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    store.atomic_write(d / "sa.key", _pem_key(sa).decode(), mode=0o600)
+    sa_pub = sa.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    store.atomic_write(d / "sa.pub", sa_pub.decode())
+    users = dict(USERS)
+    for n in plan.nodes:
+        users[f"kubelet-{n.name}"] = (f"system:node:{n.name}", ("system:nodes",))
+    for name, (user, groups) in users.items():
+        key, cert = issue(ca, user, groups)
+        store.atomic_write(
+            d / f"{name}.kubeconfig",
+            kubeconfig(user, ca_pem, _pem_cert(cert), _pem_key(key)),
+            mode=0o600,
+        )
+
+
+# -- the control plane's processes -----------------------------------------------------------
+
+
+def argvs(lab: str) -> dict[str, list[str]]:
+    """Each control-plane process's command line."""
+    b, d = upstream.bin_dir(), kube_dir(lab)
+
+    def auth(kc: str) -> list[str]:  # what the controllers and the scheduler share
+        return [
+            f"--kubeconfig={d / kc}",
+            f"--authentication-kubeconfig={d / kc}",
+            f"--authorization-kubeconfig={d / kc}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+        ]
+
+    return {
+        "etcd": [
+            str(b / "etcd"),
+            "--name=lab",
+            f"--data-dir={d / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{ETCD_PORT}",
+            f"--advertise-client-urls=http://127.0.0.1:{ETCD_PORT}",
+            "--listen-peer-urls=http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+            "--initial-cluster=lab=http://127.0.0.1:2380",
+            "--log-level=warn",
+        ],
+        "kube-apiserver": [
+            str(b / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{ETCD_PORT}",
+            f"--advertise-address={CA_IP}",
+            f"--bind-address={CA_IP}",
+            f"--secure-port={API_PORT}",
+            f"--tls-cert-file={d / 'apiserver.pem'}",
+            f"--tls-private-key-file={d / 'apiserver.key'}",
+            f"--client-ca-file={d / 'ca.pem'}",
+            f"--service-account-key-file={d / 'sa.pub'}",
+            f"--service-account-signing-key-file={d / 'sa.key'}",
+            f"--service-account-issuer={ISSUER}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--allow-privileged=true",
+            "--profiling=false",
+        ],
+        "kube-controller-manager": [
+            str(b / "kube-controller-manager"),
+            *auth("controller-manager.kubeconfig"),
+            f"--service-account-private-key-file={d / 'sa.key'}",
+            f"--root-ca-file={d / 'ca.pem'}",
+            "--use-service-account-credentials=true",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--profiling=false",
+        ],
+        "kube-scheduler": [
+            str(b / "kube-scheduler"),
+            *auth("scheduler.kubeconfig"),
+            "--profiling=false",
+        ],
+    }
+
+
+PORTS = {
+    "etcd": ETCD_PORT,
+    "kube-apiserver": API_PORT,
+    "kube-controller-manager": 10257,
+    "kube-scheduler": 10259,
+}
+
+
+def start(plan: LabPlan, spawn: Spawn, timeout: float) -> list[Daemon]:
+    """etcd, then the API server (ready), then the controllers and the scheduler, each under
+    the lab's supervisor in the control-plane netns."""
+    if missing := upstream.missing():
+        raise LabError(
+            f"--kubernetes needs the upstream binaries ({', '.join(missing)} missing in "
+            f"{upstream.bin_dir()}): run `make upstream`"
+        )
+    lab = plan.name
+    write_pki(plan)
+    commands = argvs(lab)
+    daemons: list[Daemon] = []
+    for group in (("etcd",), ("kube-apiserver",), ("kube-controller-manager", "kube-scheduler")):
+        started = []
+        for name in group:
+            cg = cgroups.create(cgroups.lab_group(lab) / "control-plane" / name)
+            log = store.lab_dir(lab) / "logs" / f"{name}.log"
+            argv, state = supervised(lab, name, commands[name])
+            proc = spawn(cp_netns(lab), argv, daemon_env(), cg, log)
+            started.append(Daemon(name, cp_netns(lab), proc, PORTS[name], log, state))
+        daemons += started
+        wait_listening(started, timeout)
+        if "kube-apiserver" in group:
+            wait_ready(lab, timeout)
+    return daemons
+
+
+def kubectl_argv(lab: str, *args: str, user: str = "admin") -> list[str]:
+    """kubectl as `user` (admin, or kubelet-<node>), run inside the control-plane netns."""
+    kc = kube_dir(lab) / f"{user}.kubeconfig"
+    return netns.nsenter_argv(
+        cp_netns(lab), [str(upstream.bin_dir() / "kubectl"), f"--kubeconfig={kc}", *args]
+    )
+
+
+def wait_ready(lab: str, timeout: float) -> None:
+    """Until the API server's /readyz says ok (etcd reachable, bootstrap done)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = netns.run(kubectl_argv(lab, "get", "--raw", "/readyz"), check=False, timeout=10)
+        if proc.returncode == 0 and proc.stdout.strip() == "ok":
+            return
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        last = lines[-1] if lines else ""
+        if time.monotonic() > deadline:
+            raise LabError(f"kube-apiserver not ready after {timeout:.0f}s: {last}")
+        time.sleep(0.2)
+
+
+def start_kubelets(
+    plan: LabPlan, spawn: Spawn, node_netns: Callable[[str, str], str]
+) -> list[Daemon]:
+    """The lab's kubelet of each node (`veil.lab.kubelet`), in the node's netns."""
+    lab = plan.name
+    out = []
+    for n in plan.nodes:
+        cg = cgroups.create(cgroups.lab_group(lab) / "nodes" / n.name / "kubelet")
+        log = store.lab_dir(lab) / "logs" / f"kubelet-{n.name}.log"
+        argv, state = supervised(
+            lab,
+            f"kubelet {n.name}",
+            [
+                sys.executable,
+                "-m",
+                "veil.lab.kubelet",
+                str(kube_dir(lab) / f"kubelet-{n.name}.kubeconfig"),
+                n.name,
+                str(n.underlay_ip),
+                str(n.pod_cidr),
+            ],
+        )
+        ns = node_netns(lab, n.name)
+        out.append(
+            Daemon(f"kubelet {n.name}", ns, spawn(ns, argv, daemon_env(), cg, log), 0, log, state)
+        )
+    return out
+
+
+def node_conditions(lab: str) -> dict[str, str]:
+    """Each registered Node's Ready status ("True", "False", "Unknown")."""
+    proc = netns.run(kubectl_argv(lab, "get", "nodes", "-o", "json"), check=False, timeout=15)
+    if proc.returncode != 0:
+        return {}
+    out = {}
+    for item in json.loads(proc.stdout).get("items", []):
+        ready = [c for c in item["status"].get("conditions", []) if c["type"] == "Ready"]
+        out[item["metadata"]["name"]] = ready[0]["status"] if ready else "Unknown"
+    return out
+
+
+def wait_nodes_ready(plan: LabPlan, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    want = {n.name for n in plan.nodes}
+    while True:
+        seen = node_conditions(plan.name)
+        if all(seen.get(n) == "True" for n in want):
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"nodes not Ready in the API after {timeout:.0f}s: {seen or 'none'}")
+        time.sleep(0.2)
