@@ -140,7 +140,7 @@ class Enrollment:
 
     def tunnels(self) -> tuple[int, int]:
         """Open HBONE connections: (outbound, pooled by our pods; inbound, to our pods)."""
-        out = sum(len(p.pool.connections()) for p in self.proxies.values() if p.pool)
+        out = sum(len(p.pod.pool.connections()) for p in self.proxies.values() if p.pod.pool)
         return out, sum(p.inbound_tunnels for p in self.proxies.values())
 
     # -- enroll / release --------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Inbound (15008 HBONE and 15006 plaintext): whether a connection may reach the pod, decided
-purely, then done by `PodProxy`.
+purely, then done by `inbound_listener.InboundListener`.
 
 `admit_connect()` judges a CONNECT stream: malformed (400), not addressed to this pod or to
 one of the agent's own ports (400), coming around the pod's waypoint (401), or denied by an

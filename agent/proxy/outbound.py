@@ -7,7 +7,8 @@ destination's SPIFFE identity; anything outside the mesh is passed through as pl
 service with no ready endpoint is refused. A service (or pod) bound to a waypoint
 (`veil.dev/use-waypoint`) is reached through one of the waypoint's pods instead, with
 `:authority` the address the app dialled (the VIP:port), expecting the waypoint's identity;
-no ready waypoint pod means refused, never around it. `PodProxy` does the I/O.
+no ready waypoint pod means refused, never around it. The I/O is
+`outbound_listener.OutboundListener`'s.
 """
 
 from __future__ import annotations
