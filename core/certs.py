@@ -57,3 +57,19 @@ def verify_chain(
                     f"certificate {i} is not issued by certificate {i + 1}: {e or 'bad signature'}"
                 ) from None
     raise ValueError("the chain does not lead to any certificate of the trust bundle")
+
+
+def key_usage(*, ca: bool) -> x509.KeyUsage:
+    """digitalSignature, and for a CA keyCertSign and cRLSign: all any Veil certificate
+    needs (the mesh CA's root and leaves, the lab's Kubernetes PKI)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
