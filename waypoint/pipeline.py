@@ -243,6 +243,7 @@ def plan(
     # route
     hit: Selected | None = None
     backend = dest.service
+    port = dest.port  # without a route: the addressed Service port
     if dest.service is not None:
         svc = dest.service
         attached = routes_for_client(
@@ -278,6 +279,7 @@ def plan(
             )
             return Reply(500, "NR", why, path, route)
         backend = state.service(ref.namespace, ref.name)
+        port = ref.port  # the port of the backendRef picked, never another rule's
         if backend is None:
             why = f"backend Service {ref.namespace}/{ref.name} is unknown"
             return Reply(500, "NR", why, path, route)
@@ -317,7 +319,7 @@ def plan(
         path=path,
         traceparent=trace,
         backend=backend,
-        port=backend_port(state, backend, dest.port) if backend is not None else dest.port,
+        port=port,
         route=route,
         policy=service_policy,
         limits=limits,
@@ -347,16 +349,6 @@ def _redirect(  # noqa: PLR0917
     port = f":{r.port}" if r.port else ""
     location = f"{r.scheme or 'http'}://{r.hostname or host}{port}{path}{sep}{query}"
     return Redirect(r.status, location, normalized, route, limits)
-
-
-def backend_port(state: MeshState, backend: Service, port: int) -> int:
-    """The port a route names for a backend Service, else the addressed port."""
-    for r in state.routes:
-        for rule in r.rules:
-            for ref in rule.backends:
-                if (ref.namespace, ref.name) == (backend.namespace, backend.name):
-                    return ref.port
-    return port
 
 
 def pick_endpoint(

@@ -240,3 +240,42 @@ def test_tcp_is_judged_by_the_same_policies():
     )
     open_state = build_state(BASE, 1)
     assert pipeline.tcp_denied(open_state, ME, dest, CALLER) is None
+
+
+def test_each_weighted_backend_keeps_its_own_port():
+    """Issue 22: `[{name: catalog-v2, port: 80}, {name: catalog-v2, port: 8080}]` always went
+    to the first port any route listed for that Service."""
+    r = route(
+        "split",
+        {
+            "backendRefs": [
+                {"name": "catalog-v2", "port": 80, "weight": 1},
+                {"name": "catalog-v2", "port": 8080, "weight": 1},
+            ]
+        },
+    )
+    state = build_state([*BASE, r], 1)
+    dest = pipeline.destination(state, ME, ("10.96.0.5", 80))
+    assert not isinstance(dest, str)
+    req = h11.Request(method="GET", target="/", headers=[("host", "catalog")])
+    ports = set()
+    for seed in range(40):
+        p = pipeline.plan(state, ME, dest, CALLER, req, rng=random.Random(seed))
+        assert isinstance(p, Plan)
+        ports.add(p.port)
+    assert ports == {80, 8080}
+
+
+def test_a_port_without_a_route_is_not_steered_by_another_ports_route():
+    """Issue 22: HTTP to a Service port no route names went to a port some route listed."""
+    other = {
+        **route("other", {"backendRefs": [{"name": "catalog", "port": 9090}]}),
+    }
+    other["spec"]["parentRefs"] = [
+        {"group": "", "kind": "Service", "name": "catalog-v2", "namespace": "shop"}
+    ]
+    p = run(other)
+    assert isinstance(p, Plan) and (p.backend.name if p.backend else None, p.port) == (
+        "catalog",
+        80,
+    )
