@@ -99,6 +99,34 @@ class BackendRef:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """RequestMirror: a copy of the request to `backend`, for `fraction` of requests."""
+
+    backend: BackendRef
+    fraction: float = 1.0
+
+
+def _mirror_fraction(d: Mapping[str, Any], where: str) -> float:
+    """`percent` (0-100) or `fraction` ({numerator, denominator: 100}), never both."""
+    if "percent" in d and "fraction" in d:
+        raise RouteError(f"{where}: percent and fraction exclude each other")
+    if "percent" in d:
+        percent = int(d["percent"])
+        if not 0 <= percent <= 100:
+            raise RouteError(f"{where}.percent: {percent} is outside 0-100")
+        return percent / 100
+    if "fraction" in d:
+        f = d["fraction"]
+        numerator, denominator = int(f["numerator"]), int(f.get("denominator", 100))
+        if denominator <= 0 or not 0 <= numerator <= denominator:
+            raise RouteError(
+                f"{where}.fraction: needs 0 <= numerator <= denominator, 0 < denominator"
+            )
+        return numerator / denominator
+    return 1.0
+
+
+@dataclass(frozen=True)
 class Redirect:
     """RequestRedirect: answered by the waypoint, never forwarded."""
 
@@ -125,7 +153,7 @@ class Rule:
     response_headers: HeaderModifier | None = None
     redirect: Redirect | None = None
     rewrite: Rewrite | None = None
-    mirrors: tuple[BackendRef, ...] = ()
+    mirrors: tuple[Mirror, ...] = ()
     timeout: float | None = None  # timeouts.request: until the response headers
     backend_timeout: float | None = None  # timeouts.backendRequest: each try
     retry: RetryPolicy | None = None
@@ -324,7 +352,12 @@ def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
                 elif ftype == "RequestMirror":
                     d = f.get("requestMirror") or {}
                     mirrors.append(
-                        _backend(d.get("backendRef") or {}, ns, f"{fw}.requestMirror.backendRef")
+                        Mirror(
+                            _backend(
+                                d.get("backendRef") or {}, ns, f"{fw}.requestMirror.backendRef"
+                            ),
+                            _mirror_fraction(d, f"{fw}.requestMirror"),
+                        )
                     )
                 else:
                     raise RouteError(

@@ -58,9 +58,10 @@ class RetryPolicy:
         return attempt <= self.attempts and (status is None or status in self.codes)
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Exponential backoff with full jitter, capped at 10x the base."""
+        """Exponential backoff with jitter, capped at 10x the base, and never shorter than
+        the base: Gateway API's `backoff` is the minimum wait between tries."""
         cap = min(self.backoff * 2 ** (attempt - 1), self.backoff * 10)
-        return (rng or random).uniform(cap / 2, cap)
+        return (rng or random).uniform(max(self.backoff, cap / 2), cap)
 
 
 def parse_retry(doc: Mapping[str, Any] | None, where: str) -> RetryPolicy | None:
@@ -70,8 +71,8 @@ def parse_retry(doc: Mapping[str, Any] | None, where: str) -> RetryPolicy | None
     if not 0 <= attempts <= 10:
         raise PolicyError(f"{where}.attempts: {attempts} is outside 0-10")
     codes = frozenset(int(c) for c in doc.get("codes") or (502, 503, 504))
-    if any(not 500 <= c <= 599 for c in codes):
-        raise PolicyError(f"{where}.codes: only 5xx codes can be retried")
+    if any(not 400 <= c <= 599 for c in codes):  # Gateway API's HTTPRouteRetryStatusCode
+        raise PolicyError(f"{where}.codes: only codes 400-599 can be retried")
     backoff = parse_duration(doc["backoff"], f"{where}.backoff") if "backoff" in doc else 0.025
     return RetryPolicy(attempts, backoff, codes)
 

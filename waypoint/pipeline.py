@@ -265,7 +265,7 @@ def plan(
     limits = tuple(p for p in (route_policy, service_policy) if p is not None)
     rule: Rule | None = hit.rule if hit else None
     if hit is not None and hit.rule.redirect is not None:
-        return _redirect(hit, headers, target, path, route, limits)
+        return _redirect(hit, headers, target, path, route, limits, dest.port)
     if hit is not None:
         ref = pick_backend(hit.rule, rng)
         if ref is None:
@@ -307,10 +307,13 @@ def plan(
                 upstream_target = (new + sep + query).encode("latin-1")
     retry = (rule.retry if rule else None) or (service_policy.retry if service_policy else None)
     mirrors = tuple(
-        ref
-        for ref in (rule.mirrors if rule is not None else ())
+        m.backend
+        for m in (rule.mirrors if rule is not None else ())
         if hit is not None
-        and reference_granted(state.reference_grants, hit.route.namespace, ref.namespace, ref.name)
+        and reference_granted(
+            state.reference_grants, hit.route.namespace, m.backend.namespace, m.backend.name
+        )
+        and (m.fraction >= 1 or rng.random() < m.fraction)
     )
     return Plan(
         method=req.method,
@@ -332,6 +335,9 @@ def plan(
     )
 
 
+WELL_KNOWN_PORTS = {"http": 80, "https": 443}
+
+
 def _redirect(  # noqa: PLR0917
     hit: Selected,
     headers: list[tuple[str, str]],
@@ -339,15 +345,21 @@ def _redirect(  # noqa: PLR0917
     normalized: str,
     route: str,
     limits: tuple[TrafficPolicy, ...],
+    listener_port: int,
 ) -> Redirect:
+    """Gateway API's rules for the Location: without `port`, the scheme's well-known port
+    when `scheme` is set, else the port the request came to (in the mesh, the Service port);
+    80 for http and 443 for https are left out."""
     r = hit.rule.redirect
     assert r is not None
     host = {n.lower(): v for n, v in headers}.get("host", "").split(":")[0]
     path, sep, query = target.partition("?")
     if r.path is not None:
         path = replace_path(path, r.path, hit.match)
-    port = f":{r.port}" if r.port else ""
-    location = f"{r.scheme or 'http'}://{r.hostname or host}{port}{path}{sep}{query}"
+    scheme = r.scheme or "http"
+    number = r.port or (WELL_KNOWN_PORTS.get(scheme, listener_port) if r.scheme else listener_port)
+    port = "" if WELL_KNOWN_PORTS.get(scheme) == number else f":{number}"
+    location = f"{scheme}://{r.hostname or host}{port}{path}{sep}{query}"
     return Redirect(r.status, location, normalized, route, limits)
 
 

@@ -175,7 +175,7 @@ MIRRORED = re.compile(
 def test_redirect_rewrite_and_mirror_filters(wlab):
     out = curl(wlab, "-i", "http://catalog:9080/old/x?q=1").stdout
     assert out.startswith("HTTP/1.1 301")
-    assert "location: http://catalog.example/new/x?q=1" in out
+    assert "location: http://catalog.example:9080/new/x?q=1" in out  # the Service port stays
     seen = answers(curl(wlab, "http://catalog:9080/v1/items").stdout)[0]
     assert seen["path"] == "/api/items" and seen["headers"]["host"] == "catalog.internal"
     assert codes(wlab, "http://catalog:9080/mirror/[1-5]") == [200] * 5

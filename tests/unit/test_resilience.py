@@ -39,8 +39,15 @@ def test_retries_on_unreachable_and_chosen_codes_only():
     assert not r.retries(1, 500) and not r.retries(1, 404)
     rng = random.Random(1)
     delays = [r.delay(n, rng) for n in (1, 2, 3, 8)]
-    assert 0.05 <= delays[0] <= 0.1 and 0.1 <= delays[1] <= 0.2 and 0.2 <= delays[2] <= 0.4
+    assert delays[0] == 0.1 and 0.1 <= delays[1] <= 0.2 and 0.2 <= delays[2] <= 0.4
     assert delays[3] <= 1.0  # capped at 10x the base
+
+
+def test_no_retry_waits_less_than_the_backoff():
+    """Issue 22: Gateway API's `backoff` is the minimum wait; the first one could be half."""
+    r = RetryPolicy(attempts=5, backoff=0.1)
+    rng = random.Random(7)
+    assert min(r.delay(n, rng) for n in range(1, 6) for _ in range(200)) >= 0.1
 
 
 def test_token_bucket_allows_a_burst_then_the_rate():
@@ -97,7 +104,9 @@ def test_traffic_policy_parses_and_names_bad_fields():
     assert p.services == ("catalog",) and p.retry == RetryPolicy(2, 0.05, frozenset({503}))
     assert p.fault == Fault(0, 0, 50, 503) and p.rate == (5, 10)
     assert p.pool is not None and p.pool.max_requests == 4 and p.outlier == (2, 5.0)
-    doc["spec"]["retry"]["codes"] = [404]
+    doc["spec"]["retry"]["codes"] = [429, 503]  # Gateway API's range is 400-599
+    assert parse_traffic_policy(doc).retry == RetryPolicy(2, 0.05, frozenset({429, 503}))
+    doc["spec"]["retry"]["codes"] = [302]
     with pytest.raises(PolicyError, match=r"TrafficPolicy shop/p: spec.retry.codes"):
         parse_traffic_policy(doc)
 

@@ -230,7 +230,7 @@ def test_filters_timeouts_and_retry_parse():
         None, "new.example", None, ("ReplacePrefixMatch", "/new"), 301
     )
     assert rewrite.rewrite == Rewrite("catalog.internal", ("ReplacePrefixMatch", "/api/"))
-    assert [m.name for m in rewrite.mirrors] == ["shadow"]
+    assert [m.backend.name for m in rewrite.mirrors] == ["shadow"]
     assert (rewrite.timeout, rewrite.backend_timeout) == (2.0, 0.5)
     assert rewrite.retry is not None and rewrite.retry.attempts == 3
     hit = select([r], RequestFacts.of("GET", "/v1/items/7", []))

@@ -279,3 +279,82 @@ def test_a_port_without_a_route_is_not_steered_by_another_ports_route():
         "catalog",
         80,
     )
+
+
+@pytest.mark.parametrize(
+    ("redirect", "service_port", "location"),
+    [
+        (
+            {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"}},
+            8080,
+            "http://catalog:8080/new?x=1",
+        ),
+        (
+            {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"}},
+            80,
+            "http://catalog/new?x=1",
+        ),
+        ({"scheme": "https"}, 8080, "https://catalog/items?x=1"),  # the scheme's own port
+        ({"scheme": "https", "port": 8443}, 80, "https://catalog:8443/items?x=1"),
+        ({"hostname": "shop.example", "port": 80}, 8080, "http://shop.example/items?x=1"),
+    ],
+)
+def test_a_redirects_location_keeps_the_port_as_gateway_api_says(redirect, service_port, location):
+    """Issue 22: a path-only RequestRedirect dropped the port from Location."""
+    catalog = svc("shop", "catalog", "10.96.0.5", service_port)
+    r = route("old", {"filters": [{"type": "RequestRedirect", "requestRedirect": redirect}]})
+    r["spec"]["parentRefs"][0]["port"] = service_port
+    state = build_state([*BASE[:2], catalog, r], 1)
+    dest = pipeline.destination(state, ME, ("10.96.0.5", service_port))
+    assert not isinstance(dest, str), dest
+    req = h11.Request(method="GET", target="/items?x=1", headers=[("host", "catalog")])
+    out = pipeline.plan(state, ME, dest, CALLER, req, rng=random.Random(1))
+    assert isinstance(out, Redirect) and out.location == location
+
+
+@pytest.mark.parametrize(
+    ("spec", "share"),
+    [({"percent": 25}, 0.25), ({"fraction": {"numerator": 1, "denominator": 10}}, 0.1), ({}, 1.0)],
+)
+def test_a_mirror_copies_its_share_of_requests(spec, share):
+    """Issue 22: `percent` / `fraction` were ignored: every request was mirrored."""
+    r = route(
+        "m",
+        {
+            "filters": [
+                {
+                    "type": "RequestMirror",
+                    "requestMirror": {"backendRef": {"name": "catalog-v2", "port": 8080}, **spec},
+                }
+            ],
+            "backendRefs": [{"name": "catalog", "port": 80}],
+        },
+    )
+    state = build_state([*BASE, r], 1)
+    dest = pipeline.destination(state, ME, ("10.96.0.5", 80))
+    assert not isinstance(dest, str)
+    req = h11.Request(method="GET", target="/", headers=[("host", "catalog")])
+    rng = random.Random(3)
+    plans = [pipeline.plan(state, ME, dest, CALLER, req, rng=rng) for _ in range(2000)]
+    mirrored = sum(1 for p in plans if isinstance(p, Plan) and p.mirrors) / len(plans)
+    assert abs(mirrored - share) < 0.03
+
+
+def test_a_mirror_with_both_percent_and_fraction_is_refused():
+    r = route(
+        "m",
+        {
+            "filters": [
+                {
+                    "type": "RequestMirror",
+                    "requestMirror": {
+                        "backendRef": {"name": "catalog-v2", "port": 8080},
+                        "percent": 5,
+                        "fraction": {"numerator": 1},
+                    },
+                }
+            ]
+        },
+    )
+    state = build_state([*BASE, r], 1)
+    assert "exclude each other" in state.invalid[("HTTPRoute", "shop", "m")]
