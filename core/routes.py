@@ -157,6 +157,9 @@ class Rule:
     timeout: float | None = None  # timeouts.request: until the response headers
     backend_timeout: float | None = None  # timeouts.backendRequest: each try
     retry: RetryPolicy | None = None
+    # Why this rule cannot be applied (an unsupported filter, a bad backendRef, ...): a
+    # request it matches is answered 500, never sent on without it (Gateway API).
+    invalid: str | None = None
 
 
 def replace_path(path: str, how: tuple[str, str], match: Match) -> str:
@@ -182,6 +185,11 @@ class HttpRoute:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """Why some of its rules cannot be applied (those answer 500)."""
+        return tuple(r.invalid for r in self.rules if r.invalid)
 
     def attaches_to(self, namespace: str, service: str, port: int) -> bool:
         return any(
@@ -303,6 +311,78 @@ def _backend(b: Mapping[str, Any], ns: str, where: str) -> BackendRef:
     return BackendRef(str(b["name"]), b.get("namespace", ns), int(b["port"]), weight)
 
 
+def _rule(r: Mapping[str, Any], rw: str, ns: str, matches: tuple[Match, ...]) -> Rule:
+    """A rule's filters, backends, timeouts and retry; RouteError names what it cannot apply."""
+    req_mod = resp_mod = None
+    redirect = rewrite = None
+    mirrors = []
+    for j, f in enumerate(_list(r.get("filters"), f"{rw}.filters")):
+        ftype, fw = f.get("type"), f"{rw}.filters[{j}]"
+        if ftype == "RequestHeaderModifier":
+            req_mod = _modifier(f.get("requestHeaderModifier"))
+        elif ftype == "ResponseHeaderModifier":
+            resp_mod = _modifier(f.get("responseHeaderModifier"))
+        elif ftype == "RequestRedirect":
+            d = f.get("requestRedirect") or {}
+            status = int(d.get("statusCode", 302))
+            if status not in (301, 302, 303, 307, 308):
+                raise RouteError(f"{fw}.requestRedirect.statusCode: {status}")
+            redirect = Redirect(
+                d.get("scheme"),
+                d.get("hostname"),
+                int(d["port"]) if "port" in d else None,
+                _path_filter(d.get("path"), f"{fw}.requestRedirect.path"),
+                status,
+            )
+        elif ftype == "URLRewrite":
+            d = f.get("urlRewrite") or {}
+            rewrite = Rewrite(
+                d.get("hostname"), _path_filter(d.get("path"), f"{fw}.urlRewrite.path")
+            )
+        elif ftype == "RequestMirror":
+            d = f.get("requestMirror") or {}
+            mirrors.append(
+                Mirror(
+                    _backend(d.get("backendRef") or {}, ns, f"{fw}.requestMirror.backendRef"),
+                    _mirror_fraction(d, f"{fw}.requestMirror"),
+                )
+            )
+        else:
+            raise RouteError(
+                f"{rw}.filters[{j}].type: {ftype!r} is not supported yet "
+                f"({', '.join(SUPPORTED_FILTERS)})"
+            )
+    backends = [
+        _backend(b, ns, f"{rw}.backendRefs[{j}]")
+        for j, b in enumerate(_list(r.get("backendRefs"), f"{rw}.backendRefs"))
+    ]
+    if redirect is not None and rewrite is not None:
+        raise RouteError(f"{rw}.filters: RequestRedirect and URLRewrite exclude each other")
+    t = r.get("timeouts") or {}
+    try:
+        timeout = parse_duration(t["request"], f"{rw}.timeouts.request") if "request" in t else None
+        backend_timeout = (
+            parse_duration(t["backendRequest"], f"{rw}.timeouts.backendRequest")
+            if "backendRequest" in t
+            else None
+        )
+        retry = parse_retry(r.get("retry"), f"{rw}.retry")
+    except PolicyError as e:
+        raise RouteError(str(e)) from None
+    return Rule(
+        matches,
+        tuple(backends),
+        req_mod,
+        resp_mod,
+        redirect,
+        rewrite,
+        tuple(mirrors),
+        timeout,
+        backend_timeout,
+        retry,
+    )
+
+
 def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
     md = obj.get("metadata") or {}
     ns, name = md.get("namespace", "default"), md.get("name", "?")
@@ -323,82 +403,11 @@ def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
                 _match(m, f"{rw}.matches[{j}]")
                 for j, m in enumerate(_list(r.get("matches"), f"{rw}.matches"))
             ) or (Match(),)
-            req_mod = resp_mod = None
-            redirect = rewrite = None
-            mirrors = []
-            for j, f in enumerate(_list(r.get("filters"), f"{rw}.filters")):
-                ftype, fw = f.get("type"), f"{rw}.filters[{j}]"
-                if ftype == "RequestHeaderModifier":
-                    req_mod = _modifier(f.get("requestHeaderModifier"))
-                elif ftype == "ResponseHeaderModifier":
-                    resp_mod = _modifier(f.get("responseHeaderModifier"))
-                elif ftype == "RequestRedirect":
-                    d = f.get("requestRedirect") or {}
-                    status = int(d.get("statusCode", 302))
-                    if status not in (301, 302, 303, 307, 308):
-                        raise RouteError(f"{fw}.requestRedirect.statusCode: {status}")
-                    redirect = Redirect(
-                        d.get("scheme"),
-                        d.get("hostname"),
-                        int(d["port"]) if "port" in d else None,
-                        _path_filter(d.get("path"), f"{fw}.requestRedirect.path"),
-                        status,
-                    )
-                elif ftype == "URLRewrite":
-                    d = f.get("urlRewrite") or {}
-                    rewrite = Rewrite(
-                        d.get("hostname"), _path_filter(d.get("path"), f"{fw}.urlRewrite.path")
-                    )
-                elif ftype == "RequestMirror":
-                    d = f.get("requestMirror") or {}
-                    mirrors.append(
-                        Mirror(
-                            _backend(
-                                d.get("backendRef") or {}, ns, f"{fw}.requestMirror.backendRef"
-                            ),
-                            _mirror_fraction(d, f"{fw}.requestMirror"),
-                        )
-                    )
-                else:
-                    raise RouteError(
-                        f"{rw}.filters[{j}].type: {ftype!r} is not supported yet "
-                        f"({', '.join(SUPPORTED_FILTERS)})"
-                    )
-            backends = [
-                _backend(b, ns, f"{rw}.backendRefs[{j}]")
-                for j, b in enumerate(_list(r.get("backendRefs"), f"{rw}.backendRefs"))
-            ]
-            if redirect is not None and rewrite is not None:
-                raise RouteError(f"{rw}.filters: RequestRedirect and URLRewrite exclude each other")
-            t = r.get("timeouts") or {}
             try:
-                timeout = (
-                    parse_duration(t["request"], f"{rw}.timeouts.request")
-                    if "request" in t
-                    else None
-                )
-                backend_timeout = (
-                    parse_duration(t["backendRequest"], f"{rw}.timeouts.backendRequest")
-                    if "backendRequest" in t
-                    else None
-                )
-                retry = parse_retry(r.get("retry"), f"{rw}.retry")
-            except PolicyError as e:
-                raise RouteError(str(e)) from None
-            rules.append(
-                Rule(
-                    matches,
-                    tuple(backends),
-                    req_mod,
-                    resp_mod,
-                    redirect,
-                    rewrite,
-                    tuple(mirrors),
-                    timeout,
-                    backend_timeout,
-                    retry,
-                )
-            )
+                rules.append(_rule(r, rw, ns, matches))
+            except (RouteError, KeyError, TypeError, ValueError, AttributeError) as e:
+                why = str(e) if isinstance(e, RouteError) else f"{rw}: cannot read: {e!r}"
+                rules.append(Rule(matches, invalid=why))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         if isinstance(e, RouteError):
             raise

@@ -124,8 +124,9 @@ class MeshState:
     reference_grants: tuple[ReferenceGrant, ...] = ()
     traffic_policies: tuple[TrafficPolicy, ...] = ()
     request_authentications: tuple[RequestAuthentication, ...] = ()
-    # Why an object is not in force, by (kind, namespace, name): attached to the object it
-    # belongs to, for logs now and status conditions on Kubernetes.
+    # Why an object (or a part of it: an HTTPRoute rule) is not in force, by (kind,
+    # namespace, name): attached to the object it belongs to, for logs now and status
+    # conditions on Kubernetes.
     invalid: Mapping[ObjectKey, str] = field(default_factory=dict)
 
     @cached_property
@@ -409,7 +410,11 @@ class StateBuilder:
                 if (wp := waypoint_from(obj)) is not None:
                     self.waypoints[key] = wp
             elif kind == "HTTPRoute":
-                self.routes[key] = routes.parse_route(obj)
+                route = self.routes[key] = routes.parse_route(obj)
+                if route.problems:  # in force, but these rules answer 500
+                    self.invalid[key] = "; ".join(
+                        f"{p} (the rule answers 500)" for p in route.problems
+                    )
             elif kind == "ReferenceGrant":
                 self.grants[key] = routes.parse_reference_grant(obj)
             elif kind == traffic.KIND and str(obj.get("apiVersion", "")).startswith(traffic.GROUP):

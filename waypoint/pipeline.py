@@ -264,6 +264,8 @@ def plan(
     )
     limits = tuple(p for p in (route_policy, service_policy) if p is not None)
     rule: Rule | None = hit.rule if hit else None
+    if rule is not None and rule.invalid:
+        return Reply(500, "NR", f"HTTPRoute {route}: {rule.invalid}", path, route)
     if hit is not None and hit.rule.redirect is not None:
         return _redirect(hit, headers, target, path, route, limits, dest.port)
     if hit is not None:

@@ -168,8 +168,6 @@ def test_header_modifiers_set_add_remove():
             [{"matches": [{"path": {"type": "RegularExpression", "value": "("}}]}],
             "rules[0].matches[0].path.value",
         ),
-        ([{"backendRefs": [{"name": "a"}]}], "rules[0].backendRefs[0].port"),
-        ([{"filters": [{"type": "ExtensionRef"}]}], "rules[0].filters[0].type"),
     ],
 )
 def test_invalid_routes_name_the_field(rules, field):
@@ -177,6 +175,29 @@ def test_invalid_routes_name_the_field(rules, field):
         RouteError, match=f"HTTPRoute shop/bad: spec.{field.replace('[', '.').replace(']', '.')}"
     ):
         parse_route(route("bad", rules))
+
+
+@pytest.mark.parametrize(
+    ("rule", "field"),
+    [
+        ({"backendRefs": [{"name": "a"}]}, "rules[1].backendRefs[0].port"),
+        ({"filters": [{"type": "ExtensionRef"}]}, "rules[1].filters[0].type"),
+        ({"retry": {"codes": [200]}}, "rules[1].retry.codes"),
+    ],
+)
+def test_a_rule_that_cannot_be_applied_is_kept_to_answer_500(rule, field):
+    """Issue 22: one unsupported filter or retry code dropped the whole route, and its
+    traffic went straight to the Service. Gateway API: the affected rule answers 500."""
+    good = {
+        "matches": [{"path": {"type": "PathPrefix", "value": "/ok"}}],
+        "backendRefs": [backend("a")],
+    }
+    r = parse_route(route("bad", [good, rule]))
+    assert r.rules[0].invalid is None
+    assert (r.rules[1].invalid or "").startswith(
+        f"HTTPRoute shop/bad: spec.{field}".replace("[", "[").replace("]", "]")
+    )
+    assert r.problems == (r.rules[1].invalid,)
 
 
 def test_filters_timeouts_and_retry_parse():

@@ -15,14 +15,19 @@ from veil.runtime.sources.jwks import fetch_jwks
 ROOT = Path(__file__).parents[2]
 
 
-def route(name: str, port: Any = 80) -> dict[str, Any]:
+def route(name: str, path_type: str = "PathPrefix") -> dict[str, Any]:
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
         "metadata": {"namespace": "shop", "name": name},
         "spec": {
             "parentRefs": [{"group": "", "kind": "Service", "name": "catalog"}],
-            "rules": [{"backendRefs": [{"name": "catalog", "port": port}]}],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": path_type, "value": "/"}}],
+                    "backendRefs": [{"name": "catalog", "port": 80}],
+                }
+            ],
         },
     }
 
@@ -87,14 +92,14 @@ def test_a_bad_edit_is_attached_to_its_object_and_a_fix_or_delete_clears_it():
     b = StateBuilder()
     b.apply(route("r1"))
     b.apply(route("r2"))
-    b.apply(route("r1", port="eighty"))  # an event: only r1 is parsed again
+    b.apply(route("r1", path_type="Glob"))  # an event: only r1 is parsed again
     s = b.snapshot(2)
     assert [r.key for r in s.routes] == ["shop/r2"]
     assert list(s.invalid) == [("HTTPRoute", "shop", "r1")]
     assert "HTTPRoute shop/r1" in s.invalid[("HTTPRoute", "shop", "r1")]
     b.apply(route("r1"))
     assert b.snapshot(3).invalid == {}
-    b.apply(route("r1", port="eighty"))
+    b.apply(route("r1", path_type="Glob"))
     b.delete(object_key(route("r1")))
     s = b.snapshot(4)
     assert s.invalid == {} and [r.key for r in s.routes] == ["shop/r2"]

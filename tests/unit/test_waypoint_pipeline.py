@@ -358,3 +358,16 @@ def test_a_mirror_with_both_percent_and_fraction_is_refused():
     )
     state = build_state([*BASE, r], 1)
     assert "exclude each other" in state.invalid[("HTTPRoute", "shop", "m")]
+
+
+def test_a_request_a_broken_rule_matches_gets_500_and_the_route_says_why():
+    r = route(
+        "half",
+        {"filters": [{"type": "ExtensionRef"}], "backendRefs": [{"name": "catalog", "port": 80}]},
+    )
+    state = build_state([*BASE, r], 1)
+    assert [x.key for x in state.routes] == ["shop/half"]  # in force: it still claims the traffic
+    assert "answers 500" in state.invalid[("HTTPRoute", "shop", "half")]
+    out = run(r)
+    assert isinstance(out, Reply) and (out.status, out.route) == (500, "shop/half")
+    assert "filters[0].type" in out.why
