@@ -154,7 +154,7 @@ class Rule:
     redirect: Redirect | None = None
     rewrite: Rewrite | None = None
     mirrors: tuple[Mirror, ...] = ()
-    timeout: float | None = None  # timeouts.request: until the response headers
+    timeout: float | None = None  # timeouts.request: the whole exchange, body included
     backend_timeout: float | None = None  # timeouts.backendRequest: each try
     retry: RetryPolicy | None = None
     # Why this rule cannot be applied (an unsupported filter, a bad backendRef, ...): a

@@ -103,7 +103,8 @@ class Forwarder:
             for ref in plan.mirrors:
                 self._mirror(ref, plan, body, req.client_ip)
         resp: tuple[Upstream, Any] | None = None
-        with trio.move_on_after(plan.timeout):
+        # timeouts.request covers the whole exchange, the response's body included
+        with trio.move_on_after(plan.timeout) as deadline:
             attempt = 0
             while resp is None:
                 attempt += 1
@@ -130,9 +131,10 @@ class Forwarder:
                     )
                 rec.retries += 1
                 await trio.sleep(plan.retry.delay(attempt, self.rng))
-        if resp is None:
-            raise HttpError(504, "UT", f"no response within {plan.timeout:g}s (timeouts.request)")
-        await self._respond(plan, req, *resp)
+            await self._respond(plan, req, *resp)
+        if deadline.cancelled_caught:
+            what = "no response" if resp is None else "the response not complete"
+            raise HttpError(504, "UT", f"{what} within {plan.timeout:g}s (timeouts.request)")
 
     async def _read_body(self, req: Request) -> bytes:
         chunks = []
