@@ -34,6 +34,8 @@ from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL
 
 VEIL = str(Path(sys.executable).parent / "veil")
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # the repository's
+
 
 @dataclass(frozen=True)
 class Call:
@@ -150,7 +152,7 @@ def pods_answering(lab: str, url: str, *extra: str) -> Counter[str]:
 
 def waypoint_demo(lab: str) -> int:
     """Namespace shop through its waypoint: canary, header route, retries, timeout, L7 deny."""
-    examples = Path(__file__).resolve().parents[2] / "examples" / "shop-waypoint"
+    examples = EXAMPLES / "shop-waypoint"
     unexpected = 0
 
     def expect(ok: bool, line: str) -> None:
@@ -229,7 +231,7 @@ def waypoint_demo(lab: str) -> int:
 
 def policy_demo(lab: str, st: dict[str, Any]) -> int:
     """Apply a DENY and an ALLOW policy; show refused and allowed calls and what they left."""
-    policies = Path(__file__).resolve().parents[2] / "examples" / "shop-policies"
+    policies = EXAMPLES / "shop-policies"
     cart_node = next(p["node"] for p in st["pods"] if p["name"].startswith("cart-"))
     legacy = Call("legacy", "backoffice", "http://cart.shop:7070/")
     client = Call("client", "shop", "http://cart.shop:7070/")

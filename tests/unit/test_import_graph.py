@@ -229,3 +229,11 @@ def test_only_the_hbone_stream_changes_its_own_state():
             ):
                 offenders.append(f"{m}:{n.lineno}: {ast.unparse(n)}")
     assert offenders == []
+
+
+def test_the_demo_finds_its_examples():
+    """The demo's example folders are found from its own place (they moved with lab/)."""
+    from veil.lab import demo  # noqa: PLC0415
+
+    for name in ("shop", "shop-waypoint", "shop-policies"):
+        assert (demo.EXAMPLES / name).is_dir(), demo.EXAMPLES / name
