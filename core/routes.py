@@ -178,7 +178,8 @@ def replace_path(path: str, how: tuple[str, str], match: Match) -> str:
 class HttpRoute:
     namespace: str
     name: str
-    parents: tuple[tuple[str, str, int | None], ...]  # (namespace, Service, port or any)
+    # (namespace, Service, port or any, sectionName: the Service port's name, or any)
+    parents: tuple[tuple[str, str, int | None, str | None], ...]
     rules: tuple[Rule, ...]
     created: str = ""  # creationTimestamp, for ties
 
@@ -191,10 +192,15 @@ class HttpRoute:
         """Why some of its rules cannot be applied (those answer 500)."""
         return tuple(r.invalid for r in self.rules if r.invalid)
 
-    def attaches_to(self, namespace: str, service: str, port: int) -> bool:
+    def attaches_to(self, namespace: str, service: str, port: int, port_name: str = "") -> bool:
+        """Whether a parentRef names this Service port: by `port`, by `sectionName` (the
+        port's name, GAMMA), or the whole Service when it gives neither."""
         return any(
-            ns == namespace and name == service and (p is None or p == port)
-            for ns, name, p in self.parents
+            ns == namespace
+            and name == service
+            and (p is None or p == port)
+            and (section is None or section == port_name)
+            for ns, name, p, section in self.parents
         )
 
 
@@ -393,7 +399,15 @@ def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
         for i, p in enumerate(_list(spec.get("parentRefs"), f"{where}.parentRefs")):
             kind, group = p.get("kind", "Gateway"), p.get("group", API_GROUP)
             if kind == "Service" and group in ("", "core"):
-                parents.append((p.get("namespace", ns), str(p["name"]), p.get("port")))
+                section = p.get("sectionName")
+                parents.append(
+                    (
+                        p.get("namespace", ns),
+                        str(p["name"]),
+                        p.get("port"),
+                        None if section is None else str(section),
+                    )
+                )
             elif kind != "Gateway":
                 raise RouteError(f"{where}.parentRefs[{i}]: {group}/{kind} is not a core Service")
         rules = []
@@ -415,7 +429,7 @@ def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
     return HttpRoute(
         ns,
         name,
-        tuple((a, b, int(c) if c is not None else None) for a, b, c in parents),
+        tuple((a, b, int(c) if c is not None else None, d) for a, b, c, d in parents),
         tuple(rules),
         str(md.get("creationTimestamp", "")),
     )
@@ -436,8 +450,13 @@ def parse_routes(objects: Iterable[Mapping[str, Any]]) -> tuple[list[HttpRoute],
 # -- deciding ------------------------------------------------------------------------------
 
 
-def routes_for_client(
-    routes: Iterable[HttpRoute], namespace: str, service: str, port: int, client_ns: str
+def routes_for_client(  # noqa: PLR0917
+    routes: Iterable[HttpRoute],
+    namespace: str,
+    service: str,
+    port: int,
+    client_ns: str,
+    port_name: str = "",
 ) -> list[HttpRoute]:
     """The routes that apply to one client's request to a Service (GAMMA, GEP-1426).
 
@@ -446,7 +465,7 @@ def routes_for_client(
     replaces the producer routes. So a route in namespace `attacker` never steers the
     requests of clients elsewhere.
     """
-    attached = [r for r in routes if r.attaches_to(namespace, service, port)]
+    attached = [r for r in routes if r.attaches_to(namespace, service, port, port_name)]
     if client_ns != namespace:
         consumer = [r for r in attached if r.namespace == client_ns]
         if consumer:

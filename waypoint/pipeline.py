@@ -246,8 +246,9 @@ def plan(
     port = dest.port  # without a route: the addressed Service port
     if dest.service is not None:
         svc = dest.service
+        port_name = next((p.name for p in svc.ports if p.port == dest.port), "")
         attached = routes_for_client(
-            state.routes, svc.namespace, svc.name, dest.port, caller.peer.namespace
+            state.routes, svc.namespace, svc.name, dest.port, caller.peer.namespace, port_name
         )
         if attached:
             hit = select(attached, facts)

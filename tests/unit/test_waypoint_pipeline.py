@@ -371,3 +371,27 @@ def test_a_request_a_broken_rule_matches_gets_500_and_the_route_says_why():
     out = run(r)
     assert isinstance(out, Reply) and (out.status, out.route) == (500, "shop/half")
     assert "filters[0].type" in out.why
+
+
+@pytest.mark.parametrize(("port", "routed"), [(80, True), (9090, False)])
+def test_a_parent_ref_section_name_picks_the_service_port(port, routed):
+    """Issue 22: `parentRefs[].sectionName` was ignored: a route applied to every port."""
+    two_ports = {
+        "kind": "Service",
+        "metadata": {"namespace": "shop", "name": "catalog"},
+        "spec": {
+            "clusterIP": "10.96.0.5",
+            "ports": [{"name": "http", "port": 80}, {"name": "admin", "port": 9090}],
+            "selector": {"app": "catalog"},
+        },
+    }
+    r = route("to-v2", {"backendRefs": [{"name": "catalog-v2", "port": 8080}]})
+    r["spec"]["parentRefs"][0]["sectionName"] = "http"
+    state = build_state([*BASE[:2], two_ports, BASE[3], r], 1)
+    dest = pipeline.destination(state, ME, ("10.96.0.5", port))
+    assert not isinstance(dest, str), dest
+    req = h11.Request(method="GET", target="/", headers=[("host", "catalog")])
+    p = pipeline.plan(state, ME, dest, CALLER, req, rng=random.Random(1))
+    assert isinstance(p, Plan)
+    assert (p.route == "shop/to-v2") is routed
+    assert (p.backend.name if p.backend else None) == ("catalog-v2" if routed else "catalog")
