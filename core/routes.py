@@ -96,6 +96,9 @@ class BackendRef:
     namespace: str
     port: int
     weight: int = 1
+    # The backendRef's own filters, applied when it is the one picked (after the rule's)
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,21 @@ def _backend(b: Mapping[str, Any], ns: str, where: str) -> BackendRef:
     weight = int(b.get("weight", 1))
     if weight < 0:
         raise RouteError(f"{where}.weight: must not be negative")
-    return BackendRef(str(b["name"]), b.get("namespace", ns), int(b["port"]), weight)
+    req_mod = resp_mod = None
+    for j, f in enumerate(_list(b.get("filters"), f"{where}.filters")):
+        ftype = f.get("type")
+        if ftype == "RequestHeaderModifier":
+            req_mod = _modifier(f.get("requestHeaderModifier"))
+        elif ftype == "ResponseHeaderModifier":
+            resp_mod = _modifier(f.get("responseHeaderModifier"))
+        else:  # the rule answers 500 rather than send without it
+            raise RouteError(
+                f"{where}.filters[{j}].type: {ftype!r} is not supported on a backendRef "
+                "(RequestHeaderModifier, ResponseHeaderModifier)"
+            )
+    return BackendRef(
+        str(b["name"]), b.get("namespace", ns), int(b["port"]), weight, req_mod, resp_mod
+    )
 
 
 def _rule(r: Mapping[str, Any], rw: str, ns: str, matches: tuple[Match, ...]) -> Rule:

@@ -233,8 +233,8 @@ class Forwarder:
         rheaders = http1.end_to_end(
             [(n.decode("latin-1"), v.decode("latin-1")) for n, v in resp.headers]
         )
-        if plan.response_headers is not None:
-            rheaders = plan.response_headers.apply(rheaders)
+        for modifier in plan.response_headers:
+            rheaders = modifier.apply(rheaders)
         try:
             out = Writer(req.down, req.stream)
             await out.send(

@@ -174,7 +174,7 @@ class Plan:
     timeout: float = float("inf")  # the whole request (timeouts.request)
     backend_timeout: float = float("inf")  # each try (timeouts.backendRequest)
     mirrors: tuple[BackendRef, ...] = ()  # granted mirror backends
-    response_headers: HeaderModifier | None = None
+    response_headers: tuple[HeaderModifier, ...] = ()  # the rule's, then the backendRef's
     chunked: bool = False  # the request body is streamed with chunked encoding
 
     @property
@@ -269,8 +269,9 @@ def plan(
         return Reply(500, "NR", f"HTTPRoute {route}: {rule.invalid}", path, route)
     if hit is not None and hit.rule.redirect is not None:
         return _redirect(hit, headers, target, path, route, limits, dest.port)
+    picked: BackendRef | None = None
     if hit is not None:
-        ref = pick_backend(hit.rule, rng)
+        ref = picked = pick_backend(hit.rule, rng)
         if ref is None:
             return Reply(500, "NR", f"HTTPRoute {route}: no backend with weight", path, route)
         if not reference_granted(
@@ -298,6 +299,8 @@ def plan(
     if hit is not None and rule is not None:
         if rule.request_headers is not None:
             out = rule.request_headers.apply(out)
+        if picked is not None and picked.request_headers is not None:
+            out = picked.request_headers.apply(out)
         if rule.rewrite is not None:
             if rule.rewrite.hostname:
                 out = [
@@ -333,7 +336,14 @@ def plan(
         timeout=rule.timeout if rule and rule.timeout else float("inf"),
         backend_timeout=rule.backend_timeout if rule and rule.backend_timeout else float("inf"),
         mirrors=mirrors,
-        response_headers=rule.response_headers if rule else None,
+        response_headers=tuple(
+            m
+            for m in (
+                rule.response_headers if rule else None,
+                picked.response_headers if picked else None,
+            )
+            if m is not None
+        ),
         chunked=chunked,
     )
 

@@ -395,3 +395,46 @@ def test_a_parent_ref_section_name_picks_the_service_port(port, routed):
     assert isinstance(p, Plan)
     assert (p.route == "shop/to-v2") is routed
     assert (p.backend.name if p.backend else None) == ("catalog-v2" if routed else "catalog")
+
+
+def test_a_backend_refs_own_filters_apply_when_it_is_picked():
+    """Issue 22: filters on a backendRef were ignored."""
+    r = route(
+        "split",
+        {
+            "backendRefs": [
+                {
+                    "name": "catalog-v2",
+                    "port": 8080,
+                    "filters": [
+                        {
+                            "type": "RequestHeaderModifier",
+                            "requestHeaderModifier": {
+                                "set": [{"name": "x-version", "value": "v2"}]
+                            },
+                        },
+                        {
+                            "type": "ResponseHeaderModifier",
+                            "responseHeaderModifier": {
+                                "add": [{"name": "x-served-by", "value": "v2"}]
+                            },
+                        },
+                    ],
+                }
+            ]
+        },
+    )
+    p = run(r)
+    assert isinstance(p, Plan)
+    assert ("x-version", "v2") in p.headers
+    assert [m.apply([]) for m in p.response_headers] == [[("x-served-by", "v2")]]
+    bad = route(
+        "bad",
+        {
+            "backendRefs": [
+                {"name": "catalog-v2", "port": 8080, "filters": [{"type": "RequestMirror"}]}
+            ]
+        },
+    )
+    out = run(bad)
+    assert isinstance(out, Reply) and out.status == 500 and "backendRefs[0].filters[0]" in out.why
