@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -110,3 +111,49 @@ def test_controllers_and_scheduler_place_a_deployment_over_both_nodes(kube_lab):
     assert ipaddress.ip_address(svc["spec"]["clusterIP"]) in ipaddress.ip_network("10.96.0.0/16")
     sa = get(kube_lab, "serviceaccount", "-n", "kube-test", "default")  # the SA controller's
     assert sa["metadata"]["name"] == "default"
+
+
+def test_the_kubernetes_source_follows_the_api(kube_lab):
+    """runtime/sources/kubernetes.py against the real API server: list, then watch; a node's
+    source sees only its own pods (issue 20, item 1 in part)."""
+    from veil.lab.controlplane import cp_netns  # noqa: PLC0415
+    from veil.lab.netns import nsenter_argv  # noqa: PLC0415
+
+    kubeconfig = str(kubernetes.kube_dir(kube_lab) / "admin.kubeconfig")
+    argv = [sys.executable, "-m", "veil.runtime.sources.kubernetes", kubeconfig, "node1"]
+    proc = subprocess.Popen(
+        nsenter_argv(cp_netns(kube_lab), argv), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        assert (
+            "kube-system" in first["namespaces"]
+            and "default/kubernetes=10.96.0.1" in first["services"]
+        )
+        applied = kubectl(
+            kube_lab, "apply", "-f", "-", stdin=DEPLOYMENT.replace("kube-test", "src-test")
+        )
+        assert applied.returncode == 0, applied.stderr
+        deadline = time.monotonic() + 60
+        while True:  # until the source holds exactly node1's pods, as the API has them
+            seen = json.loads(proc.stdout.readline())
+            api = get(kube_lab, "pods", "-n", "src-test")["items"]
+            on_node1 = {
+                f"src-test/{p['metadata']['name']}@node1"
+                for p in api
+                if p["spec"].get("nodeName") == "node1"
+            }
+            mine = {p for p in seen["pods"] if p.startswith("src-test/")}
+            if (
+                len(api) == 4
+                and all(p["spec"].get("nodeName") for p in api)
+                and on_node1
+                and mine == on_node1
+                and any(s.startswith("src-test/web=10.96.") for s in seen["services"])
+            ):
+                break
+            assert time.monotonic() < deadline, (seen, on_node1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
