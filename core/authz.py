@@ -19,6 +19,7 @@ one stays in force; a policy that never validated stands as "deny everything in 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -202,6 +203,13 @@ def _fields(  # noqa: PLR0917 - the field sets of one schema section
             _check_cidrs(ref, f"{path}.{key}", values)
         if key in ports:
             _check_ports(ref, f"{path}.{key}", values)
+        if key in ("paths", "notPaths"):
+            for v in values:
+                if "{" in v or "}" in v:
+                    try:
+                        path_template(v)
+                    except ValueError as e:
+                        raise PolicyError(ref, f"{path}.{key}", f"{v!r}: {e}") from None
         if key in l7:
             has_l7 = True
         out[key] = values
@@ -438,6 +446,47 @@ def _glob(pattern: str, value: str) -> bool:
     return value == pattern
 
 
+# Envoy's URI template matcher, which Istio's path templates compile to: `{*}` is one
+# non-empty path segment, `{**}` any run of path characters, slashes included (so
+# `/api/{**}` matches `/api/` and `/api/a/b`). Literals may hold only RFC 3986 path characters.
+_PCHARS = r"a-zA-Z0-9\-._~%!$&'()+,;:@="
+_SEGMENT, _ANY = f"[{_PCHARS}]+", f"[{_PCHARS}/]*"
+_LITERAL = re.compile(f"[{_PCHARS}/]*")
+
+
+@functools.lru_cache(maxsize=1024)
+def path_template(template: str) -> re.Pattern[str]:
+    """Istio's `paths` template (`/api/{*}/items`, `/files/{**}`) as a full-match regex;
+    ValueError for a template Envoy would refuse (so the policy is refused, not guessed)."""
+    if not template.startswith("/"):
+        raise ValueError("a path template starts with /")
+    parts = re.split(r"(\{\*\*\}|\{\*\})", template)
+    out = []
+    for i, part in enumerate(parts):
+        if part == "{**}":
+            if any(p in ("{*}", "{**}") for p in parts[i + 1 :]):
+                raise ValueError("{**} must be the last operator")
+            out.append(_ANY)
+        elif part == "{*}":
+            out.append(_SEGMENT)
+        elif _LITERAL.fullmatch(part):
+            out.append(re.escape(part))
+        else:
+            raise ValueError("only {*} and {**} may appear in braces, and only path characters")
+    return re.compile("".join(out))
+
+
+def _path_matches(patterns: Sequence[str], path: str | None) -> bool:
+    """Istio's path matching: a template if it holds `{*}`/`{**}`, else `_glob`."""
+    if path is None:
+        return False
+    path = path.split("?", 1)[0]
+    return any(
+        path_template(p).fullmatch(path) is not None if "{" in p else _glob(p, path)
+        for p in patterns
+    )
+
+
 def _in_cidrs(ip: str, cidrs: Sequence[str]) -> bool:
     addr = ipaddress.ip_address(ip)
     return any(addr in ipaddress.ip_network(c, strict=False) for c in cidrs)
@@ -486,14 +535,11 @@ def _operation_matches(op: Mapping[str, tuple[str, ...]], f: Facts) -> bool:
     # `hosts` match the authority as Istio does (case-insensitive, port included: list
     # `catalog` and `catalog:9080`, or `catalog*`); the waypoint drops a trailing dot.
     for key, value in (("hosts", h.host.lower()), ("methods", h.method), ("paths", h.path)):
-        if key in op and not _strings_match(
-            [v.lower() if key == "hosts" else v for v in op[key]], value
-        ):
+        match = _path_matches if key == "paths" else _strings_match
+        if key in op and not match([v.lower() if key == "hosts" else v for v in op[key]], value):
             return False
         neg = "not" + key[0].upper() + key[1:]
-        if neg in op and _strings_match(
-            [v.lower() if key == "hosts" else v for v in op[neg]], value
-        ):
+        if neg in op and match([v.lower() if key == "hosts" else v for v in op[neg]], value):
             return False
     return True
 

@@ -342,3 +342,31 @@ def test_odd_shapes_are_invalid_policies_that_deny_never_crashes(obj):
     policies = PolicySet().update([doc])
     (p,) = policies.policies.values()
     assert p.invalid and p.action == "DENY" and policies.errors
+
+
+@pytest.mark.parametrize(
+    ("paths", "path", "allowed_"),
+    [
+        (["/api/{*}/items"], "/api/42/items", True),
+        (["/api/{*}/items"], "/api/a/b/items", False),  # {*}: exactly one segment
+        (["/api/{*}/items"], "/api//items", False),  # ... and never an empty one
+        (["/files/{**}"], "/files/a/b/c.txt", True),  # {**}: any run of segments
+        (["/files/{**}"], "/files/", True),
+        (["/files/{**}"], "/filesystem", False),
+        (["/files/{**}"], "/other/files/x", False),
+        (["/items*"], "/items/1", True),  # no template: Istio's glob, as before
+    ],
+)
+def test_istio_path_templates(paths, path, allowed_):
+    """Issue 22: Istio's `{*}` / `{**}` path templates (Envoy's URI template semantics)."""
+    from veil.core.authz import at_waypoint  # noqa: PLC0415
+
+    p = l7_policy(f"  rules:\n    - to: [{{operation: {{paths: {paths!r}}}}}]\n")
+    scope = at_waypoint("shop", "waypoint", ("catalog",))
+    assert decide([p], request(path=path), scope).allowed is allowed_
+
+
+@pytest.mark.parametrize("template", ["/a/{**}/{*}", "/a/{id}", "a/{*}", "/a/{*"])
+def test_a_path_template_envoy_would_refuse_is_refused(template):
+    with pytest.raises(PolicyError, match=r"spec.rules\[0\].to\[0\].operation.paths"):
+        l7_policy(f"  rules:\n    - to: [{{operation: {{paths: [{template!r}]}}}}]\n")
