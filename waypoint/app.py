@@ -102,7 +102,7 @@ class WaypointServer:
             name=f"waypoint {cfg.namespace}/{cfg.gateway}",
             on_request=self._on_request,
         )
-        self.me = pipeline.Waypoint(
+        self.me = pipeline.ThisWaypoint(
             cfg.namespace, cfg.gateway, cfg.trust_domain, cfg.path_normalization
         )
         self.rng = random.Random()

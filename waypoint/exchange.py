@@ -24,7 +24,15 @@ from veil.core.traffic import KIND, TrafficPolicy
 from veil.runtime.hbone.io import HboneError, Stream
 from veil.runtime.identity.tls import PeerIdentityError
 from veil.waypoint import http1
-from veil.waypoint.messages import HttpError, Writer, copy_body, next_event, redirect, send
+from veil.waypoint.messages import (
+    HttpError,
+    Writer,
+    copy_body,
+    next_event,
+    read_body,
+    redirect,
+    send,
+)
 from veil.waypoint.pipeline import Destination, Plan, Redirect, pick_endpoint
 from veil.waypoint.resilience import Limits
 from veil.waypoint.telemetry import RequestMetrics, RequestRecord
@@ -99,7 +107,8 @@ class Forwarder:
         length = plan.replayable_length
         body = None  # None: streamed as it comes, so neither retried nor mirrored
         if length is not None and length <= REPLAY_LIMIT:
-            body = await self._read_body(req)
+            body = await read_body(req.down, req.stream)
+            req.rec.request_bytes = len(body)
             for ref in plan.mirrors:
                 self._mirror(ref, plan, body, req.client_ip)
         resp: tuple[Upstream, Any] | None = None
@@ -135,20 +144,6 @@ class Forwarder:
         if deadline.cancelled_caught:
             what = "no response" if resp is None else "the response not complete"
             raise HttpError(504, "UT", f"{what} within {plan.timeout:g}s (timeouts.request)")
-
-    async def _read_body(self, req: Request) -> bytes:
-        chunks = []
-        while True:
-            ev = await next_event(req.down, req.stream)
-            if isinstance(ev, h11.Data):
-                chunks.append(bytes(ev.data))
-            elif isinstance(ev, h11.EndOfMessage):
-                break
-            else:
-                raise HttpError(400, "DC", "the client went away during the request")
-        body = b"".join(chunks)
-        req.rec.request_bytes = len(body)
-        return body
 
     def _pick(self, plan: Plan, req: Request) -> tuple[Workload, int]:
         dest, rec = req.dest, req.rec

@@ -60,7 +60,7 @@ class Destination:
 
 
 @dataclass(frozen=True)
-class Waypoint:
+class ThisWaypoint:
     """Who this waypoint is: what every decision is relative to."""
 
     namespace: str
@@ -69,7 +69,7 @@ class Waypoint:
     normalization: PathNormalization = normalize.DEFAULT
 
 
-def destination(state: MeshState, me: Waypoint, target: tuple[str, int]) -> Destination | str:
+def destination(state: MeshState, me: ThisWaypoint, target: tuple[str, int]) -> Destination | str:
     """What a CONNECT may reach through this waypoint, or why not: a Service VIP whose
     traffic this waypoint takes, or a pod bound to it (its own `use-waypoint`, or a Service
     of its that uses this waypoint). Anything else would let a client carry its traffic
@@ -105,7 +105,7 @@ class Caller:
 
 
 def authorize(
-    state: MeshState, me: Waypoint, dest: Destination, caller: Caller, http: HttpFacts | None
+    state: MeshState, me: ThisWaypoint, dest: Destination, caller: Caller, http: HttpFacts | None
 ) -> Decision:
     """The policies targeting this waypoint (Gateway) or the addressed Service; `http` None
     judges a stream as TCP: an ALLOW rule with HTTP fields matches nothing and a DENY rule
@@ -123,7 +123,7 @@ def authorize(
     )
 
 
-def tcp_denied(state: MeshState, me: Waypoint, dest: Destination, caller: Caller) -> str | None:
+def tcp_denied(state: MeshState, me: ThisWaypoint, dest: Destination, caller: Caller) -> str | None:
     """Why a non-HTTP stream is refused, or None if the policies allow it as TCP."""
     d = authorize(state, me, dest, caller, None)
     return None if d.allowed else f"RBAC: access denied ({d.policy or '-'}: {d.reason})"
@@ -193,7 +193,7 @@ Outcome = Plan | Redirect | Reply
 
 def plan(
     state: MeshState,
-    me: Waypoint,
+    me: ThisWaypoint,
     dest: Destination,
     caller: Caller,
     req: h11.Request,

@@ -24,7 +24,7 @@ from veil.waypoint.resilience import CircuitBreaker, Limits
 from veil.waypoint.telemetry import RequestMetrics, RequestRecord
 from veil.waypoint.upstreams import Upstream
 
-ME = pipeline.Waypoint("shop", "waypoint", "cluster.local")
+ME = pipeline.ThisWaypoint("shop", "waypoint", "cluster.local")
 
 
 class Backend:

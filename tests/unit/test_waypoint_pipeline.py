@@ -17,7 +17,7 @@ from veil.runtime.sources.jwks import fetch_jwks
 from veil.waypoint import pipeline
 from veil.waypoint.pipeline import Caller, Plan, Redirect, Reply
 
-ME = pipeline.Waypoint("shop", "waypoint", "cluster.local")
+ME = pipeline.ThisWaypoint("shop", "waypoint", "cluster.local")
 CALLER = Caller(FRONTEND, "10.244.1.5")
 
 
