@@ -216,3 +216,41 @@ async def test_a_default_deny_on_the_gateway_class_holds_at_every_waypoint(tmp_p
     assert await http1_status(wp, b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n") == 403
     assert wp.authorize_tcp(dest, "10.244.1.5", FRONTEND) is not None
     assert wp.store.current.policies.errors == {}
+
+
+TEMPLATE_SPELLINGS = [
+    "/admin/users/1",
+    "/./admin/users/1",
+    "/x/../admin/users/1",
+    "/%61dmin/users/1",
+    "//admin//users/1",
+    "/admin/users/1?x=/y",
+    "http://catalog/admin/users/1",  # absolute form
+]
+
+
+@pytest.mark.parametrize("path", TEMPLATE_SPELLINGS)
+async def test_a_deny_on_a_path_template_holds_for_every_spelling(tmp_path, path):
+    """Istio path templates (issue 22) are judged on the normalized path, in both protocols:
+    split packets, encoded and dot-segment spellings, absolute form."""
+    wp = waypoint(tmp_path)
+    with_state(wp, service_policy("no-admin", "DENY", {"paths": ["/admin/{*}/{**}"]}))
+    wire = f"GET {path} HTTP/1.1\r\nHost: catalog\r\n\r\n".encode()
+    assert await http1_status(wp, wire) == 403
+    half = len(wire) // 2
+    pipe = Pipe()
+    async with trio.open_nursery() as nursery:  # the same request in two pieces
+        nursery.start_soon(feed, pipe, wire[:half], wire[half:])
+        with trio.fail_after(5):
+            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
+    assert bytes(pipe.out).startswith(b"HTTP/1.1 403 ")
+    if not path.startswith("http://"):
+        assert await http2_status(wp, path) == 403
+
+
+async def test_an_odd_method_does_not_escape_a_path_template_deny(tmp_path):
+    wp = waypoint(tmp_path)
+    with_state(wp, service_policy("no-admin", "DENY", {"paths": ["/admin/{**}"]}))
+    for method in ("PROPFIND", "get", "X-CUSTOM"):
+        wire = f"{method} /admin/a HTTP/1.1\r\nHost: catalog\r\n\r\n".encode()
+        assert await http1_status(wp, wire) in (400, 403), method
