@@ -29,7 +29,7 @@ from veil.runtime.config import AgentConfig
 from veil.runtime.identity.ca_client import CaEndpoint
 from veil.runtime.identity.manager import CertificateManager
 from veil.runtime.lifecycle import run_until_signalled
-from veil.runtime.sources.manifests import ManifestSource
+from veil.runtime.sources import open_source
 from veil.runtime.store import StateStore
 from veil.runtime.telemetry.accesslog import AccessLog
 from veil.runtime.telemetry.admin import AdminService
@@ -231,7 +231,7 @@ class Agent:
                 self.enrollment.capture_broken = str(e)
             await nursery.start(self.access_log.run)
             await nursery.start(self.certs.run)
-            await nursery.start(ManifestSource(cfg.state_dir).run, self.store)
+            await nursery.start(open_source(cfg.state_dir, cfg.kubeconfig).run, self.store)
             nursery.start_soon(self.follow_state)
             await nursery.start(self.enrollment.run)
             self.resumed = True

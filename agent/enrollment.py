@@ -24,6 +24,7 @@ from pathlib import Path
 
 import trio
 
+from veil.agent import podfinder
 from veil.agent.capture.base import Capture, CaptureError, CaptureTarget
 from veil.agent.capture.modes import IptablesCapture
 from veil.agent.proxy.pod import PodProxy, ProxyContext
@@ -78,11 +79,11 @@ def plan_reconcile(
     state: MeshState,
     node: str,
     enrolled: Mapping[str, str],
-    netns_exists: Callable[[str], bool],
+    locate: Callable[[Workload], str | None],
 ) -> ReconcilePlan:
     """What following the labels asks for, given the pods enrolled now (ns/name -> uid):
     release a pod that is gone, no longer wanted, or replaced (another uid under the same
-    name); enroll a wanted running pod of this node whose netns is there. Pure."""
+    name); enroll a wanted running pod of this node whose netns `locate` finds. Pure."""
     release = tuple(
         key
         for key, uid in enrolled.items()
@@ -96,8 +97,7 @@ def plan_reconcile(
         if (w.key not in enrolled or w.key in release)
         and wanted(state, node, w)
         and w.ip
-        and (path := netns_path(w)) is not None
-        and netns_exists(path)
+        and (path := locate(w)) is not None
     )
     return ReconcilePlan(release, enroll)
 
@@ -145,14 +145,15 @@ class Enrollment:
 
     # -- enroll / release --------------------------------------------------------------------
 
-    async def _enroll(self, w: Workload, netns: str, ip: str) -> None:
+    async def _enroll(self, w: Workload, netns: str, ip: str, cgroup: str | None = None) -> None:
         key = w.key
         if key in self.pods:
             return
         if self.capture_broken:
             raise EnrollError(f"{self.capture.mode} capture is unavailable: {self.capture_broken}")
         assert self._nursery is not None
-        entry = Enrolled(w.namespace, w.name, w.uid, netns, ip, cgroup_path(w))
+        cgroup = cgroup_path(w) if cgroup is None else cgroup
+        entry = Enrolled(w.namespace, w.name, w.uid, netns, ip, cgroup)
         scope = trio.CancelScope()
         proxy = PodProxy(self.ctx, w, netns, ip)
 
@@ -206,6 +207,11 @@ class Enrollment:
         if not wanted(state, self.ctx.node, w):
             return False
         async with self._lock:
+            if key in self.pods:
+                # A new sandbox for a pod we hold (its network set up again, maybe at the same
+                # path after a DEL we never heard of): what we captured is gone or going.
+                log.info("cni ADD for enrolled %s: capturing its new network", key)
+                await self._release(key)
             await self._enroll(w, netns, ip)
         return True
 
@@ -216,18 +222,27 @@ class Enrollment:
     async def reconcile(self, state: MeshState) -> None:
         """Follow labels of running pods: enroll the wanted, release the others."""
         async with self._lock:
+            found: dict[str, podfinder.PodLocation] | None = None
+
+            def locate(w: Workload) -> str | None:
+                nonlocal found
+                if (path := netns_path(w)) is not None:  # the lab's manifest mode says
+                    return path if Path(path).exists() else None
+                if found is None:  # one /proc scan per reconcile, and only when needed
+                    found = podfinder.scan()
+                where = found.get(w.uid)
+                return where.netns if where else None
+
             plan = plan_reconcile(
-                state,
-                self.ctx.node,
-                {key: e.uid for key, e in self.pods.items()},
-                lambda path: Path(path).exists(),
+                state, self.ctx.node, {key: e.uid for key, e in self.pods.items()}, locate
             )
             for key in plan.release:
                 await self._release(key)
             for w, path in plan.enroll:
                 assert w.ip is not None
+                where = (found or {}).get(w.uid)
                 try:
-                    await self._enroll(w, path, w.ip)
+                    await self._enroll(w, path, w.ip, where.cgroup if where else None)
                 except EnrollError as e:
                     log.error("cannot enroll %s: %s", w.key, e)
 

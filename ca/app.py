@@ -16,7 +16,7 @@ from veil.runtime import http
 from veil.runtime.config import CaConfig
 from veil.runtime.identity.tls import plain_server_context
 from veil.runtime.lifecycle import run_until_signalled
-from veil.runtime.sources.manifests import ManifestSource
+from veil.runtime.sources import open_source
 from veil.runtime.store import StateStore
 
 log = logging.getLogger("veil.ca")
@@ -45,7 +45,7 @@ async def run(cfg: CaConfig) -> None:
     ctx = plain_server_context(serving.chain, key)
 
     async def start(nursery: trio.Nursery) -> None:
-        await nursery.start(ManifestSource(cfg.state_dir).run, store)
+        await nursery.start(open_source(cfg.state_dir, cfg.kubeconfig).run, store)
         await nursery.start(
             lambda task_status: http.serve(
                 service.handle, cfg.listen[0], cfg.listen[1], ctx, task_status=task_status

@@ -52,6 +52,19 @@ def cni_socket(lab: str, node: str) -> Path:
     return node_dir(lab, node) / "cni.sock"
 
 
+def kube_dir(lab: str) -> Path:
+    """Kubernetes mode's PKI, kubeconfigs and etcd data (lab/kubernetes.py)."""
+    return store.lab_dir(lab) / "kubernetes"
+
+
+def agent_kubeconfig(lab: str, node: str) -> Path:
+    return kube_dir(lab) / f"agent-{node}.kubeconfig"
+
+
+def ca_kubeconfig(lab: str) -> Path:
+    return kube_dir(lab) / "veil-ca.kubeconfig"
+
+
 def ca_dir(lab: str) -> Path:
     return store.lab_dir(lab) / "ca"
 
@@ -160,19 +173,26 @@ def wait_listening(daemons: Sequence[Daemon], timeout: float) -> None:
         time.sleep(0.05)
 
 
+def state_source(lab: str, kubeconfig: Path | None) -> list[str]:
+    if kubeconfig is not None:
+        return ["--kubeconfig", str(kubeconfig)]
+    return ["--state-dir", str(store.state_dir(lab))]
+
+
 def start_ca(
     plan: LabPlan,
     spawn: Spawn,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     cert_ttl: int | None = None,
+    kubeconfig: Path | None = None,
 ) -> Daemon:
+    """`kubeconfig`: the CA reads the Kubernetes API (kubernetes mode), not the state dir."""
     lab = plan.name
     group = cgroups.create(cgroups.lab_group(lab) / "control-plane" / "ca")
     log = store.lab_dir(lab) / "logs" / "ca.log"
     argv = veil_argv(
         "ca",
-        "--state-dir",
-        str(store.state_dir(lab)),
+        *state_source(lab, kubeconfig),
         "--data-dir",
         str(ca_dir(lab)),
         "--node-tokens",
@@ -201,8 +221,11 @@ def start_agents(
     spawn: Spawn,
     node_netns: Callable[[str, str], str],
     capture: Mapping[str, str] | None = None,
+    *,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    kubeconfigs: Mapping[str, Path] | None = None,
 ) -> list[Daemon]:
+    """`kubeconfigs` (node -> file): the agents read the Kubernetes API (kubernetes mode)."""
     lab = plan.name
     out = []
     for n in plan.nodes:
@@ -214,8 +237,7 @@ def start_agents(
             "agent",
             "--node",
             n.name,
-            "--state-dir",
-            str(store.state_dir(lab)),
+            *state_source(lab, (kubeconfigs or {}).get(n.name)),
             "--ca-address",
             f"{CA_IP}:{CA_PORT}",
             "--ca-server-name",
@@ -385,7 +407,10 @@ def start_agent(
         others=(),
     )
     mode = record["nodes"][index - 1].get("capture", "iptables")
-    (daemon,) = start_agents(plan, spawn, node_netns, {node: mode})
+    kubeconfigs = None
+    if record.get("kubernetes"):
+        kubeconfigs = {node: agent_kubeconfig(lab, node)}
+    (daemon,) = start_agents(plan, spawn, node_netns, {node: mode}, kubeconfigs=kubeconfigs)
     wait_listening([daemon], timeout)
     wait_agents_ready([daemon], timeout)
     for p in record["processes"]:

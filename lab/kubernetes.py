@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from veil.lab.controlplane import (
     Spawn,
     cp_netns,
     daemon_env,
+    kube_dir,
     supervised,
     wait_listening,
 )
@@ -49,10 +51,6 @@ API_SERVICE_IP = SERVICE_CIDR.network_address + 1  # the `kubernetes` Service
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 LIFETIME = datetime.timedelta(days=30)
 Key = ec.EllipticCurvePrivateKey
-
-
-def kube_dir(lab: str) -> Path:
-    return store.lab_dir(lab) / "kubernetes"
 
 
 def server_url() -> str:
@@ -170,7 +168,41 @@ USERS = {
     "admin": ("kubernetes-admin", ("system:masters",)),
     "controller-manager": ("system:kube-controller-manager", ()),
     "scheduler": ("system:kube-scheduler", ()),
+    # The lab kubelet's kube-proxy part (bound to system:node-proxier by default).
+    "kube-proxy": ("system:kube-proxy", ()),
 }
+
+
+STATE_READERS = "veil:state-readers"  # Veil's daemons in the lab: what they watch, read-only
+USERS["veil-ca"] = ("veil:ca", (STATE_READERS,))
+
+# Until the chart's per-component RBAC (issue 20, item 6): the lab's Veil daemons may read
+# the kinds the state source watches, and nothing else (no Secrets, no writes).
+STATE_READER_RBAC = f"""
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: veil-lab-state-reader}}
+rules:
+- apiGroups: [""]
+  resources: [namespaces, pods, services]
+  verbs: [get, list, watch]
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [gateways, httproutes, referencegrants]
+  verbs: [get, list, watch]
+- apiGroups: [security.veil.dev]
+  resources: [authorizationpolicies, requestauthentications]
+  verbs: [get, list, watch]
+- apiGroups: [traffic.veil.dev]
+  resources: [trafficpolicies]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: veil-lab-state-reader}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: veil-lab-state-reader}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "{STATE_READERS}"}}
+"""
 
 
 def write_pki(plan: LabPlan) -> None:
@@ -206,6 +238,7 @@ def write_pki(plan: LabPlan) -> None:
     users = dict(USERS)
     for n in plan.nodes:
         users[f"kubelet-{n.name}"] = (f"system:node:{n.name}", ("system:nodes",))
+        users[f"agent-{n.name}"] = (f"veil:agent:{n.name}", (STATE_READERS,))
     for name, (user, groups) in users.items():
         key, cert = issue(ca, user, groups)
         store.atomic_write(
@@ -351,10 +384,9 @@ def start_kubelets(
                 sys.executable,
                 "-m",
                 "veil.lab.kubelet",
-                str(kube_dir(lab) / f"kubelet-{n.name}.kubeconfig"),
+                lab,
                 n.name,
-                str(n.underlay_ip),
-                str(n.pod_cidr),
+                str(n.index),
             ],
         )
         ns = node_netns(lab, n.name)
@@ -386,3 +418,91 @@ def wait_nodes_ready(plan: LabPlan, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise LabError(f"nodes not Ready in the API after {timeout:.0f}s: {seen or 'none'}")
         time.sleep(0.2)
+
+
+def kubectl(lab: str, *args: str, stdin: str | None = None, timeout: float = 60) -> str:
+    """kubectl as the admin; its output, or a LabError with kubectl's own message."""
+    proc = subprocess.run(
+        kubectl_argv(lab, *args),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise LabError(f"kubectl {' '.join(args[:2])}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+VEIL_CRDS = upstream.ROOT / "deploy" / "crds"
+
+
+def crd_name(path: Path) -> str:
+    """`gateway.networking.k8s.io_httproutes.yaml` -> `httproutes.gateway.networking.k8s.io`"""
+    group, _, plural = path.name.removesuffix(".yaml").partition("_")
+    return f"{plural}.{group}"
+
+
+def install(lab: str, timeout: float) -> None:
+    """What a cluster has before Veil's workloads: Gateway API's standard CRDs (from the
+    pinned release's Go module), Veil's CRDs (deploy/crds/), and read access for the lab's
+    Veil daemons."""
+    gateway = sorted(upstream.gateway_crds().glob("*.yaml"))
+    crds = [p for p in [*gateway, *sorted(VEIL_CRDS.glob("*.yaml"))] if "_vap_" not in p.name]
+    args = [a for p in [*gateway, *crds] for a in ("-f", str(p))]
+    kubectl(lab, "apply", "--server-side", "--force-conflicts", *args, timeout=timeout)
+    kubectl(lab, "apply", "--server-side", "-f", "-", stdin=STATE_READER_RBAC)
+    kubectl(
+        lab, "wait", "--for=condition=Established", "--timeout", f"{timeout:.0f}s",
+        *(f"crd/{crd_name(p)}" for p in crds), timeout=timeout + 10,
+    )  # fmt: skip
+
+
+def apply_manifests(lab: str, paths: Sequence[str | Path]) -> None:
+    """`kubectl apply --server-side` of the user's manifests, as given to `lab up`."""
+    args = [a for p in paths for a in ("-f", str(p))]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            kubectl(lab, "apply", "--server-side", *args, timeout=120)
+            return
+        except LabError as e:
+            # A pod applied with its namespace waits for the namespace's `default` service
+            # account (the controller makes it a moment later); nothing else is retried.
+            if "serviceaccount" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def workloads_ready(lab: str) -> tuple[bool, str]:
+    """Every Deployment has its ready replicas, and every pod outside kube-system is Ready."""
+    deployments = json.loads(kubectl(lab, "get", "deployments", "-A", "-o", "json"))["items"]
+    pods = json.loads(kubectl(lab, "get", "pods", "-A", "-o", "json"))["items"]
+    waiting = [
+        f"deployment {d['metadata']['namespace']}/{d['metadata']['name']}"
+        for d in deployments
+        if (d.get("status", {}).get("readyReplicas") or 0) < d["spec"].get("replicas", 1)
+    ]
+    for p in pods:
+        conds = {c["type"]: c["status"] for c in p.get("status", {}).get("conditions", [])}
+        if conds.get("Ready") != "True" and p["metadata"]["namespace"] != "kube-system":
+            name = f"pod {p['metadata']['namespace']}/{p['metadata']['name']}"
+            states = p.get("status", {}).get("containerStatuses") or []
+            why = next(
+                (s["state"]["waiting"].get("message") for s in states if "waiting" in s["state"]),
+                None,
+            )
+            waiting.append(f"{name} ({why})" if why else name)
+    return not waiting, ", ".join(waiting[:5])
+
+
+def wait_workloads(lab: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        ok, waiting = workloads_ready(lab)
+        if ok:
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"workloads not ready after {timeout:.0f}s: {waiting}")
+        time.sleep(0.5)

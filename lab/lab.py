@@ -219,6 +219,7 @@ def up(
                 "pids": [],
             }
             for p in plan.pods
+            if not kubernetes  # there, each node's kubelet keeps its own registry
         ],
     }
     store.lab_dir(lab).mkdir(parents=True, exist_ok=True)
@@ -229,41 +230,13 @@ def up(
         controlplane.build_cp_netns(
             lab, underlay_netns(lab), [(str(n.pod_cidr), str(n.underlay_ip)) for n in plan.nodes]
         )
-        write_static_objects(plan)
         # Control plane and node agents first, as on a real cluster: the CA, then one agent
         # per node (DaemonSet pods are up before the workloads they serve).
         controlplane.write_node_credentials(plan)
-        ca = controlplane.start_ca(plan, spawn, cert_ttl=cert_ttl)
-        record["processes"] = [{**ca.record(), "cgroup": str(cg / "control-plane" / "ca")}]
-        store.write_record(lab, record)
-        controlplane.wait_listening([ca], ready_timeout)
         if kubernetes:
-            from veil.lab import kubernetes as k8s  # noqa: PLC0415
-
-            cp = k8s.start(plan, spawn, K8S_TIMEOUT)
-            kubelets = k8s.start_kubelets(plan, spawn, node_netns)
-            record["processes"] += [
-                {**d.record(), "cgroup": str(cg / "control-plane" / d.name)} for d in cp
-            ] + [
-                {**d.record(), "cgroup": str(cg / "nodes" / d.name.split()[1] / "kubelet")}
-                for d in kubelets
-            ]
-            store.write_record(lab, record)
-            k8s.wait_nodes_ready(plan, K8S_TIMEOUT)
-            log(f"lab {lab!r}: Kubernetes API on {k8s.server_url()}, nodes registered")
-        controlplane.distribute_trust_bundle(plan)
-        agents = controlplane.start_agents(plan, spawn, node_netns, modes)
-        record["processes"] += [
-            {**a.record(), "cgroup": str(cg / "nodes" / a.name.split()[1] / "agent")}
-            for a in agents
-        ]
-        store.write_record(lab, record)
-        controlplane.wait_listening(agents, ready_timeout)
-        running = [start_pod(plan, p, record, log) for p in plan.pods]
-        store.write_record(lab, record)
-        wait_ready(plan, running, ready_timeout, log)
-        sync_services(plan, running)
-        controlplane.wait_agents_ready(agents, ready_timeout)
+            bring_up_kubernetes(plan, record, modes, ready_timeout, cert_ttl=cert_ttl, log=log)
+        else:
+            bring_up_manifests(plan, record, modes, ready_timeout, cert_ttl=cert_ttl, log=log)
         log(
             f"lab {lab!r}: CA on {controlplane.CA_IP}:{controlplane.CA_PORT}, an agent on "
             f"every node holding certificates for its workloads' identities"
@@ -275,6 +248,90 @@ def up(
         down(lab, log=lambda _m: None)
         raise
     return plan
+
+
+def bring_up_manifests(
+    plan: LabPlan,
+    record: dict[str, Any],
+    modes: Mapping[str, str],
+    ready_timeout: float,
+    *,
+    cert_ttl: int | None,
+    log: Log,
+) -> None:
+    """Manifest mode: the lab writes the state the CA and agents read, and runs the pods."""
+    lab, cg = plan.name, Path(record["cgroup"])
+    write_static_objects(plan)
+    ca = controlplane.start_ca(plan, spawn, cert_ttl=cert_ttl)
+    record["processes"] = [{**ca.record(), "cgroup": str(cg / "control-plane" / "ca")}]
+    store.write_record(lab, record)
+    controlplane.wait_listening([ca], ready_timeout)
+    controlplane.distribute_trust_bundle(plan)
+    agents = controlplane.start_agents(plan, spawn, node_netns, modes)
+    record["processes"] += [
+        {**a.record(), "cgroup": str(cg / "nodes" / a.name.split()[1] / "agent")} for a in agents
+    ]
+    store.write_record(lab, record)
+    controlplane.wait_listening(agents, ready_timeout)
+    running = [start_pod(plan, p, record, log) for p in plan.pods]
+    store.write_record(lab, record)
+    wait_ready(plan, running, ready_timeout, log)
+    sync_services(plan, running)
+    controlplane.wait_agents_ready(agents, ready_timeout)
+
+
+def bring_up_kubernetes(
+    plan: LabPlan,
+    record: dict[str, Any],
+    modes: Mapping[str, str],
+    ready_timeout: float,
+    *,
+    cert_ttl: int | None,
+    log: Log,
+) -> None:
+    """Kubernetes mode: the upstream control plane, a kubelet per node, the CA and agents
+    reading the API; then the manifests are applied with kubectl and the kubelets run their
+    pods."""
+    from veil.lab import kubernetes as k8s  # noqa: PLC0415
+
+    lab, cg = plan.name, Path(record["cgroup"])
+    record["processes"] = []
+    cp = k8s.start(plan, spawn, K8S_TIMEOUT)
+    record["processes"] += [
+        {**d.record(), "cgroup": str(cg / "control-plane" / d.name)} for d in cp
+    ]
+    store.write_record(lab, record)
+    k8s.install(lab, K8S_TIMEOUT)
+    kubelets = k8s.start_kubelets(plan, spawn, node_netns)
+    record["processes"] += [
+        {**d.record(), "cgroup": str(cg / "nodes" / d.name.split()[1] / "kubelet")}
+        for d in kubelets
+    ]
+    store.write_record(lab, record)
+    k8s.wait_nodes_ready(plan, K8S_TIMEOUT)
+    log(f"lab {lab!r}: Kubernetes API on {k8s.server_url()}, nodes registered")
+    ca = controlplane.start_ca(
+        plan, spawn, cert_ttl=cert_ttl, kubeconfig=controlplane.ca_kubeconfig(lab)
+    )
+    record["processes"].append({**ca.record(), "cgroup": str(cg / "control-plane" / "ca")})
+    store.write_record(lab, record)
+    controlplane.wait_listening([ca], ready_timeout)
+    controlplane.distribute_trust_bundle(plan)
+    agents = controlplane.start_agents(
+        plan,
+        spawn,
+        node_netns,
+        modes,
+        kubeconfigs={n.name: controlplane.agent_kubeconfig(lab, n.name) for n in plan.nodes},
+    )
+    record["processes"] += [
+        {**a.record(), "cgroup": str(cg / "nodes" / a.name.split()[1] / "agent")} for a in agents
+    ]
+    store.write_record(lab, record)
+    controlplane.wait_listening(agents, ready_timeout)
+    k8s.apply_manifests(lab, record["manifests"])
+    k8s.wait_workloads(lab, max(ready_timeout, K8S_TIMEOUT))
+    controlplane.wait_agents_ready(agents, ready_timeout)
 
 
 def capture_modes(spec: Sequence[str], nodes: Sequence[str]) -> dict[str, str]:
@@ -692,13 +749,19 @@ def down(lab: str, log: Log = print) -> list[str]:
         removed.append(f"cgroup {group}")
     with contextlib.suppress(OSError):
         group.parent.rmdir()  # <cgroup2>/veil, once no lab is left in it
-    # 2. CNI DEL while both ends still exist (releases addresses, removes host veths).
-    for entry in record.get("pods", []):
+    # 2. CNI DEL while both ends still exist (releases addresses, removes host veths): the
+    # pods the lab started, and those the kubelets of kubernetes mode ran.
+    for entry in [*record.get("pods", []), *kubelet_pods(lab)]:
         pod_ns, node_ns = entry["netns"], node_netns(lab, entry["node"])
         cache = store.lab_dir(lab) / "cni"
         if pod_ns in present and node_ns in present:
             runtime = cni_runtime(lab, entry["node"])
-            att = Attachment(entry["containerID"], pod_ns)
+            args = {
+                "IgnoreUnknown": "1",
+                "K8S_POD_NAMESPACE": entry["namespace"],
+                "K8S_POD_NAME": entry["name"],
+            }
+            att = Attachment(entry["containerID"], pod_ns, args=args)
             for conf_name, ifname in (
                 (f"veil-{lab}-{entry['node']}", "eth0"),
                 (LOOPBACK_CONFIG["name"], "lo"),
@@ -708,7 +771,7 @@ def down(lab: str, log: Log = print) -> list[str]:
                     try:
                         runtime.delete(
                             json.loads(f.read_text())["config"],
-                            Attachment(att.container_id, pod_ns, ifname),
+                            Attachment(att.container_id, pod_ns, ifname, args),
                         )
                     except CniError as e:
                         log(f"warning: {e}")
@@ -724,6 +787,7 @@ def down(lab: str, log: Log = print) -> list[str]:
             if d.name.startswith(prefix):
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(str(d))
+    removed += remove_mountpoints(lab)
     if store.lab_dir(lab).exists():
         shutil.rmtree(store.lab_dir(lab))
         removed.append(str(store.lab_dir(lab)))
@@ -741,6 +805,40 @@ def down(lab: str, log: Log = print) -> list[str]:
         )
     else:
         log(f"lab {lab!r} is not up; nothing to remove")
+    return removed
+
+
+def kubelet_pods(lab: str, host_network: bool = False) -> list[dict[str, Any]]:
+    """The pods kubernetes mode's kubelets run (their registries); hostNetwork ones only if
+    asked for."""
+    out = []
+    for f in sorted((store.lab_dir(lab) / "kubelet").glob("*/*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            entry = json.loads(f.read_text())
+            if host_network or not entry.get("hostNetwork"):
+                out.append(entry)
+    return out
+
+
+def remove_mountpoints(lab: str) -> list[str]:
+    """The bind-mount targets the kubelets had to create on the host (lab/kubelet.py), if
+    still empty: deepest first."""
+    listing = store.lab_dir(lab) / "kubelet" / "mountpoints"
+    if not listing.exists():
+        return []
+    removed = []
+    paths = {Path(line) for line in listing.read_text().splitlines() if line.strip()}
+    for p in sorted(paths, key=lambda p: len(p.parts), reverse=True):
+        try:
+            if p.is_dir() and not p.is_symlink():
+                p.rmdir()
+            elif p.is_file() and p.stat().st_size == 0:
+                p.unlink()
+            else:
+                continue
+            removed.append(str(p))
+        except OSError:
+            pass  # not empty, or in use: left as it is
     return removed
 
 
@@ -774,11 +872,23 @@ def _alive(pid: int, group: str) -> bool:
     )
 
 
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
 def status(lab: str) -> dict[str, Any]:
     record = store.read_record(lab)
     if record is None:
         raise LabError(f"lab {lab!r} is not up (no {store.lab_dir(lab) / 'lab.yaml'})")
-    objects = list(store.read_objects(store.state_dir(lab)))
+    if record.get("kubernetes"):  # the API server holds the truth, the kubelets report to it
+        from veil.lab import kubernetes as k8s  # noqa: PLC0415
+
+        try:
+            got = k8s.kubectl(lab, "get", "pods,services,endpointslices", "-A", "-o", "json")
+            objects = json.loads(got)["items"]
+        except (LabError, subprocess.TimeoutExpired, ValueError):
+            objects = []
+    else:
+        objects = list(store.read_objects(store.state_dir(lab)))
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for o in objects:
         by_kind.setdefault(o["kind"], []).append(o)
@@ -811,7 +921,7 @@ def status(lab: str) -> dict[str, Any]:
             }
         )
     slices = {
-        (s["metadata"]["namespace"], s["metadata"]["name"]): s
+        (s["metadata"]["namespace"], s["metadata"].get("labels", {}).get(SERVICE_NAME_LABEL, "")): s
         for s in by_kind.get("EndpointSlice", [])
     }
     services = []
@@ -824,13 +934,14 @@ def status(lab: str) -> dict[str, Any]:
             for e in sl.get("endpoints", [])
             for a in e["addresses"]
             for tp in target_ports[:1]
+            if (e.get("conditions") or {}).get("ready", True)
         ]
         services.append(
             {
                 "namespace": md["namespace"],
                 "name": md["name"],
-                "clusterIP": s["spec"]["clusterIP"],
-                "ports": [p["port"] for p in s["spec"]["ports"]],
+                "clusterIP": s["spec"].get("clusterIP", ""),
+                "ports": [p["port"] for p in s["spec"].get("ports", [])],
                 "endpoints": eps,
             }
         )
@@ -900,18 +1011,19 @@ def find_pod(lab: str, pod: str, namespace: str | None) -> dict[str, Any]:
     record = store.read_record(lab)
     if record is None:
         raise LabError(f"lab {lab!r} is not up: start it with `veil lab up -f <dir>`")
-    pods = record.get("pods", [])
+    pods = [*record.get("pods", []), *kubelet_pods(lab, host_network=True)]
     if namespace:
         pods = [p for p in pods if p["namespace"] == namespace]
     if pod.startswith(("deploy/", "deployment/")):
         owner = pod.split("/", 1)[1]
-        matches = [p for p in pods if p["name"].rsplit("-", 1)[0] == owner]
-        matches = matches[:1]
+        # <deployment>-<n> in manifest mode, <deployment>-<replicaset hash>-<id> in kubernetes
+        matches = [p for p in pods if owner in (p["name"].rsplit("-", i)[0] for i in (1, 2))]
+        matches = sorted(matches, key=lambda p: str(p["name"]))[:1]
     else:
         matches = [p for p in pods if p["name"] == pod]
     if not matches:
         where = f" in namespace {namespace!r}" if namespace else ""
-        known = ", ".join(f"{p['namespace']}/{p['name']}" for p in record.get("pods", []))
+        known = ", ".join(f"{p['namespace']}/{p['name']}" for p in pods)
         raise LabError(f"no pod {pod!r}{where} in lab {lab!r} (pods: {known})")
     if len(matches) > 1:
         raise LabError(
@@ -926,15 +1038,25 @@ def exec_in_pod(lab: str, pod: str, namespace: str | None, argv: Sequence[str]) 
     if not argv:
         raise LabError("nothing to run: veil lab exec <pod> -- <command> [args...]")
     entry = find_pod(lab, pod, namespace)
+    os.environ.update({"POD_NAME": entry["name"], "POD_NAMESPACE": entry["namespace"]})
+    bindir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    if "uid" in entry:  # run by a kubelet (kubernetes mode): join a container's namespaces
+        alive = [pid for pid in entry.get("pids", []) if Path(f"/proc/{pid}").exists()]
+        if not alive:
+            raise LabError(f"pod {entry['namespace']}/{entry['name']} has no running container")
+        cgroups.join(Path(entry["cgroup"]))
+        # The container's own environment, as `kubectl exec` gives it.
+        environ = Path(f"/proc/{alive[0]}/environ").read_bytes().split(b"\0")
+        env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+        args = ["nsenter", "-t", str(alive[0]), "--net", "--mount", "--", *argv]
+        os.execvpe(args[0], args, env)
     if not netns.exists(entry["netns"]):
         raise LabError(
             f"pod {entry['namespace']}/{entry['name']} has no network namespace "
             f"{entry['netns']}: the lab is broken, run `veil lab down --name {lab}`"
         )
     cgroups.join(Path(entry["cgroup"]))
-    os.environ.update({"POD_NAME": entry["name"], "POD_NAMESPACE": entry["namespace"]})
-    bindir = str(Path(sys.executable).parent)
-    os.environ["PATH"] = f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
     args = netns.exec_argv(entry["netns"], argv)
     os.execvp(args[0], args)
 

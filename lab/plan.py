@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
 
 from veil.core.ports import HBONE_PORT
 from veil.core.state import DATAPLANE_MODE, GATEWAY_NAME_LABEL, NONE, WAYPOINT_CLASS
@@ -139,6 +140,22 @@ class Endpoint:
     port: int
     pod: str
     node: str
+
+
+class Named(Protocol):
+    """A pod as the renderers need it: a plan's pod, or one the kubelet runs from the API."""
+
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+
+
+class VipService(Named, Protocol):
+    """A service with its ClusterIP: a plan's, or one read from the API server."""
+
+    @property
+    def cluster_ip(self) -> IPv4Address: ...
 
 
 def stable_uid(*parts: str) -> str:
@@ -400,7 +417,7 @@ def endpoints(
     return sorted(out, key=lambda e: e.pod)
 
 
-def render_hosts(pod: PodPlan, pod_ip: IPv4Address, services: Iterable[ServicePlan]) -> str:
+def render_hosts(pod: Named, pod_ip: IPv4Address, services: Iterable[VipService]) -> str:
     """/etc/hosts for one pod: its own name, and every service by the names DNS would give.
 
     The short name `<svc>` resolves only for services in the pod's own namespace, as the
@@ -424,7 +441,7 @@ def render_hosts(pod: PodPlan, pod_ip: IPv4Address, services: Iterable[ServicePl
     return "\n".join(lines) + "\n"
 
 
-def render_resolv_conf(pod: PodPlan) -> str:
+def render_resolv_conf(pod: Named) -> str:
     """/etc/resolv.conf for one pod: the Kubernetes search path, and no reachable DNS server.
 
     Names the lab knows are all in the pod's hosts file; anything else must fail at once
@@ -447,7 +464,7 @@ def chain_id(*parts: str) -> str:
 
 
 def render_service_nat(
-    services: Sequence[tuple[ServicePlan, ServicePort, Sequence[Endpoint]]],
+    services: Sequence[tuple[VipService, ServicePort, Sequence[Endpoint]]],
 ) -> str:
     """The nat table a node installs, as iptables-restore input (kube-proxy's iptables mode).
 

@@ -20,6 +20,7 @@ BINARIES = (
     "etcd",
     "helm",
 )
+GATEWAY_API = "v1.6.3"  # the release whose standard CRDs the lab installs (as the script)
 BUILD = "make upstream (scripts/build-upstream.sh; about 10 minutes the first time)"
 
 
@@ -40,9 +41,17 @@ def bin_dir() -> Path:
     return cache_dir() / "kubernetes" / (pinned() or "unknown") / "bin"
 
 
+def gateway_crds() -> Path:
+    """Gateway API's standard CRDs, as the build script copied them from the Go module."""
+    return cache_dir() / "kubernetes" / f"gateway-api-{GATEWAY_API}"
+
+
 def missing() -> list[str]:
     d = bin_dir()
-    return [b for b in BINARIES if not os.access(d / b, os.X_OK)]
+    gone = [b for b in BINARIES if not os.access(d / b, os.X_OK)]
+    if not (gateway_crds() / ".done").exists():
+        gone.append(f"Gateway API {GATEWAY_API} CRDs")
+    return gone
 
 
 def check() -> Check:

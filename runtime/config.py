@@ -26,10 +26,15 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
     return host.strip("[]") or "0.0.0.0", number
 
 
+def check_state_source(state_dir: Path | None, kubeconfig: str | None) -> None:
+    if (state_dir is None) == (kubeconfig is None):
+        raise ValueError("give exactly one state source: --state-dir DIR or --kubeconfig PATH")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     node: str
-    state_dir: Path
+    state_dir: Path | None
     ca_address: tuple[str, int]
     ca_server_name: str
     ca_root: Path
@@ -42,8 +47,10 @@ class AgentConfig:
     ready_listen: tuple[str, int] = ("0.0.0.0", READY_PORT)
     capture: str = "iptables"
     bpf_pin_dir: Path = Path("/sys/fs/bpf/veil")
+    kubeconfig: str | None = None  # the Kubernetes API as the state source, not state_dir
 
     def __post_init__(self) -> None:
+        check_state_source(self.state_dir, self.kubeconfig)
         check_trust_domain(self.trust_domain)
         if self.capture not in ("iptables", "ebpf"):
             raise ValueError(f"--capture {self.capture!r}: use iptables or ebpf")
@@ -53,7 +60,7 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class CaConfig:
-    state_dir: Path
+    state_dir: Path | None
     data_dir: Path
     node_tokens: Path
     plugin_certs: Path | None = None
@@ -62,8 +69,10 @@ class CaConfig:
     metrics_listen: tuple[str, int] = ("0.0.0.0", CA_METRICS_PORT)
     ttl_seconds: int = 24 * 3600
     server_name: str = CA_SERVER_NAME
+    kubeconfig: str | None = None
 
     def __post_init__(self) -> None:
+        check_state_source(self.state_dir, self.kubeconfig)
         check_trust_domain(self.trust_domain)
         if self.ttl_seconds < 1:
             raise ValueError(f"--ttl must be at least 1 second, got {self.ttl_seconds}")

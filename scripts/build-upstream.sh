@@ -17,6 +17,24 @@ HELM=$(version_of helm.sh/helm/v4)
 CACHE=${VEIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/veil}
 OUT=$CACHE/kubernetes/$K8S/bin
 STAMP=$OUT/.built-$(sha256sum "$MOD/go.sum" | cut -c1-16)
+# Gateway API's standard CRDs (a prerequisite users install), from the release's Go module:
+# its config/crd/standard files, not copies in this repository. Pinned here and in
+# lab/upstream.py (a unit test keeps the two equal).
+GATEWAY_API=v1.6.3
+CRDS=$CACHE/kubernetes/gateway-api-$GATEWAY_API
+
+gateway_crds() {
+  [ -f "$CRDS/.done" ] && return 0
+  need_go
+  local dir
+  dir=$(cd /tmp && GOFLAGS= go mod download -json "sigs.k8s.io/gateway-api@$GATEWAY_API" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [ -d "$dir/config/crd/standard" ] || { echo "build-upstream: no CRDs in $dir" >&2; exit 1; }
+  mkdir -p "$CRDS"
+  cp "$dir"/config/crd/standard/gateway.networking.k8s.io_*.yaml "$CRDS/"
+  chmod 644 "$CRDS"/*.yaml
+  touch "$CRDS/.done"
+}
 
 declare -A PACKAGES=(
   [kube-apiserver]=k8s.io/kubernetes/cmd/kube-apiserver
@@ -27,13 +45,16 @@ declare -A PACKAGES=(
   [helm]=helm.sh/helm/v4/cmd/helm
 )
 
+need_go() { command -v go >/dev/null || { echo "build-upstream: needs the go command" >&2; exit 1; }; }
+gateway_crds
+
 if [ -f "$STAMP" ]; then
   missing=0
   for b in "${!PACKAGES[@]}"; do [ -x "$OUT/$b" ] || missing=1; done
   if [ $missing = 0 ]; then echo "$OUT"; exit 0; fi
 fi
 
-command -v go >/dev/null || { echo "build-upstream: needs the go command" >&2; exit 1; }
+need_go
 mkdir -p "$OUT"
 minor=${K8S#v1.}; minor=${minor%%.*}
 # What `kubectl version` and the API server's /version report (Kubernetes' own build sets

@@ -7,3 +7,42 @@ which builds each new snapshot; the single writer, `veil.runtime.store.StateStor
 swaps it in. Consumers (the CA's authorizer, the certificate manager, capture, proxies,
 policy) only read `store.current` and wait for newer versions; nothing reaches around it.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from veil.runtime.store import StateStore
+
+IN_CLUSTER = "in-cluster"
+
+
+class Source(Protocol):
+    async def run(
+        self, store: StateStore, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
+
+
+def open_source(state_dir: Path | None, kubeconfig: str | None) -> Source:
+    """The state source a daemon was configured with: a state directory (`--state-dir`, the
+    lab's manifest mode) or the Kubernetes API (`--kubeconfig PATH`, or `in-cluster` for the
+    pod's service account)."""
+    if (state_dir is None) == (kubeconfig is None):
+        raise ValueError("give exactly one state source: --state-dir DIR or --kubeconfig PATH")
+    if state_dir is not None:
+        from veil.runtime.sources.manifests import ManifestSource  # noqa: PLC0415
+
+        return ManifestSource(state_dir)
+    from lightkube import AsyncClient, KubeConfig  # noqa: PLC0415
+
+    from veil.runtime.sources.kubernetes import KubernetesSource  # noqa: PLC0415
+
+    config = (
+        KubeConfig.from_service_account()
+        if kubeconfig == IN_CLUSTER
+        else KubeConfig.from_file(str(kubeconfig))
+    )
+    return KubernetesSource(AsyncClient(config=config))

@@ -19,6 +19,10 @@ from veil.runtime.fdlimit import raise_open_files
 from veil.runtime.heap import keep_heap
 
 LEVELS = ("debug", "info", "warning", "error")
+KUBECONFIG_HELP = (
+    "read cluster state from the Kubernetes API: a kubeconfig file, or `in-cluster` for the "
+    "pod's service account (instead of --state-dir)"
+)
 
 
 def _lab_name(value: str | None) -> str:
@@ -107,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument(
         "--state-dir",
         type=Path,
-        required=True,
-        help="cluster state directory to authorize against (the lab's state/)",
+        help="cluster state directory to authorize against (the lab's manifest mode)",
     )
+    ca.add_argument("--kubeconfig", help=KUBECONFIG_HELP)
     ca.add_argument(
         "--data-dir",
         type=Path,
@@ -137,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("agent", help="run the node agent")
     ag.add_argument("--node", required=True, help="the node this agent runs on")
     ag.add_argument(
-        "--state-dir", type=Path, required=True, help="cluster state directory (the lab's state/)"
+        "--state-dir", type=Path, help="cluster state directory (the lab's manifest mode)"
     )
+    ag.add_argument("--kubeconfig", help=KUBECONFIG_HELP)
     ag.add_argument("--ca-address", default="veil-ca.veil-system.svc:15012")
     ag.add_argument("--ca-server-name", default=CA_SERVER_NAME)
     ag.add_argument("--ca-root", type=Path, required=True, help="CA trust anchor (PEM)")
@@ -307,14 +312,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.lab_command == "exec":
             lab.exec_in_pod(name, args.pod, args.namespace, args.argv)
         elif args.lab_command in ("kubectl", "kubeconfig"):
-            from veil.lab import kubernetes, store  # noqa: PLC0415
+            from veil.lab import controlplane, kubernetes, store  # noqa: PLC0415
 
             if not (store.read_record(name) or {}).get("kubernetes"):
                 raise LabError(
                     f"lab {name!r} runs no Kubernetes control plane (lab up --kubernetes)"
                 )
             if args.lab_command == "kubeconfig":
-                print((kubernetes.kube_dir(name) / "admin.kubeconfig").read_text(), end="")
+                print((controlplane.kube_dir(name) / "admin.kubeconfig").read_text(), end="")
             else:
                 return subprocess.run(
                     kubernetes.kubectl_argv(name, *args.argv), check=False
@@ -380,6 +385,7 @@ def run_daemon(args: argparse.Namespace) -> int:
                 metrics_listen=parse_hostport(args.metrics_listen),
                 ttl_seconds=args.ttl,
                 server_name=args.server_name,
+                kubeconfig=args.kubeconfig,
             )
             trio.run(ca_app.run, cfg)
         elif args.command == "agent":
@@ -400,6 +406,7 @@ def run_daemon(args: argparse.Namespace) -> int:
                 ready_listen=parse_hostport(args.ready_listen),
                 capture=args.capture,
                 bpf_pin_dir=args.bpf_pin_dir,
+                kubeconfig=args.kubeconfig,
             )
             trio.run(Agent(acfg).run)
         else:

@@ -1,6 +1,8 @@
 """The lab's kubernetes mode (issue 19): the upstream control plane (built by `make upstream`)
-in the control-plane netns, and each lab node registered with it by the lab's kubelet. Real
-etcd, kube-apiserver, kube-controller-manager and kube-scheduler; no stand-in anywhere."""
+in the control-plane netns, each lab node registered with it and running its pods as the
+lab's kubelet, and Veil's CA and agents reading the API. Real etcd, kube-apiserver,
+kube-controller-manager and kube-scheduler; no stand-in anywhere. The lab's manifests
+(tests/integration/mesh) are applied with kubectl, so the API server validates them."""
 
 from __future__ import annotations
 
@@ -10,12 +12,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.lab import MESH, leftovers, new_lab_name, veil
-from veil.lab import kubernetes, upstream
+from tests.support.lab import (
+    MESH,
+    curl_json,
+    enrolled,
+    lab_exec,
+    leftovers,
+    metric,
+    new_lab_name,
+    veil,
+)
+from veil.lab import controlplane, kubernetes, netns, upstream
 
 pytestmark = pytest.mark.skipif(
     bool(upstream.missing()), reason="the upstream binaries are not built: make upstream"
@@ -35,7 +47,8 @@ spec:
   template:
     metadata: {labels: {app: web}}
     spec:
-      containers: [{name: web, image: veil/echo, command: [veil, echo]}]
+      containers:
+      - {name: web, image: veil/echo, command: [veil, echo], ports: [{containerPort: 8080}]}
 ---
 apiVersion: v1
 kind: Service
@@ -96,21 +109,214 @@ def test_rbac_and_the_node_authorizer_are_on(kube_lab):
     assert kubectl(kube_lab, "get", "secrets", "-A").returncode == 0  # the admin may
 
 
-def test_controllers_and_scheduler_place_a_deployment_over_both_nodes(kube_lab):
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (got := predicate()):
+        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
+        time.sleep(0.3)
+    return got
+
+
+def running(lab: str, namespace: str, count: int) -> list[dict[str, Any]] | None:
+    """The namespace's pods once there are `count`, each Running, Ready and with an IP."""
+    pods = get(lab, "pods", "-n", namespace)["items"]
+    ok = len(pods) == count and all(
+        p["status"].get("phase") == "Running"
+        and p["status"].get("podIP")
+        and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"]["conditions"])
+        for p in pods
+    )
+    return pods if ok else None
+
+
+def node_cidr(node: str) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(f"10.244.{node.removeprefix('node')}.0/24")
+
+
+def test_a_deployment_runs_on_both_nodes_and_its_service_reaches_every_pod(kube_lab):
+    """The scheduler spreads the ReplicaSet's pods; each node's kubelet runs its own in a
+    netns from the CNI chain and reports them Running with their IP; the Service's ClusterIP
+    (allocated by the API server) reaches pods on both nodes through the kubelets' NAT."""
     applied = kubectl(kube_lab, "apply", "-f", "-", stdin=DEPLOYMENT)
     assert applied.returncode == 0, applied.stderr
-    deadline = time.monotonic() + 60
-    while True:  # the ReplicaSet's pods, each bound to a node by the scheduler
-        pods = get(kube_lab, "pods", "-n", "kube-test")["items"]
-        if len(pods) == 4 and all(p["spec"].get("nodeName") for p in pods):
-            break
-        assert time.monotonic() < deadline, get(kube_lab, "events", "-n", "kube-test")
-        time.sleep(0.5)
+    pods = wait_for(lambda: running(kube_lab, "kube-test", 4), 90, "4 pods Running")
     assert {p["spec"]["nodeName"] for p in pods} == {"node1", "node2"}  # spread by the scheduler
+    for p in pods:
+        assert ipaddress.ip_address(p["status"]["podIP"]) in node_cidr(p["spec"]["nodeName"])
+        assert f"veil-{kube_lab}-kube-test_{p['metadata']['name']}" in netns.listing()
     svc = get(kube_lab, "service", "-n", "kube-test", "web")
     assert ipaddress.ip_address(svc["spec"]["clusterIP"]) in ipaddress.ip_network("10.96.0.0/16")
-    sa = get(kube_lab, "serviceaccount", "-n", "kube-test", "default")  # the SA controller's
-    assert sa["metadata"]["name"] == "default"
+    seen: set[str] = set()
+    for _ in range(30):  # plain/legacy on node2, through web.kube-test's ClusterIP
+        seen.add(curl_json(kube_lab, "legacy", "http://web.kube-test/", ns="plain")["node"])
+        if seen == {"node1", "node2"}:
+            break
+    assert seen == {"node1", "node2"}
+
+
+def test_scaling_down_removes_pods_and_their_network_namespaces(kube_lab):
+    kubectl(kube_lab, "apply", "-f", "-", stdin=DEPLOYMENT.replace("kube-test", "scale-test"))
+    before = wait_for(lambda: running(kube_lab, "scale-test", 4), 90, "4 pods Running")
+    assert (
+        kubectl(kube_lab, "scale", "-n", "scale-test", "deploy/web", "--replicas=1").returncode == 0
+    )
+    after = wait_for(lambda: running(kube_lab, "scale-test", 1), 60, "scaled to 1")
+    gone = {p["metadata"]["name"] for p in before} - {after[0]["metadata"]["name"]}
+    assert len(gone) == 3
+    wait_for(
+        lambda: not any(f"veil-{kube_lab}-scale-test_{n}" in netns.listing() for n in gone),
+        30,
+        "the removed pods' netns gone",
+    )
+
+
+GRACE = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: grace-test}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stubborn, namespace: grace-test}
+spec:
+  terminationGracePeriodSeconds: 3
+  containers:
+  - {name: app, image: busybox, command: [sh, -c, "trap '' TERM; while true; do sleep 0.2; done"]}
+"""
+
+
+def test_deletion_waits_the_grace_period_then_kills(kube_lab):
+    """A container that ignores SIGTERM is killed when its grace period ends; then the pod's
+    network is removed and the kubelet deletes the pod for good."""
+    assert kubectl(kube_lab, "apply", "-f", "-", stdin=GRACE).returncode == 0
+    wait_for(lambda: running(kube_lab, "grace-test", 1), 60, "the pod Running")
+    start = time.monotonic()
+    deleted = kubectl(kube_lab, "delete", "pod", "-n", "grace-test", "stubborn", "--wait=true")
+    took = time.monotonic() - start
+    assert deleted.returncode == 0, deleted.stderr
+    assert 2.5 <= took < 30, took
+    assert f"veil-{kube_lab}-grace-test_stubborn" not in netns.listing()
+
+
+VOLUMES = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: vol-test}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings, namespace: vol-test}
+data: {mode: fast, greeting: hello}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reader, namespace: vol-test}
+spec:
+  containers:
+  - name: app
+    image: busybox
+    command: [sleep, infinity]
+    env:
+    - {name: MY_NODE, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+    - {name: MY_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
+    - {name: GREETING, valueFrom: {configMapKeyRef: {name: settings, key: greeting}}}
+    volumeMounts:
+    - {name: config, mountPath: /etc/veil-lab-test, readOnly: true}
+  volumes:
+  - {name: config, configMap: {name: settings}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host, namespace: vol-test}
+spec:
+  hostNetwork: true
+  nodeName: node2
+  containers: [{name: app, image: busybox, command: [sleep, infinity]}]
+"""
+
+
+def test_a_pod_reads_its_token_config_map_and_environment(kube_lab):
+    """The projected service-account token (TokenRequest, bound to the pod) and the root CA at
+    the standard path, a ConfigMap volume, env from fieldRef and configMapKeyRef; the token is
+    one the API server accepts (TokenReview) for the pod's service account."""
+    assert kubectl(kube_lab, "apply", "-f", "-", stdin=VOLUMES).returncode == 0
+    wait_for(lambda: running(kube_lab, "vol-test", 2), 60, "the pods Running")
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+    def sh(pod: str, script: str) -> str:
+        return lab_exec(kube_lab, pod, "sh", "-c", script, ns="vol-test").stdout
+
+    assert sh("reader", f"cat {sa}/namespace") == "vol-test"
+    assert "BEGIN CERTIFICATE" in sh("reader", f"cat {sa}/ca.crt")
+    assert sh("reader", "cat /etc/veil-lab-test/mode") == "fast"
+    assert (
+        sh("reader", "touch /etc/veil-lab-test/x 2>&1 || echo read-only")
+        .strip()
+        .endswith("read-only")
+    )
+    env = sh("reader", "echo $MY_NODE $MY_IP $GREETING").split()
+    pod = get(kube_lab, "pod", "-n", "vol-test", "reader")
+    assert env == [pod["spec"]["nodeName"], pod["status"]["podIP"], "hello"]
+    token = sh("reader", f"cat {sa}/token")
+    review = kubectl(
+        kube_lab,
+        "create",
+        "-o",
+        "json",
+        "-f",
+        "-",
+        stdin=json.dumps(
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenReview",
+                "spec": {"token": token},
+            }
+        ),
+    )
+    assert review.returncode == 0, review.stderr
+    status = json.loads(review.stdout)["status"]
+    assert status["authenticated"] is True
+    assert status["user"]["username"] == "system:serviceaccount:vol-test:default"
+    assert status["user"]["extra"]["authentication.kubernetes.io/pod-name"] == ["reader"]
+    assert not Path(sa).exists() or not any(Path(sa).iterdir())  # the host sees no volume
+
+
+def test_a_host_network_pod_runs_in_the_node_netns(kube_lab):
+    wait_for(lambda: running(kube_lab, "vol-test", 2), 60, "the pods Running")
+    pod = get(kube_lab, "pod", "-n", "vol-test", "host")
+    assert pod["status"]["podIP"] == "172.30.0.12"  # node2's address
+    out = lab_exec(kube_lab, "host", "ip", "-o", "-4", "addr", ns="vol-test").stdout
+    assert "172.30.0.12/24" in out
+
+
+def test_the_mesh_runs_on_the_api(kube_lab):
+    """tests/integration/mesh applied with kubectl: `mesh` pods are captured at creation
+    (veil-cni asks the agent, which reads the API), their traffic crosses nodes in mTLS; a
+    namespace labelled later with kubectl is enrolled by the agent, which finds the running
+    pod by its cgroup."""
+    ip = get(kube_lab, "pod", "-n", "mesh", "server-b")["status"]["podIP"]
+    out = curl_json(kube_lab, "client", f"http://{ip}:8080/", ns="mesh")  # node1 -> node2
+    assert out["pod"] == "server-b"
+    assert (
+        metric(kube_lab, "node1", "istio_tcp_connections_opened_total",
+               connection_security_policy="mutual_tls", source_workload="client")
+        >= 1
+    )  # fmt: skip
+    assert "plain/web" not in enrolled(kube_lab, "node1")
+    label = kubectl(kube_lab, "label", "namespace", "plain", "veil.dev/dataplane-mode=ambient")
+    assert label.returncode == 0, label.stderr
+    try:
+        wait_for(lambda: "plain/web" in enrolled(kube_lab, "node1"), 15, "plain/web enrolled")
+        assert curl_json(kube_lab, "client", "http://web.plain/", ns="mesh")["pod"] == "web"
+    finally:
+        kubectl(kube_lab, "label", "namespace", "plain", "veil.dev/dataplane-mode-")
+    wait_for(lambda: "plain/web" not in enrolled(kube_lab, "node1"), 15, "plain/web released")
+
+
+def test_the_agents_credentials_read_state_but_no_secrets(kube_lab):
+    assert kubectl(kube_lab, "get", "pods", "-A", user="agent-node1").returncode == 0
+    denied = kubectl(kube_lab, "get", "secrets", "-A", user="agent-node1")
+    assert denied.returncode != 0 and "Forbidden" in denied.stderr, denied.stderr
 
 
 def test_the_kubernetes_source_follows_the_api(kube_lab):
@@ -119,7 +325,7 @@ def test_the_kubernetes_source_follows_the_api(kube_lab):
     from veil.lab.controlplane import cp_netns  # noqa: PLC0415
     from veil.lab.netns import nsenter_argv  # noqa: PLC0415
 
-    kubeconfig = str(kubernetes.kube_dir(kube_lab) / "admin.kubeconfig")
+    kubeconfig = str(controlplane.kube_dir(kube_lab) / "admin.kubeconfig")
     argv = [sys.executable, "-m", "veil.runtime.sources.kubernetes", kubeconfig, "node1"]
     proc = subprocess.Popen(
         nsenter_argv(cp_netns(kube_lab), argv), stdout=subprocess.PIPE, text=True
@@ -157,3 +363,48 @@ def test_the_kubernetes_source_follows_the_api(kube_lab):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+POLICY = """
+apiVersion: security.veil.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: crd-test, namespace: default}
+spec:
+"""
+
+
+@pytest.mark.parametrize(
+    ("spec", "refusal"),
+    [
+        ("  action: CUSTOM", 'Unsupported value: "CUSTOM"'),
+        ("  actions: DENY", ".spec.actions: field not declared in schema"),
+        ("  rules: [{to: [{operation: {ports: ['70000']}}]}]", "should match"),
+        ("  rules: [{to: [{operation: {port: ['80']}}]}]", "field not declared in schema"),
+        ("  rules: [{from: [{source: {ipBlocks: [not-an-ip]}}]}]", "should match"),
+        ("  rules: [{when: [{key: source.nowhere, values: [x]}]}]", "should match"),
+        ("  targetRefs: [{kind: Deployment, name: x}]", 'Unsupported value: "Deployment"'),
+    ],
+)
+def test_the_crd_schema_refuses_what_the_parser_refuses(kube_lab, spec, refusal):
+    proc = kubectl(kube_lab, "apply", "--server-side", "-f", "-", stdin=POLICY + spec)
+    assert proc.returncode != 0 and refusal in proc.stderr, proc.stderr
+    import yaml  # noqa: PLC0415
+
+    from veil.core.authz import PolicyError, parse_policy  # noqa: PLC0415
+
+    with pytest.raises((PolicyError, ValueError)):  # the parser refuses it too
+        parse_policy(yaml.safe_load(POLICY + spec))
+
+
+def test_every_example_policy_is_accepted_by_the_crds(kube_lab):
+    root = Path(__file__).resolve().parents[2] / "examples"
+    kubectl(
+        kube_lab,
+        "apply",
+        "-f",
+        "-",
+        stdin="{apiVersion: v1, kind: Namespace, metadata: {name: shop}}",
+    )
+    for d in ("shop-policies", "shop-waypoint"):
+        proc = kubectl(kube_lab, "apply", "--server-side", "--dry-run=server", "-f", str(root / d))
+        assert proc.returncode == 0, proc.stderr

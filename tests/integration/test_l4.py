@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.support.lab import VEIL, ca_post, capture_mode, lab_exec, metric, veil
+from tests.support.lab import VEIL, ca_post, capture_mode, enrolled, lab_exec, metric, veil
 from tests.support.logs import access_entries, wait_for_access
 from veil.agent.capture import bpfsys, ebpf, iptables
 from veil.core.spiffe import SpiffeId
@@ -37,12 +37,6 @@ def curl(lab: str, pod: str, url: str, ns: str = "mesh", *extra: str) -> dict[st
 
 def try_curl(lab: str, pod: str, url: str, ns: str = "mesh") -> int:
     return lab_exec(lab, pod, "curl", "-sS", "--max-time", "5", url, ns=ns, check=False).returncode
-
-
-def enrolled(lab: str, node: str) -> set[str]:
-    code, body = controlplane.agent_get(f"veil-{lab}-{node}", "/config_dump")
-    assert code == 200, body
-    return {f"{e['namespace']}/{e['name']}" for e in json.loads(body)["enrolled"]}
 
 
 def sniff(lab: str, fn: Any) -> tuple[Any, Sniffer]:

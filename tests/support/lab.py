@@ -145,6 +145,13 @@ def ca_post(
     return controlplane.ca_request(lab, node, body, token)
 
 
+def enrolled(lab: str, node: str) -> set[str]:
+    """The pods a node's agent has captured (its admin /config_dump)."""
+    code, body = controlplane.agent_get(f"veil-{lab}-{node}", "/config_dump")
+    assert code == 200, body
+    return {f"{e['namespace']}/{e['name']}" for e in json.loads(body)["enrolled"]}
+
+
 def metric(lab: str, node: str, name: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 

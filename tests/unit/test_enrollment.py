@@ -110,11 +110,45 @@ def _pod(name: str, uid: str = "u1", node: str = "node1", **labels: str) -> dict
     ],
 )
 def test_the_reconcile_plan(pods, mesh, enrolled, release, enroll):
-    from veil.agent.enrollment import plan_reconcile  # noqa: PLC0415
+    from veil.agent.enrollment import netns_path, plan_reconcile  # noqa: PLC0415
 
-    plan = plan_reconcile(
-        _cluster(*pods, mesh=mesh), "node1", enrolled, lambda path: "gone" not in path
-    )
+    def locate(w):
+        path = netns_path(w)
+        return path if path and "gone" not in path else None
+
+    plan = plan_reconcile(_cluster(*pods, mesh=mesh), "node1", enrolled, locate)
     assert list(plan.release) == release
     assert [w.key for w, _ in plan.enroll] == enroll
     assert all(path.startswith("/run/netns/ns-") for _, path in plan.enroll)
+
+
+async def test_a_cni_add_for_an_enrolled_pod_captures_its_new_network(tmp_path: Path) -> None:
+    """An ADD for a pod already enrolled means a new sandbox (the runtime set the network up
+    again, perhaps at the same netns path after a DEL the agent never heard of): the old
+    capture and listeners are let go and the new network is captured, never left as is."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from veil.agent.enrollment import Enrolled  # noqa: PLC0415
+    from veil.runtime.store import StateStore  # noqa: PLC0415
+
+    ctx: Any = SimpleNamespace(store=StateStore(_cluster(_pod("client"))), node="node1")
+    e = Enrollment(ctx, tmp_path, RecordingCapture())
+    calls: list[str] = []
+
+    async def enroll(w: Workload, netns: str, ip: str, cgroup: str | None = None) -> None:
+        calls.append(f"enroll {w.key} {netns} {ip}")
+        e.pods[w.key] = Enrolled(w.namespace, w.name, w.uid, netns, ip)
+
+    async def release(key: str) -> None:
+        calls.append(f"release {key}")
+        e.pods.pop(key, None)
+
+    e._enroll = enroll  # type: ignore[method-assign]
+    e._release = release  # type: ignore[method-assign]
+    assert await e.cni_add("mesh", "client", "/run/netns/ns-client", "10.244.1.9")
+    assert await e.cni_add("mesh", "client", "/run/netns/ns-client", "10.244.1.12")
+    assert calls == [
+        "enroll mesh/client /run/netns/ns-client 10.244.1.9",
+        "release mesh/client",
+        "enroll mesh/client /run/netns/ns-client 10.244.1.12",
+    ]

@@ -29,4 +29,12 @@ def test_check_says_what_is_missing_and_how_to_build_it(tmp_path, monkeypatch: p
     for b in upstream.BINARIES:
         (d / b).write_text("#!/bin/sh\n")
         (d / b).chmod(0o755)
+    assert not upstream.check().ok and "Gateway API" in upstream.check().detail
+    upstream.gateway_crds().mkdir(parents=True)
+    (upstream.gateway_crds() / ".done").touch()
     assert upstream.check().ok
+
+
+def test_the_gateway_api_pin_is_the_build_scripts():
+    script = (upstream.ROOT / "scripts" / "build-upstream.sh").read_text()
+    assert f"\nGATEWAY_API={upstream.GATEWAY_API}\n" in script
