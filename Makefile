@@ -7,8 +7,8 @@ STAMP  := $(VENV)/.veil-installed
 
 .PHONY: demo test setup system venv lint typecheck unit integration fuzz upstream clean
 
-demo: setup
-	$(BIN)/python -m veil.lab.demo -f examples/shop/ $(if $(KEEP),--keep,) $(if $(CAPTURE),--capture $(CAPTURE),)
+demo: setup $(if $(KUBE),upstream,)
+	$(BIN)/python -m veil.lab.demo -f examples/shop/ $(if $(KEEP),--keep,) $(if $(CAPTURE),--capture $(CAPTURE),) $(if $(KUBE),--kubernetes,)
 
 test: setup lint typecheck upstream
 	$(BIN)/pytest -q tests/unit tests/fuzz tests/integration tests/interop
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # The Python folders (src/veil only links them, plus the `veil` command itself).
-PYDIRS := core runtime agent waypoint ca lab src/veil/__init__.py src/veil/cli.py tests bench
+PYDIRS := core runtime agent waypoint ca controller lab src/veil/__init__.py src/veil/cli.py tests bench
 
 lint: venv
 	$(BIN)/ruff check $(PYDIRS)

@@ -7,7 +7,12 @@ import logging
 
 import trio
 
-from veil.ca.auth import BootstrapTokens
+from veil.ca.auth import (
+    Authenticators,
+    BootstrapTokens,
+    TokenReviewAuthenticator,
+    lightkube_review,
+)
 from veil.ca.server import CaService
 from veil.ca.signer import FileCaStorage, Signer, load_or_create
 from veil.core.csr import new_key
@@ -32,7 +37,16 @@ def build_service(cfg: CaConfig) -> tuple[CaService, StateStore]:
         material, cfg.trust_domain, default_ttl=datetime.timedelta(seconds=cfg.ttl_seconds)
     )
     store = StateStore()
-    return CaService(signer, BootstrapTokens(cfg.node_tokens), store), store
+    review = None
+    if cfg.kubeconfig is not None:  # on Kubernetes: projected tokens, checked by TokenReview
+        from veil.runtime.sources import kube_client  # noqa: PLC0415
+
+        ns, _, name = cfg.agent_account.partition("/")
+        review = TokenReviewAuthenticator(
+            lightkube_review(kube_client(cfg.kubeconfig)), (ns, name), cfg.trust_domain
+        )
+    auth = Authenticators(BootstrapTokens(cfg.node_tokens), review)
+    return CaService(signer, auth, store), store
 
 
 async def run(cfg: CaConfig) -> None:

@@ -1,9 +1,13 @@
 """Who is asking: node credentials, and what a node may obtain.
 
-`NodeAuthenticator` is the interface; the lab uses `BootstrapTokens` (a per-node secret that
-`veil lab up` writes into the node's own directory, stored by the CA only as a SHA-256, with an
-expiry). On Kubernetes, `TokenReviewAuthenticator` will check a projected service-account
-token with the TokenReview API and map the agent pod to its node.
+`NodeAuthenticator` is the interface. The lab's daemons use `BootstrapTokens` (a per-node
+secret that `veil lab up` writes into the node's own directory, stored by the CA only as a
+SHA-256, with an expiry). On Kubernetes, `TokenReviewAuthenticator` checks a projected
+service-account token (audience `veil-ca`) with the API server's TokenReview: the token is
+bound to a pod, and the API server says which pod and node. An agent's token (the agent's
+service account) may obtain the identities of workloads on its node; any other pod's token
+(a waypoint's) only its own service account's identity. `credential_from_review` is the pure
+decision; `Authenticators` tries each in turn (the lab's kubernetes mode has both).
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ import datetime
 import hashlib
 import hmac
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import yaml
 
@@ -38,7 +43,7 @@ class NodeCredential:
 
 
 class NodeAuthenticator(Protocol):
-    def authenticate(self, bearer: str | None) -> NodeCredential: ...
+    async def authenticate(self, bearer: str | None) -> NodeCredential: ...
 
 
 def token_hash(token: str) -> str:
@@ -106,7 +111,10 @@ class BootstrapTokens:
         ]
         self._mtime = mtime
 
-    def authenticate(self, bearer: str | None) -> NodeCredential:
+    async def authenticate(self, bearer: str | None) -> NodeCredential:
+        return self.check(bearer)
+
+    def check(self, bearer: str | None) -> NodeCredential:
         if not bearer:
             raise AuthError(
                 401,
@@ -127,16 +135,101 @@ class BootstrapTokens:
         raise AuthError(401, "unknown_credential", "unknown node credential")
 
 
-class TokenReviewAuthenticator:
-    """Kubernetes: a projected service-account token, checked with TokenReview (not yet)."""
+AUDIENCE = "veil-ca"
+POD_NAME = "authentication.kubernetes.io/pod-name"
+NODE_NAME = "authentication.kubernetes.io/node-name"
 
-    def __init__(self, api_server: str, audience: str = "veil-ca") -> None:
-        self.api_server, self.audience = api_server, audience
 
-    def authenticate(self, bearer: str | None) -> NodeCredential:
+def credential_from_review(
+    status: Mapping[str, Any], agent_account: tuple[str, str], trust_domain: str
+) -> NodeCredential:
+    """What a TokenReview's answer lets the caller obtain. The token must be authenticated
+    for our audience, belong to a service account and be bound to a pod on a node (a
+    projected token, not a long-lived Secret one). Pure."""
+    if not status.get("authenticated"):
+        why = status.get("error") or "not authenticated"
+        raise AuthError(401, "token_rejected", f"the API server rejected the token: {why}")
+    if AUDIENCE not in (status.get("audiences") or []):
+        raise AuthError(401, "wrong_audience", f"the token is not for audience {AUDIENCE!r}")
+    user = status.get("user") or {}
+    parts = str(user.get("username", "")).split(":")
+    if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"]:
+        raise AuthError(401, "not_a_service_account", "the token is no service account's")
+    namespace, account = parts[2], parts[3]
+    extra = user.get("extra") or {}
+    node = (extra.get(NODE_NAME) or [None])[0]
+    if not (extra.get(POD_NAME) or [None])[0] or not node:
         raise AuthError(
-            501, "not_implemented", "TokenReview authentication arrives with the Kubernetes source"
+            401,
+            "not_pod_bound",
+            "the token is not bound to a pod on a node (use a projected service-account "
+            f"token with audience {AUDIENCE!r})",
         )
+    if (namespace, account) == agent_account:
+        return NodeCredential(node=str(node))
+    return NodeCredential(node=str(node), identity=str(SpiffeId(trust_domain, namespace, account)))
+
+
+class TokenReviewAuthenticator:
+    """Kubernetes: a projected service-account token, checked with the API server's
+    TokenReview (the CA needs `create tokenreviews`, as in system:auth-delegator). An answer
+    is kept for a minute, so a pod renewing several certificates costs one review."""
+
+    CACHE_SECONDS = 60.0
+
+    def __init__(
+        self,
+        review: Callable[[str], Awaitable[Mapping[str, Any]]],
+        agent_account: tuple[str, str],
+        trust_domain: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.review, self.agent_account, self.trust_domain = review, agent_account, trust_domain
+        self.clock = clock
+        self._cache: dict[str, tuple[float, NodeCredential]] = {}
+
+    async def authenticate(self, bearer: str | None) -> NodeCredential:
+        if not bearer:
+            raise AuthError(401, "no_credential", "no token (Authorization: Bearer <token>)")
+        key, now = token_hash(bearer), self.clock()
+        cached = self._cache.get(key)
+        if cached and cached[0] > now:
+            return cached[1]
+        try:
+            status = await self.review(bearer)
+        except Exception as e:
+            raise AuthError(503, "review_failed", f"TokenReview failed: {e}") from None
+        cred = credential_from_review(status, self.agent_account, self.trust_domain)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (now + self.CACHE_SECONDS, cred)
+        return cred
+
+
+def lightkube_review(client: Any) -> Callable[[str], Awaitable[Mapping[str, Any]]]:
+    """TokenReview through a lightkube AsyncClient."""
+    from lightkube.models.authentication_v1 import TokenReviewSpec  # noqa: PLC0415
+    from lightkube.resources.authentication_v1 import TokenReview  # noqa: PLC0415
+
+    async def review(token: str) -> Mapping[str, Any]:
+        req = TokenReview(spec=TokenReviewSpec(token=token, audiences=[AUDIENCE]))
+        got = await client.create(req)
+        return got.status.to_dict() if got.status else {}
+
+    return review
+
+
+class Authenticators:
+    """The first that knows the credential: a bootstrap token is looked up, anything else
+    that looks like a JWT goes to TokenReview."""
+
+    def __init__(self, tokens: BootstrapTokens, review: TokenReviewAuthenticator | None) -> None:
+        self.tokens, self.review = tokens, review
+
+    async def authenticate(self, bearer: str | None) -> NodeCredential:
+        if self.review is not None and bearer and bearer.count(".") == 2:
+            return await self.review.authenticate(bearer)
+        return self.tokens.check(bearer)
 
 
 def authorize(state: MeshState, node: NodeCredential, identity: SpiffeId) -> None:

@@ -111,7 +111,7 @@ class CaService:
         node = identity = None
         try:
             bearer = _bearer(req.headers.get("authorization"))
-            node = self.authenticator.authenticate(bearer)
+            node = await self.authenticator.authenticate(bearer)
             bucket = self._buckets.get(node.node)
             if bucket is None:
                 bucket = self._buckets[node.node] = TokenBucket(*self.node_rate)

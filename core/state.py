@@ -298,15 +298,21 @@ def workload_from(obj: Mapping[str, Any]) -> Workload:
         ready=ready,
         uid=md.get("uid", ""),
         ports=ports,
-        owner=next(
-            (
-                str(r.get("name", ""))
-                for r in md.get("ownerReferences") or []
-                if isinstance(r, dict)
-            ),
-            "",
-        ),
+        owner=owner_workload(md),
     )
+
+
+def owner_workload(md: Mapping[str, Any]) -> str:
+    """The pod's workload as Istio names it: its owner, and for a ReplicaSet made by a
+    Deployment (`<deployment>-<pod-template-hash>`) the Deployment."""
+    ref = next((r for r in md.get("ownerReferences") or [] if isinstance(r, dict)), None)
+    if ref is None:
+        return ""
+    name = str(ref.get("name", ""))
+    suffix = f"-{(md.get('labels') or {}).get('pod-template-hash', '')}"
+    if ref.get("kind") == "ReplicaSet" and len(suffix) > 1 and name.endswith(suffix):
+        return name[: -len(suffix)]
+    return name
 
 
 def service_from(obj: Mapping[str, Any]) -> Service:

@@ -34,12 +34,15 @@ from veil.core.certs import key_usage
 from veil.lab import cgroups, netns, store, upstream
 from veil.lab.controlplane import (
     CA_IP,
+    CA_PORT,
     Daemon,
     Spawn,
+    ca_dir,
     cp_netns,
     daemon_env,
     kube_dir,
     supervised,
+    veil_argv,
     wait_listening,
 )
 from veil.lab.errors import LabError
@@ -175,13 +178,15 @@ USERS = {
 
 STATE_READERS = "veil:state-readers"  # Veil's daemons in the lab: what they watch, read-only
 USERS["veil-ca"] = ("veil:ca", (STATE_READERS,))
+USERS["veil-controller"] = ("veil:controller", (STATE_READERS,))
 
 # Until the chart's per-component RBAC (issue 20, item 6): the lab's Veil daemons may read
-# the kinds the state source watches, and nothing else (no Secrets, no writes).
+# the kinds the state source watches, and nothing else (no Secrets); the CA may review
+# tokens; the controller may manage what waypoints are made of, and Gateways' status.
 STATE_READER_RBAC = f"""
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
-metadata: {{name: veil-lab-state-reader}}
+metadata: {{name: veil-state-reader}}
 rules:
 - apiGroups: [""]
   resources: [namespaces, pods, services]
@@ -198,10 +203,55 @@ rules:
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
-metadata: {{name: veil-lab-state-reader}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: veil-lab-state-reader}}
+metadata: {{name: veil-state-reader}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: veil-state-reader}}
 subjects:
 - {{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "{STATE_READERS}"}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: veil-ca-token-review}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: system:auth-delegator}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: "veil:ca"}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: veil-controller}}
+rules:
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [gateways/status, httproutes/status]
+  verbs: [get, patch, update]
+- apiGroups: [security.veil.dev]
+  resources: [authorizationpolicies/status, requestauthentications/status]
+  verbs: [get, patch, update]
+- apiGroups: [traffic.veil.dev]
+  resources: [trafficpolicies/status]
+  verbs: [get, patch, update]
+- apiGroups: [""]
+  resources: [serviceaccounts, services, configmaps]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [clusterrolebindings]
+  resourceNames: [veil-waypoints]
+  verbs: [get, patch, update]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [clusterrolebindings]
+  verbs: [create]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [clusterroles]
+  resourceNames: [veil-state-reader]
+  verbs: [bind]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: veil-controller}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: veil-controller}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: "veil:controller"}}
 """
 
 
@@ -418,6 +468,26 @@ def wait_nodes_ready(plan: LabPlan, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise LabError(f"nodes not Ready in the API after {timeout:.0f}s: {seen or 'none'}")
         time.sleep(0.2)
+
+
+def start_controller(plan: LabPlan, spawn: Spawn) -> Daemon:
+    """`veil controller` in the control-plane netns: Gateways of class veil-waypoint become
+    waypoint Deployments that the kubelets run, with the CA's roots and address."""
+    lab = plan.name
+    cg = cgroups.create(cgroups.lab_group(lab) / "control-plane" / "controller")
+    log = store.lab_dir(lab) / "logs" / "controller.log"
+    argv, state = supervised(
+        lab,
+        "controller",
+        veil_argv(
+            "controller",
+            "--kubeconfig", str(kube_dir(lab) / "veil-controller.kubeconfig"),
+            "--ca-address", f"{CA_IP}:{CA_PORT}",
+            "--trust-bundle", str(ca_dir(lab) / "trust-bundle.pem"),
+        ),
+    )  # fmt: skip
+    proc = spawn(cp_netns(lab), argv, daemon_env(), cg, log)
+    return Daemon("controller", cp_netns(lab), proc, 0, log, state)
 
 
 def kubectl(lab: str, *args: str, stdin: str | None = None, timeout: float = 60) -> str:

@@ -317,6 +317,11 @@ def bring_up_kubernetes(
     store.write_record(lab, record)
     controlplane.wait_listening([ca], ready_timeout)
     controlplane.distribute_trust_bundle(plan)
+    controller = k8s.start_controller(plan, spawn)
+    record["processes"].append(
+        {**controller.record(), "cgroup": str(cg / "control-plane" / "controller")}
+    )
+    store.write_record(lab, record)
     agents = controlplane.start_agents(
         plan,
         spawn,
@@ -1071,8 +1076,19 @@ def label(
     if kind not in kinds:
         raise LabError(f"cannot label {kind!r}: use namespace or pod")
     kind = kinds[kind]
-    if store.read_record(lab) is None:
+    record = store.read_record(lab)
+    if record is None:
         raise LabError(f"lab {lab!r} is not up")
+    if not changes:
+        raise LabError("no label changes given: use key=value to set, key- to remove")
+    if record.get("kubernetes"):  # the API server holds the object: kubectl label it
+        from veil.lab import kubernetes as k8s  # noqa: PLC0415
+
+        scope = ["-n", namespace or "default"] if kind == "Pod" else []
+        out = k8s.kubectl(
+            lab, "label", "--overwrite", kind.lower(), name, *scope, *changes, "-o", "json"
+        )
+        return dict(json.loads(out)["metadata"].get("labels") or {})
     path = store.object_path(
         store.state_dir(lab), kind, (namespace or "default") if kind == "Pod" else None, name
     )
@@ -1081,8 +1097,6 @@ def label(
         raise LabError(f"no {kind} {name!r}{where} in lab {lab!r}")
     doc = yaml.safe_load(path.read_text())
     labels: dict[str, str] = dict(doc["metadata"].get("labels") or {})
-    if not changes:
-        raise LabError("no label changes given: use key=value to set, key- to remove")
     for change in changes:
         if change.endswith("-") and "=" not in change:
             labels.pop(change[:-1], None)
@@ -1105,9 +1119,15 @@ def apply(lab: str, paths: Sequence[str | Path]) -> list[str]:
     Objects the lab runs itself (pods, services, ...) are set at `lab up`: changing them would
     need their lifecycle, so they are refused here with a clear error.
     """
-    if store.read_record(lab) is None:
+    record = store.read_record(lab)
+    if record is None:
         raise LabError(f"lab {lab!r} is not up")
     objects = load_paths(paths)
+    if record.get("kubernetes"):  # any kind: the API server validates, the kubelets run pods
+        from veil.lab import kubernetes as k8s  # noqa: PLC0415
+
+        k8s.apply_manifests(lab, paths)
+        return [o.ref for o in objects]
     for o in objects:
         if o.kind in LIFECYCLE_KINDS:
             raise LabError(
@@ -1137,6 +1157,12 @@ def delete(lab: str, kind: str, name: str, namespace: str | None) -> str:
         "trafficpolicy": "TrafficPolicy",
     }
     real = kinds.get(kind.lower(), kind)
+    record = store.read_record(lab) or {}
+    if record.get("kubernetes"):
+        from veil.lab import kubernetes as k8s  # noqa: PLC0415
+
+        k8s.kubectl(lab, "delete", kind.lower(), name, "-n", namespace or "default")
+        return f"{real} {namespace or 'default'}/{name}"
     if real in LIFECYCLE_KINDS:
         raise LabError(f"the lab removes {real}s with `lab down` only")
     path = store.object_path(store.state_dir(lab), real, namespace or "default", name)

@@ -21,9 +21,26 @@ from veil.runtime.sources.jwks import fetch_jwks
 TD = "cluster.local"
 
 
+# What the state source watches, as kubectl names the kinds (kubernetes mode).
+API_KINDS = (
+    "namespaces,pods,services,gateways.gateway.networking.k8s.io,"
+    "httproutes.gateway.networking.k8s.io,referencegrants.gateway.networking.k8s.io,"
+    "authorizationpolicies.security.veil.dev,requestauthentications.security.veil.dev,"
+    "trafficpolicies.traffic.veil.dev"
+)
+
+
 def cluster_state(lab: str) -> MeshState:
-    if store.read_record(lab) is None:
+    """The state the agents hold: from the state directory, or in kubernetes mode from the
+    API server (one list of every kind the source watches)."""
+    record = store.read_record(lab)
+    if record is None:
         raise LabError(f"lab {lab!r} is not up")
+    if record.get("kubernetes"):
+        from veil.lab import kubernetes as k8s  # noqa: PLC0415
+
+        items = json.loads(k8s.kubectl(lab, "get", API_KINDS, "-A", "-o", "json"))["items"]
+        return build_state(items, 0, fetch_jwks)
     return build_state(store.read_objects(store.state_dir(lab)), 0, fetch_jwks)
 
 

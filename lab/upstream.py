@@ -20,7 +20,7 @@ BINARIES = (
     "etcd",
     "helm",
 )
-GATEWAY_API = "v1.6.3"  # the release whose standard CRDs the lab installs (as the script)
+GATEWAY_API = "v1.6.3"  # the release whose CRDs (experimental channel) the lab installs
 BUILD = "make upstream (scripts/build-upstream.sh; about 10 minutes the first time)"
 
 
@@ -42,8 +42,9 @@ def bin_dir() -> Path:
 
 
 def gateway_crds() -> Path:
-    """Gateway API's standard CRDs, as the build script copied them from the Go module."""
-    return cache_dir() / "kubernetes" / f"gateway-api-{GATEWAY_API}"
+    """Gateway API's CRDs (experimental channel: the standard one plus HTTPRoute retries and
+    the like), as the build script copied them from the release's Go module."""
+    return cache_dir() / "kubernetes" / f"gateway-api-{GATEWAY_API}-experimental"
 
 
 def missing() -> list[str]:

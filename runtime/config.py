@@ -70,9 +70,15 @@ class CaConfig:
     ttl_seconds: int = 24 * 3600
     server_name: str = CA_SERVER_NAME
     kubeconfig: str | None = None
+    agent_account: str = "veil-system/veil-agent"  # whose tokens are a node's (TokenReview)
 
     def __post_init__(self) -> None:
         check_state_source(self.state_dir, self.kubeconfig)
+        ns, sep, name = self.agent_account.partition("/")
+        if not (ns and sep and name):
+            raise ValueError(
+                f"--agent-service-account {self.agent_account!r}: expected namespace/name"
+            )
         check_trust_domain(self.trust_domain)
         if self.ttl_seconds < 1:
             raise ValueError(f"--ttl must be at least 1 second, got {self.ttl_seconds}")

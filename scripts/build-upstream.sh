@@ -17,11 +17,12 @@ HELM=$(version_of helm.sh/helm/v4)
 CACHE=${VEIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/veil}
 OUT=$CACHE/kubernetes/$K8S/bin
 STAMP=$OUT/.built-$(sha256sum "$MOD/go.sum" | cut -c1-16)
-# Gateway API's standard CRDs (a prerequisite users install), from the release's Go module:
-# its config/crd/standard files, not copies in this repository. Pinned here and in
-# lab/upstream.py (a unit test keeps the two equal).
+# Gateway API's CRDs (a prerequisite users install), from the release's Go module: its
+# config/crd/experimental files (the standard channel plus what is still experimental, such
+# as HTTPRoute retries, which Veil's waypoint supports), not copies in this repository.
+# Pinned here and in lab/upstream.py (a unit test keeps the two equal).
 GATEWAY_API=v1.6.3
-CRDS=$CACHE/kubernetes/gateway-api-$GATEWAY_API
+CRDS=$CACHE/kubernetes/gateway-api-$GATEWAY_API-experimental
 
 gateway_crds() {
   [ -f "$CRDS/.done" ] && return 0
@@ -29,9 +30,9 @@ gateway_crds() {
   local dir
   dir=$(cd /tmp && GOFLAGS= go mod download -json "sigs.k8s.io/gateway-api@$GATEWAY_API" |
     sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
-  [ -d "$dir/config/crd/standard" ] || { echo "build-upstream: no CRDs in $dir" >&2; exit 1; }
+  [ -d "$dir/config/crd/experimental" ] || { echo "build-upstream: no CRDs in $dir" >&2; exit 1; }
   mkdir -p "$CRDS"
-  cp "$dir"/config/crd/standard/gateway.networking.k8s.io_*.yaml "$CRDS/"
+  cp "$dir"/config/crd/experimental/gateway.networking.k8s.io_*.yaml "$CRDS/"
   chmod 644 "$CRDS"/*.yaml
   touch "$CRDS/.done"
 }

@@ -41,7 +41,7 @@ from veil.core.ports import HBONE_PORT, METRICS_PORT, READY_PORT
 from veil.core.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from veil.core.state import MeshState
 from veil.runtime import guard, http
-from veil.runtime.config import CA_SERVER_NAME
+from veil.runtime.config import CA_SERVER_NAME, check_state_source
 from veil.runtime.hbone.io import HboneError, HboneIO, Stream
 from veil.runtime.hbone.pool import HbonePool
 from veil.runtime.hbone.server import HboneServer
@@ -49,7 +49,7 @@ from veil.runtime.identity.ca_client import CaEndpoint
 from veil.runtime.identity.manager import CertificateManager
 from veil.runtime.lifecycle import run_until_signalled
 from veil.runtime.listener import serve
-from veil.runtime.sources.manifests import ManifestSource
+from veil.runtime.sources import open_source
 from veil.runtime.store import StateStore
 from veil.runtime.telemetry.admin import AdminService
 from veil.waypoint import http1, normalize, pipeline
@@ -70,7 +70,7 @@ DETECT_TIMEOUT = 5.0  # a client silent this long (a server-first protocol) is r
 class WaypointConfig:
     gateway: str
     namespace: str
-    state_dir: Path
+    state_dir: Path | None
     ca_address: tuple[str, int]
     ca_root: Path
     token_file: Path
@@ -80,6 +80,10 @@ class WaypointConfig:
     metrics_listen: tuple[str, int] = ("0.0.0.0", METRICS_PORT)
     ready_listen: tuple[str, int] = ("0.0.0.0", READY_PORT)
     path_normalization: PathNormalization = normalize.DEFAULT
+    kubeconfig: str | None = None  # the Kubernetes API as the state source, not state_dir
+
+    def __post_init__(self) -> None:
+        check_state_source(self.state_dir, self.kubeconfig)
 
 
 class WaypointServer:
@@ -153,7 +157,7 @@ class WaypointServer:
             await nursery.start(self.metrics.access.run)
             await nursery.start(self.certs.run)
             self.certs.set_identities({self.identity})
-            await nursery.start(ManifestSource(cfg.state_dir).run, self.store)
+            await nursery.start(open_source(cfg.state_dir, cfg.kubeconfig).run, self.store)
             pool = HbonePool(nursery)
             nursery.start_soon(pool.reap_idle)
             self.upstreams = Upstreams(pool, self.certs, self.identity, cfg.trust_domain)

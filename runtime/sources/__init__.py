@@ -11,7 +11,7 @@ policy) only read `store.current` and wait for newer versions; nothing reaches a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -32,17 +32,24 @@ def open_source(state_dir: Path | None, kubeconfig: str | None) -> Source:
     pod's service account)."""
     if (state_dir is None) == (kubeconfig is None):
         raise ValueError("give exactly one state source: --state-dir DIR or --kubeconfig PATH")
-    if state_dir is not None:
+    if kubeconfig is None:
         from veil.runtime.sources.manifests import ManifestSource  # noqa: PLC0415
 
+        assert state_dir is not None
         return ManifestSource(state_dir)
-    from lightkube import AsyncClient, KubeConfig  # noqa: PLC0415
-
     from veil.runtime.sources.kubernetes import KubernetesSource  # noqa: PLC0415
+
+    return KubernetesSource(kube_client(kubeconfig))
+
+
+def kube_client(kubeconfig: str) -> Any:
+    """A lightkube AsyncClient from a kubeconfig file, or `in-cluster` (the pod's service
+    account token, CA bundle and KUBERNETES_SERVICE_HOST)."""
+    from lightkube import AsyncClient, KubeConfig  # noqa: PLC0415
 
     config = (
         KubeConfig.from_service_account()
         if kubeconfig == IN_CLUSTER
         else KubeConfig.from_file(str(kubeconfig))
     )
-    return KubernetesSource(AsyncClient(config=config))
+    return AsyncClient(config=config, field_manager="veil")

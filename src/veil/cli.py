@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -19,6 +20,10 @@ from veil.runtime.fdlimit import raise_open_files
 from veil.runtime.heap import keep_heap
 
 LEVELS = ("debug", "info", "warning", "error")
+try:
+    VERSION = importlib.metadata.version("veil")
+except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+    VERSION = "dev"
 KUBECONFIG_HELP = (
     "read cluster state from the Kubernetes API: a kubeconfig file, or `in-cluster` for the "
     "pod's service account (instead of --state-dir)"
@@ -115,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ca.add_argument("--kubeconfig", help=KUBECONFIG_HELP)
     ca.add_argument(
+        "--agent-service-account",
+        default="veil-system/veil-agent",
+        help="namespace/name of the agents' service account: its pod-bound tokens may obtain "
+        "the identities of workloads on their node (Kubernetes; TokenReview)",
+    )
+    ca.add_argument(
         "--data-dir",
         type=Path,
         required=True,
@@ -178,11 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--ready-listen", default="0.0.0.0:15021")
     ag.add_argument("--log-level", default="info", choices=LEVELS)
 
+    ctl = sub.add_parser(
+        "controller", help="run the waypoint controller (Gateways of class veil-waypoint)"
+    )
+    ctl.add_argument("--kubeconfig", required=True, help=KUBECONFIG_HELP)
+    ctl.add_argument(
+        "--image", default=f"ghcr.io/veil-dev/veil:{VERSION}", help="the waypoints' image"
+    )
+    ctl.add_argument("--ca-address", default="veil-ca.veil-system.svc:15012")
+    ctl.add_argument(
+        "--trust-bundle", type=Path, required=True, help="the CA's roots (PEM) for waypoints"
+    )
+    ctl.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    ctl.add_argument("--log-level", default="info", choices=LEVELS)
+
     wp = sub.add_parser("waypoint", help="run a namespace's L7 waypoint (a Gateway's pod)")
     wp.add_argument("--gateway", required=True, help="the Gateway (class veil-waypoint) served")
     wp.add_argument("--namespace", required=True)
     env = os.environ.get
     wp.add_argument("--state-dir", type=Path, default=env("VEIL_STATE_DIR"))
+    wp.add_argument("--kubeconfig", default=env("VEIL_KUBECONFIG"), help=KUBECONFIG_HELP)
     wp.add_argument("--ca-address", default=env("VEIL_CA_ADDRESS", "veil-ca.veil-system.svc:15012"))
     wp.add_argument("--ca-root", type=Path, default=env("VEIL_CA_ROOT"))
     wp.add_argument(
@@ -246,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"unexpected `-- {' '.join(command)}`: only `veil lab exec` and `veil lab kubectl` "
             "take arguments after `--`"
         )
-    if args.command in ("ca", "agent", "waypoint"):
+    if args.command in ("ca", "agent", "waypoint", "controller"):
         return run_daemon(args)
     if args.command == "echo":
         from veil.lab import echo  # noqa: PLC0415 - keep `veil lab` start-up free of trio
@@ -386,8 +412,23 @@ def run_daemon(args: argparse.Namespace) -> int:
                 ttl_seconds=args.ttl,
                 server_name=args.server_name,
                 kubeconfig=args.kubeconfig,
+                agent_account=args.agent_service_account,
             )
             trio.run(ca_app.run, cfg)
+        elif args.command == "controller":
+            from veil.controller import app as controller_app  # noqa: PLC0415
+
+            parse_hostport(args.ca_address)  # a clear error now, not in every waypoint
+            trio.run(
+                controller_app.run,
+                controller_app.ControllerConfig(
+                    kubeconfig=args.kubeconfig,
+                    image=args.image,
+                    ca_address=args.ca_address,
+                    trust_bundle=args.trust_bundle,
+                    trust_domain=args.trust_domain,
+                ),
+            )
         elif args.command == "agent":
             from veil.agent.app import Agent  # noqa: PLC0415
 
@@ -415,7 +456,7 @@ def run_daemon(args: argparse.Namespace) -> int:
 
             missing = [
                 f"--{n.replace('_', '-')}"
-                for n in ("state_dir", "ca_root", "token_file")
+                for n in ("ca_root", "token_file")
                 if getattr(args, n) is None
             ]
             if missing:
@@ -426,6 +467,7 @@ def run_daemon(args: argparse.Namespace) -> int:
                         gateway=args.gateway,
                         namespace=args.namespace,
                         state_dir=args.state_dir,
+                        kubeconfig=args.kubeconfig,
                         ca_address=parse_hostport(args.ca_address, 15012),
                         ca_root=args.ca_root,
                         token_file=args.token_file,

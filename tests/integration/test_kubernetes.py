@@ -27,7 +27,7 @@ from tests.support.lab import (
     new_lab_name,
     veil,
 )
-from veil.lab import controlplane, kubernetes, netns, upstream
+from veil.lab import controlplane, kubernetes, netns, store, upstream
 
 pytestmark = pytest.mark.skipif(
     bool(upstream.missing()), reason="the upstream binaries are not built: make upstream"
@@ -408,3 +408,228 @@ def test_every_example_policy_is_accepted_by_the_crds(kube_lab):
     for d in ("shop-policies", "shop-waypoint"):
         proc = kubectl(kube_lab, "apply", "--server-side", "--dry-run=server", "-f", str(root / d))
         assert proc.returncode == 0, proc.stderr
+
+
+WAYPOINT = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: mesh}
+spec:
+  gatewayClassName: veil-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"""
+
+
+def waypoint_pod(lab: str) -> dict[str, Any] | None:
+    pods = get(lab, "pods", "-n", "mesh", "-l", "gateway.networking.k8s.io/gateway-name")["items"]
+    ready = [p for p in pods if p["status"].get("phase") == "Running" and p["status"].get("podIP")]
+    return ready[0] if ready else None
+
+
+def test_a_gateway_gets_its_waypoint_and_traffic_goes_through_it(kube_lab):
+    """The controller turns a Gateway of class veil-waypoint into a ServiceAccount, Service,
+    ConfigMap and Deployment owned by it; the waypoint pod gets its identity from the CA with
+    its projected token (TokenReview); a Service labelled to use it is served through it; the
+    Gateway's status says Programmed with the Service's address; deleting it removes all."""
+    assert kubectl(kube_lab, "apply", "-f", "-", stdin=WAYPOINT).returncode == 0
+
+    def programmed() -> dict[str, Any] | None:
+        gw = get(kube_lab, "gateway", "-n", "mesh", "waypoint")
+        conds = {c["type"]: c["status"] for c in gw.get("status", {}).get("conditions", [])}
+        return gw if conds.get("Programmed") == "True" else None
+
+    gw = wait_for(programmed, 90, "the Gateway Programmed")
+    svc = get(kube_lab, "service", "-n", "mesh", "waypoint")
+    assert gw["status"]["addresses"] == [{"type": "IPAddress", "value": svc["spec"]["clusterIP"]}]
+    for kind in ("deployment", "serviceaccount", "service", "configmap/waypoint-ca-root"):
+        obj = get(kube_lab, *kind.split("/"), "-n", "mesh", *([] if "/" in kind else ["waypoint"]))
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == gw["metadata"]["uid"]
+    pod = wait_for(lambda: waypoint_pod(kube_lab), 60, "the waypoint pod")
+    label = kubectl(
+        kube_lab, "label", "service", "-n", "mesh", "server", "veil.dev/use-waypoint=waypoint"
+    )
+    assert label.returncode == 0, label.stderr
+    try:
+        ns = f"veil-{kube_lab}-mesh_{pod['metadata']['name']}"
+
+        def served() -> bool:
+            out = curl_json(kube_lab, "client", "http://server.mesh/", ns="mesh")
+            _code, body = controlplane.agent_get(ns, "/metrics", 15020)
+            return out["pod"].startswith("server-") and 'reporter="waypoint"' in body
+
+        wait_for(served, 30, "a request served through the waypoint")
+    finally:
+        kubectl(kube_lab, "label", "service", "-n", "mesh", "server", "veil.dev/use-waypoint-")
+    assert kubectl(kube_lab, "delete", "gateway", "-n", "mesh", "waypoint").returncode == 0
+    wait_for(
+        lambda: not get(kube_lab, "deployments,services,serviceaccounts,configmaps", "-n", "mesh",
+                        "-l", "gateway.networking.k8s.io/gateway-name=waypoint")["items"],
+        60,
+        "the waypoint's objects collected",
+    )  # fmt: skip
+
+
+def test_the_ca_reviews_projected_tokens_and_binds_them_to_their_pod(kube_lab):
+    """A waypoint's projected token (audience veil-ca) obtains its own identity and no other;
+    a pod's ordinary service-account token (the API server's audience) obtains nothing."""
+    from veil.core.csr import build_csr, new_key  # noqa: PLC0415
+    from veil.core.spiffe import SpiffeId  # noqa: PLC0415
+
+    assert kubectl(kube_lab, "apply", "-f", "-", stdin=WAYPOINT).returncode == 0
+    try:
+        pod = wait_for(lambda: waypoint_pod(kube_lab), 90, "the waypoint pod")
+        node, uid = pod["spec"]["nodeName"], pod["metadata"]["uid"]
+        kubelet = store.lab_dir(kube_lab) / "kubelet" / node / uid / "volumes"
+        token = wait_for(
+            lambda: (
+                (kubelet / "veil-token" / "token").exists()
+                and (kubelet / "veil-token" / "token").read_text()
+            ),
+            30,
+            "the projected token",
+        )
+
+        def ask(identity: SpiffeId, bearer: str) -> tuple[int, dict[str, Any]]:
+            csr = build_csr(new_key(), identity).decode()
+            return controlplane.ca_request(
+                kube_lab, node, {"identity": str(identity), "csr": csr}, bearer
+            )
+
+        own = SpiffeId("cluster.local", "mesh", "waypoint")
+        status, doc = ask(own, token)
+        assert status == 200, doc
+        status, doc = ask(SpiffeId("cluster.local", "mesh", "server"), token)
+        assert (status, doc["code"]) == (403, "not_this_identity"), doc
+        default = next(p for p in kubelet.glob("kube-api-access-*/token"))
+        status, doc = ask(own, default.read_text())
+        assert status == 401 and "audience" in doc["error"], doc  # refused by the API server
+    finally:
+        kubectl(kube_lab, "delete", "gateway", "-n", "mesh", "waypoint", "--wait=false")
+
+
+DENY_SERVER_A = """
+apiVersion: security.veil.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]
+"""
+
+
+def accepted(lab: str, name: str) -> dict[str, Any] | None:
+    obj = get(lab, "authorizationpolicy", "-n", "mesh", name)
+    conds = obj.get("status", {}).get("conditions", [])
+    return next((c for c in conds if c["type"] == "Accepted"), None)
+
+
+def test_a_policy_applied_with_kubectl_is_enforced_and_says_accepted(kube_lab):
+    ip = get(kube_lab, "pod", "-n", "mesh", "server-a")["status"]["podIP"]
+
+    def answered() -> bool:
+        proc = lab_exec(
+            kube_lab,
+            "client",
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            f"http://{ip}:8080/",
+            ns="mesh",
+            check=False,
+        )
+        return proc.returncode == 0
+
+    assert answered()
+    start = time.monotonic()
+    assert kubectl(kube_lab, "apply", "-f", "-", stdin=DENY_SERVER_A).returncode == 0
+    try:
+        wait_for(lambda: not answered(), 10, "the DENY enforced")
+        took = time.monotonic() - start
+        assert took < 2.0, f"enforced {took:.1f}s after kubectl apply"
+        cond = wait_for(lambda: accepted(kube_lab, "deny-client"), 15, "status written")
+        assert (cond["status"], cond["reason"]) == ("True", "Accepted"), cond
+        table = kubectl(kube_lab, "get", "authorizationpolicies", "-n", "mesh").stdout
+        assert "ACCEPTED" in table and "deny-client" in table and "True" in table
+    finally:
+        kubectl(kube_lab, "delete", "authorizationpolicy", "-n", "mesh", "deny-client")
+    wait_for(answered, 10, "allowed again")
+
+
+def test_a_policy_the_schema_lets_through_but_the_parser_refuses_is_marked_and_fails_closed(
+    kube_lab,
+):
+    """999.1.1.1 fits the schema's pattern but is no address: the policy is marked
+    Accepted=False with the parser's reason, and an ALLOW that cannot be read allows nothing
+    (it stands as deny-all for what it selects), never everything."""
+    bad = """
+apiVersion: security.veil.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: broken-allow, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  rules: [{from: [{source: {ipBlocks: [999.1.1.1]}}]}]
+"""
+    ip = get(kube_lab, "pod", "-n", "mesh", "server-a")["status"]["podIP"]
+    assert kubectl(kube_lab, "apply", "-f", "-", stdin=bad).returncode == 0
+    try:
+        cond = wait_for(lambda: accepted(kube_lab, "broken-allow"), 15, "status written")
+        assert (cond["status"], cond["reason"]) == ("False", "Invalid"), cond
+        assert "999.1.1.1" in cond["message"]
+        proc = lab_exec(
+            kube_lab,
+            "client",
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            f"http://{ip}:8080/",
+            ns="mesh",
+            check=False,
+        )
+        assert proc.returncode != 0  # refused: never fails open
+    finally:
+        kubectl(kube_lab, "delete", "authorizationpolicy", "-n", "mesh", "broken-allow")
+
+
+ROUTES = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-server, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server, port: 80}]
+  rules: [{backendRefs: [{name: server, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-web, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server, port: 80}]
+  rules: [{backendRefs: [{name: web, namespace: plain, port: 80}]}]
+"""
+
+
+def test_routes_get_accepted_and_resolved_refs_per_parent(kube_lab):
+    """The route status Gateway API defines, written by Veil's controller and accepted by the
+    upstream CRD's schema: a backend in another namespace without a ReferenceGrant is not
+    resolved (RefNotPermitted)."""
+    assert kubectl(kube_lab, "apply", "-f", "-", stdin=ROUTES).returncode == 0
+    try:
+
+        def verdicts(name: str) -> dict[str, tuple[str, str]] | None:
+            parents = (
+                get(kube_lab, "httproute", "-n", "mesh", name).get("status", {}).get("parents")
+            )
+            if not parents:
+                return None
+            assert parents[0]["controllerName"] == "veil.dev/waypoint-controller"
+            return {c["type"]: (c["status"], c["reason"]) for c in parents[0]["conditions"]}
+
+        good = wait_for(lambda: verdicts("to-server"), 15, "the route's status")
+        assert good == {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")}
+        cross = wait_for(lambda: verdicts("to-web"), 15, "the route's status")
+        assert cross["ResolvedRefs"] == ("False", "RefNotPermitted")
+    finally:
+        kubectl(kube_lab, "delete", "httproute", "-n", "mesh", "to-server", "to-web")

@@ -17,9 +17,10 @@ FOLDERS = {
     "agent": "veil.agent",
     "waypoint": "veil.waypoint",
     "ca": "veil.ca",
+    "controller": "veil.controller",
     "lab": "veil.lab",
 }
-ROLES = ("veil.agent", "veil.waypoint", "veil.ca")
+ROLES = ("veil.agent", "veil.waypoint", "veil.ca", "veil.controller")
 SHARED = ("veil.core", "veil.runtime")
 # The stdlib and third-party modules that mean I/O: none of them in the core.
 IO_MODULES = {"trio", "ssl", "subprocess", "asyncio", "selectors", "pyroute2", "bcc"}

@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.jwt import Issuer
 from veil.core.state import StateBuilder, object_key
 from veil.runtime.sources.jwks import fetch_jwks
@@ -141,3 +143,28 @@ def test_no_consumer_reads_raw_objects():
             if re.search(r"\.others\b", path.read_text()):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    ("owners", "labels", "owner"),
+    [
+        ([{"kind": "Deployment", "name": "web"}], {}, "web"),  # the lab's manifest mode
+        (  # Kubernetes: a Deployment's pods belong to a ReplicaSet named <deployment>-<hash>
+            [{"kind": "ReplicaSet", "name": "web-7d9f8c6b5"}],
+            {"pod-template-hash": "7d9f8c6b5"},
+            "web",
+        ),
+        ([{"kind": "ReplicaSet", "name": "bare-rs"}], {}, "bare-rs"),  # a ReplicaSet of its own
+        ([{"kind": "StatefulSet", "name": "db"}], {}, "db"),
+        ([], {}, ""),
+    ],
+)
+def test_a_pods_workload_is_its_deployment_as_istio_names_it(owners, labels, owner):
+    from veil.core.state import workload_from  # noqa: PLC0415
+
+    pod = {
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "n", "labels": labels, "ownerReferences": owners},
+        "spec": {},
+    }
+    assert workload_from(pod).owner == owner
