@@ -15,6 +15,7 @@ from veil.controller.waypoints import (
 )
 from veil.core.state import build_state
 
+
 def status_of(obj: dict[str, Any], state: Any, now: str) -> dict[str, Any]:
     got = desired_status(obj, state, now)
     assert got is not None
