@@ -63,6 +63,7 @@ class Agent:
         self.cfg = cfg
         self.registry = CollectorRegistry()
         self.store = StateStore()
+        self.source = open_source(cfg.state_dir, cfg.kubeconfig)
         self.certs = CertificateManager(CaEndpoint.of(cfg).request, registry=self.registry)
         self.access_log = AccessLog()
         self.proxy_ctx = ProxyContext(
@@ -128,6 +129,8 @@ class Agent:
             return f"{self.capture.mode} capture unavailable: {self.enrollment.capture_broken}"
         if not self.store.loaded:
             return "cluster state not loaded"
+        if why := self.source.not_synced():  # the last good state stays in force meanwhile
+            return f"cluster state not synced: {why}"
         if not self.resumed:
             return "enrolled pods not resumed yet"
         missing = [str(s) for s in sorted(self.identities()) if self.certs.current(s) is None]
@@ -231,7 +234,7 @@ class Agent:
                 self.enrollment.capture_broken = str(e)
             await nursery.start(self.access_log.run)
             await nursery.start(self.certs.run)
-            await nursery.start(open_source(cfg.state_dir, cfg.kubeconfig).run, self.store)
+            await nursery.start(self.source.run, self.store)
             nursery.start_soon(self.follow_state)
             await nursery.start(self.enrollment.run)
             self.resumed = True

@@ -14,7 +14,7 @@ from veil.ca.auth import (
     lightkube_review,
 )
 from veil.ca.server import CaService
-from veil.ca.signer import FileCaStorage, Signer, load_or_create
+from veil.ca.signer import CaStorage, FileCaStorage, SecretCaStorage, Signer, load_or_create
 from veil.core.csr import new_key
 from veil.core.spiffe import SpiffeId
 from veil.runtime import http
@@ -27,12 +27,25 @@ from veil.runtime.store import StateStore
 log = logging.getLogger("veil.ca")
 
 
+TRUST_CONFIGMAP = "veil-ca-root"
+
+
 def build_service(cfg: CaConfig) -> tuple[CaService, StateStore]:
-    material = load_or_create(FileCaStorage(cfg.data_dir), cfg.trust_domain, cfg.plugin_certs)
-    # The bundle agents and waypoints trust, published next to the CA's data.
+    storage: CaStorage = FileCaStorage(cfg.data_dir)
+    if cfg.ca_secret is not None:  # Kubernetes: the root in a Secret, shared by replicas
+        from veil.runtime.sources import kube_sync_client  # noqa: PLC0415
+
+        assert cfg.kubeconfig is not None
+        ns, _, name = cfg.ca_secret.partition("/")
+        storage = SecretCaStorage(kube_sync_client(cfg.kubeconfig), ns, name)
+    material = load_or_create(storage, cfg.trust_domain, cfg.plugin_certs)
+    # The bundle agents and waypoints trust, published next to the CA's data (and, on
+    # Kubernetes, as a ConfigMap beside the Secret).
     bundle = "".join(material.bundle_pem())
     cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (cfg.data_dir / "trust-bundle.pem").write_text(bundle)
+    if cfg.ca_secret is not None:
+        publish_bundle(cfg, bundle)
     signer = Signer(
         material, cfg.trust_domain, default_ttl=datetime.timedelta(seconds=cfg.ttl_seconds)
     )
@@ -47,6 +60,24 @@ def build_service(cfg: CaConfig) -> tuple[CaService, StateStore]:
         )
     auth = Authenticators(BootstrapTokens(cfg.node_tokens), review)
     return CaService(signer, auth, store), store
+
+
+def publish_bundle(cfg: CaConfig, bundle: str) -> None:
+    """The trust bundle as ConfigMap `veil-ca-root` (key root-cert.pem) in the CA's
+    namespace, applied server-side: what the controller hands to waypoints."""
+    from lightkube.codecs import from_dict  # noqa: PLC0415
+
+    from veil.runtime.sources import kube_sync_client  # noqa: PLC0415
+
+    assert cfg.kubeconfig is not None and cfg.ca_secret is not None
+    ns = cfg.ca_secret.partition("/")[0]
+    obj = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": TRUST_CONFIGMAP, "namespace": ns},
+        "data": {"root-cert.pem": bundle},
+    }
+    kube_sync_client(cfg.kubeconfig).apply(from_dict(obj), field_manager="veil-ca", force=True)
 
 
 async def run(cfg: CaConfig) -> None:

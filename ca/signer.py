@@ -9,13 +9,14 @@ only URI SAN and are usable as TLS client and server certificates.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -161,11 +162,12 @@ def load_plugin(directory: Path) -> CaMaterial:
 
 
 class CaStorage(Protocol):
-    """Where a self-signed CA keeps its root (lab: files; Kubernetes: a Secret, later)."""
+    """Where a self-signed CA keeps its root (lab: files; Kubernetes: a Secret)."""
 
     def load(self) -> CaMaterial | None: ...
 
-    def save(self, material: CaMaterial) -> None: ...
+    def save(self, material: CaMaterial) -> CaMaterial:
+        """Store `material` unless another replica stored a root first: what is stored."""
 
 
 class FileCaStorage:
@@ -184,15 +186,91 @@ class FileCaStorage:
             raise CaSetupError(f"{key_file} does not match {cert_file}")
         return CaMaterial(key=key, cert=cert, chain=(), roots=(cert,))
 
-    def save(self, material: CaMaterial) -> None:
+    def save(self, material: CaMaterial) -> CaMaterial:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key_pem = material.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        _write(self.directory / "ca-key.pem", key_pem, 0o600)
+        _write(self.directory / "ca-key.pem", key_pem(material.key), 0o600)
         _write(self.directory / "root-cert.pem", pem(material.cert).encode(), 0o644)
+        return material
+
+
+def key_pem(key: CaKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def material_from_pem(cert_pem: bytes, key_data: bytes, where: str) -> CaMaterial:
+    """A self-signed root and its key, checked to belong together."""
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem)
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except (ValueError, TypeError) as e:
+        raise CaSetupError(f"{where}: not a PEM root and key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise CaSetupError(f"{where}: CA keys must be ECDSA or RSA")
+    if not certs or spki(certs[0]) != spki(key):
+        raise CaSetupError(f"{where}: the key does not match the root certificate")
+    return CaMaterial(key=key, cert=certs[0], chain=(), roots=(certs[0],))
+
+
+class SecretCaStorage:
+    """Kubernetes: the root and its key in a Secret (`ca-key.pem`, `root-cert.pem`), made on
+    the first start; a replica that finds it made meanwhile (409) uses that one, so every
+    replica signs with the same root."""
+
+    def __init__(self, client: Any, namespace: str, name: str = "veil-ca") -> None:
+        self.client, self.namespace, self.name = client, namespace, name
+
+    def load(self) -> CaMaterial | None:
+        from lightkube import ApiError  # noqa: PLC0415
+        from lightkube.resources.core_v1 import Secret  # noqa: PLC0415
+
+        try:
+            secret = self.client.get(Secret, self.name, namespace=self.namespace)
+        except ApiError as e:
+            if e.status.code == 404:
+                return None
+            raise CaSetupError(f"Secret {self.namespace}/{self.name}: {e}") from None
+        data = secret.data or {}
+        if "root-cert.pem" not in data or "ca-key.pem" not in data:
+            raise CaSetupError(
+                f"Secret {self.namespace}/{self.name}: needs root-cert.pem and ca-key.pem"
+            )
+        return material_from_pem(
+            base64.b64decode(data["root-cert.pem"]),
+            base64.b64decode(data["ca-key.pem"]),
+            f"Secret {self.namespace}/{self.name}",
+        )
+
+    def save(self, material: CaMaterial) -> CaMaterial:
+        from lightkube import ApiError  # noqa: PLC0415
+        from lightkube.models.meta_v1 import ObjectMeta  # noqa: PLC0415
+        from lightkube.resources.core_v1 import Secret  # noqa: PLC0415
+
+        secret = Secret(
+            metadata=ObjectMeta(
+                name=self.name,
+                namespace=self.namespace,
+                labels={"app.kubernetes.io/managed-by": "veil"},
+            ),
+            type="Opaque",
+            data={
+                "root-cert.pem": base64.b64encode(pem(material.cert).encode()).decode(),
+                "ca-key.pem": base64.b64encode(key_pem(material.key)).decode(),
+            },
+        )
+        try:
+            self.client.create(secret)
+            return material
+        except ApiError as e:
+            if e.status.code != 409:
+                raise CaSetupError(f"Secret {self.namespace}/{self.name}: {e}") from None
+        stored = self.load()  # another replica was first: use its root
+        if stored is None:
+            raise CaSetupError(f"Secret {self.namespace}/{self.name}: vanished while created")
+        return stored
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -212,9 +290,8 @@ def load_or_create(
     if plugin_dir is not None:
         return load_plugin(plugin_dir)
     material = storage.load()
-    if material is None:
-        material = generate_root(trust_domain)
-        storage.save(material)
+    if material is None:  # the first start: whichever replica stores first, all use that
+        material = storage.save(generate_root(trust_domain))
     return material
 
 

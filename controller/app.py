@@ -22,7 +22,7 @@ from lightkube import ApiError, AsyncClient
 from lightkube.codecs import from_dict
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import Service
+from lightkube.resources.core_v1 import ConfigMap, Service
 
 from veil.controller.status import desired_status, differs
 from veil.controller.waypoints import (
@@ -46,8 +46,15 @@ class ControllerConfig:
     kubeconfig: str
     image: str
     ca_address: str
-    trust_bundle: Path  # the CA's roots (PEM), published to each waypoint as a ConfigMap
+    # the CA's roots (PEM), published to each waypoint as a ConfigMap: from a file, or from
+    # the ConfigMap the CA publishes (`namespace/name`, key root-cert.pem)
+    trust_bundle: Path | None = None
+    trust_configmap: str | None = None
     trust_domain: str = "cluster.local"
+
+    def __post_init__(self) -> None:
+        if (self.trust_bundle is None) == (self.trust_configmap is None):
+            raise ValueError("give one of --trust-bundle FILE or --trust-configmap NS/NAME")
 
 
 def now() -> str:
@@ -65,12 +72,23 @@ class WaypointController:
     async def gateways(self) -> list[dict[str, Any]]:
         return [as_dict(g) async for g in self.client.list(Gateway, namespace="*")]
 
+    async def bundle(self) -> str:
+        if self.cfg.trust_bundle is not None:
+            return self.cfg.trust_bundle.read_text()
+        assert self.cfg.trust_configmap is not None
+        ns, _, name = self.cfg.trust_configmap.partition("/")
+        cm = await self.client.get(ConfigMap, name, namespace=ns)
+        pem = (cm.data or {}).get("root-cert.pem")
+        if not pem:
+            raise ValueError(f"ConfigMap {ns}/{name} has no root-cert.pem")
+        return str(pem)
+
     async def reconcile(self, gw: dict[str, Any]) -> None:
         md = gw["metadata"]
         name, ns = md["name"], md["namespace"]
         if md.get("deletionTimestamp"):
             return
-        bundle = self.cfg.trust_bundle.read_text()
+        bundle = await self.bundle()
         for obj in waypoint_objects(gw, self.settings, bundle):
             await self.client.apply(from_dict(obj), field_manager=FIELD_MANAGER, force=True)
         address, ready = None, 0

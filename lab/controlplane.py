@@ -179,6 +179,11 @@ def state_source(lab: str, kubeconfig: Path | None) -> list[str]:
     return ["--state-dir", str(store.state_dir(lab))]
 
 
+def ca_storage(kubeconfig: Path | None) -> list[str]:
+    """Kubernetes mode: the CA keeps its root in a Secret (as replicas on a cluster do)."""
+    return ["--ca-secret", "veil-system/veil-ca"] if kubeconfig is not None else []
+
+
 def start_ca(
     plan: LabPlan,
     spawn: Spawn,
@@ -193,6 +198,7 @@ def start_ca(
     argv = veil_argv(
         "ca",
         *state_source(lab, kubeconfig),
+        *ca_storage(kubeconfig),
         "--data-dir",
         str(ca_dir(lab)),
         "--node-tokens",

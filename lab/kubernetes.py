@@ -37,7 +37,6 @@ from veil.lab.controlplane import (
     CA_PORT,
     Daemon,
     Spawn,
-    ca_dir,
     cp_netns,
     daemon_env,
     kube_dir,
@@ -183,7 +182,27 @@ USERS["veil-controller"] = ("veil:controller", (STATE_READERS,))
 # Until the chart's per-component RBAC (issue 20, item 6): the lab's Veil daemons may read
 # the kinds the state source watches, and nothing else (no Secrets); the CA may review
 # tokens; the controller may manage what waypoints are made of, and Gateways' status.
+VEIL_NAMESPACE = "veil-system"
 STATE_READER_RBAC = f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: {VEIL_NAMESPACE}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: veil-ca, namespace: {VEIL_NAMESPACE}}}
+rules:
+- apiGroups: [""]
+  resources: [secrets, configmaps]
+  verbs: [get, create, patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: veil-ca, namespace: {VEIL_NAMESPACE}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: veil-ca}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: "veil:ca"}}
+---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata: {{name: veil-state-reader}}
@@ -483,7 +502,7 @@ def start_controller(plan: LabPlan, spawn: Spawn) -> Daemon:
             "controller",
             "--kubeconfig", str(kube_dir(lab) / "veil-controller.kubeconfig"),
             "--ca-address", f"{CA_IP}:{CA_PORT}",
-            "--trust-bundle", str(ca_dir(lab) / "trust-bundle.pem"),
+            "--trust-configmap", f"{VEIL_NAMESPACE}/veil-ca-root",
         ),
     )  # fmt: skip
     proc = spawn(cp_netns(lab), argv, daemon_env(), cg, log)

@@ -71,14 +71,19 @@ class CaConfig:
     server_name: str = CA_SERVER_NAME
     kubeconfig: str | None = None
     agent_account: str = "veil-system/veil-agent"  # whose tokens are a node's (TokenReview)
+    ca_secret: str | None = None  # namespace/name: the root and key in a Secret (Kubernetes)
 
     def __post_init__(self) -> None:
         check_state_source(self.state_dir, self.kubeconfig)
-        ns, sep, name = self.agent_account.partition("/")
-        if not (ns and sep and name):
-            raise ValueError(
-                f"--agent-service-account {self.agent_account!r}: expected namespace/name"
-            )
+        for flag, value in (
+            ("--agent-service-account", self.agent_account),
+            ("--ca-secret", self.ca_secret),
+        ):
+            ns, sep, name = (value or "a/b").partition("/")
+            if not (ns and sep and name):
+                raise ValueError(f"{flag} {value!r}: expected namespace/name")
+        if self.ca_secret is not None and self.kubeconfig is None:
+            raise ValueError("--ca-secret needs --kubeconfig (the Secret is read through the API)")
         check_trust_domain(self.trust_domain)
         if self.ttl_seconds < 1:
             raise ValueError(f"--ttl must be at least 1 second, got {self.ttl_seconds}")

@@ -25,6 +25,9 @@ class Source(Protocol):
         self, store: StateStore, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None: ...
 
+    def not_synced(self) -> str | None:
+        """Why the state may be stale right now (None: in sync), for readiness."""
+
 
 def open_source(state_dir: Path | None, kubeconfig: str | None) -> Source:
     """The state source a daemon was configured with: a state directory (`--state-dir`, the
@@ -42,14 +45,25 @@ def open_source(state_dir: Path | None, kubeconfig: str | None) -> Source:
     return KubernetesSource(kube_client(kubeconfig))
 
 
-def kube_client(kubeconfig: str) -> Any:
-    """A lightkube AsyncClient from a kubeconfig file, or `in-cluster` (the pod's service
-    account token, CA bundle and KUBERNETES_SERVICE_HOST)."""
-    from lightkube import AsyncClient, KubeConfig  # noqa: PLC0415
+def kube_config(kubeconfig: str) -> Any:
+    """A kubeconfig file, or `in-cluster` (the pod's service account token, CA bundle and
+    KUBERNETES_SERVICE_HOST)."""
+    from lightkube import KubeConfig  # noqa: PLC0415
 
-    config = (
-        KubeConfig.from_service_account()
-        if kubeconfig == IN_CLUSTER
-        else KubeConfig.from_file(str(kubeconfig))
-    )
-    return AsyncClient(config=config, field_manager="veil")
+    if kubeconfig == IN_CLUSTER:
+        return KubeConfig.from_service_account()
+    return KubeConfig.from_file(str(kubeconfig))
+
+
+def kube_client(kubeconfig: str) -> Any:
+    """A lightkube AsyncClient (what the daemons' trio tasks use)."""
+    from lightkube import AsyncClient  # noqa: PLC0415
+
+    return AsyncClient(config=kube_config(kubeconfig), field_manager="veil")
+
+
+def kube_sync_client(kubeconfig: str) -> Any:
+    """A blocking lightkube Client, for a daemon's start-up (before it serves)."""
+    from lightkube import Client  # noqa: PLC0415
+
+    return Client(config=kube_config(kubeconfig), field_manager="veil")

@@ -5,11 +5,14 @@ snapshot published after each burst of events (the same interface as `ManifestSo
 A watch that ends is resumed from the last resourceVersion seen; 410 Gone (the version is too
 old) relists and replaces what the list no longer holds. Errors back off with jitter (1 s
 doubling to 30 s) and the last good state stays in force meanwhile: `ready` says whether
-every kind has been listed at least once. A kind the API does not serve (404: its CRD is not
-installed) has no objects, and is looked for again every 15-30 s until it appears.
+every kind has been listed at least once, `not_synced()` why the state may be stale (a kind
+that cannot be listed or followed right now), for the daemons' readiness. A kind the API
+does not serve (404: its CRD is not installed) has no objects, and is looked for again every
+15-30 s until it appears.
 
-Issue 20, item 1 in part: the agent, CA and waypoint still read the manifest source; wiring
-this one in behind `--kubeconfig` / in-cluster configuration comes next.
+The agent, CA, controller and waypoints use it with `--kubeconfig` (a file, or
+`in-cluster`). Watch bookmarks are not asked for (lightkube's watch does not pass them): a
+watch that ends is resumed from the last event's version, and relisted on 410.
 """
 
 from __future__ import annotations
@@ -88,12 +91,25 @@ class KubernetesSource:
         self.client, self.node, self.kinds = client, node, kinds
         self.builder = StateBuilder(fetch_jwks)
         self.listed: set[str] = set()  # kinds listed at least once
+        self.failing: dict[str, str] = {}  # kind -> its last error, while it is failing
         self.rng = rng or random.Random()
         self._changed = trio.Event()
 
     @property
     def ready(self) -> bool:
         return self.listed >= {k.kind for k in self.kinds}
+
+    def not_synced(self) -> str | None:
+        """Why the state may be stale (the last good one stays in force), None when every
+        kind is listed and followed."""
+        if not self.ready:
+            missing = sorted({k.kind for k in self.kinds} - self.listed)
+            return f"not listed yet: {', '.join(missing)}"
+        if self.failing:
+            kind, error = sorted(self.failing.items())[0]
+            more = f" (and {len(self.failing) - 1} more kinds)" if len(self.failing) > 1 else ""
+            return f"the API is not answering for {kind}{more}: {error}"
+        return None
 
     def _fields(self, kind: Kind) -> dict[str, Any] | None:
         return {"spec.nodeName": self.node} if kind.node_scoped and self.node else None
@@ -120,6 +136,7 @@ class KubernetesSource:
         known.clear()
         known.update(seen)
         self.listed.add(kind.kind)
+        self.failing.pop(kind.kind, None)
         self._touch()
         return str(items.resourceVersion)
 
@@ -157,6 +174,7 @@ class KubernetesSource:
                     version = None
                     continue
                 if code == 404 and version is None:
+                    self.failing.pop(kind.kind, None)
                     # The API does not serve the kind (its CRD is not installed): there are
                     # none of it, truly. Looked for again until it appears.
                     if kind.kind not in self.listed:
@@ -169,6 +187,7 @@ class KubernetesSource:
                     await trio.sleep(BACKOFF_MAX * self.rng.uniform(0.5, 1.0))
                     continue
                 log.warning("%s: %s (again in %.1f s)", kind.kind, e, backoff)
+                self.failing[kind.kind] = str(e) or type(e).__name__
                 version = None
             await trio.sleep(backoff * self.rng.uniform(0.5, 1.0))
             backoff = min(backoff * 2, BACKOFF_MAX)

@@ -89,6 +89,11 @@ class ManifestSource:
     events: a change to one object costs one file's parse and one conversion, not the
     directory's."""
 
+    def not_synced(self) -> str | None:
+        """Always in sync: the directory is read as it is (a file that cannot be parsed is
+        reported in the snapshot's `errors`)."""
+        return None
+
     def __init__(self, root: Path, interval: float = 0.2) -> None:
         self.root = root
         self.interval = interval

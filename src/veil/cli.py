@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the identities of workloads on their node (Kubernetes; TokenReview)",
     )
     ca.add_argument(
+        "--ca-secret",
+        help="namespace/name of a Secret holding the self-signed root and key (Kubernetes; made "
+        "on the first start, shared by replicas); the trust bundle is published beside it as "
+        "ConfigMap veil-ca-root",
+    )
+    ca.add_argument(
         "--data-dir",
         type=Path,
         required=True,
@@ -197,8 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--image", default=f"ghcr.io/veil-dev/veil:{VERSION}", help="the waypoints' image"
     )
     ctl.add_argument("--ca-address", default="veil-ca.veil-system.svc:15012")
+    ctl.add_argument("--trust-bundle", type=Path, help="the CA's roots (PEM) for waypoints")
     ctl.add_argument(
-        "--trust-bundle", type=Path, required=True, help="the CA's roots (PEM) for waypoints"
+        "--trust-configmap",
+        help="or namespace/name of the ConfigMap the CA publishes them in (veil-ca-root)",
     )
     ctl.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
     ctl.add_argument("--log-level", default="info", choices=LEVELS)
@@ -413,6 +421,7 @@ def run_daemon(args: argparse.Namespace) -> int:
                 server_name=args.server_name,
                 kubeconfig=args.kubeconfig,
                 agent_account=args.agent_service_account,
+                ca_secret=args.ca_secret,
             )
             trio.run(ca_app.run, cfg)
         elif args.command == "controller":
@@ -426,6 +435,7 @@ def run_daemon(args: argparse.Namespace) -> int:
                     image=args.image,
                     ca_address=args.ca_address,
                     trust_bundle=args.trust_bundle,
+                    trust_configmap=args.trust_configmap,
                     trust_domain=args.trust_domain,
                 ),
             )

@@ -422,7 +422,13 @@ spec:
 
 def waypoint_pod(lab: str) -> dict[str, Any] | None:
     pods = get(lab, "pods", "-n", "mesh", "-l", "gateway.networking.k8s.io/gateway-name")["items"]
-    ready = [p for p in pods if p["status"].get("phase") == "Running" and p["status"].get("podIP")]
+    ready = [
+        p
+        for p in pods
+        if p["status"].get("phase") == "Running"
+        and p["status"].get("podIP")
+        and not p["metadata"].get("deletionTimestamp")  # one of a Gateway deleted before
+    ]
     return ready[0] if ready else None
 
 
@@ -462,8 +468,9 @@ def test_a_gateway_gets_its_waypoint_and_traffic_goes_through_it(kube_lab):
         kubectl(kube_lab, "label", "service", "-n", "mesh", "server", "veil.dev/use-waypoint-")
     assert kubectl(kube_lab, "delete", "gateway", "-n", "mesh", "waypoint").returncode == 0
     wait_for(
-        lambda: not get(kube_lab, "deployments,services,serviceaccounts,configmaps", "-n", "mesh",
-                        "-l", "gateway.networking.k8s.io/gateway-name=waypoint")["items"],
+        lambda: not get(kube_lab, "deployments,services,serviceaccounts,configmaps,pods",
+                        "-n", "mesh", "-l", "gateway.networking.k8s.io/gateway-name=waypoint",
+                        )["items"],
         60,
         "the waypoint's objects collected",
     )  # fmt: skip
@@ -633,3 +640,98 @@ def test_routes_get_accepted_and_resolved_refs_per_parent(kube_lab):
         assert cross["ResolvedRefs"] == ("False", "RefNotPermitted")
     finally:
         kubectl(kube_lab, "delete", "httproute", "-n", "mesh", "to-server", "to-web")
+
+
+def ready(lab: str, node: str) -> tuple[int, str]:
+    return controlplane.agent_get(f"veil-{lab}-{node}", "/healthz/ready", 15021)
+
+
+def test_the_api_server_away_for_30s_keeps_traffic_and_policy_then_resyncs(kube_lab):
+    """kube-apiserver stopped for 30 s: connections keep working, a DENY in force stays in
+    force (the last good state), the agents say they are not synced; once it is back they
+    resync, and a change made then is followed."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    a = get(kube_lab, "pod", "-n", "mesh", "server-a")["status"]["podIP"]
+    b = get(kube_lab, "pod", "-n", "mesh", "server-b")["status"]["podIP"]
+
+    def answered(ip: str) -> bool:
+        proc = lab_exec(
+            kube_lab,
+            "client",
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            f"http://{ip}:8080/",
+            ns="mesh",
+            check=False,
+        )
+        return proc.returncode == 0
+
+    only_a = DENY_SERVER_A.replace(
+        "rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]",
+        "rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}], "
+        f"when: [{{key: destination.ip, values: ['{a}']}}]}}]",
+    )
+    assert only_a != DENY_SERVER_A
+    assert kubectl(kube_lab, "apply", "-f", "-", stdin=only_a).returncode == 0
+    wait_for(lambda: not answered(a), 10, "the DENY enforced")
+    assert answered(b)
+    record = store.read_record(kube_lab) or {}
+    api = controlplane.process_view(
+        next(p for p in record["processes"] if p["name"] == "kube-apiserver")
+    )
+    os.kill(api["supervisor"], signal.SIGSTOP)  # no restart until we say so
+    stopped = time.monotonic()
+    try:
+        os.kill(api["pid"], signal.SIGKILL)  # a crash: every connection to it ends
+        _code, why = wait_for(
+            lambda: (r := ready(kube_lab, "node1"))[0] != 200 and r, 30, "not ready"
+        )
+        assert "not synced" in why, why
+        while time.monotonic() - stopped < 30:
+            assert answered(b)  # traffic keeps working
+            assert not answered(a)  # and the policy holds
+            time.sleep(2)
+    finally:
+        os.kill(api["supervisor"], signal.SIGCONT)
+    wait_for(lambda: ready(kube_lab, "node1")[0] == 200, 90, "ready again")
+    assert (
+        kubectl(kube_lab, "delete", "authorizationpolicy", "-n", "mesh", "deny-client").returncode
+        == 0
+    )
+    wait_for(lambda: answered(a), 15, "the deletion followed after the resync")
+
+
+REPLICA = """
+import json, sys
+from veil.ca.signer import SecretCaStorage, generate_root
+from veil.core.certs import pem
+from veil.runtime.sources import kube_sync_client
+storage = SecretCaStorage(kube_sync_client(sys.argv[1]), "veil-system", "veil-ca")
+first = storage.load()
+second = storage.save(generate_root("cluster.local"))  # a replica racing to create it
+print(json.dumps({"first": pem(first.cert), "second": pem(second.cert)}))
+"""
+
+
+def test_the_ca_keeps_its_root_in_a_secret_that_replicas_share(kube_lab):
+    """The CA made Secret veil-system/veil-ca on its first start and published the bundle as
+    ConfigMap veil-ca-root; a second replica storing a root of its own finds the first one's
+    (409) and uses it, so every replica signs with the same root. (Run in the control-plane
+    netns, where the API server is.)"""
+    admin = str(controlplane.kube_dir(kube_lab) / "admin.kubeconfig")
+    argv = netns.nsenter_argv(
+        controlplane.cp_netns(kube_lab), [sys.executable, "-c", REPLICA, admin]
+    )
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    roots = json.loads(proc.stdout)
+    assert roots["second"] == roots["first"]
+    bundle = get(kube_lab, "configmap", "-n", "veil-system", "veil-ca-root")["data"]
+    assert bundle["root-cert.pem"] == roots["first"]
+    served = (controlplane.ca_dir(kube_lab) / "trust-bundle.pem").read_text()
+    assert roots["first"] in served
+    assert not (controlplane.ca_dir(kube_lab) / "ca-key.pem").exists()  # the key: only there
