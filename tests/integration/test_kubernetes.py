@@ -6,6 +6,7 @@ kube-controller-manager and kube-scheduler; no stand-in anywhere. The lab's mani
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import subprocess
@@ -735,3 +736,23 @@ def test_the_ca_keeps_its_root_in_a_secret_that_replicas_share(kube_lab):
     served = (controlplane.ca_dir(kube_lab) / "trust-bundle.pem").read_text()
     assert roots["first"] in served
     assert not (controlplane.ca_dir(kube_lab) / "ca-key.pem").exists()  # the key: only there
+
+
+def test_zz_a_crashed_lab_is_removed_whole(kube_lab):
+    """Last in the module: every lab process killed at once (supervisors first, so nothing is
+    restarted), as a crash would leave it; the fixture's `veil lab down` must still remove
+    every process, netns, mount point and file (it asserts no leftovers)."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    record = store.read_record(kube_lab) or {}
+    views = [controlplane.process_view(p) for p in record["processes"]]
+    for v in views:
+        os.kill(v.get("supervisor", v["pid"]), signal.SIGKILL)
+    for v in views:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(v["pid"], signal.SIGKILL)
+    targets = (store.lab_dir(kube_lab) / "kubelet" / "mountpoints").read_text().split()
+    assert targets  # the kubelets had to make mount points on the host
+    veil("lab", "down", "--name", kube_lab, timeout=120)
+    assert not any(Path(t).exists() for t in targets), targets

@@ -25,6 +25,7 @@ from tests.support.logs import access_entries, wait_for_access
 from veil.agent.capture import bpfsys, ebpf, iptables
 from veil.core.spiffe import SpiffeId
 from veil.lab import cgroups, controlplane, store
+from veil.lab import lab as labmod
 from veil.lab.sniff import Sniffer
 from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL
 
@@ -381,7 +382,7 @@ def capture_traces(lab: str, ns: str, pod: str) -> list[str]:
     tc = iptables.run_in(netns, ["tc", "filter", "show", "dev", "eth0", "ingress"])
     tc += iptables.run_in(netns, ["tc", "filter", "show", "dev", "eth0", "egress"])
     found += [ln.strip() for ln in tc.splitlines() if "veil_" in ln]
-    group = cgroups.lab_group(lab) / "pods" / f"{ns}_{pod}"
+    group = Path(labmod.find_pod(lab, pod, ns)["cgroup"])  # the lab's, or the kubelet's
     fd = os.open(group, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for hook in ebpf.POD_CGROUP_PROGRAMS:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from veil.lab import controlplane, netns, store
+from veil.lab import controlplane, netns, store, upstream
 from veil.lab import lab as labmod
 
 TD = "cluster.local"  # the lab's trust domain
@@ -77,6 +77,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def kubernetes_mode(lab: str) -> bool:
+    return bool((store.read_record(lab) or {}).get("kubernetes"))
+
+
 def capture_mode(lab: str, node: str = "node1") -> str:
     record = store.read_record(lab) or {}
     mode: str = next(n["capture"] for n in record["nodes"] if n["name"] == node)
@@ -102,13 +106,28 @@ def shop_lab() -> Iterator[str]:
 MESH = str(ROOT / "tests" / "integration" / "mesh")
 
 
-@pytest.fixture(scope="module", params=["iptables", "ebpf"])
+LAB_MODES = [
+    "iptables",
+    "ebpf",
+    pytest.param(
+        "kubernetes",
+        marks=pytest.mark.skipif(
+            bool(upstream.missing()), reason="the upstream binaries are not built"
+        ),
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=LAB_MODES)
 def lab(request: pytest.FixtureRequest) -> Iterator[str]:
     """tests/integration/mesh: namespace `mesh` enrolled from the start, `plain` not; every
-    test on it runs once per capture mode."""
+    test on it runs once per capture mode in manifest mode, and once on the real Kubernetes
+    control plane (iptables capture; the manifests applied with kubectl, the pods run by the
+    lab's kubelets, Veil reading the API)."""
     name = new_lab_name()
+    mode = ["--kubernetes"] if request.param == "kubernetes" else ["--capture", request.param]
     try:
-        veil("lab", "up", "-f", MESH, "--name", name, "--capture", request.param)
+        veil("lab", "up", "-f", MESH, "--name", name, *mode, timeout=300)
         yield name
     finally:
         veil("lab", "down", "--name", name, check=False)
