@@ -922,7 +922,8 @@ def status(lab: str) -> dict[str, Any]:
                 "node": p["spec"].get("nodeName", ""),
                 "phase": phase,
                 "labels": md.get("labels") or {},
-                "restarts": restarts.get((md["namespace"], md["name"]), 0),
+                "restarts": restarts.get((md["namespace"], md["name"]), 0)
+                + sum(int(c.get("restartCount", 0)) for c in st.get("containerStatuses") or []),
             }
         )
     slices = {

@@ -1,6 +1,8 @@
 """The waypoint on a real lab: HTTPRoute routing through `veil waypoint`, no bypass, TCP,
 telemetry. Real clients: curl (HTTP/1.1) from a captured pod, through the pod's agent, over
-HBONE to the waypoint, and over HBONE again to the chosen pod."""
+HBONE to the waypoint, and over HBONE again to the chosen pod. Every test runs in both lab
+modes: manifest mode (the lab runs waypoint pod `<gateway>-0`) and kubernetes mode (the
+controller makes the waypoint Deployment, the kubelets run it)."""
 
 from __future__ import annotations
 
@@ -16,21 +18,53 @@ import pytest
 
 from tests.support.lab import lab_exec, leftovers, new_lab_name, veil
 from tests.support.logs import access_entries, wait_for_access
-from veil.lab import netns, store
+from veil.lab import lab as labmod
+from veil.lab import netns, store, upstream
 from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL
 
 WAYPOINT = str(Path(__file__).parent / "waypoint")
 
 
-@pytest.fixture(scope="module")
-def wlab() -> Iterator[str]:
+@pytest.fixture(
+    scope="module",
+    params=[
+        "manifests",
+        pytest.param(
+            "kubernetes",
+            marks=pytest.mark.skipif(
+                bool(upstream.missing()), reason="the upstream binaries are not built"
+            ),
+        ),
+    ],
+)
+def wlab(request: pytest.FixtureRequest) -> Iterator[str]:
     name = new_lab_name()
+    mode = ["--kubernetes"] if request.param == "kubernetes" else []
     try:
-        veil("lab", "up", "-f", WAYPOINT, "--name", name)
+        veil("lab", "up", "-f", WAYPOINT, "--name", name, *mode, timeout=300)
         yield name
     finally:
         veil("lab", "down", "--name", name, check=False)
     assert leftovers(name) == []
+
+
+def pod_name(lab: str, workload: str, ns: str = "web") -> str:
+    """A workload's (first) pod: `<deployment>-0` in manifest mode, the ReplicaSet's pod on
+    Kubernetes; a bare pod by its name."""
+    return str(labmod.find_pod(lab, f"deploy/{workload}", ns)["name"])
+
+
+def is_pod_of(name: str, workload: str) -> bool:
+    """`catalog-v2-0` (manifest mode) or `catalog-v2-7d9f8c6b5-x2x4z` (Kubernetes)."""
+    return re.fullmatch(rf"{re.escape(workload)}-(\d+|[0-9a-z]+-[0-9a-z]{{5}})", name) is not None
+
+
+def waypoint_log(lab: str, gateway: str = "waypoint") -> Path:
+    return store.lab_dir(lab) / "logs" / f"web_{pod_name(lab, gateway)}_waypoint.log"
+
+
+def waypoint_netns(lab: str, gateway: str = "waypoint") -> str:
+    return str(labmod.find_pod(lab, f"deploy/{gateway}", "web")["netns"])
 
 
 def curl(
@@ -52,7 +86,7 @@ def answers(out: str) -> list[dict[str, Any]]:
 def test_the_waypoint_runs_as_its_own_identity_with_a_mesh_certificate(wlab):
     audit = (store.lab_dir(wlab) / "logs" / "ca.log").read_text()
     assert '"identity": "spiffe://cluster.local/ns/web/sa/waypoint"' in audit
-    log = (store.lab_dir(wlab) / "logs" / "web_waypoint-0_waypoint.log").read_text()
+    log = waypoint_log(wlab).read_text()
     assert "up as spiffe://cluster.local/ns/web/sa/waypoint" in log
 
 
@@ -69,7 +103,8 @@ def test_a_90_10_split_over_2000_requests(wlab):
 
 def test_a_header_match_routes_and_the_response_header_modifier_applies(wlab):
     out = curl(wlab, "-i", "-H", "x-canary: yes", "http://catalog:9080/[1-20]").stdout
-    assert {a["pod"] for a in answers(out)} == {"catalog-v2-0"}
+    pods = {a["pod"] for a in answers(out)}
+    assert len(pods) == 1 and is_pod_of(pods.pop(), "catalog-v2")
     assert out.count("x-route: canary-header") == 20
 
 
@@ -100,7 +135,8 @@ def test_trace_context_is_propagated_with_a_new_span(wlab):
 
 def test_bypassing_the_waypoint_is_refused(wlab):
     st = json.loads(veil("lab", "status", "--name", wlab, "-o", "json").stdout)
-    v1 = next(p["ip"] for p in st["pods"] if p["name"] == "catalog-v1-0")
+    v1_pod = pod_name(wlab, "catalog-v1")
+    v1 = next(p["ip"] for p in st["pods"] if p["name"] == v1_pod)
     direct = curl(wlab, f"http://{v1}:9080/")  # a mesh client straight to the pod
     assert direct.returncode in (7, 52, 56), direct
     plain = curl(wlab, "http://catalog.web:9080/", pod="legacy", ns="plain")  # not in the mesh
@@ -108,7 +144,7 @@ def test_bypassing_the_waypoint_is_refused(wlab):
     logs = "".join(
         (store.lab_dir(wlab) / "logs" / f"agent-{n}.log").read_text() for n in ("node1", "node2")
     )
-    assert "waypoint bypass: traffic to web/catalog-v1-0 must come through web/waypoint" in logs
+    assert f"waypoint bypass: traffic to web/{v1_pod} must come through web/waypoint" in logs
 
 
 def test_other_tcp_goes_through_the_waypoint_as_tcp(wlab):
@@ -126,8 +162,9 @@ def test_other_tcp_goes_through_the_waypoint_as_tcp(wlab):
 
 def test_request_metrics_and_access_log(wlab):
     curl(wlab, "http://catalog:9080/[1-5]")
-    ns = f"veil-{wlab}-web_waypoint-0"
-    body = netns.run(netns.nsenter_argv(ns, ["curl", "-s", "127.0.0.1:15020/metrics"])).stdout
+    body = netns.run(
+        netns.nsenter_argv(waypoint_netns(wlab), ["curl", "-s", "127.0.0.1:15020/metrics"])
+    ).stdout
     line = next(
         ln
         for ln in body.splitlines()
@@ -139,7 +176,7 @@ def test_request_metrics_and_access_log(wlab):
     assert 'source_principal="spiffe://cluster.local/ns/web/sa/client"' in line
     assert float(line.rsplit(" ", 1)[1]) >= 1
     assert "istio_request_duration_milliseconds_bucket{" in body
-    log = store.lab_dir(wlab) / "logs" / "web_waypoint-0_waypoint.log"
+    log = waypoint_log(wlab)
     entries = wait_for_access(log, lambda es: any(e["route"] == "web/catalog" for e in es))
     entry = [e for e in entries if e["route"] == "web/catalog"][-1]
     assert entry["response_code"] == 200
@@ -152,11 +189,11 @@ def codes(lab: str, url: str, *extra: str) -> list[int]:
 
 def access_log(lab: str) -> list[dict[str, Any]]:
     time.sleep(FLUSH_INTERVAL * 3)  # the waypoint writes its access log in batches
-    return access_entries(store.lab_dir(lab) / "logs" / "web_waypoint-0_waypoint.log")
+    return access_entries(waypoint_log(lab))
 
 
 def waypoint_metrics(lab: str) -> str:
-    ns = f"veil-{lab}-web_waypoint-0"
+    ns = waypoint_netns(lab)
     return netns.run(netns.nsenter_argv(ns, ["curl", "-s", "127.0.0.1:15020/metrics"])).stdout
 
 
@@ -307,7 +344,7 @@ def test_http2_prior_knowledge_from_curl(wlab, tmp_path):
     )
     assert out.stdout.startswith("HTTP/2 200")
     assert "x-route: canary-header" in out.stdout
-    assert answers(out.stdout)[0]["pod"] == "catalog-v2-0"
+    assert is_pod_of(answers(out.stdout)[0]["pod"], "catalog-v2")
     body = tmp_path / "body"
     body.write_bytes(b"y" * (2 * 1024 * 1024))
     up = curl(wlab, "--http2-prior-knowledge", "--data-binary", f"@{body}", "http://catalog:9080/u")
@@ -347,8 +384,8 @@ def test_a_workload_waypoint_takes_traffic_addressed_to_the_pod(wlab):
     st = json.loads(veil("lab", "status", "--name", wlab, "-o", "json").stdout)
     ip = {p["name"]: p["ip"] for p in st["pods"]}
     seen = answers(curl(wlab, f"http://{ip['solo']}:9080/direct").stdout)[0]
-    assert seen["pod"] == "solo" and seen["client"].split(":")[0] == ip["podwp-0"]
-    log = store.lab_dir(wlab) / "logs" / "web_podwp-0_waypoint.log"
+    assert seen["pod"] == "solo" and seen["client"].split(":")[0] == ip[pod_name(wlab, "podwp")]
+    log = waypoint_log(wlab, "podwp")
     wait_for_access(log, lambda es: any(e["path"] == "/direct" for e in es))
 
 
@@ -409,7 +446,7 @@ spec:
         out = lab_exec(wlab, "client", "python3", "-c", RAW_REQUESTS, "catalog", ns="web").stdout
         assert out.split() == ["403"] * 6 + ["400", "400", "200"]
         st = json.loads(veil("lab", "status", "--name", wlab, "-o", "json").stdout)
-        waypoint = next(p for p in st["pods"] if p["name"] == "waypoint-0")
+        waypoint = next(p for p in st["pods"] if p["name"] == pod_name(wlab, "waypoint"))
         assert (waypoint["phase"], waypoint["restarts"]) == ("Running", 0)
     finally:
         veil("lab", "delete", "--name", wlab, "authorizationpolicy", "no-admin", "-n", "web")
