@@ -738,6 +738,65 @@ def test_the_ca_keeps_its_root_in_a_secret_that_replicas_share(kube_lab):
     assert not (controlplane.ca_dir(kube_lab) / "ca-key.pem").exists()  # the key: only there
 
 
+AGENT_POD = """
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: veil-agent, namespace: veil-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: agent-token, namespace: veil-system}
+spec:
+  nodeName: node1
+  serviceAccountName: veil-agent
+  containers: [{name: c, image: busybox, command: [sleep, infinity]}]
+  volumes:
+  - name: veil-token
+    projected:
+      sources: [{serviceAccountToken: {audience: veil-ca, expirationSeconds: 3600, path: token}}]
+"""
+
+
+def test_an_agents_token_obtains_its_nodes_identities_and_no_others(kube_lab):
+    """A real projected token of the agents' service account, bound to a pod on node1: the
+    CA (TokenReview) takes it as node1's credential, so it obtains the identity of a
+    workload on node1 and is refused one that runs only on node2."""
+    from veil.core.csr import build_csr, new_key  # noqa: PLC0415
+    from veil.core.spiffe import SpiffeId  # noqa: PLC0415
+
+    assert kubectl(kube_lab, "apply", "-f", "-", stdin=AGENT_POD).returncode == 0
+    try:
+        pod = wait_for(
+            lambda: (
+                (p := get(kube_lab, "pod", "-n", "veil-system", "agent-token"))["status"].get(
+                    "podIP"
+                )
+                and p
+            ),
+            60,
+            "the pod",
+        )
+        token_file = (
+            (store.lab_dir(kube_lab) / "kubelet" / "node1" / pod["metadata"]["uid"] / "volumes")
+            / "veil-token"
+            / "token"
+        )
+        token = token_file.read_text()
+
+        def ask(identity: SpiffeId) -> tuple[int, dict[str, Any]]:
+            csr = build_csr(new_key(), identity).decode()
+            body = {"identity": str(identity), "csr": csr}
+            return controlplane.ca_request(kube_lab, "node1", body, token)
+
+        status, doc = ask(SpiffeId("cluster.local", "mesh", "client"))  # client runs on node1
+        assert status == 200, doc
+        status, doc = ask(SpiffeId("cluster.local", "mesh", "default"))  # optout: node2 only
+        assert (status, doc["code"]) == (403, "not_on_node"), doc
+        assert "node node1 may not obtain" in doc["error"]
+    finally:
+        kubectl(kube_lab, "delete", "pod", "-n", "veil-system", "agent-token", "--wait=false")
+
+
 def test_zz_a_crashed_lab_is_removed_whole(kube_lab):
     """Last in the module: every lab process killed at once (supervisors first, so nothing is
     restarted), as a crash would leave it; the fixture's `veil lab down` must still remove
