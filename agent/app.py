@@ -80,7 +80,7 @@ class Agent:
             ),
         )
         self.capture = capture_modes.make(cfg.capture, cfg.bpf_pin_dir)
-        self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir, self.capture)
+        self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir, self.capture, cfg.host_proc)
         self.registry.register(CaptureCollector(self.capture))
         guard.register(self.registry)
         admission.register(self.proxy_ctx.admission, self.registry)

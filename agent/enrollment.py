@@ -103,8 +103,15 @@ def plan_reconcile(
 
 
 class Enrollment:
-    def __init__(self, ctx: ProxyContext, data_dir: Path, capture: Capture | None = None) -> None:
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        data_dir: Path,
+        capture: Capture | None = None,
+        host_proc: Path = Path("/proc"),
+    ) -> None:
         self.ctx = ctx
+        self.host_proc = host_proc  # the node's /proc (in a DaemonSet pod: mounted elsewhere)
         self.capture: Capture = capture or IptablesCapture()
         self.capture_broken: str | None = None  # why capture cannot work at all
         self.registry_file = data_dir / "pods.json"
@@ -229,7 +236,7 @@ class Enrollment:
                 if (path := netns_path(w)) is not None:  # the lab's manifest mode says
                     return path if Path(path).exists() else None
                 if found is None:  # one /proc scan per reconcile, and only when needed
-                    found = podfinder.scan()
+                    found = podfinder.scan(self.host_proc)
                 where = found.get(w.uid)
                 return where.netns if where else None
 

@@ -59,6 +59,8 @@ def build_service(cfg: CaConfig) -> tuple[CaService, StateStore]:
             lightkube_review(kube_client(cfg.kubeconfig)), (ns, name), cfg.trust_domain
         )
     auth = Authenticators(BootstrapTokens(cfg.node_tokens), review)
+    if cfg.node_tokens is None and review is None:
+        raise ValueError("no way to authenticate agents: give --node-tokens or --kubeconfig")
     return CaService(signer, auth, store), store
 
 

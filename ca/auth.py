@@ -86,12 +86,14 @@ def write_tokens_file(
 class BootstrapTokens:
     """Node bootstrap tokens from a YAML file of hashes (re-read when it changes)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: no bootstrap tokens at all
         self._mtime: int | None = None
         self._entries: list[tuple[str, str, datetime.datetime, str | None]] = []
 
     def _load(self) -> None:
+        if self.path is None:
+            return
         try:
             mtime = self.path.stat().st_mtime_ns
         except FileNotFoundError:

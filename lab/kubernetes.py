@@ -524,7 +524,7 @@ def kubectl(lab: str, *args: str, stdin: str | None = None, timeout: float = 60)
     return proc.stdout
 
 
-VEIL_CRDS = upstream.ROOT / "deploy" / "crds"
+VEIL_CRDS = upstream.ROOT / "deploy" / "chart" / "veil" / "crds"
 
 
 def crd_name(path: Path) -> str:
@@ -534,9 +534,9 @@ def crd_name(path: Path) -> str:
 
 
 def install(lab: str, timeout: float) -> None:
-    """What a cluster has before Veil's workloads: Gateway API's standard CRDs (from the
-    pinned release's Go module), Veil's CRDs (deploy/crds/), and read access for the lab's
-    Veil daemons."""
+    """What a cluster has before Veil's workloads: Gateway API's CRDs (from the pinned
+    release's Go module), Veil's CRDs (the chart's, deploy/chart/veil/crds/), and RBAC for the
+    lab's Veil daemons."""
     gateway = sorted(upstream.gateway_crds().glob("*.yaml"))
     crds = [p for p in [*gateway, *sorted(VEIL_CRDS.glob("*.yaml"))] if "_vap_" not in p.name]
     args = [a for p in [*gateway, *crds] for a in ("-f", str(p))]

@@ -48,6 +48,7 @@ class AgentConfig:
     capture: str = "iptables"
     bpf_pin_dir: Path = Path("/sys/fs/bpf/veil")
     kubeconfig: str | None = None  # the Kubernetes API as the state source, not state_dir
+    host_proc: Path = Path("/proc")  # the node's /proc: a running pod is found there
 
     def __post_init__(self) -> None:
         check_state_source(self.state_dir, self.kubeconfig)
@@ -62,7 +63,7 @@ class AgentConfig:
 class CaConfig:
     state_dir: Path | None
     data_dir: Path
-    node_tokens: Path
+    node_tokens: Path | None  # the lab's bootstrap tokens (none on Kubernetes: TokenReview)
     plugin_certs: Path | None = None
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     listen: tuple[str, int] = ("0.0.0.0", CA_PORT)

@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument(
         "--node-tokens",
         type=Path,
-        required=True,
-        help="node bootstrap credentials (hashes), as `veil lab up` writes them",
+        help="node bootstrap credentials (hashes), as `veil lab up` writes them (on "
+        "Kubernetes, agents and waypoints use projected tokens: TokenReview)",
     )
     ca.add_argument(
         "--plugin-certs",
@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("/sys/fs/bpf/veil"),
         help="where eBPF capture pins its maps (a restarted agent reopens them)",
+    )
+    ag.add_argument(
+        "--host-proc",
+        type=Path,
+        default=Path("/proc"),
+        help="the node's /proc, where a running pod is found by its cgroup (a DaemonSet "
+        "pod mounts it read-only, e.g. at /host/proc)",
     )
     ag.add_argument("--admin-listen", default="127.0.0.1:15000")
     ag.add_argument("--metrics-listen", default="0.0.0.0:15020")
@@ -458,6 +465,7 @@ def run_daemon(args: argparse.Namespace) -> int:
                 capture=args.capture,
                 bpf_pin_dir=args.bpf_pin_dir,
                 kubeconfig=args.kubeconfig,
+                host_proc=args.host_proc,
             )
             trio.run(Agent(acfg).run)
         else:
