@@ -202,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--ready-listen", default="0.0.0.0:15021")
     ag.add_argument("--log-level", default="info", choices=LEVELS)
 
+    mig = sub.add_parser(
+        "migrate",
+        help="convert Istio ambient manifests (labels, security.istio.io policies, the "
+        "waypoint class) to Veil's; the result on stdout, what changed on stderr",
+    )
+    mig.add_argument(
+        "-f", "--filename", action="append", required=True, help="a file, a directory or -"
+    )
+
     ctl = sub.add_parser(
         "controller", help="run the waypoint controller (Gateways of class veil-waypoint)"
     )
@@ -266,6 +275,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def migrate_command(paths: Sequence[str]) -> int:
+    import yaml  # noqa: PLC0415
+
+    from veil.core.migrate import migrate  # noqa: PLC0415
+
+    docs: list[object] = []
+    try:
+        for p in paths:
+            if p == "-":
+                docs += list(yaml.safe_load_all(sys.stdin))
+                continue
+            path = Path(p)
+            files = (
+                sorted(f for f in path.iterdir() if f.suffix in (".yaml", ".yml"))
+                if path.is_dir()
+                else [path]
+            )
+            for f in files:
+                docs += list(yaml.safe_load_all(f.read_text()))
+    except (OSError, yaml.YAMLError) as e:
+        print(f"veil migrate: {e}", file=sys.stderr)
+        return 1
+    result = migrate(d for d in docs if isinstance(d, dict))
+    for note in result.notes:
+        print(f"# veil migrate: {note}", file=sys.stderr)
+    sys.stdout.write(yaml.safe_dump_all(result.objects, sort_keys=False))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first `--` is a command to run (`veil lab exec POD -n NS -- cmd`),
@@ -289,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command in ("ca", "agent", "waypoint", "controller"):
         return run_daemon(args)
+    if args.command == "migrate":
+        return migrate_command(args.filename)
     if args.command == "echo":
         from veil.lab import echo  # noqa: PLC0415 - keep `veil lab` start-up free of trio
 
