@@ -59,6 +59,14 @@ from veil.lab.plan import (
 )
 
 log = logging.getLogger("veil.lab.kubelet")
+
+
+def controlplane_node_dir(lab: str, node: str) -> Path:
+    from veil.lab.controlplane import node_dir  # noqa: PLC0415
+
+    return node_dir(lab, node)
+
+
 HEARTBEAT = 10.0  # seconds, the kubelet's nodeLeaseRenewIntervalFraction of 40 s
 LEASE_SECONDS = 40
 CAPACITY = {"cpu": "2", "memory": "4Gi", "pods": "110", "ephemeral-storage": "20Gi"}
@@ -355,8 +363,8 @@ class PodWorker(threading.Thread):
         """Each volume's host path, its files written."""
         out = {}
         for v in volumes:
-            if v.host_path is not None:
-                p = Path(v.host_path)
+            if v.host_path is not None:  # the node's own, or the machine's shared views
+                p = Path(pods.node_host_path(v.host_path, str(self.k.host_root)))
                 if v.host_path_type in ("", "DirectoryOrCreate") and not p.exists():
                     p.mkdir(parents=True, exist_ok=True)
                 elif v.host_path_type == "FileOrCreate" and not p.exists():
@@ -405,7 +413,7 @@ class PodWorker(threading.Thread):
         self._network()
         volume_paths = self._write_volumes(volumes)
         extra: list[pods.Mount] = []
-        if not self.host_network:
+        if pods.cluster_dns(self.pod):  # hostNetwork pods too, with ClusterFirstWithHostNet
             assert self.ip is not None
             hosts, resolv = self.dir / "hosts", self.dir / "resolv.conf"
             hosts.write_text(self.k.hosts_for(self, IPv4Address(self.ip)))
@@ -426,8 +434,9 @@ class PodWorker(threading.Thread):
             c = Container(str(spec["name"]), str(spec.get("image", "")), spec)
             c.argv, c.env = pods.argv(spec, env), env
             binds = [*extra, *pods.mounts(spec, volume_paths)]
-            for m in binds:
-                self.k.ensure_target(m)
+            for i, m in enumerate(binds):
+                if not pods.nested(binds, i):  # a nested one is made in its volume
+                    self.k.ensure_target(m)
             c.spec_file = str(self.dir / f"{c.name}.mounts.json")
             Path(c.spec_file).write_text(
                 json.dumps(
@@ -537,7 +546,7 @@ class PodWorker(threading.Thread):
     def rewrite_hosts(self) -> None:
         """/etc/hosts is a bind-mounted file: rewritten in place (a rename would leave the
         containers looking at the old one)."""
-        if self.host_network or not self.ip or not (self.dir / "hosts").exists():
+        if not self.ip or not (self.dir / "hosts").exists():
             return
         text = self.k.hosts_for(self, IPv4Address(self.ip))
         with open(self.dir / "hosts", "r+", encoding="utf-8") as f:
@@ -609,6 +618,8 @@ class Kubelet:
         self.lab, self.node, self.client, self.proxy = lab, node, client, proxy
         self.dir = store.lab_dir(lab) / "kubelet" / node.name
         self.dir.mkdir(parents=True, exist_ok=True)
+        # hostPath volumes of this node: lab nodes share one machine (pods.node_host_path)
+        self.host_root = controlplane_node_dir(lab, node.name) / "host"
         self.lock = threading.Lock()
         self.workers: dict[str, PodWorker] = {}
         self.services: list[Any] = []  # [(service, ServicePort, [Endpoint])]

@@ -21,7 +21,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -183,11 +183,8 @@ USERS["veil-controller"] = ("veil:controller", (STATE_READERS,))
 # the kinds the state source watches, and nothing else (no Secrets); the CA may review
 # tokens; the controller may manage what waypoints are made of, and Gateways' status.
 VEIL_NAMESPACE = "veil-system"
+NAMESPACE = f"{{apiVersion: v1, kind: Namespace, metadata: {{name: {VEIL_NAMESPACE}}}}}"
 STATE_READER_RBAC = f"""
-apiVersion: v1
-kind: Namespace
-metadata: {{name: {VEIL_NAMESPACE}}}
----
 apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
 metadata: {{name: veil-ca, namespace: {VEIL_NAMESPACE}}}
@@ -509,6 +506,30 @@ def start_controller(plan: LabPlan, spawn: Spawn) -> Daemon:
     return Daemon("controller", cp_netns(lab), proc, 0, log, state)
 
 
+CHART = upstream.ROOT / "deploy" / "chart" / "veil"
+
+
+def helm_install(lab: str, capture: Mapping[str, str], timeout: float) -> None:
+    """`helm install veil deploy/chart/veil` as the admin, into veil-system; the image names
+    Veil, which the lab's kubelets run from the venv (lab/pods.py)."""
+    modes = set(capture.values())
+    if len(modes) > 1:
+        raise LabError("--chart: one capture mode for every node (the DaemonSet has one spec)")
+    argv = netns.nsenter_argv(
+        cp_netns(lab),
+        [
+            str(upstream.bin_dir() / "helm"),
+            "install", "veil", str(CHART),
+            "--namespace", VEIL_NAMESPACE,
+            "--kubeconfig", str(kube_dir(lab) / "admin.kubeconfig"),
+            "--set", f"agent.capture={modes.pop() if modes else 'iptables'}",
+        ],
+    )  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise LabError(f"helm install: {(proc.stderr or proc.stdout).strip()}")
+
+
 def kubectl(lab: str, *args: str, stdin: str | None = None, timeout: float = 60) -> str:
     """kubectl as the admin; its output, or a LabError with kubectl's own message."""
     proc = subprocess.run(
@@ -533,7 +554,7 @@ def crd_name(path: Path) -> str:
     return f"{plural}.{group}"
 
 
-def install(lab: str, timeout: float) -> None:
+def install(lab: str, timeout: float, rbac: bool = True) -> None:
     """What a cluster has before Veil's workloads: Gateway API's CRDs (from the pinned
     release's Go module), Veil's CRDs (the chart's, deploy/chart/veil/crds/), and RBAC for the
     lab's Veil daemons."""
@@ -541,7 +562,9 @@ def install(lab: str, timeout: float) -> None:
     crds = [p for p in [*gateway, *sorted(VEIL_CRDS.glob("*.yaml"))] if "_vap_" not in p.name]
     args = [a for p in [*gateway, *crds] for a in ("-f", str(p))]
     kubectl(lab, "apply", "--server-side", "--force-conflicts", *args, timeout=timeout)
-    kubectl(lab, "apply", "--server-side", "-f", "-", stdin=STATE_READER_RBAC)
+    kubectl(lab, "apply", "--server-side", "-f", "-", stdin=NAMESPACE)
+    if rbac:  # the lab's own daemons' (with the chart, the chart's own)
+        kubectl(lab, "apply", "--server-side", "-f", "-", stdin=STATE_READER_RBAC)
     kubectl(
         lab, "wait", "--for=condition=Established", "--timeout", f"{timeout:.0f}s",
         *(f"crd/{crd_name(p)}" for p in crds), timeout=timeout + 10,

@@ -52,6 +52,7 @@ from veil.lab.cni import result_ip as cni_result_ip
 from veil.lab.errors import LabError
 from veil.lab.manifests import Object, load_paths
 from veil.lab.plan import (
+    SERVICE_CIDR,
     UNDERLAY_CIDR,
     LabPlan,
     NodePlan,
@@ -163,6 +164,7 @@ def up(
     cert_ttl: int | None = None,
     capture: Sequence[str] = (),
     kubernetes: bool = False,
+    chart: bool = False,
 ) -> LabPlan:
     """Bring a lab up from manifests. With `kubernetes`, the upstream control plane runs in
     the control-plane netns too, and each node registers with it (lab/kubernetes.py)."""
@@ -197,6 +199,7 @@ def up(
         "manifests": [str(Path(p).resolve()) for p in paths],
         "cgroup": str(cg),
         "kubernetes": kubernetes,
+        "chart": chart,
         "underlay": {"netns": underlay_netns(lab), "cidr": str(UNDERLAY_CIDR)},
         "nodes": [
             {
@@ -234,7 +237,9 @@ def up(
         # per node (DaemonSet pods are up before the workloads they serve).
         controlplane.write_node_credentials(plan)
         if kubernetes:
-            bring_up_kubernetes(plan, record, modes, ready_timeout, cert_ttl=cert_ttl, log=log)
+            bring_up_kubernetes(
+                plan, record, modes, ready_timeout, cert_ttl=cert_ttl, log=log, chart=chart
+            )
         else:
             bring_up_manifests(plan, record, modes, ready_timeout, cert_ttl=cert_ttl, log=log)
         log(
@@ -288,6 +293,7 @@ def bring_up_kubernetes(
     *,
     cert_ttl: int | None,
     log: Log,
+    chart: bool = False,
 ) -> None:
     """Kubernetes mode: the upstream control plane, a kubelet per node, the CA and agents
     reading the API; then the manifests are applied with kubectl and the kubelets run their
@@ -301,7 +307,7 @@ def bring_up_kubernetes(
         {**d.record(), "cgroup": str(cg / "control-plane" / d.name)} for d in cp
     ]
     store.write_record(lab, record)
-    k8s.install(lab, K8S_TIMEOUT)
+    k8s.install(lab, K8S_TIMEOUT, rbac=not chart)
     kubelets = k8s.start_kubelets(plan, spawn, node_netns)
     record["processes"] += [
         {**d.record(), "cgroup": str(cg / "nodes" / d.name.split()[1] / "kubelet")}
@@ -310,6 +316,13 @@ def bring_up_kubernetes(
     store.write_record(lab, record)
     k8s.wait_nodes_ready(plan, K8S_TIMEOUT)
     log(f"lab {lab!r}: Kubernetes API on {k8s.server_url()}, nodes registered")
+    if chart:  # Veil as users install it: the kubelets run its DaemonSet and Deployments
+        k8s.helm_install(lab, modes, K8S_TIMEOUT)
+        k8s.wait_workloads(lab, max(ready_timeout, K8S_TIMEOUT))
+        log(f"lab {lab!r}: Veil installed with its Helm chart (deploy/chart/veil)")
+        k8s.apply_manifests(lab, record["manifests"])
+        k8s.wait_workloads(lab, max(ready_timeout, K8S_TIMEOUT))
+        return
     ca = controlplane.start_ca(
         plan, spawn, cert_ttl=cert_ttl, kubeconfig=controlplane.ca_kubeconfig(lab)
     )
@@ -373,6 +386,9 @@ def build_topology(plan: LabPlan, log: Log) -> None:
         for other in plan.nodes:
             if other.name != n.name:
                 netns.ip(ns, "route", "add", str(other.pod_cidr), "via", str(other.underlay_ip))
+        # Service VIPs from the node itself (hostNetwork pods): a route for the lookup, then
+        # the node's NAT (OUTPUT) sends them to an endpoint, as kube-proxy's nodes do.
+        netns.ip(ns, "route", "add", str(SERVICE_CIDR), "dev", "eth0")
         cgroups.create(cgroups.lab_group(lab) / "nodes" / n.name)
     log(
         f"lab {lab!r}: underlay {UNDERLAY_CIDR}, nodes "
@@ -381,17 +397,28 @@ def build_topology(plan: LabPlan, log: Log) -> None:
 
 
 def node_network(lab: str, node: NodePlan) -> dict[str, Any]:
-    """The CNI network configuration list of a lab node: ptp + host-local, then veil-cni."""
+    """The CNI network configuration list of a lab node: ptp + host-local, then veil-cni.
+    With the chart, the agent is the DaemonSet's pod: its socket is in the node's own
+    /var/run/veil (the kubelet's hostPath), and the mesh's namespace never waits for it."""
     cidr = node.pod_cidr
+    veil_cni: dict[str, Any] = {
+        "type": "veil-cni",
+        "agentSocket": str(controlplane.cni_socket(lab, node.name)),
+    }
+    if (store.read_record(lab) or {}).get("chart"):
+        host = controlplane.node_dir(lab, node.name) / "host"
+        veil_cni = {
+            "type": "veil-cni",
+            "agentSocket": str(host / "var/run/veil/cni.sock"),
+            "excludeNamespaces": ["veil-system", "kube-system"],
+        }
     return network_config(
         name=f"veil-{lab}-{node.name}",
         subnet=str(cidr),
         gateway=str(node.gateway),
         range_start=str(cidr.network_address + 10),
         data_dir=str(store.lab_dir(lab) / "ipam" / node.name),
-        extra_plugins=[
-            {"type": "veil-cni", "agentSocket": str(controlplane.cni_socket(lab, node.name))}
-        ],
+        extra_plugins=[veil_cni],
     )
 
 

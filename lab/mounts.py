@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def main() -> None:
@@ -28,10 +29,34 @@ def main() -> None:
     if spec.get("cgroup"):
         with open(f"{spec['cgroup']}/cgroup.procs", "w", encoding="ascii") as f:
             f.write("0\n")
-    for m in spec["mounts"]:
-        subprocess.run(["mount", "--bind", m["source"], m["target"]], check=True)
+    # Every source is opened before anything is mounted: a mount may hide where a later
+    # source lives (the node's /var/run/veil mounted over the lab's /run/veil/lab/...).
+    plan = [
+        (
+            m,
+            os.open(m["source"], os.O_PATH),
+            Path(m["source"]).is_dir(),
+            Path(m["source"]).resolve() == Path(m["target"]).resolve(),
+        )
+        for m in spec["mounts"]
+    ]
+    sources = [fd for _m, fd, _d, _s in plan]
+    for m, fd, is_dir, same in plan:
+        target = Path(m["target"])
+        if same:
+            continue  # the machine's own path at its own place (/proc, /run/netns): as it is
+        if not os.path.lexists(target):  # inside an earlier mount (the kubelet made the rest)
+            if is_dir:
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.touch()
+        source = f"/proc/self/fd/{fd}"  # the mount command inherits the descriptor
+        subprocess.run(["mount", "--bind", source, str(target)], check=True, pass_fds=(fd,))
         if m.get("readOnly"):
-            subprocess.run(["mount", "-o", "remount,bind,ro", m["target"]], check=True)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+    for fd in sources:
+        os.close(fd)
     command = args[2:]
     try:
         os.execvp(command[0], command)

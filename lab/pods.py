@@ -16,6 +16,7 @@ are bind-mounted at their paths; the rest of the filesystem is the host's.
 from __future__ import annotations
 
 import base64
+import posixpath
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -219,6 +220,36 @@ class Volume:
     host_path: str | None = None
     host_path_type: str = ""
     files: Mapping[str, tuple[bytes, int]] | None = None
+
+
+# The machine's own views, which every lab node shares: kernel file systems and the named
+# network namespaces (a node's agent finds its pods' there).
+SHARED_HOST_PATHS = ("/proc", "/sys", "/dev", "/run/netns", "/var/run/netns")
+
+
+def node_host_path(path: str, node_root: str) -> str:
+    """Where a hostPath is on a lab node. The lab's nodes share one machine, so what a node
+    keeps of its own (`/var/run/veil`, `/opt/cni/bin`, ...) lives under the node's root; the
+    shared views above are the machine's."""
+    norm = posixpath.normpath("/" + path.lstrip("/"))
+    if any(norm == p or norm.startswith(p + "/") for p in SHARED_HOST_PATHS):
+        return norm
+    return node_root.rstrip("/") + norm
+
+
+def cluster_dns(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod resolves cluster names (a hostNetwork pod only if it asks)."""
+    spec = pod.get("spec") or {}
+    if not spec.get("hostNetwork"):
+        return spec.get("dnsPolicy") != "Default"
+    return spec.get("dnsPolicy") == "ClusterFirstWithHostNet"
+
+
+def nested(mounts: Sequence[Mount], i: int) -> bool:
+    """Whether mount i lands inside an earlier mount's target (its mount point is then made
+    in that volume, not on the host)."""
+    target = mounts[i].target.rstrip("/")
+    return any(target.startswith(m.target.rstrip("/") + "/") for m in mounts[:i])
 
 
 @dataclass(frozen=True)

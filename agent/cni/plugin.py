@@ -5,6 +5,9 @@ Runs after the interface plugin (ptp, bridge, ...): on ADD it asks the node's ag
 result only once the agent confirms capture and listeners are in place. If the agent cannot
 be reached, ADD fails with code 11 ("try again later"): the runtime retries, and the pod
 never starts uncaptured. DEL never fails (the spec wants it idempotent and best-effort).
+Pods of the namespaces in `excludeNamespaces` (the mesh's own, kube-system) pass through
+without asking the agent, as with Istio's plugin: they start before the agent can run, and
+are never in the mesh.
 """
 
 from __future__ import annotations
@@ -74,6 +77,14 @@ def run(env: dict[str, str], stdin: str) -> int:
         "name": args.get("K8S_POD_NAME", ""),
         "netns": env.get("CNI_NETNS", ""),
     }
+    excluded = conf.get("excludeNamespaces") or []
+    prev_result = conf.get("prevResult")
+    if isinstance(excluded, list) and request["namespace"] in excluded:
+        if command != "ADD":
+            return 0
+        if isinstance(prev_result, dict):
+            print(json.dumps({**prev_result, "cniVersion": version}))
+            return 0
     path = str(conf.get("agentSocket", ""))
     if not path:
         return error(version, 7, "veil-cni: agentSocket missing from the network configuration")

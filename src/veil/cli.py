@@ -71,8 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--kubernetes",
         action="store_true",
-        help="also run the upstream control plane (make upstream builds it) and register the "
-        "nodes with it",
+        help="on the upstream control plane (make upstream builds it): the manifests applied "
+        "with kubectl, the lab as each node's kubelet, Veil reading the API",
+    )
+    up.add_argument(
+        "--chart",
+        action="store_true",
+        help="with --kubernetes: install Veil with its Helm chart (deploy/chart/veil), so the "
+        "kubelets run the agent DaemonSet, the CA and the controller",
     )
 
     kc = labsub.add_parser("kubectl", help="kubectl as the lab's admin (kubernetes mode)")
@@ -359,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ready_timeout=args.timeout,
                 cert_ttl=args.cert_ttl,
                 capture=args.capture,
-                kubernetes=args.kubernetes,
+                kubernetes=args.kubernetes or args.chart,
+                chart=args.chart,
             )
             print(lab.format_status(lab.status(name)))
         elif args.lab_command == "down":

@@ -148,3 +148,21 @@ def test_a_previous_result_with_odd_ips_is_refused(capsys):
     prev = {"ips": [1, "x", {"address": 7}]}
     assert run({**ENV, "CNI_COMMAND": "ADD"}, conf("/x", prev=prev)) == 1
     assert out(capsys)["code"] == 7
+
+
+def test_excluded_namespaces_pass_through_without_the_agent(tmp_path: Path, capsys):
+    """`excludeNamespaces` (as Istio's CNI plugin has it): the mesh's own namespace starts
+    before the agent can run, so its pods are never captured and never wait for it; any other
+    pod still fails closed when the agent is away."""
+    conf = {
+        "cniVersion": "1.0.0",
+        "agentSocket": str(tmp_path / "absent.sock"),
+        "excludeNamespaces": ["veil-system", "kube-system"],
+        "prevResult": PREV,
+    }
+    env = {**ENV, "CNI_COMMAND": "ADD", "CNI_ARGS": "K8S_POD_NAMESPACE=veil-system;K8S_POD_NAME=ca"}
+    assert run(env, json.dumps(conf)) == 0
+    assert json.loads(capsys.readouterr().out)["ips"] == PREV["ips"]
+    assert run({**env, "CNI_COMMAND": "DEL"}, json.dumps(conf)) == 0
+    assert run({**ENV, "CNI_COMMAND": "ADD"}, json.dumps(conf)) == 1  # shop: fail closed
+    assert json.loads(capsys.readouterr().out)["code"] == 11
