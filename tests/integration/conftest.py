@@ -7,7 +7,14 @@ import os
 
 import pytest
 
-from tests.support.lab import _remove_test_labs, lab, lab_status, pods, shop_lab  # noqa: F401
+from tests.support.lab import (  # noqa: F401
+    _remove_test_labs,
+    kube_lab,
+    lab,
+    lab_status,
+    pods,
+    shop_lab,
+)
 
 if os.geteuid() != 0:
     pytest.skip(

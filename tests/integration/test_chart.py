@@ -67,17 +67,6 @@ def test_the_chart_lints_and_renders(capture):
     )
 
 
-@pytest.fixture(scope="module")
-def kube_lab() -> Iterator[str]:
-    name = new_lab_name()
-    try:
-        veil("lab", "up", "-f", MESH, "--name", name, "--kubernetes", timeout=300)
-        yield name
-    finally:
-        veil("lab", "down", "--name", name, check=False, timeout=120)
-    assert leftovers(name) == []
-
-
 @pytest.mark.parametrize("capture", ["iptables", "ebpf"])
 def test_every_rendered_object_is_accepted_by_the_api_server(kube_lab, capture):
     kubernetes.kubectl(

@@ -106,6 +106,19 @@ def shop_lab() -> Iterator[str]:
 MESH = str(ROOT / "tests" / "integration" / "mesh")
 
 
+@pytest.fixture(scope="module")
+def kube_lab() -> Iterator[str]:
+    """tests/integration/mesh on the kubernetes-mode lab (the real control plane, the lab as
+    kubelet, Veil's daemons reading the API)."""
+    name = new_lab_name()
+    try:
+        veil("lab", "up", "-f", MESH, "--name", name, "--kubernetes", timeout=300)
+        yield name
+    finally:
+        veil("lab", "down", "--name", name, check=False, timeout=120)
+    assert leftovers(name) == []
+
+
 LAB_MODES = [
     "iptables",
     "ebpf",
