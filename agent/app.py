@@ -7,7 +7,11 @@ snapshot and certificate manager.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import signal
 import time
 from dataclasses import asdict
 from typing import Any
@@ -21,6 +25,7 @@ from veil.agent.capture import modes as capture_modes
 from veil.agent.capture.base import Capture, CaptureError
 from veil.agent.cni import server as cni_server
 from veil.agent.enrollment import Enrollment
+from veil.agent.handover import HandoverServer
 from veil.agent.proxy.pod import ProxyContext
 from veil.core import admission
 from veil.core.authz import PolicySet
@@ -85,6 +90,16 @@ class Agent:
         guard.register(self.registry)
         admission.register(self.proxy_ctx.admission, self.registry)
         self.resumed = False
+        self.handover = HandoverServer(
+            self.enrollment.handover_socket,
+            self.enrollment.lock,
+            self.enrollment.listeners,
+            self._release,
+        )
+        self._nursery: trio.Nursery | None = None
+        self._ports = trio.CancelScope()  # admin, metrics, readiness: released on hand-over
+        self._handed_over_at = 0.0
+        self._drain_over = trio.Event()
         self.snapshot_version = Gauge(
             "veil_agent_snapshot_version",
             "Version of the cluster state snapshot in use",
@@ -125,6 +140,8 @@ class Agent:
         return self.store.current.identities_on_node(self.cfg.node, self.cfg.trust_domain)
 
     def not_ready(self) -> str | None:
+        if self.handover.handed_over.is_set():
+            return "handed over to a new agent"
         if self.enrollment.capture_broken:
             return f"{self.capture.mode} capture unavailable: {self.enrollment.capture_broken}"
         if not self.store.loaded:
@@ -142,6 +159,7 @@ class Agent:
         state = self.store.current
         return {
             "node": self.cfg.node,
+            "pid": os.getpid(),
             "trustDomain": self.cfg.trust_domain,
             "snapshot": {
                 "version": state.version,
@@ -223,10 +241,90 @@ class Agent:
                 if cut := self.enrollment.reevaluate():
                     log.info("%d open connection(s) closed: the policies now deny them", cut)
 
+    # -- hand-over and stopping ------------------------------------------------------------
+
+    async def wait_certificates(self, timeout: float = 30.0) -> None:
+        """Before taking a running agent's pods over: hold the certificates they need, so the
+        first connection we accept finds them (a late one would still wait, not fail)."""
+        with trio.move_on_after(timeout):
+            while any(self.certs.current(s) is None for s in self.identities()):
+                await trio.sleep(0.1)
+
+    async def _release(self) -> None:
+        """A successor serves our pods now (called under the enrollment lock)."""
+        assert self._nursery is not None
+        self._handed_over_at = trio.current_time()
+        self.enrollment.hand_over(self._nursery)
+        self._ports.cancel()
+        self._nursery.start_soon(self._report_drained)
+
+    async def _drained(self) -> bool:
+        """Wait (at most the drain period after the hand-over) until no connection is left."""
+        with trio.move_on_at(self._handed_over_at + self.cfg.drain):
+            while self.enrollment.active():
+                await trio.sleep(0.2)
+            return True
+        return False
+
+    async def _report_drained(self) -> None:
+        if await self._drained():
+            log.info("drained: every connection this agent held has ended")
+        else:
+            log.warning(
+                "%d connection(s) still open after the %gs drain period: they are reset",
+                self.enrollment.active(),
+                self.cfg.drain,
+            )
+        self._drain_over.set()
+
+    async def graceful_stop(self) -> None:
+        """SIGTERM: hand over to a successor if one comes (a supervisor that restarts us is
+        told to start it now), finish the connections in hand, then exit. Without a successor
+        the pods keep their capture and are refused until an agent returns."""
+        handed_over = self.handover.handed_over
+        if not handed_over.is_set():
+            if supervisor := os.environ.get("VEIL_SUPERVISOR_PID"):
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(supervisor), signal.SIGHUP)  # "start my successor now"
+            log.info("waiting up to %gs for a new agent to take over", self.cfg.handover_wait)
+            with trio.move_on_after(self.cfg.handover_wait):
+                await handed_over.wait()
+        if handed_over.is_set():
+            await self._drain_over.wait()
+        else:
+            log.warning("no new agent took over: enrolled pods are refused until an agent returns")
+
+    async def _serve_ports(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Admin, metrics and readiness; a predecessor still holds them until it released
+        them (hand-over), so binding is retried for a while."""
+        cfg = self.cfg
+        with self._ports:
+            async with trio.open_nursery() as nursery:
+                for handler, (host, port) in (
+                    (self.admin.admin, cfg.admin_listen),
+                    (self.admin.metrics, cfg.metrics_listen),
+                    (self.admin.readiness, cfg.ready_listen),
+                ):
+                    with trio.fail_after(30):
+                        while True:
+                            try:
+                                await nursery.start(
+                                    lambda task_status, h=handler, a=host, p=port: http.serve(
+                                        h, a, p, task_status=task_status
+                                    )
+                                )
+                                break
+                            except OSError as e:
+                                if e.errno != errno.EADDRINUSE:
+                                    raise
+                                await trio.sleep(0.1)
+                task_status.started()
+
     async def run(self) -> None:
         cfg = self.cfg
 
         async def start(nursery: trio.Nursery) -> None:
+            self._nursery = nursery
             try:
                 await trio.to_thread.run_sync(self.capture.start)
             except CaptureError as e:
@@ -236,19 +334,16 @@ class Agent:
             await nursery.start(self.certs.run)
             await nursery.start(self.source.run, self.store)
             nursery.start_soon(self.follow_state)
-            await nursery.start(self.enrollment.run)
+            await nursery.start(
+                lambda task_status: self.enrollment.run(
+                    before_takeover=self.wait_certificates, task_status=task_status
+                )
+            )
             self.resumed = True
             await nursery.start(cni_server.serve, self.enrollment, cfg.cni_socket)
-            for handler, (host, port) in (
-                (self.admin.admin, cfg.admin_listen),
-                (self.admin.metrics, cfg.metrics_listen),
-                (self.admin.readiness, cfg.ready_listen),
-            ):
-                await nursery.start(
-                    lambda task_status, h=handler, a=host, p=port: http.serve(
-                        h, a, p, task_status=task_status
-                    )
-                )
+            await self.enrollment.confirm_takeover()
+            await nursery.start(self.handover.serve)
+            await nursery.start(self._serve_ports)
             log.info(
                 "agent: node %s up (admin %s:%d, metrics %s:%d, ready %s:%d)",
                 cfg.node,
@@ -258,6 +353,7 @@ class Agent:
             )
 
         try:
-            await run_until_signalled("agent", start)
+            await run_until_signalled("agent", start, self.graceful_stop)
         finally:
-            self.capture.close()  # enrolled pods keep their capture: refused, never plaintext
+            # Enrolled pods keep their capture: refused, never plaintext (or a successor's).
+            self.capture.close(handed_over=self.handover.handed_over.is_set())

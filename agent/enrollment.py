@@ -18,13 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+import socket
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from veil.agent import podfinder
+from veil.agent import handover, podfinder
 from veil.agent.capture.base import Capture, CaptureError, CaptureTarget
 from veil.agent.capture.modes import IptablesCapture
 from veil.agent.proxy.pod import PodProxy, ProxyContext
@@ -122,10 +124,20 @@ class Enrollment:
         self._nursery: trio.Nursery | None = None
         self.capture_errors = 0
         self.proxies: dict[str, PodProxy] = {}
+        self.handover_socket = data_dir / "handover.sock"
+        self.handed_over = False  # a successor serves our pods: change nothing from now on
+        self.predecessor: handover.Predecessor | None = None
+
+    @property
+    def lock(self) -> trio.Lock:
+        """Held by every enrollment change (and a hand-over)."""
+        return self._lock
 
     # -- registry --------------------------------------------------------------------------
 
     def _save(self) -> None:
+        if self.handed_over:
+            return  # the registry is the successor's now
         tmp = self.registry_file.with_name(".pods.json.tmp")
         tmp.write_text(json.dumps({k: asdict(v) for k, v in sorted(self.pods.items())}, indent=1))
         tmp.replace(self.registry_file)
@@ -152,17 +164,26 @@ class Enrollment:
 
     # -- enroll / release --------------------------------------------------------------------
 
-    async def _enroll(self, w: Workload, netns: str, ip: str, cgroup: str | None = None) -> None:
+    async def _enroll(
+        self,
+        w: Workload,
+        netns: str,
+        ip: str,
+        cgroup: str | None = None,
+        listeners: Sequence[socket.socket] = (),
+    ) -> None:
         key = w.key
         if key in self.pods:
             return
+        if self.handed_over:
+            raise EnrollError("this agent handed its pods over to a new agent; try again")
         if self.capture_broken:
             raise EnrollError(f"{self.capture.mode} capture is unavailable: {self.capture_broken}")
         assert self._nursery is not None
         cgroup = cgroup_path(w) if cgroup is None else cgroup
         entry = Enrolled(w.namespace, w.name, w.uid, netns, ip, cgroup)
         scope = trio.CancelScope()
-        proxy = PodProxy(self.ctx, w, netns, ip)
+        proxy = PodProxy(self.ctx, w, netns, ip, listeners)
 
         async def run_proxy(task_status: trio.TaskStatus[None]) -> None:
             with scope:
@@ -224,11 +245,15 @@ class Enrollment:
 
     async def cni_del(self, namespace: str, name: str) -> None:
         async with self._lock:
+            if self.handed_over:
+                raise EnrollError("this agent handed its pods over to a new agent; try again")
             await self._release(f"{namespace}/{name}")
 
     async def reconcile(self, state: MeshState) -> None:
         """Follow labels of running pods: enroll the wanted, release the others."""
         async with self._lock:
+            if self.handed_over:
+                return
             found: dict[str, podfinder.PodLocation] | None = None
 
             def locate(w: Workload) -> str | None:
@@ -253,27 +278,86 @@ class Enrollment:
                 except EnrollError as e:
                     log.error("cannot enroll %s: %s", w.key, e)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Resume the registry's pods, then follow every snapshot until cancelled."""
+    # -- hand-over ---------------------------------------------------------------------------
+
+    def listeners(self) -> dict[str, tuple[dict[str, Any], list[socket.socket]]]:
+        """What a successor takes over: every enrolled pod and its listening sockets."""
+        return {
+            key: (asdict(self.pods[key]), p.listeners) for key, p in sorted(self.proxies.items())
+        }
+
+    def hand_over(self, nursery: trio.Nursery) -> None:
+        """The successor serves our pods now: stop accepting, finish what we hold."""
+        self.handed_over = True
+        for proxy in self.proxies.values():
+            nursery.start_soon(proxy.hand_over)
+
+    def active(self) -> int:
+        """Connections still being handled (a drain waits for 0)."""
+        return sum(p.active for p in self.proxies.values())
+
+    async def confirm_takeover(self) -> None:
+        """Tell the predecessor (if we took over from one) that we serve its pods now."""
+        pred, self.predecessor = self.predecessor, None
+        if pred is not None:
+            try:
+                await pred.confirm()
+            except (handover.HandoverError, OSError, trio.TooSlowError) as e:
+                log.warning("the previous agent did not confirm the hand-over: %s", e)
+
+    async def _resume(self, state: MeshState) -> None:
+        """Enroll the pods a predecessor hands over (their listeners as they are), else the
+        registry's (new listeners; meanwhile their connections were refused)."""
+        inherited: dict[str, tuple[Enrolled, list[socket.socket]]] = {}
+        try:
+            self.predecessor = await handover.take_over(self.handover_socket)
+        except handover.HandoverError as e:
+            log.error("%s; resuming from the registry", e)
+        for key, (raw, socks) in (self.predecessor.pods if self.predecessor else {}).items():
+            try:
+                inherited[key] = (Enrolled(**raw), socks)
+            except TypeError as e:
+                log.error("the previous agent's entry for %s is unusable: %s", key, e)
+                for s in socks:
+                    s.close()
+        entries = self._load()
+        entries.update({key: entry for key, (entry, _) in inherited.items()})
+        for key, entry in entries.items():
+            listeners = inherited.get(key, (entry, []))[1]
+            w = state.workload(entry.namespace, entry.name)
+            if w is None or not Path(entry.netns).exists():
+                if Path(entry.netns).exists() and not listeners:
+                    with contextlib.suppress(CaptureError):
+                        await trio.to_thread.run_sync(self.capture.remove, entry.target)
+                for s in listeners:
+                    s.close()
+                log.info("not resuming %s: the pod is gone", key)
+                continue
+            try:
+                async with self._lock:
+                    await self._enroll(w, entry.netns, entry.ip, entry.cgroup or None, listeners)
+            except EnrollError as e:
+                for s in listeners:
+                    s.close()
+                log.error("cannot resume %s: %s", key, e)
+
+    async def run(
+        self,
+        *,
+        before_takeover: Callable[[], Awaitable[None]] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Resume the registry's pods (taking their listeners over from a running agent, if
+        any: `before_takeover` first waits until we can serve them), then follow every
+        snapshot until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             store = self.ctx.store
             while not store.loaded:
                 await store.wait_newer(store.current.version)
-            state = store.current
-            for key, entry in self._load().items():
-                w = state.workload(entry.namespace, entry.name)
-                if w is None or not Path(entry.netns).exists():
-                    if Path(entry.netns).exists():
-                        with contextlib.suppress(CaptureError):
-                            await trio.to_thread.run_sync(self.capture.remove, entry.target)
-                    log.info("not resuming %s: the pod is gone", key)
-                    continue
-                try:
-                    async with self._lock:
-                        await self._enroll(w, entry.netns, entry.ip)
-                except EnrollError as e:
-                    log.error("cannot resume %s: %s", key, e)
+            if before_takeover is not None:
+                await before_takeover()
+            await self._resume(store.current)
             self._save()
             self.capture.forget_others()
             task_status.started()

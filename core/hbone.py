@@ -622,6 +622,13 @@ class HboneConnection:
             self._recv_conn += grant
             self._frame(WINDOW_UPDATE, 0, 0, grant.to_bytes(4, "big"))
 
+    def notice_shutdown(self) -> None:
+        """A server's first GOAWAY of a graceful shutdown (RFC 9113 section 6.8): last stream
+        2^31-1, so streams already on their way are still taken; the client opens no new one
+        here. `close()` later sends the final GOAWAY with the real last stream."""
+        if not self._goaway_sent and not self.client:
+            self._frame(GOAWAY, 0, 0, struct.pack("!II", MAX_WINDOW, int(ErrorCode.NO_ERROR)))
+
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR) -> None:
         """Send GOAWAY: no new streams either way."""
         if not self._goaway_sent:

@@ -372,26 +372,55 @@ def _wait_gone(pid: int, timeout: float = 10) -> None:
 
 
 def stop_agent(lab: str, node: str, signal: int = 9) -> None:
-    """SIGKILL a node's agent, as a crash would (capture stays in the pods); SIGTERM (15) for a
-    clean exit. Either way it stays stopped (its supervisor goes first). Returns once the
-    processes are gone."""
+    """SIGKILL a node's agent, as a crash would (capture stays in the pods); any other signal
+    stops it on purpose, at once (its supervisor stops it with SIGINT: no hand-over). Either
+    way it stays stopped (its supervisor goes first). Returns once the processes are gone."""
     p = agent_process(lab, node)
     supervisor = p.get("supervisor")
     if supervisor is not None:
-        try:  # SIGTERM: passed on to the agent, then the supervisor exits without a restart
-            os.kill(supervisor, 9 if signal == 9 else signal)
+        try:
+            os.kill(supervisor, 9 if signal == 9 else 15)
         except ProcessLookupError:
             pass
         else:
-            if signal == 9:
+            if signal != 9:
+                _wait_gone(p["pid"])
                 _wait_gone(supervisor)
+                return
+            _wait_gone(supervisor)
     try:
-        os.kill(p["pid"], signal)
+        os.kill(p["pid"], 9 if signal == 9 else 2)
     except ProcessLookupError:
         return
     _wait_gone(p["pid"])
     if supervisor is not None:
         _wait_gone(supervisor)
+
+
+def hand_over_agent(lab: str, node: str, timeout: float = 60.0) -> tuple[int, int]:
+    """`kill -TERM` a node's agent, as an operator would: its supervisor starts the next one,
+    which takes the pods' listeners over while the old one drains. Returns (old pid, new pid)
+    once the new one is ready; the old one may still be draining."""
+    p = agent_process(lab, node)
+    old = int(p["pid"])
+    os.kill(old, 15)
+    deadline = time.monotonic() + timeout
+    while (new := int(agent_process(lab, node)["pid"])) == old:
+        if time.monotonic() > deadline:
+            raise LabError(f"agent {node}: no successor started within {timeout:.0f}s")
+        time.sleep(0.05)
+    ns = str(p["netns"])
+    while True:  # the admin port is the new agent's once the old one released it
+        code, body = agent_get(ns, "/config_dump")
+        if (
+            code == 200
+            and json.loads(body).get("pid") == new
+            and agent_get(ns, "/healthz/ready", AGENT_READY_PORT)[0] == 200
+        ):
+            return old, new
+        if time.monotonic() > deadline:
+            raise LabError(f"agent {node}: the new agent (pid {new}) not ready in {timeout:.0f}s")
+        time.sleep(0.1)
 
 
 def start_agent(

@@ -49,6 +49,8 @@ class AgentConfig:
     bpf_pin_dir: Path = Path("/sys/fs/bpf/veil")
     kubeconfig: str | None = None  # the Kubernetes API as the state source, not state_dir
     host_proc: Path = Path("/proc")  # the node's /proc: a running pod is found there
+    handover_wait: float = 20.0  # after SIGTERM: seconds serving on while a successor comes
+    drain: float = 30.0  # after a hand-over: seconds the connections in hand may take to end
 
     def __post_init__(self) -> None:
         check_state_source(self.state_dir, self.kubeconfig)
@@ -57,6 +59,8 @@ class AgentConfig:
             raise ValueError(f"--capture {self.capture!r}: use iptables or ebpf")
         if not self.node:
             raise ValueError("--node is required: the name of the node this agent runs on")
+        if self.handover_wait < 0 or self.drain < 0:
+            raise ValueError("--handover-wait and --drain are seconds, 0 or more")
 
 
 @dataclass(frozen=True)

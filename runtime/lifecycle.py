@@ -15,12 +15,29 @@ import trio
 log = logging.getLogger("veil")
 
 
-async def run_until_signalled(name: str, start: Callable[[trio.Nursery], Awaitable[None]]) -> None:
-    """Run `start(nursery)` (it starts the daemon's tasks), then wait for a stop signal."""
+async def run_until_signalled(
+    name: str,
+    start: Callable[[trio.Nursery], Awaitable[None]],
+    graceful: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run `start(nursery)` (it starts the daemon's tasks), then wait for a stop signal.
+    With `graceful`, SIGTERM first awaits it (the daemon winds down: the agent hands over and
+    drains) and SIGINT, or a second signal, stops at once."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await start(nursery)
             async for signum in signals:
-                log.info("%s: stopping on %s", name, signal.Signals(signum).name)
+                how = signal.Signals(signum).name
+                if graceful is not None and signum == signal.SIGTERM:
+                    log.info("%s: stopping gracefully on %s", name, how)
+                    nursery.start_soon(_wind_down, graceful, nursery.cancel_scope)
+                    graceful = None  # the next signal stops at once
+                    continue
+                log.info("%s: stopping on %s", name, how)
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _wind_down(graceful: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+    await graceful()
+    scope.cancel()

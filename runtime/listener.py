@@ -18,13 +18,20 @@ log = logging.getLogger("veil.listener")
 Handler = Callable[[socket.socket, Any], Awaitable[None]]  # (connection, peer address)
 
 
-async def serve(listener: socket.socket, handler: Handler) -> None:
-    """Accept every connection that is ready and run its handler; runs until cancelled."""
+async def serve(
+    listener: socket.socket, handler: Handler, conns: trio.Nursery | None = None
+) -> None:
+    """Accept every connection that is ready and run its handler; runs until cancelled, then
+    closes the listener. Connections run in `conns` when given (so cancelling the accept loop,
+    as a hand-over does, leaves them running), else in a nursery of their own."""
     listener.setblocking(False)
     with contextlib.suppress(OSError):  # accepted sockets inherit it (Linux): no call per accept
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        async with trio.open_nursery() as nursery:
+        async with contextlib.AsyncExitStack() as stack:
+            nursery = (
+                conns if conns is not None else await stack.enter_async_context(trio.open_nursery())
+            )
             while True:
                 await trio.lowlevel.wait_readable(listener)
                 while True:

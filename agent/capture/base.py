@@ -32,6 +32,7 @@ class Capture(Protocol):
     def forget_others(self) -> None:
         """After resuming the registry: drop state of pods that are not enrolled any more."""
 
-    def close(self) -> None: ...
+    def close(self, handed_over: bool = False) -> None:
+        """The agent exits; `handed_over`: a successor runs with the same hooks (leave them)."""
 
     def counters(self) -> dict[str, int]: ...

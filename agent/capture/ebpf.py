@@ -301,11 +301,14 @@ class EbpfCapture:
         fd: int = self._fns[key].fd
         return fd
 
-    def close(self) -> None:
-        """Detach the agent-wide program; maps stay pinned while pods still use them."""
+    def close(self, handed_over: bool = False) -> None:
+        """Detach the agent-wide program, unless a successor took over: it attached its own in
+        our program's place on the same cgroup, and a detach would take that one away (without
+        BPF_F_ALLOW_MULTI the kernel detaches whatever is attached). Maps stay pinned while
+        pods still use them."""
         if self._bpf is None:
             return
-        if self._hooked_cgroup is not None:
+        if self._hooked_cgroup is not None and not handed_over:
             with contextlib.suppress(OSError, CaptureError):
                 self._detach_cgroup(str(self._hooked_cgroup), "getsockopt")
             self._hooked_cgroup = None

@@ -33,7 +33,7 @@ class IptablesCapture:
     def forget_others(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, handed_over: bool = False) -> None:
         pass
 
     def counters(self) -> dict[str, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,14 @@ async def serve(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    path.chmod(0o600)
+    await sock.bind(str(tmp))
+    tmp.chmod(0o600)
     sock.listen(128)
+    tmp.replace(path)  # atomically: a predecessor's socket answers until this instant
+    ino = path.stat().st_ino
     listener = trio.SocketListener(sock)
 
     async def on_conn(stream: trio.SocketStream) -> None:
@@ -91,4 +95,6 @@ async def serve(
         task_status.started()
         await trio.serve_listeners(on_conn, [listener])
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if path.stat().st_ino == ino:  # not yet replaced by a successor's
+                path.unlink()

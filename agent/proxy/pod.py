@@ -13,7 +13,10 @@ nursery `run()` opens; cancelling it closes listeners, tunnels and relays.
 
 from __future__ import annotations
 
+import functools
 import socket
+from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -25,7 +28,7 @@ from veil.core.ports import HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT
 from veil.core.state import Workload
 from veil.runtime.hbone.pool import HbonePool
 from veil.runtime.hbone.server import HboneServer
-from veil.runtime.listener import serve
+from veil.runtime.listener import Handler, serve
 
 __all__ = ["CERT_TIMEOUT", "CONNECT_TIMEOUT", "PodProxy", "ProxyContext"]
 EXPIRY_GRACE = 30.0  # seconds a server still takes streams on a tunnel past its certificates
@@ -33,10 +36,24 @@ EXPIRY_GRACE = 30.0  # seconds a server still takes streams on a tunnel past its
 
 class PodProxy:
     """One enrolled pod: its three listeners (each role in its own module) and their
-    lifetime; cancelling `run()` closes listeners, tunnels and relays."""
+    lifetime; cancelling `run()` closes listeners, tunnels and relays.
 
-    def __init__(self, ctx: ProxyContext, workload: Workload, netns_path: str, ip: str) -> None:
+    `listeners`: the pod's listening sockets handed over by a predecessor agent (in
+    `ADDRESSES` order), served as they are: connections waiting in their accept queues are
+    taken by whichever agent accepts first, none is lost."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        workload: Workload,
+        netns_path: str,
+        ip: str,
+        listeners: Sequence[socket.socket] = (),
+    ) -> None:
         self.netns_path = netns_path
+        self.listeners: list[socket.socket] = list(listeners)
+        self.active = 0  # connections being handled
+        self._accepting = trio.CancelScope()
         self.pod = PodRuntime(ctx, workload, ip, workload.identity(ctx.trust_domain))
         self.outbound = OutboundListener(self.pod)
         self.inbound = InboundListener(self.pod)
@@ -56,29 +73,66 @@ class PodProxy:
     def inbound_tunnels(self) -> int:
         return self.hbone.tunnels
 
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        return (
+            ("127.0.0.1", OUTBOUND_PORT),
+            ("0.0.0.0", INBOUND_PLAIN_PORT),
+            (self.pod.ip, HBONE_PORT),
+        )
+
     def reevaluate(self) -> int:
         """Judge the pod's live inbound connections again (policies changed); the number cut."""
         return self.inbound.reevaluate()
 
+    async def hand_over(self) -> None:
+        """The successor serves the listeners now: stop accepting (our copies close), let the
+        connections in hand finish, and move the inbound tunnels' clients to it."""
+        self._accepting.cancel()
+        await self.hbone.drain()
+
+    async def _counted(self, handler: Handler, conn: socket.socket, peer: Any) -> None:
+        self.active += 1
+        try:
+            await handler(conn, peer)
+        finally:
+            self.active -= 1
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ns = self.pod.ns = NetNs(self.netns_path)
-        socks: list[socket.socket] = []
+        socks = self.listeners
         try:
-            for address in (
-                ("127.0.0.1", OUTBOUND_PORT),
-                ("0.0.0.0", INBOUND_PLAIN_PORT),
-                (self.pod.ip, HBONE_PORT),
-            ):
-                socks.append(listen(ns, address))
+            if socks:
+                check_inherited(socks, self.addresses())
+            else:
+                for address in self.addresses():
+                    socks.append(listen(ns, address))
             async with trio.open_nursery() as nursery:
                 self.pod.pool = HbonePool(nursery)
                 nursery.start_soon(self.pod.pool.reap_idle)
                 handlers = (self.outbound.handle, self.inbound.plaintext, self.hbone.handle)
-                for sock, handler in zip(socks, handlers, strict=True):
-                    nursery.start_soon(serve, sock, handler)
-                socks = []  # owned by the listeners now
-                task_status.started()
+                with self._accepting:
+                    async with trio.open_nursery() as accepting:
+                        for sock, handler in zip(socks, handlers, strict=True):
+                            accepting.start_soon(
+                                serve, sock, functools.partial(self._counted, handler), nursery
+                            )
+                        socks = []  # owned by the listeners now
+                        task_status.started()
         finally:
             for s in socks:
                 s.close()
             ns.close()
+
+
+def check_inherited(socks: Sequence[socket.socket], addresses: Sequence[tuple[str, int]]) -> None:
+    """Handed-over sockets must be the listeners this pod needs, in order (a mix-up would
+    send a pod's traffic to another's proxy)."""
+    if len(socks) != len(addresses):
+        raise OSError(f"{len(socks)} listeners handed over, {len(addresses)} expected")
+    for s, address in zip(socks, addresses, strict=True):
+        got = s.getsockname()[:2]
+        listening = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if tuple(got) != tuple(address) or not listening:
+            raise OSError(
+                f"handed-over socket is {got} (listening: {bool(listening)}), not {address}"
+            )

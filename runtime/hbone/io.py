@@ -677,6 +677,13 @@ class HboneIO:
         if not self.streams:
             self.shutdown()
 
+    def notice_shutdown(self) -> None:
+        """A server about to hand over: ask the client to open its next streams elsewhere
+        while still taking those already on their way (`retire()` follows)."""
+        if not self.closed:
+            self.conn.notice_shutdown()
+            self.queue_output()
+
     def retire(self) -> None:
         """Take no new stream (GOAWAY); close once the open ones have ended."""
         if self.closed:

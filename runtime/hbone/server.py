@@ -12,7 +12,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -25,6 +25,7 @@ from veil.runtime.identity.manager import CertificateManager, NoCertificate
 from veil.runtime.identity.tls import tunnel_expiry, verify_peer
 
 log = logging.getLogger("veil.hbone")
+DRAIN_NOTICE = 2.0  # seconds between the first GOAWAY of a hand-over and the final one
 
 # A CONNECT arriving on a tunnel: (event, the tunnel, peer IP, peer identity). It answers
 # (`io.conn.respond`) and, when it admits the stream, spawns its handler (`io.spawn`).
@@ -47,6 +48,8 @@ class HboneServer:
     # by their own clock; the grace covers one a little behind); None: no expiry enforced.
     expiry_grace: float | None = None
     tunnels: int = 0  # open now
+    draining: bool = False  # handed over: each tunnel finishes its streams, then closes
+    _open: set[HboneIO] = field(default_factory=set)
 
     async def handle(self, sock: socket.socket, peer: Any) -> None:
         """One accepted connection (a `veil.runtime.listener.serve` handler)."""
@@ -87,8 +90,23 @@ class HboneServer:
             io.expires = tunnel_expiry(tls.ssl, cred.not_after) + self.expiry_grace
         io.on_request = lambda ev, conn: self.on_request(ev, conn, peer_ip, peer_id)
         self.tunnels += 1
+        self._open.add(io)
+        if self.draining:
+            io.retire()
         try:
             await io.run()
         finally:
+            self._open.discard(io)
             self.tunnels -= 1
             admission.drop_tunnel(peer_ip, self.scope)
+
+    async def drain(self, notice: float = DRAIN_NOTICE) -> None:
+        """Hand-over (the listener is another agent's now): tell every client to take its next
+        streams elsewhere, serve the streams already on their way for `notice` seconds, then
+        retire each tunnel (it closes once its streams have ended). No stream is refused."""
+        for io in list(self._open):
+            io.notice_shutdown()
+        await trio.sleep(notice)
+        self.draining = True
+        for io in list(self._open):
+            io.retire()

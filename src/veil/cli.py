@@ -203,6 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the node's /proc, where a running pod is found by its cgroup (a DaemonSet "
         "pod mounts it read-only, e.g. at /host/proc)",
     )
+    ag.add_argument(
+        "--handover-wait",
+        type=float,
+        default=20.0,
+        help="on SIGTERM, seconds to keep serving while a new agent comes to take the pods' "
+        "listeners over (SIGINT stops at once)",
+    )
+    ag.add_argument(
+        "--drain",
+        type=float,
+        default=30.0,
+        help="after handing over, seconds the connections in hand may take to finish",
+    )
     ag.add_argument("--admin-listen", default="127.0.0.1:15000")
     ag.add_argument("--metrics-listen", default="0.0.0.0:15020")
     ag.add_argument("--ready-listen", default="0.0.0.0:15021")
@@ -270,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("-n", "--namespace")
     de.add_argument("--name", help=name_help)
 
-    ag_ctl = labsub.add_parser("agent", help="stop (SIGKILL) or start a node's agent")
+    ag_ctl = labsub.add_parser(
+        "agent",
+        help="stop (SIGKILL) or start a node's agent, or restart it with a hand-over "
+        "(kill -TERM: the next agent takes its pods' listeners, no connection reset)",
+    )
     ag_ctl.add_argument("action", choices=["stop", "start", "restart"])
     ag_ctl.add_argument("node")
     ag_ctl.add_argument("--name", help=name_help)
@@ -385,10 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.lab_command == "agent":
             from veil.lab import controlplane  # noqa: PLC0415
 
-            if args.action in ("stop", "restart"):
+            if args.action == "restart":
+                old, new = controlplane.hand_over_agent(name, args.node)
+                print(
+                    f"agent {args.node}: pid {old} handed over to pid {new} (it drains, then exits)"
+                )
+            if args.action == "stop":
                 controlplane.stop_agent(name, args.node)
                 print(f"agent {args.node}: stopped")
-            if args.action in ("start", "restart"):
+            if args.action == "start":
                 pid = controlplane.start_agent(name, args.node, lab.spawn, lab.node_netns)
                 print(f"agent {args.node}: running (pid {pid}), enrolled pods resumed")
         elif args.lab_command == "label":
@@ -513,6 +535,8 @@ def run_daemon(args: argparse.Namespace) -> int:
                 bpf_pin_dir=args.bpf_pin_dir,
                 kubeconfig=args.kubeconfig,
                 host_proc=args.host_proc,
+                handover_wait=args.handover_wait,
+                drain=args.drain,
             )
             trio.run(Agent(acfg).run)
         else:

@@ -27,7 +27,7 @@ class RecordingCapture:
 
     def forget_others(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, handed_over: bool = False) -> None: ...
 
     def counters(self) -> dict[str, int]:
         return {}
@@ -135,7 +135,9 @@ async def test_a_cni_add_for_an_enrolled_pod_captures_its_new_network(tmp_path: 
     e = Enrollment(ctx, tmp_path, RecordingCapture())
     calls: list[str] = []
 
-    async def enroll(w: Workload, netns: str, ip: str, cgroup: str | None = None) -> None:
+    async def enroll(
+        w: Workload, netns: str, ip: str, cgroup: str | None = None, listeners: Any = ()
+    ) -> None:
         calls.append(f"enroll {w.key} {netns} {ip}")
         e.pods[w.key] = Enrolled(w.namespace, w.name, w.uid, netns, ip)
 

@@ -179,6 +179,28 @@ async def test_a_graceful_goaway_lets_open_streams_finish(tunnel):
     await until(lambda: bool(client.closed and server.closed), 2)
 
 
+async def test_a_shutdown_notice_sends_new_streams_elsewhere_and_refuses_none(tunnel):
+    """A hand-over (RFC 9113 section 6.8's two-step shutdown): after the notice the client
+    opens no new stream on the connection, a stream already on its way is still served, and
+    the final GOAWAY closes the connection once the streams are done."""
+    client, server = tunnel
+    s = await client.open_stream("10.244.2.11:9080", [])
+    assert await echoes(s, b"before")
+    server.notice_shutdown()
+    # A stream the client opens before it reads the notice: still taken.
+    racing = await client.open_stream("10.244.2.11:9080", [], wait_response=False)
+    client.queue_output()
+    await until(lambda: not client.conn.can_open_stream(), 2)
+    assert await echoes(racing, b"opened as the notice left")
+    server.retire()
+    assert await echoes(s, b"after the final GOAWAY")
+    for stream in (s, racing):
+        await stream.send_eof()
+        assert await stream.receive() == b""
+        stream.close()
+    await until(lambda: bool(client.closed and server.closed), 2)
+
+
 async def test_streams_above_the_goaways_last_id_are_refused(tunnel):
     """Streams the peer says it never processed end as refused; the others carry on."""
     client, server = tunnel
