@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.veil-installed
+SHIM   := $(VENV)/lib/veil/veil-cni
 
 .PHONY: demo test setup system venv lint typecheck unit integration fuzz upstream clean
 
@@ -13,7 +14,13 @@ demo: setup $(if $(KUBE),upstream,)
 test: setup lint typecheck upstream
 	$(BIN)/pytest -q tests/unit tests/fuzz tests/integration tests/interop
 
-setup: system venv
+setup: system venv $(SHIM)
+
+# veil-cni, the CNI plugin the container runtime runs on the node: static C, no Python needed
+# there. Where the agent's installer (and the lab) take it from: <python prefix>/lib/veil/.
+$(SHIM): agent/cni/shim/veil-cni.c | $(STAMP)
+	@mkdir -p $(dir $@)
+	cc -O2 -static -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -o $@ $<
 
 system:
 	@bash scripts/setup-system.sh

@@ -21,9 +21,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from veil.agent import node as node_api
 from veil.agent.capture import modes as capture_modes
 from veil.agent.capture.base import Capture, CaptureError
 from veil.agent.cni import server as cni_server
+from veil.agent.cni import shim_path
+from veil.agent.cni.install import Installer
 from veil.agent.enrollment import Enrollment
 from veil.agent.handover import HandoverServer
 from veil.agent.proxy.pod import ProxyContext
@@ -34,7 +37,7 @@ from veil.runtime.config import AgentConfig
 from veil.runtime.identity.ca_client import CaEndpoint
 from veil.runtime.identity.manager import CertificateManager
 from veil.runtime.lifecycle import run_until_signalled
-from veil.runtime.sources import open_source
+from veil.runtime.sources import kube_client, open_source
 from veil.runtime.store import StateStore
 from veil.runtime.telemetry.accesslog import AccessLog
 from veil.runtime.telemetry.admin import AdminService
@@ -100,6 +103,19 @@ class Agent:
         self._ports = trio.CancelScope()  # admin, metrics, readiness: released on hand-over
         self._handed_over_at = 0.0
         self._drain_over = trio.Event()
+        self.installer: Installer | None = None
+        if cfg.cni_bin_dir is not None and cfg.cni_conf_dir is not None:
+            plugin: dict[str, Any] = {
+                "type": "veil-cni",
+                "agentSocket": cfg.cni_host_socket or str(cfg.cni_socket),
+            }
+            if cfg.cni_exclude_namespaces:
+                plugin["excludeNamespaces"] = list(cfg.cni_exclude_namespaces)
+            self.installer = Installer(shim_path(), cfg.cni_bin_dir, cfg.cni_conf_dir, plugin)
+        self._installing = trio.CancelScope()
+        self.daemonset: node_api.DaemonSetWatch | None = None
+        if cfg.daemonset and cfg.kubeconfig:
+            self.daemonset = node_api.DaemonSetWatch(kube_client(cfg.kubeconfig), cfg.daemonset)
         self.snapshot_version = Gauge(
             "veil_agent_snapshot_version",
             "Version of the cluster state snapshot in use",
@@ -256,6 +272,7 @@ class Agent:
         self._handed_over_at = trio.current_time()
         self.enrollment.hand_over(self._nursery)
         self._ports.cancel()
+        self._installing.cancel()  # the successor keeps veil-cni chained now
         self._nursery.start_soon(self._report_drained)
 
     async def _drained(self) -> bool:
@@ -282,6 +299,13 @@ class Agent:
         told to start it now), finish the connections in hand, then exit. Without a successor
         the pods keep their capture and are refused until an agent returns."""
         handed_over = self.handover.handed_over
+        if (
+            not handed_over.is_set()
+            and self.daemonset is not None
+            and await self.daemonset.is_deleted()
+        ):
+            await self.uninstall()
+            return
         if not handed_over.is_set():
             if supervisor := os.environ.get("VEIL_SUPERVISOR_PID"):
                 with contextlib.suppress(OSError, ValueError):
@@ -293,6 +317,46 @@ class Agent:
             await self._drain_over.wait()
         else:
             log.warning("no new agent took over: enrolled pods are refused until an agent returns")
+
+    async def uninstall(self) -> None:
+        """Veil is being removed from the cluster: every pod released (its capture removed,
+        it works unmeshed from now on) and veil-cni taken off the node, so new pods start."""
+        log.warning(
+            "DaemonSet %s deleted: uninstalling from node %s", self.cfg.daemonset, self.cfg.node
+        )
+        self._installing.cancel()
+        if self.installer is not None:
+            await trio.to_thread.run_sync(self.installer.uninstall)
+        released = await self.enrollment.release_all()
+        log.warning("uninstalled: %d pod(s) released, veil-cni removed", released)
+
+    async def _run_installer(self, *, task_status: trio.TaskStatus[None]) -> None:
+        assert self.installer is not None
+        with self._installing:
+            await self.installer.run(task_status=task_status)
+
+    async def _clear_not_ready_taint(self) -> None:
+        """Kubernetes: once we can capture, pods may be scheduled here (docs/install.md)."""
+        assert self.cfg.kubeconfig is not None
+        client = kube_client(self.cfg.kubeconfig)
+        delay = 0.5
+        while True:
+            if self.not_ready() is None:
+                try:
+                    if await node_api.remove_taint(client, self.cfg.node):
+                        log.info(
+                            "node %s: taint %s removed", self.cfg.node, node_api.NOT_READY_TAINT
+                        )
+                    return
+                except Exception as e:
+                    log.warning(
+                        "node %s: cannot remove taint %s yet: %s",
+                        self.cfg.node,
+                        node_api.NOT_READY_TAINT,
+                        e,
+                    )
+                    delay = min(delay * 2, 10.0)
+            await trio.sleep(delay)
 
     async def _serve_ports(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Admin, metrics and readiness; a predecessor still holds them until it released
@@ -341,9 +405,15 @@ class Agent:
             )
             self.resumed = True
             await nursery.start(cni_server.serve, self.enrollment, cfg.cni_socket)
+            if self.installer is not None:  # veil-cni on the node once its socket answers
+                await nursery.start(self._run_installer)
             await self.enrollment.confirm_takeover()
             await nursery.start(self.handover.serve)
             await nursery.start(self._serve_ports)
+            if cfg.kubeconfig is not None:
+                nursery.start_soon(self._clear_not_ready_taint)
+            if self.daemonset is not None:
+                nursery.start_soon(self.daemonset.run)
             log.info(
                 "agent: node %s up (admin %s:%d, metrics %s:%d, ready %s:%d)",
                 cfg.node,

@@ -292,6 +292,15 @@ class Enrollment:
         for proxy in self.proxies.values():
             nursery.start_soon(proxy.hand_over)
 
+    async def release_all(self) -> int:
+        """Uninstall: every pod released (capture removed first); how many."""
+        async with self._lock:
+            keys = list(self.pods)
+            for key in keys:
+                await self._release(key)
+            self.handed_over = True  # nothing is enrolled again by this agent
+        return len(keys)
+
     def active(self) -> int:
         """Connections still being handled (a drain waits for 0)."""
         return sum(p.active for p in self.proxies.values())

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -41,7 +41,7 @@ from typing import Any
 from lightkube import ApiError, Client, KubeConfig
 from lightkube.models.authentication_v1 import BoundObjectReference, TokenRequestSpec
 from lightkube.models.coordination_v1 import LeaseSpec
-from lightkube.models.core_v1 import NodeSpec
+from lightkube.models.core_v1 import NodeSpec, Taint
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import ConfigMap, Node, Pod, Secret, Service, ServiceAccount
@@ -116,8 +116,11 @@ def node_status(ip: str) -> dict[str, Any]:
     }
 
 
-def register(client: Client, node: str, ip: str, pod_cidr: str) -> None:
-    """Create the Node (or find it, after a restart) and post its status."""
+def register(
+    client: Client, node: str, ip: str, pod_cidr: str, taints: Sequence[Taint] = ()
+) -> None:
+    """Create the Node (or find it, after a restart) and post its status. `taints`: as the
+    kubelet's --register-with-taints (set at creation only)."""
     try:
         client.create(
             Node(
@@ -129,7 +132,7 @@ def register(client: Client, node: str, ip: str, pod_cidr: str) -> None:
                         "kubernetes.io/arch": "amd64",
                     },
                 ),
-                spec=NodeSpec(podCIDR=pod_cidr, podCIDRs=[pod_cidr]),
+                spec=NodeSpec(podCIDR=pod_cidr, podCIDRs=[pod_cidr], taints=list(taints) or None),
             )
         )
         log.info("node %s registered", node)
@@ -159,13 +162,15 @@ def renew(client: Client, node: str) -> None:
         )
 
 
-def heartbeat(client: Client, node: NodePlan, stop: threading.Event) -> None:
+def heartbeat(
+    client: Client, node: NodePlan, stop: threading.Event, taints: Sequence[Taint] = ()
+) -> None:
     registered = False
     last_status = 0.0
     while not stop.is_set():
         try:
             if not registered:
-                register(client, node.name, str(node.underlay_ip), str(node.pod_cidr))
+                register(client, node.name, str(node.underlay_ip), str(node.pod_cidr), taints)
                 registered, last_status = True, time.monotonic()
             renew(client, node.name)
             if time.monotonic() - last_status >= 4 * HEARTBEAT:  # status every 40 s
@@ -626,6 +631,13 @@ class Kubelet:
         self._nat = ""
         self.stop = threading.Event()
 
+    def startup_taints(self) -> list[Taint]:
+        """With Veil's chart, nodes register tainted not-ready for Veil until its agent can
+        capture (docs/install.md), as a node pool's kubelets would be configured."""
+        if not (store.read_record(self.lab) or {}).get("chart"):
+            return []
+        return [Taint(key="veil.dev/not-ready", value="true", effect="NoSchedule")]
+
     # -- the pod registry (what `lab down` and a restarted kubelet read)
 
     def save_record(self, w: PodWorker) -> None:
@@ -748,7 +760,9 @@ class Kubelet:
         self.clean_previous()
         mine = {"spec.nodeName": self.node.name}
         threads = [
-            threading.Thread(target=heartbeat, args=(self.client, self.node, self.stop)),
+            threading.Thread(
+                target=heartbeat, args=(self.client, self.node, self.stop, self.startup_taints())
+            ),
             threading.Thread(target=follow, args=(self.client, Pod, self.on_pods, self.stop, mine)),
             threading.Thread(
                 target=follow, args=(self.proxy, Service, self.on_services, self.stop)

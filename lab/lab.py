@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from veil.agent.cni import shim_path
 from veil.core.state import GATEWAY_NAME_LABEL
 from veil.lab import cgroups, controlplane, netns, store, supervise, upstream
 from veil.lab.cni import (
@@ -317,6 +318,8 @@ def bring_up_kubernetes(
     k8s.wait_nodes_ready(plan, K8S_TIMEOUT)
     log(f"lab {lab!r}: Kubernetes API on {k8s.server_url()}, nodes registered")
     if chart:  # Veil as users install it: the kubelets run its DaemonSet and Deployments
+        for n in plan.nodes:
+            install_primary_cni(lab, n)
         k8s.helm_install(lab, modes, K8S_TIMEOUT)
         k8s.wait_workloads(lab, max(ready_timeout, K8S_TIMEOUT))
         log(f"lab {lab!r}: Veil installed with its Helm chart (deploy/chart/veil)")
@@ -396,37 +399,80 @@ def build_topology(plan: LabPlan, log: Log) -> None:
     )
 
 
-def node_network(lab: str, node: NodePlan) -> dict[str, Any]:
-    """The CNI network configuration list of a lab node: ptp + host-local, then veil-cni.
-    With the chart, the agent is the DaemonSet's pod: its socket is in the node's own
-    /var/run/veil (the kubelet's hostPath), and the mesh's namespace never waits for it."""
+PRIMARY_CNI_FILE = "10-veil-lab.conflist"
+
+
+def primary_network(
+    lab: str, node: NodePlan, chained: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """The node's own pod network: ptp + host-local (the lab's "primary CNI"), then `chained`."""
     cidr = node.pod_cidr
-    veil_cni: dict[str, Any] = {
-        "type": "veil-cni",
-        "agentSocket": str(controlplane.cni_socket(lab, node.name)),
-    }
-    if (store.read_record(lab) or {}).get("chart"):
-        host = controlplane.node_dir(lab, node.name) / "host"
-        veil_cni = {
-            "type": "veil-cni",
-            "agentSocket": str(host / "var/run/veil/cni.sock"),
-            "excludeNamespaces": ["veil-system", "kube-system"],
-        }
     return network_config(
         name=f"veil-{lab}-{node.name}",
         subnet=str(cidr),
         gateway=str(node.gateway),
         range_start=str(cidr.network_address + 10),
         data_dir=str(store.lab_dir(lab) / "ipam" / node.name),
-        extra_plugins=[veil_cni],
+        extra_plugins=chained,
     )
 
 
+def chart_mode(lab: str) -> bool:
+    return bool((store.read_record(lab) or {}).get("chart"))
+
+
+def node_host(lab: str, node: str) -> Path:
+    """The node's own host filesystem (hostPath volumes; lab nodes share one machine)."""
+    return controlplane.node_dir(lab, node) / "host"
+
+
+def install_primary_cni(lab: str, node: NodePlan) -> None:
+    """With the chart, the node's CNI config dir holds only the primary network, as on a
+    fresh cluster node: the agent's installer chains veil-cni into it."""
+    d = node_host(lab, node.name) / "etc/cni/net.d"
+    d.mkdir(parents=True, exist_ok=True)
+    store.atomic_write(d / PRIMARY_CNI_FILE, json.dumps(primary_network(lab, node), indent=2))
+
+
+def node_network(lab: str, node: NodePlan) -> dict[str, Any]:
+    """The CNI network configuration list of a lab node: ptp + host-local, then veil-cni
+    (pointed at the lab agent's socket). With the chart, what a runtime would use: the first
+    config file of the node's /etc/cni/net.d, where the agent's installer chains veil-cni;
+    its host paths (agentSocket) are the node's, under the node's host root."""
+    if not chart_mode(lab):
+        veil_cni = {"type": "veil-cni", "agentSocket": str(controlplane.cni_socket(lab, node.name))}
+        return primary_network(lab, node, [veil_cni])
+    from veil.agent.cni.install import as_list, primary  # noqa: PLC0415
+
+    host = node_host(lab, node.name)
+    d = host / "etc/cni/net.d"
+    name = primary([p.name for p in d.iterdir()]) if d.is_dir() else None
+    if name is None:
+        raise CniError(f"no network configuration in {d} (the node's primary CNI)")
+    try:
+        doc = as_list(json.loads((d / name).read_text()))
+    except (OSError, ValueError) as e:
+        raise CniError(f"network configuration {d / name}: {e}") from None
+
+    def on_host(p: Any) -> Any:
+        sock = p.get("agentSocket") if isinstance(p, dict) else None
+        if isinstance(sock, str) and sock.startswith("/"):
+            return {**p, "agentSocket": str(host / sock.lstrip("/"))}
+        return p
+
+    return {**doc, "plugins": [on_host(p) for p in doc["plugins"]]}
+
+
 def cni_runtime(lab: str, node: str) -> CniRuntime:
-    """Plugins from containernetworking-plugins, and veil-cni from the venv."""
+    """Plugins from containernetworking-plugins, and veil-cni (the C shim `make setup` built);
+    with the chart, the node's own /opt/cni/bin first (where the agent installs veil-cni)."""
+    if chart_mode(lab):
+        path = (str(node_host(lab, node) / "opt/cni/bin"), *DEFAULT_CNI_PATH)
+    else:
+        path = (*DEFAULT_CNI_PATH, str(shim_path().parent))
     return CniRuntime(
         node_netns(lab, node),
-        cni_path=(*DEFAULT_CNI_PATH, str(Path(sys.executable).parent)),
+        cni_path=path,
         cache_dir=store.lab_dir(lab) / "cni",
     )
 

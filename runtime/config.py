@@ -51,6 +51,13 @@ class AgentConfig:
     host_proc: Path = Path("/proc")  # the node's /proc: a running pod is found there
     handover_wait: float = 20.0  # after SIGTERM: seconds serving on while a successor comes
     drain: float = 30.0  # after a hand-over: seconds the connections in hand may take to end
+    # The CNI installer (a DaemonSet pod): the host's CNI dirs as mounted, what veil-cni's entry
+    # says (agentSocket: the CNI socket's path on the host), and who passes through.
+    cni_bin_dir: Path | None = None
+    cni_conf_dir: Path | None = None
+    cni_host_socket: str | None = None  # default: cni_socket (mounted at the same path)
+    cni_exclude_namespaces: tuple[str, ...] = ("kube-system",)
+    daemonset: str | None = None  # namespace/name: once it is deleted, a stop uninstalls
 
     def __post_init__(self) -> None:
         check_state_source(self.state_dir, self.kubeconfig)
@@ -59,6 +66,10 @@ class AgentConfig:
             raise ValueError(f"--capture {self.capture!r}: use iptables or ebpf")
         if not self.node:
             raise ValueError("--node is required: the name of the node this agent runs on")
+        if (self.cni_bin_dir is None) != (self.cni_conf_dir is None):
+            raise ValueError("--cni-bin-dir and --cni-conf-dir go together (the CNI installer)")
+        if self.daemonset is not None and self.daemonset.count("/") != 1:
+            raise ValueError(f"--daemonset {self.daemonset!r}: use namespace/name")
         if self.handover_wait < 0 or self.drain < 0:
             raise ValueError("--handover-wait and --drain are seconds, 0 or more")
 

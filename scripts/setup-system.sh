@@ -19,6 +19,8 @@ needs=(
   "/usr/bin/pgrep:procps"
   "/usr/bin/openssl:openssl"
   "/usr/bin/h2load:nghttp2-client"
+  "/usr/bin/gcc:gcc"
+  "/usr/lib/x86_64-linux-gnu/libc.a:libc6-dev"
 )
 missing=()
 for pair in "${needs[@]}"; do

@@ -204,6 +204,33 @@ def build_parser() -> argparse.ArgumentParser:
         "pod mounts it read-only, e.g. at /host/proc)",
     )
     ag.add_argument(
+        "--cni-bin-dir",
+        type=Path,
+        help="install veil-cni on the node: the host's CNI bin dir as mounted here "
+        "(with --cni-conf-dir; a DaemonSet pod)",
+    )
+    ag.add_argument(
+        "--cni-conf-dir",
+        type=Path,
+        help="the host's CNI config dir as mounted here: veil-cni is chained into the primary "
+        "CNI's list and kept there",
+    )
+    ag.add_argument(
+        "--cni-host-socket",
+        help="agentSocket in the chained entry: the CNI socket's path on the host "
+        "(default: --cni-socket)",
+    )
+    ag.add_argument(
+        "--cni-exclude-namespaces",
+        default="kube-system",
+        help="comma-separated namespaces whose pods veil-cni lets through without the agent",
+    )
+    ag.add_argument(
+        "--daemonset",
+        help="namespace/name of the agent's DaemonSet: stopping after it was deleted (helm "
+        "uninstall) releases every pod and removes veil-cni from the node",
+    )
+    ag.add_argument(
         "--handover-wait",
         type=float,
         default=20.0,
@@ -537,6 +564,13 @@ def run_daemon(args: argparse.Namespace) -> int:
                 host_proc=args.host_proc,
                 handover_wait=args.handover_wait,
                 drain=args.drain,
+                cni_bin_dir=args.cni_bin_dir,
+                cni_conf_dir=args.cni_conf_dir,
+                cni_host_socket=args.cni_host_socket,
+                cni_exclude_namespaces=tuple(
+                    n for n in args.cni_exclude_namespaces.split(",") if n.strip()
+                ),
+                daemonset=args.daemonset,
             )
             trio.run(Agent(acfg).run)
         else:

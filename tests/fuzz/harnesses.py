@@ -12,15 +12,17 @@ with its own error type. Found crashes become regression tests next to the parse
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import atheris
+import trio
 
 with atheris.instrument_imports():
-    from veil.agent.cni.plugin import run as cni_run
+    from veil.agent.cni.plugin import answer as cni_answer
+    from veil.agent.cni.server import BadRequest, parse_request
     from veil.core.authz import PolicyError, PolicySet, parse_policy
     from veil.core.hbone import (
         PREFACE,
@@ -289,14 +291,16 @@ def cni_stdin(data: bytes) -> None:
         if fdp.ConsumeBool():
             doc["agentSocket"] = value(fdp, 4)
         stdin = json.dumps(doc)
-    parsed = _json(stdin.encode())
-    if isinstance(parsed, dict) and "agentSocket" in parsed:  # no agent here: an absent one
-        parsed["agentSocket"] = "/nonexistent/veil-fuzz.sock"
-        stdin = json.dumps(parsed)
-    with contextlib.redirect_stdout(io.StringIO()):  # the plugin answers on stdout
-        code = cni_run(env, stdin)
-    if code not in (0, 1):
-        raise AssertionError(f"exit code {code}")
+
+    async def ask(req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": fdp.ConsumeBool(), "error": "refused"}
+
+    code, out = trio.run(cni_answer, env, stdin, ask)
+    if code not in (0, 1) or (out and not isinstance(json.loads(out), dict)):
+        raise AssertionError(f"exit code {code}, output {out!r}")
+    # The agent's side of the shim's wire format: refused or parsed, never a crash.
+    with contextlib.suppress(BadRequest):
+        parse_request(b"CNI/1\n" + data[:256])
 
 
 HARNESSES: dict[str, Callable[[bytes], None]] = {
