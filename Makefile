@@ -8,8 +8,8 @@ SHIM   := $(VENV)/lib/veil/veil-cni
 
 .PHONY: demo test setup system venv lint typecheck unit integration fuzz upstream clean
 
-demo: setup $(if $(KUBE),upstream,)
-	$(BIN)/python -m veil.lab.demo -f examples/shop/ $(if $(KEEP),--keep,) $(if $(CAPTURE),--capture $(CAPTURE),) $(if $(KUBE),--kubernetes,)
+demo: setup $(if $(KUBE)$(CHART),upstream,)
+	$(BIN)/python -m veil.lab.demo -f examples/shop/ $(if $(KEEP),--keep,) $(if $(CAPTURE),--capture $(CAPTURE),) $(if $(KUBE),--kubernetes,) $(if $(CHART),--chart,)
 
 test: setup lint typecheck upstream
 	$(BIN)/pytest -q tests/unit tests/fuzz tests/integration tests/interop

@@ -898,6 +898,25 @@ def kubelet_pods(lab: str, host_network: bool = False) -> list[dict[str, Any]]:
     return out
 
 
+def agent_log(lab: str, node: str) -> Path:
+    """A node's agent log: the lab's process, or with the chart its DaemonSet pod's (the
+    newest, after an upgrade)."""
+    logs = store.lab_dir(lab) / "logs"
+    if chart_mode(lab):
+        pods = [
+            p
+            for p in kubelet_pods(lab, host_network=True)
+            if p.get("node") == node and str(p.get("name", "")).startswith("veil-agent-")
+        ]
+        found = sorted(
+            (logs / f"{p['namespace']}_{p['name']}_agent.log" for p in pods),
+            key=lambda f: f.stat().st_mtime if f.exists() else 0,
+        )
+        if found:
+            return found[-1]
+    return logs / f"agent-{node}.log"
+
+
 def remove_mountpoints(lab: str) -> list[str]:
     """The bind-mount targets the kubelets had to create on the host (lab/kubelet.py), if
     still empty: deepest first."""

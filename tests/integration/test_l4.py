@@ -23,6 +23,7 @@ import trio
 from tests.support.lab import VEIL, ca_post, capture_mode, enrolled, lab_exec, metric, veil
 from tests.support.logs import access_entries, wait_for_access
 from veil.agent.capture import bpfsys, ebpf, iptables
+from veil.agent.cni import shim_path
 from veil.core.spiffe import SpiffeId
 from veil.lab import cgroups, controlplane, store
 from veil.lab import lab as labmod
@@ -698,7 +699,7 @@ def test_new_pod_cannot_start_while_its_agent_is_down(lab, tmp_path):
             [
                 "nsenter",
                 f"--net=/run/netns/veil-{lab}-node2",
-                str(Path(controlplane.veil_argv()[0]).parent / "veil-cni"),
+                str(shim_path()),  # the C shim, as a runtime runs it
             ],
             input=json.dumps(
                 {

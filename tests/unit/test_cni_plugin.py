@@ -263,3 +263,31 @@ def test_the_agent_parses_the_shims_request():
     assert env == {"CNI_COMMAND": "ADD", "CNI_ARGS": "a=b;c=d"}
     assert body == "{}\n"
     assert server.parse_request(b"CNI/1\n\n{}") == ({}, "{}")
+
+
+@pytest.mark.parametrize(
+    "stdin",
+    [
+        "",
+        "{",
+        '{"agentSocket": "',
+        '{"agentSocket": "\\u0041"}',
+        '{"agentSocket": 7, "excludeNamespaces": "shop"}',
+        '{"excludeNamespaces": ["shop", ' + "[" * 100_000,
+        '{"prevResult": ' + "{" * 50_000 + "}" * 50_000 + "}",
+        '{"cniVersion": "' + "9" * 1000 + '"}',
+        '{"agentSocket": "/' + "a" * 5000 + '"}',
+        "\x00\xff" * 1000,
+        '{"excludeNamespaces": ["shop"], "prevResult": [1]}',
+    ],
+)
+def test_the_shim_survives_malformed_configuration(shim, stdin):
+    """Whatever the runtime hands it, the shim answers a CNI error or passes a namespace it
+    excludes, never crashes, and never lets a mesh pod through without the agent."""
+    env = {**ENV, "CNI_COMMAND": "ADD", "CNI_ARGS": "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=x"}
+    proc = subprocess.run(
+        [str(SHIM)], env=env, input=stdin.encode(errors="surrogateescape"),
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc  # no agent at the default socket: never a success
+    assert json.loads(proc.stdout)["code"] in (7, 11)
