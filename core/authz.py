@@ -610,20 +610,26 @@ WAYPOINT_CLASS = "veil-waypoint"
 
 
 def at_waypoint(
-    namespace: str, gateway: str, services: Collection[str]
+    namespace: str,
+    gateway: str,
+    services: Collection[str],
+    service_namespace: str | None = None,
 ) -> Callable[[Policy], bool]:
     """Which policies a waypoint enforces for a request: those in its namespace whose
-    targetRefs name it (the Gateway) or a Service the request addressed (a pod addressed by
-    IP: every Service that selects it), and those in the root namespace that target the
-    GatewayClass `veil-waypoint` (every waypoint of the mesh)."""
+    targetRefs name it (the Gateway), those in the addressed Service's namespace
+    (`service_namespace`, the waypoint's own unless it is shared across namespaces) that name
+    the Service (a pod addressed by IP: every Service that selects it), and those in the root
+    namespace that target the GatewayClass `veil-waypoint` (every waypoint of the mesh)."""
+    svc_ns = service_namespace or namespace
 
     def scope(p: Policy) -> bool:
         if not p.waypoint:
             return False
         if p.namespace == ROOT_NAMESPACE and ("GatewayClass", WAYPOINT_CLASS) in p.target_refs:
             return True
-        return p.namespace == namespace and any(
-            (kind == "Gateway" and name == gateway) or (kind == "Service" and name in services)
+        return any(
+            (kind == "Gateway" and name == gateway and p.namespace == namespace)
+            or (kind == "Service" and name in services and p.namespace == svc_ns)
             for kind, name in p.target_refs
         )
 

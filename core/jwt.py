@@ -17,6 +17,7 @@ Signatures: RS256/384/512 and ES256/384 (`cryptography`); `alg: none` and HMAC a
           jwksUri: file:///etc/veil/jwks.json           # a file the waypoint can read
           fromHeaders: [{name: Authorization, prefix: "Bearer "}]   # the default
           fromParams: [access_token]                    # a query parameter instead
+          fromCookies: [session]                        # or a cookie
           forwardOriginalToken: false                   # the default: removed upstream
           outputClaimToHeaders: [{header: x-jwt-sub, claim: sub}]
 """
@@ -95,6 +96,7 @@ class JwtRule:
     audiences: tuple[str, ...] = ()
     headers: tuple[tuple[str, str], ...] = (("authorization", "Bearer "),)
     params: tuple[str, ...] = ()  # fromParams: query parameters that may carry the token
+    cookies: tuple[str, ...] = ()  # fromCookies: cookies that may carry it
     forward: bool = False  # forwardOriginalToken (Istio's default: the token is removed)
     claim_headers: tuple[tuple[str, str], ...] = ()  # outputClaimToHeaders: (header, claim)
 
@@ -106,6 +108,7 @@ class Authenticated:
     rule: JwtRule | None = None
     header: str | None = None  # where the token was found: a header name ...
     param: str | None = None  # ... or a query parameter
+    cookie: str | None = None  # ... or a cookie
 
 
 def _verify_signature(alg: str, key: Any, signed: bytes, sig: bytes) -> None:
@@ -179,9 +182,19 @@ class RequestAuthentication:
     target_refs: tuple[tuple[str, str], ...]
     rules: tuple[JwtRule, ...]
 
-    def applies(self, namespace: str, gateway: str, services: Collection[str]) -> bool:
-        return self.namespace == namespace and any(
-            (k == "Gateway" and n == gateway) or (k == "Service" and n in services)
+    def applies(
+        self,
+        namespace: str,
+        gateway: str,
+        services: Collection[str],
+        service_namespace: str | None = None,
+    ) -> bool:
+        """Targets this waypoint (in its namespace) or an addressed Service (in the
+        Service's namespace: the waypoint's own unless shared across namespaces)."""
+        svc_ns = service_namespace or namespace
+        return any(
+            (k == "Gateway" and n == gateway and self.namespace == namespace)
+            or (k == "Service" and n in services and self.namespace == svc_ns)
             for k, n in self.target_refs
         )
 
@@ -225,9 +238,12 @@ def parse_request_authentication(
         except JwtError as e:
             raise JwtError(f"{rw}.jwks: {e}") from None
         params = tuple(str(p) for p in r.get("fromParams") or [])
+        cookies = r.get("fromCookies") or []
+        if not isinstance(cookies, list) or not all(isinstance(c, str) and c for c in cookies):
+            raise JwtError(f"{rw}.fromCookies: a list of cookie names")
         headers = tuple(
             (str(h["name"]).lower(), str(h.get("prefix", ""))) for h in r.get("fromHeaders") or []
-        ) or (() if params else (("authorization", "Bearer "),))
+        ) or (() if params or cookies else (("authorization", "Bearer "),))
         forward = r.get("forwardOriginalToken", False)
         if not isinstance(forward, bool):
             raise JwtError(f"{rw}.forwardOriginalToken: true or false")
@@ -241,10 +257,11 @@ def parse_request_authentication(
                 str(r["issuer"]),
                 tuple(keys),
                 tuple(str(a) for a in r.get("audiences") or []),
-                headers,
-                params,
-                forward,
-                tuple(claim_headers),
+                headers=headers,
+                params=params,
+                cookies=tuple(cookies),
+                forward=forward,
+                claim_headers=tuple(claim_headers),
             )
         )
     if not rules:
@@ -263,25 +280,47 @@ def authenticate(
     found = False
     for p in policies:
         for rule in p.rules:
-            places: list[tuple[str | None, str | None, str]] = []
+            # (header, query parameter, cookie) where a token was found, and the token
+            places: list[tuple[str | None, str | None, str | None, str]] = []
             for name, prefix in rule.headers:
                 value = headers.get(name)
                 if value is not None and value.startswith(prefix):
-                    places.append((name, None, value[len(prefix) :].strip()))
+                    places.append((name, None, None, value[len(prefix) :].strip()))
             for param in rule.params:
                 if query and param in query:
-                    places.append((None, param, query[param]))
-            for in_header, in_param, token in places:
+                    places.append((None, param, None, query[param]))
+            if rule.cookies and (jar := cookies(headers.get("cookie", ""))):
+                for cookie in rule.cookies:
+                    if cookie in jar:
+                        places.append((None, None, cookie, jar[cookie]))
+            for in_header, in_param, in_cookie, token in places:
                 found = True
                 try:
                     who = validate(token, rule)
                 except JwtError as e:
                     errors.append(str(e))
                     continue
-                return Authenticated(who.principal, who.claims, rule, in_header, in_param)
+                return Authenticated(
+                    who.principal, who.claims, rule, in_header, in_param, in_cookie
+                )
     if found:
         raise JwtError(errors[0] if len(errors) == 1 else "; ".join(errors))
     return None
+
+
+def cookies(header: str) -> dict[str, str]:
+    """A Cookie header's pairs (RFC 6265 section 5.4; HTTP/2's split fields joined with "; "
+    before). A name given twice: the first counts, as Envoy's cookie lookup. Quotes around a
+    value are removed."""
+    out: dict[str, str] = {}
+    for part in header.split(";"):
+        name, eq, value = part.strip().partition("=")
+        if eq and name and name not in out:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            out[name] = value
+    return out
 
 
 def upstream_request(
@@ -309,9 +348,25 @@ def upstream_request(
                 kv for kv in qs.split("&") if kv and unquote_plus(kv.split("=")[0]) != who.param
             ]
             target = path + ("?" + "&".join(kept) if kept else "")
+        if not who.rule.forward and who.cookie:
+            headers = _without_cookie(headers, who.cookie)
     if drop:
         headers = [(n, v) for n, v in headers if n.lower() not in drop]
     return headers + add, target
+
+
+def _without_cookie(headers: list[tuple[str, str]], name: str) -> list[tuple[str, str]]:
+    """The request's Cookie fields without cookie `name` (every occurrence); a field left
+    empty is dropped."""
+    out = []
+    for n, v in headers:
+        if n.lower() != "cookie":
+            out.append((n, v))
+            continue
+        kept = [c for c in v.split(";") if c.strip().partition("=")[0] != name]
+        if any(c.strip() for c in kept):
+            out.append((n, ";".join(kept).strip()))
+    return out
 
 
 def _claim(claims: Mapping[str, Any], name: str) -> str | None:

@@ -31,7 +31,7 @@ LABELS = {
     "istio.io/ingress-use-waypoint": "veil.dev/ingress-use-waypoint",
 }
 # Converted, but Veil does not act on them yet (waypoint topology): said in the notes.
-NOT_YET = frozenset({"veil.dev/use-waypoint-namespace", "veil.dev/ingress-use-waypoint"})
+NOT_YET = frozenset({"veil.dev/ingress-use-waypoint"})
 SECURITY_KINDS = ("AuthorizationPolicy", "RequestAuthentication")
 ISTIO_SECURITY = ("security.istio.io/v1", "security.istio.io/v1beta1")
 WAYPOINT_CLASSES = {"istio-waypoint": "veil-waypoint"}

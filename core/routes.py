@@ -217,10 +217,17 @@ class RequestFacts:
     @staticmethod
     def of(method: str, target: str, headers: Iterable[tuple[str, str]]) -> RequestFacts:
         path, _, qs = target.partition("?")
+        fields: dict[str, str] = {}
+        for n, v in headers:
+            name = n.lower()
+            if name == "cookie" and name in fields:  # HTTP/2 splits cookies (RFC 9113 8.2.3)
+                fields[name] += "; " + v
+            else:
+                fields[name] = v
         return RequestFacts(
             method=method.upper(),
             path=path or "/",
-            headers={n.lower(): v for n, v in headers},
+            headers=fields,
             query=dict(parse_qsl(qs, keep_blank_values=True)),
         )
 

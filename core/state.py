@@ -19,6 +19,7 @@ DATAPLANE_MODE = "veil.dev/dataplane-mode"
 AMBIENT = "ambient"
 NONE = "none"
 USE_WAYPOINT = "veil.dev/use-waypoint"
+USE_WAYPOINT_NAMESPACE = "veil.dev/use-waypoint-namespace"  # the waypoint is in another one
 WAYPOINT_FOR = "veil.dev/waypoint-for"
 WAYPOINT_CLASS = "veil-waypoint"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
@@ -84,12 +85,24 @@ class Waypoint:
     namespace: str
     name: str
     waypoint_for: str = "service"
+    # Which namespaces may send their traffic through it (its HBONE listener's
+    # allowedRoutes.namespaces, as Istio reads it): Same (the default), All, or Selector.
+    allowed_from: str = "Same"
+    allowed_selector: tuple[tuple[str, str], ...] = ()  # matchLabels (hashable)
 
     def identity(self, trust_domain: str) -> SpiffeId:
         return SpiffeId(trust_domain, self.namespace, self.name)
 
     def takes(self, kind: str) -> bool:
         return self.waypoint_for in (kind, "all")
+
+    def admits(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        """May objects of `namespace` (with these labels) use this waypoint?"""
+        if namespace == self.namespace or self.allowed_from == "All":
+            return True
+        if self.allowed_from == "Selector":
+            return all(labels.get(k) == v for k, v in self.allowed_selector)
+        return False
 
 
 def waypoint_from(obj: Mapping[str, Any]) -> Waypoint | None:
@@ -101,7 +114,23 @@ def waypoint_from(obj: Mapping[str, Any]) -> Waypoint | None:
     wfor = labels.get(WAYPOINT_FOR, "service")
     if wfor not in ("service", "workload", "all", "none"):
         raise ValueError(f"label {WAYPOINT_FOR}: {wfor!r} is not service, workload, all or none")
-    return Waypoint(md.get("namespace", "default"), md["name"], wfor)
+    allowed = "Same"
+    selector: tuple[tuple[str, str], ...] = ()
+    for listener in spec.get("listeners") or []:
+        if not isinstance(listener, dict) or listener.get("protocol") not in (None, "HBONE"):
+            continue
+        rule = ((listener.get("allowedRoutes") or {}).get("namespaces")) or {}
+        frm = rule.get("from", "Same")
+        if frm not in ("Same", "All", "Selector"):
+            raise ValueError(f"allowedRoutes.namespaces.from: {frm!r} is not Same, All or Selector")
+        if frm == "Selector":
+            sel = rule.get("selector") or {}
+            if set(sel) - {"matchLabels"}:
+                raise ValueError("allowedRoutes.namespaces.selector: only matchLabels is supported")
+            selector = tuple(sorted(_str_map(sel.get("matchLabels")).items()))
+        if frm == "All" or allowed == "Same":
+            allowed = frm
+    return Waypoint(md.get("namespace", "default"), md["name"], wfor, allowed, selector)
 
 
 @dataclass(frozen=True)
@@ -170,13 +199,21 @@ class MeshState:
         ]
 
     def _use_waypoint(self, namespace: str, own: Mapping[str, str], kind: str) -> Waypoint | None:
-        """`veil.dev/use-waypoint` on the object, else on its namespace; `none` opts out."""
+        """`veil.dev/use-waypoint` on the object, else on its namespace; `none` opts out.
+        `veil.dev/use-waypoint-namespace` beside it names the waypoint's namespace when not
+        the same; that waypoint must admit this namespace (its allowedRoutes), else the label
+        is not acted on (as Istio)."""
         ns = self.namespaces.get(namespace)
-        name = own.get(USE_WAYPOINT) or (ns.labels.get(USE_WAYPOINT) if ns else None)
+        ns_labels = ns.labels if ns else {}
+        where = own if own.get(USE_WAYPOINT) else ns_labels
+        name = where.get(USE_WAYPOINT)
         if not name or name == NONE:
             return None
-        wp = self.waypoints.get((namespace, name))
-        return wp if wp is not None and wp.takes(kind) else None
+        wp_ns = where.get(USE_WAYPOINT_NAMESPACE) or namespace
+        wp = self.waypoints.get((wp_ns, name))
+        if wp is None or not wp.takes(kind) or not wp.admits(namespace, ns_labels):
+            return None
+        return wp
 
     def service_waypoint(self, service: Service) -> Waypoint | None:
         return self._use_waypoint(service.namespace, service.labels, "service")

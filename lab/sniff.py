@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from veil.agent.capture.netns import NetNs
+from veil.lab.plan import UNDERLAY_CIDR
 
 ETH_P_ALL = 0x0003
 T = TypeVar("T")
+CONTROL_PLANE = str(UNDERLAY_CIDR.network_address + 2)  # veil-<lab>-cp: API server, CA
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,15 @@ class Sniffer:
             thread.join()
             sock.close()
 
-    def flows(self) -> set[tuple[str, str, int]]:
-        """(source, destination, destination port) of client-to-server segments seen."""
-        return {(s.src, s.dst, s.dport) for s in self.segments if s.dport < s.sport}
+    def flows(self, control_plane: bool = False) -> set[tuple[str, str, int]]:
+        """(source, destination, destination port) of client-to-server segments seen; the
+        nodes' own traffic to the control plane (kubelet heartbeats and watches to the API
+        server, certificate requests to the CA, at any moment) only if asked for."""
+        return {
+            (s.src, s.dst, s.dport)
+            for s in self.segments
+            if s.dport < s.sport and (control_plane or s.dst != CONTROL_PLANE)
+        }
 
     def plaintext(self, marker: bytes) -> list[Segment]:
         return [s for s in self.segments if marker in s.payload]

@@ -49,8 +49,15 @@ class Destination:
     port: int
     workload: Workload | None = None
     # The Services whose Service-targeted policies apply: the addressed one, or for a pod
-    # addressed by IP every Service of this namespace that selects it.
+    # addressed by IP every Service that selects it.
     policy_services: tuple[str, ...] = ()
+
+    @property
+    def namespace(self) -> str:
+        """Where the addressed Service (or pod) lives: its policies are there."""
+        if self.service is not None:
+            return self.service.namespace
+        return self.workload.namespace if self.workload is not None else ""
 
     @property
     def services(self) -> tuple[str, ...]:
@@ -92,7 +99,7 @@ def destination(state: MeshState, me: ThisWaypoint, target: tuple[str, int]) -> 
     )
     if not served and (own is None or (own.namespace, own.name) != ours):
         return f"pod {w.key} is not served by this waypoint"
-    names = tuple(s.name for s in state.services_of(w) if s.namespace == me.namespace)
+    names = tuple(s.name for s in state.services_of(w))  # all in the pod's namespace
     return Destination(authority, None, target[1], w, names)
 
 
@@ -115,12 +122,11 @@ def authorize(
         destination_ip=dest.authority.rsplit(":", 1)[0],
         destination_port=dest.port,
         principal=caller.peer.istio_principal,
-        destination_namespace=me.namespace,
+        destination_namespace=dest.namespace or me.namespace,
         http=http,
     )
-    return decide(
-        state.policies.policies.values(), f, at_waypoint(me.namespace, me.gateway, dest.services)
-    )
+    scope = at_waypoint(me.namespace, me.gateway, dest.services, dest.namespace or None)
+    return decide(state.policies.policies.values(), f, scope)
 
 
 def tcp_denied(state: MeshState, me: ThisWaypoint, dest: Destination, caller: Caller) -> str | None:
@@ -218,7 +224,7 @@ def plan(
     authn = [
         p
         for p in state.request_authentications
-        if p.applies(me.namespace, me.gateway, dest.services)
+        if p.applies(me.namespace, me.gateway, dest.services, dest.namespace or None)
     ]
     try:
         who = jwt.authenticate(authn, facts.headers, facts.query) if authn else None

@@ -451,3 +451,18 @@ spec:
     finally:
         veil("lab", "delete", "--name", wlab, "authorizationpolicy", "no-admin", "-n", "web")
         time.sleep(1.0)
+
+
+def test_a_namespace_uses_a_shared_waypoint_in_another_namespace(wlab):
+    """`veil.dev/use-waypoint-namespace: infra` beside `veil.dev/use-waypoint: shared` on
+    namespace store: its Service's traffic goes through infra/shared (whose listener admits
+    every namespace), where store's L7 policy holds; Istio's cross-namespace waypoint."""
+    url = "http://inventory.store.svc.cluster.local:9080"
+    assert codes(wlab, f"{url}/items") == [200]
+    assert codes(wlab, f"{url}/admin/x") == [403]
+    shared = pod_name(wlab, "shared", "infra")
+    log = store.lab_dir(wlab) / "logs" / f"infra_{shared}_waypoint.log"
+    entries = wait_for_access(log, lambda es: any(e["response_code"] == 403 for e in es))
+    denied = [e for e in entries if e["response_code"] == 403][-1]
+    assert denied["destination_service"].startswith("inventory.store")
+    assert denied["source_workload"] == "client"

@@ -284,6 +284,34 @@ def test_l7_rules_are_enforced_at_the_waypoint_only():
     assert decide([p], facts()).allowed
 
 
+def test_a_shared_waypoint_enforces_the_service_namespaces_policies():
+    """A waypoint in `infra` serving Service store/inventory (use-waypoint-namespace): the
+    policies of store that target inventory apply, so do infra's on the Gateway; a policy of
+    infra naming a Service `inventory` does not (it names infra/inventory)."""
+    import yaml  # noqa: PLC0415
+
+    from veil.core.authz import at_waypoint  # noqa: PLC0415
+
+    def policy(ns: str, kind: str, name: str, path: str) -> Any:
+        return parse_policy(
+            yaml.safe_load(
+                f"apiVersion: security.veil.dev/v1\nkind: AuthorizationPolicy\n"
+                f"metadata: {{name: p-{ns}-{kind}, namespace: {ns}}}\n"
+                f"spec: {{targetRefs: [{{kind: {kind}, name: {name}}}], action: DENY,"
+                f" rules: [{{to: [{{operation: {{paths: ['{path}']}}}}]}}]}}\n"
+            )
+        )
+
+    store = policy("store", "Service", "inventory", "/store-deny")
+    gateway = policy("infra", "Gateway", "shared", "/gateway-deny")
+    stray = policy("infra", "Service", "inventory", "/stray")
+    scope = at_waypoint("infra", "shared", ("inventory",), "store")
+    ps = [store, gateway, stray]
+    assert not decide(ps, request(path="/store-deny"), scope).allowed
+    assert not decide(ps, request(path="/gateway-deny"), scope).allowed
+    assert decide(ps, request(path="/stray"), scope).allowed
+
+
 def test_a_deny_on_l7_fields_and_a_never_valid_waypoint_policy():
     from veil.core.authz import PolicySet, at_waypoint  # noqa: PLC0415
 

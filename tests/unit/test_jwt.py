@@ -11,10 +11,12 @@ from veil.core.jwt import (
     JwtError,
     RequestAuthentication,
     authenticate,
+    cookies,
     parse_request_authentication,
     upstream_request,
     validate,
 )
+from veil.core.routes import RequestFacts
 from veil.runtime.sources.jwks import fetch_jwks
 
 
@@ -109,6 +111,40 @@ def test_a_token_from_a_query_parameter_is_removed_from_the_query():
     _, target = upstream_request([p], who, [], f"/x?a=1&access_token={token}&b=2")
     assert target == "/x?a=1&b=2"
     assert authenticate([p], {"authorization": "Bearer " + token}) is None  # only the param
+
+
+def test_a_token_from_a_cookie_in_any_spelling_is_found_and_removed_upstream():
+    """fromCookies (Istio's RequestAuthentication): the cookie found among others, in one
+    Cookie field or split in several (HTTP/2), quoted or not; it is removed upstream and the
+    other cookies stay; the Authorization header is not looked at."""
+    iss = Issuer()
+    p = ra(iss, fromCookies=["session"])
+    token = iss.token()
+    for fields in (
+        [("cookie", f"theme=dark; session={token}; lang=en")],
+        [("cookie", "theme=dark"), ("Cookie", f"session={token}"), ("cookie", "lang=en")],
+        [("cookie", f'theme=dark;session="{token}"  ;lang=en')],
+    ):
+        facts = RequestFacts.of("GET", "/", fields)
+        who = authenticate([p], facts.headers)
+        assert who is not None and who.principal == f"{iss.iss}/alice" and who.cookie == "session"
+        out, _ = upstream_request([p], who, fields, "/")
+        joined = "; ".join(v for n, v in out if n.lower() == "cookie")
+        assert "session" not in joined and "theme=dark" in joined and "lang=en" in joined
+    assert authenticate([p], {"authorization": "Bearer " + token}) is None  # only the cookie
+    with pytest.raises(JwtError):  # a bad token in the cookie is refused, not ignored
+        authenticate([p], {"cookie": "session=not.a.jwt"})
+
+
+def test_the_first_cookie_of_a_name_counts():
+    assert cookies("a=1; b=2; a=3") == {"a": "1", "b": "2"}
+    assert cookies('x="q"; ; bad; =v; y=') == {"x": "q", "y": ""}
+
+
+@pytest.mark.parametrize("value", ["session", [""], [3], {"a": 1}])
+def test_bad_from_cookies_is_refused(value):
+    with pytest.raises(JwtError, match="fromCookies"):
+        ra(Issuer(), fromCookies=value)
 
 
 def test_claims_go_to_headers_and_a_client_cannot_forge_them():
