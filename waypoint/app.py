@@ -393,6 +393,7 @@ class WaypointServer:
             self.state(), self.me, dest, Caller(peer, client_ip), req, rng=self.rng
         )
         rec.path, rec.route = outcome.path, outcome.route
+        rec.audit = outcome.audited
         if isinstance(outcome, Reply):
             rec.response_code, rec.response_flags, rec.error = (
                 outcome.status,

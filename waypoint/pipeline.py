@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import h11
 
@@ -147,6 +147,7 @@ class Reply:
     why: str
     path: str = ""  # the normalized path, once known
     route: str = ""  # the HTTPRoute that matched, if one did
+    audited: tuple[str, ...] = ()  # AUDIT policies whose rules matched (recorded, not enforced)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class Redirect:
     path: str
     route: str
     limits: tuple[TrafficPolicy, ...] = ()
+    audited: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ class Plan:
     mirrors: tuple[BackendRef, ...] = ()  # granted mirror backends
     response_headers: tuple[HeaderModifier, ...] = ()  # the rule's, then the backendRef's
     chunked: bool = False  # the request body is streamed with chunked encoding
+    audited: tuple[str, ...] = ()  # AUDIT policies whose rules matched
 
     @property
     def replayable_length(self) -> int | None:
@@ -207,7 +210,24 @@ def plan(
     rng: random.Random,
 ) -> Outcome:
     """One request through the pipeline: normalize, authenticate, authorize, route, apply
-    traffic policy, build the upstream request."""
+    traffic policy, build the upstream request. The AUDIT policies that matched go with the
+    outcome, whatever it is (Istio: AUDIT never changes the decision)."""
+    audit: list[str] = []
+    outcome = _plan(state, me, dest, caller, req, rng, audit)
+    if audit:
+        return replace(outcome, audited=tuple(audit))
+    return outcome
+
+
+def _plan(  # noqa: PLR0917
+    state: MeshState,
+    me: ThisWaypoint,
+    dest: Destination,
+    caller: Caller,
+    req: h11.Request,
+    rng: random.Random,
+    audit: list[str],
+) -> Outcome:
     method = req.method.decode("latin-1")
     raw = req.target.decode("latin-1")
     try:
@@ -240,6 +260,7 @@ def plan(
         who.claims if who else {},
     )
     d = authorize(state, me, dest, caller, http)
+    audit.extend(d.audited)
     if not d.allowed:
         why = f"RBAC: access denied ({d.policy or '-'}: {d.reason})"
         return Reply(403, "RBAC", why, path)

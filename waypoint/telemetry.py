@@ -37,6 +37,7 @@ class RequestRecord:
     traceparent: str = ""
     retries: int = 0
     error: str | None = None
+    audit: tuple[str, ...] = ()  # AUDIT policies that matched (Istio's AUDIT action)
 
 
 class RequestMetrics:
@@ -44,6 +45,12 @@ class RequestMetrics:
         self.access = AccessLog()
         self.requests = Counter(
             "istio_requests", "Requests handled by the waypoint", LABELS, registry=registry
+        )
+        self.audited = Counter(
+            "veil_authz_audited",
+            "Requests an AUDIT AuthorizationPolicy matched",
+            ["policy"],
+            registry=registry,
         )
         self.duration = Histogram(
             "istio_request_duration_milliseconds",
@@ -102,5 +109,7 @@ class RequestMetrics:
         duration.observe(r.duration_ms)
         request_bytes.observe(r.request_bytes)
         response_bytes.observe(r.response_bytes)
+        for ref in r.audit:
+            self.audited.labels(ref).inc()
         if self.access.enabled():
             self.access.write(vars(r))

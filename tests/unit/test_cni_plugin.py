@@ -139,12 +139,12 @@ def test_an_agent_that_dies_mid_answer_is_unreachable_not_success(shim, tmp_path
 
     def close_one() -> None:
         conn, _ = srv.accept()
-        conn.recv(65536)
-        conn.close()
+        conn.close()  # unread: the shim's further writes get EPIPE (no SIGPIPE death)
 
     t = threading.Thread(target=close_one, daemon=True)
     t.start()
-    code, text = run({**ENV, "CNI_COMMAND": "ADD"}, conf(str(path)))
+    big = conf(str(path), padding="x" * 500_000)
+    code, text = run({**ENV, "CNI_COMMAND": "ADD"}, big)
     t.join(5)
     srv.close()
     assert code == 1 and out(text)["code"] == 11

@@ -120,6 +120,19 @@ def test_the_waypoint_answers_itself(objects, wire, status, flags):
     assert isinstance(r, Reply) and (r.status, r.flags) == (status, flags), r
 
 
+def test_audit_policies_are_recorded_and_change_nothing():
+    """Istio's AUDIT action at the waypoint: a matching AUDIT policy goes with the outcome
+    (the access log's `audit`, veil_authz_audited_total), allowed or denied; none else."""
+    audit = service_policy("watch-admin", "AUDIT", {"paths": ["/admin*"]})
+    deny = service_policy("no-post", "DENY", {"methods": ["POST"]})
+    allowed = run(audit, deny, wire="GET /admin/x HTTP/1.1")
+    assert isinstance(allowed, Plan) and allowed.audited == ("shop/watch-admin",)
+    denied = run(audit, deny, wire="POST /admin/x HTTP/1.1")
+    assert isinstance(denied, Reply) and denied.status == 403
+    assert denied.audited == ("shop/watch-admin",)
+    assert run(audit, deny, wire="GET /items HTTP/1.1").audited == ()
+
+
 def test_a_denied_path_is_judged_in_its_normalized_spelling():
     r = run(
         service_policy("no-admin", "DENY", {"paths": ["/admin"]}), wire="GET /./%61dmin HTTP/1.1"

@@ -17,6 +17,7 @@
 // The socket is `agentSocket` in the configuration (default /var/run/veil/cni.sock).
 
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -288,6 +289,7 @@ failed:;
 }
 
 int main(void) {
+    signal(SIGPIPE, SIG_IGN); // an agent gone mid-request is EPIPE, answered as unreachable
     char *input = malloc(MAX_INPUT + 1);
     size_t len = 0;
     if (!input)
