@@ -98,6 +98,10 @@ class JwtRule:
     params: tuple[str, ...] = ()  # fromParams: query parameters that may carry the token
     cookies: tuple[str, ...] = ()  # fromCookies: cookies that may carry it
     forward: bool = False  # forwardOriginalToken (Istio's default: the token is removed)
+    # Keys fetched by the waypoint (runtime/sources/jwks.py), not in `keys`: an https
+    # jwksUri, or "" with `discover` (OIDC discovery from the issuer, as Istio without either).
+    remote: str = ""
+    discover: bool = False
     claim_headers: tuple[tuple[str, str], ...] = ()  # outputClaimToHeaders: (header, claim)
 
 
@@ -130,8 +134,14 @@ def _verify_signature(alg: str, key: Any, signed: bytes, sig: bytes) -> None:
         raise JwtError("bad signature") from None
 
 
-def validate(token: str, rule: JwtRule, now: float | None = None) -> Authenticated:
-    """The token's principal and claims, or JwtError saying why not."""
+def validate(
+    token: str,
+    rule: JwtRule,
+    now: float | None = None,
+    keys: Sequence[Jwk] | None = None,
+) -> Authenticated:
+    """The token's principal and claims, or JwtError saying why not. `keys`: the rule's
+    fetched keys when they are remote (else its own)."""
     parts = token.split(".")
     if len(parts) != 3:
         raise JwtError("not a JWT (expected header.payload.signature)")
@@ -149,7 +159,9 @@ def validate(token: str, rule: JwtRule, now: float | None = None) -> Authenticat
     if claims.get("iss") != rule.issuer:
         raise JwtError(f"issuer {claims.get('iss')!r} is not {rule.issuer!r}")
     kid = header.get("kid")
-    candidates = [k for k in rule.keys if kid is None or k.kid in (None, kid)]
+    candidates = [
+        k for k in (rule.keys if keys is None else keys) if kid is None or k.kid in (None, kid)
+    ]
     if not candidates:
         raise JwtError(f"no key {kid!r} in the JWKS")
     signed = f"{parts[0]}.{parts[1]}".encode()
@@ -220,8 +232,15 @@ def parse_request_authentication(
         rw = f"{where}.jwtRules[{i}]"
         if not r.get("issuer"):
             raise JwtError(f"{rw}.issuer: required")
+        remote, discover = "", False
+        text = ""
+        uri = str(r.get("jwksUri") or "")
         if r.get("jwks"):
             text = str(r["jwks"])
+        elif uri.startswith("https://"):
+            remote = uri  # fetched, cached and refreshed by the waypoint
+        elif uri.startswith("http://"):
+            raise JwtError(f"{rw}.jwksUri: https:// only (keys must not be open to tampering)")
         elif r.get("jwksUri"):
             if fetch_jwks is None:
                 raise JwtError(f"{rw}.jwksUri: cannot be fetched here")
@@ -231,10 +250,15 @@ def parse_request_authentication(
                 raise JwtError(f"{rw}.jwksUri: {e}") from None
             except JwtError as e:
                 raise JwtError(f"{rw}.jwksUri: {e}") from None
+        elif str(r["issuer"]).startswith("https://"):
+            discover = True  # OIDC discovery: <issuer>/.well-known/openid-configuration
         else:
-            raise JwtError(f"{rw}: jwks (inline) or jwksUri (file://...) is required")
+            raise JwtError(
+                f"{rw}: jwks (inline), jwksUri (https:// or file://), or an https:// issuer "
+                "(OIDC discovery) is required"
+            )
         try:
-            keys = parse_jwks(text)
+            keys = parse_jwks(text) if text else []
         except JwtError as e:
             raise JwtError(f"{rw}.jwks: {e}") from None
         params = tuple(str(p) for p in r.get("fromParams") or [])
@@ -262,6 +286,8 @@ def parse_request_authentication(
                 cookies=tuple(cookies),
                 forward=forward,
                 claim_headers=tuple(claim_headers),
+                remote=remote,
+                discover=discover,
             )
         )
     if not rules:
@@ -269,13 +295,18 @@ def parse_request_authentication(
     return RequestAuthentication(ns, name, refs, tuple(rules))
 
 
+RemoteKeys = Callable[[JwtRule], Sequence[Jwk] | None]  # fetched keys; None: not (yet) known
+
+
 def authenticate(
     policies: Sequence[RequestAuthentication],
     headers: Mapping[str, str],
     query: Mapping[str, str] | None = None,
+    remote_keys: RemoteKeys | None = None,
 ) -> Authenticated | None:
     """None: no token in the places the rules name (unauthenticated, not refused).
-    JwtError: a token is present and no rule accepts it."""
+    JwtError: a token is present and no rule accepts it (a rule whose remote keys are not
+    known yet accepts none: fail closed)."""
     errors = []
     found = False
     for p in policies:
@@ -293,10 +324,17 @@ def authenticate(
                 for cookie in rule.cookies:
                     if cookie in jar:
                         places.append((None, None, cookie, jar[cookie]))
+            keys: Sequence[Jwk] | None = None
+            if places and (rule.remote or rule.discover):
+                keys = remote_keys(rule) if remote_keys is not None else None
+                if keys is None:
+                    found = True
+                    errors.append(f"the JWKS of issuer {rule.issuer} is not available yet")
+                    continue
             for in_header, in_param, in_cookie, token in places:
                 found = True
                 try:
-                    who = validate(token, rule)
+                    who = validate(token, rule, keys=keys)
                 except JwtError as e:
                     errors.append(str(e))
                     continue

@@ -50,6 +50,7 @@ from veil.runtime.identity.manager import CertificateManager
 from veil.runtime.lifecycle import run_until_signalled
 from veil.runtime.listener import serve
 from veil.runtime.sources import open_source
+from veil.runtime.sources.jwks import JwksCache
 from veil.runtime.store import StateStore
 from veil.runtime.telemetry.admin import AdminService
 from veil.waypoint import http1, normalize, pipeline
@@ -110,6 +111,9 @@ class WaypointServer:
             cfg.namespace, cfg.gateway, cfg.trust_domain, cfg.path_normalization
         )
         self.rng = random.Random()
+        # Keys of issuers with an https jwksUri or OIDC discovery, fetched here (not by the
+        # state's writer) and refreshed.
+        self.jwks = JwksCache(lambda: self.store.current.request_authentications)
         self.limits = Limits()
         self.upstreams: Upstreams | None = None  # from run(): they need its nursery
         self.forwarder: Forwarder | None = None
@@ -158,6 +162,7 @@ class WaypointServer:
             await nursery.start(self.certs.run)
             self.certs.set_identities({self.identity})
             await nursery.start(open_source(cfg.state_dir, cfg.kubeconfig).run, self.store)
+            await nursery.start(self.jwks.run)
             pool = HbonePool(nursery)
             nursery.start_soon(pool.reap_idle)
             self.upstreams = Upstreams(pool, self.certs, self.identity, cfg.trust_domain)
@@ -390,7 +395,13 @@ class WaypointServer:
         rec = self._record(req, dest, peer, client_ip)
         ok = True
         outcome = pipeline.plan(
-            self.state(), self.me, dest, Caller(peer, client_ip), req, rng=self.rng
+            self.state(),
+            self.me,
+            dest,
+            Caller(peer, client_ip),
+            req,
+            rng=self.rng,
+            remote_keys=self.jwks.keys_for,
         )
         rec.path, rec.route = outcome.path, outcome.route
         rec.audit = outcome.audited

@@ -208,12 +208,13 @@ def plan(
     req: h11.Request,
     *,
     rng: random.Random,
+    remote_keys: jwt.RemoteKeys | None = None,
 ) -> Outcome:
     """One request through the pipeline: normalize, authenticate, authorize, route, apply
     traffic policy, build the upstream request. The AUDIT policies that matched go with the
     outcome, whatever it is (Istio: AUDIT never changes the decision)."""
     audit: list[str] = []
-    outcome = _plan(state, me, dest, caller, req, rng, audit)
+    outcome = _plan(state, me, dest, caller, req, rng, audit, remote_keys)
     if audit:
         return replace(outcome, audited=tuple(audit))
     return outcome
@@ -227,6 +228,7 @@ def _plan(  # noqa: PLR0917
     req: h11.Request,
     rng: random.Random,
     audit: list[str],
+    remote_keys: jwt.RemoteKeys | None,
 ) -> Outcome:
     method = req.method.decode("latin-1")
     raw = req.target.decode("latin-1")
@@ -247,7 +249,7 @@ def _plan(  # noqa: PLR0917
         if p.applies(me.namespace, me.gateway, dest.services, dest.namespace or None)
     ]
     try:
-        who = jwt.authenticate(authn, facts.headers, facts.query) if authn else None
+        who = jwt.authenticate(authn, facts.headers, facts.query, remote_keys) if authn else None
     except jwt.JwtError as e:
         return Reply(401, "UAEX", f"Jwt verification fails: {e}", path)
     host = facts.header("host") or dest.authority

@@ -774,3 +774,41 @@ def test_zz_a_crashed_lab_is_removed_whole(kube_lab):
     assert targets  # the kubelets had to make mount points on the host
     veil("lab", "down", "--name", kube_lab, timeout=120)
     assert not any(Path(t).exists() for t in targets), targets
+
+
+REQUEST_AUTHN = """
+apiVersion: security.veil.dev/v1
+kind: RequestAuthentication
+metadata: {name: crd-test, namespace: default}
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  jwtRules:
+"""
+
+
+@pytest.mark.parametrize(
+    ("rule", "refusal"),
+    [
+        ("  - {issuer: https://idp, jwksUri: 'http://idp/keys'}", "should match"),
+        ("  - {issuer: idp.example}", "OIDC discovery"),
+        ("  - {issuer: https://idp, fromCookies: ['']}", "should be at least 1 chars long"),
+    ],
+)
+def test_the_crd_schema_refuses_key_sources_the_parser_refuses(kube_lab, rule, refusal):
+    """jwksUri https or file only; without keys, an https issuer for OIDC discovery."""
+    proc = kubectl(kube_lab, "apply", "--server-side", "-f", "-", stdin=REQUEST_AUTHN + rule)
+    assert proc.returncode != 0 and refusal in proc.stderr, proc.stderr
+    import yaml  # noqa: PLC0415
+
+    from veil.core.jwt import JwtError, parse_request_authentication  # noqa: PLC0415
+
+    with pytest.raises(JwtError):
+        parse_request_authentication(yaml.safe_load(REQUEST_AUTHN + rule))
+
+
+def test_the_crd_accepts_remote_keys_and_discovery(kube_lab):
+    ok = "  - {issuer: https://idp.example, fromCookies: [session]}\n"
+    ok += "  - {issuer: https://b.example, jwksUri: 'https://b.example/keys'}"
+    proc = kubectl(kube_lab, "apply", "--server-side", "--dry-run=server", "-f", "-",
+                   stdin=REQUEST_AUTHN + ok)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr

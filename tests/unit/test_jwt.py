@@ -75,9 +75,12 @@ def test_jwks_from_a_file_and_errors_name_the_field(tmp_path):
     policy = ra(iss, jwks=None, jwksUri=f"file://{tmp_path}/jwks.json")
     assert authenticate([policy], {"authorization": "Bearer " + iss.token()}) is not None
     with pytest.raises(JwtError, match=r"RequestAuthentication shop/jwt: spec.jwtRules\[0\]"):
-        ra(iss, jwks=None)
-    with pytest.raises(JwtError, match=r"jwksUri: 'https://idp/jwks': only file://"):
-        ra(iss, jwks=None, jwksUri="https://idp/jwks")
+        ra(Issuer(iss="issuer.example"), jwks=None)  # no keys, no https issuer to discover
+    remote = ra(iss, jwks=None, jwksUri="https://idp/jwks").rules[0]  # the waypoint fetches
+    assert (remote.remote, remote.keys) == ("https://idp/jwks", ())
+    assert ra(iss, jwks=None).rules[0].discover  # an https issuer alone: OIDC discovery
+    with pytest.raises(JwtError, match=r"jwksUri: 'ftp://idp/jwks': only file://"):
+        ra(iss, jwks=None, jwksUri="ftp://idp/jwks")
     with pytest.raises(JwtError, match=r"jwksUri: .*No such file"):
         ra(iss, jwks=None, jwksUri=f"file://{tmp_path}/missing.json")
 
