@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from veil.core.ports import HBONE_PORT
-from veil.core.state import DATAPLANE_MODE, GATEWAY_NAME_LABEL, NONE, WAYPOINT_CLASS
+from veil.core.state import (
+    DATAPLANE_MODE,
+    GATEWAY_NAME_LABEL,
+    NONE,
+    WAYPOINT_CLASS,
+    waypoint_replicas,
+)
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
 CA_AUDIENCE = "veil-ca"
@@ -26,7 +32,6 @@ class Settings:
     image: str
     ca_address: str
     trust_domain: str = "cluster.local"
-    replicas: int = 1
 
 
 def is_waypoint(gateway: Mapping[str, Any]) -> bool:
@@ -76,6 +81,13 @@ def waypoint_objects(
         "--token-file", f"{TOKEN_DIR}/token",
         "--trust-domain", settings.trust_domain,
     ]  # fmt: skip
+    # Replicas only when the Gateway says (`veil.dev/replicas`); otherwise the field is not
+    # ours, so `kubectl scale` or an HPA keep what they set (server-side apply).
+    try:
+        replicas = waypoint_replicas(md.get("annotations") or {})
+    except ValueError:
+        replicas = None  # the Gateway's status says why (gateway_status)
+    scale = {"replicas": replicas} if replicas is not None else {}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(gateway, name)},
         {
@@ -105,7 +117,7 @@ def waypoint_objects(
             "kind": "Deployment",
             "metadata": _meta(gateway, name),
             "spec": {
-                "replicas": settings.replicas,
+                **scale,
                 "selector": {"matchLabels": selector},
                 "template": {
                     "metadata": {"labels": {**selector, DATAPLANE_MODE: NONE}},
@@ -197,6 +209,11 @@ def gateway_status(
         same = old is not None and old.get("status") == ("True" if ok else "False")
         return str(old["lastTransitionTime"]) if same and old else now
 
+    try:
+        waypoint_replicas(gateway["metadata"].get("annotations") or {})
+        note = ""
+    except ValueError as e:
+        note = f"{e}: ignored"
     programmed = bool(address) and ready > 0
     message = (
         f"{ready} ready replica(s), address {address}"
@@ -205,7 +222,7 @@ def gateway_status(
     )
     status: dict[str, Any] = {
         "conditions": [
-            _condition("Accepted", True, "Accepted", "", generation, since("Accepted", True)),
+            _condition("Accepted", True, "Accepted", note, generation, since("Accepted", True)),
             _condition(
                 "Programmed",
                 programmed,

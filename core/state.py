@@ -20,6 +20,24 @@ AMBIENT = "ambient"
 NONE = "none"
 USE_WAYPOINT = "veil.dev/use-waypoint"
 USE_WAYPOINT_NAMESPACE = "veil.dev/use-waypoint-namespace"  # the waypoint is in another one
+WAYPOINT_REPLICAS = "veil.dev/replicas"  # on a waypoint Gateway: how many pods run it
+MAX_WAYPOINT_REPLICAS = 100
+
+
+def waypoint_replicas(annotations: Mapping[str, Any]) -> int | None:
+    """The Gateway's `veil.dev/replicas` (1-100); None when absent. ValueError when bad."""
+    raw = annotations.get(WAYPOINT_REPLICAS)
+    if raw is None:
+        return None
+    text = str(raw)
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WAYPOINT_REPLICAS:
+        raise ValueError(
+            f"annotation {WAYPOINT_REPLICAS}: {text!r} is not a number of pods "
+            f"(1-{MAX_WAYPOINT_REPLICAS})"
+        )
+    return int(text)
+
+
 WAYPOINT_FOR = "veil.dev/waypoint-for"
 WAYPOINT_CLASS = "veil-waypoint"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"

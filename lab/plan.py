@@ -17,7 +17,14 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
 from veil.core.ports import HBONE_PORT
-from veil.core.state import DATAPLANE_MODE, GATEWAY_NAME_LABEL, NONE, WAYPOINT_CLASS
+from veil.core.state import (
+    DATAPLANE_MODE,
+    GATEWAY_NAME_LABEL,
+    NONE,
+    WAYPOINT_CLASS,
+    WAYPOINT_REPLICAS,
+    waypoint_replicas,
+)
 from veil.lab.manifests import (
     Container,
     ContainerPort,
@@ -222,7 +229,7 @@ def make_plan(objects: Sequence[Object], lab_name: str, node_count: int) -> LabP
                 for i in range(o.replicas)
             ]
     for o in objects:
-        if (wp := waypoint_pod(o)) is not None:  # what the Gateway controller would deploy
+        for wp in waypoint_pods(o):  # what the Gateway controller would deploy
             pods.append(wp)
             if (wp.namespace, wp.spec.service_account) not in sa_names:
                 accounts.append(_implicit_account(wp.namespace, wp.spec.service_account))
@@ -289,15 +296,26 @@ def _implicit_account(namespace: str, name: str = "default") -> ServiceAccount:
     )
 
 
-def waypoint_pod(o: Object) -> PodPlan | None:
-    """The pod a Gateway of class veil-waypoint gets: `veil waypoint` as service account
-    <gateway>, not captured itself (it speaks HBONE), labelled with the gateway's name."""
+def waypoint_pods(o: Object) -> list[PodPlan]:
+    """The pods a Gateway of class veil-waypoint gets (`veil.dev/replicas`, default 1):
+    `veil waypoint` as service account <gateway>, not captured itself (it speaks HBONE),
+    labelled with the gateway's name."""
     if o.kind != "Gateway" or (o.raw.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
-        return None
+        return []
+    try:
+        replicas = waypoint_replicas(o.meta.annotations) or 1
+    except ValueError as e:
+        raise ManifestError(
+            o.origin, o.ref, f"metadata.annotations[{WAYPOINT_REPLICAS}]", str(e)
+        ) from None
+    return [waypoint_pod(o, i) for i in range(replicas)]
+
+
+def waypoint_pod(o: Object, index: int = 0) -> PodPlan:
     ns, name = o.meta.namespace or "default", o.meta.name
     return PodPlan(
         namespace=ns,
-        name=f"{name}-0",
+        name=f"{name}-{index}",
         node="",
         labels={GATEWAY_NAME_LABEL: name, DATAPLANE_MODE: NONE},
         annotations={},

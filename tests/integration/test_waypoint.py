@@ -460,9 +460,32 @@ def test_a_namespace_uses_a_shared_waypoint_in_another_namespace(wlab):
     url = "http://inventory.store.svc.cluster.local:9080"
     assert codes(wlab, f"{url}/items") == [200]
     assert codes(wlab, f"{url}/admin/x") == [403]
-    shared = pod_name(wlab, "shared", "infra")
-    log = store.lab_dir(wlab) / "logs" / f"infra_{shared}_waypoint.log"
-    entries = wait_for_access(log, lambda es: any(e["response_code"] == 403 for e in es))
+    time.sleep(FLUSH_INTERVAL * 3)  # the waypoints write their access logs in batches
+    entries = [
+        e
+        for log in (store.lab_dir(wlab) / "logs").glob("infra_shared-*_waypoint.log")
+        for e in access_entries(log)
+    ]  # two replicas (the next test): either may have answered
     denied = [e for e in entries if e["response_code"] == 403][-1]
     assert denied["destination_service"].startswith("inventory.store")
     assert denied["source_workload"] == "client"
+
+
+def test_a_waypoint_with_two_replicas_serves_from_both(wlab):
+    """`veil.dev/replicas: "2"` on infra/shared: two pods (a Deployment of 2 on Kubernetes);
+    the agent picks one per connection, so 40 connections reach both."""
+    shared = sorted(
+        p["name"]
+        for p in json.loads(veil("lab", "status", "--name", wlab, "-o", "json").stdout)["pods"]
+        if p["namespace"] == "infra"
+    )
+    assert len(shared) == 2
+    url = "http://inventory.store.svc.cluster.local:9080/items"
+    for _ in range(40):
+        assert codes(wlab, url) == [200]
+    logs = store.lab_dir(wlab) / "logs"
+    for pod in shared:
+        wait_for_access(
+            logs / f"infra_{pod}_waypoint.log",
+            lambda es: any(e["path"] == "/items" for e in es),
+        )

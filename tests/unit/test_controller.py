@@ -163,3 +163,24 @@ def test_writing_the_same_verdict_again_is_no_change():
     other = {"parentRef": {"name": "x"}, "controllerName": "istio.io/gateway", "conditions": []}
     kept = status_of({**route, "status": {"parents": [other]}}, state, "t")
     assert kept["parents"][0] == other  # another controller's entry is left as it is
+
+
+def test_waypoint_replicas_are_the_gateways_to_say_or_left_to_kubectl_scale():
+    """`veil.dev/replicas` sets them; without it the Deployment has no `replicas` in what the
+    controller applies (server-side), so `kubectl scale` or an HPA keep theirs."""
+    dep = next(o for o in waypoint_objects(GATEWAY, SETTINGS, "PEM") if o["kind"] == "Deployment")
+    assert "replicas" not in dep["spec"]
+    three = {
+        **GATEWAY,
+        "metadata": {**GATEWAY["metadata"], "annotations": {"veil.dev/replicas": "3"}},
+    }
+    dep = next(o for o in waypoint_objects(three, SETTINGS, "PEM") if o["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 3
+    bad = {
+        **GATEWAY,
+        "metadata": {**GATEWAY["metadata"], "annotations": {"veil.dev/replicas": "many"}},
+    }
+    dep = next(o for o in waypoint_objects(bad, SETTINGS, "PEM") if o["kind"] == "Deployment")
+    assert "replicas" not in dep["spec"]
+    accepted = gateway_status(bad, None, 0, "now")["conditions"][0]
+    assert accepted["status"] == "True" and "veil.dev/replicas" in accepted["message"]

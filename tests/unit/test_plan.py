@@ -196,3 +196,19 @@ def test_a_waypoint_gateway_gets_its_pod_and_service_account():
     assert wp.spec.containers[0].command[:2] == ("veil", "waypoint")
     assert ("shop", "waypoint") in {(a.meta.namespace, a.meta.name) for a in plan.service_accounts}
     assert wp.node in ("node1", "node2")
+
+
+WAYPOINT_GW = """---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop, annotations: {veil.dev/replicas: "REPLICAS"}}
+spec: {gatewayClassName: veil-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+"""
+
+
+def test_a_waypoint_gateway_gets_the_pods_its_replicas_annotation_asks_for():
+    pods = [p for p in plan_of(NS + WAYPOINT_GW.replace("REPLICAS", "2")).pods if p.owner == "wp"]
+    assert sorted(p.name for p in pods) == ["wp-0", "wp-1"]
+    assert len({p.node for p in pods}) == 2  # spread
+    with pytest.raises(ManifestError, match=r"veil\.dev/replicas"):
+        plan_of(NS + WAYPOINT_GW.replace("REPLICAS", "0"))
