@@ -22,7 +22,7 @@ def status_of(obj: dict[str, Any], state: Any, now: str) -> dict[str, Any]:
     return got
 
 
-GATEWAY = {
+GATEWAY: dict[str, Any] = {
     "apiVersion": "gateway.networking.k8s.io/v1",
     "kind": "Gateway",
     "metadata": {"name": "waypoint", "namespace": "shop", "uid": "u-1", "generation": 2},
