@@ -756,26 +756,6 @@ def test_an_agents_token_obtains_its_nodes_identities_and_no_others(kube_lab):
         kubectl(kube_lab, "delete", "pod", "-n", "veil-system", "agent-token", "--wait=false")
 
 
-def test_zz_a_crashed_lab_is_removed_whole(kube_lab):
-    """Last in the module: every lab process killed at once (supervisors first, so nothing is
-    restarted), as a crash would leave it; the fixture's `veil lab down` must still remove
-    every process, netns, mount point and file (it asserts no leftovers)."""
-    import os  # noqa: PLC0415
-    import signal  # noqa: PLC0415
-
-    record = store.read_record(kube_lab) or {}
-    views = [controlplane.process_view(p) for p in record["processes"]]
-    for v in views:
-        os.kill(v.get("supervisor", v["pid"]), signal.SIGKILL)
-    for v in views:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(v["pid"], signal.SIGKILL)
-    targets = (store.lab_dir(kube_lab) / "kubelet" / "mountpoints").read_text().split()
-    assert targets  # the kubelets had to make mount points on the host
-    veil("lab", "down", "--name", kube_lab, timeout=120)
-    assert not any(Path(t).exists() for t in targets), targets
-
-
 REQUEST_AUTHN = """
 apiVersion: security.veil.dev/v1
 kind: RequestAuthentication
@@ -812,3 +792,23 @@ def test_the_crd_accepts_remote_keys_and_discovery(kube_lab):
     proc = kubectl(kube_lab, "apply", "--server-side", "--dry-run=server", "-f", "-",
                    stdin=REQUEST_AUTHN + ok)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+def test_zz_a_crashed_lab_is_removed_whole(kube_lab):
+    """Last in the module: every lab process killed at once (supervisors first, so nothing is
+    restarted), as a crash would leave it; the fixture's `veil lab down` must still remove
+    every process, netns, mount point and file (it asserts no leftovers)."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    record = store.read_record(kube_lab) or {}
+    views = [controlplane.process_view(p) for p in record["processes"]]
+    for v in views:
+        os.kill(v.get("supervisor", v["pid"]), signal.SIGKILL)
+    for v in views:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(v["pid"], signal.SIGKILL)
+    targets = (store.lab_dir(kube_lab) / "kubelet" / "mountpoints").read_text().split()
+    assert targets  # the kubelets had to make mount points on the host
+    veil("lab", "down", "--name", kube_lab, timeout=120)
+    assert not any(Path(t).exists() for t in targets), targets
