@@ -34,15 +34,21 @@ async def start_server(
     return server
 
 
-async def test_a_successor_receives_the_same_listening_sockets(tmp_path: Path) -> None:
+async def running_agent(
+    nursery: trio.Nursery, tmp_path: Path
+) -> tuple[handover.HandoverServer, list[socket.socket], list[str], handover.Predecessor]:
+    """A running agent with one pod's listeners, and a successor that asked for them."""
     socks = listening()
     released: list[str] = []
+    server = await start_server(nursery, tmp_path / "h.sock", {"mesh/a": (ENTRY, socks)}, released)
+    pred = await handover.take_over(tmp_path / "h.sock")
+    assert pred is not None
+    return server, socks, released, pred
+
+
+async def test_a_successor_receives_the_same_listening_sockets(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
-        server = await start_server(
-            nursery, tmp_path / "h.sock", {"mesh/a": (ENTRY, socks)}, released
-        )
-        pred = await handover.take_over(tmp_path / "h.sock")
-        assert pred is not None
+        server, socks, released, pred = await running_agent(nursery, tmp_path)
         ((entry, got),) = pred.pods.values()
         assert entry == ENTRY
         assert [s.getsockname() for s in got] == [s.getsockname() for s in socks]
@@ -64,14 +70,8 @@ async def test_a_successor_receives_the_same_listening_sockets(tmp_path: Path) -
 
 
 async def test_a_successor_that_goes_away_before_taken_changes_nothing(tmp_path: Path) -> None:
-    socks = listening()
-    released: list[str] = []
     async with trio.open_nursery() as nursery:
-        server = await start_server(
-            nursery, tmp_path / "h.sock", {"mesh/a": (ENTRY, socks)}, released
-        )
-        pred = await handover.take_over(tmp_path / "h.sock")
-        assert pred is not None
+        server, socks, released, pred = await running_agent(nursery, tmp_path)
         pred.abandon()
         await trio.sleep(0.1)
         assert released == [] and not server.handed_over.is_set()
