@@ -354,6 +354,37 @@ def migrate_command(paths: Sequence[str]) -> int:
     return 0
 
 
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """`veil agent`'s options as its config (ValueError on a bad value)."""
+    return AgentConfig(
+        node=args.node,
+        state_dir=args.state_dir,
+        ca_address=parse_hostport(args.ca_address, 15012),
+        ca_server_name=args.ca_server_name,
+        ca_root=args.ca_root,
+        token_file=args.token_file,
+        data_dir=args.data_dir,
+        cni_socket=args.cni_socket,
+        trust_domain=args.trust_domain,
+        admin_listen=parse_hostport(args.admin_listen),
+        metrics_listen=parse_hostport(args.metrics_listen),
+        ready_listen=parse_hostport(args.ready_listen),
+        capture=args.capture,
+        bpf_pin_dir=args.bpf_pin_dir,
+        kubeconfig=args.kubeconfig,
+        host_proc=args.host_proc,
+        handover_wait=args.handover_wait,
+        drain=args.drain,
+        cni_bin_dir=args.cni_bin_dir,
+        cni_conf_dir=args.cni_conf_dir,
+        cni_host_socket=args.cni_host_socket,
+        cni_exclude_namespaces=tuple(
+            n.strip() for n in args.cni_exclude_namespaces.split(",") if n.strip()
+        ),
+        daemonset=args.daemonset,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first `--` is a command to run (`veil lab exec POD -n NS -- cmd`),
@@ -545,33 +576,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         elif args.command == "agent":
             from veil.agent.app import Agent  # noqa: PLC0415
 
-            acfg = AgentConfig(
-                node=args.node,
-                state_dir=args.state_dir,
-                ca_address=parse_hostport(args.ca_address, 15012),
-                ca_server_name=args.ca_server_name,
-                ca_root=args.ca_root,
-                token_file=args.token_file,
-                data_dir=args.data_dir,
-                cni_socket=args.cni_socket,
-                trust_domain=args.trust_domain,
-                admin_listen=parse_hostport(args.admin_listen),
-                metrics_listen=parse_hostport(args.metrics_listen),
-                ready_listen=parse_hostport(args.ready_listen),
-                capture=args.capture,
-                bpf_pin_dir=args.bpf_pin_dir,
-                kubeconfig=args.kubeconfig,
-                host_proc=args.host_proc,
-                handover_wait=args.handover_wait,
-                drain=args.drain,
-                cni_bin_dir=args.cni_bin_dir,
-                cni_conf_dir=args.cni_conf_dir,
-                cni_host_socket=args.cni_host_socket,
-                cni_exclude_namespaces=tuple(
-                    n for n in args.cni_exclude_namespaces.split(",") if n.strip()
-                ),
-                daemonset=args.daemonset,
-            )
+            acfg = agent_config(args)
             trio.run(Agent(acfg).run)
         else:
             from veil.waypoint.app import WaypointConfig, WaypointServer  # noqa: PLC0415

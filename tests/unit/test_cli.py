@@ -44,3 +44,26 @@ def test_what_cannot_be_parsed_is_refused_clearly(ran, argv, capsys):
         cli.main(argv)
     assert e.value.code == 2 and ran == []
     assert "--" in capsys.readouterr().err
+
+
+AGENT = ["agent", "--node", "node1", "--state-dir", "/tmp/s", "--ca-root", "r", "--token-file", "t"]
+
+
+def test_agent_options_become_its_config():
+    args = cli.build_parser().parse_args(
+        [*AGENT, "--cni-exclude-namespaces", " kube-system, veil-system ,,",
+         "--cni-bin-dir", "/host/bin", "--cni-conf-dir", "/host/net.d",
+         "--daemonset", "veil-system/veil-agent", "--drain", "12"]
+    )  # fmt: skip
+    cfg = cli.agent_config(args)
+    assert cfg.cni_exclude_namespaces == ("kube-system", "veil-system")
+    assert (cfg.daemonset, cfg.drain, cfg.handover_wait) == ("veil-system/veil-agent", 12.0, 20.0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--cni-bin-dir", "/b"], ["--daemonset", "no-slash"], ["--drain", "-1"]],
+)
+def test_bad_agent_options_are_refused(extra):
+    with pytest.raises(ValueError):
+        cli.agent_config(cli.build_parser().parse_args([*AGENT, *extra]))
