@@ -61,13 +61,18 @@ def _unresolved(obj: Mapping[str, Any], state: MeshState) -> tuple[str, str] | N
     """(reason, message) when a backendRef cannot be used, None when all can."""
     md = obj["metadata"]
     ns = md.get("namespace", "default")
+    parents = [
+        (str(p.get("namespace", ns)), str(p.get("name", "")))
+        for p in (obj.get("spec") or {}).get("parentRefs") or []
+        if isinstance(p, dict) and p.get("kind") == "Service"
+    ]
     for i, rule in enumerate((obj.get("spec") or {}).get("rules") or []):
         for j, ref in enumerate(rule.get("backendRefs") or []):
             where = f"rules[{i}].backendRefs[{j}]"
             if ref.get("kind", "Service") != "Service" or ref.get("group", "") not in ("", "core"):
                 return "InvalidKind", f"{where}: only Services are backends"
             to_ns, name = ref.get("namespace", ns), str(ref.get("name", ""))
-            if not reference_granted(state.reference_grants, ns, to_ns, name):
+            if not reference_granted(state.reference_grants, ns, to_ns, name, parents):
                 return (
                     "RefNotPermitted",
                     f"{where}: Service {to_ns}/{name} is in another namespace and no "

@@ -191,6 +191,10 @@ class HttpRoute:
         return f"{self.namespace}/{self.name}"
 
     @property
+    def parent_services(self) -> tuple[tuple[str, str], ...]:
+        return tuple((ns, name) for ns, name, _, _ in self.parents)
+
+    @property
     def problems(self) -> tuple[str, ...]:
         """Why some of its rules cannot be applied (those answer 500)."""
         return tuple(r.invalid for r in self.rules if r.invalid)
@@ -543,11 +547,22 @@ def _plain_list(v: Any) -> list[Any]:
 
 
 def reference_granted(
-    grants: Iterable[ReferenceGrant], from_ns: str, to_ns: str, to_name: str
+    grants: Iterable[ReferenceGrant],
+    from_ns: str,
+    to_ns: str,
+    to_name: str,
+    parents: Iterable[tuple[str, str]] = (),
 ) -> bool:
     """Whether an HTTPRoute in `from_ns` may send to Service `to_ns/to_name`: always within
-    a namespace, across namespaces only with a ReferenceGrant in the target namespace."""
-    return from_ns == to_ns or any(g.grants(from_ns, to_ns, to_name) for g in grants)
+    a namespace; across namespaces with a ReferenceGrant in the target namespace, or when
+    it is one of the route's own parent Services (a GAMMA consumer route sending on to the
+    Service it is attached to grants its namespace nothing it could not already reach, and
+    Gateway API's MeshConsumerRoute expects it without a grant)."""
+    return (
+        from_ns == to_ns
+        or (to_ns, to_name) in set(parents)
+        or any(g.grants(from_ns, to_ns, to_name) for g in grants)
+    )
 
 
 @dataclass(frozen=True)

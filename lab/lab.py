@@ -1246,6 +1246,9 @@ def delete(lab: str, kind: str, name: str, namespace: str | None) -> str:
         "authorizationpolicy": "AuthorizationPolicy",
         "gateway": "Gateway",
         "httproute": "HTTPRoute",
+        "grpcroute": "GRPCRoute",
+        "tcproute": "TCPRoute",
+        "referencegrant": "ReferenceGrant",
         "requestauthentication": "RequestAuthentication",
         "trafficpolicy": "TrafficPolicy",
     }

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,15 @@ class Request:
         q = self.target.split("?", 1)[1] if "?" in self.target else ""
         pairs = (p.partition("=") for p in q.split("&") if p)
         return {k: v for k, _, v in pairs}
+
+
+def _joined(fields: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Repeated fields joined with commas (RFC 9110 5.3), so none is lost; names lowercased."""
+    out: dict[str, str] = {}
+    for k, v in fields:
+        name, value = k.decode().lower(), v.decode(errors="replace")
+        out[name] = f"{out[name]},{value}" if name in out else value
+    return out
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,10 @@ class _TooLarge(Exception):
     pass
 
 
+class ResetConnection(Exception):
+    """Raised by a handler to answer with a TCP reset instead of a response (test backends)."""
+
+
 async def _send(conn: h11.Connection, stream: trio.abc.Stream, resp: Response) -> None:
     headers = [
         ("content-type", resp.content_type),
@@ -139,12 +154,18 @@ async def handle_connection(
             request = Request(
                 method=req.method.decode(),
                 target=req.target.decode(),
-                headers={k.decode().lower(): v.decode(errors="replace") for k, v in req.headers},
+                headers=_joined(req.headers),
                 body=body,
                 peer=peer,
             )
             try:
                 resp = await handler(request)
+            except ResetConnection:
+                if isinstance(stream, trio.SocketStream):
+                    stream.socket.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                return
             except Exception:
                 log.exception(
                     "handler failed for %s %s (this is a bug)", request.method, request.target

@@ -304,7 +304,11 @@ def _plan(  # noqa: PLR0917
         if ref is None:
             return Reply(500, "NR", f"HTTPRoute {route}: no backend with weight", path, route)
         if not reference_granted(
-            state.reference_grants, hit.route.namespace, ref.namespace, ref.name
+            state.reference_grants,
+            hit.route.namespace,
+            ref.namespace,
+            ref.name,
+            hit.route.parent_services,
         ):
             why = (
                 f"HTTPRoute {route}: backendRef {ref.namespace}/{ref.name} is in another "
@@ -346,7 +350,11 @@ def _plan(  # noqa: PLR0917
         for m in (rule.mirrors if rule is not None else ())
         if hit is not None
         and reference_granted(
-            state.reference_grants, hit.route.namespace, m.backend.namespace, m.backend.name
+            state.reference_grants,
+            hit.route.namespace,
+            m.backend.namespace,
+            m.backend.name,
+            hit.route.parent_services,
         )
         and (m.fraction >= 1 or rng.random() < m.fraction)
     )

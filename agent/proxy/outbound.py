@@ -7,7 +7,9 @@ destination's SPIFFE identity; anything outside the mesh is passed through as pl
 service with no ready endpoint is refused. A service (or pod) bound to a waypoint
 (`veil.dev/use-waypoint`) is reached through one of the waypoint's pods instead, with
 `:authority` the address the app dialled (the VIP:port), expecting the waypoint's identity;
-no ready waypoint pod means refused, never around it. The I/O is
+no ready waypoint pod means refused, never around it. A pod that one of its Services binds
+to a waypoint, addressed by its IP, is reached through that waypoint too (its agent takes
+nothing else; the waypoint applies no Service route to it). The I/O is
 `outbound_listener.OutboundListener`'s.
 """
 
@@ -20,7 +22,7 @@ from enum import Enum
 
 from veil.core.ports import HBONE_PORT
 from veil.core.spiffe import SpiffeId
-from veil.core.state import MeshState, Service, Waypoint, Workload
+from veil.core.state import GATEWAY_NAME_LABEL, MeshState, Service, Waypoint, Workload
 
 
 class Kind(Enum):
@@ -79,6 +81,10 @@ def route(
         return Route(Kind.PASSTHROUGH, (ip, port), reason="destination is outside the mesh")
     if state.in_mesh(target) and (wp := state.workload_waypoint(target)) is not None:
         return via_waypoint(state, wp, (ip, port), trust_domain, choose, service=service)
+    if state.in_mesh(target) and (wp := bound_waypoint(state, source, target)) is not None:
+        # addressed by its IP (or through a Service without a waypoint) but bound to a
+        # waypoint by one of its Services: its agent takes nothing else, so go through it
+        return via_waypoint(state, wp, (ip, port), trust_domain, choose, service=service)
     if not state.in_mesh(target):
         return Route(
             Kind.PASSTHROUGH,
@@ -95,6 +101,16 @@ def route(
         workload=target,
         service=service,
     )
+
+
+def bound_waypoint(state: MeshState, source: Workload, target: Workload) -> Waypoint | None:
+    """The waypoint a pod's traffic must come through (the first by name when several of its
+    Services use one), or None when there is none or the source is that waypoint."""
+    bound = sorted(state.bound_waypoints(target), key=lambda w: (w.namespace, w.name))
+    mine = (source.namespace, source.labels.get(GATEWAY_NAME_LABEL))
+    if not bound or any(mine == (wp.namespace, wp.name) for wp in bound):
+        return None
+    return bound[0]
 
 
 def via_waypoint(

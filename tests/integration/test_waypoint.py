@@ -137,9 +137,15 @@ def test_bypassing_the_waypoint_is_refused(wlab):
     st = json.loads(veil("lab", "status", "--name", wlab, "-o", "json").stdout)
     v1_pod = pod_name(wlab, "catalog-v1")
     v1 = next(p["ip"] for p in st["pods"] if p["name"] == v1_pod)
-    direct = curl(wlab, f"http://{v1}:9080/")  # a mesh client straight to the pod
-    assert direct.returncode in (7, 52, 56), direct
+    # a mesh client dialling the pod itself is sent through the waypoint by its agent
+    direct = curl(wlab, f"http://{v1}:9080/")
+    assert answers(direct.stdout)[0]["pod"] == v1_pod, direct
+    to_pod = f"{v1}:9080"
+    seen = wait_for_access(waypoint_log(wlab), lambda es: any(e["authority"] == to_pod for e in es))
+    assert [e["response_code"] for e in seen if e["authority"] == to_pod] == [200]
     plain = curl(wlab, "http://catalog.web:9080/", pod="legacy", ns="plain")  # not in the mesh
+    assert plain.returncode in (7, 52, 56), plain
+    plain = curl(wlab, f"http://{v1}:9080/", pod="legacy", ns="plain")  # ... to the pod itself
     assert plain.returncode in (7, 52, 56), plain
     logs = "".join(
         (store.lab_dir(wlab) / "logs" / f"agent-{n}.log").read_text() for n in ("node1", "node2")

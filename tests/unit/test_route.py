@@ -218,14 +218,24 @@ def test_service_traffic_goes_through_its_waypoint(ns_labels, svc_labels, wfor, 
         assert r.address == ("10.244.1.11", 15008) and r.waypoint is None
 
 
-def test_pod_traffic_goes_through_a_workload_waypoint_only():
+def test_pod_traffic_goes_through_the_waypoint_the_pod_is_bound_to():
     state = waypoint_state({**AMB, **USE}, {}, "workload")
     client = state.workload("mesh", "client")
     r = route(state, client, ("10.244.1.11", 8080), TD, choose=lambda eps: eps[0])
     assert r.address == ("10.244.2.20", 15008) and r.authority == "10.244.1.11:8080"
+    # a service waypoint: the pod's agent takes only what comes through it (no bypass), so
+    # traffic to the pod's IP goes there as well (GAMMA's MeshFrontend sends to a pod IP)
     state = waypoint_state({**AMB, **USE}, {}, "service")
     r = route(state, state.workload("mesh", "client"), ("10.244.1.11", 8080), TD)
-    assert r.address == ("10.244.1.11", 15008)  # service waypoints take only VIP traffic
+    assert r.address == ("10.244.2.20", 15008) and r.authority == "10.244.1.11:8080"
+    assert str(r.identity) == "spiffe://cluster.local/ns/mesh/sa/wp"
+    # ... but not from the waypoint itself, nor where bypass is allowed
+    r = route(state, state.workload("mesh", "wp-0"), ("10.244.1.11", 8080), TD)
+    assert r.address == ("10.244.1.11", 15008) and r.waypoint is None
+    allow = {"veil.dev/allow-waypoint-bypass": "true"}
+    state = waypoint_state({**AMB, **USE}, allow, "service")
+    r = route(state, state.workload("mesh", "client"), ("10.244.1.11", 8080), TD)
+    assert r.address == ("10.244.1.11", 15008) and r.waypoint is None
 
 
 def test_no_ready_waypoint_pod_refuses_rather_than_bypassing():

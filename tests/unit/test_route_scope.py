@@ -82,6 +82,14 @@ def test_cross_namespace_backends_need_a_reference_grant(objects, allowed):
     assert reference_granted([], "shop", "shop", "api")  # same namespace: always
 
 
+def test_a_consumer_route_may_send_to_its_own_parent_service_without_a_grant():
+    """Gateway API's MeshConsumerRoute: a route in the consumer's namespace, parentRef and
+    backendRef the producer's Service, no ReferenceGrant: the consumer could dial it anyway."""
+    parents = [("backend", "api")]
+    assert reference_granted([], "shop", "backend", "api", parents)
+    assert not reference_granted([], "shop", "backend", "other", parents)  # another Service
+
+
 async def test_the_waypoint_answers_500_for_an_ungranted_backend(tmp_path):
     wp = waypoint(tmp_path)
     with_state(wp, route("shop", "catalog", "backend", "api"))

@@ -1,0 +1,886 @@
+"""The acceptance suite: upstream test cases, their expectations, run against Veil's waypoint.
+
+Gateway API (v1.6.3): every mesh conformance test of `conformance/tests/mesh/` (its manifests
+copied unchanged into tests/integration/acceptance/gateway-api/) and the HTTPRoute retry,
+timeout, mirror (multiple, percentage) and invalid cross-namespace backendRef tests
+(acceptance/adapted/, turned into mesh routes). Istio (tests/integration/ambient/
+baseline_test.go): the L7 authorization, waypoint default-deny, L7 JWT, pod IP and bogus
+use-waypoint cases. Each test names the upstream test it comes from; docs/waypoint.md has the
+table of them all, with what does not apply and why.
+
+As upstream: requests are sent from the pod echo-v1 of gateway-conformance-mesh (a new
+connection each), and a case passes when its expectations hold three times in a row within
+30 s of the manifests being applied (MakeRequestAndExpectEventuallyConsistentResponse). Where
+upstream checks less than it says (the mesh suite does not compare the path the backend saw
+or the redirect's Location), this suite checks those too. Both lab modes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from tests.support.jwt import Issuer
+from tests.support.lab import lab_exec, leftovers, new_lab_name, veil
+from veil.lab import lab as labmod
+from veil.lab import store, upstream
+
+HERE = Path(__file__).parent / "acceptance"
+UPSTREAM = HERE / "gateway-api"
+ADAPTED = HERE / "adapted"
+REQUESTER = str(Path(__file__).parent.parent / "support" / "requester.py")
+MESH = "gateway-conformance-mesh"
+CONSUMER = "gateway-conformance-mesh-consumer"
+CAPTURED = "ambient-captured"
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        "manifests",
+        pytest.param(
+            "kubernetes",
+            marks=pytest.mark.skipif(
+                bool(upstream.missing()), reason="the upstream binaries are not built"
+            ),
+        ),
+    ],
+)
+def alab(request: pytest.FixtureRequest) -> Iterator[str]:
+    name = new_lab_name()
+    mode = ["--kubernetes"] if request.param == "kubernetes" else []
+    try:
+        veil("lab", "up", "-f", str(HERE / "mesh.yaml"), "--name", name, *mode, timeout=300)
+        yield name
+    finally:
+        veil("lab", "down", "--name", name, check=False)
+    assert leftovers(name) == []
+
+
+# -- requests and expectations ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request and what must come back: gateway-api's http.ExpectedResponse, in short."""
+
+    path: str = "/"
+    address: str = "echo"  # host[:port] connected to
+    host: str | None = None  # the Host header, when it differs from the address
+    method: str = "GET"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    status: int = 200
+    backend: str | None = None  # the answering pod's name starts with this
+    namespace: str | None = None
+    seen_path: str | None = None  # the target the backend received
+    seen_headers: Mapping[str, str] = field(default_factory=dict)
+    absent_seen: Sequence[str] = ()
+    response_headers: Mapping[str, str] = field(default_factory=dict)
+    absent_response: Sequence[str] = ()
+    redirect: Mapping[str, str] | None = None  # scheme / host / port / path of Location
+
+    def request(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "host": self.host,
+            "path": self.path,
+            "method": self.method,
+            "headers": dict(self.headers),
+        }
+
+
+def send(lab: str, cases: Sequence[Case], client: tuple[str, str]) -> list[dict[str, Any]]:
+    pod, ns = client
+    reqs = json.dumps([c.request() for c in cases])
+    out = lab_exec(lab, pod, sys.executable, REQUESTER, reqs, ns=ns)
+    answers: list[dict[str, Any]] = json.loads(out.stdout)
+    return answers
+
+
+def problems(case: Case, got: dict[str, Any]) -> list[str]:
+    if "error" in got:
+        return [got["error"]]
+    out = []
+    if got["status"] != case.status:
+        out.append(f"status {got['status']}, wanted {case.status}: {got['body'][:200]}")
+    resp = dict(got["headers"])
+    for k, v in case.response_headers.items():
+        if resp.get(k.lower()) != v:
+            out.append(f"response header {k}: {resp.get(k.lower())!r}, wanted {v!r}")
+    out += [f"response header {k} present" for k in case.absent_response if k.lower() in resp]
+    if case.redirect is not None:
+        loc = urlsplit(resp.get("location", ""))
+        parts = {"scheme": loc.scheme, "host": loc.hostname or "", "path": loc.path}
+        parts["port"] = str(loc.port or "")
+        for k, v in case.redirect.items():
+            if parts[k] != v:
+                out.append(f"Location {resp.get('location')!r}: {k} {parts[k]!r}, wanted {v!r}")
+    wants_echo = case.backend or case.namespace or case.seen_path or case.seen_headers
+    if wants_echo or case.absent_seen:
+        try:
+            echo = json.loads(got["body"])
+        except ValueError:
+            return [*out, f"not an echo answer: {got['body'][:200]!r}"]
+        if case.backend and not str(echo.get("pod", "")).startswith(case.backend):
+            out.append(f"served by {echo.get('pod')!r}, wanted {case.backend}")
+        if case.namespace and echo.get("namespace") != case.namespace:
+            out.append(f"namespace {echo.get('namespace')!r}, wanted {case.namespace}")
+        if case.seen_path is not None and echo.get("path") != case.seen_path:
+            out.append(f"backend saw {echo.get('path')!r}, wanted {case.seen_path!r}")
+        seen = {k.lower(): v for k, v in echo.get("headers", {}).items()}
+        for k, v in case.seen_headers.items():
+            if seen.get(k.lower()) != v:
+                out.append(f"backend saw {k}: {seen.get(k.lower())!r}, wanted {v!r}")
+        out += [f"backend saw {k}" for k in case.absent_seen if k.lower() in seen]
+    return out
+
+
+def expect(
+    lab: str,
+    cases: Sequence[Case] | Callable[[], Sequence[Case]],
+    client: tuple[str, str] = ("deploy/echo-v1", MESH),
+    timeout: float = 30,
+    in_a_row: int = 3,
+) -> None:
+    """Every case holds `in_a_row` times in a row within `timeout` (cases may be a function
+    giving fresh ones each round, for requests that must differ, as the retry test's uuid)."""
+    deadline, streak, failed = time.monotonic() + timeout, 0, ["never sent"]
+    while streak < in_a_row:
+        batch = cases() if callable(cases) else cases
+        got = send(lab, batch, client)
+        failed = [
+            f"{c.method} {c.address}{c.path}: {p}"
+            for c, g in zip(batch, got, strict=True)
+            for p in problems(c, g)
+        ]
+        streak = 0 if failed else streak + 1
+        if failed:
+            if time.monotonic() > deadline:
+                pytest.fail("\n".join(failed))
+            time.sleep(0.5)
+
+
+@contextmanager
+def applied(lab: str, *files: Path) -> Iterator[None]:
+    """Apply manifests for one test, remove them after it (as the conformance suite does)."""
+    docs = [d for f in files for d in yaml.safe_load_all(f.read_text()) if d]
+    try:  # removed even when applying failed halfway
+        veil("lab", "apply", "--name", lab, *[a for f in files for a in ("-f", str(f))])
+        yield
+    finally:
+        for d in docs:
+            meta = d["metadata"]
+            veil(
+                "lab", "delete", "--name", lab, d["kind"].lower(), meta["name"],
+                "-n", meta.get("namespace", "default"), check=False,
+            )  # fmt: skip
+        time.sleep(1.0)  # out of every snapshot before the next test applies its own
+
+
+def up(name: str) -> Path:
+    return UPSTREAM / f"{name}.yaml"
+
+
+def pod_ip(lab: str, deployment: str, ns: str = MESH) -> str:
+    return str(labmod.find_pod(lab, f"deploy/{deployment}", ns)["ip"])
+
+
+def echo_log_count(lab: str, deployment: str, needle: str) -> int:
+    """Requests for `needle` in a pod's log (veil echo logs each with ECHO_LOG_REQUESTS=1)."""
+    pod = labmod.find_pod(lab, f"deploy/{deployment}", MESH)["name"]
+    log = store.lab_dir(lab) / "logs" / f"{MESH}_{pod}_echo.log"
+    pattern = re.compile(rf"echo: GET {re.escape(needle)}(\?\S*)? from")
+    return sum(1 for line in log.read_text().splitlines() if pattern.search(line))
+
+
+# -- Gateway API: conformance/tests/mesh ------------------------------------------------------
+
+
+def test_MeshBasic(alab):
+    expect(alab, [Case(address="echo")])
+
+
+def test_MeshTrafficSplit(alab):
+    with applied(alab, up("mesh-split")):
+        expect(
+            alab,
+            [
+                Case(path="/v1", backend="echo-v1", seen_path="/v1"),
+                Case(path="/v2", backend="echo-v2", seen_path="/v2"),
+            ],
+        )
+
+
+def test_MeshPorts(alab):
+    with applied(alab, up("mesh-ports")):
+        expect(
+            alab,
+            [
+                Case(address="echo-v1", backend="echo-v1", response_headers={"X-Header-Set": "v1"}),
+                Case(address="echo-v1:8080", backend="echo-v1", absent_response=["X-Header-Set"]),
+                Case(address="echo-v2", backend="echo-v2", response_headers={"X-Header-Set": "v2"}),
+                Case(
+                    address="echo-v2:8080",
+                    backend="echo-v2",
+                    response_headers={"X-Header-Set": "v2"},
+                ),
+            ],
+        )
+
+
+def test_MeshFrontend(alab):
+    v2 = pod_ip(alab, "echo-v2")
+    with applied(alab, up("mesh-frontend")):
+        expect(
+            alab,
+            [
+                Case(
+                    address="echo-v2", backend="echo-v2", response_headers={"X-Header-Set": "set"}
+                ),
+                # to the pod's IP: no Service, so no route applies
+                Case(address=f"{v2}:8080", backend="echo-v2", absent_response=["X-Header-Set"]),
+            ],
+        )
+
+
+def test_MeshFrontendHostname(alab):
+    """Routing follows the Service addressed, never the Host header."""
+    with applied(alab, up("mesh-frontend")):
+        expect(
+            alab,
+            [
+                Case(
+                    address="echo-v2",
+                    host="echo-v1",
+                    backend="echo-v2",
+                    response_headers={"X-Header-Set": "set"},
+                ),
+                Case(
+                    address="echo-v1",
+                    host="echo-v2",
+                    backend="echo-v1",
+                    absent_response=["X-Header-Set"],
+                ),
+            ],
+        )
+
+
+def test_MeshConsumerRoute(alab):
+    with applied(alab, up("mesh-consumer-route")):
+        to = f"echo-v1.{MESH}"
+        expect(
+            alab,
+            [Case(address=to, backend="echo-v1", response_headers={"X-Header-Set": "set"})],
+            client=("deploy/echo-v1", CONSUMER),
+        )
+        expect(alab, [Case(address=to, backend="echo-v1", absent_response=["X-Header-Set"])])
+
+
+def test_MeshHTTPRouteSimpleSameNamespace(alab):
+    with applied(alab, up("httproute-simple-same-namespace")):
+        expect(alab, [Case(address="echo", backend="echo-v1", namespace=MESH)])
+
+
+def test_MeshHTTPRouteMatching(alab):
+    with applied(alab, up("httproute-matching")):
+        v1, v2 = "echo-v1", "echo-v2"
+        expect(
+            alab,
+            [
+                Case(path="/", backend=v1),
+                Case(path="/example", backend=v1),
+                Case(path="/", headers={"Version": "one"}, backend=v1),
+                Case(path="/v2", backend=v2),
+                Case(path="/v2/example", backend=v2),
+                Case(path="/", headers={"Version": "two"}, backend=v2),
+                Case(path="/v2/", backend=v2),
+                Case(path="/v2example", backend=v1),
+                Case(path="/foo/v2/example", backend=v1),
+            ],
+        )
+
+
+def test_MeshHTTPRouteQueryParamMatching(alab):
+    with applied(alab, up("httproute-query-param-matching")):
+        v1, v2 = "echo-v1", "echo-v2"
+        expect(
+            alab,
+            [
+                Case(path="/?animal=whale", backend=v1),
+                Case(path="/?animal=dolphin", backend=v2),
+                Case(path="/?animal=whale&otherparam=irrelevant", backend=v1),
+                Case(path="/?animal=dolphin&color=yellow", backend=v2),
+                Case(path="/?color=blue", status=404),
+                Case(path="/?animal=dog", status=404),
+                Case(path="/?animal=whaledolphin", status=404),
+                Case(path="/", status=404),
+                Case(path="/path1?animal=whale", backend=v1),
+                Case(path="/?animal=whale", headers={"version": "one"}, backend=v2),
+                Case(path="/path3?animal=shark", backend=v1),
+                Case(path="/path4?animal=kraken", headers={"version": "three"}, backend=v1),
+                Case(path="/?animal=shark", status=404),
+                Case(path="/path4?animal=kraken", status=404),
+                Case(path="/path5?animal=hydra", backend=v1),
+            ],
+        )
+
+
+def test_MeshHTTPRouteNamedRule(alab):
+    """Upstream's second case expects the backend to see `/named` for `/unnamed` (a slip its
+    mesh client does not catch: it never compares paths); here the path is checked."""
+    with applied(alab, up("httproute-named-rule")):
+        expect(
+            alab,
+            [
+                Case(path="/named", backend="echo-v1", seen_path="/named"),
+                Case(path="/unnamed", backend="echo-v2", seen_path="/unnamed"),
+            ],
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "status"),
+    [
+        ("httproute-303-redirect", "/redirect", 303),
+        ("httproute-307-redirect", "/temporary", 307),
+        ("httproute-308-redirect", "/permanent", 308),
+    ],
+)
+def test_MeshHTTPRouteRedirectStatus(alab, name, path, status):
+    """MeshHTTPRoute303Redirect, MeshHTTPRoute307Redirect, MeshHTTPRoute308Redirect."""
+    with applied(alab, up(name)):
+        expect(alab, [Case(path=path, status=status, redirect={"path": path, "host": "echo"})])
+
+
+def test_MeshHTTPRouteRedirectHostAndStatus(alab):
+    with applied(alab, up("httproute-redirect-host-and-status")):
+        expect(
+            alab,
+            [
+                Case(path="/hostname-redirect", status=302, redirect={"host": "example.org"}),
+                Case(path="/host-and-status", status=301, redirect={"host": "example.org"}),
+            ],
+        )
+
+
+def test_MeshHTTPRouteRedirectPath(alab):
+    with applied(alab, up("httproute-redirect-path")):
+        org = "example.org"
+        expect(
+            alab,
+            [
+                Case(
+                    path="/original-prefix/lemon",
+                    status=302,
+                    redirect={"path": "/replacement-prefix/lemon"},
+                ),
+                Case(
+                    path="/full/path/original",
+                    status=302,
+                    redirect={"path": "/full-path-replacement"},
+                ),
+                Case(
+                    path="/path-and-host",
+                    status=302,
+                    redirect={"host": org, "path": "/replacement-prefix"},
+                ),
+                Case(path="/path-and-status", status=301, redirect={"path": "/replacement-prefix"}),
+                Case(
+                    path="/full-path-and-host",
+                    status=302,
+                    redirect={"host": org, "path": "/replacement-full"},
+                ),
+                Case(
+                    path="/full-path-and-status", status=301, redirect={"path": "/replacement-full"}
+                ),
+            ],
+        )
+
+
+def test_MeshHTTPRouteRedirectPort(alab):
+    with applied(alab, up("httproute-redirect-port")):
+        org = "example.org"
+        expect(
+            alab,
+            [
+                Case(path="/port", status=302, redirect={"port": "8083", "host": "echo"}),
+                Case(path="/port-and-host", status=302, redirect={"host": org, "port": "8083"}),
+                Case(path="/port-and-status", status=301, redirect={"port": "8083"}),
+                Case(
+                    path="/port-and-host-and-status",
+                    status=302,
+                    redirect={"port": "8083", "host": org},
+                ),
+            ],
+        )
+
+
+def test_MeshHTTPRouteSchemeRedirect(alab):
+    with applied(alab, up("httproute-redirect-scheme")):
+        org = "example.org"
+        expect(
+            alab,
+            [
+                Case(path="/scheme", status=302, redirect={"scheme": "https", "port": ""}),
+                Case(
+                    path="/scheme-and-host", status=302, redirect={"scheme": "https", "host": org}
+                ),
+                Case(path="/scheme-and-status", status=301, redirect={"scheme": "https"}),
+                Case(
+                    path="/scheme-and-host-and-status",
+                    status=302,
+                    redirect={"scheme": "https", "host": org},
+                ),
+            ],
+        )
+
+
+HEADER_CASES = [
+    Case(
+        path="/set",
+        headers={"Some-Other-Header": "val"},
+        seen_headers={"Some-Other-Header": "val", "X-Header-Set": "set-overwrites-values"},
+    ),
+    Case(
+        path="/set",
+        headers={"Some-Other-Header": "val", "X-Header-Set": "some-other-value"},
+        seen_headers={"Some-Other-Header": "val", "X-Header-Set": "set-overwrites-values"},
+    ),
+    Case(
+        path="/add",
+        headers={"Some-Other-Header": "val"},
+        seen_headers={"Some-Other-Header": "val", "X-Header-Add": "add-appends-values"},
+    ),
+    Case(
+        path="/add",
+        headers={"Some-Other-Header": "val", "X-Header-Add": "some-other-value"},
+        seen_headers={
+            "Some-Other-Header": "val",
+            "X-Header-Add": "some-other-value,add-appends-values",
+        },
+    ),
+    Case(path="/remove", headers={"X-Header-Remove": "val"}, absent_seen=["X-Header-Remove"]),
+    Case(
+        path="/multiple",
+        headers={
+            "X-Header-Set-2": "set-val-2",
+            "X-Header-Add-2": "add-val-2",
+            "X-Header-Remove-2": "remove-val-2",
+            "Another-Header": "another-header-val",
+        },
+        seen_headers={
+            "X-Header-Set-1": "header-set-1",
+            "X-Header-Set-2": "header-set-2",
+            "X-Header-Add-1": "header-add-1",
+            "X-Header-Add-2": "add-val-2,header-add-2",
+            "X-Header-Add-3": "header-add-3",
+            "Another-Header": "another-header-val",
+        },
+        absent_seen=["X-Header-Remove-1", "X-Header-Remove-2"],
+    ),
+    Case(
+        path="/case-insensitivity",
+        headers={"x-header-set": "original-val-set", "x-header-add": "original-val-add"},
+        seen_headers={"X-Header-Set": "header-set", "X-Header-Add": "original-val-add,header-add"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "name", ["httproute-request-header-modifier", "httproute-request-header-modifier-backend"]
+)
+def test_MeshHTTPRouteRequestHeaderModifier(alab, name):
+    """Both manifests of MeshHTTPRouteRequestHeaderModifier: the filter on the rule, then on
+    the backendRef."""
+    cases = [Case(**{**c.__dict__, "backend": "echo-v1", "namespace": MESH}) for c in HEADER_CASES]
+    with applied(alab, up(name)):
+        expect(alab, cases)
+
+
+def test_MeshHTTPRouteRewritePath(alab):
+    with applied(alab, up("httproute-rewrite-path")):
+        modified = {
+            "X-Header-Add": "header-val-1",
+            "X-Header-Add-Append": "append-val-1,header-val-2",
+            "X-Header-Set": "set-overwrites-values",
+        }
+        sent = {
+            "X-Header-Remove": "remove-val",
+            "X-Header-Add-Append": "append-val-1",
+            "X-Header-Set": "set-val",
+        }
+        expect(
+            alab,
+            [
+                Case(path="/prefix/one/two", backend="echo-v1", seen_path="/one/two"),
+                Case(path="/strip-prefix/three", backend="echo-v1", seen_path="/three"),
+                Case(path="/strip-prefix", backend="echo-v1", seen_path="/"),
+                Case(path="/full/one/two", backend="echo-v1", seen_path="/one"),
+                Case(
+                    path="/full/rewrite-path-and-modify-headers/test",
+                    headers=sent,
+                    seen_path="/test",
+                    seen_headers=modified,
+                    absent_seen=["X-Header-Remove"],
+                ),
+                Case(
+                    path="/prefix/rewrite-path-and-modify-headers/one",
+                    headers=sent,
+                    seen_path="/prefix/one",
+                    seen_headers=modified,
+                    absent_seen=["X-Header-Remove"],
+                ),
+            ],
+        )
+
+
+def weights(lab: str, path: str, n: int) -> dict[str, float]:
+    got = send(lab, [Case(path=path)] * n, ("deploy/echo-v1", MESH))
+    pods = [json.loads(g["body"])["pod"] for g in got if g.get("status") == 200]
+    assert len(pods) == n, [g for g in got if g.get("status") != 200][:3]
+    return {v: sum(p.startswith(v) for p in pods) / n for v in ("echo-v1", "echo-v2", "echo-v3")}
+
+
+def test_MeshHTTPRouteWeight(alab):
+    """Upstream sends batches and allows 5 points; 500 requests here, 3 sigma (6 points)."""
+    with applied(alab, up("httproute-weight")):
+        expect(alab, [Case(path="/", namespace=MESH)])
+        share = weights(alab, "/", 500)
+        assert abs(share["echo-v1"] - 0.7) < 0.06 and abs(share["echo-v2"] - 0.3) < 0.06, share
+
+
+def test_MeshGRPCRouteWeight(alab):
+    """GRPCRoute is not implemented: the route is refused (listed in docs/waypoint.md)."""
+    pytest.skip("GRPCRoute: not yet (docs/waypoint.md, acceptance table)")
+
+
+# -- Gateway API: HTTPRoute tests of conformance/tests, as mesh routes --------------------------
+
+
+def test_HTTPRouteRetry(alab):
+    """HTTPRouteRetry: echo-v1 fails a request's first n tries (`succeedAfter`, per uuid)."""
+    table = [
+        ("/retry/code-500-attempts-3", 500, 2, 200),
+        ("/retry/code-500-attempts-3", 500, 4, 500),
+        ("/retry/code-500-attempts-3", 503, 2, 503),
+        *[("/retry/code-all-attempts-2", code, 1, 200) for code in (500, 502, 503, 504)],
+        *[("/retry/code-all-attempts-2", code, 3, code) for code in (500, 502, 503, 504)],
+    ]
+
+    def cases() -> list[Case]:
+        return [
+            Case(
+                path=f"{p}?responseCode={code}&succeedAfter={after}&uuid={uuid.uuid4()}",
+                status=want,
+            )
+            for p, code, after, want in table
+        ]
+
+    with applied(alab, ADAPTED / "httproute-retry.yaml"):
+        expect(alab, cases)
+
+
+def test_HTTPRouteTimeoutRequest(alab):
+    with applied(alab, ADAPTED / "httproute-timeout-request.yaml"):
+        expect(
+            alab,
+            [
+                Case(path="/request-timeout", backend="echo-v1"),
+                Case(path="/request-timeout?delay=1s", status=504),
+                Case(path="/disable-request-timeout?delay=1s", backend="echo-v1"),
+            ],
+        )
+
+
+def test_HTTPRouteTimeoutBackendRequest(alab):
+    with applied(alab, ADAPTED / "httproute-timeout-backend-request.yaml"):
+        expect(
+            alab,
+            [
+                Case(path="/backend-timeout", backend="echo-v1"),
+                Case(path="/backend-timeout?delay=1s", status=504),
+                Case(path="/disable-backend-timeout?delay=1s", backend="echo-v1"),
+            ],
+        )
+
+
+def wait_for_mirrors(lab: str, want: Mapping[str, int], needle: str) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        got = {d: echo_log_count(lab, d, needle) for d in want}
+        if all(got[d] >= n for d, n in want.items()) or time.monotonic() > deadline:
+            assert got == dict(want), (needle, got)
+            return
+        time.sleep(0.2)
+
+
+def test_HTTPRouteRequestMirror_and_HTTPRouteRequestMultipleMirrors(alab):
+    with applied(alab, ADAPTED / "httproute-request-mirror.yaml"):
+        expect(alab, [Case(path="/mirror", backend="echo-v1")], in_a_row=1)
+        before = {d: echo_log_count(alab, d, "/mirror") for d in ("echo-v2", "echo-v3")}
+        expect(alab, [Case(path="/mirror", backend="echo-v1")] * 5, in_a_row=1)
+        wait_for_mirrors(alab, {"echo-v2": before["echo-v2"] + 5, "echo-v3": 0}, "/mirror")
+        sent = {
+            "X-Header-Remove": "remove-val",
+            "X-Header-Add-Append": "append-val-1",
+            "X-Header-Set": "set-val",
+        }
+        expect(
+            alab,
+            [
+                Case(
+                    path="/mirror-and-modify-headers",
+                    headers=sent,
+                    backend="echo-v1",
+                    seen_headers={
+                        "X-Header-Add": "header-val-1",
+                        "X-Header-Add-Append": "append-val-1,header-val-2",
+                        "X-Header-Set": "set-overwrites-values",
+                    },
+                    absent_seen=["X-Header-Remove"],
+                )
+            ],
+        )
+        wait_for_mirrors(alab, {"echo-v2": 3}, "/mirror-and-modify-headers")
+        expect(alab, [Case(path="/multi-mirror", backend="echo-v1")] * 4, in_a_row=1)
+        wait_for_mirrors(alab, {"echo-v2": 4, "echo-v3": 4}, "/multi-mirror")
+
+
+def test_HTTPRouteRequestPercentageMirror(alab):
+    """Upstream's band: 3 binomial standard deviations around the percentage."""
+    n = 300
+    with applied(alab, ADAPTED / "httproute-request-percentage-mirror.yaml"):
+        expect(alab, [Case(path="/percent-mirror", backend="echo-v1")], in_a_row=1)
+        for path, p in (("/percent-mirror", 0.2), ("/percent-mirror-fraction", 0.5)):
+            before = echo_log_count(alab, "echo-v2", path)
+            got = send(alab, [Case(path=path)] * n, ("deploy/echo-v1", MESH))
+            assert all(g.get("status") == 200 for g in got)
+            time.sleep(1.0)  # mirrors are fire-and-forget
+            mirrored = echo_log_count(alab, "echo-v2", path) - before
+            margin = 3 * (n * p * (1 - p)) ** 0.5
+            assert abs(mirrored - n * p) <= margin, (path, mirrored, n * p, margin)
+
+
+def test_HTTPRouteInvalidCrossNamespaceBackendRef(alab):
+    with applied(alab, ADAPTED / "httproute-invalid-cross-namespace-backend-ref.yaml"):
+        expect(alab, [Case(path="/", status=500)])
+
+
+# -- Istio: tests/integration/ambient/baseline_test.go ---------------------------------------
+
+WAYPOINT_PRINCIPAL = f"cluster.local/ns/{MESH}/sa/waypoint"
+CLIENT_PRINCIPAL = f"cluster.local/ns/{MESH}/sa/echo"
+
+
+def policy(name: str, ns: str, spec: str) -> str:
+    return (
+        f"apiVersion: security.veil.dev/v1\nkind: AuthorizationPolicy\n"
+        f"metadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n---\n"
+    )
+
+
+L7_RULES = f"""  rules:
+  - to: [{{operation: {{paths: ["/allowed"], methods: ["GET"]}}}}]
+  - from: [{{source: {{principals: ["{CLIENT_PRINCIPAL}"]}}}}]
+    to: [{{operation: {{paths: ["/allowed-identity"], methods: ["GET"]}}}}]
+  - from: [{{source: {{principals: ["cluster.local/ns/{MESH}/sa/someone-else"]}}}}]
+    to: [{{operation: {{paths: ["/denied-identity"], methods: ["GET"]}}}}]
+  - to: [{{operation: {{methods: ["GET"], paths: ["/allowed-wildcard*"]}}}}]
+  - to: [{{operation: {{methods: ["GET"], paths: ["/headers"]}}}}]
+    when:
+    - {{key: "request.headers[x-test-header]", values: ["match"], notValues: ["do-not-match"]}}
+  - to: [{{operation: {{methods: ["POST"]}}}}]"""
+TO_WAYPOINT = "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n"
+DENY = '  action: DENY\n  rules:\n  - to: [{operation: {paths: ["/explicit-deny"]}}]'
+
+
+def test_istio_TestAuthorizationL7(alab, tmp_path):
+    """The service-addressed-waypoint destination: the workload policy lets the waypoint in,
+    the waypoint's policies (targetRefs to the Gateway) decide per request. Upstream also puts
+    the DENY `paths: [/explicit-deny]` on the workloads (`selector`); an agent cannot see
+    paths, and a DENY rule whose HTTP fields it cannot judge applies without them (fail closed,
+    as Istio's own ambient conversion: "for DENY they will always match"), which would refuse
+    the waypoint too; so that copy is left out here and the waypoint's DENY decides."""
+    f = tmp_path / "l7.yaml"
+    f.write_text(
+        policy(
+            "policy",
+            MESH,
+            "  selector: {matchLabels: {app: echo}}\n"
+            f'  rules:\n  - from: [{{source: {{principals: ["{WAYPOINT_PRINCIPAL}"]}}}}]',
+        )
+        + policy("policy-waypoint", MESH, TO_WAYPOINT + L7_RULES)
+        + policy("deny-policy-waypoint", MESH, TO_WAYPOINT + DENY)
+    )
+    with applied(alab, f):
+        expect(
+            alab,
+            [
+                Case(address="echo-v2", path="/deny", status=403),  # simple deny
+                Case(address="echo-v2", path="/allowed", backend="echo-v2"),  # simple allow
+                Case(address="echo-v2", path="/denied-identity", status=403),
+                Case(address="echo-v2", path="/allowed-identity", backend="echo-v2"),
+                Case(address="echo-v2", path="/explicit-deny", method="POST", status=403),
+                Case(address="echo-v2", path="/allowed-wildcardtest", backend="echo-v2"),
+                Case(address="echo-v2", path="/headers", headers={"x-test-header": "match"}),
+                Case(
+                    address="echo-v2",
+                    path="/headers",
+                    headers={"x-test-header": "do-not-match"},
+                    status=403,
+                ),
+            ],
+        )
+
+
+def test_istio_TestAuthorizationWaypointDefaultDeny(alab, tmp_path):
+    allow_nothing = tmp_path / "allow-nothing.yaml"
+    allow_nothing.write_text(policy("allow-nothing", "veil-system", "  {}"))
+    from_waypoint = tmp_path / "from-waypoint.yaml"
+    from_waypoint.write_text(
+        policy(
+            "allow-from-waypoint",
+            MESH,
+            "  action: ALLOW\n  rules:\n"
+            f'  - from: [{{source: {{principals: ["{WAYPOINT_PRINCIPAL}"]}}}}]',
+        )
+    )
+    waypoint_nothing = tmp_path / "allow-nothing-waypoint.yaml"
+    waypoint_nothing.write_text(
+        policy(
+            "allow-nothing-waypoint",
+            "veil-system",
+            '  targetRefs: [{group: "gateway.networking.k8s.io", kind: GatewayClass, '
+            "name: veil-waypoint}]",
+        )
+    )
+    with applied(alab, allow_nothing):
+        assert refused(alab, "echo-v2")  # allow-nothing: the workload refuses the waypoint
+        with applied(alab, from_waypoint):
+            expect(alab, [Case(address="echo-v2", backend="echo-v2")])
+            with applied(alab, waypoint_nothing):
+                expect(alab, [Case(address="echo-v2", status=403)])
+
+
+def refused(lab: str, address: str, timeout: float = 30) -> bool:
+    """Istio's CheckDeny for a waypoint whose upstream refuses it: no 2xx answer."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while time.monotonic() < deadline:
+        got = send(lab, [Case(address=address)], ("deploy/echo-v1", MESH))[0]
+        streak = streak + 1 if "error" in got or got["status"] >= 400 else 0
+        if streak >= 3:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.fixture
+def cleanup(alab: str) -> Iterator[list[tuple[str, str]]]:
+    """(kind, name) of objects in the mesh namespace a test applied by hand: removed after it."""
+    objects: list[tuple[str, str]] = []
+    yield objects
+    for kind, name in objects:
+        veil("lab", "delete", "--name", alab, kind, name, "-n", MESH, check=False)
+    if objects:
+        time.sleep(1.0)
+
+
+def test_istio_TestL7JWT(alab, tmp_path, cleanup):
+    """waypoint-jwt.yaml.tmpl: two issuers trusted at the waypoint (targetRefs), a third only
+    by a `selector` RequestAuthentication, which a waypoint ignores."""
+    iss1, iss2, iss3 = (Issuer(f"test-issuer-{i}@istio.io") for i in (1, 2, 3))
+    iss2.key = iss3.key = iss1.key  # one JWKS for all three, as upstream's jwks.json
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(iss1.jwks())
+    f = tmp_path / "jwt.yaml"
+    f.write_text(
+        f"""apiVersion: security.veil.dev/v1
+kind: RequestAuthentication
+metadata: {{name: default-echo, namespace: {MESH}}}
+spec:
+{TO_WAYPOINT}  jwtRules:
+  - {{issuer: "test-issuer-1@istio.io", jwksUri: "file://{jwks}"}}
+  - {{issuer: "test-issuer-2@istio.io", jwksUri: "file://{jwks}"}}
+---
+"""
+        + policy(
+            "authz-gateway-echo",
+            MESH,
+            TO_WAYPOINT
+            + "  rules:\n"
+            + '  - from: [{source: {requestPrincipals: ["test-issuer-1@istio.io/sub-1"]}},'
+            + ' {source: {requestPrincipals: ["test-issuer-3@istio.io/sub-1"]}}]\n'
+            + '  - to: [{operation: {paths: ["/healthz"]}}]',
+        )
+    )
+
+    ignored = tmp_path / "ignored.yaml"
+    ignored.write_text(
+        f"""apiVersion: security.veil.dev/v1
+kind: RequestAuthentication
+metadata: {{name: ignored-echo, namespace: {MESH}}}
+spec:
+  selector: {{matchLabels: {{gateway.networking.k8s.io/gateway-name: waypoint}}}}
+  jwtRules:
+  - {{issuer: "test-issuer-3@istio.io", jwksUri: "file://{jwks}"}}"""
+    )
+
+    def bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    with applied(alab, f):
+        # Veil takes `targetRefs` only: the API server refuses the `selector` one (not in the
+        # CRD's schema); the manifest source keeps it out of every waypoint's state
+        # (logged as invalid). Either way issuer 3 is not trusted, as upstream expects.
+        refused_or_kept = veil("lab", "apply", "--name", alab, "-f", str(ignored), check=False)
+        if refused_or_kept.returncode:
+            assert "selector" in refused_or_kept.stderr + refused_or_kept.stdout
+        else:
+            cleanup.append(("requestauthentication", "ignored-echo"))
+        expect(
+            alab,
+            [
+                Case(address="echo-v2", status=403),  # deny without token
+                Case(address="echo-v2", headers=bearer(iss1.token("sub-1")), backend="echo-v2"),
+                Case(address="echo-v2", headers=bearer(iss3.token("sub-1")), status=401),
+                Case(address="echo-v2", headers=bearer(iss2.token("sub-2")), status=403),
+                Case(address="echo-v2", headers=bearer(iss1.token("sub-1", ttl=-3600)), status=401),
+                Case(address="echo-v2", path="/healthz", backend="echo-v2"),  # allow healthz
+            ],
+        )
+
+
+def test_istio_TestPodIP(alab):
+    """Every pod reaches every pod by IP on its workload port, HTTP and TCP: service-addressed
+    waypoints are not on the way (traffic to a pod IP)."""
+    ips = {d: pod_ip(alab, d) for d in ("echo-v1", "echo-v2", "echo-v3")}
+    ips["captured-v1"] = pod_ip(alab, "captured-v1", CAPTURED)
+    cases = [Case(address=f"{ip}:8080", backend=d) for d, ip in ips.items()]
+    expect(alab, cases)
+    expect(alab, cases, client=("deploy/echo-v1", CONSUMER))
+
+
+def test_istio_TestBogusUseWaypoint(alab):
+    """A use-waypoint naming no Gateway is ignored: the service keeps working at L4."""
+    target = Case(address=f"captured.{CAPTURED}", backend="captured-v1")
+    expect(alab, [target])
+    veil("lab", "label", "--name", alab, "ns", CAPTURED, "veil.dev/use-waypoint=bogus-waypoint")
+    try:
+        time.sleep(1.0)
+        expect(alab, [target])
+    finally:
+        veil("lab", "label", "--name", alab, "ns", CAPTURED, "veil.dev/use-waypoint-")
+    expect(alab, [target])
