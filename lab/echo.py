@@ -8,13 +8,17 @@ that long, and `ECHO_FAIL=<code>` in the environment makes the pod answer every 
 that status (a broken replica); `ECHO_LOG_REQUESTS=1` logs each request. As Gateway API's
 echo-basic (for the acceptance suite): `?delay=<duration>` (`500ms`, `1s`) waits that long,
 and `?uuid=<id>&succeedAfter=<n>` fails the first n requests with that uuid, with
-`?responseCode=<code>` or else by resetting the connection.
+`?responseCode=<code>` or else by resetting the connection. A WebSocket handshake
+(`Upgrade: websocket`) is accepted and every text or binary message is sent back.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
+import struct
 import sys
 from urllib.parse import parse_qs
 
@@ -87,11 +91,83 @@ def simulated_failure(target: str) -> int | None:
 
 
 LOG_REQUESTS = os.environ.get("ECHO_LOG_REQUESTS") == "1"
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
+WS_MAX_MESSAGE = 1 << 20
+
+
+def websocket_accept(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+
+
+def ws_frames(buf: bytearray) -> list[tuple[int, bytes]]:
+    """Complete client frames taken off the front of `buf` (opcode, unmasked payload), sans-IO.
+    ValueError for what RFC 6455 forbids a client (unmasked frames) or past the size limit."""
+    out = []
+    while len(buf) >= 2:
+        b0, b1 = buf[0], buf[1]
+        n, at = b1 & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                break
+            (n,), at = struct.unpack("!H", buf[2:4]), 4
+        elif n == 127:
+            if len(buf) < 10:
+                break
+            (n,), at = struct.unpack("!Q", buf[2:10]), 10
+        if not b1 & 0x80:
+            raise ValueError("client frames must be masked")
+        if n > WS_MAX_MESSAGE:
+            raise ValueError("frame too large")
+        if len(buf) < at + 4 + n:
+            break
+        mask = buf[at : at + 4]
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(buf[at + 4 : at + 4 + n]))
+        del buf[: at + 4 + n]
+        out.append((b0 & 0x0F, payload))
+    return out
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return head + payload
+
+
+async def ws_echo(stream: trio.abc.Stream, leftover: bytes) -> None:
+    """Echo text and binary messages back, answer pings and close: one unfragmented frame each."""
+    buf = bytearray(leftover)
+    while True:
+        try:
+            frames = ws_frames(buf)
+        except ValueError:
+            await stream.send_all(ws_frame(0x8, struct.pack("!H", 1002)))
+            return
+        for opcode, payload in frames:
+            if opcode in (0x1, 0x2):
+                await stream.send_all(ws_frame(opcode, payload))
+            elif opcode == 0x9:
+                await stream.send_all(ws_frame(0xA, payload))
+            elif opcode == 0x8:
+                await stream.send_all(ws_frame(0x8, payload[:2]))
+                return
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        buf += data
 
 
 async def handle(req: http.Request) -> http.Response:
     if LOG_REQUESTS:  # tests count mirrored requests in the pod's log, as echo-basic's
         print(f"echo: {req.method} {req.target} from {req.peer}", file=sys.stderr, flush=True)
+    if req.headers.get("upgrade", "").lower() == "websocket" and "sec-websocket-key" in req.headers:
+        accept = websocket_accept(req.headers["sec-websocket-key"])
+        headers = {"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-accept": accept}
+        return http.Response(101, headers=headers, takeover=ws_echo)
     if wait := delay_for(req.target) or query_delay(req.target):
         await trio.sleep(wait)
     if (failure := simulated_failure(req.target)) is not None:

@@ -59,12 +59,18 @@ def _joined(fields: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     return out
 
 
+# After a 101 (Switching Protocols): the connection's stream and the bytes already read past
+# the request; the new protocol is the callee's until it returns.
+Takeover = Callable[[trio.abc.Stream, bytes], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class Response:
     status: int
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
     headers: Mapping[str, str] = field(default_factory=dict)
+    takeover: Takeover | None = None  # with status 101: what runs the connection after it
 
     @classmethod
     def json(cls, status: int, doc: Any) -> Response:
@@ -171,6 +177,11 @@ async def handle_connection(
                     "handler failed for %s %s (this is a bug)", request.method, request.target
                 )
                 resp = Response.json(500, {"error": "internal error", "code": "internal"})
+            if resp.status == 101 and resp.takeover is not None:
+                switch = h11.InformationalResponse(status_code=101, headers=[*resp.headers.items()])
+                await stream.send_all(conn.send(switch) or b"")
+                await resp.takeover(stream, conn.trailing_data[0])
+                return
             await _send(conn, stream, resp)
             if conn.our_state is h11.MUST_CLOSE:
                 return

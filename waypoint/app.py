@@ -56,7 +56,7 @@ from veil.runtime.telemetry.admin import AdminService
 from veil.waypoint import http1, normalize, pipeline
 from veil.waypoint.exchange import DIAL_ERRORS, Forwarder, Request
 from veil.waypoint.http2 import H2Exchange, H2Server
-from veil.waypoint.messages import HttpError, drain_request, local_reply
+from veil.waypoint.messages import HttpError, drain_request, local_reply, relay
 from veil.waypoint.normalize import PathNormalization
 from veil.waypoint.pipeline import Caller, Destination, Redirect, Reply
 from veil.waypoint.resilience import Limits
@@ -309,8 +309,8 @@ class WaypointServer:
             if first:
                 await up.send(first)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pipe, stream, up)
-                nursery.start_soon(pipe, up, stream)
+                nursery.start_soon(relay, stream, up)
+                nursery.start_soon(relay, up, stream)
         finally:
             up.close()
 
@@ -329,6 +329,8 @@ class WaypointServer:
                 if not await self._one_request(down, stream, ev, dest, peer, client_ip):
                     stream.reset()
                     return
+                if down.our_state is h11.SWITCHED_PROTOCOL:
+                    return  # a WebSocket: relayed to its end by the forwarder
                 if down.our_state is h11.MUST_CLOSE or down.their_state is h11.MUST_CLOSE:
                     break
                 if down.their_state is not h11.DONE:
@@ -451,17 +453,3 @@ class WaypointServer:
                 else dest.authority
             ),
         )
-
-
-async def pipe(src: Stream, dst: Stream) -> None:
-    """Copy one HBONE stream into another until end of stream (then half-close) or reset."""
-    try:
-        while True:
-            data = await src.receive()
-            if not data:
-                await dst.send_eof()
-                return
-            await dst.send(data)
-    except HboneError:
-        dst.reset()
-        src.reset()

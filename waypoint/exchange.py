@@ -31,6 +31,7 @@ from veil.waypoint.messages import (
     next_event,
     read_body,
     redirect,
+    relay,
     send,
 )
 from veil.waypoint.pipeline import Destination, Plan, Redirect, pick_endpoint
@@ -60,6 +61,15 @@ class Request:
     dest: Destination
     rec: RequestRecord
     client_ip: str
+
+
+def switched(plan: Plan, answer: Any) -> bool:
+    """A 101 to a WebSocket upgrade the plan passed on."""
+    return (
+        plan.websocket
+        and isinstance(answer, h11.InformationalResponse)
+        and (answer.status_code == 101)
+    )
 
 
 def service_key(service: Service | None) -> str:
@@ -140,10 +150,13 @@ class Forwarder:
                     )
                 rec.retries += 1
                 await trio.sleep(plan.retry.delay(attempt, self.rng))
-            await self._respond(plan, req, *resp)
+            if not switched(plan, resp[1]):
+                await self._respond(plan, req, *resp)
         if deadline.cancelled_caught:
             what = "no response" if resp is None else "the response not complete"
             raise HttpError(504, "UT", f"{what} within {plan.timeout:g}s (timeouts.request)")
+        if resp is not None and switched(plan, resp[1]):  # lives past timeouts.request
+            await self._switch(plan, req, *resp)
 
     def _pick(self, plan: Plan, req: Request) -> tuple[Workload, int]:
         dest, rec = req.dest, req.rec
@@ -206,7 +219,9 @@ class Forwarder:
                     )
                 with trio.fail_after(limit):
                     answer = await next_event(up.conn, up.stream)
-                    while isinstance(answer, h11.InformationalResponse):
+                    while isinstance(answer, h11.InformationalResponse) and not switched(
+                        plan, answer
+                    ):
                         answer = await next_event(up.conn, up.stream)
             except trio.TooSlowError:
                 self.upstreams.drop(up)
@@ -216,7 +231,7 @@ class Forwarder:
             except (h11.ProtocolError, HboneError) as e:
                 self.upstreams.drop(up)
                 raise TryFailed(str(e)) from None
-            if not isinstance(answer, h11.Response):
+            if not isinstance(answer, h11.Response) and not switched(plan, answer):
                 self.upstreams.drop(up)
                 raise TryFailed("closed without a response")
             return up, answer
@@ -246,6 +261,43 @@ class Forwarder:
             self.upstreams.drop(up)
             raise
         self.upstreams.release(up)
+
+    async def _switch(self, plan: Plan, req: Request, up: Upstream, answer: Any) -> None:
+        """The backend accepted the WebSocket (101): the client gets the 101, then the bytes
+        of both sides are relayed as they come until both ends close. Authorization, routing
+        and the upgrade itself were judged on the request; the frames are the app's."""
+        rec = req.rec
+        rheaders = http1.end_to_end(
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in answer.headers]
+        )
+        for modifier in plan.response_headers:
+            rheaders = modifier.apply(rheaders)
+        try:
+            head = h11.InformationalResponse(
+                status_code=101, headers=[*rheaders, *http1.UPGRADE_HEADERS]
+            )
+            await send(req.down, req.stream, head)
+            rec.response_code = 101
+            if early := up.conn.trailing_data[0]:  # the backend spoke right after its 101
+                await req.stream.send(early)
+                rec.response_bytes += len(early)
+            if early := req.down.trailing_data[0]:
+                await up.stream.send(early)
+                rec.request_bytes += len(early)
+            async with trio.open_nursery() as nursery:
+
+                async def down_to_up() -> None:
+                    rec.request_bytes += await relay(req.stream, up.stream)
+
+                async def up_to_down() -> None:
+                    rec.response_bytes += await relay(up.stream, req.stream)
+
+                nursery.start_soon(down_to_up)
+                nursery.start_soon(up_to_down)
+        except (h11.ProtocolError, HboneError) as e:
+            raise HttpError(502, "UPE", f"upstream {rec.upstream}: {e}") from None
+        finally:
+            self.upstreams.drop(up)  # never reused: it speaks WebSocket now
 
     def _mirror(self, ref: BackendRef, plan: Plan, body: bytes, client_ip: str) -> None:
         """Send a copy to the mirror backend and forget the answer (never slows the original)."""

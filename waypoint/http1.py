@@ -35,6 +35,23 @@ _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/1\.
 MAX_REQUEST_LINE = 8192  # longer than this without a line end: not HTTP/1.x we will parse
 
 
+def websocket_upgrade(headers: Iterable[tuple[str, str]]) -> bool:
+    """An HTTP/1.1 request asking to switch to WebSocket (RFC 6455 4.1): `Upgrade: websocket`
+    and `upgrade` among the Connection options. Other upgrades (h2c, ...) are not passed on:
+    their hop-by-hop headers are dropped and the request goes as plain HTTP/1.1."""
+    upgrade = connection = False
+    for n, v in headers:
+        name = n.lower()
+        if name == "upgrade":
+            upgrade = upgrade or any(t.strip().lower() == "websocket" for t in v.split(","))
+        elif name == "connection":
+            connection = connection or any(t.strip().lower() == "upgrade" for t in v.split(","))
+    return upgrade and connection
+
+
+UPGRADE_HEADERS = [("connection", "Upgrade"), ("upgrade", "websocket")]
+
+
 def detect(buf: bytes) -> str | None:
     """`http1`, `h2` (prior knowledge) or `tcp` once the first bytes a client sent make it
     certain; None while they are still the start of an HTTP/1.x request line or of the HTTP/2

@@ -246,6 +246,7 @@ def _request(headers: list[tuple[Any, Any]], has_body: bool) -> h11.Request | No
             method=pseudo.get(":method", "GET"),
             target=pseudo.get(":path", "/"),
             headers=[("host", authority), *out],
+            http_version="2.0",  # never an HTTP/1.1 upgrade (RFC 9113 8.2.2)
         )
     except h11.LocalProtocolError:
         return None

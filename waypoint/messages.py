@@ -155,3 +155,21 @@ async def redirect(down: Any, stream: Stream, status: int, location: str) -> Non
         h11.Response(status_code=status, headers=[("location", location), ("content-length", "0")]),
     )
     await send(down, stream, h11.EndOfMessage())
+
+
+async def relay(src: Stream, dst: Stream) -> int:
+    """Copy one HBONE stream into another until end of stream (then half-close) or reset;
+    the bytes moved."""
+    moved = 0
+    try:
+        while True:
+            data = await src.receive()
+            if not data:
+                await dst.send_eof()
+                return moved
+            moved += len(data)
+            await dst.send(data)
+    except HboneError:
+        dst.reset()
+        src.reset()
+        return moved

@@ -185,6 +185,7 @@ class Plan:
     response_headers: tuple[HeaderModifier, ...] = ()  # the rule's, then the backendRef's
     chunked: bool = False  # the request body is streamed with chunked encoding
     audited: tuple[str, ...] = ()  # AUDIT policies whose rules matched
+    websocket: bool = False  # an HTTP/1.1 WebSocket upgrade: relayed as bytes after a 101
 
     @property
     def replayable_length(self) -> int | None:
@@ -328,6 +329,9 @@ def _plan(  # noqa: PLR0917
     chunked = http1.is_chunked(headers)
     if chunked:  # streamed as it comes, re-chunked by h11
         out.append(("transfer-encoding", "chunked"))
+    websocket = req.http_version == b"1.1" and http1.websocket_upgrade(headers)
+    if websocket:  # hop-by-hop, but the backend must see the proposal to accept it
+        out += http1.UPGRADE_HEADERS
     upstream_target = target.encode("latin-1")
     if hit is not None and rule is not None:
         if rule.request_headers is not None:
@@ -382,6 +386,7 @@ def _plan(  # noqa: PLR0917
             if m is not None
         ),
         chunked=chunked,
+        websocket=websocket,
     )
 
 

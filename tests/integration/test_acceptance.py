@@ -34,6 +34,7 @@ import yaml
 
 from tests.support.jwt import Issuer
 from tests.support.lab import lab_exec, leftovers, new_lab_name, veil
+from tests.support.logs import wait_for_access
 from veil.lab import lab as labmod
 from veil.lab import store, upstream
 
@@ -41,6 +42,7 @@ HERE = Path(__file__).parent / "acceptance"
 UPSTREAM = HERE / "gateway-api"
 ADAPTED = HERE / "adapted"
 REQUESTER = str(Path(__file__).parent.parent / "support" / "requester.py")
+WSCLIENT = str(Path(__file__).parent.parent / "support" / "wsclient.py")
 MESH = "gateway-conformance-mesh"
 CONSUMER = "gateway-conformance-mesh-consumer"
 CAPTURED = "ambient-captured"
@@ -676,6 +678,29 @@ def test_HTTPRouteRequestPercentageMirror(alab):
 def test_HTTPRouteInvalidCrossNamespaceBackendRef(alab):
     with applied(alab, ADAPTED / "httproute-invalid-cross-namespace-backend-ref.yaml"):
         expect(alab, [Case(path="/", status=500)])
+
+
+def test_HTTPRouteBackendProtocolWebSocket(alab):
+    """A WebSocket through the waypoint: the upgrade judged and routed as a request, then the
+    frames relayed both ways (echo-v1 echoes each message)."""
+    with applied(alab, ADAPTED / "httproute-backend-protocol-websocket.yaml"):
+        deadline, got = time.monotonic() + 30, {}
+        while time.monotonic() < deadline:
+            out = lab_exec(
+                alab, "deploy/echo-v1", sys.executable, WSCLIENT, "echo:8082", "/ws",
+                "Websocket Support!", "x" * 70_000, ns=MESH, check=False,
+            )  # fmt: skip
+            got = json.loads(out.stdout or "{}")
+            if got.get("status") == 101:
+                break
+            time.sleep(0.5)
+        assert got["status"] == 101 and got["accept_ok"], got
+        assert got["echoed"] == ["Websocket Support!", "x" * 70_000]
+        wp = labmod.find_pod(alab, "deploy/waypoint", MESH)["name"]
+        log = store.lab_dir(alab) / "logs" / f"{MESH}_{wp}_waypoint.log"
+        seen = wait_for_access(log, lambda es: any(e["response_code"] == 101 for e in es))
+        ws = next(e for e in seen if e["response_code"] == 101)
+        assert ws["path"] == "/ws" and ws["request_bytes"] > 70_000, ws
 
 
 # -- Istio: tests/integration/ambient/baseline_test.go ---------------------------------------

@@ -22,8 +22,10 @@ def frame(text: str) -> bytes:
     n = len(payload)
     if n < 126:
         head += bytes([0x80 | n])
-    else:
+    elif n < 1 << 16:
         head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 

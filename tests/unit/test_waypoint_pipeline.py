@@ -451,3 +451,41 @@ def test_a_backend_refs_own_filters_apply_when_it_is_picked():
     )
     out = run(bad)
     assert isinstance(out, Reply) and out.status == 500 and "backendRefs[0].filters[0]" in out.why
+
+
+# -- WebSocket upgrades (issue 22.2) ----------------------------------------------------------
+
+WS = [("connection", "keep-alive, Upgrade"), ("upgrade", "websocket"), ("sec-websocket-key", "k")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "websocket"),
+    [
+        (WS, True),
+        ([("connection", "Upgrade"), ("upgrade", "WebSocket")], True),  # tokens: any case
+        ([("upgrade", "websocket")], False),  # no Connection: upgrade
+        ([("connection", "upgrade"), ("upgrade", "h2c")], False),  # other protocols: not passed
+    ],
+)
+def test_a_websocket_upgrade_is_passed_on_with_its_hop_by_hop_headers(headers, websocket):
+    p = run(headers=headers)
+    assert isinstance(p, Plan) and p.websocket is websocket
+    names = {n.lower(): v for n, v in p.headers}
+    assert ("upgrade" in names) is websocket and ("connection" in names) is websocket
+    if websocket:
+        assert names["upgrade"] == "websocket" and names["connection"] == "Upgrade"
+
+
+def test_a_websocket_upgrade_is_judged_like_any_request():
+    deny = service_policy("no-ws", "DENY", {"paths": ["/ws"]})
+    p = run(deny, wire="GET /ws HTTP/1.1", headers=WS)
+    assert isinstance(p, Reply) and p.status == 403
+
+
+def test_http2_requests_are_never_upgrades():
+    state = build_state(BASE, 1, fetch_jwks)
+    dest = pipeline.destination(state, ME, ("10.96.0.5", 80))
+    assert not isinstance(dest, str)
+    req = h11.Request(method="GET", target="/", headers=[("host", "c"), *WS], http_version="2.0")
+    p = pipeline.plan(state, ME, dest, CALLER, req, rng=random.Random(7))
+    assert isinstance(p, Plan) and not p.websocket

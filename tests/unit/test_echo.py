@@ -1,0 +1,73 @@
+"""`veil echo`, the lab's test backend: the hooks the acceptance suite relies on (echo-basic's
+query parameters, a WebSocket echo), pure parts and one real connection."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from veil.lab import echo
+from veil.runtime import http
+
+WSCLIENT = str(Path(__file__).parent.parent / "support" / "wsclient.py")
+
+
+@pytest.mark.parametrize(
+    ("target", "seconds"),
+    [("/?delay=1s", 1.0), ("/x?delay=500ms", 0.5), ("/?delay=1.5s", 1.5), ("/?delay=9h", 0.0)],
+)
+def test_delay_takes_go_durations(target, seconds):
+    assert echo.query_delay(target) == seconds
+
+
+def test_succeed_after_fails_the_first_tries_of_each_uuid():
+    echo.ATTEMPTS.clear()
+    t = "/retry?responseCode=503&succeedAfter=2&uuid=a"
+    assert [echo.simulated_failure(t) for _ in range(3)] == [503, 503, None]
+    assert echo.simulated_failure("/r?succeedAfter=1&uuid=b") == 0  # 0: reset the connection
+    assert echo.simulated_failure("/r?succeedAfter=1") is None  # no uuid: a normal answer
+
+
+def masked(opcode: int, payload: bytes, mask: bytes = b"abcd") -> bytes:
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    n = len(payload)
+    head = struct.pack("!BB", 0x80 | opcode, 0x80 | n) if n < 126 else b""
+    if n >= 126:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    return head + mask + body
+
+
+def test_websocket_frames_split_anywhere():
+    wire = masked(0x1, b"hello") + masked(0x2, b"\x00" * 300)
+    buf, got = bytearray(), []
+    for i in range(len(wire)):
+        buf.append(wire[i])
+        got += echo.ws_frames(buf)
+    assert got == [(0x1, b"hello"), (0x2, b"\x00" * 300)] and not buf
+
+
+def test_unmasked_client_frames_are_refused():
+    with pytest.raises(ValueError, match="masked"):
+        echo.ws_frames(bytearray(b"\x81\x05hello"))
+
+
+def test_a_real_websocket_conversation():
+    """The standard-library client of the lab tests against the echo server, on loopback."""
+
+    async def main() -> str:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(http.serve, echo.handle, "127.0.0.1", 0)
+            port = listeners[0].socket.getsockname()[1]
+            argv = [sys.executable, WSCLIENT, f"127.0.0.1:{port}", "/ws", "one", "y" * 70_000]
+            done = await trio.run_process(argv, capture_stdout=True, check=True)
+            nursery.cancel_scope.cancel()
+        return done.stdout.decode()
+
+    got = json.loads(trio.run(main))
+    assert got["status"] == 101 and got["accept_ok"]
+    assert got["echoed"] == ["one", "y" * 70_000]
