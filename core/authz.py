@@ -42,10 +42,11 @@ SOURCE_L4 = {
     "notNamespaces",
     "ipBlocks",
     "notIpBlocks",
-    "remoteIpBlocks",
-    "notRemoteIpBlocks",
 }
-SOURCE_L7 = {"requestPrincipals", "notRequestPrincipals"}
+# remoteIpBlocks / remote.ip: the original client's address, which only a waypoint knows
+# (from the CONNECT that brought the request); an agent may be seeing a waypoint's connection,
+# so there they are L7 fields, as in Istio's ambient conversion (ALLOW: never; DENY: broader).
+SOURCE_L7 = {"requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "notRemoteIpBlocks"}
 OPERATION_L4 = {"ports", "notPorts"}
 OPERATION_L7 = {"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"}
 WHEN_L4 = {
@@ -54,9 +55,8 @@ WHEN_L4 = {
     "source.principal",
     "destination.ip",
     "destination.port",
-    "remote.ip",
 }
-WHEN_L7_PREFIXES = ("request.", "experimental.")
+WHEN_L7_PREFIXES = ("request.", "experimental.", "remote.ip")
 SPEC_FIELDS = {"selector", "targetRef", "targetRefs", "action", "rules", "provider"}
 
 
@@ -78,6 +78,7 @@ class HttpFacts:
     headers: Mapping[str, str]  # lower-case names
     request_principal: str | None = None  # "<iss>/<sub>" of a validated JWT
     claims: Mapping[str, Any] = field(default_factory=dict)
+    remote_ip: str = ""  # the original client's address ("" when unknown: never in a block)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,12 @@ class Rule:
     operations: tuple[Mapping[str, tuple[str, ...]], ...] = ()  # empty: any operation
     conditions: tuple[Condition, ...] = ()
     has_l7: bool = False
+
+    @property
+    def uses_remote_ip(self) -> bool:
+        return any("remoteIpBlocks" in s or "notRemoteIpBlocks" in s for s in self.sources) or any(
+            c.key == "remote.ip" for c in self.conditions
+        )
 
 
 @dataclass(frozen=True)
@@ -324,6 +331,11 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
             key = w["key"]
             values = _strings(ref, f"{wp}.values", w.get("values") or [])
             not_values = _strings(ref, f"{wp}.notValues", w.get("notValues") or [])
+            if key == "remote.ip":
+                has_l7 = True
+                _check_cidrs(ref, f"{wp}.values", (*values, *not_values))
+                conditions.append(Condition(key, values, not_values))
+                continue
             if key.startswith(WHEN_L7_PREFIXES):
                 has_l7 = True
                 if not _L7_KEY.match(key):
@@ -332,7 +344,7 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
                 continue
             if key not in WHEN_L4:
                 raise PolicyError(ref, f"{wp}.key", f"unknown condition key {key!r}")
-            if key in ("source.ip", "destination.ip", "remote.ip"):
+            if key in ("source.ip", "destination.ip"):
                 _check_cidrs(ref, f"{wp}.values", (*values, *not_values))
             if key == "destination.port":
                 _check_ports(ref, f"{wp}.values", (*values, *not_values))
@@ -499,7 +511,13 @@ def _strings_match(values: Sequence[str], value: str | None) -> bool:
 def _source_matches(src: Mapping[str, tuple[str, ...]], f: Facts) -> bool:
     for key, values in src.items():
         ok = True
-        if key in SOURCE_L7:
+        if key in ("remoteIpBlocks", "notRemoteIpBlocks"):
+            if f.http is None:
+                continue  # the agent: judged on the L4 part (see rule_matches)
+            if not f.http.remote_ip:
+                continue  # unknown here as at an agent: see rule_matches
+            ok = _in_cidrs(f.http.remote_ip, values) == (key == "remoteIpBlocks")
+        elif key in SOURCE_L7:
             if f.http is None:
                 continue  # the agent: judged on the L4 part (see rule_matches)
             got = f.http.request_principal
@@ -573,15 +591,25 @@ def _l7_value(key: str, h: HttpFacts) -> list[str]:
     return []
 
 
+def _remote_ip_matches(c: Condition, h: HttpFacts) -> bool:
+    if not h.remote_ip:
+        return True  # unknown here as at an agent: see rule_matches
+    return (not c.values or _in_cidrs(h.remote_ip, c.values)) and not (
+        c.not_values and _in_cidrs(h.remote_ip, c.not_values)
+    )
+
+
 def _condition_matches(c: Condition, f: Facts) -> bool:
     if c.l7:
         if f.http is None:
             return True  # the agent: judged on the L4 part (see rule_matches)
+        if c.key == "remote.ip":
+            return _remote_ip_matches(c, f.http)
         got = _l7_value(c.key, f.http)
         return (not c.values or any(_strings_match(c.values, g) for g in got)) and not (
             c.not_values and any(_strings_match(c.not_values, g) for g in got)
         )
-    if c.key in ("source.ip", "remote.ip", "destination.ip"):
+    if c.key in ("source.ip", "destination.ip"):
         ip = f.destination_ip if c.key == "destination.ip" else f.source_ip
         return (not c.values or _in_cidrs(ip, c.values)) and not (
             c.not_values and _in_cidrs(ip, c.not_values)
@@ -599,6 +627,8 @@ def _condition_matches(c: Condition, f: Facts) -> bool:
 def rule_matches(rule: Rule, f: Facts, action: str) -> bool:
     if rule.has_l7 and action == "ALLOW" and f.http is None:
         return False  # L7 fields are a waypoint's: the agent cannot prove them, so no match
+    if action == "ALLOW" and f.http is not None and not f.http.remote_ip and rule.uses_remote_ip:
+        return False  # the client's address is unknown: nothing about it can be proven
     return (
         (not rule.sources or any(_source_matches(s, f) for s in rule.sources))
         and (not rule.operations or any(_operation_matches(o, f) for o in rule.operations))

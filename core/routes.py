@@ -463,6 +463,35 @@ def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
     )
 
 
+TCP_ROUTE_KINDS = ("TCPRoute",)
+
+
+def parse_tcp_route(obj: Mapping[str, Any]) -> HttpRoute:
+    """A TCPRoute (gateway.networking.k8s.io/v1) on a Service port, GAMMA style: one rule
+    whose weighted backendRefs take the port's non-HTTP connections at the waypoint. Kept as
+    an HttpRoute with one match-all rule, so whose route applies (producer or consumer) and
+    the weighted choice are the HTTPRoute's. More than one rule is refused: a TCP connection
+    has nothing to match them on."""
+    md = obj.get("metadata") or {}
+    ns, name = md.get("namespace", "default"), md.get("name", "?")
+    where = f"TCPRoute {ns}/{name}: spec"
+    spec = obj.get("spec") or {}
+    rules = _list(spec.get("rules"), f"{where}.rules")
+    if len(rules) != 1:
+        raise RouteError(f"{where}.rules: exactly one rule (a TCP connection has nothing to match)")
+    for j, b in enumerate(_list(rules[0].get("backendRefs"), f"{where}.rules[0].backendRefs")):
+        if b.get("filters"):
+            raise RouteError(f"{where}.rules[0].backendRefs[{j}].filters: none on a TCPRoute")
+    doc = {"metadata": md, "spec": {"parentRefs": spec.get("parentRefs"), "rules": rules}}
+    try:
+        route = parse_route(doc)
+    except RouteError as e:
+        raise RouteError(str(e).replace("HTTPRoute", "TCPRoute", 1)) from None
+    if route.problems:
+        raise RouteError("; ".join(route.problems).replace("HTTPRoute", "TCPRoute"))
+    return route
+
+
 def parse_routes(objects: Iterable[Mapping[str, Any]]) -> tuple[list[HttpRoute], list[str]]:
     """Every HTTPRoute that can be applied, and an error line for each one that cannot."""
     routes, errors = [], []

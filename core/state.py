@@ -168,6 +168,7 @@ class MeshState:
     # not validate is absent here and its error is in `invalid`.
     waypoints: Mapping[tuple[str, str], Waypoint] = field(default_factory=dict)
     routes: tuple[HttpRoute, ...] = ()
+    tcp_routes: tuple[HttpRoute, ...] = ()  # TCPRoutes, in HttpRoute's shape (one rule)
     reference_grants: tuple[ReferenceGrant, ...] = ()
     traffic_policies: tuple[TrafficPolicy, ...] = ()
     request_authentications: tuple[RequestAuthentication, ...] = ()
@@ -434,6 +435,7 @@ class StateBuilder:
         self._policies_changed = False
         self.waypoints: dict[ObjectKey, Waypoint] = {}
         self.routes: dict[ObjectKey, HttpRoute] = {}
+        self.tcp_routes: dict[ObjectKey, HttpRoute] = {}
         self.grants: dict[ObjectKey, ReferenceGrant] = {}
         self.traffic: dict[ObjectKey, TrafficPolicy] = {}
         self.authns: dict[ObjectKey, RequestAuthentication] = {}
@@ -476,6 +478,8 @@ class StateBuilder:
                     self.invalid[key] = "; ".join(
                         f"{p} (the rule answers 500)" for p in route.problems
                     )
+            elif kind in routes.TCP_ROUTE_KINDS:
+                self.tcp_routes[key] = routes.parse_tcp_route(obj)
             elif kind == "ReferenceGrant":
                 self.grants[key] = routes.parse_reference_grant(obj)
             elif kind == traffic.KIND and str(obj.get("apiVersion", "")).startswith(traffic.GROUP):
@@ -498,7 +502,15 @@ class StateBuilder:
         kind, ns, name = key
         self.errors.pop(key, None)
         self.invalid.pop(key, None)
-        for typed in (self.waypoints, self.routes, self.grants, self.traffic, self.authns):
+        typed_views = (
+            self.waypoints,
+            self.routes,
+            self.tcp_routes,
+            self.grants,
+            self.traffic,
+            self.authns,
+        )
+        for typed in typed_views:
             typed.pop(key, None)
         if kind == "AuthorizationPolicy":
             self._policies_changed = True
@@ -527,6 +539,7 @@ class StateBuilder:
             policies=self.policies,
             waypoints={(w.namespace, w.name): w for w in self.waypoints.values()},
             routes=tuple(self.routes[k] for k in sorted(self.routes)),
+            tcp_routes=tuple(self.tcp_routes[k] for k in sorted(self.tcp_routes)),
             reference_grants=tuple(self.grants[k] for k in sorted(self.grants)),
             traffic_policies=tuple(self.traffic[k] for k in sorted(self.traffic)),
             request_authentications=tuple(self.authns[k] for k in sorted(self.authns)),

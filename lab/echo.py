@@ -9,17 +9,20 @@ that status (a broken replica); `ECHO_LOG_REQUESTS=1` logs each request. As Gate
 echo-basic (for the acceptance suite): `?delay=<duration>` (`500ms`, `1s`) waits that long,
 and `?uuid=<id>&succeedAfter=<n>` fails the first n requests with that uuid, with
 `?responseCode=<code>` or else by resetting the connection. A WebSocket handshake
-(`Upgrade: websocket`) is accepted and every text or binary message is sent back.
+(`Upgrade: websocket`) is accepted and every text or binary message is sent back;
+`--tcp-port` adds a raw TCP echo that sends the pod's name first, then every byte back.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import re
 import struct
 import sys
+from functools import partial
 from urllib.parse import parse_qs
 
 import trio
@@ -182,14 +185,28 @@ async def handle(req: http.Request) -> http.Response:
     )
 
 
-async def serve(port: int, host: str = "0.0.0.0") -> None:
-    await http.serve(handle, host, port, max_body=MAX_BODY)
+async def tcp_echo(stream: trio.SocketStream) -> None:
+    """Raw TCP: `<pod> ` once the first bytes come, then every byte back as it came."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        async with stream:
+            prefix = os.environ.get("POD_NAME", "echo").encode() + b" "
+            while data := await stream.receive_some(65536):
+                await stream.send_all(prefix + data)
+                prefix = b""
 
 
-def main(port: int, host: str = "0.0.0.0") -> None:
+async def serve(port: int, host: str = "0.0.0.0", tcp_port: int | None = None) -> None:
+    async with trio.open_nursery() as nursery:
+        if tcp_port:
+            nursery.start_soon(partial(trio.serve_tcp, tcp_echo, tcp_port, host=host))
+        await http.serve(handle, host, port, max_body=MAX_BODY)
+
+
+def main(port: int, host: str = "0.0.0.0", tcp_port: int | None = None) -> None:
+    tcp = f" and TCP {tcp_port}" if tcp_port else ""
     print(
-        f"echo: pod {os.environ.get('POD_NAME', '?')} listening on {host}:{port}",
+        f"echo: pod {os.environ.get('POD_NAME', '?')} listening on {host}:{port}{tcp}",
         file=sys.stderr,
         flush=True,
     )
-    trio.run(serve, port, host)
+    trio.run(serve, port, host, tcp_port)

@@ -208,7 +208,7 @@ rules:
   resources: [namespaces, pods, services]
   verbs: [get, list, watch]
 - apiGroups: [gateway.networking.k8s.io]
-  resources: [gateways, httproutes, referencegrants]
+  resources: [gateways, httproutes, tcproutes, referencegrants]
   verbs: [get, list, watch]
 - apiGroups: [security.veil.dev]
   resources: [authorizationpolicies, requestauthentications]

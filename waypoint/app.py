@@ -286,14 +286,17 @@ class WaypointServer:
             self.metrics.tcp_denied.inc()
             stream.reset(ErrorCode.CONNECT_ERROR)
             return
+        state = self.state()
+        routed = pipeline.tcp_backend(state, dest, Caller(peer, client_ip), self.rng)
+        if isinstance(routed, str):
+            log.info("TCP from %s to %s refused: %s", peer, dest.authority, routed)
+            stream.reset(ErrorCode.CONNECT_ERROR)
+            return
+        service, port = routed if routed is not None else (dest.service, dest.port)
         target = (
             (dest.workload, dest.port)
             if dest.workload is not None
-            else (
-                pipeline.pick_endpoint(self.state(), dest.service, dest.port, self.rng)
-                if dest.service
-                else None
-            )
+            else (pipeline.pick_endpoint(state, service, port, self.rng) if service else None)
         )
         if target is None or self.upstreams is None:
             log.info("TCP to %s: no ready endpoint", dest.authority)

@@ -135,6 +135,39 @@ def tcp_denied(state: MeshState, me: ThisWaypoint, dest: Destination, caller: Ca
     return None if d.allowed else f"RBAC: access denied ({d.policy or '-'}: {d.reason})"
 
 
+def tcp_backend(
+    state: MeshState, dest: Destination, caller: Caller, rng: random.Random
+) -> tuple[Service, int] | str | None:
+    """Where a non-HTTP stream goes under a TCPRoute on the addressed Service port: (backend
+    Service, its port), why it is refused, or None without a TCPRoute (the Service itself).
+    Whose route applies is the HTTPRoute's rule (a consumer route for its own namespace's
+    clients); among several, the oldest (then by name)."""
+    svc = dest.service
+    if svc is None:
+        return None
+    port_name = next((p.name for p in svc.ports if p.port == dest.port), "")
+    attached = routes_for_client(
+        state.tcp_routes, svc.namespace, svc.name, dest.port, caller.peer.namespace, port_name
+    )
+    if not attached:
+        return None
+    route = min(attached, key=lambda r: (r.created, r.namespace, r.name))
+    ref = pick_backend(route.rules[0], rng)
+    if ref is None:
+        return f"TCPRoute {route.key}: no backend with weight"
+    if not reference_granted(
+        state.reference_grants, route.namespace, ref.namespace, ref.name, route.parent_services
+    ):
+        return (
+            f"TCPRoute {route.key}: backendRef {ref.namespace}/{ref.name} is in another "
+            "namespace and no ReferenceGrant there permits it"
+        )
+    backend = state.service(ref.namespace, ref.name)
+    if backend is None:
+        return f"TCPRoute {route.key}: backend Service {ref.namespace}/{ref.name} is unknown"
+    return backend, ref.port
+
+
 # -- what to do with a request -------------------------------------------------------------
 
 
@@ -261,6 +294,7 @@ def _plan(  # noqa: PLR0917
         dict(facts.headers),
         who.principal if who else None,
         who.claims if who else {},
+        remote_ip=caller.ip,  # the client pod's address, as its agent forwarded it
     )
     d = authorize(state, me, dest, caller, http)
     audit.extend(d.audited)

@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     echo = sub.add_parser("echo", help="HTTP echo workload for examples")
     echo.add_argument("--port", type=int, default=8080)
     echo.add_argument("--host", default="0.0.0.0")
+    echo.add_argument(
+        "--tcp-port", type=int, help="also a TCP echo: every read answered with the pod's name"
+    )
     return p
 
 
@@ -413,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "echo":
         from veil.lab import echo  # noqa: PLC0415 - keep `veil lab` start-up free of trio
 
-        echo.main(args.port, args.host)
+        echo.main(args.port, args.host, args.tcp_port)
         return 0
     if args.command == "check":
         from veil.agent import check as preflight  # noqa: PLC0415

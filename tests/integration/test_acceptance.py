@@ -43,6 +43,7 @@ UPSTREAM = HERE / "gateway-api"
 ADAPTED = HERE / "adapted"
 REQUESTER = str(Path(__file__).parent.parent / "support" / "requester.py")
 WSCLIENT = str(Path(__file__).parent.parent / "support" / "wsclient.py")
+TCPCLIENT = str(Path(__file__).parent.parent / "support" / "tcpclient.py")
 MESH = "gateway-conformance-mesh"
 CONSUMER = "gateway-conformance-mesh-consumer"
 CAPTURED = "ambient-captured"
@@ -701,6 +702,35 @@ def test_HTTPRouteBackendProtocolWebSocket(alab):
         seen = wait_for_access(log, lambda es: any(e["response_code"] == 101 for e in es))
         ws = next(e for e in seen if e["response_code"] == 101)
         assert ws["path"] == "/ws" and ws["request_bytes"] > 70_000, ws
+
+
+def tcp_answers(lab: str, address: str, n: int) -> list[str]:
+    """`ping?` cannot start an HTTP request line (`?` is no method character): the waypoint
+    knows at once it is TCP (a bare `ping` could still become `ping / HTTP/1.1`, and would be
+    waited on for 5 s)."""
+    argv = [sys.executable, TCPCLIENT, address, str(n), "ping?"]
+    out = lab_exec(lab, "deploy/echo-v1", *argv, ns=MESH)
+    answers: list[str] = json.loads(out.stdout)
+    return answers
+
+
+def test_TCPRouteWeightedRouting(alab):
+    """Non-HTTP connections to echo:9090 through the waypoint, split by the TCPRoute's weights
+    (upstream: 70/30/0 within its tolerance); without the route, the Service's own pods."""
+    plain = tcp_answers(alab, "echo:9090", 3)
+    assert all(a.endswith(" ping?") for a in plain), plain
+    with applied(alab, ADAPTED / "tcproute-weighted-routing.yaml"):
+        deadline = time.monotonic() + 30
+        while True:  # eventually: only v1 and v2 answer
+            got = tcp_answers(alab, "echo:9090", 20)
+            if all(a.startswith(("echo-v1", "echo-v2")) for a in got):
+                break
+            assert time.monotonic() < deadline, got
+            time.sleep(0.5)
+        got = tcp_answers(alab, "echo:9090", 300)
+        share = {v: sum(a.startswith(v) for a in got) / len(got) for v in ("echo-v1", "echo-v2")}
+        assert not [a for a in got if not a.startswith(("echo-v1", "echo-v2"))], got
+        assert abs(share["echo-v1"] - 0.7) < 0.08 and abs(share["echo-v2"] - 0.3) < 0.08, share
 
 
 # -- Istio: tests/integration/ambient/baseline_test.go ---------------------------------------

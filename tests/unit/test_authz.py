@@ -398,3 +398,69 @@ def test_istio_path_templates(paths, path, allowed_):
 def test_a_path_template_envoy_would_refuse_is_refused(template):
     with pytest.raises(PolicyError, match=r"spec.rules\[0\].to\[0\].operation.paths"):
         l7_policy(f"  rules:\n    - to: [{{operation: {{paths: [{template!r}]}}}}]\n")
+
+
+# -- remoteIpBlocks / remote.ip: only where the original client address is known (22.3) -------
+
+
+def remote(ip: str, principal: str = SHOP_CLIENT) -> Facts:
+    from veil.core.authz import HttpFacts  # noqa: PLC0415
+
+    # the direct peer (source_ip) is another address: a waypoint sees the tunnel's peer
+    return Facts(
+        "10.244.9.9",
+        "10.96.0.10",
+        9080,
+        principal=principal,
+        destination_namespace="shop",
+        http=HttpFacts("GET", "/", "catalog", {}, remote_ip=ip),
+    )
+
+
+@pytest.mark.parametrize("field", ["from", "when"])
+def test_remote_ip_is_the_original_clients_at_the_waypoint_and_unknown_at_an_agent(field):
+    from veil.core.authz import at_waypoint  # noqa: PLC0415
+
+    block = (
+        "    - from: [{source: {remoteIpBlocks: [10.244.1.0/24]}}]\n"
+        if field == "from"
+        else "    - when: [{key: remote.ip, values: [10.244.1.0/24]}]\n"
+    )
+    allow = l7_policy("  rules:\n" + block)
+    deny = l7_policy("  action: DENY\n  rules:\n" + block)
+    scope = at_waypoint("shop", "waypoint", ("catalog",))
+    assert decide([allow], remote("10.244.1.5"), scope).allowed
+    assert not decide([allow], remote("10.244.2.5"), scope).allowed
+    assert not decide([allow], remote(""), scope).allowed  # unknown: ALLOW cannot match
+    assert not decide([deny], remote("10.244.1.5"), scope).allowed
+    assert decide([deny], remote("10.244.2.5"), scope).allowed
+    assert not decide([deny], remote(""), scope).allowed  # unknown: DENY applies without it
+    # on an agent (a workload policy, no HTTP facts): an L7 field, as in Istio's conversion
+    agent_allow = parse_policy(
+        policy({"rules": [{"from": [{"source": {"remoteIpBlocks": ["10.244.1.0/24"]}}]}]})
+    )
+    assert not decide([agent_allow], facts(src="10.244.1.10")).allowed
+    agent_deny = parse_policy(
+        policy(
+            {
+                "action": "DENY",
+                "rules": [{"from": [{"source": {"remoteIpBlocks": ["10.9.0.0/16"]}}]}],
+            }
+        )
+    )
+    assert not decide([agent_deny], facts(src="10.244.1.10")).allowed  # broader: denies
+
+
+def test_not_remote_ip_blocks_with_an_unknown_address_fails_closed():
+    from veil.core.authz import at_waypoint  # noqa: PLC0415
+
+    scope = at_waypoint("shop", "waypoint", ("catalog",))
+    allow = l7_policy("  rules:\n    - from: [{source: {notRemoteIpBlocks: [10.0.0.0/8]}}]\n")
+    assert decide([allow], remote("192.168.1.1"), scope).allowed
+    assert not decide([allow], remote("10.1.1.1"), scope).allowed
+    assert not decide([allow], remote(""), scope).allowed
+    deny = l7_policy(
+        "  action: DENY\n  rules:\n    - from: [{source: {notRemoteIpBlocks: [10.0.0.0/8]}}]\n"
+    )
+    assert not decide([deny], remote(""), scope).allowed
+    assert decide([deny], remote("10.1.1.1"), scope).allowed

@@ -3,6 +3,7 @@ backendRefs under ReferenceGrant (issue 17.15), pure; and the waypoint's answer.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -16,6 +17,9 @@ from veil.core.routes import (
     reference_granted,
     routes_for_client,
 )
+from veil.core.spiffe import SpiffeId
+from veil.core.state import build_state
+from veil.waypoint import pipeline
 
 
 def route(ns: str, name: str, backend_ns: str, backend: str) -> dict[str, Any]:
@@ -127,3 +131,95 @@ def test_patterns_re2_refuses_are_rejected_with_its_reason(pattern):
 
     with pytest.raises(RouteError, match="RE2"):
         parse_route(regex_route(pattern))
+
+
+# -- TCPRoute (issue 22.2) ---------------------------------------------------------------------
+
+
+def tcp_route(name: str, backends: list[dict[str, Any]], ns: str = "shop", **spec: Any):
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "TCPRoute",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {
+            "parentRefs": [
+                {"group": "", "kind": "Service", "name": "catalog", "namespace": "shop", "port": 80}
+            ],
+            "rules": [{"backendRefs": backends}],
+            **spec,
+        },
+    }
+
+
+def tcp_state(*objects: dict[str, Any]):
+    base = [{"kind": "Namespace", "metadata": {"name": n}} for n in ("shop", "backend", "other")]
+    svcs = [
+        {
+            "kind": "Service",
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"clusterIP": vip, "ports": [{"port": 80}, {"port": 9000}]},
+        }
+        for ns, name, vip in (
+            ("shop", "catalog", "10.96.0.5"),
+            ("shop", "v2", "10.96.0.6"),
+            ("backend", "api", "10.96.0.9"),
+        )
+    ]
+    return build_state([*base, *svcs, *objects], 1)
+
+
+def decide(state, port: int = 80, client_ns: str = "shop", seed: int = 1):
+    svc = state.service("shop", "catalog")
+    dest = pipeline.Destination(f"10.96.0.5:{port}", svc, port)
+    caller = pipeline.Caller(SpiffeId("cluster.local", client_ns, "client"), "10.244.1.5")
+    return pipeline.tcp_backend(state, dest, caller, random.Random(seed))
+
+
+def test_a_tcp_route_splits_connections_by_weight():
+    state = tcp_state(
+        tcp_route(
+            "split",
+            [
+                {"name": "catalog", "port": 80, "weight": 3},
+                {"name": "v2", "port": 9000, "weight": 1},
+            ],
+        )
+    )
+    picks = [decide(state, seed=i) for i in range(400)]
+    got = {(s.name, p) for s, p in picks}
+    assert got == {("catalog", 80), ("v2", 9000)}  # each backendRef with its own port
+    share = sum(s.name == "v2" for s, _ in picks) / 400
+    assert 0.17 < share < 0.33
+
+
+def test_without_a_tcp_route_the_service_takes_it_and_other_ports_are_not_routed():
+    state = tcp_state(tcp_route("split", [{"name": "v2", "port": 9000}]))
+    assert decide(tcp_state()) is None
+    assert decide(state, port=9000) is None  # the route names port 80 only
+
+
+def test_a_consumer_tcp_route_applies_to_its_own_namespace_only():
+    state = tcp_state(
+        tcp_route("mine", [{"name": "catalog", "namespace": "shop", "port": 9000}], ns="other")
+    )
+    assert decide(state, client_ns="shop") is None
+    hit = decide(state, client_ns="other")
+    assert hit is not None and not isinstance(hit, str) and hit[1] == 9000
+
+
+def test_tcp_route_refusals_name_the_reason():
+    assert "ReferenceGrant" in str(
+        decide(tcp_state(tcp_route("x", [{"name": "api", "namespace": "backend", "port": 80}])))
+    )
+    assert "no backend with weight" in str(
+        decide(tcp_state(tcp_route("x", [{"name": "v2", "port": 80, "weight": 0}])))
+    )
+    assert "unknown" in str(decide(tcp_state(tcp_route("x", [{"name": "nope", "port": 80}]))))
+
+
+def test_an_invalid_tcp_route_is_named_in_the_state():
+    two = tcp_route("two", [{"name": "v2", "port": 80}])
+    two["spec"]["rules"].append({"backendRefs": [{"name": "v2", "port": 80}]})
+    state = tcp_state(two)
+    assert state.tcp_routes == ()
+    assert "exactly one rule" in state.invalid[("TCPRoute", "shop", "two")]
