@@ -92,6 +92,8 @@ class Facts:
     destination_labels: Mapping[str, str] = field(default_factory=dict)
     destination_namespace: str = ""
     http: HttpFacts | None = None
+    waypoint: bool = False  # judged by a waypoint (which knows connection.sni), not an agent
+    sni: str = ""  # the stream's TLS server name (a ClientHello's SNI), "" without one
 
     @property
     def source_namespace(self) -> str | None:
@@ -127,6 +129,10 @@ class Rule:
     operations: tuple[Mapping[str, tuple[str, ...]], ...] = ()  # empty: any operation
     conditions: tuple[Condition, ...] = ()
     has_l7: bool = False
+
+    @property
+    def uses_sni(self) -> bool:
+        return any(c.key == "connection.sni" for c in self.conditions)
 
     @property
     def uses_remote_ip(self) -> bool:
@@ -331,6 +337,9 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
             key = w["key"]
             values = _strings(ref, f"{wp}.values", w.get("values") or [])
             not_values = _strings(ref, f"{wp}.notValues", w.get("notValues") or [])
+            if key == "connection.sni":
+                conditions.append(Condition(key, values, not_values))
+                continue
             if key == "remote.ip":
                 has_l7 = True
                 _check_cidrs(ref, f"{wp}.values", (*values, *not_values))
@@ -600,6 +609,12 @@ def _remote_ip_matches(c: Condition, h: HttpFacts) -> bool:
 
 
 def _condition_matches(c: Condition, f: Facts) -> bool:
+    if c.key == "connection.sni":
+        if not f.waypoint:
+            return True  # an agent does not read the stream: see rule_matches
+        return (not c.values or _strings_match(c.values, f.sni)) and not (
+            c.not_values and _strings_match(c.not_values, f.sni)
+        )
     if c.l7:
         if f.http is None:
             return True  # the agent: judged on the L4 part (see rule_matches)
@@ -627,6 +642,8 @@ def _condition_matches(c: Condition, f: Facts) -> bool:
 def rule_matches(rule: Rule, f: Facts, action: str) -> bool:
     if rule.has_l7 and action == "ALLOW" and f.http is None:
         return False  # L7 fields are a waypoint's: the agent cannot prove them, so no match
+    if action == "ALLOW" and rule.uses_sni and not f.waypoint:
+        return False  # connection.sni is a waypoint's: the agent cannot prove it
     if action == "ALLOW" and f.http is not None and not f.http.remote_ip and rule.uses_remote_ip:
         return False  # the client's address is unknown: nothing about it can be proven
     return (

@@ -29,7 +29,7 @@ import h11
 import trio
 from prometheus_client import CollectorRegistry
 
-from veil.core import admission
+from veil.core import admission, clienthello
 from veil.core.admission import Admission
 from veil.core.hbone import (
     BadRequest,
@@ -200,9 +200,11 @@ class WaypointServer:
         """What a CONNECT may reach through this waypoint, or why not (`pipeline.destination`)."""
         return pipeline.destination(state, self.me, target)
 
-    def authorize_tcp(self, dest: Destination, client_ip: str, peer: SpiffeId) -> str | None:
+    def authorize_tcp(
+        self, dest: Destination, client_ip: str, peer: SpiffeId, sni: str = ""
+    ) -> str | None:
         """Why a non-HTTP stream is refused, or None if the policies allow it as TCP."""
-        return pipeline.tcp_denied(self.state(), self.me, dest, Caller(peer, client_ip))
+        return pipeline.tcp_denied(self.state(), self.me, dest, Caller(peer, client_ip), sni)
 
     def _on_request(self, ev: RequestReceived, io: HboneIO, peer_ip: str, peer: SpiffeId) -> None:
         req = check_request(ev)
@@ -279,8 +281,10 @@ class WaypointServer:
         self, stream: Stream, first: bytes, dest: Destination, peer: SpiffeId, client_ip: str
     ) -> None:
         """Not HTTP: a TCP relay to one ready pod of the destination, over HBONE, once the
-        policies in scope allow it as TCP (`authorize_tcp`)."""
-        denied = self.authorize_tcp(dest, client_ip, peer)
+        policies in scope allow it as TCP (`authorize_tcp`), with the server name of a TLS
+        ClientHello it starts with (`connection.sni`; read up to one record)."""
+        first, sni = await self._client_hello(stream, first)
+        denied = self.authorize_tcp(dest, client_ip, peer, sni)
         if denied is not None:
             log.info("TCP from %s to %s denied: %s", peer, dest.authority, denied)
             self.metrics.tcp_denied.inc()
@@ -316,6 +320,21 @@ class WaypointServer:
                 nursery.start_soon(relay, up, stream)
         finally:
             up.close()
+
+    async def _client_hello(self, stream: Stream, first: bytes) -> tuple[bytes, str]:
+        """More of the stream while it is an incomplete TLS ClientHello (at most one record,
+        within the detection time), and its SNI ("" when none or not TLS)."""
+        if not first:  # a server-first protocol: nothing to read a name from
+            return first, ""
+        buf = bytearray(first)
+        with trio.move_on_after(DETECT_TIMEOUT):
+            while (name := clienthello.server_name(bytes(buf))) is clienthello.Hello.NEED_MORE:
+                chunk = await stream.receive()
+                if not chunk:
+                    break
+                buf += chunk
+        name = clienthello.server_name(bytes(buf))
+        return bytes(buf), name if isinstance(name, str) else ""
 
     # -- HTTP/1.1 ------------------------------------------------------------------------------
 

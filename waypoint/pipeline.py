@@ -111,12 +111,18 @@ class Caller:
     ip: str  # from the tunnel's `forwarded` header; "" if unknown
 
 
-def authorize(
-    state: MeshState, me: ThisWaypoint, dest: Destination, caller: Caller, http: HttpFacts | None
+def authorize(  # noqa: PLR0917
+    state: MeshState,
+    me: ThisWaypoint,
+    dest: Destination,
+    caller: Caller,
+    http: HttpFacts | None,
+    sni: str = "",
 ) -> Decision:
     """The policies targeting this waypoint (Gateway) or the addressed Service; `http` None
     judges a stream as TCP: an ALLOW rule with HTTP fields matches nothing and a DENY rule
-    with HTTP fields is applied without them (Istio's TCP filter chain)."""
+    with HTTP fields is applied without them (Istio's TCP filter chain). `sni`: the TLS server
+    name of a stream the waypoint relays without terminating it (`connection.sni`)."""
     f = Facts(
         source_ip=caller.ip or "0.0.0.0",
         destination_ip=dest.authority.rsplit(":", 1)[0],
@@ -124,14 +130,18 @@ def authorize(
         principal=caller.peer.istio_principal,
         destination_namespace=dest.namespace or me.namespace,
         http=http,
+        waypoint=True,
+        sni=sni,
     )
     scope = at_waypoint(me.namespace, me.gateway, dest.services, dest.namespace or None)
     return decide(state.policies.policies.values(), f, scope)
 
 
-def tcp_denied(state: MeshState, me: ThisWaypoint, dest: Destination, caller: Caller) -> str | None:
+def tcp_denied(
+    state: MeshState, me: ThisWaypoint, dest: Destination, caller: Caller, sni: str = ""
+) -> str | None:
     """Why a non-HTTP stream is refused, or None if the policies allow it as TCP."""
-    d = authorize(state, me, dest, caller, None)
+    d = authorize(state, me, dest, caller, None, sni)
     return None if d.allowed else f"RBAC: access denied ({d.policy or '-'}: {d.reason})"
 
 

@@ -44,6 +44,7 @@ ADAPTED = HERE / "adapted"
 REQUESTER = str(Path(__file__).parent.parent / "support" / "requester.py")
 WSCLIENT = str(Path(__file__).parent.parent / "support" / "wsclient.py")
 TCPCLIENT = str(Path(__file__).parent.parent / "support" / "tcpclient.py")
+TLSHELLO = str(Path(__file__).parent.parent / "support" / "tlshello.py")
 MESH = "gateway-conformance-mesh"
 CONSUMER = "gateway-conformance-mesh-consumer"
 CAPTURED = "ambient-captured"
@@ -731,6 +732,31 @@ def test_TCPRouteWeightedRouting(alab):
         share = {v: sum(a.startswith(v) for a in got) / len(got) for v in ("echo-v1", "echo-v2")}
         assert not [a for a in got if not a.startswith(("echo-v1", "echo-v2"))], got
         assert abs(share["echo-v1"] - 0.7) < 0.08 and abs(share["echo-v2"] - 0.3) < 0.08, share
+
+
+def test_connection_sni_is_judged_on_tls_streams(alab, tmp_path):
+    """Istio's `connection.sni` condition (not in its ambient suite; Veil's own case): a TLS
+    stream the waypoint does not terminate is judged by its ClientHello's server name."""
+    f = tmp_path / "sni.yaml"
+    f.write_text(
+        policy(
+            "sni-allow",
+            MESH,
+            "  targetRefs: [{kind: Service, group: '', name: echo}]\n"
+            "  rules:\n  - when: [{key: connection.sni, values: ['*.allowed.example']}]",
+        )
+    )
+
+    def tls(*names: str) -> list[str]:
+        argv = [sys.executable, TLSHELLO, "echo:9090", *names]
+        got: list[str] = json.loads(lab_exec(alab, "deploy/echo-v1", *argv, ns=MESH).stdout)
+        return got
+
+    with applied(alab, f):
+        deadline = time.monotonic() + 30
+        while (got := tls("api.allowed.example", "api.denied.example")) != ["relayed", "refused"]:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.5)
 
 
 # -- Istio: tests/integration/ambient/baseline_test.go ---------------------------------------

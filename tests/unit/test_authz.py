@@ -464,3 +464,34 @@ def test_not_remote_ip_blocks_with_an_unknown_address_fails_closed():
     )
     assert not decide([deny], remote(""), scope).allowed
     assert decide([deny], remote("10.1.1.1"), scope).allowed
+
+
+# -- connection.sni: a TLS stream's server name, read by the waypoint (22.3) -------------------
+
+
+def test_connection_sni_is_judged_by_the_waypoint_on_tls_streams():
+    from dataclasses import replace  # noqa: PLC0415
+
+    from veil.core.authz import at_waypoint  # noqa: PLC0415
+
+    scope = at_waypoint("shop", "waypoint", ("catalog",))
+    when = "    - when: [{key: connection.sni, values: ['*.example.com']}]\n"
+    allow = l7_policy("  rules:\n" + when)
+    tcp = replace(remote("10.244.1.5"), http=None, waypoint=True)
+    assert decide([allow], replace(tcp, sni="api.example.com"), scope).allowed
+    assert not decide([allow], replace(tcp, sni="api.other.org"), scope).allowed
+    assert not decide([allow], tcp, scope).allowed  # no TLS, no name
+    deny = l7_policy("  action: DENY\n  rules:\n" + when)
+    assert not decide([deny], replace(tcp, sni="api.example.com"), scope).allowed
+    assert decide([deny], tcp, scope).allowed
+    # an agent reads no stream: an ALLOW cannot match, a DENY applies without it
+    agent_allow = parse_policy(
+        policy({"rules": [{"when": [{"key": "connection.sni", "values": ["a.example"]}]}]})
+    )
+    assert not decide([agent_allow], facts()).allowed
+    agent_deny = parse_policy(
+        policy(
+            {"action": "DENY", "rules": [{"when": [{"key": "connection.sni", "values": ["x"]}]}]}
+        )
+    )
+    assert not decide([agent_deny], facts()).allowed
