@@ -47,6 +47,18 @@ def gateway_crds() -> Path:
     return cache_dir() / "kubernetes" / f"gateway-api-{GATEWAY_API}-experimental"
 
 
+def h2spec() -> Path | None:
+    """h2spec as scripts/build-upstream.sh built it (from tools/h2spec), if it did."""
+    import hashlib  # noqa: PLC0415
+
+    go_sum = ROOT / "tools" / "h2spec" / "go.sum"
+    if not go_sum.exists():
+        return None
+    digest = hashlib.sha256(go_sum.read_bytes()).hexdigest()[:16]
+    path = cache_dir() / f"h2spec-{digest}" / "h2spec"
+    return path if os.access(path, os.X_OK) else None
+
+
 def missing() -> list[str]:
     d = bin_dir()
     gone = [b for b in BINARIES if not os.access(d / b, os.X_OK)]

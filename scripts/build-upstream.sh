@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the upstream tools the lab's kubernetes mode and its tests run (kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubectl, etcd, helm) from the Go module proxy,
+# kube-controller-manager, kube-scheduler, kubectl, etcd, helm; and h2spec) from the Go module proxy,
 # at the versions upstream/go.mod pins, into a cache outside the repository:
 #
 #   ${VEIL_CACHE:-~/.cache/veil}/kubernetes/<version>/bin
@@ -48,6 +48,21 @@ declare -A PACKAGES=(
 
 need_go() { command -v go >/dev/null || { echo "build-upstream: needs the go command" >&2; exit 1; }; }
 gateway_crds
+
+# h2spec (HTTP/2 conformance, tests/interop/test_h2spec.py), from its own pinned module
+# (tools/h2spec) so that its dependencies never move Kubernetes' build.
+H2SPEC_MOD=$ROOT/tools/h2spec
+H2SPEC=$CACHE/h2spec-$(sha256sum "$H2SPEC_MOD/go.sum" | cut -c1-16)/h2spec
+h2spec() {
+  [ -x "$H2SPEC" ] && return 0
+  need_go
+  mkdir -p "$(dirname "$H2SPEC")"
+  echo "build-upstream: h2spec (github.com/summerwind/h2spec/cmd/h2spec)" >&2
+  (cd "$H2SPEC_MOD" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$H2SPEC.tmp" \
+    github.com/summerwind/h2spec/cmd/h2spec)
+  mv "$H2SPEC.tmp" "$H2SPEC"
+}
+h2spec
 
 if [ -f "$STAMP" ]; then
   missing=0

@@ -157,6 +157,8 @@ class H2Server:
                     data = await self.stream.receive()
             except (h2.exceptions.ProtocolError, HboneError) as e:
                 log.info("HTTP/2 client connection ended: %s", e)
+                if isinstance(e, h2.exceptions.ProtocolError):
+                    await self._flush_goaway()
             self.closed = True
             self._window.set()
             for ex in self.exchanges.values():
@@ -165,6 +167,14 @@ class H2Server:
             await self._wait_handlers()
             nursery.cancel_scope.cancel()
         await self.stream.send_eof()
+
+    async def _flush_goaway(self) -> None:
+        """h2 answered a connection error with a GOAWAY naming it (RFC 9113 5.4.1): send it
+        before the stream ends, so the client learns why (bounded: a second at most)."""
+        self.wake()
+        with trio.move_on_after(1):
+            while self._out:
+                await self._drained.wait()
 
     async def _wait_handlers(self) -> None:
         while self.exchanges:
