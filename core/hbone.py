@@ -73,6 +73,7 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = rang
 WINDOW_UPDATE, CONTINUATION = 0x8, 0x9
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+_SELF_DEPENDENT = 0x100  # not a wire flag: marks a HEADERS frame whose stream depends on itself
 # Settings identifiers.
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
 INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
@@ -735,6 +736,8 @@ class HboneConnection:
         elif ftype == RST_STREAM:
             if sid == 0 or len(payload) != 4:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "malformed RST_STREAM")
+            if self._is_idle(sid):  # RFC 9113 5.1: idle streams take HEADERS or PRIORITY only
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
             if self._state.pop(sid, None) is not None:
                 events.append(StreamReset(sid, int.from_bytes(payload, "big")))
         elif ftype == SETTINGS:
@@ -764,6 +767,8 @@ class HboneConnection:
         elif ftype == PRIORITY:
             if sid == 0 or len(payload) != 5:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "malformed PRIORITY")
+            if int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:  # RFC 9113 5.3.1
+                self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, events)
             self._priority_frames += 1
             if self._priority_frames > MAX_PRIORITY_PER_STREAM * (1 + self._streams_opened):
                 raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "a flood of PRIORITY frames")
@@ -811,12 +816,19 @@ class HboneConnection:
         if len(payload) != 4:
             raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE of a wrong size")
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if sid and self._is_idle(sid):  # RFC 9113 5.1
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
+        if increment == 0:  # RFC 9113 6.9: a PROTOCOL_ERROR, of the connection or the stream
+            if sid == 0:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, events)
+            return
         if sid == 0:
-            if increment == 0 or self._send_conn + increment > MAX_WINDOW:
+            if self._send_conn + increment > MAX_WINDOW:
                 raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "bad connection window")
             self._send_conn += increment
         elif sid in self._send:
-            if increment == 0 or self._send[sid] + increment > MAX_WINDOW:
+            if self._send[sid] + increment > MAX_WINDOW:
                 self._stream_error(sid, ErrorCode.FLOW_CONTROL_ERROR, events)
                 return
             self._send[sid] += increment
@@ -890,6 +902,8 @@ class HboneConnection:
         if flags & PRIORITY_FLAG:
             if len(payload) < 5:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS priority truncated")
+            if int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:  # RFC 9113 5.3.1
+                flags |= _SELF_DEPENDENT  # a stream error, once the block is decoded
             payload = payload[5:]
         self._headers_sid, self._headers_flags = sid, flags
         self._continuations = 0
@@ -911,7 +925,12 @@ class HboneConnection:
                 (k.decode("latin-1"), v.decode("latin-1"))
                 for k, v in self._decoder.decode(block, raw=True)
             ]
-        if self.client:
+        if first_flags & _SELF_DEPENDENT and not self.client:
+            if sid % 2 == 0 or (sid <= self._last_peer_sid and sid not in self._state):
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"HEADERS opening stream {sid}")
+            self._last_peer_sid = max(self._last_peer_sid, sid)
+            self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, events)
+        elif self.client:
             self._response(sid, headers, bool(first_flags & END_STREAM), events)
         else:
             self._request(sid, headers, bool(first_flags & END_STREAM), events)
@@ -933,7 +952,7 @@ class HboneConnection:
             self._frame(RST_STREAM, 0, sid, int(ErrorCode.REFUSED_STREAM).to_bytes(4, "big"))
             self._control_answered()
             return
-        if _malformed(headers, _REQUEST_PSEUDO):
+        if _malformed(headers, _REQUEST_PSEUDO) or _bad_request_pseudo(headers):
             self._frame(RST_STREAM, 0, sid, int(ErrorCode.PROTOCOL_ERROR).to_bytes(4, "big"))
             self._control_answered()
             return
@@ -975,6 +994,18 @@ class HboneConnection:
         out = bytes(self._out)
         self._out.clear()
         return out
+
+
+def _bad_request_pseudo(headers: list[tuple[str, str]]) -> bool:
+    """RFC 9113 8.3.1 and 8.5: `:method` always; a CONNECT without `:scheme` and `:path`;
+    any other method with both, `:path` not empty. Malformed: a stream error."""
+    pseudo = {n: v for n, v in headers if n.startswith(":")}
+    method = pseudo.get(":method")
+    if not method:
+        return True
+    if method == "CONNECT" and ":protocol" not in pseudo:
+        return ":scheme" in pseudo or ":path" in pseudo
+    return not pseudo.get(":scheme") or not pseudo.get(":path")
 
 
 def _malformed(headers: list[tuple[str, str]], pseudo: frozenset[str] | set[str]) -> bool:

@@ -690,14 +690,14 @@ def test_HTTPRouteBackendProtocolWebSocket(alab):
         while time.monotonic() < deadline:
             out = lab_exec(
                 alab, "deploy/echo-v1", sys.executable, WSCLIENT, "echo:8082", "/ws",
-                "Websocket Support!", "x" * 70_000, ns=MESH, check=False,
+                "Websocket Support!", "hex:01020304050607", "x" * 70_000, ns=MESH, check=False,
             )  # fmt: skip
             got = json.loads(out.stdout or "{}")
             if got.get("status") == 101:
                 break
             time.sleep(0.5)
         assert got["status"] == 101 and got["accept_ok"], got
-        assert got["echoed"] == ["Websocket Support!", "x" * 70_000]
+        assert got["echoed"] == ["Websocket Support!", "hex:01020304050607", "x" * 70_000]
         wp = labmod.find_pod(alab, "deploy/waypoint", MESH)["name"]
         log = store.lab_dir(alab) / "logs" / f"{MESH}_{wp}_waypoint.log"
         seen = wait_for_access(log, lambda es: any(e["response_code"] == 101 for e in es))

@@ -1,7 +1,8 @@
 """Run inside a lab pod: a WebSocket client (RFC 6455) from the standard library only.
 `python wsclient.py <host[:port]> <path> <message>...` opens one connection, checks the
-handshake (101 and Sec-WebSocket-Accept), sends each message as a masked text frame and
-prints one JSON object: the 101's headers and the text of each frame that came back."""
+handshake (101 and Sec-WebSocket-Accept), sends each message as a masked text frame (a
+binary one for `hex:<hex digits>`) and prints one JSON object: the 101's headers and each
+message that came back (binary ones as `hex:...` again)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def frame(text: str) -> bytes:
-    payload, mask = text.encode(), os.urandom(4)
-    head = bytes([0x81])
+    binary = text.startswith("hex:")
+    payload, mask = (bytes.fromhex(text[4:]) if binary else text.encode()), os.urandom(4)
+    head = bytes([0x82 if binary else 0x81])
     n = len(payload)
     if n < 126:
         head += bytes([0x80 | n])
@@ -49,9 +51,11 @@ def read_frame(s: socket.socket, buf: bytearray) -> str:
         (n,) = struct.unpack("!Q", read_exact(s, 8, buf))
     if b1 & 0x80:
         raise ValueError("a server frame must not be masked")
-    if b0 & 0x0F != 0x1:
-        raise ValueError(f"not a text frame: opcode {b0 & 0x0F}")
-    return read_exact(s, n, buf).decode()
+    opcode = b0 & 0x0F
+    if opcode not in (0x1, 0x2):
+        raise ValueError(f"not a data frame: opcode {opcode}")
+    payload = read_exact(s, n, buf)
+    return payload.decode() if opcode == 0x1 else "hex:" + payload.hex()
 
 
 def main() -> None:

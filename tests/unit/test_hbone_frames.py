@@ -20,6 +20,7 @@ from veil.core.hbone import (
     HEADERS,
     PING,
     PREFACE,
+    PRIORITY,
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
@@ -148,7 +149,11 @@ def test_settings_and_ping_are_answered():
         (PREFACE + frame(SETTINGS, 0, 0, b"\x00\x04"), "FRAME_SIZE_ERROR"),
         (PREFACE + frame(SETTINGS, 0, 0) + frame(DATA, 0, 0, b"x"), "PROTOCOL_ERROR"),
         (PREFACE + frame(SETTINGS, 0, 0) + frame(DATA, 0, 7, b"x"), "PROTOCOL_ERROR"),  # idle
-        (PREFACE + frame(SETTINGS, 0, 0) + frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\0"), "FLOW"),
+        # RFC 9113 6.9: an increment of 0 is a PROTOCOL_ERROR (h2spec http2/6.9)
+        (PREFACE + frame(SETTINGS, 0, 0) + frame(WINDOW_UPDATE, 0, 0, b"\0\0\0\0"), "PROTOCOL"),
+        # RFC 9113 5.1: an idle stream takes HEADERS and PRIORITY only (h2spec http2/5.1)
+        (PREFACE + frame(SETTINGS, 0, 0) + frame(RST_STREAM, 0, 5, b"\0\0\0\x08"), "PROTOCOL"),
+        (PREFACE + frame(SETTINGS, 0, 0) + frame(WINDOW_UPDATE, 0, 5, b"\0\0\0\x01"), "PROTOCOL"),
         (PREFACE + frame(SETTINGS, 0, 0) + frame(CONTINUATION, 4, 1, b""), "PROTOCOL_ERROR"),
         (PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, 4, 2, b"\x82"), "PROTOCOL_ERROR"),
         (PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, 4, 1, b"\xff\xff"), "COMPRESSION"),
@@ -429,3 +434,41 @@ def test_a_server_takes_at_most_100_streams_on_a_tunnel():
     assert refused == [
         (RST_STREAM, 0, 2 * MAX_INBOUND_STREAMS + 1, struct.pack("!I", ErrorCode.REFUSED_STREAM))
     ]
+
+
+def test_stream_errors_h2spec_found():
+    """RFC 9113 6.9 (an increment of 0 on a stream) and 5.3.1 (a stream that depends on
+    itself) are stream errors: RST_STREAM PROTOCOL_ERROR, the connection lives on."""
+    server = HboneConnection(client=False)
+    server.data_to_send()
+    server.receive_data(PREFACE + frame(SETTINGS, 0, 0))
+    server.data_to_send()
+    connect = encode_headers([(":method", "CONNECT"), (":authority", "10.0.0.2:80")])
+    server.receive_data(frame(HEADERS, 4, 1, connect) + frame(WINDOW_UPDATE, 0, 1, b"\0\0\0\0"))
+    resets = [f for f in frames(server.data_to_send()) if f[0] == RST_STREAM]
+    assert resets and resets[-1][2] == 1 and resets[-1][3] == b"\0\0\0\x01"
+    server.receive_data(frame(HEADERS, 4, 3, connect) + frame(PRIORITY, 0, 3, b"\0\0\0\x03\x10"))
+    resets = [f for f in frames(server.data_to_send()) if f[0] == RST_STREAM]
+    assert resets and resets[-1][2] == 3 and resets[-1][3] == b"\0\0\0\x01"
+
+
+@pytest.mark.parametrize(
+    "pseudo",
+    [
+        [(":authority", "10.0.0.2:80")],  # no :method
+        [(":method", "GET"), (":scheme", "http"), (":authority", "a")],  # no :path
+        [(":method", "GET"), (":path", "/"), (":authority", "a")],  # no :scheme
+        [(":method", "GET"), (":scheme", "http"), (":path", ""), (":authority", "a")],
+        [(":method", "CONNECT"), (":scheme", "http"), (":authority", "a:1")],  # RFC 9113 8.5
+    ],
+)
+def test_malformed_request_heads_are_stream_errors(pseudo):
+    """RFC 9113 8.3.1 (h2spec http2/8.1.2.3): a reset stream, not a 400 answer."""
+    server = HboneConnection(client=False)
+    server.data_to_send()
+    server.receive_data(PREFACE + frame(SETTINGS, 0, 0))
+    server.data_to_send()
+    events = server.receive_data(frame(HEADERS, 5, 1, encode_headers(pseudo)))
+    assert not events
+    resets = [f for f in frames(server.data_to_send()) if f[0] == RST_STREAM]
+    assert resets == [(RST_STREAM, 0, 1, b"\0\0\0\x01")]
