@@ -23,6 +23,7 @@ import trio
 with atheris.instrument_imports():
     from veil.agent.cni.plugin import answer as cni_answer
     from veil.agent.cni.server import BadRequest, parse_request
+    from veil.core import clienthello
     from veil.core.authz import PolicyError, PolicySet, parse_policy
     from veil.core.hbone import (
         PREFACE,
@@ -36,6 +37,7 @@ with atheris.instrument_imports():
     from veil.core.routes import RouteError, parse_route
     from veil.core.traffic import PolicyError as TrafficPolicyError
     from veil.core.traffic import parse_traffic_policy
+    from veil.lab import echo
     from veil.waypoint import http1
     from veil.waypoint.normalize import BadTarget, PathNormalization, normalize_target
 
@@ -303,6 +305,27 @@ def cni_stdin(data: bytes) -> None:
         parse_request(b"CNI/1\n" + data[:256])
 
 
+def tls_client_hello(data: bytes) -> None:
+    """connection.sni: the waypoint reads the server name of any stream that starts like a
+    TLS record; the answer is a name, None, or a Hello marker, never an exception."""
+    body = b"\x03\x03" + bytes(32) + data  # past version and random: the fuzzer's bytes
+    hello = b"\x01" + len(body).to_bytes(3, "big") + body
+    framed = b"\x16\x03\x01" + len(hello).to_bytes(2, "big") + hello
+    for candidate in (data, b"\x16\x03\x01" + data, framed):
+        got = clienthello.server_name(candidate)
+        assert got is None or isinstance(got, str | clienthello.Hello)
+        if isinstance(got, str):
+            assert got and got == got.lower() and not got.endswith(".")
+
+
+def websocket_frames(data: bytes) -> None:
+    """The lab's WebSocket echo (a peer of the waypoint's WebSocket relay): client frames."""
+    buf = bytearray(data)
+    with contextlib.suppress(ValueError):
+        for opcode, payload in echo.ws_frames(buf):
+            assert 0 <= opcode <= 0xF and isinstance(payload, bytes)
+
+
 HARNESSES: dict[str, Callable[[bytes], None]] = {
     f.__name__: f
     for f in (
@@ -313,6 +336,8 @@ HARNESSES: dict[str, Callable[[bytes], None]] = {
         path_normalization,
         policies,
         cni_stdin,
+        tls_client_hello,
+        websocket_frames,
     )
 }
 
