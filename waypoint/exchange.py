@@ -72,6 +72,15 @@ def switched(plan: Plan, answer: Any) -> bool:
     )
 
 
+def response_headers(plan: Plan, answer: Any) -> list[tuple[str, str]]:
+    """A backend's answer's headers as the client gets them: end-to-end only, then the
+    rule's and the backendRef's ResponseHeaderModifiers."""
+    out = http1.end_to_end([(n.decode("latin-1"), v.decode("latin-1")) for n, v in answer.headers])
+    for modifier in plan.response_headers:
+        out = modifier.apply(out)
+    return out
+
+
 def service_key(service: Service | None) -> str:
     return f"{service.namespace}/{service.name}" if service else ""
 
@@ -240,11 +249,7 @@ class Forwarder:
 
     async def _respond(self, plan: Plan, req: Request, up: Upstream, resp: Any) -> None:
         rec = req.rec
-        rheaders = http1.end_to_end(
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in resp.headers]
-        )
-        for modifier in plan.response_headers:
-            rheaders = modifier.apply(rheaders)
+        rheaders = response_headers(plan, resp)
         try:
             out = Writer(req.down, req.stream)
             await out.send(
@@ -267,11 +272,7 @@ class Forwarder:
         of both sides are relayed as they come until both ends close. Authorization, routing
         and the upgrade itself were judged on the request; the frames are the app's."""
         rec = req.rec
-        rheaders = http1.end_to_end(
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in answer.headers]
-        )
-        for modifier in plan.response_headers:
-            rheaders = modifier.apply(rheaders)
+        rheaders = response_headers(plan, answer)
         try:
             head = h11.InformationalResponse(
                 status_code=101, headers=[*rheaders, *http1.UPGRADE_HEADERS]

@@ -33,10 +33,10 @@ import pytest
 import yaml
 
 from tests.support.jwt import Issuer
-from tests.support.lab import lab_exec, leftovers, new_lab_name, veil
+from tests.support.lab import SOURCE_MODES, lab_exec, lab_from, veil
 from tests.support.logs import wait_for_access
 from veil.lab import lab as labmod
-from veil.lab import store, upstream
+from veil.lab import store
 
 HERE = Path(__file__).parent / "acceptance"
 UPSTREAM = HERE / "gateway-api"
@@ -50,27 +50,9 @@ CONSUMER = "gateway-conformance-mesh-consumer"
 CAPTURED = "ambient-captured"
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "manifests",
-        pytest.param(
-            "kubernetes",
-            marks=pytest.mark.skipif(
-                bool(upstream.missing()), reason="the upstream binaries are not built"
-            ),
-        ),
-    ],
-)
+@pytest.fixture(scope="module", params=SOURCE_MODES)
 def alab(request: pytest.FixtureRequest) -> Iterator[str]:
-    name = new_lab_name()
-    mode = ["--kubernetes"] if request.param == "kubernetes" else []
-    try:
-        veil("lab", "up", "-f", str(HERE / "mesh.yaml"), "--name", name, *mode, timeout=300)
-        yield name
-    finally:
-        veil("lab", "down", "--name", name, check=False)
-    assert leftovers(name) == []
+    yield from lab_from(str(HERE / "mesh.yaml"), request.param)
 
 
 # -- requests and expectations ------------------------------------------------------------

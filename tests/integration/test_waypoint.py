@@ -16,36 +16,18 @@ from typing import Any
 
 import pytest
 
-from tests.support.lab import lab_exec, leftovers, new_lab_name, veil
+from tests.support.lab import SOURCE_MODES, lab_exec, lab_from, veil
 from tests.support.logs import access_entries, wait_for_access
 from veil.lab import lab as labmod
-from veil.lab import netns, store, upstream
+from veil.lab import netns, store
 from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL
 
 WAYPOINT = str(Path(__file__).parent / "waypoint")
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "manifests",
-        pytest.param(
-            "kubernetes",
-            marks=pytest.mark.skipif(
-                bool(upstream.missing()), reason="the upstream binaries are not built"
-            ),
-        ),
-    ],
-)
+@pytest.fixture(scope="module", params=SOURCE_MODES)
 def wlab(request: pytest.FixtureRequest) -> Iterator[str]:
-    name = new_lab_name()
-    mode = ["--kubernetes"] if request.param == "kubernetes" else []
-    try:
-        veil("lab", "up", "-f", WAYPOINT, "--name", name, *mode, timeout=300)
-        yield name
-    finally:
-        veil("lab", "down", "--name", name, check=False)
-    assert leftovers(name) == []
+    yield from lab_from(WAYPOINT, request.param)
 
 
 def pod_name(lab: str, workload: str, ns: str = "web") -> str:

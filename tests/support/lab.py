@@ -131,6 +131,31 @@ LAB_MODES = [
 ]
 
 
+# Manifest mode and the real control plane (for suites whose subject is not capture).
+SOURCE_MODES = [
+    "manifests",
+    pytest.param(
+        "kubernetes",
+        marks=pytest.mark.skipif(
+            bool(upstream.missing()), reason="the upstream binaries are not built"
+        ),
+    ),
+]
+
+
+def lab_from(manifests: str, mode: str) -> Iterator[str]:
+    """A lab of `manifests` in one of SOURCE_MODES, for a module fixture: down (and nothing
+    left) after the module, whatever happened."""
+    name = new_lab_name()
+    flags = ["--kubernetes"] if mode == "kubernetes" else []
+    try:
+        veil("lab", "up", "-f", manifests, "--name", name, *flags, timeout=300)
+        yield name
+    finally:
+        veil("lab", "down", "--name", name, check=False)
+    assert leftovers(name) == []
+
+
 @pytest.fixture(scope="module", params=LAB_MODES)
 def lab(request: pytest.FixtureRequest) -> Iterator[str]:
     """tests/integration/mesh: namespace `mesh` enrolled from the start, `plain` not; every
