@@ -251,9 +251,23 @@ class MeshState:
             and all(w.labels.get(k) == v for k, v in s.selector.items())
         ]
 
-    def bound_waypoints(self, w: Workload) -> set[Waypoint]:
+    @cached_property
+    def _bound(self) -> dict[tuple[str, str], frozenset[Waypoint]]:
+        return {}  # filled as pods are asked about: the outbound path asks per connection
+
+    def bound_waypoints(self, w: Workload) -> frozenset[Waypoint]:
         """Waypoints traffic to this pod must come through (its own, its services'), unless
-        the namespace, the Service or the pod says `veil.dev/allow-waypoint-bypass: "true"`."""
+        the namespace, the Service or the pod says `veil.dev/allow-waypoint-bypass: "true"`.
+        Computed once per pod and snapshot (a scan of the namespace's Services)."""
+        if not self.waypoints:
+            return frozenset()
+        key = (w.namespace, w.name)
+        hit = self._bound.get(key)
+        if hit is None:
+            hit = self._bound[key] = frozenset(self._bound_waypoints(w))
+        return hit
+
+    def _bound_waypoints(self, w: Workload) -> set[Waypoint]:
         ns = self.namespaces.get(w.namespace)
         if ns is not None and ns.labels.get(ALLOW_BYPASS) == "true":
             return set()
