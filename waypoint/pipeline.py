@@ -22,6 +22,7 @@ from veil.core.authz import Decision, Facts, HttpFacts, at_waypoint, decide
 from veil.core.routes import (
     BackendRef,
     HeaderModifier,
+    HttpRoute,
     RequestFacts,
     Rule,
     Selected,
@@ -162,19 +163,27 @@ def tcp_backend(
     if not attached:
         return None
     route = min(attached, key=lambda r: (r.created, r.namespace, r.name))
-    ref = pick_backend(route.rules[0], rng)
+    return backend_of(state, "TCPRoute", route, pick_backend(route.rules[0], rng))
+
+
+def backend_of(
+    state: MeshState, kind: str, route: HttpRoute, ref: BackendRef | None
+) -> tuple[Service, int] | str:
+    """The Service and port a route's picked backendRef sends to, or why it cannot: no
+    backend had weight, another namespace's Service without a ReferenceGrant there (unless it
+    is the route's own parent), or a Service that does not exist."""
     if ref is None:
-        return f"TCPRoute {route.key}: no backend with weight"
+        return f"{kind} {route.key}: no backend with weight"
     if not reference_granted(
         state.reference_grants, route.namespace, ref.namespace, ref.name, route.parent_services
     ):
         return (
-            f"TCPRoute {route.key}: backendRef {ref.namespace}/{ref.name} is in another "
+            f"{kind} {route.key}: backendRef {ref.namespace}/{ref.name} is in another "
             "namespace and no ReferenceGrant there permits it"
         )
     backend = state.service(ref.namespace, ref.name)
     if backend is None:
-        return f"TCPRoute {route.key}: backend Service {ref.namespace}/{ref.name} is unknown"
+        return f"{kind} {route.key}: backend Service {ref.namespace}/{ref.name} is unknown"
     return backend, ref.port
 
 
@@ -345,26 +354,11 @@ def _plan(  # noqa: PLR0917
         return _redirect(hit, headers, target, path, route, limits, dest.port)
     picked: BackendRef | None = None
     if hit is not None:
-        ref = picked = pick_backend(hit.rule, rng)
-        if ref is None:
-            return Reply(500, "NR", f"HTTPRoute {route}: no backend with weight", path, route)
-        if not reference_granted(
-            state.reference_grants,
-            hit.route.namespace,
-            ref.namespace,
-            ref.name,
-            hit.route.parent_services,
-        ):
-            why = (
-                f"HTTPRoute {route}: backendRef {ref.namespace}/{ref.name} is in another "
-                "namespace and no ReferenceGrant there permits it"
-            )
-            return Reply(500, "NR", why, path, route)
-        backend = state.service(ref.namespace, ref.name)
-        port = ref.port  # the port of the backendRef picked, never another rule's
-        if backend is None:
-            why = f"backend Service {ref.namespace}/{ref.name} is unknown"
-            return Reply(500, "NR", why, path, route)
+        picked = pick_backend(hit.rule, rng)
+        found = backend_of(state, "HTTPRoute", hit.route, picked)
+        if isinstance(found, str):
+            return Reply(500, "NR", found, path, route)
+        backend, port = found  # the port of the backendRef picked, never another rule's
 
     # the upstream request
     trace = http1.child_traceparent(headers)

@@ -136,7 +136,7 @@ def test_patterns_re2_refuses_are_rejected_with_its_reason(pattern):
 # -- TCPRoute (issue 22.2) ---------------------------------------------------------------------
 
 
-def tcp_route(name: str, backends: list[dict[str, Any]], ns: str = "shop", **spec: Any):
+def tcp_route(name: str, backends: list[dict[str, Any]], ns: str = "shop") -> dict[str, Any]:
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "TCPRoute",
@@ -146,7 +146,6 @@ def tcp_route(name: str, backends: list[dict[str, Any]], ns: str = "shop", **spe
                 {"group": "", "kind": "Service", "name": "catalog", "namespace": "shop", "port": 80}
             ],
             "rules": [{"backendRefs": backends}],
-            **spec,
         },
     }
 
