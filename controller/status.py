@@ -1,6 +1,7 @@
 """The status Veil writes on what it reads (pure functions of the object and the state):
 `Accepted` on AuthorizationPolicies, RequestAuthentications and TrafficPolicies, with the
 parser's reason when one is refused; `Accepted` / `ResolvedRefs` per parent on HTTPRoutes,
+GRPCRoutes and TCPRoutes,
 as Gateway API's route status has them. The controller is the one writer (app.py).
 
 A condition keeps its lastTransitionTime while its status holds, so writing the same
@@ -17,7 +18,7 @@ from veil.core.state import MeshState, object_key
 
 CONTROLLER_NAME = "veil.dev/waypoint-controller"
 POLICY_KINDS = ("AuthorizationPolicy", "RequestAuthentication", "TrafficPolicy")
-ROUTE_KINDS = ("HTTPRoute",)
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "TCPRoute")
 
 
 def condition(  # noqa: PLR0917 - the fields of one condition
@@ -88,7 +89,11 @@ def route_status(obj: Mapping[str, Any], state: MeshState, now: str) -> dict[str
     md = obj["metadata"]
     ns = md.get("namespace", "default")
     err = state.invalid.get(object_key(obj))
-    parsed = any(r.namespace == ns and r.name == md["name"] for r in state.routes)
+    kind = obj.get("kind")
+    parsed = any(
+        r.kind == kind and r.namespace == ns and r.name == md["name"]
+        for r in (*state.routes, *state.tcp_routes)
+    )
     unresolved = _unresolved(obj, state)
     old_parents = (obj.get("status") or {}).get("parents") or []
     others = [p for p in old_parents if p.get("controllerName") != CONTROLLER_NAME]

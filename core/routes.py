@@ -8,6 +8,7 @@ weighted choice. No I/O: the waypoint feeds requests in and acts on what comes o
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,6 +186,7 @@ class HttpRoute:
     parents: tuple[tuple[str, str, int | None, str | None], ...]
     rules: tuple[Rule, ...]
     created: str = ""  # creationTimestamp, for ties
+    kind: str = "HTTPRoute"  # or GRPCRoute (sent to backends as gRPC), TCPRoute
 
     @property
     def key(self) -> str:
@@ -345,13 +347,21 @@ def _backend(b: Mapping[str, Any], ns: str, where: str) -> BackendRef:
     )
 
 
-def _rule(r: Mapping[str, Any], rw: str, ns: str, matches: tuple[Match, ...]) -> Rule:
+def _rule(
+    r: Mapping[str, Any],
+    rw: str,
+    ns: str,
+    matches: tuple[Match, ...],
+    supported: tuple[str, ...],
+) -> Rule:
     """A rule's filters, backends, timeouts and retry; RouteError names what it cannot apply."""
     req_mod = resp_mod = None
     redirect = rewrite = None
     mirrors = []
     for j, f in enumerate(_list(r.get("filters"), f"{rw}.filters")):
         ftype, fw = f.get("type"), f"{rw}.filters[{j}]"
+        if ftype not in supported:
+            raise RouteError(f"{fw}.type: {ftype!r} is not supported yet ({', '.join(supported)})")
         if ftype == "RequestHeaderModifier":
             req_mod = _modifier(f.get("requestHeaderModifier"))
         elif ftype == "ResponseHeaderModifier":
@@ -373,18 +383,13 @@ def _rule(r: Mapping[str, Any], rw: str, ns: str, matches: tuple[Match, ...]) ->
             rewrite = Rewrite(
                 d.get("hostname"), _path_filter(d.get("path"), f"{fw}.urlRewrite.path")
             )
-        elif ftype == "RequestMirror":
+        else:  # RequestMirror
             d = f.get("requestMirror") or {}
             mirrors.append(
                 Mirror(
                     _backend(d.get("backendRef") or {}, ns, f"{fw}.requestMirror.backendRef"),
                     _mirror_fraction(d, f"{fw}.requestMirror"),
                 )
-            )
-        else:
-            raise RouteError(
-                f"{rw}.filters[{j}].type: {ftype!r} is not supported yet "
-                f"({', '.join(SUPPORTED_FILTERS)})"
             )
     backends = [
         _backend(b, ns, f"{rw}.backendRefs[{j}]")
@@ -421,7 +426,9 @@ def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
     md = obj.get("metadata") or {}
     ns, name = md.get("namespace", "default"), md.get("name", "?")
     spec = obj.get("spec") or {}
-    where = f"HTTPRoute {ns}/{name}: spec"
+    route_kind = str(obj.get("kind") or "HTTPRoute")
+    where = f"{route_kind} {ns}/{name}: spec"
+    filters = GRPC_FILTERS if route_kind == "GRPCRoute" else SUPPORTED_FILTERS
     try:
         parents = []
         for i, p in enumerate(_list(spec.get("parentRefs"), f"{where}.parentRefs")):
@@ -446,7 +453,7 @@ def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
                 for j, m in enumerate(_list(r.get("matches"), f"{rw}.matches"))
             ) or (Match(),)
             try:
-                rules.append(_rule(r, rw, ns, matches))
+                rules.append(_rule(r, rw, ns, matches, filters))
             except (RouteError, KeyError, TypeError, ValueError, AttributeError) as e:
                 why = str(e) if isinstance(e, RouteError) else f"{rw}: cannot read: {e!r}"
                 rules.append(Rule(matches, invalid=why))
@@ -460,10 +467,17 @@ def parse_route(obj: Mapping[str, Any]) -> HttpRoute:
         tuple((a, b, int(c) if c is not None else None, d) for a, b, c, d in parents),
         tuple(rules),
         str(md.get("creationTimestamp", "")),
+        route_kind,
     )
 
 
 TCP_ROUTE_KINDS = ("TCPRoute",)
+HTTP_ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+
+
+def parse_http_kind(obj: Mapping[str, Any]) -> HttpRoute:
+    """An HTTPRoute or a GRPCRoute."""
+    return parse_grpc_route(obj) if obj.get("kind") == "GRPCRoute" else parse_route(obj)
 
 
 def parse_tcp_route(obj: Mapping[str, Any]) -> HttpRoute:
@@ -482,23 +496,91 @@ def parse_tcp_route(obj: Mapping[str, Any]) -> HttpRoute:
     for j, b in enumerate(_list(rules[0].get("backendRefs"), f"{where}.rules[0].backendRefs")):
         if b.get("filters"):
             raise RouteError(f"{where}.rules[0].backendRefs[{j}].filters: none on a TCPRoute")
-    doc = {"metadata": md, "spec": {"parentRefs": spec.get("parentRefs"), "rules": rules}}
-    try:
-        route = parse_route(doc)
-    except RouteError as e:
-        raise RouteError(str(e).replace("HTTPRoute", "TCPRoute", 1)) from None
+    doc = {
+        "kind": "TCPRoute",
+        "metadata": md,
+        "spec": {"parentRefs": spec.get("parentRefs"), "rules": rules},
+    }
+    route = parse_route(doc)
     if route.problems:
-        raise RouteError("; ".join(route.problems).replace("HTTPRoute", "TCPRoute"))
+        raise RouteError("; ".join(route.problems))
     return route
 
 
+GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror")
+GRPC_NAME = r"[^/]+"  # a gRPC service or method name: one path segment
+
+
+def _grpc_match(m: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A GRPCRouteMatch as the HTTPRouteMatch it means: a gRPC call is a POST to
+    `/<service>/<method>`, its metadata are headers."""
+    out: dict[str, Any] = {}
+    method = m.get("method")
+    if method is not None:
+        if not isinstance(method, Mapping):
+            raise RouteError(f"{where}.method: expected a mapping")
+        mtype = method.get("type", "Exact")
+        service, name = method.get("service"), method.get("method")
+        if service is None and name is None:
+            raise RouteError(f"{where}.method: one of service and method is required")
+        if mtype == "Exact":
+            for field_name, v in (("service", service), ("method", name)):
+                if v is not None and (not isinstance(v, str) or not re.fullmatch(GRPC_NAME, v)):
+                    raise RouteError(f"{where}.method.{field_name}: {v!r} is not a gRPC name")
+            if service is not None and name is not None:
+                out["path"] = {"type": "Exact", "value": f"/{service}/{name}"}
+            elif service is not None:
+                out["path"] = {"type": "PathPrefix", "value": f"/{service}"}
+            else:
+                out["path"] = {
+                    "type": "RegularExpression",
+                    "value": f"/{GRPC_NAME}/{re.escape(str(name))}",
+                }
+        elif mtype == "RegularExpression":
+            s = GRPC_NAME if service is None else f"(?:{service})"
+            n = GRPC_NAME if name is None else f"(?:{name})"
+            out["path"] = {"type": "RegularExpression", "value": f"/{s}/{n}"}
+        else:
+            raise RouteError(f"{where}.method.type: {mtype!r} (Exact, RegularExpression)")
+    if m.get("headers") is not None:
+        out["headers"] = m["headers"]
+    return out
+
+
+def parse_grpc_route(obj: Mapping[str, Any]) -> HttpRoute:
+    """A GRPCRoute (gateway.networking.k8s.io/v1) on a Service, GAMMA style, kept as an
+    HttpRoute whose matches are the paths and headers its method and header matches mean, so
+    precedence, weights, filters and producer/consumer scoping are the HTTPRoute's. Its
+    requests go to backends as gRPC (HTTP/2), whatever the client spoke."""
+    md = obj.get("metadata") or {}
+    ns, name = md.get("namespace", "default"), md.get("name", "?")
+    where = f"GRPCRoute {ns}/{name}: spec"
+    spec = obj.get("spec") or {}
+    rules = []
+    for i, r in enumerate(_list(spec.get("rules"), f"{where}.rules") or [{}]):
+        rw = f"{where}.rules[{i}]"
+        rule = {k: v for k, v in r.items() if k in ("backendRefs", "filters", "name")}
+        matches = [
+            _grpc_match(m, f"{rw}.matches[{j}]")
+            for j, m in enumerate(_list(r.get("matches"), f"{rw}.matches"))
+        ]
+        if matches:
+            rule["matches"] = matches
+        rules.append(rule)
+    parents = spec.get("parentRefs")
+    return parse_route(
+        {"kind": "GRPCRoute", "metadata": md, "spec": {"parentRefs": parents, "rules": rules}}
+    )
+
+
 def parse_routes(objects: Iterable[Mapping[str, Any]]) -> tuple[list[HttpRoute], list[str]]:
-    """Every HTTPRoute that can be applied, and an error line for each one that cannot."""
+    """Every HTTPRoute and GRPCRoute that can be applied, and an error line for each one that
+    cannot."""
     routes, errors = [], []
     for obj in objects:
-        if obj.get("kind") == "HTTPRoute":
+        if obj.get("kind") in HTTP_ROUTE_KINDS:
             try:
-                routes.append(parse_route(obj))
+                routes.append(parse_http_kind(obj))
             except RouteError as e:
                 errors.append(str(e))
     return routes, errors

@@ -83,6 +83,20 @@ class ServicePort:
     port: int
     target_port: int | str
     name: str = ""
+    app_protocol: str = ""  # `appProtocol`: kubernetes.io/h2c, grpc, http2 ... (HTTP/2 to pods)
+
+    @property
+    def speaks_http2(self) -> bool:
+        """Whether the pods behind this port take HTTP/2 (prior knowledge): its appProtocol
+        says so, or without one its name (`grpc`, `grpc-web`, `http2`, `h2c`, or with a
+        `-suffix`), as Istio reads Service ports."""
+        if self.app_protocol:
+            return self.app_protocol.lower() in HTTP2_APP_PROTOCOLS
+        prefix = self.name.lower().split("-", 1)[0]
+        return prefix in ("grpc", "http2", "h2c")
+
+
+HTTP2_APP_PROTOCOLS = frozenset({"kubernetes.io/h2c", "h2c", "http2", "grpc", "grpc-web"})
 
 
 @dataclass(frozen=True)
@@ -394,6 +408,7 @@ def service_from(obj: Mapping[str, Any]) -> Service:
             port=int(p["port"]),
             target_port=p.get("targetPort", p["port"]),
             name=p.get("name") or "",
+            app_protocol=str(p.get("appProtocol") or ""),
         )
         for p in spec.get("ports") or []
     )
@@ -486,8 +501,8 @@ class StateBuilder:
             if kind == "Gateway":
                 if (wp := waypoint_from(obj)) is not None:
                     self.waypoints[key] = wp
-            elif kind == "HTTPRoute":
-                route = self.routes[key] = routes.parse_route(obj)
+            elif kind in routes.HTTP_ROUTE_KINDS:
+                route = self.routes[key] = routes.parse_http_kind(obj)
                 if route.problems:  # in force, but these rules answer 500
                     self.invalid[key] = "; ".join(
                         f"{p} (the rule answers 500)" for p in route.problems

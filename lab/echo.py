@@ -11,6 +11,11 @@ and `?uuid=<id>&succeedAfter=<n>` fails the first n requests with that uuid, wit
 `?responseCode=<code>` or else by resetting the connection. A WebSocket handshake
 (`Upgrade: websocket`) is accepted and every text or binary message is sent back;
 `--tcp-port` adds a raw TCP echo that sends the pod's name first, then every byte back.
+`--grpc-port` adds HTTP/2 (prior knowledge, h2c): gRPC calls of Istio's echo service
+(`proto.EchoTestService/Echo`, answered with `Hostname=<pod>` lines as Istio's echo does,
+the status in trailers; echo-basic's `GrpcEcho/Echo` and `/EchoTwo` answered alike), other
+gRPC methods UNIMPLEMENTED, and plain HTTP/2 requests answered like HTTP/1.1 ones (with
+`x-echo-protocol: HTTP/2.0`).
 """
 
 from __future__ import annotations
@@ -23,8 +28,13 @@ import re
 import struct
 import sys
 from functools import partial
+from typing import Any
 from urllib.parse import parse_qs
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import trio
 
 from veil.runtime import http
@@ -195,18 +205,219 @@ async def tcp_echo(stream: trio.SocketStream) -> None:
                 prefix = b""
 
 
-async def serve(port: int, host: str = "0.0.0.0", tcp_port: int | None = None) -> None:
+# -- gRPC and HTTP/2 ---------------------------------------------------------------------------
+
+GRPC_ECHO = "/proto.EchoTestService/Echo"  # Istio's echo service, as Gateway API's client calls it
+# Gateway API's echo-basic gRPC service: Echo and EchoTwo answered, EchoThree not implemented
+GRPC_BASIC = "/gateway_api_conformance.echo_basic.grpcecho.GrpcEcho/"
+GRPC_METHODS = frozenset({GRPC_ECHO, f"{GRPC_BASIC}Echo", f"{GRPC_BASIC}EchoTwo"})
+GRPC_MAX_MESSAGE = 4 << 20
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def proto_string_field(number: int, value: bytes) -> bytes:
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def proto_first_string(message: bytes, number: int) -> bytes:
+    """Field `number` (a string) of a protobuf message, b"" if absent; ValueError if garbled."""
+    at = 0
+    while at < len(message):
+        key, at = _read_varint(message, at)
+        wire = key & 7
+        if wire == 0:
+            _, at = _read_varint(message, at)
+        elif wire == 2:
+            n, at = _read_varint(message, at)
+            if at + n > len(message):
+                raise ValueError("truncated field")
+            if key >> 3 == number:
+                return message[at : at + n]
+            at += n
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
+    return b""
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    n = shift = 0
+    while at < len(data) and shift < 64:
+        byte = data[at]
+        n |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80:
+            return n, at
+    raise ValueError("bad varint")
+
+
+def grpc_messages(body: bytes) -> list[bytes]:
+    """The length-prefixed messages of a gRPC body (uncompressed only)."""
+    out, at = [], 0
+    while at < len(body):
+        if len(body) - at < 5 or body[at] != 0:
+            raise ValueError("bad or compressed gRPC message")
+        n = int.from_bytes(body[at + 1 : at + 5], "big")
+        if n > GRPC_MAX_MESSAGE or at + 5 + n > len(body):
+            raise ValueError("gRPC message too large or truncated")
+        out.append(body[at + 5 : at + 5 + n])
+        at += 5 + n
+    return out
+
+
+def grpc_echo(head: dict[str, str], body: bytes, peer: str) -> tuple[bytes, int, str]:
+    """Istio's EchoTestService/Echo (and echo-basic's GrpcEcho Echo / EchoTwo, answered the
+    same way): (response body, grpc-status, grpc-message)."""
+    if head.get(":path") not in GRPC_METHODS:
+        return b"", 12, f"unknown method {head.get(':path')}"  # UNIMPLEMENTED
+    try:
+        messages = grpc_messages(body)
+        said = proto_first_string(messages[0], 1) if messages else b""
+    except ValueError as e:
+        return b"", 3, str(e)  # INVALID_ARGUMENT
+    lines = [
+        f"ServiceVersion={os.environ.get('POD_VERSION', '')}",
+        "ServicePort=7070",
+        f"Host={head.get(':authority', '')}",
+        f"Hostname={os.environ.get('POD_NAME', '')}",
+        "Method=POST",
+        "Proto=GRPC",
+        f"IP={peer.rsplit(':', 1)[0]}",
+        "StatusCode=200",
+        f"Echo={said.decode(errors='replace')}",
+        *(f"RequestHeader={k}:{v}" for k, v in head.items() if not k.startswith(":")),
+    ]
+    reply = proto_string_field(1, "\n".join(lines).encode())
+    return b"\0" + len(reply).to_bytes(4, "big") + reply, 0, ""
+
+
+class H2cConnection:
+    """One HTTP/2 (prior knowledge) client connection: every request answered once it ended."""
+
+    def __init__(self, stream: trio.SocketStream, peer: str) -> None:
+        self.stream, self.peer = stream, peer
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        self.lock = trio.Lock()
+        self.heads: dict[int, dict[str, str]] = {}
+        self.bodies: dict[int, bytearray] = {}
+
+    async def flush(self) -> None:
+        async with self.lock:
+            if out := self.h2.data_to_send():
+                await self.stream.send_all(out)
+
+    async def run(self) -> None:
+        self.h2.initiate_connection()
+        await self.flush()
+        async with trio.open_nursery() as nursery:
+            while data := await self.stream.receive_some(65536):
+                for ev in self.h2.receive_data(data):
+                    self.event(ev, nursery)
+                await self.flush()
+            nursery.cancel_scope.cancel()
+
+    def event(self, ev: Any, nursery: trio.Nursery) -> None:
+        sid = getattr(ev, "stream_id", 0)
+        if isinstance(ev, h2.events.RequestReceived):
+            self.heads[sid] = {str(k): str(v) for k, v in ev.headers or []}
+            self.bodies[sid] = bytearray()
+        elif isinstance(ev, h2.events.DataReceived) and sid in self.bodies:
+            self.bodies[sid] += ev.data or b""
+            self.h2.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
+            if len(self.bodies[sid]) > MAX_BODY:
+                self.h2.reset_stream(sid, 11)  # ENHANCE_YOUR_CALM
+                self.heads.pop(sid), self.bodies.pop(sid)
+        elif isinstance(ev, h2.events.StreamEnded) and sid in self.heads:
+            nursery.start_soon(self.answer, sid, self.heads.pop(sid), bytes(self.bodies.pop(sid)))
+        elif isinstance(ev, h2.events.StreamReset):
+            self.heads.pop(sid, None), self.bodies.pop(sid, None)
+
+    async def answer(self, sid: int, head: dict[str, str], body: bytes) -> None:
+        if LOG_REQUESTS:
+            print(
+                f"echo: h2 {head.get(':method')} {head.get(':path')}", file=sys.stderr, flush=True
+            )
+        trailers: list[tuple[str, str]] = []
+        if head.get("content-type", "").startswith("application/grpc"):
+            data, code, message = grpc_echo(head, body, self.peer)
+            headers = [(":status", "200"), ("content-type", "application/grpc")]
+            trailers = [("grpc-status", str(code))] + (
+                [("grpc-message", message)] if message else []
+            )
+        else:
+            req = http.Request(
+                method=head.get(":method", "GET"),
+                target=head.get(":path", "/"),
+                headers={
+                    "host": head.get(":authority", ""),
+                    **{k: v for k, v in head.items() if not k.startswith(":")},
+                },
+                body=body,
+                peer=self.peer,
+            )
+            resp = await handle(req)
+            data = resp.body
+            headers = [
+                (":status", str(resp.status)),
+                ("content-type", resp.content_type),
+                ("content-length", str(len(data))),
+                ("x-echo-protocol", "HTTP/2.0"),
+                *resp.headers.items(),
+            ]
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            async with self.lock:
+                self.h2.send_headers(sid, headers, end_stream=not data and not trailers)
+                for at in range(0, len(data), 16384):
+                    self.h2.send_data(sid, data[at : at + 16384])
+                if trailers:
+                    self.h2.send_headers(sid, trailers, end_stream=True)
+                elif data:
+                    self.h2.end_stream(sid)
+            await self.flush()
+
+
+async def h2c_echo(stream: trio.SocketStream) -> None:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return
+    with contextlib.suppress(
+        trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError
+    ):
+        async with stream:
+            await H2cConnection(stream, f"{addr[0]}:{addr[1]}").run()
+
+
+async def serve(
+    port: int, host: str = "0.0.0.0", tcp_port: int | None = None, grpc_port: int | None = None
+) -> None:
     async with trio.open_nursery() as nursery:
         if tcp_port:
             nursery.start_soon(partial(trio.serve_tcp, tcp_echo, tcp_port, host=host))
+        if grpc_port:
+            nursery.start_soon(partial(trio.serve_tcp, h2c_echo, grpc_port, host=host))
         await http.serve(handle, host, port, max_body=MAX_BODY)
 
 
-def main(port: int, host: str = "0.0.0.0", tcp_port: int | None = None) -> None:
+def main(
+    port: int, host: str = "0.0.0.0", tcp_port: int | None = None, grpc_port: int | None = None
+) -> None:
     tcp = f" and TCP {tcp_port}" if tcp_port else ""
+    grpc = f" and gRPC/h2c {grpc_port}" if grpc_port else ""
     print(
-        f"echo: pod {os.environ.get('POD_NAME', '?')} listening on {host}:{port}{tcp}",
+        f"echo: pod {os.environ.get('POD_NAME', '?')} listening on {host}:{port}{tcp}{grpc}",
         file=sys.stderr,
         flush=True,
     )
-    trio.run(serve, port, host, tcp_port)
+    trio.run(serve, port, host, tcp_port, grpc_port)

@@ -208,7 +208,7 @@ rules:
   resources: [namespaces, pods, services]
   verbs: [get, list, watch]
 - apiGroups: [gateway.networking.k8s.io]
-  resources: [gateways, httproutes, tcproutes, referencegrants]
+  resources: [gateways, httproutes, grpcroutes, tcproutes, referencegrants]
   verbs: [get, list, watch]
 - apiGroups: [security.veil.dev]
   resources: [authorizationpolicies, requestauthentications]
@@ -236,7 +236,7 @@ kind: ClusterRole
 metadata: {{name: veil-controller}}
 rules:
 - apiGroups: [gateway.networking.k8s.io]
-  resources: [gateways/status, httproutes/status]
+  resources: [gateways/status, httproutes/status, grpcroutes/status, tcproutes/status]
   verbs: [get, patch, update]
 - apiGroups: [security.veil.dev]
   resources: [authorizationpolicies/status, requestauthentications/status]

@@ -24,7 +24,8 @@ TD = "cluster.local"
 # What the state source watches, as kubectl names the kinds (kubernetes mode).
 API_KINDS = (
     "namespaces,pods,services,gateways.gateway.networking.k8s.io,"
-    "httproutes.gateway.networking.k8s.io,tcproutes.gateway.networking.k8s.io,"
+    "httproutes.gateway.networking.k8s.io,grpcroutes.gateway.networking.k8s.io,"
+    "tcproutes.gateway.networking.k8s.io,"
     "referencegrants.gateway.networking.k8s.io,"
     "authorizationpolicies.security.veil.dev,requestauthentications.security.veil.dev,"
     "trafficpolicies.traffic.veil.dev"

@@ -11,7 +11,8 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,15 @@ def response_headers(plan: Plan, answer: Any) -> list[tuple[str, str]]:
     return out
 
 
+@contextmanager
+def _cancelled_after(scope: trio.CancelScope) -> Iterator[None]:
+    """Whatever the request's outcome, what still sends its body stops with it."""
+    try:
+        yield
+    finally:
+        scope.cancel()
+
+
 def service_key(service: Service | None) -> str:
     return f"{service.namespace}/{service.name}" if service else ""
 
@@ -131,8 +141,9 @@ class Forwarder:
             for ref in plan.mirrors:
                 self._mirror(ref, plan, body, req.client_ip)
         resp: tuple[Upstream, Any] | None = None
+        sending = trio.CancelScope()  # a streamed body sent to HTTP/2 while the answer comes
         # timeouts.request covers the whole exchange, the response's body included
-        with trio.move_on_after(plan.timeout) as deadline:
+        with trio.move_on_after(plan.timeout) as deadline, _cancelled_after(sending):
             attempt = 0
             while resp is None:
                 attempt += 1
@@ -140,7 +151,7 @@ class Forwarder:
                 status: int | None = None
                 failure: TryFailed | None = None
                 try:
-                    up, answer = await self._try(w, port, plan, body, req)
+                    up, answer = await self._try(w, port, plan, body, req, sending)
                     status = answer.status_code
                 except TryFailed as e:
                     up, answer, failure = None, None, e
@@ -192,20 +203,30 @@ class Forwarder:
         rec.upstream = f"{w.ip}:{target_port}"
         return w, target_port
 
-    async def _try(
-        self, w: Workload, port: int, plan: Plan, body: bytes | None, req: Request
+    async def _try(  # noqa: PLR0917
+        self,
+        w: Workload,
+        port: int,
+        plan: Plan,
+        body: bytes | None,
+        req: Request,
+        sending: trio.CancelScope,
     ) -> tuple[Upstream, Any]:
-        """Send the request to one pod and wait for its response head."""
+        """Send the request to one pod and wait for its response head. A streamed body to an
+        HTTP/2 backend is sent by a task of its own (under `sending`) while the answer comes:
+        a gRPC stream's messages go both ways at once."""
         svc = service_key(req.dest.service)
         breaker = self.upstreams.breaker(svc, plan.policy)
         if not breaker.admit():
             raise HttpError(503, "UO", f"circuit breaker open for {w.key} (max requests)")
         try:
-            if not self.upstreams.has_idle(svc, w, port) and not breaker.may_connect():
+            if not self.upstreams.has_idle(svc, w, port, plan.http2) and not breaker.may_connect():
                 raise HttpError(503, "UO", f"circuit breaker open for {w.key} (max connections)")
             try:
                 breaker.pending += 1
-                up = await self.upstreams.acquire(w, port, req.client_ip, plan.traceparent, svc)
+                up = await self.upstreams.acquire(
+                    w, port, req.client_ip, plan.traceparent, svc, plan.http2
+                )
             except DIAL_ERRORS as e:
                 raise TryFailed(f"connect: {e}") from None
             finally:
@@ -222,6 +243,8 @@ class Forwarder:
                     if body:
                         await w_up.send(h11.Data(data=body))
                     await w_up.send(h11.EndOfMessage())
+                elif plan.http2:
+                    self.nursery.start_soon(self._send_body, req, w_up, up, sending)
                 else:
                     req.rec.request_bytes += await copy_body(
                         req.down, req.stream, w_up, "the client went away"
@@ -246,6 +269,20 @@ class Forwarder:
             return up, answer
         finally:
             breaker.done()
+
+    async def _send_body(
+        self, req: Request, out: Writer, up: Upstream, scope: trio.CancelScope
+    ) -> None:
+        """The client's streamed body to the backend, as it comes. If the client goes away
+        (or the backend does), the backend's stream is reset: its answer then fails too."""
+        with scope:
+            try:
+                req.rec.request_bytes += await copy_body(
+                    req.down, req.stream, out, "the client went away"
+                )
+            except (HttpError, HboneError, h11.ProtocolError) as e:
+                log.debug("request body to %s: %s", req.rec.upstream, e)
+                up.stream.reset()
 
     async def _respond(self, plan: Plan, req: Request, up: Upstream, resp: Any) -> None:
         rec = req.rec
@@ -313,7 +350,7 @@ class Forwarder:
             with trio.move_on_after(10):
                 try:
                     up = await self.upstreams.acquire(
-                        w, port, client_ip, http1.child_traceparent(headers)
+                        w, port, client_ip, http1.child_traceparent(headers), http2=plan.http2
                     )
                     out = [(n, v) for n, v in headers if n.lower() != "content-length"]
                     out.append(("content-length", str(len(body))))

@@ -1,11 +1,13 @@
-"""HTTP/2 (prior knowledge) from clients at the waypoint, on top of the h2 state machine.
+"""HTTP/2 (prior knowledge) at the waypoint, on top of the h2 state machine: from clients
+(`H2Server`) and to backends (`H2Client`).
 
 Each HTTP/2 request stream is presented to the waypoint's request logic as an `H2Exchange`
-that speaks h11's event types (`Request`, `Data`, `EndOfMessage`, `Response`), so routing,
-policy, resilience and telemetry are one code path for both protocols; backends are reached
-with HTTP/1.1 over HBONE. One reader task feeds h2, one writer task sends what h2 produced, in
+that speaks h11's event types (`Request`, `Data`, `EndOfMessage`, `Response`; trailers ride
+on `EndOfMessage.headers`), so routing, policy, resilience and telemetry are one code path
+for both protocols. One reader task feeds h2, one writer task sends what h2 produced, in
 order (HPACK depends on it); request bodies are bounded by HTTP/2 flow control (the window is
-re-opened only as the waypoint consumes data).
+re-opened only as the waypoint consumes data). A backend that speaks HTTP/2 (gRPC, h2c) is
+an `H2Client` with the same surface, driven by the forwarder's reads: no task of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,7 +36,32 @@ WINDOW = 1024 * 1024
 OUTPUT_LIMIT = 1024 * 1024  # answers queued for a client before we stop reading its requests
 
 
-class H2Exchange:
+class H2Messages:
+    """What speaks h11's events over HTTP/2 (`next_event`, `send`): a client's request stream
+    or a backend connection; `waypoint.messages` drives both like an h11 connection."""
+
+    our_state: Any
+    their_state: Any
+
+    async def next_event(self) -> Any:
+        raise NotImplementedError
+
+    async def send(self, event: Any) -> None:
+        raise NotImplementedError
+
+
+def _trailers(headers: Any) -> list[tuple[str, str]]:
+    """Trailer fields as HTTP/2 may carry them: no pseudo-headers, no hop-by-hop fields."""
+    out = []
+    for n, v in headers or ():
+        name = (n.decode("latin-1") if isinstance(n, bytes) else n).lower()
+        value = v.decode("latin-1") if isinstance(v, bytes) else v
+        if not name.startswith(":") and name not in HOP_BY_HOP and name != "content-length":
+            out.append((name, value))
+    return out
+
+
+class H2Exchange(H2Messages):
     """One request stream, with the h11-like surface the waypoint's request logic uses."""
 
     def __init__(self, conn: H2Server, stream_id: int) -> None:
@@ -44,6 +72,8 @@ class H2Exchange:
         self.their_state: Any = h11.SEND_BODY
         self.request: h11.Request | None = None
         self.gone = False  # reset by the client: nothing more is delivered
+        self.trailers: list[tuple[str, str]] = []  # the request's, once received
+        self._held: list[tuple[str, str]] | None = None  # a gRPC response head not yet sent
 
     async def next_event(self) -> Any:
         if self.their_state is h11.DONE:
@@ -75,14 +105,33 @@ class H2Exchange:
                 for n, v in event.headers
                 if n.decode("latin-1").lower() not in HOP_BY_HOP
             ]
-            self.conn.h2.send_headers(self.stream_id, headers)
             self.our_state = h11.SEND_BODY
+            if any(n == "content-type" and v.startswith("application/grpc") for n, v in headers):
+                self._held = headers  # until we know whether a message follows (see below)
+                return
+            self.conn.h2.send_headers(self.stream_id, headers)
             self.conn.wake()
         elif isinstance(event, h11.Data):
+            self._release_head()
             await self.conn.send_data(self.stream_id, bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
-            self.conn.h2.end_stream(self.stream_id)
+            trailers = _trailers(event.headers)  # gRPC's status rides here
+            if self._held is not None:
+                # a gRPC answer without a message is "Trailers-Only": one HEADERS frame that
+                # ends the stream; gRPC clients read no status from a later, separate one
+                self.conn.h2.send_headers(self.stream_id, self._held + trailers, end_stream=True)
+                self._held = None
+            elif trailers:
+                self.conn.h2.send_headers(self.stream_id, trailers, end_stream=True)
+            else:
+                self.conn.h2.end_stream(self.stream_id)
             self.our_state = h11.DONE
+            self.conn.wake()
+
+    def _release_head(self) -> None:
+        if self._held is not None:
+            self.conn.h2.send_headers(self.stream_id, self._held)
+            self._held = None
             self.conn.wake()
 
 
@@ -194,9 +243,12 @@ class H2Server:
                 elif ev.flow_controlled_length:
                     with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
                         self.h2.acknowledge_received_data(ev.flow_controlled_length, sid)
+            elif isinstance(ev, h2.events.TrailersReceived):
+                if found is not None:
+                    found.trailers = _trailers(ev.headers)
             elif isinstance(ev, h2.events.StreamEnded):
                 if found is not None and not found.gone:
-                    found._send.send_nowait(h11.EndOfMessage())
+                    found._send.send_nowait(h11.EndOfMessage(headers=found.trailers))
             elif isinstance(ev, h2.events.StreamReset):
                 if found is not None:
                     found.gone = True
@@ -260,3 +312,201 @@ def _request(headers: list[tuple[Any, Any]], has_body: bool) -> h11.Request | No
         )
     except h11.LocalProtocolError:
         return None
+
+
+HTTP2_HOP_BY_HOP = HOP_BY_HOP | {"host", "transfer-encoding"}
+
+
+class H2Client(H2Messages):
+    """The client side of one HTTP/2 connection (prior knowledge) to a backend pod, over an
+    HBONE stream: one request at a time (kept for the next when both sides finished), with
+    h11's surface. Nothing runs in the background: bytes are read when the forwarder waits
+    for the response, or for send window while it sends a body; response data is
+    acknowledged as the forwarder consumes it, so the backend is bounded by our window.
+    The request body and the response may move at once (a gRPC stream), from two tasks: one
+    reads the stream at a time, and what h2 produced leaves in order."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="latin-1")
+        )
+        self.h2.initiate_connection()
+        self.h2.update_settings(
+            {
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            }
+        )
+        self.h2.increment_flow_control_window(WINDOW)
+        self.stream_id = 0
+        self.events: deque[Any] = deque()
+        self.our_state: Any = h11.IDLE
+        self.their_state: Any = h11.IDLE
+        self.terminated = False  # GOAWAY, end of stream or a connection error
+        self._trailers: list[tuple[str, str]] = []
+        self.trailing_data = (b"", False)  # h11's attribute: nothing is read past a message
+        self._reading = trio.Lock()
+        self._writing = trio.Lock()
+
+    def reusable(self) -> bool:
+        return self.our_state is h11.DONE and self.their_state is h11.DONE and not self.terminated
+
+    def start_next_cycle(self) -> None:
+        self.stream_id = 0
+        self.events.clear()
+        self.our_state = self.their_state = h11.IDLE
+
+    async def send(self, event: Any) -> None:
+        try:
+            await self._send_event(event)
+        except h2.exceptions.ProtocolError as e:
+            self.terminated = True
+            raise HboneError(f"backend HTTP/2 stream: {e!r}") from None
+
+    async def _send_event(self, event: Any) -> None:
+        if isinstance(event, h11.Request):
+            self.stream_id = self.h2.get_next_available_stream_id()
+            self.h2.send_headers(self.stream_id, _request_head(event))
+            self.our_state, self.their_state = h11.SEND_BODY, h11.SEND_RESPONSE
+            self._trailers = []
+            if self.events:  # nothing from an earlier cycle belongs to this one
+                self.events.clear()
+        elif isinstance(event, h11.Data):
+            view = memoryview(bytes(event.data))
+            while view:
+                window = min(
+                    self.h2.local_flow_control_window(self.stream_id),
+                    self.h2.max_outbound_frame_size,
+                )
+                if window <= 0:
+                    await self._flush()
+                    async with self._reading:  # the other task may have read the update
+                        if self._window() <= 0 and self.their_state is not h11.DONE:
+                            await self._receive()  # until a WINDOW_UPDATE comes
+                    if self.their_state is h11.DONE and self._window() <= 0:
+                        raise HboneError("the backend ended the stream during the request")
+                    continue
+                chunk, view = view[:window], view[window:]
+                self.h2.send_data(self.stream_id, bytes(chunk))
+        elif isinstance(event, h11.EndOfMessage):
+            if trailers := _trailers(event.headers):
+                self.h2.send_headers(self.stream_id, trailers, end_stream=True)
+            else:
+                self.h2.end_stream(self.stream_id)
+            self.our_state = h11.DONE
+        await self._flush()
+
+    def _window(self) -> int:
+        try:
+            return int(self.h2.local_flow_control_window(self.stream_id))
+        except h2.exceptions.ProtocolError:  # the stream is closed: nothing more to send
+            return 0
+
+    async def next_event(self) -> Any:
+        while not self.events:
+            if self.their_state is h11.DONE:  # (after a GOAWAY, a stream it spared goes on)
+                return h11.ConnectionClosed()
+            async with self._reading:
+                if not self.events:  # else the other task read them for us
+                    await self._receive()
+        ev = self.events.popleft()
+        if isinstance(ev, h11.Data):  # consumed: the backend may send that much more
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                self.h2.acknowledge_received_data(len(ev.data), self.stream_id)
+            await self._flush()
+        return ev
+
+    async def _flush(self) -> None:
+        async with self._writing:  # in order: HPACK state and frames depend on it
+            if out := self.h2.data_to_send():
+                await self.stream.send(out)
+
+    async def _receive(self) -> None:
+        data = await self.stream.receive()
+        if not data:
+            self._end("the backend closed the connection")
+            return
+        try:
+            events = self.h2.receive_data(bytes(data))
+        except h2.exceptions.ProtocolError as e:
+            self.terminated = True
+            await self._flush()  # h2's GOAWAY naming the error
+            raise HboneError(f"backend HTTP/2: {e!r}") from None
+        try:
+            for ev in events:
+                self._dispatch(ev)
+        except (ValueError, h11.LocalProtocolError) as e:  # a head h11 cannot carry
+            self.terminated = True
+            raise HboneError(f"backend HTTP/2 response: {e}") from None
+        await self._flush()
+
+    def _end(self, why: str) -> None:
+        self.terminated = True
+        if self.their_state is not h11.DONE:
+            log.debug("backend HTTP/2 stream %d: %s", self.stream_id, why)
+            self.events.append(h11.ConnectionClosed())
+            self.their_state = h11.DONE
+
+    def _dispatch(self, ev: Any) -> None:
+        if isinstance(ev, h2.events.ConnectionTerminated):
+            if ev.last_stream_id is None or ev.last_stream_id < self.stream_id:
+                self._end(f"GOAWAY {ev.error_code!r}")
+            self.terminated = True  # no new requests on it either way
+            return
+        if getattr(ev, "stream_id", None) != self.stream_id or self.their_state is h11.DONE:
+            if isinstance(ev, h2.events.DataReceived) and ev.flow_controlled_length:
+                with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            return
+        if isinstance(ev, h2.events.InformationalResponseReceived):
+            self.events.append(_response(ev.headers or [], h11.InformationalResponse))
+        elif isinstance(ev, h2.events.ResponseReceived):
+            self.events.append(_response(ev.headers or [], h11.Response))
+            self.their_state = h11.SEND_BODY
+        elif isinstance(ev, h2.events.DataReceived):
+            if ev.data:
+                self.events.append(h11.Data(data=ev.data))
+            pad = (ev.flow_controlled_length or 0) - len(ev.data or b"")
+            if pad > 0:  # padding is never consumed by the forwarder: give it back now
+                self.h2.acknowledge_received_data(pad, self.stream_id)
+        elif isinstance(ev, h2.events.TrailersReceived):
+            self._trailers = _trailers(ev.headers)
+        elif isinstance(ev, h2.events.StreamEnded):
+            self.events.append(h11.EndOfMessage(headers=self._trailers))
+            self.their_state = h11.DONE
+        elif isinstance(ev, h2.events.StreamReset):
+            self.events.append(h11.ConnectionClosed())
+            self.their_state = h11.DONE
+            self.our_state = h11.DONE if self.our_state is h11.DONE else h11.ERROR
+
+
+def _request_head(req: h11.Request) -> list[tuple[str, str]]:
+    """An h11 request as HTTP/2 headers: Host becomes :authority, connection-specific fields
+    go (RFC 9113 8.2.2), and a gRPC request says it takes trailers (`te`, as gRPC requires)."""
+    headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in req.headers]
+    authority = next((v for n, v in headers if n == "host"), "")
+    out = [
+        (":method", req.method.decode("latin-1")),
+        (":scheme", "http"),
+        (":authority", authority),
+        (":path", req.target.decode("latin-1")),
+    ]
+    out += [(n, v) for n, v in headers if n not in HTTP2_HOP_BY_HOP]
+    if any(n == "content-type" and v.startswith("application/grpc") for n, v in headers):
+        out.append(("te", "trailers"))
+    return out
+
+
+def _response(headers: list[tuple[Any, Any]], kind: Any) -> Any:
+    """An HTTP/2 response head as h11's Response (or InformationalResponse)."""
+    status = 0
+    out = []
+    for n, v in headers:
+        name = n.decode("latin-1") if isinstance(n, bytes) else n
+        value = v.decode("latin-1") if isinstance(v, bytes) else v
+        if name == ":status":
+            status = int(value)
+        elif not name.startswith(":"):
+            out.append((name, value))
+    return kind(status_code=status, headers=out, reason=b"")

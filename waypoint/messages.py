@@ -9,7 +9,7 @@ from typing import Any
 import h11
 
 from veil.runtime.hbone.io import HboneError, Stream
-from veil.waypoint.http2 import H2Exchange
+from veil.waypoint.http2 import H2Exchange, H2Messages
 
 COALESCE = 64 * 1024
 
@@ -26,7 +26,7 @@ class HttpError(Exception):
 async def next_event(conn: Any, stream: Stream) -> Any:
     """The next h11 event, feeding it stream bytes as it needs them (an HTTP/2 exchange
     produces the same events itself)."""
-    if isinstance(conn, H2Exchange):
+    if isinstance(conn, H2Messages):
         return await conn.next_event()
     while True:
         ev = conn.next_event()
@@ -40,7 +40,7 @@ async def next_event(conn: Any, stream: Stream) -> Any:
 
 
 async def send(conn: Any, stream: Stream, event: Any) -> None:
-    if isinstance(conn, H2Exchange):
+    if isinstance(conn, H2Messages):
         await conn.send(event)
         return
     data = conn.send(event)
@@ -58,7 +58,7 @@ class Writer:
         self.buf = bytearray()
 
     async def send(self, event: Any) -> None:
-        if isinstance(self.conn, H2Exchange):
+        if isinstance(self.conn, H2Messages):
             await self.conn.send(event)
             return
         self.buf += self.conn.send(event) or b""
@@ -73,7 +73,7 @@ class Writer:
 
 async def next_event_then(conn: Any, stream: Stream, pending: Writer) -> Any:
     """`next_event`, flushing `pending` before it would block on the network."""
-    if isinstance(conn, H2Exchange):
+    if isinstance(conn, H2Messages):
         await pending.flush()
         return await conn.next_event()
     while True:
@@ -100,10 +100,19 @@ async def copy_body(  # noqa: PLR0917
             copied += len(ev.data)
             await out.send(h11.Data(data=ev.data))
         elif isinstance(ev, h11.EndOfMessage):
-            await out.send(h11.EndOfMessage())
+            trailers = list(ev.headers) if takes_trailers(out.conn) else []
+            await out.send(h11.EndOfMessage(headers=trailers))
             return copied
         else:
             raise HttpError(status, flags, why)
+
+
+def takes_trailers(conn: Any) -> bool:
+    """Whether a message being sent can end with trailer fields: over HTTP/2, or an h11
+    message with chunked framing (h11 refuses them after a Content-Length body)."""
+    if isinstance(conn, H2Messages):
+        return True
+    return type(getattr(conn, "_writer", None)).__name__ == "ChunkedWriter"
 
 
 async def read_body(down: Any, stream: Stream) -> bytes:
@@ -127,11 +136,43 @@ async def drain_request(down: Any, stream: Stream) -> None:
             break
 
 
+# gRPC's mapping of HTTP statuses (grpc/doc/http-grpc-status-mapping.md), as Envoy applies it
+# to its own replies to gRPC requests: 401 UNAUTHENTICATED, 403 PERMISSION_DENIED,
+# 404 UNIMPLEMENTED, 429/502/503/504 UNAVAILABLE, 400 INTERNAL, else UNKNOWN.
+GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+def grpc_message(why: str) -> str:
+    """grpc-message's percent-encoding: printable ASCII but `%` as it is, the rest %XX."""
+    return "".join(chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}" for b in why.encode())
+
+
+def is_grpc(down: Any) -> bool:
+    """A gRPC call (over HTTP/2): the waypoint's own answers to it are gRPC statuses."""
+    req = getattr(down, "request", None)
+    return isinstance(down, H2Exchange) and any(
+        n.lower() == b"content-type" and v.startswith(b"application/grpc")
+        for n, v in (req.headers if req is not None else ())
+    )
+
+
 async def local_reply(down: Any, stream: Stream, status: int, why: str) -> None:
     """A response of the waypoint's own; if the client is gone, its stream is reset (an
-    HTTP/2 exchange resets only its own HTTP/2 stream, never the connection's)."""
+    HTTP/2 exchange resets only its own HTTP/2 stream, never the connection's). A gRPC call
+    gets it as a gRPC status (HTTP 200, `grpc-status` and `grpc-message` in trailers), as
+    Envoy answers them: a gRPC client reads no HTTP status."""
     body = f"{why}\n".encode()
     try:
+        if is_grpc(down):
+            await send(
+                down,
+                stream,
+                h11.Response(status_code=200, headers=[("content-type", "application/grpc")]),
+            )
+            code = str(GRPC_STATUS.get(status, 2))
+            trailers = [("grpc-status", code), ("grpc-message", grpc_message(why))]
+            await send(down, stream, h11.EndOfMessage(headers=trailers))
+            return
         await send(
             down,
             stream,

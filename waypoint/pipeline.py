@@ -163,27 +163,27 @@ def tcp_backend(
     if not attached:
         return None
     route = min(attached, key=lambda r: (r.created, r.namespace, r.name))
-    return backend_of(state, "TCPRoute", route, pick_backend(route.rules[0], rng))
+    return backend_of(state, route, pick_backend(route.rules[0], rng))
 
 
 def backend_of(
-    state: MeshState, kind: str, route: HttpRoute, ref: BackendRef | None
+    state: MeshState, route: HttpRoute, ref: BackendRef | None
 ) -> tuple[Service, int] | str:
     """The Service and port a route's picked backendRef sends to, or why it cannot: no
     backend had weight, another namespace's Service without a ReferenceGrant there (unless it
     is the route's own parent), or a Service that does not exist."""
     if ref is None:
-        return f"{kind} {route.key}: no backend with weight"
+        return f"{route.kind} {route.key}: no backend with weight"
     if not reference_granted(
         state.reference_grants, route.namespace, ref.namespace, ref.name, route.parent_services
     ):
         return (
-            f"{kind} {route.key}: backendRef {ref.namespace}/{ref.name} is in another "
+            f"{route.kind} {route.key}: backendRef {ref.namespace}/{ref.name} is in another "
             "namespace and no ReferenceGrant there permits it"
         )
     backend = state.service(ref.namespace, ref.name)
     if backend is None:
-        return f"{kind} {route.key}: backend Service {ref.namespace}/{ref.name} is unknown"
+        return f"{route.kind} {route.key}: backend Service {ref.namespace}/{ref.name} is unknown"
     return backend, ref.port
 
 
@@ -238,6 +238,7 @@ class Plan:
     chunked: bool = False  # the request body is streamed with chunked encoding
     audited: tuple[str, ...] = ()  # AUDIT policies whose rules matched
     websocket: bool = False  # an HTTP/1.1 WebSocket upgrade: relayed as bytes after a 101
+    http2: bool = False  # sent to the backend as HTTP/2 (h2c prior knowledge); see `speaks_http2`
 
     @property
     def replayable_length(self) -> int | None:
@@ -349,13 +350,14 @@ def _plan(  # noqa: PLR0917
     limits = tuple(p for p in (route_policy, service_policy) if p is not None)
     rule: Rule | None = hit.rule if hit else None
     if rule is not None and rule.invalid:
-        return Reply(500, "NR", f"HTTPRoute {route}: {rule.invalid}", path, route)
+        kind = hit.route.kind if hit else "HTTPRoute"
+        return Reply(500, "NR", f"{kind} {route}: {rule.invalid}", path, route)
     if hit is not None and hit.rule.redirect is not None:
         return _redirect(hit, headers, target, path, route, limits, dest.port)
     picked: BackendRef | None = None
     if hit is not None:
         picked = pick_backend(hit.rule, rng)
-        found = backend_of(state, "HTTPRoute", hit.route, picked)
+        found = backend_of(state, hit.route, picked)
         if isinstance(found, str):
             return Reply(500, "NR", found, path, route)
         backend, port = found  # the port of the backendRef picked, never another rule's
@@ -425,7 +427,21 @@ def _plan(  # noqa: PLR0917
         ),
         chunked=chunked,
         websocket=websocket,
+        http2=not websocket and speaks_http2(hit.route if hit else None, headers, backend, port),
     )
+
+
+def speaks_http2(
+    route: HttpRoute | None, headers: list[tuple[str, str]], backend: Service | None, port: int
+) -> bool:
+    """Whether the backend is sent HTTP/2: a GRPCRoute's request, any gRPC request (it cannot
+    travel as HTTP/1.1: trailers), or a Service port whose appProtocol (or name) says so."""
+    if route is not None and route.kind == "GRPCRoute":
+        return True
+    if any(n.lower() == "content-type" and v.startswith("application/grpc") for n, v in headers):
+        return True
+    sport = next((p for p in backend.ports if p.port == port), None) if backend else None
+    return sport is not None and sport.speaks_http2
 
 
 WELL_KNOWN_PORTS = {"http": 80, "https": 443}

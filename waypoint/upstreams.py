@@ -1,6 +1,6 @@
 """The waypoint's connections to backends: HBONE tunnels to pods' 15008 (pooled, the pod's
-identity verified), HTTP/1.1 client connections over their streams kept idle for reuse, and
-the circuit breaker of each addressed Service counting them."""
+identity verified), HTTP/1.1 or HTTP/2 client connections over their streams kept idle for
+reuse, and the circuit breaker of each addressed Service counting them."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from veil.core.traffic import PoolLimits, TrafficPolicy
 from veil.runtime.hbone.io import HboneError, HboneIO, Stream
 from veil.runtime.hbone.pool import HbonePool
 from veil.runtime.identity.manager import CertificateManager
+from veil.waypoint.http2 import H2Client
 from veil.waypoint.messages import next_event
 from veil.waypoint.resilience import CircuitBreaker
 
@@ -26,15 +27,20 @@ CONNECT_TIMEOUT = 5.0
 MAX_IDLE_UPSTREAMS = 16
 
 
+Key = tuple[str, str, int, bool]  # (Service the request addressed, pod IP, port, HTTP/2)
+
+
 @dataclass
 class Upstream:
-    """An HTTP/1.1 client connection to one pod, over one HBONE stream."""
+    """An HTTP/1.1 (or HTTP/2) client connection to one pod, over one HBONE stream."""
 
-    key: tuple[str, str, int]  # (Service the request addressed, pod IP, port)
+    key: Key
     stream: Stream
-    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    conn: h11.Connection | H2Client = field(default_factory=lambda: h11.Connection(h11.CLIENT))
 
     def reusable(self) -> bool:
+        if isinstance(self.conn, H2Client):
+            return self.conn.reusable()
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
 
 
@@ -51,7 +57,7 @@ class Upstreams:
     ) -> None:
         self.pool, self.certs, self.identity = pool, certs, identity
         self.trust_domain = trust_domain
-        self.idle: dict[tuple[str, str, int], list[Upstream]] = defaultdict(list)
+        self.idle: dict[Key, list[Upstream]] = defaultdict(list)
         self.breakers: dict[str, CircuitBreaker] = {}
 
     async def tunnel(self, w: Workload, port: int, client_ip: str, extra: list[Any]) -> Stream:
@@ -84,15 +90,16 @@ class Upstreams:
         ]
         return await self.pool.open_stream((ip, expected), dial, f"{ip}:{port}", headers)
 
-    def has_idle(self, svc: str, w: Workload, port: int) -> bool:
-        return bool(self.idle.get((svc, w.ip or "", port)))
+    def has_idle(self, svc: str, w: Workload, port: int, http2: bool = False) -> bool:
+        return bool(self.idle.get((svc, w.ip or "", port, http2)))
 
-    async def acquire(
-        self, w: Workload, port: int, client_ip: str, trace: str, svc: str = ""
+    async def acquire(  # noqa: PLR0917
+        self, w: Workload, port: int, client_ip: str, trace: str, svc: str = "", http2: bool = False
     ) -> Upstream:
-        """An idle connection to the pod, else a new one (its breaker counts it)."""
+        """An idle connection to the pod, else a new one (its breaker counts it); `http2`:
+        one that speaks HTTP/2 (prior knowledge) to the pod."""
         assert w.ip is not None
-        key = (svc, w.ip, port)
+        key = (svc, w.ip, port, http2)
         while self.idle[key]:
             up = self.idle[key].pop()
             if up.stream.reset_code is None and not up.stream.eof:
@@ -100,6 +107,8 @@ class Upstreams:
             self.drop(up)
         stream = await self.tunnel(w, port, client_ip, [("traceparent", trace)])
         self.breaker(svc).connections += 1
+        if http2:
+            return Upstream(key, stream, H2Client(stream))
         return Upstream(key, stream)
 
     def release(self, up: Upstream) -> None:

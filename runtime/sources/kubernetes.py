@@ -58,6 +58,7 @@ KINDS: tuple[Kind, ...] = (
     _generic("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
     _generic("gateway.networking.k8s.io", "v1beta1", "ReferenceGrant", "referencegrants"),
     _generic("gateway.networking.k8s.io", "v1", "TCPRoute", "tcproutes"),
+    _generic("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
     _generic("security.veil.dev", "v1", "AuthorizationPolicy", "authorizationpolicies"),
     _generic("security.veil.dev", "v1", "RequestAuthentication", "requestauthentications"),
     _generic("traffic.veil.dev", "v1", "TrafficPolicy", "trafficpolicies"),

@@ -325,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument(
         "--tcp-port", type=int, help="also a TCP echo: every read answered with the pod's name"
     )
+    echo.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also HTTP/2 (h2c): gRPC calls of Istio's echo service and plain HTTP/2 requests",
+    )
     return p
 
 
@@ -416,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "echo":
         from veil.lab import echo  # noqa: PLC0415 - keep `veil lab` start-up free of trio
 
-        echo.main(args.port, args.host, args.tcp_port)
+        echo.main(args.port, args.host, args.tcp_port, args.grpc_port)
         return 0
     if args.command == "check":
         from veil.agent import check as preflight  # noqa: PLC0415

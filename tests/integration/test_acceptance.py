@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 import uuid
@@ -33,7 +34,7 @@ import pytest
 import yaml
 
 from tests.support.jwt import Issuer
-from tests.support.lab import SOURCE_MODES, lab_exec, lab_from, veil
+from tests.support.lab import SOURCE_MODES, VEIL, lab_exec, lab_from, veil
 from tests.support.logs import wait_for_access
 from veil.lab import lab as labmod
 from veil.lab import store
@@ -44,6 +45,9 @@ ADAPTED = HERE / "adapted"
 REQUESTER = str(Path(__file__).parent.parent / "support" / "requester.py")
 WSCLIENT = str(Path(__file__).parent.parent / "support" / "wsclient.py")
 TCPCLIENT = str(Path(__file__).parent.parent / "support" / "tcpclient.py")
+GRPCCLIENT = str(Path(__file__).parent.parent / "support" / "grpcclient.py")
+GRPCSERVER = str(Path(__file__).parent.parent / "support" / "grpcserver.py")
+GRPCSTREAMS = str(Path(__file__).parent.parent / "support" / "grpcstreams.py")
 TLSHELLO = str(Path(__file__).parent.parent / "support" / "tlshello.py")
 MESH = "gateway-conformance-mesh"
 CONSUMER = "gateway-conformance-mesh-consumer"
@@ -547,9 +551,142 @@ def test_MeshHTTPRouteWeight(alab):
         assert abs(share["echo-v1"] - 0.7) < 0.06 and abs(share["echo-v2"] - 0.3) < 0.06, share
 
 
+def grpc_answers(lab: str, address: str, calls: int | list[dict[str, Any]]) -> list[str]:
+    """gRPC calls from echo-v1 with grpcio on one channel (n calls of Istio's echo, or the
+    calls given): the Hostname of each answer, or `error: <CODE> <details>`."""
+    argv = [sys.executable, GRPCCLIENT, address, json.dumps(calls)]
+    out = lab_exec(lab, "deploy/echo-v1", *argv, ns=MESH)
+    answers: list[str] = json.loads(out.stdout)
+    return answers
+
+
 def test_MeshGRPCRouteWeight(alab):
-    """GRPCRoute is not implemented: the route is refused (listed in docs/waypoint.md)."""
-    pytest.skip("GRPCRoute: not yet (docs/waypoint.md, acceptance table)")
+    """gRPC calls (grpcio, HTTP/2 from the client) to echo:7070 split 70/30/0 by the
+    GRPCRoute's weights; upstream allows 5 points on its batches, 300 calls here, 3 sigma."""
+    plain = grpc_answers(alab, "echo:7070", 4)
+    assert all(a.startswith(("echo-v1", "echo-v2")) for a in plain), plain
+    with applied(alab, up("grpcroute-weight")):
+        deadline = time.monotonic() + 30
+        while True:  # eventually consistent, as upstream: the route's weights hold
+            got = grpc_answers(alab, "echo:7070", 20)
+            if all(a.startswith(("echo-v1", "echo-v2")) for a in got):
+                break
+            assert time.monotonic() < deadline, got
+            time.sleep(0.5)
+        got = grpc_answers(alab, "echo:7070", 300)
+        assert all(a.startswith(("echo-v1", "echo-v2")) for a in got), got
+        share = {v: sum(a.startswith(v) for a in got) / len(got) for v in ("echo-v1", "echo-v2")}
+        assert abs(share["echo-v1"] - 0.7) < 0.08 and abs(share["echo-v2"] - 0.3) < 0.08, share
+
+
+# -- Gateway API: GRPCRoute tests of conformance/tests, as mesh routes --------------------------
+
+GRPC_ECHO = "/gateway_api_conformance.echo_basic.grpcecho.GrpcEcho/"
+
+
+def grpc_expect(lab: str, table: list[tuple[str, dict[str, str], str]]) -> None:
+    """(method, metadata, expected): a backend's name prefix, or `error: <CODE>`; eventually
+    consistent, then three passes in a row, as upstream."""
+    calls = [{"method": GRPC_ECHO + m, "metadata": md} for m, md, _ in table]
+    deadline, passes = time.monotonic() + 30, 0
+    while passes < 3:
+        got = grpc_answers(lab, "echo:7070", calls)
+        ok = all(g.startswith(want) for g, (_, _, want) in zip(got, table, strict=True))
+        passes = passes + 1 if ok else 0
+        assert ok or time.monotonic() < deadline, list(zip(got, table, strict=True))
+
+
+def test_GRPCExactMethodMatching(alab):
+    """An unmatched method gets UNIMPLEMENTED from the waypoint (no rule: 404 as gRPC)."""
+    with applied(alab, ADAPTED / "grpcroute-exact-method-matching.yaml"):
+        grpc_expect(
+            alab,
+            [
+                ("Echo", {}, "echo-v1"),
+                ("EchoTwo", {}, "echo-v2"),
+                ("EchoThree", {}, "error: UNIMPLEMENTED"),
+            ],
+        )
+
+
+def test_GRPCRouteNamedRule(alab):
+    with applied(alab, ADAPTED / "grpcroute-named-rule.yaml"):
+        grpc_expect(alab, [("Echo", {}, "echo-v1"), ("EchoTwo", {}, "echo-v2")])
+
+
+def test_GRPCRouteHeaderMatching(alab):
+    table = [
+        ({"Version": "one"}, "echo-v1"),
+        ({"Version": "two"}, "echo-v2"),
+        ({"Version": "two", "Color": "orange"}, "echo-v1"),
+        ({"Version": "two", "Color": "blue"}, "echo-v2"),
+        ({"Color": "orange"}, "error: UNIMPLEMENTED"),
+        ({"Some-Other-Header": "one"}, "error: UNIMPLEMENTED"),
+        ({"Color": "blue"}, "echo-v1"),
+        ({"Color": "green"}, "echo-v1"),
+        ({"Color": "red"}, "echo-v2"),
+        ({"Color": "yellow"}, "echo-v2"),
+        ({"Color": "purple"}, "error: UNIMPLEMENTED"),
+    ]
+    with applied(alab, ADAPTED / "grpcroute-header-matching.yaml"):
+        grpc_expect(alab, [("Echo", md, want) for md, want in table])
+
+
+def test_grpc_statuses_and_policies_reach_grpc_clients(alab, tmp_path):
+    """Veil's own case: a backend's gRPC error status (its trailers) reaches the client as it
+    was sent, and the waypoint's own refusals are gRPC statuses a gRPC client reads: an L7
+    DENY on a method is PERMISSION_DENIED, never an HTTP status the client cannot read."""
+    got = grpc_answers(alab, "echo:7070", [{"method": GRPC_ECHO + "EchoThree"}])
+    assert got == ["error: UNIMPLEMENTED unknown method /" + GRPC_ECHO[1:] + "EchoThree"], got
+    deny = tmp_path / "deny.yaml"
+    deny.write_text(
+        policy(
+            "deny-echo-two",
+            MESH,
+            f"""
+  targetRefs: [{{kind: Service, group: "", name: echo}}]
+  action: DENY
+  rules: [{{to: [{{operation: {{paths: ["{GRPC_ECHO}EchoTwo"]}}}}]}}]
+""",
+        )
+    )
+    with applied(alab, deny):
+        grpc_expect(
+            alab,
+            [
+                ("Echo", {}, "echo-v"),
+                ("EchoTwo", {}, "error: PERMISSION_DENIED RBAC: access denied"),
+            ],
+        )
+
+
+def test_grpc_calls_of_every_kind_between_real_grpc_peers(alab):
+    """Veil's own case: grpcio on both ends (server in echo-v3, client in echo-v1), through
+    the waypoint: unary, server and client streams, a bidirectional ping-pong (each message
+    sent only after the last answer came: both directions at once), a status with details and
+    trailing metadata, a deadline, and 1 MiB each way (flow control)."""
+    server = subprocess.Popen(
+        [VEIL, "lab", "exec", "--name", alab, "-n", MESH, "deploy/echo-v3", "--",
+         sys.executable, GRPCSERVER, "7071"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        out = lab_exec(alab, "deploy/echo-v1", sys.executable, GRPCSTREAMS, "echo-v3:7071", ns=MESH)
+        got = json.loads(out.stdout)
+    finally:
+        server.kill()
+        server.wait()
+    assert got == {
+        "unary": "hi",
+        "server_stream": ["s0", "s1", "s2"],
+        "client_stream": "a+b+c",
+        "bidi": ["PING0", "PING1", "PING2"],
+        "fail": ["FAILED_PRECONDITION", "no, because", "because"],
+        "slow": "DEADLINE_EXCEEDED",
+        "big": 1 << 20,
+    }, got
 
 
 # -- Gateway API: HTTPRoute tests of conformance/tests, as mesh routes --------------------------
@@ -662,6 +799,20 @@ def test_HTTPRouteRequestPercentageMirror(alab):
 def test_HTTPRouteInvalidCrossNamespaceBackendRef(alab):
     with applied(alab, ADAPTED / "httproute-invalid-cross-namespace-backend-ref.yaml"):
         expect(alab, [Case(path="/", status=500)])
+
+
+def test_HTTPRouteBackendProtocolH2C(alab):
+    """Upstream's case, h2c prior knowledge from the client (curl), and an HTTP/1.1 client
+    whose request the waypoint sends on as HTTP/2 (the echo says which protocol it got)."""
+    h2 = {"x-echo-protocol": "HTTP/2.0"}
+    with applied(alab, ADAPTED / "httproute-backend-protocol-h2c.yaml"):
+        expect(alab, [Case(address="echo:8081", backend="echo-v1", response_headers=h2)])
+        out = lab_exec(
+            alab, "deploy/echo-v1", "curl", "-sS", "-i", "--http2-prior-knowledge",
+            "--max-time", "10", "http://echo:8081/h2c", ns=MESH,
+        )  # fmt: skip
+        assert out.stdout.startswith("HTTP/2 200"), out.stdout[:300]
+        assert "x-echo-protocol: HTTP/2.0" in out.stdout and '"pod": "echo-v1' in out.stdout
 
 
 def test_HTTPRouteBackendProtocolWebSocket(alab):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from veil.controller.status import CONTROLLER_NAME, desired_status, differs
 from veil.controller.waypoints import (
     Settings,
@@ -184,3 +186,25 @@ def test_waypoint_replicas_are_the_gateways_to_say_or_left_to_kubectl_scale():
     assert "replicas" not in dep["spec"]
     accepted = gateway_status(bad, None, 0, "now")["conditions"][0]
     assert accepted["status"] == "True" and "veil.dev/replicas" in accepted["message"]
+
+
+@pytest.mark.parametrize("kind", ["GRPCRoute", "TCPRoute"])
+def test_grpc_and_tcp_routes_get_the_route_conditions_too(kind):
+    good = {**_route([{"name": "catalog", "port": 9080}]), "kind": kind}
+    assert _verdicts(good) == [
+        ("Accepted", "True", "Accepted"),
+        ("ResolvedRefs", "True", "ResolvedRefs"),
+    ]
+    gone = {**_route([{"name": "gone", "port": 9080}]), "kind": kind}
+    assert _verdicts(gone)[1] == ("ResolvedRefs", "False", "BackendNotFound")
+
+
+def test_a_route_of_another_kind_with_the_same_name_is_not_taken_for_it():
+    tcp = {**_route([{"name": "catalog", "port": 9080}]), "kind": "TCPRoute"}
+    tcp["spec"]["rules"] *= 2  # refused: a TCPRoute has exactly one rule
+    http = _route([{"name": "catalog", "port": 9080}])
+    state = build_state([*SERVICES, http, tcp], 1)
+    (parent,) = status_of(tcp, state, "t")["parents"]
+    accepted = parent["conditions"][0]
+    assert (accepted["status"], accepted["reason"]) == ("False", "UnsupportedValue")
+    assert "exactly one rule" in accepted["message"]

@@ -71,3 +71,33 @@ def test_a_real_websocket_conversation():
     got = json.loads(trio.run(main))
     assert got["status"] == 101 and got["accept_ok"]
     assert got["echoed"] == ["one", "y" * 70_000]
+
+
+def grpc_body(message: bytes) -> bytes:
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+def test_the_grpc_echo_answers_istios_and_echo_basics_methods():
+    head = {":path": echo.GRPC_ECHO, ":authority": "echo:7070", "x-md": "v"}
+    body, code, _ = echo.grpc_echo(head, grpc_body(echo.proto_string_field(1, b"hi")), "10.0.0.1:5")
+    (reply,) = echo.grpc_messages(body)
+    lines = echo.proto_first_string(reply, 1).decode().split("\n")
+    assert code == 0 and "Echo=hi" in lines and "IP=10.0.0.1" in lines
+    assert "RequestHeader=x-md:v" in lines and "Host=echo:7070" in lines
+    for method in ("Echo", "EchoTwo"):
+        assert echo.grpc_echo({":path": echo.GRPC_BASIC + method}, b"", "p")[1] == 0
+    assert echo.grpc_echo({":path": echo.GRPC_BASIC + "EchoThree"}, b"", "p")[1] == 12
+
+
+@pytest.mark.parametrize(
+    "body", [b"\1\0\0\0\1x", b"\0\0\0\0\x09x", b"\0\0\0", grpc_body(b"\x0a\x09short")]
+)
+def test_a_garbled_grpc_request_is_invalid_argument(body):
+    assert echo.grpc_echo({":path": echo.GRPC_ECHO}, body, "p")[1] == 3
+
+
+def test_protobuf_varints_round_trip():
+    for n in (0, 1, 127, 128, 300, 1 << 40):
+        field = echo.proto_string_field(1, b"x" * (n % 1000))
+        assert echo.proto_first_string(field, 1) == b"x" * (n % 1000)
+        assert echo._read_varint(echo.varint(n), 0) == (n, len(echo.varint(n)))

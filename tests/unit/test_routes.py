@@ -13,6 +13,7 @@ from veil.core.routes import (
     RequestFacts,
     Rewrite,
     RouteError,
+    parse_grpc_route,
     parse_route,
     pick_backend,
     replace_path,
@@ -261,3 +262,96 @@ def test_filters_timeouts_and_retry_parse():
     assert old is not None
     assert replace_path("/old/x", ("ReplacePrefixMatch", "/new"), old.match) == "/new/x"
     assert replace_path("/old/x", ("ReplaceFullPath", "/"), old.match) == "/"
+
+
+# -- GRPCRoute ----------------------------------------------------------------------------------
+
+
+def grpc_route(rules: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**route("g", rules), "kind": "GRPCRoute"}
+
+
+def call(path: str, **headers: str) -> RequestFacts:
+    hdrs = [("content-type", "application/grpc"), *headers.items()]
+    return RequestFacts.of("POST", path, hdrs)
+
+
+@pytest.mark.parametrize(
+    ("method", "hits", "misses"),
+    [
+        (
+            {"service": "pkg.Echo", "method": "Say"},
+            ["/pkg.Echo/Say"],
+            ["/pkg.Echo/SayMore", "/x/Say"],
+        ),
+        ({"service": "pkg.Echo"}, ["/pkg.Echo/Say", "/pkg.Echo/Other"], ["/pkg.EchoTwo/Say"]),
+        ({"method": "Say"}, ["/pkg.Echo/Say", "/other.Svc/Say"], ["/pkg.Echo/Sayer", "/Say"]),
+        (
+            {"type": "RegularExpression", "service": r"pkg\..*", "method": "S.*"},
+            ["/pkg.Echo/Say", "/pkg.X/Stop"],
+            ["/other.Echo/Say", "/pkg.Echo/Go"],
+        ),
+        (
+            {"type": "RegularExpression", "method": "Get.*"},
+            ["/a.B/GetX"],
+            ["/a.B/Put", "/a/b/GetX"],
+        ),
+    ],
+)
+def test_a_grpc_method_match_is_the_path_of_the_call(method, hits, misses):
+    r = parse_grpc_route(grpc_route([{"matches": [{"method": method}], "backendRefs": []}]))
+    assert r.kind == "GRPCRoute"
+    for path in hits:
+        assert select([r], call(path)) is not None, path
+    for path in misses:
+        assert select([r], call(path)) is None, path
+
+
+def test_grpc_metadata_matches_are_headers_and_the_most_specific_rule_wins():
+    r = parse_grpc_route(
+        grpc_route(
+            [
+                {"matches": [{"headers": [{"name": "version", "value": "two"}]}]},
+                {
+                    "matches": [
+                        {
+                            "headers": [
+                                {"name": "version", "value": "two"},
+                                {"name": "color", "value": "orange"},
+                            ]
+                        }
+                    ]
+                },
+            ]
+        )
+    )
+    assert select([r], call("/a.B/C", version="two")).rule is r.rules[0]  # type: ignore[union-attr]
+    both = select([r], call("/a.B/C", version="two", color="orange"))
+    assert both is not None and both.rule is r.rules[1]
+
+
+@pytest.mark.parametrize(
+    ("rule", "why"),
+    [
+        ({"filters": [{"type": "URLRewrite", "urlRewrite": {}}]}, "'URLRewrite' is not supported"),
+        ({"filters": [{"type": "RequestRedirect"}]}, "'RequestRedirect' is not supported"),
+    ],
+)
+def test_filters_grpc_routes_do_not_have_make_the_rule_answer_500(rule, why):
+    r = parse_grpc_route(grpc_route([rule]))
+    assert r.rules[0].invalid is not None and why in r.rules[0].invalid
+    assert r.rules[0].invalid.startswith("GRPCRoute shop/g: spec.rules[0]")
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {},
+        {"service": "a/b", "method": "C"},
+        {"type": "Prefix", "service": "a"},
+        "pkg.Echo/Say",
+    ],
+)
+def test_a_grpc_method_match_that_means_nothing_is_refused(method):
+    with pytest.raises(RouteError, match=r"GRPCRoute shop/g: spec.rules\[0\].matches\[0\].method"):
+        parse_grpc_route(grpc_route([{"matches": [{"method": method}]}]))

@@ -66,10 +66,12 @@ class ScriptedUpstreams:
         self.released: list[Backend] = []
         self.breakers: dict[str, CircuitBreaker] = {}
 
-    async def acquire(self, w: Workload, port: int, client_ip: str, trace: str, svc: str = ""):
-        return Upstream((svc, w.ip or "", port), self.backends.pop(0))  # type: ignore[arg-type]
+    async def acquire(
+        self, w: Workload, port: int, client_ip: str, trace: str, svc: str = "", http2: bool = False
+    ):
+        return Upstream((svc, w.ip or "", port, http2), self.backends.pop(0))  # type: ignore[arg-type]
 
-    def has_idle(self, svc: str, w: Workload, port: int) -> bool:
+    def has_idle(self, svc: str, w: Workload, port: int, http2: bool = False) -> bool:
         return False
 
     def breaker(self, svc: str, policy: TrafficPolicy | None = None) -> CircuitBreaker:

@@ -489,3 +489,47 @@ def test_http2_requests_are_never_upgrades():
     req = h11.Request(method="GET", target="/", headers=[("host", "c"), *WS], http_version="2.0")
     p = pipeline.plan(state, ME, dest, CALLER, req, rng=random.Random(7))
     assert isinstance(p, Plan) and not p.websocket
+
+
+def port_svc(app_protocol: str | None, name: str = "web") -> dict[str, Any]:
+    s = svc("shop", "catalog", "10.96.0.5")
+    port: dict[str, Any] = {"port": 80, "name": name}
+    if app_protocol is not None:
+        port["appProtocol"] = app_protocol
+    s["spec"]["ports"] = [port]
+    return s
+
+
+@pytest.mark.parametrize(
+    ("service", "headers", "http2"),
+    [
+        (port_svc(None), [], False),
+        (port_svc("http"), [], False),
+        (port_svc("kubernetes.io/h2c"), [], True),
+        (port_svc("grpc"), [], True),
+        (port_svc(None, "grpc"), [], True),
+        (port_svc(None, "http2-api"), [], True),
+        (port_svc("http", "grpc"), [], False),  # appProtocol is what counts when it is given
+        (port_svc(None), [("content-type", "application/grpc+proto")], True),  # gRPC: always h2
+        (port_svc("kubernetes.io/h2c"), WS, False),  # a WebSocket upgrade is HTTP/1.1's
+    ],
+)
+def test_which_requests_go_to_backends_as_http2(service, headers, http2):
+    state = build_state([*BASE[:2], service], 1, fetch_jwks)
+    dest = pipeline.destination(state, ME, ("10.96.0.5", 80))
+    assert not isinstance(dest, str)
+    req = h11.Request(method="GET", target="/", headers=[("host", "c"), *headers])
+    p = pipeline.plan(state, ME, dest, CALLER, req, rng=random.Random(7))
+    assert isinstance(p, Plan) and p.http2 is http2
+
+
+def test_a_grpc_routes_calls_go_as_http2_to_its_backend():
+    grpc = {
+        **route("g", {"backendRefs": [{"name": "catalog-v2", "port": 8080}]}),
+        "kind": "GRPCRoute",
+    }
+    p = run(grpc, wire="POST /pkg.Echo/Say HTTP/1.1")
+    assert isinstance(p, Plan) and p.http2 and p.route == "shop/g" and p.port == 8080
+    missing = {**route("g", {"backendRefs": [{"name": "gone", "port": 1}]}), "kind": "GRPCRoute"}
+    r = run(missing, wire="POST /pkg.Echo/Say HTTP/1.1")
+    assert isinstance(r, Reply) and r.status == 500 and r.why.startswith("GRPCRoute shop/g:")
