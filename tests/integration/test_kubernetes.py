@@ -586,20 +586,32 @@ metadata: {name: to-web, namespace: mesh}
 spec:
   parentRefs: [{group: "", kind: Service, name: server, port: 80}]
   rules: [{backendRefs: [{name: web, namespace: plain, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc-to-server, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server, port: 80}]
+  rules: [{backendRefs: [{name: server, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: TCPRoute
+metadata: {name: tcp-to-nowhere, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server, port: 80}]
+  rules: [{backendRefs: [{name: nowhere, port: 80}]}]
 """
 
 
 def test_routes_get_accepted_and_resolved_refs_per_parent(kube_lab):
     """The route status Gateway API defines, written by Veil's controller and accepted by the
-    upstream CRD's schema: a backend in another namespace without a ReferenceGrant is not
-    resolved (RefNotPermitted)."""
+    upstream CRD's schema (HTTPRoute, GRPCRoute, TCPRoute): a backend in another namespace
+    without a ReferenceGrant is not resolved (RefNotPermitted), nor one that does not exist."""
     assert kubectl(kube_lab, "apply", "-f", "-", stdin=ROUTES).returncode == 0
     try:
 
-        def verdicts(name: str) -> dict[str, tuple[str, str]] | None:
-            parents = (
-                get(kube_lab, "httproute", "-n", "mesh", name).get("status", {}).get("parents")
-            )
+        def verdicts(name: str, kind: str = "httproute") -> dict[str, tuple[str, str]] | None:
+            parents = get(kube_lab, kind, "-n", "mesh", name).get("status", {}).get("parents")
             if not parents:
                 return None
             assert parents[0]["controllerName"] == "veil.dev/waypoint-controller"
@@ -609,8 +621,15 @@ def test_routes_get_accepted_and_resolved_refs_per_parent(kube_lab):
         assert good == {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")}
         cross = wait_for(lambda: verdicts("to-web"), 15, "the route's status")
         assert cross["ResolvedRefs"] == ("False", "RefNotPermitted")
+        grpc = wait_for(lambda: verdicts("grpc-to-server", "grpcroute"), 15, "GRPCRoute status")
+        assert grpc == good
+        tcp = wait_for(lambda: verdicts("tcp-to-nowhere", "tcproute"), 15, "TCPRoute status")
+        assert tcp == {
+            "Accepted": ("True", "Accepted"),
+            "ResolvedRefs": ("False", "BackendNotFound"),
+        }
     finally:
-        kubectl(kube_lab, "delete", "httproute", "-n", "mesh", "to-server", "to-web")
+        kubectl(kube_lab, "delete", "-f", "-", stdin=ROUTES)
 
 
 def ready(lab: str, node: str) -> tuple[int, str]:
