@@ -31,7 +31,7 @@ from veil.core.objects import object_ref, refuse_odd_shapes
 
 ROOT_NAMESPACE = "veil-system"
 API_VERSION = "security.veil.dev/v1"
-ACTIONS = ("ALLOW", "DENY", "AUDIT")
+ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
 
 SOURCE_L4 = {
     "principals",
@@ -151,6 +151,7 @@ class Policy:
     waypoint: bool = False  # targetRefs: for waypoints, not the agent
     invalid: str = ""  # why the policy stands as deny-all (never validated)
     target_refs: tuple[tuple[str, str], ...] = ()  # (kind, name) in the policy's namespace
+    provider: str = ""  # CUSTOM: the extension provider (ext_authz) that decides
 
     @property
     def ref(self) -> str:
@@ -280,11 +281,22 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
             raise PolicyError(ref, f"spec.{key}", "unknown field")
     action = spec.get("action", "ALLOW")
     if action not in ACTIONS:
-        raise PolicyError(
-            ref,
-            "spec.action",
-            f"{action!r} is not one of {', '.join(ACTIONS)} (CUSTOM is not supported)",
-        )
+        raise PolicyError(ref, "spec.action", f"{action!r} is not one of {', '.join(ACTIONS)}")
+    provider = ""
+    if action == "CUSTOM":
+        p = spec.get("provider")
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not p["name"]:
+            raise PolicyError(ref, "spec.provider.name", "CUSTOM needs the extension provider")
+        provider = p["name"]
+        if "targetRefs" not in spec and "targetRef" not in spec:
+            raise PolicyError(
+                ref,
+                "spec.action",
+                "CUSTOM (external authorization) is enforced by waypoints: attach the policy "
+                "to a waypoint Gateway or a Service with targetRefs",
+            )
+    elif "provider" in spec:
+        raise PolicyError(ref, "spec.provider", "only with action CUSTOM")
     selector = None
     if "selector" in spec:
         sel = spec["selector"]
@@ -387,6 +399,7 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
         selector=selector,
         waypoint=waypoint,
         target_refs=tuple(refs),
+        provider=provider,
     )
 
 
@@ -683,10 +696,25 @@ def at_waypoint(
     return scope
 
 
+def custom_checks(
+    policies: Iterable[Policy], f: Facts, scope: Callable[[Policy], bool]
+) -> tuple[Policy, ...]:
+    """The CUSTOM policies (at a waypoint) whose rules select this request: each one's
+    provider must allow it before DENY and ALLOW policies are looked at (Istio's order). A
+    rule is matched as a DENY's would be (what cannot be judged does not narrow it), so in
+    doubt the provider is asked."""
+    return tuple(
+        p
+        for p in sorted((p for p in policies if scope(p)), key=lambda p: p.ref)
+        if p.action == "CUSTOM" and any(rule_matches(r, f, "DENY") for r in p.rules)
+    )
+
+
 def decide(
     policies: Iterable[Policy], f: Facts, scope: Callable[[Policy], bool] | None = None
 ) -> Decision:
-    """Istio's evaluation order, for one connection (agent) or request (waypoint, `scope`)."""
+    """Istio's evaluation order, for one connection (agent) or request (waypoint, `scope`);
+    CUSTOM policies are asked first, by the waypoint (`custom_checks`), and are not here."""
     applies = scope or (lambda p: p.applies_to(f))
     applicable = sorted((p for p in policies if applies(p)), key=lambda p: p.ref)
     audited = tuple(

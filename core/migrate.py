@@ -6,9 +6,13 @@ What converts, one to one:
   `istio.io/use-waypoint-namespace` and `istio.io/ingress-use-waypoint` on any object ->
   the same `veil.dev/...` labels;
 - `security.istio.io/v1` (and `v1beta1`) AuthorizationPolicy and RequestAuthentication ->
-  `security.veil.dev/v1` (the same schema; `action: CUSTOM` is not supported and is
-  reported, the policy is left out rather than weakened);
-- a Gateway of class `istio-waypoint` -> class `veil-waypoint`.
+  `security.veil.dev/v1` (the same schema; a `CUSTOM` policy with a `selector` is left out
+  and reported: in Istio's ambient mode ztunnel does not enforce it either, and Veil
+  enforces CUSTOM at waypoints, through `targetRefs`);
+- a Gateway of class `istio-waypoint` -> class `veil-waypoint`;
+- Istio's mesh config (ConfigMap `istio` in `istio-system`) -> ConfigMap `veil-mesh` in
+  `veil-system` with its `extensionProviders` only (the ext_authz providers of CUSTOM
+  policies; the rest of MeshConfig is Istio's own).
 
 What does not, and why (reported, left out): PeerAuthentication (Veil's mesh traffic is
 always mutual TLS; a DENY on plaintext is an AuthorizationPolicy, see docs/authz.md);
@@ -22,6 +26,8 @@ import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 LABELS = {
     "istio.io/dataplane-mode": "veil.dev/dataplane-mode",
@@ -85,10 +91,11 @@ def migrate_object(obj: Mapping[str, Any], notes: list[str]) -> dict[str, Any] |
     kind, api = out.get("kind"), str(out.get("apiVersion", ""))
     if api.startswith("networking.istio.io/") or api.startswith("security.istio.io/"):
         if kind in SECURITY_KINDS and api in ISTIO_SECURITY:
-            if (out.get("spec") or {}).get("action") == "CUSTOM":
+            spec = out.get("spec") or {}
+            if spec.get("action") == "CUSTOM" and not ("targetRefs" in spec or "targetRef" in spec):
                 notes.append(
-                    f"{_ref(out)}: left out: action CUSTOM (external authorization) is not "
-                    "supported; nothing it would have checked is enforced"
+                    f"{_ref(out)}: left out: action CUSTOM with a selector (Istio's ztunnel "
+                    "does not enforce it either); attach it to a waypoint with targetRefs"
                 )
                 return None
             out["apiVersion"] = "security.veil.dev/v1"
@@ -97,6 +104,9 @@ def migrate_object(obj: Mapping[str, Any], notes: list[str]) -> dict[str, Any] |
             why = NOT_CONVERTED.get(str(kind), "Veil has no equivalent")
             notes.append(f"{_ref(out)}: left out ({api}): {why}")
             return None
+    md = out.get("metadata") or {}
+    if kind == "ConfigMap" and (md.get("namespace"), md.get("name")) == ("istio-system", "istio"):
+        return _mesh_config(out, notes)
     if kind == "Gateway" and api.startswith("gateway.networking.k8s.io/"):
         spec = out.get("spec") or {}
         if spec.get("gatewayClassName") in WAYPOINT_CLASSES:
@@ -105,6 +115,29 @@ def migrate_object(obj: Mapping[str, Any], notes: list[str]) -> dict[str, Any] |
             notes.append(f"{_ref(out)}: gatewayClassName {old} -> {spec['gatewayClassName']}")
     _labels(out, notes)
     return out
+
+
+def _mesh_config(obj: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+    """Istio's MeshConfig -> Veil's mesh config: its extensionProviders only."""
+    try:
+        mesh = yaml.safe_load((obj.get("data") or {}).get("mesh") or "") or {}
+    except yaml.YAMLError as e:
+        notes.append(f"{_ref(obj)}: left out: its mesh config is not YAML ({e})")
+        return None
+    providers = mesh.get("extensionProviders") if isinstance(mesh, dict) else None
+    if not providers:
+        notes.append(f"{_ref(obj)}: left out: no extensionProviders (the rest is Istio's own)")
+        return None
+    notes.append(
+        f"{_ref(obj)} -> ConfigMap veil-system/veil-mesh: extensionProviders kept, the rest of "
+        "Istio's MeshConfig left out"
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"namespace": "veil-system", "name": "veil-mesh"},
+        "data": {"mesh": yaml.safe_dump({"extensionProviders": providers}, sort_keys=False)},
+    }
 
 
 def migrate(objects: Iterable[Mapping[str, Any] | None]) -> Migration:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from veil.core import jwt, routes, traffic
+from veil.core import extauthz, jwt, routes, traffic
 from veil.core.authz import PolicySet
 from veil.core.jwt import RequestAuthentication
 from veil.core.routes import HttpRoute, ReferenceGrant
@@ -186,6 +186,7 @@ class MeshState:
     reference_grants: tuple[ReferenceGrant, ...] = ()
     traffic_policies: tuple[TrafficPolicy, ...] = ()
     request_authentications: tuple[RequestAuthentication, ...] = ()
+    mesh_config: extauthz.MeshConfig = extauthz.EMPTY  # ConfigMap veil-system/veil-mesh
     # Why an object (or a part of it: an HTTPRoute rule) is not in force, by (kind,
     # namespace, name): attached to the object it belongs to, for logs now and status
     # conditions on Kubernetes.
@@ -468,6 +469,7 @@ class StateBuilder:
         self.grants: dict[ObjectKey, ReferenceGrant] = {}
         self.traffic: dict[ObjectKey, TrafficPolicy] = {}
         self.authns: dict[ObjectKey, RequestAuthentication] = {}
+        self.mesh_config = extauthz.EMPTY
         self.invalid: dict[ObjectKey, str] = {}
         self.fetch_jwks = fetch_jwks
 
@@ -487,12 +489,26 @@ class StateBuilder:
             elif kind == "Service":
                 svc = service_from(obj)
                 self.services[(svc.namespace, svc.name)] = svc
+            elif kind == "ConfigMap":  # only the mesh config is read
+                if key == extauthz.MESH_CONFIG:
+                    self._mesh_config(obj)
             else:
                 self.others[key] = obj
                 self._typed(key, obj)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             ref = f"{kind} {ns}/{name}".replace(" /", " ")
             self.errors[key] = f"{ref}: cannot read: {e!r}"
+
+    def _mesh_config(self, obj: Mapping[str, Any]) -> None:
+        """A mesh config that cannot be read keeps no provider: CUSTOM policies then deny."""
+        try:
+            self.mesh_config = extauthz.parse_mesh_config(obj)
+        except extauthz.ProviderError as e:
+            self.mesh_config = extauthz.EMPTY
+            self.invalid[extauthz.MESH_CONFIG] = str(e)
+            return
+        if self.mesh_config.unusable:
+            self.invalid[extauthz.MESH_CONFIG] = "; ".join(self.mesh_config.unusable.values())
 
     def _typed(self, key: ObjectKey, obj: Mapping[str, Any]) -> None:
         """The typed view of an L7 object, or its validation error."""
@@ -549,6 +565,8 @@ class StateBuilder:
             self.workloads.pop((ns or "default", name), None)
         elif kind == "Service":
             self.services.pop((ns or "default", name), None)
+        elif key == extauthz.MESH_CONFIG:
+            self.mesh_config = extauthz.EMPTY
         else:
             self.others.pop(key, None)
 
@@ -572,5 +590,6 @@ class StateBuilder:
             reference_grants=tuple(self.grants[k] for k in sorted(self.grants)),
             traffic_policies=tuple(self.traffic[k] for k in sorted(self.traffic)),
             request_authentications=tuple(self.authns[k] for k in sorted(self.authns)),
+            mesh_config=self.mesh_config,
             invalid={**self.invalid, **self._policy_errors()},
         )

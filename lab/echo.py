@@ -15,7 +15,9 @@ and `?uuid=<id>&succeedAfter=<n>` fails the first n requests with that uuid, wit
 (`proto.EchoTestService/Echo`, answered with `Hostname=<pod>` lines as Istio's echo does,
 the status in trailers; echo-basic's `GrpcEcho/Echo` and `/EchoTwo` answered alike), other
 gRPC methods UNIMPLEMENTED, and plain HTTP/2 requests answered like HTTP/1.1 ones (with
-`x-echo-protocol: HTTP/2.0`).
+`x-echo-protocol: HTTP/2.0`). `--ext-authz-port` adds the HTTP check of Istio's sample
+ext_authz server (samples/extauthz): a request with `x-ext-authz: allow` is allowed (200),
+any other denied (403 with the sample's body), both with its `x-ext-authz-check-*` headers.
 """
 
 from __future__ import annotations
@@ -399,25 +401,59 @@ async def h2c_echo(stream: trio.SocketStream) -> None:
             await H2cConnection(stream, f"{addr[0]}:{addr[1]}").run()
 
 
+EXT_AUTHZ_DENY_BODY = "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+
+
+async def ext_authz_check(req: http.Request) -> http.Response:
+    """Istio's sample ext_authz server's HTTP check (samples/extauthz/cmd/extauthz)."""
+    seen = f"{req.method} {req.headers.get('host', '')}{req.target}, headers: {sorted(req.headers)}"
+    if LOG_REQUESTS:
+        print(f"echo: ext_authz check {seen}", file=sys.stderr, flush=True)
+    allowed = req.headers.get("x-ext-authz") == "allow"
+    headers = {
+        "x-ext-authz-check-result": "allowed" if allowed else "denied",
+        "x-ext-authz-additional-header-override": req.headers.get(
+            "x-ext-authz-additional-header-override", ""
+        ),
+        "x-ext-authz-check-received": seen,
+    }
+    if allowed:
+        return http.Response(200, headers=headers)
+    return http.Response(403, EXT_AUTHZ_DENY_BODY.encode(), headers=headers)
+
+
 async def serve(
-    port: int, host: str = "0.0.0.0", tcp_port: int | None = None, grpc_port: int | None = None
+    port: int,
+    host: str = "0.0.0.0",
+    tcp_port: int | None = None,
+    grpc_port: int | None = None,
+    ext_authz_port: int | None = None,
 ) -> None:
     async with trio.open_nursery() as nursery:
         if tcp_port:
             nursery.start_soon(partial(trio.serve_tcp, tcp_echo, tcp_port, host=host))
         if grpc_port:
             nursery.start_soon(partial(trio.serve_tcp, h2c_echo, grpc_port, host=host))
+        if ext_authz_port:
+            nursery.start_soon(http.serve, ext_authz_check, host, ext_authz_port)
         await http.serve(handle, host, port, max_body=MAX_BODY)
 
 
 def main(
-    port: int, host: str = "0.0.0.0", tcp_port: int | None = None, grpc_port: int | None = None
+    port: int,
+    host: str = "0.0.0.0",
+    tcp_port: int | None = None,
+    grpc_port: int | None = None,
+    ext_authz_port: int | None = None,
 ) -> None:
-    tcp = f" and TCP {tcp_port}" if tcp_port else ""
-    grpc = f" and gRPC/h2c {grpc_port}" if grpc_port else ""
+    extra = "".join(
+        f" and {what} {p}"
+        for what, p in (("TCP", tcp_port), ("gRPC/h2c", grpc_port), ("ext_authz", ext_authz_port))
+        if p
+    )
     print(
-        f"echo: pod {os.environ.get('POD_NAME', '?')} listening on {host}:{port}{tcp}{grpc}",
+        f"echo: pod {os.environ.get('POD_NAME', '?')} listening on {host}:{port}{extra}",
         file=sys.stderr,
         flush=True,
     )
-    trio.run(serve, port, host, tcp_port, grpc_port)
+    trio.run(serve, port, host, tcp_port, grpc_port, ext_authz_port)

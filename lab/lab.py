@@ -1251,6 +1251,7 @@ def delete(lab: str, kind: str, name: str, namespace: str | None) -> str:
         "referencegrant": "ReferenceGrant",
         "requestauthentication": "RequestAuthentication",
         "trafficpolicy": "TrafficPolicy",
+        "configmap": "ConfigMap",
     }
     real = kinds.get(kind.lower(), kind)
     record = store.read_record(lab) or {}

@@ -42,6 +42,11 @@ def cluster_state(lab: str) -> MeshState:
         from veil.lab import kubernetes as k8s  # noqa: PLC0415
 
         items = json.loads(k8s.kubectl(lab, "get", API_KINDS, "-A", "-o", "json"))["items"]
+        mesh = k8s.kubectl(  # the mesh config, if there is one
+            lab, "get", "configmap", "-n", "veil-system", "--field-selector",
+            "metadata.name=veil-mesh", "-o", "json",
+        )  # fmt: skip
+        items += [{**o, "kind": "ConfigMap"} for o in json.loads(mesh)["items"]]
         return build_state(items, 0, fetch_jwks)
     return build_state(store.read_objects(store.state_dir(lab)), 0, fetch_jwks)
 

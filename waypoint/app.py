@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from veil.core import admission, clienthello
 from veil.core.admission import Admission
+from veil.core.extauthz import Denied
 from veil.core.hbone import (
     BadRequest,
     ErrorCode,
@@ -58,7 +59,7 @@ from veil.waypoint.exchange import DIAL_ERRORS, Forwarder, Request
 from veil.waypoint.http2 import H2Exchange, H2Server
 from veil.waypoint.messages import HttpError, drain_request, local_reply, relay
 from veil.waypoint.normalize import PathNormalization
-from veil.waypoint.pipeline import Caller, Destination, Redirect, Reply
+from veil.waypoint.pipeline import Caller, Check, Destination, Outcome, Redirect, Reply
 from veil.waypoint.resilience import Limits
 from veil.waypoint.telemetry import RequestMetrics, RequestRecord
 from veil.waypoint.upstreams import Upstreams
@@ -418,7 +419,7 @@ class WaypointServer:
         started = time.monotonic()
         rec = self._record(req, dest, peer, client_ip)
         ok = True
-        outcome = pipeline.plan(
+        planned = pipeline.plan(
             self.state(),
             self.me,
             dest,
@@ -427,9 +428,20 @@ class WaypointServer:
             rng=self.rng,
             remote_keys=self.jwks.keys_for,
         )
-        rec.path, rec.route = outcome.path, outcome.route
-        rec.audit = outcome.audited
-        if isinstance(outcome, Reply):
+        rec.path, rec.route = planned.path, planned.route
+        rec.audit = planned.audited
+        outcome: Outcome | Denied = planned
+        if isinstance(outcome, Check):  # CUSTOM policies: their providers decide first
+            outcome = await self._ask_providers(outcome, down, stream, req, dest, peer, client_ip)
+            if not isinstance(outcome, Denied):
+                rec.path, rec.route, rec.audit = outcome.path, outcome.route, outcome.audited
+        if isinstance(outcome, Denied):
+            rec.response_code, rec.response_flags, rec.error = outcome.status, "UAEX", outcome.why
+            await drain_request(down, stream)
+            await local_reply(
+                down, stream, outcome.status, outcome.why, outcome.headers, outcome.body
+            )
+        elif isinstance(outcome, Reply):
             rec.response_code, rec.response_flags, rec.error = (
                 outcome.status,
                 outcome.flags,
@@ -442,6 +454,7 @@ class WaypointServer:
                     raise HttpError(503, "UH", "the waypoint is not serving yet")
                 r = Request(down, stream, dest, rec, client_ip)
                 try:
+                    assert not isinstance(outcome, Check)
                     if isinstance(outcome, Redirect):
                         await self.forwarder.redirect(outcome, r)
                     else:
@@ -457,6 +470,37 @@ class WaypointServer:
         rec.duration_ms = (time.monotonic() - started) * 1000
         self.metrics.record(rec)
         return ok
+
+    async def _ask_providers(  # noqa: PLR0917
+        self,
+        check: Check,
+        down: Any,
+        stream: Stream,
+        req: h11.Request,
+        dest: Destination,
+        peer: SpiffeId,
+        client_ip: str,
+    ) -> Outcome | Denied:
+        """The providers' verdict, then the request planned again with it (DENY and ALLOW
+        policies, routing); the waypoint not serving yet: denied, never passed."""
+        if self.forwarder is None:
+            return Denied(503, (), b"", "the waypoint is not serving yet")
+        rec = RequestRecord(method="", path="", authority="")  # the check's own, not logged
+        verdict = await self.forwarder.ask_providers(
+            check, Request(down, stream, dest, rec, client_ip)
+        )
+        if isinstance(verdict, Denied):
+            return verdict
+        return pipeline.plan(
+            self.state(),
+            self.me,
+            dest,
+            Caller(peer, client_ip),
+            req,
+            rng=self.rng,
+            remote_keys=self.jwks.keys_for,
+            approved=verdict,
+        )
 
     def _record(
         self, req: h11.Request, dest: Destination, peer: SpiffeId, client_ip: str

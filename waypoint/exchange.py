@@ -13,12 +13,14 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h11
 import trio
 
+from veil.core import extauthz
+from veil.core.extauthz import Allowed, CheckRequest, Denied, ExtAuthzProvider
 from veil.core.routes import BackendRef
 from veil.core.state import MeshState, Service, Workload
 from veil.core.traffic import KIND, TrafficPolicy
@@ -35,7 +37,7 @@ from veil.waypoint.messages import (
     relay,
     send,
 )
-from veil.waypoint.pipeline import Destination, Plan, Redirect, pick_endpoint
+from veil.waypoint.pipeline import Check, Destination, Plan, Redirect, pick_endpoint
 from veil.waypoint.resilience import Limits
 from veil.waypoint.telemetry import RequestMetrics, RequestRecord
 from veil.waypoint.upstreams import Upstream, Upstreams
@@ -336,6 +338,57 @@ class Forwarder:
             raise HttpError(502, "UPE", f"upstream {rec.upstream}: {e}") from None
         finally:
             self.upstreams.drop(up)  # never reused: it speaks WebSocket now
+
+    async def ask_providers(self, check: Check, req: Request) -> tuple[Allowed, ...] | Denied:
+        """Each CUSTOM policy's provider in turn; the first that denies decides."""
+        allowed = []
+        for ref, provider, request in check.checks:
+            verdict = await self._ask(provider, request, req.client_ip)
+            if isinstance(verdict, Denied):
+                return replace(verdict, why=f"{ref}: {verdict.why}")
+            allowed.append(verdict)
+        return tuple(allowed)
+
+    async def _ask(
+        self, provider: ExtAuthzProvider, request: CheckRequest, client_ip: str
+    ) -> Allowed | Denied:
+        """One check over HTTP/1.1 to a pod of the provider's Service, through HBONE (its
+        identity verified like any backend's); within the provider's timeout, or it counts as
+        unreachable (statusOnError, unless it fails open)."""
+        state = self.state()
+        svc = state.service(provider.namespace, provider.service)
+        hit = pick_endpoint(state, svc, provider.port, self.rng) if svc is not None else None
+        if svc is None or hit is None:
+            where = f"{provider.namespace}/{provider.service}:{provider.port}"
+            return extauthz.unreachable(provider, f"no ready endpoint for {where}")
+        w, port = hit
+        up: Upstream | None = None
+        headers = request.headers
+        if not any(n == "host" for n, _ in headers):
+            headers = [("host", provider.address), *headers]
+        try:
+            with trio.fail_after(provider.timeout):
+                up = await self.upstreams.acquire(w, port, client_ip, "", service_key(svc))
+                ask = h11.Request(method=request.method, target=request.target, headers=headers)
+                await send(up.conn, up.stream, ask)
+                await send(up.conn, up.stream, h11.EndOfMessage())
+                answer = await next_event(up.conn, up.stream)
+                if not isinstance(answer, h11.Response):
+                    raise TryFailed("closed without a response")
+                body = bytearray()
+                while not isinstance(ev := await next_event(up.conn, up.stream), h11.EndOfMessage):
+                    if not isinstance(ev, h11.Data) or len(body) > extauthz.BODY_LIMIT:
+                        raise TryFailed("the answer broke off or is too large")
+                    body += ev.data
+        except (*DIAL_ERRORS, h11.ProtocolError, TryFailed) as e:
+            if up is not None:
+                self.upstreams.drop(up)
+            why = "no answer in time" if isinstance(e, trio.TooSlowError) else str(e)
+            log.info("ext_authz provider %s: %s", provider.name, why)
+            return extauthz.unreachable(provider, why or type(e).__name__)
+        self.upstreams.release(up)
+        fields = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in answer.headers]
+        return extauthz.verdict(provider, answer.status_code, fields, bytes(body))
 
     def _mirror(self, ref: BackendRef, plan: Plan, body: bytes, client_ip: str) -> None:
         """Send a copy to the mirror backend and forget the answer (never slows the original)."""

@@ -4,6 +4,7 @@ waypoint's own replies."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import h11
@@ -156,12 +157,20 @@ def is_grpc(down: Any) -> bool:
     )
 
 
-async def local_reply(down: Any, stream: Stream, status: int, why: str) -> None:
+async def local_reply(  # noqa: PLR0917
+    down: Any,
+    stream: Stream,
+    status: int,
+    why: str,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes | None = None,
+) -> None:
     """A response of the waypoint's own; if the client is gone, its stream is reset (an
     HTTP/2 exchange resets only its own HTTP/2 stream, never the connection's). A gRPC call
     gets it as a gRPC status (HTTP 200, `grpc-status` and `grpc-message` in trailers), as
     Envoy answers them: a gRPC client reads no HTTP status."""
-    body = f"{why}\n".encode()
+    if body is None:
+        body, headers = f"{why}\n".encode(), [("content-type", "text/plain"), *headers]
     try:
         if is_grpc(down):
             await send(
@@ -177,8 +186,7 @@ async def local_reply(down: Any, stream: Stream, status: int, why: str) -> None:
             down,
             stream,
             h11.Response(
-                status_code=status,
-                headers=[("content-type", "text/plain"), ("content-length", str(len(body)))],
+                status_code=status, headers=[*headers, ("content-length", str(len(body)))]
             ),
         )
         await send(down, stream, h11.Data(data=body))

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 
 import h11
 
-from veil.core import jwt
-from veil.core.authz import Decision, Facts, HttpFacts, at_waypoint, decide
+from veil.core import extauthz, jwt
+from veil.core.authz import Decision, Facts, HttpFacts, Policy, at_waypoint, custom_checks, decide
 from veil.core.routes import (
     BackendRef,
     HeaderModifier,
@@ -124,6 +124,14 @@ def authorize(  # noqa: PLR0917
     judges a stream as TCP: an ALLOW rule with HTTP fields matches nothing and a DENY rule
     with HTTP fields is applied without them (Istio's TCP filter chain). `sni`: the TLS server
     name of a stream the waypoint relays without terminating it (`connection.sni`)."""
+    f, scope = _judged(me, dest, caller, http, sni)
+    return decide(state.policies.policies.values(), f, scope)
+
+
+def _judged(
+    me: ThisWaypoint, dest: Destination, caller: Caller, http: HttpFacts | None, sni: str = ""
+) -> tuple[Facts, Callable[[Policy], bool]]:
+    """What a waypoint's decision is about, and which policies are its."""
     f = Facts(
         source_ip=caller.ip or "0.0.0.0",
         destination_ip=dest.authority.rsplit(":", 1)[0],
@@ -134,8 +142,7 @@ def authorize(  # noqa: PLR0917
         waypoint=True,
         sni=sni,
     )
-    scope = at_waypoint(me.namespace, me.gateway, dest.services, dest.namespace or None)
-    return decide(state.policies.policies.values(), f, scope)
+    return f, at_waypoint(me.namespace, me.gateway, dest.services, dest.namespace or None)
 
 
 def tcp_denied(
@@ -251,7 +258,18 @@ class Plan:
         return 0
 
 
-Outcome = Plan | Redirect | Reply
+@dataclass(frozen=True)
+class Check:
+    """CUSTOM policies select the request: their ext_authz providers are asked first (the
+    I/O driver does), then the request is planned again with their verdicts (`approved`)."""
+
+    checks: tuple[tuple[str, extauthz.ExtAuthzProvider, extauthz.CheckRequest], ...]
+    path: str
+    route: str = ""
+    audited: tuple[str, ...] = ()
+
+
+Outcome = Plan | Redirect | Reply | Check
 
 
 def plan(
@@ -263,12 +281,14 @@ def plan(
     *,
     rng: random.Random,
     remote_keys: jwt.RemoteKeys | None = None,
+    approved: tuple[extauthz.Allowed, ...] | None = None,
 ) -> Outcome:
-    """One request through the pipeline: normalize, authenticate, authorize, route, apply
-    traffic policy, build the upstream request. The AUDIT policies that matched go with the
-    outcome, whatever it is (Istio: AUDIT never changes the decision)."""
+    """One request through the pipeline: normalize, authenticate, authorize (CUSTOM, DENY,
+    ALLOW), route, apply traffic policy, build the upstream request. The AUDIT policies that
+    matched go with the outcome, whatever it is (Istio: AUDIT never changes the decision).
+    `approved`: the verdicts of the ext_authz providers a `Check` asked for."""
     audit: list[str] = []
-    outcome = _plan(state, me, dest, caller, req, rng, audit, remote_keys)
+    outcome = _plan(state, me, dest, caller, req, rng, audit, remote_keys, approved)
     if audit:
         return replace(outcome, audited=tuple(audit))
     return outcome
@@ -283,6 +303,7 @@ def _plan(  # noqa: PLR0917
     rng: random.Random,
     audit: list[str],
     remote_keys: jwt.RemoteKeys | None,
+    approved: tuple[extauthz.Allowed, ...] | None,
 ) -> Outcome:
     method = req.method.decode("latin-1")
     raw = req.target.decode("latin-1")
@@ -316,6 +337,11 @@ def _plan(  # noqa: PLR0917
         who.claims if who else {},
         remote_ip=caller.ip,  # the client pod's address, as its agent forwarded it
     )
+    if approved is None:
+        f, scope = _judged(me, dest, caller, http)
+        customs = custom_checks(state.policies.policies.values(), f, scope)
+        if customs:
+            return _check(state, customs, method, target, headers, path)
     d = authorize(state, me, dest, caller, http)
     audit.extend(d.audited)
     if not d.allowed:
@@ -323,6 +349,8 @@ def _plan(  # noqa: PLR0917
         return Reply(403, "RBAC", why, path)
     if authn:
         headers, target = jwt.upstream_request(authn, who, headers, target)
+    if approved:
+        headers = extauthz.upstream_request(headers, approved)
 
     # route
     hit: Selected | None = None
@@ -422,6 +450,7 @@ def _plan(  # noqa: PLR0917
             for m in (
                 rule.response_headers if rule else None,
                 picked.response_headers if picked else None,
+                *(HeaderModifier(add=a.downstream_headers) for a in approved or ()),
             )
             if m is not None
         ),
@@ -442,6 +471,31 @@ def speaks_http2(
         return True
     sport = next((p for p in backend.ports if p.port == port), None) if backend else None
     return sport is not None and sport.speaks_http2
+
+
+def _check(  # noqa: PLR0917
+    state: MeshState,
+    customs: tuple[Policy, ...],
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    path: str,
+) -> Check | Reply:
+    """What to ask each CUSTOM policy's provider; a provider the mesh config does not define
+    (or cannot use) denies: nothing a policy would have checked passes unchecked."""
+    checks = []
+    config = state.mesh_config
+    for p in customs:
+        provider = config.providers.get(p.provider)
+        if provider is None:
+            why = (
+                config.unusable.get(p.provider) or "not in the mesh config (veil-system/veil-mesh)"
+            )
+            return Reply(
+                403, "UAEX", f"RBAC: access denied ({p.ref}: provider {p.provider}: {why})", path
+            )
+        checks.append((p.ref, provider, extauthz.check_request(provider, method, target, headers)))
+    return Check(tuple(checks), path)
 
 
 WELL_KNOWN_PORTS = {"http": 80, "https": 443}

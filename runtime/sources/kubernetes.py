@@ -25,8 +25,9 @@ from typing import Any
 import trio
 from lightkube import ApiError, AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
-from lightkube.resources.core_v1 import Namespace, Pod, Service
+from lightkube.resources.core_v1 import ConfigMap, Namespace, Pod, Service
 
+from veil.core.extauthz import MESH_CONFIG
 from veil.core.state import ObjectKey, StateBuilder, object_key
 from veil.runtime.sources.jwks import fetch_jwks
 from veil.runtime.store import StateStore
@@ -43,6 +44,7 @@ class Kind:
     kind: str
     node_scoped: bool = False  # only the pods of this node (`spec.nodeName`)
     namespaced: bool = True
+    only: tuple[str, str] | None = None  # one object: (namespace, name), e.g. the mesh config
 
 
 def _generic(group: str, version: str, kind: str, plural: str) -> Kind:
@@ -62,6 +64,8 @@ KINDS: tuple[Kind, ...] = (
     _generic("security.veil.dev", "v1", "AuthorizationPolicy", "authorizationpolicies"),
     _generic("security.veil.dev", "v1", "RequestAuthentication", "requestauthentications"),
     _generic("traffic.veil.dev", "v1", "TrafficPolicy", "trafficpolicies"),
+    # the mesh config (ext_authz providers): one ConfigMap, readable by a Role in its namespace
+    Kind(ConfigMap, "v1", "ConfigMap", only=(MESH_CONFIG[1], MESH_CONFIG[2])),
 )
 
 
@@ -114,10 +118,14 @@ class KubernetesSource:
         return None
 
     def _fields(self, kind: Kind) -> dict[str, Any] | None:
+        if kind.only is not None:
+            return {"metadata.name": kind.only[1]}
         return {"spec.nodeName": self.node} if kind.node_scoped and self.node else None
 
     @staticmethod
     def _namespace(kind: Kind) -> str | None:
+        if kind.only is not None:
+            return kind.only[0]
         return "*" if kind.namespaced else None  # every namespace
 
     def _touch(self) -> None:

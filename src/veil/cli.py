@@ -330,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="also HTTP/2 (h2c): gRPC calls of Istio's echo service and plain HTTP/2 requests",
     )
+    echo.add_argument(
+        "--ext-authz-port",
+        type=int,
+        help="also the HTTP check of Istio's sample ext_authz server (x-ext-authz: allow)",
+    )
     return p
 
 
@@ -421,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "echo":
         from veil.lab import echo  # noqa: PLC0415 - keep `veil lab` start-up free of trio
 
-        echo.main(args.port, args.host, args.tcp_port, args.grpc_port)
+        echo.main(args.port, args.host, args.tcp_port, args.grpc_port, args.ext_authz_port)
         return 0
     if args.command == "check":
         from veil.agent import check as preflight  # noqa: PLC0415

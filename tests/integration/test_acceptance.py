@@ -1098,3 +1098,68 @@ def test_istio_TestBogusUseWaypoint(alab):
     finally:
         veil("lab", "label", "--name", alab, "ns", CAPTURED, "veil.dev/use-waypoint-")
     expect(alab, [target])
+
+
+# -- Istio: CUSTOM authorization (ext_authz), from Istio's "External Authorization" task --------
+
+MESH_CONFIG = f"""apiVersion: v1
+kind: ConfigMap
+metadata: {{name: veil-mesh, namespace: veil-system}}
+data:
+  mesh: |-
+    extensionProviders:
+    - name: "sample-ext-authz-http"
+      envoyExtAuthzHttp:
+        service: "ext-authz.{CAPTURED}.svc.cluster.local"
+        port: "8000"
+        includeRequestHeadersInCheck: ["x-ext-authz"]
+        headersToUpstreamOnAllow: ["x-ext-authz-check-result"]
+    - name: "nobody-home"
+      envoyExtAuthzHttp:
+        service: "ext-authz.{CAPTURED}.svc.cluster.local"
+        port: 8001
+---
+"""
+CUSTOM = f"""  targetRefs: [{{kind: Service, group: "", name: echo}}]
+  action: CUSTOM
+  provider: {{name: sample-ext-authz-http}}
+  rules: [{{to: [{{operation: {{paths: ["/headers"]}}}}]}}]"""
+CUSTOM_BROKEN = f"""  targetRefs: [{{kind: Service, group: "", name: echo}}]
+  action: CUSTOM
+  provider: {{name: nobody-home}}
+  rules: [{{to: [{{operation: {{paths: ["/unchecked-never"]}}}}]}}]"""
+
+
+def test_istio_external_authorization_at_the_waypoint(alab, tmp_path):
+    """Istio's sample ext_authz server (its HTTP check, in captured-v1), the task's mesh config
+    pasted unchanged: /headers is checked (`x-ext-authz: allow` passes, and the request
+    sent on carries the provider's verdict header; anything else gets the provider's 403, its
+    body and headers), /ip is not; a provider that cannot be reached, or one the mesh config
+    does not define, denies (fail closed)."""
+    config, policies = tmp_path / "mesh.yaml", tmp_path / "custom.yaml"
+    config.write_text(MESH_CONFIG)
+    policies.write_text(
+        policy("ext-authz", MESH, CUSTOM) + policy("ext-authz-broken", MESH, CUSTOM_BROKEN)
+    )
+    allow, deny = {"x-ext-authz": "allow"}, {"x-ext-authz": "deny"}
+    verdict = "x-ext-authz-check-result"
+    with applied(alab, config, policies):
+        expect(
+            alab,
+            [
+                Case(path="/headers", headers=allow, seen_headers={verdict: "allowed"}),
+                Case(
+                    path="/headers", headers=deny, status=403, response_headers={verdict: "denied"}
+                ),
+                Case(path="/headers", status=403, response_headers={verdict: "denied"}),
+                Case(path="/ip", headers=deny, absent_seen=[verdict]),  # not selected: no check
+                Case(path="/unchecked-never", status=403),  # the provider is unreachable
+            ],
+        )
+        (got,) = send(alab, [Case(path="/headers", headers=deny)], ("deploy/echo-v1", MESH))
+        assert (
+            got["body"]
+            == "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+        )
+        veil("lab", "delete", "--name", alab, "configmap", "veil-mesh", "-n", "veil-system")
+        expect(alab, [Case(path="/headers", headers=allow, status=403), Case(path="/ip")])

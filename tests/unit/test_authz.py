@@ -178,7 +178,13 @@ def test_decision_names_the_policy():
     ("spec", "path", "words"),
     [
         ({"rulez": []}, "spec.rulez", "unknown field"),
-        ({"action": "CUSTOM"}, "spec.action", "CUSTOM is not supported"),
+        ({"action": "CUSTOM"}, "spec.provider.name", "CUSTOM needs the extension provider"),
+        (
+            {"action": "CUSTOM", "provider": {"name": "authz"}},
+            "spec.action",
+            "CUSTOM (external authorization) is enforced by waypoints",
+        ),
+        ({"provider": {"name": "authz"}}, "spec.provider", "only with action CUSTOM"),
         (
             {"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]},
             "spec.rules[0].from[0].source.ipBlocks",

@@ -109,7 +109,7 @@ def test_istio_ambient_manifests_become_veils():
     assert ("default", "waypoint") in state.waypoints
     assert not state.invalid
     notes = "\n".join(result.notes)
-    assert "ext-authz: left out: action CUSTOM" in notes
+    assert "ext-authz: left out: action CUSTOM with a selector" in notes
     assert "PeerAuthentication default/strict: left out" in notes and "mutual TLS" in notes
     assert "VirtualService default/reviews: left out" in notes and "HTTPRoute" in notes
 
@@ -133,3 +133,42 @@ def test_veil_migrate_on_the_command_line(tmp_path: Path):
     out = list(yaml.safe_load_all(proc.stdout))
     assert len(out) == 5 and out[1]["spec"]["gatewayClassName"] == "veil-waypoint"
     assert "# veil migrate: Namespace default: label istio.io/dataplane-mode" in proc.stderr
+
+
+ISTIO_EXT_AUTHZ = """
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    accessLogFile: /dev/stdout
+    extensionProviders:
+    - name: "sample-ext-authz-http"
+      envoyExtAuthzHttp:
+        service: "ext-authz.foo.svc.cluster.local"
+        port: "8000"
+        includeRequestHeadersInCheck: ["x-ext-authz"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: foo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: CUSTOM
+  provider: {name: sample-ext-authz-http}
+  rules: [{to: [{operation: {paths: ["/headers"]}}]}]
+"""
+
+
+def test_istios_ext_authz_setup_becomes_veils():
+    """Istio's External Authorization task for a waypoint: the mesh config's providers and
+    the CUSTOM policy convert, and Veil reads them as one (the policy's provider defined)."""
+    result = migrate(yaml.safe_load_all(ISTIO_EXT_AUTHZ))
+    mesh, _policy = result.objects
+    assert (mesh["metadata"]["namespace"], mesh["metadata"]["name"]) == ("veil-system", "veil-mesh")
+    assert "accessLogFile" not in mesh["data"]["mesh"]
+    state = build_state(result.objects, 1)
+    assert not state.invalid
+    (p,) = state.policies.policies.values()
+    assert p.action == "CUSTOM" and p.provider in state.mesh_config.providers
+    assert any("extensionProviders kept" in n for n in result.notes)
