@@ -1120,14 +1120,14 @@ data:
         port: 8001
 ---
 """
-CUSTOM = f"""  targetRefs: [{{kind: Service, group: "", name: echo}}]
+CUSTOM = """  targetRefs: [{kind: Service, group: "", name: echo}]
   action: CUSTOM
-  provider: {{name: sample-ext-authz-http}}
-  rules: [{{to: [{{operation: {{paths: ["/headers"]}}}}]}}]"""
-CUSTOM_BROKEN = f"""  targetRefs: [{{kind: Service, group: "", name: echo}}]
+  provider: {name: sample-ext-authz-http}
+  rules: [{to: [{operation: {paths: ["/headers"]}}]}]"""
+CUSTOM_BROKEN = """  targetRefs: [{kind: Service, group: "", name: echo}]
   action: CUSTOM
-  provider: {{name: nobody-home}}
-  rules: [{{to: [{{operation: {{paths: ["/unchecked-never"]}}}}]}}]"""
+  provider: {name: nobody-home}
+  rules: [{to: [{operation: {paths: ["/unchecked-never"]}}]}]"""
 
 
 def test_istio_external_authorization_at_the_waypoint(alab, tmp_path):
