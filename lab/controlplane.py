@@ -22,12 +22,14 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from veil.ca.auth import new_token, write_tokens_file
+import yaml
+
+from veil.ca.auth import new_token, token_hash, write_tokens_file
 from veil.core.spiffe import DEFAULT_TRUST_DOMAIN
 from veil.core.state import GATEWAY_NAME_LABEL
 from veil.lab import cgroups, netns, store, supervise
 from veil.lab.errors import LabError
-from veil.lab.plan import UNDERLAY_CIDR, LabPlan
+from veil.lab.plan import UNDERLAY_CIDR, LabPlan, PodPlan
 from veil.runtime.config import CA_SERVER_NAME
 
 CA_IP = UNDERLAY_CIDR.network_address + 2
@@ -119,6 +121,31 @@ def write_node_credentials(plan: LabPlan, trust_domain: str = DEFAULT_TRUST_DOMA
         d = node_dir(plan.name, node)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         store.atomic_write(d / "bootstrap-token", token + "\n", mode=0o600)
+
+
+def add_waypoint_credentials(
+    lab: str, pods: Sequence[PodPlan], trust_domain: str = DEFAULT_TRUST_DOMAIN
+) -> None:
+    """Tokens for waypoint pods started after `lab up`, added to the CA's file (it re-reads
+    it when it changes)."""
+    path = ca_dir(lab) / "bootstrap-tokens.yaml"
+    doc = yaml.safe_load(path.read_text()) or {}
+    expiry = datetime.datetime.now(datetime.UTC) + TOKEN_LIFETIME
+    for p in pods:
+        token = new_token()
+        identity = f"spiffe://{trust_domain}/ns/{p.namespace}/sa/{p.spec.service_account}"
+        doc.setdefault("tokens", []).append(
+            {
+                "node": p.node,
+                "identity": identity,
+                "sha256": token_hash(token),
+                "expires": expiry.isoformat(),
+            }
+        )
+        d = pod_dir(lab, p.namespace, p.name)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store.atomic_write(d / "token", token + "\n", mode=0o600)
+    store.atomic_write(path, yaml.safe_dump(doc), mode=0o600)
 
 
 @dataclass

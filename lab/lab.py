@@ -23,6 +23,7 @@ deletes namespaces, hosts files, cgroups and the state directory. It is idempote
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -65,6 +66,7 @@ from veil.lab.plan import (
     render_resolv_conf,
     render_service_nat,
     stable_uid,
+    waypoint_pods,
 )
 
 ETC_NETNS = Path("/etc/netns")
@@ -830,29 +832,7 @@ def down(lab: str, log: Log = print) -> list[str]:
     # 2. CNI DEL while both ends still exist (releases addresses, removes host veths): the
     # pods the lab started, and those the kubelets of kubernetes mode ran.
     for entry in [*record.get("pods", []), *kubelet_pods(lab)]:
-        pod_ns, node_ns = entry["netns"], node_netns(lab, entry["node"])
-        cache = store.lab_dir(lab) / "cni"
-        if pod_ns in present and node_ns in present:
-            runtime = cni_runtime(lab, entry["node"])
-            args = {
-                "IgnoreUnknown": "1",
-                "K8S_POD_NAMESPACE": entry["namespace"],
-                "K8S_POD_NAME": entry["name"],
-            }
-            att = Attachment(entry["containerID"], pod_ns, args=args)
-            for conf_name, ifname in (
-                (f"veil-{lab}-{entry['node']}", "eth0"),
-                (LOOPBACK_CONFIG["name"], "lo"),
-            ):
-                f = cache / f"{conf_name}-{att.container_id}-{ifname}.json"
-                if f.exists():
-                    try:
-                        runtime.delete(
-                            json.loads(f.read_text())["config"],
-                            Attachment(att.container_id, pod_ns, ifname, args),
-                        )
-                    except CniError as e:
-                        log(f"warning: {e}")
+        cni_delete(lab, entry, present, log)
     # 3. namespaces: pods first, then nodes, then the underlay.
     order = sorted(
         present, key=lambda n: (0 if "_" in n else 2 if n == underlay_netns(lab) else 1, n)
@@ -884,6 +864,98 @@ def down(lab: str, log: Log = print) -> list[str]:
     else:
         log(f"lab {lab!r} is not up; nothing to remove")
     return removed
+
+
+def cni_delete(lab: str, entry: Mapping[str, Any], present: Sequence[str], log: Log) -> None:
+    """CNI DEL of one pod (a record entry) while both its netns and its node's exist."""
+    pod_ns, node_ns = entry["netns"], node_netns(lab, entry["node"])
+    if pod_ns not in present or node_ns not in present:
+        return
+    cache = store.lab_dir(lab) / "cni"
+    runtime = cni_runtime(lab, entry["node"])
+    args = {
+        "IgnoreUnknown": "1",
+        "K8S_POD_NAMESPACE": entry["namespace"],
+        "K8S_POD_NAME": entry["name"],
+    }
+    att = Attachment(entry["containerID"], pod_ns, args=args)
+    for conf_name, ifname in (
+        (f"veil-{lab}-{entry['node']}", "eth0"),
+        (LOOPBACK_CONFIG["name"], "lo"),
+    ):
+        f = cache / f"{conf_name}-{att.container_id}-{ifname}.json"
+        if f.exists():
+            try:
+                runtime.delete(
+                    json.loads(f.read_text())["config"],
+                    Attachment(att.container_id, pod_ns, ifname, args),
+                )
+            except CniError as e:
+                log(f"warning: {e}")
+
+
+# -- waypoints of Gateways applied after `lab up` (manifest mode) ------------------------------
+
+
+def start_waypoint(lab: str, record: dict[str, Any], gateway: Object, log: Log) -> list[str]:
+    """What the waypoint controller does on Kubernetes, for a Gateway applied to a running
+    lab: its pods (those it does not have yet) placed on the least loaded nodes, each with a
+    token for its own identity only, started and waited for. Its pods' names."""
+    plan = make_plan(load_paths(record["manifests"]), lab, len(record["nodes"]))
+    have = {(e["namespace"], e["name"]) for e in record["pods"]}
+    load = {n.name: 0 for n in plan.nodes}
+    for e in record["pods"]:
+        load[e["node"]] = load.get(e["node"], 0) + 1
+    new = []
+    for wp in waypoint_pods(gateway):
+        if (wp.namespace, wp.name) in have:
+            continue
+        node = min(plan.nodes, key=lambda n: load[n.name]).name  # ties: the first node
+        load[node] += 1
+        new.append(dataclasses.replace(wp, node=node))
+    if not new:
+        return []
+    controlplane.add_waypoint_credentials(lab, new)
+    cg = Path(record["cgroup"])
+    for p in new:
+        record["pods"].append(
+            {
+                "namespace": p.namespace,
+                "name": p.name,
+                "node": p.node,
+                "netns": pod_netns(lab, p.namespace, p.name),
+                "cgroup": str(cg / "pods" / f"{p.namespace}_{p.name}"),
+                "containerID": p.uid.replace("-", ""),
+                "pids": [],
+            }
+        )
+    store.write_record(lab, record)
+    running = [start_pod(plan, p, record, log) for p in new]
+    store.write_record(lab, record)
+    wait_ready(plan, running, READY_TIMEOUT, lambda _m: None)
+    return [f"{p.namespace}/{p.name}" for p in new]
+
+
+def stop_waypoint(lab: str, record: dict[str, Any], namespace: str, gateway: str) -> list[str]:
+    """A removed Gateway's pods: killed, their network removed (CNI DEL), forgotten."""
+    state = store.state_dir(lab)
+    gone = [
+        e
+        for e in record["pods"]
+        if e["namespace"] == namespace
+        and (pod := store.read_object(state, "Pod", namespace, e["name"])) is not None
+        and (pod["metadata"].get("labels") or {}).get(GATEWAY_NAME_LABEL) == gateway
+    ]
+    present = netns.listing()
+    for e in gone:
+        cgroups.kill_and_remove(Path(e["cgroup"]))
+        cni_delete(lab, e, present, print)
+        netns.delete(e["netns"])
+        shutil.rmtree(ETC_NETNS / e["netns"], ignore_errors=True)
+        store.object_path(state, "Pod", namespace, e["name"]).unlink(missing_ok=True)
+        record["pods"].remove(e)
+    store.write_record(lab, record)
+    return [f"{e['namespace']}/{e['name']}" for e in gone]
 
 
 def kubelet_pods(lab: str, host_network: bool = False) -> list[dict[str, Any]]:
@@ -1238,6 +1310,9 @@ def apply(lab: str, paths: Sequence[str | Path]) -> list[str]:
     for o in objects:
         store.write_object(store.state_dir(lab), {**o.raw, "metadata": _meta(o)})
         done.append(o.ref)
+    for o in objects:  # as the waypoint controller would: the Gateway's pods, once it exists
+        if waypoint_pods(o):
+            done += [f"pod {p} (waypoint)" for p in start_waypoint(lab, record, o, print)]
     return done
 
 
@@ -1266,4 +1341,6 @@ def delete(lab: str, kind: str, name: str, namespace: str | None) -> str:
     if not path.exists():
         raise LabError(f"no {real} {namespace or 'default'}/{name} in lab {lab!r}")
     path.unlink()
+    if real == "Gateway":  # its waypoint pods go with it
+        stop_waypoint(lab, record, namespace or "default", name)
     return f"{real} {namespace or 'default'}/{name}"

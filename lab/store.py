@@ -75,6 +75,14 @@ def write_object(state: Path, obj: Mapping[str, Any]) -> Path:
     return path
 
 
+def read_object(state: Path, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    path = object_path(state, kind, namespace, name)
+    if not path.exists():
+        return None
+    doc = yaml.safe_load(path.read_text())
+    return doc if isinstance(doc, dict) else None
+
+
 _TMP = re.compile(r"^\..*\.tmp-\d+$")
 
 

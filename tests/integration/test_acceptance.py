@@ -1163,3 +1163,49 @@ def test_istio_external_authorization_at_the_waypoint(alab, tmp_path):
         )
         veil("lab", "delete", "--name", alab, "configmap", "veil-mesh", "-n", "veil-system")
         expect(alab, [Case(path="/headers", headers=allow, status=403), Case(path="/ip")])
+
+
+# -- a waypoint for a Gateway applied to a running cluster -------------------------------------
+
+LATE_GATEWAY = f"""apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: late-waypoint, namespace: {CAPTURED}}}
+spec:
+  gatewayClassName: veil-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+---
+"""
+LATE_DENY = """  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: late-waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/late-denied"]}}]}]"""
+
+
+def test_a_gateway_applied_to_a_running_lab_gets_its_waypoint(alab, tmp_path):
+    """Veil's own case (issue 22.4): a Gateway applied after `lab up` is deployed (manifest
+    mode: by the lab, as the controller does on Kubernetes), a namespace that then uses it
+    sends its traffic through it (its L7 DENY holds), and deleting it removes its pods
+    (the namespace's `use-waypoint` then names no Gateway: traffic stays L4)."""
+    target = f"captured.{CAPTURED}"
+    files = tmp_path / "late.yaml"
+    files.write_text(LATE_GATEWAY + policy("late-deny", CAPTURED, LATE_DENY))
+    label = ["lab", "label", "--name", alab, "ns", CAPTURED]
+    with applied(alab, files):
+        veil(*label, "veil.dev/use-waypoint=late-waypoint")
+        try:
+            expect(
+                alab,
+                [
+                    Case(address=target, path="/late-denied", status=403),
+                    Case(address=target, path="/fine", backend="captured-v1"),
+                ],
+                timeout=90,
+            )
+            pods = [p for p in labmod.status(alab)["pods"] if p["name"].startswith("late-waypoint")]
+            assert pods and all(p["namespace"] == CAPTURED for p in pods), pods
+        finally:
+            veil(*label, "veil.dev/use-waypoint-")
+    expect(alab, [Case(address=target, path="/late-denied", backend="captured-v1")], timeout=60)
+    deadline = time.monotonic() + 60
+    while [p for p in labmod.status(alab)["pods"] if p["name"].startswith("late-waypoint")]:
+        assert time.monotonic() < deadline, "the waypoint's pods outlived their Gateway"
+        time.sleep(1)
