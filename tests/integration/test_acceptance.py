@@ -1175,7 +1175,8 @@ spec:
   listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
 ---
 """
-LATE_DENY = """  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: late-waypoint}]
+LATE_DENY = """  targetRefs:
+  - {kind: Gateway, group: gateway.networking.k8s.io, name: late-waypoint}
   action: DENY
   rules: [{to: [{operation: {paths: ["/late-denied"]}}]}]"""
 
