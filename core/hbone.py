@@ -40,6 +40,9 @@ MAX_FRAME = 1024 * 1024
 MAX_STREAMS = 100  # a client opens at most this many on one connection
 MAX_INBOUND_STREAMS = 100  # a server accepts at most this many at once (as our SETTINGS say)
 MAX_HEADER_BLOCK = 64 * 1024  # one header block, CONTINUATIONs included
+# On a CONNECT to a waypoint from a destination pod's agent: it carries a connection that came
+# from outside the mesh (`veil.dev/ingress-use-waypoint`); believed of that pod's identity only.
+INGRESS_HEADER = "veil-ingress"
 # Floods a peer can send cheaply and we pay for (each ends the connection with
 # ENHANCE_YOUR_CALM; the limits are Envoy's and nghttp2's, where they have one):
 MAX_QUEUED_CONTROL = 1000  # our answers (PING/SETTINGS ACK, RST_STREAM) the peer leaves unread

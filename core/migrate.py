@@ -36,8 +36,6 @@ LABELS = {
     "istio.io/use-waypoint-namespace": "veil.dev/use-waypoint-namespace",
     "istio.io/ingress-use-waypoint": "veil.dev/ingress-use-waypoint",
 }
-# Converted, but Veil does not act on them yet (waypoint topology): said in the notes.
-NOT_YET = frozenset({"veil.dev/ingress-use-waypoint"})
 SECURITY_KINDS = ("AuthorizationPolicy", "RequestAuthentication")
 ISTIO_SECURITY = ("security.istio.io/v1", "security.istio.io/v1beta1")
 WAYPOINT_CLASSES = {"istio-waypoint": "veil-waypoint"}
@@ -81,8 +79,7 @@ def _labels(obj: dict[str, Any], notes: list[str]) -> None:
                     )
                     continue
                 labels[new] = value
-                later = " (Veil does not act on it yet)" if new in NOT_YET else ""
-                notes.append(f"{_ref(obj)}: label {old} -> {new}{later}")
+                notes.append(f"{_ref(obj)}: label {old} -> {new}")
 
 
 def migrate_object(obj: Mapping[str, Any], notes: list[str]) -> dict[str, Any] | None:

@@ -20,6 +20,9 @@ AMBIENT = "ambient"
 NONE = "none"
 USE_WAYPOINT = "veil.dev/use-waypoint"
 USE_WAYPOINT_NAMESPACE = "veil.dev/use-waypoint-namespace"  # the waypoint is in another one
+# Plaintext from outside the mesh to a pod bound to a waypoint goes through the waypoint
+# (carried there by the pod's agent) instead of being refused; on a Service or a namespace.
+INGRESS_USE_WAYPOINT = "veil.dev/ingress-use-waypoint"
 WAYPOINT_REPLICAS = "veil.dev/replicas"  # on a waypoint Gateway: how many pods run it
 MAX_WAYPOINT_REPLICAS = 100
 
@@ -294,6 +297,14 @@ class MeshState:
         if w.labels.get(ALLOW_BYPASS) != "true" and (own := self.workload_waypoint(w)):
             out.add(own)
         return out
+
+    def ingress_uses_waypoint(self, w: Workload) -> bool:
+        """Whether plaintext from outside the mesh to this pod goes through its waypoint:
+        its namespace or one of its Services says `veil.dev/ingress-use-waypoint: "true"`."""
+        ns = self.namespaces.get(w.namespace)
+        if ns is not None and ns.labels.get(INGRESS_USE_WAYPOINT) == "true":
+            return True
+        return any(s.labels.get(INGRESS_USE_WAYPOINT) == "true" for s in self.services_of(w))
 
     @cached_property
     def workloads_by_key(self) -> Mapping[tuple[str, str], Workload]:

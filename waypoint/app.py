@@ -33,6 +33,7 @@ from veil.core import admission, clienthello
 from veil.core.admission import Admission
 from veil.core.extauthz import Denied
 from veil.core.hbone import (
+    INGRESS_HEADER,
     BadRequest,
     ErrorCode,
     RequestReceived,
@@ -201,11 +202,9 @@ class WaypointServer:
         """What a CONNECT may reach through this waypoint, or why not (`pipeline.destination`)."""
         return pipeline.destination(state, self.me, target)
 
-    def authorize_tcp(
-        self, dest: Destination, client_ip: str, peer: SpiffeId, sni: str = ""
-    ) -> str | None:
+    def authorize_tcp(self, dest: Destination, caller: Caller, sni: str = "") -> str | None:
         """Why a non-HTTP stream is refused, or None if the policies allow it as TCP."""
-        return pipeline.tcp_denied(self.state(), self.me, dest, Caller(peer, client_ip), sni)
+        return pipeline.tcp_denied(self.state(), self.me, dest, caller, sni)
 
     def _on_request(self, ev: RequestReceived, io: HboneIO, peer_ip: str, peer: SpiffeId) -> None:
         req = check_request(ev)
@@ -214,6 +213,9 @@ class WaypointServer:
             if isinstance(req, BadRequest)
             else self.destination(self.store.current, req.target)
         )
+        plaintext = not isinstance(req, BadRequest) and INGRESS_HEADER in req.headers
+        if plaintext and not isinstance(dest, str):  # only the pod's own agent may say so
+            dest = pipeline.plaintext_ingress(self.store.current, self.me, dest, peer) or dest
         if isinstance(req, BadRequest) or isinstance(dest, str):
             why = req.why if isinstance(req, BadRequest) else str(dest)
             log.info("HBONE from %s: 400, %s", peer, why)
@@ -236,29 +238,24 @@ class WaypointServer:
             self.admission.drop_stream()
         else:
             client = req.forwarded_for
-            io.spawn(
-                req.stream_id, self.serve_stream, stream, dest, peer, client[0] if client else ""
-            )
+            caller = Caller(peer, client[0] if client else "", plaintext=plaintext)
+            io.spawn(req.stream_id, self.serve_stream, stream, dest, caller)
 
-    async def serve_stream(
-        self, stream: Stream, dest: Destination, peer: SpiffeId, client_ip: str
-    ) -> None:
+    async def serve_stream(self, stream: Stream, dest: Destination, caller: Caller) -> None:
         try:
-            await self._serve_stream(stream, dest, peer, client_ip)
+            await self._serve_stream(stream, dest, caller)
         finally:
             self.admission.drop_stream()
 
-    async def _serve_stream(
-        self, stream: Stream, dest: Destination, peer: SpiffeId, client_ip: str
-    ) -> None:
+    async def _serve_stream(self, stream: Stream, dest: Destination, caller: Caller) -> None:
         try:
             kind, first = await self._detect(stream)
             if kind == "http1":
-                await self.http1(stream, http1.skip_empty_lines(first), dest, peer, client_ip)
+                await self.http1(stream, http1.skip_empty_lines(first), dest, caller)
             elif kind == "h2":
-                await self.h2(stream, first, dest, peer, client_ip)
+                await self.h2(stream, first, dest, caller)
             else:
-                await self.tcp(stream, first, dest, peer, client_ip)
+                await self.tcp(stream, first, dest, caller)
         except HboneError:
             stream.reset()
         finally:
@@ -278,23 +275,21 @@ class WaypointServer:
                 return kind, bytes(buf)
         return "tcp", bytes(buf)
 
-    async def tcp(
-        self, stream: Stream, first: bytes, dest: Destination, peer: SpiffeId, client_ip: str
-    ) -> None:
+    async def tcp(self, stream: Stream, first: bytes, dest: Destination, caller: Caller) -> None:
         """Not HTTP: a TCP relay to one ready pod of the destination, over HBONE, once the
         policies in scope allow it as TCP (`authorize_tcp`), with the server name of a TLS
         ClientHello it starts with (`connection.sni`; read up to one record)."""
         first, sni = await self._client_hello(stream, first)
-        denied = self.authorize_tcp(dest, client_ip, peer, sni)
+        denied = self.authorize_tcp(dest, caller, sni)
         if denied is not None:
-            log.info("TCP from %s to %s denied: %s", peer, dest.authority, denied)
+            log.info("TCP from %s to %s denied: %s", caller.peer, dest.authority, denied)
             self.metrics.tcp_denied.inc()
             stream.reset(ErrorCode.CONNECT_ERROR)
             return
         state = self.state()
-        routed = pipeline.tcp_backend(state, dest, Caller(peer, client_ip), self.rng)
+        routed = pipeline.tcp_backend(state, dest, caller, self.rng)
         if isinstance(routed, str):
-            log.info("TCP from %s to %s refused: %s", peer, dest.authority, routed)
+            log.info("TCP from %s to %s refused: %s", caller.peer, dest.authority, routed)
             stream.reset(ErrorCode.CONNECT_ERROR)
             return
         service, port = routed if routed is not None else (dest.service, dest.port)
@@ -308,7 +303,7 @@ class WaypointServer:
             stream.reset()
             return
         try:
-            up = await self.upstreams.tunnel(target[0], target[1], client_ip, [])
+            up = await self.upstreams.tunnel(target[0], target[1], caller.ip, [])
         except DIAL_ERRORS as e:
             log.info("TCP to %s via %s failed: %s", dest.authority, target[0].key, e)
             stream.reset()
@@ -339,9 +334,7 @@ class WaypointServer:
 
     # -- HTTP/1.1 ------------------------------------------------------------------------------
 
-    async def http1(
-        self, stream: Stream, first: bytes, dest: Destination, peer: SpiffeId, client_ip: str
-    ) -> None:
+    async def http1(self, stream: Stream, first: bytes, dest: Destination, caller: Caller) -> None:
         down = h11.Connection(h11.SERVER)
         down.receive_data(first)
         try:
@@ -349,7 +342,7 @@ class WaypointServer:
                 ev = await self._request_head(down, stream)
                 if not isinstance(ev, h11.Request):
                     break
-                if not await self._one_request(down, stream, ev, dest, peer, client_ip):
+                if not await self._one_request(down, stream, ev, dest, caller):
                     stream.reset()
                     return
                 if down.our_state is h11.SWITCHED_PROTOCOL:
@@ -366,7 +359,7 @@ class WaypointServer:
             # Not HTTP/1.1 we can frame with certainty (two Host headers, an oversized head,
             # ambiguous framing, bad chunking): answered 400 when no response has begun, and
             # the stream ends, so nothing after the doubt is read as a request.
-            log.info("HTTP/1.1 from %s refused: %s", peer, e)
+            log.info("HTTP/1.1 from %s refused: %s", caller.peer, e)
             if down.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 await local_reply(down, stream, 400, f"bad request: {e}")
             else:
@@ -393,37 +386,34 @@ class WaypointServer:
                 raw += data
             down.receive_data(bytes(data))
 
-    async def h2(
-        self, stream: Stream, first: bytes, dest: Destination, peer: SpiffeId, client_ip: str
-    ) -> None:
+    async def h2(self, stream: Stream, first: bytes, dest: Destination, caller: Caller) -> None:
         """HTTP/2 with prior knowledge: every request stream through the same logic."""
 
         async def one(ex: H2Exchange) -> None:
             if ex.request is None:
                 await local_reply(ex, stream, 400, "bad HTTP/2 request head")
                 return
-            await self._one_request(ex, stream, ex.request, dest, peer, client_ip)
+            await self._one_request(ex, stream, ex.request, dest, caller)
 
         await H2Server(stream, one).run(first)
 
-    async def _one_request(  # noqa: PLR0917
+    async def _one_request(
         self,
         down: Any,
         stream: Stream,
         req: h11.Request,
         dest: Destination,
-        peer: SpiffeId,
-        client_ip: str,
+        caller: Caller,
     ) -> bool:
         """Serve one request and record it; False if the response broke off midway."""
         started = time.monotonic()
-        rec = self._record(req, dest, peer, client_ip)
+        rec = self._record(req, dest, caller)
         ok = True
         planned = pipeline.plan(
             self.state(),
             self.me,
             dest,
-            Caller(peer, client_ip),
+            caller,
             req,
             rng=self.rng,
             remote_keys=self.jwks.keys_for,
@@ -432,7 +422,7 @@ class WaypointServer:
         rec.audit = planned.audited
         outcome: Outcome | Denied = planned
         if isinstance(outcome, Check):  # CUSTOM policies: their providers decide first
-            outcome = await self._ask_providers(outcome, down, stream, req, dest, peer, client_ip)
+            outcome = await self._ask_providers(outcome, down, stream, req, dest, caller)
             if not isinstance(outcome, Denied):
                 rec.path, rec.route, rec.audit = outcome.path, outcome.route, outcome.audited
         if isinstance(outcome, Denied):
@@ -452,7 +442,7 @@ class WaypointServer:
             try:
                 if self.forwarder is None:
                     raise HttpError(503, "UH", "the waypoint is not serving yet")
-                r = Request(down, stream, dest, rec, client_ip)
+                r = Request(down, stream, dest, rec, caller.ip)
                 try:
                     assert not isinstance(outcome, Check)
                     if isinstance(outcome, Redirect):
@@ -478,8 +468,7 @@ class WaypointServer:
         stream: Stream,
         req: h11.Request,
         dest: Destination,
-        peer: SpiffeId,
-        client_ip: str,
+        caller: Caller,
     ) -> Outcome | Denied:
         """The providers' verdict, then the request planned again with it (DENY and ALLOW
         policies, routing); the waypoint not serving yet: denied, never passed."""
@@ -487,7 +476,7 @@ class WaypointServer:
             return Denied(503, (), b"", "the waypoint is not serving yet")
         rec = RequestRecord(method="", path="", authority="")  # the check's own, not logged
         verdict = await self.forwarder.ask_providers(
-            check, Request(down, stream, dest, rec, client_ip)
+            check, Request(down, stream, dest, rec, caller.ip)
         )
         if isinstance(verdict, Denied):
             return verdict
@@ -495,24 +484,22 @@ class WaypointServer:
             self.state(),
             self.me,
             dest,
-            Caller(peer, client_ip),
+            caller,
             req,
             rng=self.rng,
             remote_keys=self.jwks.keys_for,
             approved=verdict,
         )
 
-    def _record(
-        self, req: h11.Request, dest: Destination, peer: SpiffeId, client_ip: str
-    ) -> RequestRecord:
-        src = self.store.current.workloads_by_ip.get(client_ip)
+    def _record(self, req: h11.Request, dest: Destination, caller: Caller) -> RequestRecord:
+        src = self.store.current.workloads_by_ip.get(caller.ip)
         return RequestRecord(
             method=req.method.decode(),
             path=req.target.decode("latin-1"),
             authority=dest.authority,
             source_workload=(src.owner or src.name) if src else "unknown",
-            source_namespace=src.namespace if src else peer.namespace,
-            source_principal=str(peer),
+            source_namespace=src.namespace if src else caller.namespace,
+            source_principal=caller.principal or "",
             destination_service=(
                 f"{dest.service.name}.{dest.service.namespace}.svc.cluster.local"
                 if dest.service

@@ -110,6 +110,34 @@ class Caller:
 
     peer: SpiffeId
     ip: str  # from the tunnel's `forwarded` header; "" if unknown
+    # A connection from outside the mesh that the destination pod's agent carried here
+    # (`veil.dev/ingress-use-waypoint`): no identity of its own, judged as plaintext.
+    plaintext: bool = False
+
+    @property
+    def principal(self) -> str | None:
+        return None if self.plaintext else self.peer.istio_principal
+
+    @property
+    def namespace(self) -> str:
+        """The client's namespace, for GAMMA's consumer routes ("" outside the mesh)."""
+        return "" if self.plaintext else self.peer.namespace
+
+
+def plaintext_ingress(
+    state: MeshState, me: ThisWaypoint, dest: Destination, peer: SpiffeId
+) -> str | None:
+    """Why a CONNECT saying it carries a connection from outside the mesh may not: only the
+    destination pod's own agent may say so (it alone holds that pod's identity), for a pod
+    whose namespace or Service asks for it. None: judged as that plaintext client."""
+    w = dest.workload
+    if w is None:
+        return "plaintext ingress must address the pod it arrived at"
+    if peer != w.identity(me.trust_domain):
+        return f"only the agent of {w.key} carries its plaintext ingress"
+    if not state.ingress_uses_waypoint(w):
+        return f"{w.key} takes no ingress through its waypoint (veil.dev/ingress-use-waypoint)"
+    return None
 
 
 def authorize(  # noqa: PLR0917
@@ -136,7 +164,7 @@ def _judged(
         source_ip=caller.ip or "0.0.0.0",
         destination_ip=dest.authority.rsplit(":", 1)[0],
         destination_port=dest.port,
-        principal=caller.peer.istio_principal,
+        principal=caller.principal,
         destination_namespace=dest.namespace or me.namespace,
         http=http,
         waypoint=True,
@@ -165,7 +193,7 @@ def tcp_backend(
         return None
     port_name = next((p.name for p in svc.ports if p.port == dest.port), "")
     attached = routes_for_client(
-        state.tcp_routes, svc.namespace, svc.name, dest.port, caller.peer.namespace, port_name
+        state.tcp_routes, svc.namespace, svc.name, dest.port, caller.namespace, port_name
     )
     if not attached:
         return None
@@ -360,7 +388,7 @@ def _plan(  # noqa: PLR0917
         svc = dest.service
         port_name = next((p.name for p in svc.ports if p.port == dest.port), "")
         attached = routes_for_client(
-            state.routes, svc.namespace, svc.name, dest.port, caller.peer.namespace, port_name
+            state.routes, svc.namespace, svc.name, dest.port, caller.namespace, port_name
         )
         if attached:
             hit = select(attached, facts)

@@ -6,6 +6,7 @@ the app with the client's address, and judged again when the policies change."""
 from __future__ import annotations
 
 import logging
+import random
 import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ from veil.agent.capture.netns import connect, original_dst
 from veil.agent.proxy.context import PodRuntime
 from veil.agent.proxy.copy import Transferred, abort, relay_stream, relay_tcp
 from veil.agent.proxy.inbound import PodFacts, Verdict, admit_connect, admit_plaintext, judge
-from veil.core.hbone import ConnectRequest, RequestReceived, check_request
+from veil.agent.proxy.outbound import Kind, via_waypoint
+from veil.agent.proxy.outbound_listener import OutboundListener
+from veil.core.hbone import INGRESS_HEADER, ConnectRequest, RequestReceived, check_request
 from veil.core.spiffe import SpiffeId
-from veil.core.state import MeshState, Service
+from veil.core.state import MeshState, Service, Waypoint
 from veil.runtime.hbone.io import HboneIO
 from veil.runtime.telemetry.metrics import Connection
 
@@ -77,6 +80,9 @@ class InboundListener:
             destination_principal=str(self.pod.identity),
             trust_domain=self.pod.ctx.trust_domain,
         )
+        if not v.allowed and (wp := self._ingress_waypoint(v)) is not None:
+            await self._through_waypoint(client, peer, dst, wp, c)
+            return
         if not v.allowed:
             abort(client)  # plaintext has no status to carry a 401: the connection is reset
             self._denied(c, v, peer[0], dst[1])
@@ -94,6 +100,32 @@ class InboundListener:
         live = _Live(trio.CancelScope(), None, peer[0], dst[1])
         moved = await self._relay_live(live, relay_tcp(client, upstream))
         self._report_live(c, live, moved)
+
+    def _ingress_waypoint(self, v: Verdict) -> Waypoint | None:
+        """The waypoint plaintext from outside the mesh goes through instead of being refused
+        as a bypass: the pod's (the first by name), when its namespace or a Service of it
+        says `veil.dev/ingress-use-waypoint: "true"`."""
+        pod = self._view().pod
+        if v.decision is not None or not pod.bound:  # denied by a policy, not a bypass
+            return None
+        if not self.pod.ctx.store.current.ingress_uses_waypoint(pod.workload):
+            return None
+        return min(pod.bound, key=lambda wp: (wp.namespace, wp.name))
+
+    async def _through_waypoint(
+        self, client: socket.socket, peer: Any, dst: tuple[str, int], wp: Waypoint, c: Connection
+    ) -> None:
+        """Carried to the waypoint as the pod's own identity, saying it is a client from
+        outside the mesh (the waypoint believes that of the pod's own agent only and judges
+        it as plaintext); the waypoint brings it back over HBONE."""
+        state = self.pod.ctx.store.current
+        r = via_waypoint(state, wp, dst, self.pod.ctx.trust_domain, random.choice, service=None)
+        if r.kind is not Kind.HBONE:
+            abort(client)
+            c.response_flags, c.error = "UH", r.reason
+            self.pod.ctx.report(c)
+            return
+        await OutboundListener(self.pod).tunnel(client, peer, r, c, [(INGRESS_HEADER, "plaintext")])
 
     def on_request(self, ev: RequestReceived, io: HboneIO, peer_ip: str, peer_id: SpiffeId) -> None:
         req = check_request(ev)

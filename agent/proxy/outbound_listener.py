@@ -9,6 +9,7 @@ import random
 import secrets
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -86,6 +87,19 @@ class OutboundListener:
                 return
             self.pod.ctx.report(c, await relay_tcp(client, upstream))
             return
+        await self.tunnel(client, peer, r, c)
+
+    async def tunnel(
+        self,
+        client: socket.socket,
+        peer: Any,
+        r: Route,
+        c: Connection,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """The connection over an HBONE stream as the pod's identity, as `r` says; refused
+        (reset) on any failure, never sent another way."""
+        assert self.pod.pool is not None
         try:
             cred = await self.pod.ctx.certs.get(
                 self.pod.identity, timeout=self.pod.ctx.cert_timeout
@@ -94,7 +108,7 @@ class OutboundListener:
                 (r.address, r.identity),
                 lambda: self._dial(r, cred.client_context, cred.not_after),
                 r.authority,
-                self._headers(peer, r),
+                [*self._headers(peer, r), *extra],
                 wait_response=False,  # the app's first bytes follow the CONNECT at once
             )
         except (

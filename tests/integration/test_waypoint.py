@@ -135,6 +135,61 @@ def test_bypassing_the_waypoint_is_refused(wlab):
     assert f"waypoint bypass: traffic to web/{v1_pod} must come through web/waypoint" in logs
 
 
+def test_ingress_from_outside_the_mesh_goes_through_the_waypoint_when_asked(wlab, tmp_path):
+    """`veil.dev/ingress-use-waypoint: "true"` (Istio's istio.io/ingress-use-waypoint): plaintext
+    from outside the mesh (pod `legacy`, namespace `plain`) to a pod bound to the waypoint is
+    carried there by the pod's agent instead of refused, judged as plaintext (no principal:
+    a DENY on `notPrincipals: ["*"]` holds for it, not for mesh clients); without the label,
+    refused again."""
+    label = ["lab", "label", "--name", wlab, "ns", "web"]
+    policy = tmp_path / "no-plaintext.yaml"
+    policy.write_text(
+        """apiVersion: security.veil.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: no-plaintext-admin, namespace: web}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{from: [{source: {notPrincipals: ["*"]}}], to: [{operation: {paths: ["/admin"]}}]}]
+"""
+    )
+    veil("lab", "apply", "--name", wlab, "-f", str(policy))
+    veil(*label, "veil.dev/ingress-use-waypoint=true")
+    try:
+        deadline = time.monotonic() + 30
+        while (
+            plain := curl(wlab, "http://catalog.web:9080/ingress", pod="legacy", ns="plain")
+        ).returncode:
+            assert time.monotonic() < deadline, plain
+            time.sleep(0.5)
+        assert answers(plain.stdout)[0]["pod"].startswith("catalog-v"), plain.stdout
+        seen = wait_for_access(
+            waypoint_log(wlab), lambda es: any(e["path"] == "/ingress" for e in es)
+        )
+        entry = next(e for e in seen if e["path"] == "/ingress")
+        assert entry["response_code"] == 200 and entry["source_principal"] == "", entry
+        admin = "http://catalog.web:9080/admin"
+        out = curl(wlab, "-o", "/dev/null", "-w", "%{http_code}", admin, pod="legacy", ns="plain")
+        assert out.stdout == "403", out
+        assert codes(wlab, "http://catalog:9080/admin") == [200]  # a mesh client: not plaintext
+    finally:
+        veil(*label, "veil.dev/ingress-use-waypoint-")
+        veil(
+            "lab",
+            "delete",
+            "--name",
+            wlab,
+            "authorizationpolicy",
+            "no-plaintext-admin",
+            "-n",
+            "web",
+        )
+    deadline = time.monotonic() + 30
+    while curl(wlab, "http://catalog.web:9080/", pod="legacy", ns="plain").returncode == 0:
+        assert time.monotonic() < deadline, "plaintext still passes without the label"
+        time.sleep(0.5)
+
+
 def test_other_tcp_goes_through_the_waypoint_as_tcp(wlab):
     out = lab_exec(
         wlab,

@@ -29,6 +29,7 @@ from veil.runtime.hbone.io import HboneError, HboneIO
 from veil.runtime.listener import serve
 from veil.waypoint.http2 import H2Exchange, H2Server
 from veil.waypoint.messages import local_reply, send
+from veil.waypoint.pipeline import Caller
 
 
 def rst_close(s: socket.socket) -> None:
@@ -193,7 +194,7 @@ async def test_the_waypoint_answers_http1_it_cannot_frame_with_400(tmp_path, wir
         await pipe.tx.send(rest[i : i + 20_000])
     await pipe.tx.aclose()
     with trio.fail_after(5):
-        await wp.http1(pipe, first, DEST, FRONTEND, "")  # type: ignore[arg-type]
+        await wp.http1(pipe, first, DEST, Caller(FRONTEND, ""))  # type: ignore[arg-type]
     client = h11.Connection(h11.CLIENT)
     client.send(h11.Request(method="GET", target="/", headers=[("host", "a")]))
     client.receive_data(bytes(pipe.out))
@@ -263,7 +264,7 @@ async def test_split_or_unusual_requests_are_judged_as_http(tmp_path, parts):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed, pipe, *parts)
         with trio.fail_after(5):
-            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
+            await wp.serve_stream(pipe, DEST, Caller(FRONTEND, "10.244.1.5"))  # type: ignore[arg-type]
     assert pipe.out.startswith(b"HTTP/1.1 403 ")
 
 
@@ -278,7 +279,7 @@ async def test_non_http_streams_are_judged_as_tcp(tmp_path, wire):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed, pipe, wire)
         with trio.fail_after(5):
-            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
+            await wp.serve_stream(pipe, DEST, Caller(FRONTEND, "10.244.1.5"))  # type: ignore[arg-type]
     assert pipe.reset_code is not None and not pipe.out
     assert wp.metrics.tcp_denied._value.get() == 1
 
@@ -304,11 +305,11 @@ def test_tcp_judgement_follows_istios_tcp_chain(tmp_path):
         },
     }
     with_state(wp)
-    assert wp.authorize_tcp(DEST, "10.244.1.5", FRONTEND) is None  # no policy: allowed
+    assert wp.authorize_tcp(DEST, Caller(FRONTEND, "10.244.1.5")) is None  # no policy: allowed
     with_state(wp, allow_get)
-    assert wp.authorize_tcp(DEST, "10.244.1.5", FRONTEND) is not None
+    assert wp.authorize_tcp(DEST, Caller(FRONTEND, "10.244.1.5")) is not None
     with_state(wp, allow_get, allow_frontend)
-    assert wp.authorize_tcp(DEST, "10.244.1.5", FRONTEND) is None
+    assert wp.authorize_tcp(DEST, Caller(FRONTEND, "10.244.1.5")) is None
 
 
 async def test_a_waypoint_http2_client_that_never_reads_cannot_grow_our_output():

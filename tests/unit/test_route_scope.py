@@ -20,6 +20,7 @@ from veil.core.routes import (
 from veil.core.spiffe import SpiffeId
 from veil.core.state import build_state
 from veil.waypoint import pipeline
+from veil.waypoint.pipeline import Caller
 
 
 def route(ns: str, name: str, backend_ns: str, backend: str) -> dict[str, Any]:
@@ -101,7 +102,7 @@ async def test_the_waypoint_answers_500_for_an_ungranted_backend(tmp_path):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed, pipe, b"GET / HTTP/1.1\r\nHost: catalog\r\n\r\n")
         with trio.fail_after(5):
-            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
+            await wp.serve_stream(pipe, DEST, Caller(FRONTEND, "10.244.1.5"))  # type: ignore[arg-type]
     assert bytes(pipe.out).startswith(b"HTTP/1.1 500 ")
     assert b"ReferenceGrant" in bytes(pipe.out)
 

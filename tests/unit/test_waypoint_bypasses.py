@@ -14,6 +14,7 @@ import trio
 
 from tests.support.hbone import FRONTEND
 from tests.support.waypoint import DEST, Pipe, feed, service_policy, waypoint, with_state
+from veil.waypoint.pipeline import Caller
 
 
 async def http1_status(wp: Any, wire: bytes) -> int:
@@ -21,7 +22,7 @@ async def http1_status(wp: Any, wire: bytes) -> int:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed, pipe, wire)
         with trio.fail_after(5):
-            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")
+            await wp.serve_stream(pipe, DEST, Caller(FRONTEND, "10.244.1.5"))
     head = bytes(pipe.out).split(b"\r\n", 1)[0]
     return int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else 0
 
@@ -38,7 +39,7 @@ async def http2_status(wp: Any, path: str, authority: str = "catalog") -> int:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed, pipe, client.data_to_send())
         with trio.fail_after(5):
-            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")
+            await wp.serve_stream(pipe, DEST, Caller(FRONTEND, "10.244.1.5"))
     for ev in client.receive_data(bytes(pipe.out)):
         if isinstance(ev, h2.events.ResponseReceived):
             return int(dict(ev.headers)[b":status"])
@@ -117,7 +118,7 @@ async def test_ambiguous_framing_is_refused_with_400_and_the_stream_ends(tmp_pat
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed, pipe, head + b"0\r\n\r\n")
         with trio.fail_after(5):
-            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
+            await wp.serve_stream(pipe, DEST, Caller(FRONTEND, "10.244.1.5"))  # type: ignore[arg-type]
     statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", bytes(pipe.out))]
     assert statuses[-1] == 400
     assert pipe.sent_eof or pipe.reset_code is not None
@@ -197,7 +198,7 @@ async def test_a_pod_addressed_by_ip_is_judged_by_its_services_policies(tmp_path
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feed, pipe, wire)
             with trio.fail_after(5):
-                await wp.serve_stream(pipe, dest, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
+                await wp.serve_stream(pipe, dest, Caller(FRONTEND, "10.244.1.5"))  # type: ignore[arg-type]
         assert bytes(pipe.out).startswith(b"HTTP/1.1 403 "), target
 
 
@@ -214,7 +215,7 @@ async def test_a_default_deny_on_the_gateway_class_holds_at_every_waypoint(tmp_p
     dest = wp.destination(wp.store.current, ("10.96.0.7", 80))
     assert not isinstance(dest, str)
     assert await http1_status(wp, b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n") == 403
-    assert wp.authorize_tcp(dest, "10.244.1.5", FRONTEND) is not None
+    assert wp.authorize_tcp(dest, Caller(FRONTEND, "10.244.1.5")) is not None
     assert wp.store.current.policies.errors == {}
 
 
@@ -242,7 +243,7 @@ async def test_a_deny_on_a_path_template_holds_for_every_spelling(tmp_path, path
     async with trio.open_nursery() as nursery:  # the same request in two pieces
         nursery.start_soon(feed, pipe, wire[:half], wire[half:])
         with trio.fail_after(5):
-            await wp.serve_stream(pipe, DEST, FRONTEND, "10.244.1.5")  # type: ignore[arg-type]
+            await wp.serve_stream(pipe, DEST, Caller(FRONTEND, "10.244.1.5"))  # type: ignore[arg-type]
     assert bytes(pipe.out).startswith(b"HTTP/1.1 403 ")
     if not path.startswith("http://"):
         assert await http2_status(wp, path) == 403

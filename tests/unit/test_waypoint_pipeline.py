@@ -12,6 +12,7 @@ import pytest
 from tests.support.hbone import FRONTEND
 from tests.support.jwt import Issuer
 from tests.support.waypoint import service_policy
+from veil.core.spiffe import SpiffeId
 from veil.core.state import build_state
 from veil.runtime.sources.jwks import fetch_jwks
 from veil.waypoint import pipeline
@@ -533,3 +534,60 @@ def test_a_grpc_routes_calls_go_as_http2_to_its_backend():
     missing = {**route("g", {"backendRefs": [{"name": "gone", "port": 1}]}), "kind": "GRPCRoute"}
     r = run(missing, wire="POST /pkg.Echo/Say HTTP/1.1")
     assert isinstance(r, Reply) and r.status == 500 and r.why.startswith("GRPCRoute shop/g:")
+
+
+def ingress_state(ns_labels: dict[str, str]) -> Any:
+    catalog_pod = {
+        "kind": "Pod",
+        "metadata": {"namespace": "shop", "name": "catalog-0", "labels": {"app": "catalog"}},
+        "spec": {"nodeName": "node2", "serviceAccountName": "catalog"},
+        "status": {"phase": "Running", "podIP": "10.244.2.7"},
+    }
+    ns = {"kind": "Namespace", "metadata": {"name": "shop", "labels": ns_labels}}
+    return build_state([ns, *BASE[1:], catalog_pod], 1, fetch_jwks)
+
+
+SHOP = {"veil.dev/use-waypoint": "waypoint", "veil.dev/dataplane-mode": "ambient"}
+
+
+@pytest.mark.parametrize(
+    ("labels", "peer", "refused"),
+    [
+        ({**SHOP, "veil.dev/ingress-use-waypoint": "true"}, "catalog", None),
+        ({**SHOP, "veil.dev/ingress-use-waypoint": "true"}, "frontend", "only the agent of"),
+        (SHOP, "catalog", "takes no ingress through its waypoint"),
+    ],
+)
+def test_only_the_pods_own_agent_may_say_it_carries_plaintext_ingress(labels, peer, refused):
+    """A mesh client claiming to be plaintext would walk around DENYs on its principal: the
+    claim is believed of the destination pod's identity only (its agent alone holds it)."""
+    state = ingress_state(labels)
+    dest = pipeline.destination(state, ME, ("10.244.2.7", 9080))
+    assert not isinstance(dest, str), dest
+    why = pipeline.plaintext_ingress(state, ME, dest, SpiffeId("cluster.local", "shop", peer))
+    assert why is None if refused is None else refused in (why or ""), why
+    to_service = pipeline.destination(state, ME, ("10.96.0.5", 80))
+    assert not isinstance(to_service, str)
+    assert pipeline.plaintext_ingress(state, ME, to_service, FRONTEND) is not None
+
+
+def test_plaintext_ingress_is_judged_without_a_principal():
+    deny = {
+        "apiVersion": "security.veil.dev/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"namespace": "shop", "name": "no-plaintext"},
+        "spec": {
+            "targetRefs": [
+                {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}
+            ],
+            "action": "DENY",
+            "rules": [{"from": [{"source": {"notPrincipals": ["*"]}}]}],
+        },
+    }
+    state = build_state([*BASE, deny], 1, fetch_jwks)
+    dest = pipeline.destination(state, ME, ("10.96.0.5", 80))
+    assert not isinstance(dest, str)
+    req = h11.Request(method="GET", target="/", headers=[("host", "catalog")])
+    for caller, status in ((CALLER, None), (Caller(FRONTEND, "10.0.0.1", plaintext=True), 403)):
+        out = pipeline.plan(state, ME, dest, caller, req, rng=random.Random(1))
+        assert (out.status if isinstance(out, Reply) else None) == status, out
