@@ -29,6 +29,7 @@ import os
 import re
 import struct
 import sys
+import traceback
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
@@ -302,6 +303,9 @@ def grpc_echo(head: dict[str, str], body: bytes, peer: str) -> tuple[bytes, int,
     return b"\0" + len(reply).to_bytes(4, "big") + reply, 0, ""
 
 
+CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError)
+
+
 class H2cConnection:
     """One HTTP/2 (prior knowledge) client connection: every request answered once it ended."""
 
@@ -320,13 +324,16 @@ class H2cConnection:
                 await self.stream.send_all(out)
 
     async def run(self) -> None:
-        self.h2.initiate_connection()
-        await self.flush()
+        """Until the client goes (or breaks HTTP/2); never raises for what a client does, so
+        one connection cannot take the echo down."""
         async with trio.open_nursery() as nursery:
-            while data := await self.stream.receive_some(65536):
-                for ev in self.h2.receive_data(data):
-                    self.event(ev, nursery)
+            with contextlib.suppress(*CLIENT_GONE):
+                self.h2.initiate_connection()
                 await self.flush()
+                while data := await self.stream.receive_some(65536):
+                    for ev in self.h2.receive_data(data):
+                        self.event(ev, nursery)
+                    await self.flush()
             nursery.cancel_scope.cancel()
 
     def event(self, ev: Any, nursery: trio.Nursery) -> None:
@@ -346,6 +353,19 @@ class H2cConnection:
             self.heads.pop(sid, None), self.bodies.pop(sid, None)
 
     async def answer(self, sid: int, head: dict[str, str], body: bytes) -> None:
+        try:
+            await self._answer(sid, head, body)
+        except CLIENT_GONE:
+            return
+        except Exception as e:  # ResetConnection (on purpose) or a bug: this stream only
+            if not isinstance(e, http.ResetConnection):
+                traceback.print_exc()
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.reset_stream(sid, 2)
+            with contextlib.suppress(*CLIENT_GONE):
+                await self.flush()
+
+    async def _answer(self, sid: int, head: dict[str, str], body: bytes) -> None:
         if LOG_REQUESTS:
             print(
                 f"echo: h2 {head.get(':method')} {head.get(':path')}", file=sys.stderr, flush=True
@@ -394,11 +414,8 @@ async def h2c_echo(stream: trio.SocketStream) -> None:
         addr = stream.socket.getpeername()
     except OSError:
         return
-    with contextlib.suppress(
-        trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError
-    ):
-        async with stream:
-            await H2cConnection(stream, f"{addr[0]}:{addr[1]}").run()
+    async with stream:
+        await H2cConnection(stream, f"{addr[0]}:{addr[1]}").run()
 
 
 EXT_AUTHZ_DENY_BODY = "denied by ext_authz for not found header `x-ext-authz: allow` in the request"

@@ -3,7 +3,9 @@ query parameters, a WebSocket echo), pure parts and one real connection."""
 
 from __future__ import annotations
 
+import functools
 import json
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from veil.lab import echo
 from veil.runtime import http
 
 WSCLIENT = str(Path(__file__).parent.parent / "support" / "wsclient.py")
+GRPCCLIENT = str(Path(__file__).parent.parent / "support" / "grpcclient.py")
 
 
 @pytest.mark.parametrize(
@@ -101,3 +104,31 @@ def test_protobuf_varints_round_trip():
         field = echo.proto_string_field(1, b"x" * (n % 1000))
         assert echo.proto_first_string(field, 1) == b"x" * (n % 1000)
         assert echo._read_varint(echo.varint(n), 0) == (n, len(echo.varint(n)))
+
+
+def test_clients_that_reset_or_break_http2_never_take_the_grpc_port_down():
+    """A connection reset mid-call and HTTP/1.1 instead of the HTTP/2 preface end that
+    connection only; grpcio then still gets its answers (the acceptance suite once lost an
+    echo pod to a client that went away)."""
+
+    async def main() -> list[str]:
+        async with trio.open_nursery() as nursery:
+            serve = functools.partial(trio.serve_tcp, echo.h2c_echo, 0, host="127.0.0.1")
+            listeners = await nursery.start(serve)
+            port = listeners[0].socket.getsockname()[1]
+            for junk in (
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\4\1\0\0\0\0\0",
+                b"GET / HTTP/1.1\r\n\r\n",
+            ):
+                s = await trio.open_tcp_stream("127.0.0.1", port)
+                await s.send_all(junk)
+                s.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await s.aclose()  # a reset, with a request half sent
+            argv = [sys.executable, GRPCCLIENT, f"127.0.0.1:{port}", "2"]
+            done = await trio.run_process(argv, capture_stdout=True, check=True)
+            nursery.cancel_scope.cancel()
+        answers: list[str] = json.loads(done.stdout)
+        return answers
+
+    got = trio.run(main)
+    assert len(got) == 2 and not [a for a in got if a.startswith("error")], got
