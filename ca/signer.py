@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -326,11 +327,15 @@ class Signer:
     def check_csr(self, csr_pem: bytes, identity: SpiffeId) -> x509.CertificateSigningRequest:
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             raise SignError(400, "bad_csr", "not a PEM certificate signing request") from None
-        if not csr.is_signature_valid:
+        try:  # parsed lazily: a key off its curve, an unknown algorithm raise only here
+            valid = csr.is_signature_valid
+            key = csr.public_key()
+        except (ValueError, UnsupportedAlgorithm) as e:
+            raise SignError(400, "bad_csr", f"the CSR's key cannot be read: {e}") from None
+        if not valid:
             raise SignError(400, "bad_csr", "the CSR's signature does not verify")
-        key = csr.public_key()
         if not (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"):
             raise SignError(
                 400, "bad_key_type", f"workload keys must be ECDSA P-256, got {_key_name(key)}"

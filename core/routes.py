@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
 from veil.core import regex
+from veil.core.objects import refuse_odd_shapes
 from veil.core.traffic import PolicyError, RetryPolicy, parse_duration, parse_retry
 
 API_GROUP = "gateway.networking.k8s.io"
@@ -480,6 +481,11 @@ def parse_http_kind(obj: Mapping[str, Any]) -> HttpRoute:
     return parse_grpc_route(obj) if obj.get("kind") == "GRPCRoute" else parse_route(obj)
 
 
+def _odd_shape(kind: str) -> Callable[[str, Exception], RouteError]:
+    return lambda ref, e: RouteError(f"{kind} {ref}: spec: cannot read: {e!r}")
+
+
+@refuse_odd_shapes(RouteError, _odd_shape("TCPRoute"))
 def parse_tcp_route(obj: Mapping[str, Any]) -> HttpRoute:
     """A TCPRoute (gateway.networking.k8s.io/v1) on a Service port, GAMMA style: one rule
     whose weighted backendRefs take the port's non-HTTP connections at the waypoint. Kept as
@@ -547,6 +553,7 @@ def _grpc_match(m: Mapping[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+@refuse_odd_shapes(RouteError, _odd_shape("GRPCRoute"))
 def parse_grpc_route(obj: Mapping[str, Any]) -> HttpRoute:
     """A GRPCRoute (gateway.networking.k8s.io/v1) on a Service, GAMMA style, kept as an
     HttpRoute whose matches are the paths and headers its method and header matches mean, so

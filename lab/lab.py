@@ -215,15 +215,7 @@ def up(
             for n in plan.nodes
         ],
         "pods": [
-            {
-                "namespace": p.namespace,
-                "name": p.name,
-                "node": p.node,
-                "netns": pod_netns(lab, p.namespace, p.name),
-                "cgroup": str(cg / "pods" / f"{p.namespace}_{p.name}"),
-                "containerID": p.uid.replace("-", ""),
-                "pids": [],
-            }
+            pod_entry(lab, cg, p)
             for p in plan.pods
             if not kubernetes  # there, each node's kubelet keeps its own registry
         ],
@@ -506,6 +498,19 @@ def attachment(lab: str, pod: PodPlan) -> Attachment:
             "K8S_POD_INFRA_CONTAINER_ID": pod.uid.replace("-", ""),
         },
     )
+
+
+def pod_entry(lab: str, cg: Path, p: PodPlan) -> dict[str, Any]:
+    """A pod the lab runs, as its record keeps it (what `down` needs to remove it)."""
+    return {
+        "namespace": p.namespace,
+        "name": p.name,
+        "node": p.node,
+        "netns": pod_netns(lab, p.namespace, p.name),
+        "cgroup": str(cg / "pods" / f"{p.namespace}_{p.name}"),
+        "containerID": p.uid.replace("-", ""),
+        "pids": [],
+    }
 
 
 def start_pod(
@@ -916,19 +921,7 @@ def start_waypoint(lab: str, record: dict[str, Any], gateway: Object, log: Log) 
     if not new:
         return []
     controlplane.add_waypoint_credentials(lab, new)
-    cg = Path(record["cgroup"])
-    for p in new:
-        record["pods"].append(
-            {
-                "namespace": p.namespace,
-                "name": p.name,
-                "node": p.node,
-                "netns": pod_netns(lab, p.namespace, p.name),
-                "cgroup": str(cg / "pods" / f"{p.namespace}_{p.name}"),
-                "containerID": p.uid.replace("-", ""),
-                "pids": [],
-            }
-        )
+    record["pods"] += [pod_entry(lab, Path(record["cgroup"]), p) for p in new]
     store.write_record(lab, record)
     running = [start_pod(plan, p, record, log) for p in new]
     store.write_record(lab, record)

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from veil.core import admission, clienthello
 from veil.core.admission import Admission
-from veil.core.extauthz import Denied
+from veil.core.extauthz import Allowed, Denied
 from veil.core.hbone import (
     INGRESS_HEADER,
     BadRequest,
@@ -409,15 +409,7 @@ class WaypointServer:
         started = time.monotonic()
         rec = self._record(req, dest, caller)
         ok = True
-        planned = pipeline.plan(
-            self.state(),
-            self.me,
-            dest,
-            caller,
-            req,
-            rng=self.rng,
-            remote_keys=self.jwks.keys_for,
-        )
+        planned = self._plan(dest, caller, req)
         rec.path, rec.route = planned.path, planned.route
         rec.audit = planned.audited
         outcome: Outcome | Denied = planned
@@ -480,6 +472,15 @@ class WaypointServer:
         )
         if isinstance(verdict, Denied):
             return verdict
+        return self._plan(dest, caller, req, verdict)
+
+    def _plan(
+        self,
+        dest: Destination,
+        caller: Caller,
+        req: h11.Request,
+        approved: tuple[Allowed, ...] | None = None,
+    ) -> Outcome:
         return pipeline.plan(
             self.state(),
             self.me,
@@ -488,7 +489,7 @@ class WaypointServer:
             req,
             rng=self.rng,
             remote_keys=self.jwks.keys_for,
-            approved=verdict,
+            approved=approved,
         )
 
     def _record(self, req: h11.Request, dest: Destination, caller: Caller) -> RequestRecord:
@@ -499,7 +500,7 @@ class WaypointServer:
             authority=dest.authority,
             source_workload=(src.owner or src.name) if src else "unknown",
             source_namespace=src.namespace if src else caller.namespace,
-            source_principal=caller.principal or "",
+            source_principal="unknown" if caller.plaintext else str(caller.peer),
             destination_service=(
                 f"{dest.service.name}.{dest.service.namespace}.svc.cluster.local"
                 if dest.service

@@ -27,6 +27,7 @@ from veil.core.traffic import KIND, TrafficPolicy
 from veil.runtime.hbone.io import HboneError, Stream
 from veil.runtime.identity.tls import PeerIdentityError
 from veil.waypoint import http1
+from veil.waypoint.http2 import H2Exchange
 from veil.waypoint.messages import (
     HttpError,
     Writer,
@@ -214,9 +215,10 @@ class Forwarder:
         req: Request,
         sending: trio.CancelScope,
     ) -> tuple[Upstream, Any]:
-        """Send the request to one pod and wait for its response head. A streamed body to an
-        HTTP/2 backend is sent by a task of its own (under `sending`) while the answer comes:
-        a gRPC stream's messages go both ways at once."""
+        """Send the request to one pod and wait for its response head. A streamed body from
+        an HTTP/2 client to an HTTP/2 backend is sent by a task of its own (under `sending`)
+        while the answer comes: a gRPC stream's messages go both ways at once. (An HTTP/1.1
+        client's connection is read by one task only: its body goes first.)"""
         svc = service_key(req.dest.service)
         breaker = self.upstreams.breaker(svc, plan.policy)
         if not breaker.admit():
@@ -245,7 +247,7 @@ class Forwarder:
                     if body:
                         await w_up.send(h11.Data(data=body))
                     await w_up.send(h11.EndOfMessage())
-                elif plan.http2:
+                elif plan.http2 and isinstance(req.down, H2Exchange):  # HTTP/2 both sides
                     self.nursery.start_soon(self._send_body, req, w_up, up, sending)
                 else:
                     req.rec.request_bytes += await copy_body(

@@ -11,6 +11,7 @@ with its own error type. Found crashes become regression tests next to the parse
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import sys
@@ -18,12 +19,21 @@ from collections.abc import Callable
 from typing import Any
 
 import atheris
+import h11
 import trio
 
 with atheris.instrument_imports():
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     from veil.agent.cni.plugin import answer as cni_answer
     from veil.agent.cni.server import BadRequest, parse_request
-    from veil.core import clienthello
+    from veil.ca.auth import AuthError
+    from veil.ca.server import _bearer, _field, _json_object
+    from veil.ca.signer import Signer, SignError, generate_root
+    from veil.core import clienthello, extauthz
     from veil.core.authz import PolicyError, PolicySet, parse_policy
     from veil.core.hbone import (
         PREFACE,
@@ -34,11 +44,13 @@ with atheris.instrument_imports():
         decode_plain,
     )
     from veil.core.jwt import JwtError, parse_request_authentication
-    from veil.core.routes import RouteError, parse_route
+    from veil.core.routes import RouteError, parse_grpc_route, parse_route, parse_tcp_route
     from veil.core.traffic import PolicyError as TrafficPolicyError
     from veil.core.traffic import parse_traffic_policy
     from veil.lab import echo
+    from veil.runtime.hbone.io import HboneError
     from veil.waypoint import http1
+    from veil.waypoint.http2 import H2Client
     from veil.waypoint.normalize import BadTarget, PathNormalization, normalize_target
 
 SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
@@ -140,6 +152,8 @@ WORDS = [
     "headers",
     "queryParams",
     "method",
+    "service",
+    "provider",
     "filters",
     "requestHeaderModifier",
     "set",
@@ -235,6 +249,8 @@ API = {
     "RequestAuthentication": "security.veil.dev/v1",
     "TrafficPolicy": "traffic.veil.dev/v1",
     "HTTPRoute": "gateway.networking.k8s.io/v1",
+    "GRPCRoute": "gateway.networking.k8s.io/v1",
+    "TCPRoute": "gateway.networking.k8s.io/v1",
 }
 
 
@@ -266,6 +282,8 @@ def policies(data: bytes) -> None:
     for kind, parse, errors in (
         ("AuthorizationPolicy", parse_policy, (PolicyError,)),
         ("HTTPRoute", parse_route, (RouteError,)),
+        ("GRPCRoute", parse_grpc_route, (RouteError,)),
+        ("TCPRoute", parse_tcp_route, (RouteError,)),
         ("TrafficPolicy", parse_traffic_policy, (TrafficPolicyError,)),
         ("RequestAuthentication", parse_request_authentication, (JwtError,)),
     ):
@@ -318,6 +336,125 @@ def tls_client_hello(data: bytes) -> None:
             assert got and got == got.lower() and not got.endswith(".")
 
 
+TD = "cluster.local"
+_SIGNER: list[Signer] = []
+_CSR_DER: list[bytes] = []
+
+
+def _ca() -> tuple[Signer, bytes]:
+    """One CA and one valid CSR for the whole run (made on first use: keys cost)."""
+    if not _SIGNER:
+        _SIGNER.append(Signer(generate_root(TD), TD))
+        key = ec.generate_private_key(ec.SECP256R1())
+        san = x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(f"spiffe://{TD}/ns/a/sa/b")]
+        )
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "b")]))
+            .add_extension(san, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        _CSR_DER.append(csr.public_bytes(serialization.Encoding.DER))
+    return _SIGNER[0], _CSR_DER[0]
+
+
+def _pem(der: bytes) -> str:
+    lines = base64.encodebytes(der).decode()
+    return f"-----BEGIN CERTIFICATE REQUEST-----\n{lines}-----END CERTIFICATE REQUEST-----\n"
+
+
+def ca_request(data: bytes) -> None:
+    """The CA's certificate request past authentication (its auth header too): the JSON body,
+    the identity, and a CSR that is the fuzzer's bytes, or a valid CSR with them written over
+    it; each refuses with the CA's own errors (a 4xx answer), never anything else."""
+    signer, valid = _ca()
+    with contextlib.suppress(AuthError):
+        _bearer(data.decode("latin-1"))
+    at = int.from_bytes(data[:2] or b"\0", "big") % len(valid)
+    patched = valid[:at] + data[2:] + valid[at + len(data[2:]) :]
+    bodies = [
+        data,
+        json.dumps({"identity": f"spiffe://{TD}/ns/a/sa/b", "csr": _pem(data)}).encode(),
+        json.dumps({"identity": f"spiffe://{TD}/ns/a/sa/b", "csr": _pem(patched)}).encode(),
+        json.dumps({"identity": data.decode("latin-1"), "csr": _pem(valid)}).encode(),
+    ]
+    for body in bodies:
+        try:
+            doc = _json_object(body)
+            identity = signer.parse_identity(_field(doc, "identity", str))
+            signer.check_csr(_field(doc, "csr", str).encode(), identity)
+        except SignError as e:
+            assert 400 <= e.status < 500, e
+
+
+def mesh_config(data: bytes) -> None:
+    """The mesh config's ext_authz providers (ConfigMap veil-system/veil-mesh): YAML text as
+    given, and providers built from known field names and odd values; a provider is usable,
+    unusable with a reason, or the whole config refused with ProviderError."""
+    fdp = atheris.FuzzedDataProvider(data)
+    docs = [fdp.ConsumeUnicodeNoSurrogates(256)]
+    provider: dict[str, Any] = {}
+    for _ in range(fdp.ConsumeIntInRange(0, 8)):
+        key = fdp.PickValueInList([*sorted(extauthz.FIELDS), "includeRequestBodyInCheck"])
+        provider[key] = _odd_value(fdp)
+    docs.append(json.dumps({"extensionProviders": [{"name": "p", "envoyExtAuthzHttp": provider}]}))
+    for text in docs:
+        obj = {"kind": "ConfigMap", "data": {"mesh": text}}
+        try:
+            config = extauthz.parse_mesh_config(obj)
+        except extauthz.ProviderError:
+            continue
+        for p in config.providers.values():
+            req = extauthz.check_request(p, "GET", "/x", [("host", "h"), ("a", "b")])
+            assert req.target.startswith(p.path_prefix)
+            extauthz.verdict(p, 403, [("x", "y")], b"")
+
+
+def _odd_value(fdp: Any) -> Any:
+    kind = fdp.ConsumeIntInRange(0, 5)
+    if kind == 0:
+        return fdp.ConsumeUnicodeNoSurrogates(24)
+    if kind == 1:
+        return fdp.ConsumeInt(4)
+    if kind == 2:
+        return [fdp.ConsumeUnicodeNoSurrogates(8) for _ in range(fdp.ConsumeIntInRange(0, 3))]
+    if kind == 3:
+        return {fdp.ConsumeUnicodeNoSurrogates(8): fdp.ConsumeUnicodeNoSurrogates(8)}
+    if kind == 4:
+        return fdp.ConsumeBool()
+    return None
+
+
+def h2_backend_answer(data: bytes) -> None:
+    """The waypoint's HTTP/2 client to a backend (`H2Client`): any bytes as the backend's
+    answer to one request; events or HboneError, never anything else."""
+
+    class Backend:
+        def __init__(self) -> None:
+            self.chunks = [data[i : i + 97] for i in range(0, len(data), 97)]
+
+        async def send(self, _: Any) -> None:
+            await trio.lowlevel.checkpoint()
+
+        async def receive(self) -> bytes:
+            await trio.lowlevel.checkpoint()
+            return self.chunks.pop(0) if self.chunks else b""
+
+    async def run() -> None:
+        client = H2Client(Backend())  # type: ignore[arg-type]
+        req = h11.Request(method="POST", target="/s/m", headers=[("host", "h")])
+        with contextlib.suppress(HboneError):
+            await client.send(req)
+            await client.send(h11.EndOfMessage())
+            for _ in range(64):
+                ev = await client.next_event()
+                if isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+
+    trio.run(run)
+
+
 def websocket_frames(data: bytes) -> None:
     """The lab's WebSocket echo (a peer of the waypoint's WebSocket relay): client frames."""
     buf = bytearray(data)
@@ -338,6 +475,9 @@ HARNESSES: dict[str, Callable[[bytes], None]] = {
         cni_stdin,
         tls_client_hello,
         websocket_frames,
+        ca_request,
+        mesh_config,
+        h2_backend_answer,
     )
 }
 

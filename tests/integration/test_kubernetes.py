@@ -362,7 +362,13 @@ spec:
 @pytest.mark.parametrize(
     ("spec", "refusal"),
     [
-        ("  action: CUSTOM", 'Unsupported value: "CUSTOM"'),
+        ("  action: CUSTOM", "CUSTOM needs provider.name and targetRefs"),
+        (
+            "  action: CUSTOM\n  provider: {name: authz}",
+            "CUSTOM needs provider.name and targetRefs",
+        ),
+        ("  provider: {name: authz}", "provider is only for action CUSTOM"),
+        ("  action: SOMETIMES", 'Unsupported value: "SOMETIMES"'),
         ("  actions: DENY", ".spec.actions: field not declared in schema"),
         ("  rules: [{to: [{operation: {ports: ['70000']}}]}]", "should match"),
         ("  rules: [{to: [{operation: {port: ['80']}}]}]", "field not declared in schema"),

@@ -167,7 +167,7 @@ spec:
             waypoint_log(wlab), lambda es: any(e["path"] == "/ingress" for e in es)
         )
         entry = next(e for e in seen if e["path"] == "/ingress")
-        assert entry["response_code"] == 200 and entry["source_principal"] == "", entry
+        assert entry["response_code"] == 200 and entry["source_principal"] == "unknown", entry
         admin = "http://catalog.web:9080/admin"
         out = curl(wlab, "-o", "/dev/null", "-w", "%{http_code}", admin, pod="legacy", ns="plain")
         assert out.stdout == "403", out

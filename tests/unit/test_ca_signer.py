@@ -1,11 +1,13 @@
 """The CA's signing rules; `openssl verify` (not our code) judges every issued chain."""
 
+import base64
 import datetime
 import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -190,3 +192,38 @@ def test_plugin_files_are_checked(tmp_path):
     (tmp_path / "c" / "ca-cert.pem").unlink()
     with pytest.raises(CaSetupError, match="missing"):
         load_plugin(tmp_path / "c")
+
+
+def corrupted_key_csr() -> bytes:
+    """A CSR whose public key point is not on the curve (found by the `ca_request` fuzz
+    harness: cryptography raises ValueError from `is_signature_valid`)."""
+    key = new_key()
+    der = x509.load_pem_x509_csr(build_csr(key, FRONTEND)).public_bytes(serialization.Encoding.DER)
+    point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    at = der.index(point)
+    bad = der[: at + 1] + bytes([der[at + 1] ^ 0xFF]) + der[at + 2 :]
+    return pem_csr_der(bad)
+
+
+def pem_csr_der(der: bytes) -> bytes:
+    body = base64.encodebytes(der)
+    return b"-----BEGIN CERTIFICATE REQUEST-----\n" + body + b"-----END CERTIFICATE REQUEST-----\n"
+
+
+def version_62_csr() -> bytes:
+    """A CSR of version 62 (the `ca_request` harness: cryptography raises InvalidVersion,
+    which is not a ValueError)."""
+    der = x509.load_pem_x509_csr(build_csr(new_key(), FRONTEND)).public_bytes(
+        serialization.Encoding.DER
+    )
+    at = der.index(b"\x02\x01\x00")  # CertificationRequestInfo.version, the first INTEGER
+    return pem_csr_der(der[:at] + b"\x02\x01\x3e" + der[at + 3 :])
+
+
+@pytest.mark.parametrize("make", [corrupted_key_csr, version_62_csr])
+def test_csrs_cryptography_cannot_read_are_bad_csrs_not_500s(signer, make):
+    with pytest.raises(SignError) as e:
+        signer.check_csr(make(), FRONTEND)
+    assert (e.value.status, e.value.code) == (400, "bad_csr")

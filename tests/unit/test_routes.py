@@ -15,6 +15,7 @@ from veil.core.routes import (
     RouteError,
     parse_grpc_route,
     parse_route,
+    parse_tcp_route,
     pick_backend,
     replace_path,
     select,
@@ -355,3 +356,18 @@ def test_filters_grpc_routes_do_not_have_make_the_rule_answer_500(rule, why):
 def test_a_grpc_method_match_that_means_nothing_is_refused(method):
     with pytest.raises(RouteError, match=r"GRPCRoute shop/g: spec.rules\[0\].matches\[0\].method"):
         parse_grpc_route(grpc_route([{"matches": [{"method": method}]}]))
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec"),
+    [
+        ("GRPCRoute", {"rules": ["not a rule"]}),  # found by the `policies` fuzz harness
+        ("TCPRoute", {"rules": ["not a rule"]}),
+        ("GRPCRoute", {"rules": [{"matches": ["not a match"]}]}),
+        ("GRPCRoute", {"rules": [{"matches": [{"method": {"service": "a", "type": 5}}]}]}),
+    ],
+)
+def test_grpc_and_tcp_routes_of_odd_shapes_are_refused_with_route_errors(kind, spec):
+    parse = parse_grpc_route if kind == "GRPCRoute" else parse_tcp_route
+    with pytest.raises(RouteError, match=kind):
+        parse({**route("g", []), "kind": kind, "spec": spec})
