@@ -414,6 +414,11 @@ class PolicySet:
     policies: dict[str, Policy] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
+    @functools.cached_property
+    def has_custom(self) -> bool:
+        """Whether any CUSTOM policy exists: without one, requests skip that step."""
+        return any(p.action == "CUSTOM" for p in self.policies.values())
+
     def update(self, objects: Iterable[Mapping[str, Any]]) -> PolicySet:
         policies: dict[str, Policy] = {}
         errors: dict[str, str] = {}

@@ -365,7 +365,7 @@ def _plan(  # noqa: PLR0917
         who.claims if who else {},
         remote_ip=caller.ip,  # the client pod's address, as its agent forwarded it
     )
-    if approved is None:
+    if approved is None and state.policies.has_custom:
         f, scope = _judged(me, dest, caller, http)
         customs = custom_checks(state.policies.policies.values(), f, scope)
         if customs:
