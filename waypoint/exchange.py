@@ -11,8 +11,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -85,15 +84,6 @@ def response_headers(plan: Plan, answer: Any) -> list[tuple[str, str]]:
     return out
 
 
-@contextmanager
-def _cancelled_after(scope: trio.CancelScope) -> Iterator[None]:
-    """Whatever the request's outcome, what still sends its body stops with it."""
-    try:
-        yield
-    finally:
-        scope.cancel()
-
-
 def service_key(service: Service | None) -> str:
     return f"{service.namespace}/{service.name}" if service else ""
 
@@ -146,35 +136,38 @@ class Forwarder:
         resp: tuple[Upstream, Any] | None = None
         sending = trio.CancelScope()  # a streamed body sent to HTTP/2 while the answer comes
         # timeouts.request covers the whole exchange, the response's body included
-        with trio.move_on_after(plan.timeout) as deadline, _cancelled_after(sending):
-            attempt = 0
-            while resp is None:
-                attempt += 1
-                w, port = self._pick(plan, req)
-                status: int | None = None
-                failure: TryFailed | None = None
-                try:
-                    up, answer = await self._try(w, port, plan, body, req, sending)
-                    status = answer.status_code
-                except TryFailed as e:
-                    up, answer, failure = None, None, e
-                self.limits.record(plan.policy, f"{w.ip}:{port}", status, time.monotonic())
-                if up is not None and not (
-                    body is not None and plan.retry.retries(attempt, status)
-                ):
-                    resp = (up, answer)
-                    break
-                if up is not None:  # a retryable answer: read it away, try again
-                    await self.upstreams.discard(up)
-                if body is None or not plan.retry.retries(attempt, status):
-                    assert failure is not None
-                    raise HttpError(
-                        failure.status, failure.flags, f"upstream {rec.upstream}: {failure}"
-                    )
-                rec.retries += 1
-                await trio.sleep(plan.retry.delay(attempt, self.rng))
-            if not switched(plan, resp[1]):
-                await self._respond(plan, req, *resp)
+        try:
+            with trio.move_on_after(plan.timeout) as deadline:
+                attempt = 0
+                while resp is None:
+                    attempt += 1
+                    w, port = self._pick(plan, req)
+                    status: int | None = None
+                    failure: TryFailed | None = None
+                    try:
+                        up, answer = await self._try(w, port, plan, body, req, sending)
+                        status = answer.status_code
+                    except TryFailed as e:
+                        up, answer, failure = None, None, e
+                    self.limits.record(plan.policy, f"{w.ip}:{port}", status, time.monotonic())
+                    if up is not None and not (
+                        body is not None and plan.retry.retries(attempt, status)
+                    ):
+                        resp = (up, answer)
+                        break
+                    if up is not None:  # a retryable answer: read it away, try again
+                        await self.upstreams.discard(up)
+                    if body is None or not plan.retry.retries(attempt, status):
+                        assert failure is not None
+                        raise HttpError(
+                            failure.status, failure.flags, f"upstream {rec.upstream}: {failure}"
+                        )
+                    rec.retries += 1
+                    await trio.sleep(plan.retry.delay(attempt, self.rng))
+                if not switched(plan, resp[1]):
+                    await self._respond(plan, req, *resp)
+        finally:  # whatever the outcome, what still sends its body stops with it
+            sending.cancel()
         if deadline.cancelled_caught:
             what = "no response" if resp is None else "the response not complete"
             raise HttpError(504, "UT", f"{what} within {plan.timeout:g}s (timeouts.request)")

@@ -484,18 +484,21 @@ def _plan(  # noqa: PLR0917
         ),
         chunked=chunked,
         websocket=websocket,
-        http2=not websocket and speaks_http2(hit.route if hit else None, headers, backend, port),
+        http2=not websocket
+        and speaks_http2(
+            hit.route if hit else None, facts.header("content-type") or "", backend, port
+        ),
     )
 
 
 def speaks_http2(
-    route: HttpRoute | None, headers: list[tuple[str, str]], backend: Service | None, port: int
+    route: HttpRoute | None, content_type: str, backend: Service | None, port: int
 ) -> bool:
     """Whether the backend is sent HTTP/2: a GRPCRoute's request, any gRPC request (it cannot
     travel as HTTP/1.1: trailers), or a Service port whose appProtocol (or name) says so."""
     if route is not None and route.kind == "GRPCRoute":
         return True
-    if any(n.lower() == "content-type" and v.startswith("application/grpc") for n, v in headers):
+    if content_type.startswith("application/grpc"):
         return True
     sport = next((p for p in backend.ports if p.port == port), None) if backend else None
     return sport is not None and sport.speaks_http2
