@@ -23,6 +23,7 @@ from veil.core.extauthz import Allowed, CheckRequest, Denied, ExtAuthzProvider
 from veil.core.routes import BackendRef
 from veil.core.state import MeshState, Service, Workload
 from veil.core.traffic import KIND, TrafficPolicy
+from veil.runtime import guard
 from veil.runtime.hbone.io import HboneError, Stream
 from veil.runtime.identity.tls import PeerIdentityError
 from veil.waypoint import http1
@@ -279,6 +280,9 @@ class Forwarder:
                 )
             except (HttpError, HboneError, h11.ProtocolError) as e:
                 log.debug("request body to %s: %s", req.rec.upstream, e)
+                up.stream.reset()
+            except Exception:  # a bug: this request fails, never the waypoint's nursery
+                guard.caught("waypoint_request_body")
                 up.stream.reset()
 
     async def _respond(self, plan: Plan, req: Request, up: Upstream, resp: Any) -> None:
