@@ -4,9 +4,10 @@ The directory is polled (a stat of every file, every `interval` seconds, in the 
 the lab's tmpfs a walk takes ~0.1 ms, less than handing it to a thread, whose GIL hand-offs
 would slow the proxies' tasks); the files that changed are re-read (in a thread) and their
 objects applied to the state as events, so a snapshot is published per poll that saw a
-change. A file that cannot be parsed is reported in the snapshot's `errors` and its objects
-are left out; the rest still applies. Names starting with a dot (a writer's temporary file)
-are ignored.
+change. A file that cannot be parsed is reported in the snapshot's `errors` and in
+`not_synced()` (readiness), and the objects it held before stay in force: a policy file
+garbled by a bad write must not lift its DENY (fail closed). Names starting with a dot (a
+writer's temporary file) are ignored.
 """
 
 from __future__ import annotations
@@ -90,9 +91,12 @@ class ManifestSource:
     directory's."""
 
     def not_synced(self) -> str | None:
-        """Always in sync: the directory is read as it is (a file that cannot be parsed is
-        reported in the snapshot's `errors`)."""
-        return None
+        """A file that cannot be parsed: its last good objects are in force, not what it says."""
+        broken = sorted(f.error for f in self._files.values() if f.error)
+        if not broken:
+            return None
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        return f"{broken[0]}{more}; its last readable version stays in force"
 
     def __init__(self, root: Path, interval: float = 0.2) -> None:
         self.root = root
@@ -112,12 +116,15 @@ class ManifestSource:
                 for key in old_keys:
                     self.builder.delete(key)
                 continue
+            mtime, size = listed[path]
+            if error is not None:  # unreadable now: what it held stays, the error is said
+                self._files[path] = _File(mtime, size, old_keys, error)
+                continue
             keys = [object_key(d) for d in docs]
             for key in set(old_keys) - set(keys):
                 self.builder.delete(key)
             for d in docs:
                 self.builder.apply(d)
-            mtime, size = listed[path]
             self._files[path] = _File(mtime, size, keys, error)
 
     def _changed(self, sig: Signature) -> list[str]:

@@ -105,7 +105,8 @@ async def test_only_changed_files_are_read_again(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(manifests, "parse_files", counting)
     store = StateStore()
     async with trio.open_nursery() as nursery:
-        await nursery.start(ManifestSource(tmp_path, interval=0.01).run, store)
+        source = ManifestSource(tmp_path, interval=0.01)
+        await nursery.start(source.run, store)
         assert len(read[0]) == 5 and set(store.current.namespaces) == {f"n{i}" for i in range(5)}
 
         async def change(fn) -> None:
@@ -120,10 +121,12 @@ async def test_only_changed_files_are_read_again(tmp_path: Path, monkeypatch) ->
         await change((tmp_path / "ns3.yaml").unlink)  # a removed file: no read at all
         assert read[-1] == [] and "n3" not in store.current.namespaces
         await change(lambda: (tmp_path / "ns4.yaml").write_text("kind: [unclosed"))
-        assert "n4" not in store.current.namespaces  # its objects are left out ...
+        assert "n4" in store.current.namespaces  # its last good objects stay in force ...
         assert any("ns4.yaml: invalid YAML" in e for e in store.current.errors)  # ... and said
+        assert "ns4.yaml: invalid YAML" in (source.not_synced() or "")  # (readiness)
         await change(lambda: (tmp_path / "ns4.yaml").write_text(namespace("n4b")))
-        assert "n4b" in store.current.namespaces and store.current.errors == ()
+        assert "n4b" in store.current.namespaces and "n4" not in store.current.namespaces
+        assert store.current.errors == () and source.not_synced() is None
         nursery.cancel_scope.cancel()
 
 
