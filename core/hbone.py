@@ -505,6 +505,10 @@ class HboneConnection:
             and len(self._state) < min(MAX_STREAMS, self._peer_streams)
         )
 
+    def ping(self) -> None:
+        """Ask the peer for a PING ACK: whatever it sends back proves it is there."""
+        self._frame(PING, 0, 0, b"veil-png")
+
     # -- server side ---------------------------------------------------------------------
 
     def respond(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import socket
 import struct
@@ -164,8 +165,14 @@ async def connect(
                 s.getpeername()  # a local connect is usually complete already
                 return s
             except OSError:
-                with trio.fail_after(timeout):
+                with trio.move_on_after(timeout):
                     await trio.lowlevel.wait_writable(s)
+                    timeout = 0
+                if timeout:  # a peer that drops packets: say so (an access log reads it)
+                    raise TimeoutError(
+                        errno.ETIMEDOUT,
+                        f"connect to {address[0]}:{address[1]}: no answer within {timeout:g}s",
+                    ) from None
         err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, f"connect to {address[0]}:{address[1]}: {os.strerror(err)}")

@@ -128,7 +128,8 @@ class OutboundListener:
             why = (
                 f"{stream.io.peer} answered {stream.status} to CONNECT {r.authority}"
                 if stream.status is not None
-                else f"stream reset by {stream.io.peer} before an answer (code {stream.reset_code})"
+                else stream.error
+                or f"stream reset by {stream.io.peer} before an answer (code {stream.reset_code})"
             )
             self._refused(c, r, HboneError(why, stream.status or 0))
             return

@@ -24,6 +24,7 @@ the connection (never a single stream); a stream reset ends only that stream.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import socket
@@ -68,6 +69,13 @@ FAIR_FRAMES = 1024
 # streams until TCP gives up (~15 minutes): data unacknowledged this long aborts it, and an
 # idle tunnel is probed (TCP keepalive) so a pooled one is found dead before it is reused.
 TUNNEL_TIMEOUT = 20.0
+# A CONNECT unanswered this long while nothing at all came from the peer (a PING asked for
+# something each second: the node gone, a partition) is reset with that reason, and its
+# tunnel takes no new stream, so the next connection dials (failing fast, or finding a path)
+# instead of queueing behind a tunnel TCP gives up on only after TUNNEL_TIMEOUT. A peer that
+# answers PINGs but holds the answer (our servers hold it for the app's first bytes) is
+# alive: its streams wait as long as the app. Checked once a second per client tunnel.
+ANSWER_TIMEOUT = 5.0
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES = 10, 5, 3
 
 
@@ -87,6 +95,14 @@ def tcp_liveness(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(TUNNEL_TIMEOUT * 1000))
+
+
+def peer_of(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except (OSError, ValueError):
+        return "the peer"
+    return f"{host}:{port}"
 
 
 class TlsSocket:
@@ -163,7 +179,8 @@ class TlsSocket:
             await trio.lowlevel.wait_writable(self.sock)
 
     async def handshake(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        with trio.fail_after(timeout):
+        """TimeoutError (an OSError that says with whom) when the peer does not finish it."""
+        with trio.move_on_after(timeout) as waited:
             while True:
                 try:
                     self.ssl.do_handshake()
@@ -180,6 +197,11 @@ class TlsSocket:
                 if self._eof and not self._in.pending:
                     raise ssl.SSLEOFError("the peer closed during the TLS handshake") from None
             await self.flush()
+        if waited.cancelled_caught:
+            raise TimeoutError(
+                errno.ETIMEDOUT,
+                f"TLS handshake with {peer_of(self.sock)}: no answer within {timeout:g}s",
+            )
         self._handshaken = True
 
     def _decrypt(self, n: int) -> bytes:
@@ -244,6 +266,7 @@ class Stream:
         self.eof = False  # the peer sent END_STREAM
         self.reset_code: int | None = None
         self.status: int | None = None  # client: the CONNECT answer
+        self.error: str | None = None  # why we reset it ourselves, when we did
         self.sent_eof = False
         # The app's socket, when a relay runs: the reader writes DATA straight into it and
         # shuts it down at END_STREAM. Only if the socket pushes back does the relay start a
@@ -361,7 +384,9 @@ class Stream:
         while self.status is None and self.reset_code is None:
             await self._changed()
         if self.status is None:
-            raise HboneError(f"stream reset before an answer (code {self.reset_code})")
+            raise HboneError(
+                self.error or f"stream reset before an answer (code {self.reset_code})"
+            )
         return self.status
 
     async def receive(self) -> memoryview | bytes:
@@ -431,6 +456,10 @@ class HboneIO:
         self.expires = math.inf  # Unix time the tunnel's certificates run out (tunnel_expiry)
         self.last_active = time.monotonic()
         self._nursery: trio.Nursery | None = None
+        self.answer_timeout = ANSWER_TIMEOUT
+        # client: (deadline, stream, reads when opened) of streams without an answer yet
+        self._unanswered: deque[tuple[float, Stream, int]] = deque()
+        self.reads = 0  # successful reads from the peer: it was alive when this moved
 
     # -- output ----------------------------------------------------------------------------
 
@@ -537,7 +566,8 @@ class HboneIO:
             raise HboneError(f"connection to {self.peer} is closed")
         sid = self.conn.connect(authority, headers)
         stream = self.streams[sid] = Stream(self, sid)
-        self.last_active = time.monotonic()
+        self.last_active = now = time.monotonic()
+        self._unanswered.append((now + self.answer_timeout, stream, self.reads))
         if not wait_response:
             return stream  # the HEADERS leave with the stream's first DATA or output flush
         self.queue_output()
@@ -570,6 +600,8 @@ class HboneIO:
                 self._nursery = nursery
                 self.queue_output()  # the connection preface and our settings
                 nursery.start_soon(self._write_loop)
+                if self.conn.client:
+                    nursery.start_soon(self._watch_answers)
                 task_status.started()
                 await self._read_loop()
                 nursery.cancel_scope.cancel()
@@ -588,6 +620,7 @@ class HboneIO:
             if not data:
                 self._fail("peer closed")
                 return
+            self.reads += 1
             try:
                 events = self.conn.receive_data(data)
             except HboneProtocolError as e:
@@ -683,6 +716,40 @@ class HboneIO:
         if not self.closed:
             self.conn.notice_shutdown()
             self.queue_output()
+
+    async def _watch_answers(self) -> None:
+        """Reset the streams whose CONNECT got no answer in time (see ANSWER_TIMEOUT)."""
+        queue = self._unanswered
+        while not self.closed:
+            await trio.sleep(1.0)
+            now = time.monotonic()
+            late = False
+            while queue:
+                deadline, s, reads = queue[0]
+                if s.status is None and s.reset_code is None and reads == self.reads:
+                    if deadline > now:
+                        break
+                    late = True
+                    s.error = (
+                        f"no answer to CONNECT from {self.peer} within {self.answer_timeout:g}s"
+                    )
+                    s.reset()
+                    s._sink_abort()
+                    s._notify()
+                queue.popleft()  # answered, reset, or the peer spoke since: it is alive
+            if queue and not late:
+                self.conn.ping()  # its ACK (or anything else) proves the peer is there
+                self.queue_output()
+            if late:
+                self._window.set()  # a sender waiting for window sees its reset
+                self._window = trio.Event()
+                log.warning(
+                    "hbone connection %s: a CONNECT got no answer within %gs; "
+                    "no new stream goes over it",
+                    self.peer,
+                    self.answer_timeout,
+                )
+                self.retire()
 
     def retire(self) -> None:
         """Take no new stream (GOAWAY); close once the open ones have ended."""

@@ -51,9 +51,11 @@ async def hbone_pair(
     handler: Any,
     socks: tuple[socket.socket, socket.socket] | None = None,
     ttl: datetime.timedelta = datetime.timedelta(hours=1),
+    run_server: bool = True,
 ) -> tuple[HboneIO, HboneIO]:
     """A client and a server HboneIO over real TLS 1.3, both running: on a socketpair, or on
-    `socks` (server end, client end) when given; certificates valid for `ttl`."""
+    `socks` (server end, client end) when given; certificates valid for `ttl`. Without
+    `run_server` the server end never reads: a peer gone silent after the handshake."""
     ca = InProcessCa(tmp_path, ttl=ttl)
     certs = CertificateManager(ca.fetcher("node2"))
     await nursery.start(certs.run)
@@ -71,7 +73,8 @@ async def hbone_pair(
     server.served_resets = 0  # type: ignore[attr-defined]
     client = HboneIO(client_tls, HboneConnection(client=True), "server")
     client.expires = tunnel_expiry(client_tls.ssl, client_cred.not_after)
-    await nursery.start(server.run)
+    if run_server:
+        await nursery.start(server.run)
     await nursery.start(client.run)
     return client, server
 
