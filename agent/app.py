@@ -146,6 +146,11 @@ class Agent:
             registry=self.registry,
         ).set_function(lambda: self.enrollment.capture_errors)
         Gauge(
+            "veil_agent_registry_write_errors",
+            "Writes of the pod registry that failed (disk full or read-only)",
+            registry=self.registry,
+        ).set_function(lambda: self.enrollment.registry_failures)
+        Gauge(
             "veil_agent_snapshot_age_seconds",
             "Seconds since the snapshot in use was taken",
             registry=self.registry,
@@ -166,9 +171,25 @@ class Agent:
             return f"cluster state not synced: {why}"
         if not self.resumed:
             return "enrolled pods not resumed yet"
-        missing = [str(s) for s in sorted(self.identities()) if self.certs.current(s) is None]
+        if why := self.enrollment.registry_error:  # the pods in hand are served meanwhile
+            return f"pod registry cannot be written: {why}"
+        missing = [s for s in sorted(self.identities()) if self.certs.current(s) is None]
         if missing:
-            return f"no certificate yet for {', '.join(missing)}"
+            failing = self.certs.failing()
+            why = next((failing[s] for s in missing if s in failing), None)
+            return f"no certificate yet for {', '.join(map(str, missing))}" + (
+                f" (last error: {why})" if why else ""
+            )
+        if failing := self.certs.failing():  # the certificates in hand serve meanwhile
+            sid, why = sorted(failing.items())[0]
+            more = f" (and {len(failing) - 1} more)" if len(failing) > 1 else ""
+            cred = self.certs.current(sid)
+            until = (
+                f"; the current one is valid until {cred.leaf.not_valid_after_utc.isoformat()}"
+                if cred
+                else ""
+            )
+            return f"certificate renewal failing for {sid}{more}: {why}{until}"
         return None
 
     def config_dump(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ log = logging.getLogger("veil.enrollment")
 NETNS_ANNOTATION = "lab.veil.dev/netns"
 CGROUP_ANNOTATION = "lab.veil.dev/cgroup"
 CNI_STATE_WAIT = 3.0  # how long a CNI ADD waits for the pod to appear in cluster state
+REGISTRY_RETRY = 5.0  # seconds between writes of a registry that could not be written
 
 
 class EnrollError(RuntimeError):
@@ -123,6 +124,8 @@ class Enrollment:
         self._lock = trio.Lock()  # one enrollment change at a time
         self._nursery: trio.Nursery | None = None
         self.capture_errors = 0
+        self.registry_error: str | None = None  # why the registry cannot be written now
+        self.registry_failures = 0
         self.proxies: dict[str, PodProxy] = {}
         self.handover_socket = data_dir / "handover.sock"
         self.handed_over = False  # a successor serves our pods: change nothing from now on
@@ -136,11 +139,33 @@ class Enrollment:
     # -- registry --------------------------------------------------------------------------
 
     def _save(self) -> None:
+        """Write the registry; a disk that is full or read-only is said (log, metric,
+        readiness) and tried again at the next change or snapshot, never fatal: the pods in
+        hand stay served, and a restarted agent finds them again from the cluster state."""
         if self.handed_over:
             return  # the registry is the successor's now
         tmp = self.registry_file.with_name(".pods.json.tmp")
-        tmp.write_text(json.dumps({k: asdict(v) for k, v in sorted(self.pods.items())}, indent=1))
-        tmp.replace(self.registry_file)
+        doc = json.dumps({k: asdict(v) for k, v in sorted(self.pods.items())}, indent=1)
+        try:
+            tmp.write_text(doc)
+            tmp.replace(self.registry_file)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self.registry_failures += 1
+            if self.registry_error is None:
+                log.error(
+                    "pod registry %s cannot be written (%s): the %d enrolled pods stay "
+                    "served; retrying at every change",
+                    self.registry_file,
+                    e.strerror or e,
+                    len(self.pods),
+                )
+            self.registry_error = f"{self.registry_file}: {e.strerror or e}"
+            return
+        if self.registry_error is not None:
+            log.info("pod registry %s written again", self.registry_file)
+        self.registry_error = None
 
     def _load(self) -> dict[str, Enrolled]:
         try:
@@ -372,6 +397,13 @@ class Enrollment:
             task_status.started()
             version = -1
             while True:
+                if self.registry_error is not None:  # tried again every few seconds
+                    with trio.move_on_after(REGISTRY_RETRY):
+                        await store.wait_newer(version)
+                    if store.current.version == version:
+                        async with self._lock:
+                            self._save()
+                        continue
                 state = await store.wait_newer(version)
                 version = state.version
                 await self.reconcile(state)

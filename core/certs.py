@@ -36,9 +36,10 @@ def verify_chain(
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             name = cert.subject.rfc4514_string() or "leaf"
             raise ValueError(
-                f"certificate {i} ({name}) is not valid now (valid "
-                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
-                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC)"
+                f"certificate {i} ({name}) is not valid now, {now:%Y-%m-%d %H:%M:%S} UTC "
+                f"by this host's clock (valid {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} "
+                f"to {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC): if it was just "
+                "issued, this host's clock is wrong"
             )
         if i > 0 and not is_ca(cert):
             raise ValueError(f"certificate {i} ({cert.subject.rfc4514_string()}) is not a CA")

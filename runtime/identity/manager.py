@@ -38,6 +38,7 @@ Fetcher = Callable[[SpiffeId, bytes], Awaitable[dict[str, Any]]]
 
 BACKOFF_START = 0.5
 BACKOFF_MAX = 150.0
+WALL_CHECK = 30.0  # seconds between looks at the wall clock while waiting to renew
 
 
 class NoCertificate(Exception):
@@ -147,6 +148,7 @@ class CertificateManager:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._errors: dict[SpiffeId, str] = {}
+        self._wake: dict[SpiffeId, trio.Event] = {}  # a maintenance task's sleep, cut short
         reg = registry or CollectorRegistry()
         self._expiry = Gauge(
             "veil_identity_cert_expiry_timestamp_seconds",
@@ -157,6 +159,11 @@ class CertificateManager:
         self._fetches = Counter(
             "veil_identity_cert_fetches", "Certificate fetches by result", ["result"], registry=reg
         )
+        Gauge(
+            "veil_identity_cert_renewals_failing",
+            "Identities whose last certificate fetch failed (retried with backoff)",
+            registry=reg,
+        ).set_function(lambda: len(self._errors))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the maintenance tasks until cancelled."""
@@ -186,9 +193,21 @@ class CertificateManager:
         self._tasks[sid] = scope
         self._nursery.start_soon(self._maintain, sid, scope)
 
+    def failing(self) -> dict[SpiffeId, str]:
+        """Identities whose last fetch failed, and why (their retry is under way)."""
+        return dict(self._errors)
+
     def current(self, sid: SpiffeId) -> Credential | None:
+        """The identity's certificate if it is valid now; one that expired while its task
+        slept (the clock stepped forward) has it renewed at once."""
         cred = self._creds.get(sid)
-        return cred if cred is not None and cred.valid(self._clock()) else None
+        if cred is None:
+            return None
+        if cred.valid(self._clock()):
+            return cred
+        if (wake := self._wake.get(sid)) is not None:
+            wake.set()
+        return None
 
     async def get(self, sid: SpiffeId, timeout: float = 5.0) -> Credential:
         """A valid credential, fetched on demand if needed; NoCertificate after `timeout`."""
@@ -259,4 +278,18 @@ class CertificateManager:
                     cred.leaf.not_valid_after_utc.isoformat(),
                 )
                 self._publish()
-                await trio.sleep(max(0.0, cred.refresh_at - self._clock()))
+                await self._sleep_until(sid, cred.refresh_at)
+
+    async def _sleep_until(self, sid: SpiffeId, when: float) -> None:
+        """Sleep until a wall-clock time, looking at the clock every WALL_CHECK seconds: trio
+        sleeps on the monotonic clock, so a node whose clock jumps past `when` (an NTP step,
+        a VM resumed) would otherwise keep an expired certificate for the rest of the sleep.
+        `get()` of the identity without a valid certificate ends the sleep at once."""
+        wake = self._wake[sid] = trio.Event()
+        try:
+            while (left := when - self._clock()) > 0 and not wake.is_set():
+                with trio.move_on_after(min(left, WALL_CHECK)):
+                    await wake.wait()
+        finally:
+            if self._wake.get(sid) is wake:
+                del self._wake[sid]

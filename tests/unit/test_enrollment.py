@@ -154,3 +154,25 @@ async def test_a_cni_add_for_an_enrolled_pod_captures_its_new_network(tmp_path: 
         "release mesh/client",
         "enroll mesh/client /run/netns/ns-client 10.244.1.12",
     ]
+
+
+def test_a_registry_that_cannot_be_written_is_said_and_written_again_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full or read-only disk under the registry must not stop the agent (it would have
+    ended the enrollment task, and so the agent, on the next pod): the error is logged once,
+    counted and kept for readiness; the next write that works clears it."""
+    from veil.agent.enrollment import Enrolled  # noqa: PLC0415
+
+    e = Enrollment(object(), tmp_path, RecordingCapture())  # type: ignore[arg-type]
+    e.pods["mesh/client"] = Enrolled("mesh", "client", "u1", "/run/netns/x", "10.244.1.10")
+    blocker = tmp_path / ".pods.json.tmp"
+    blocker.mkdir()  # the temporary file cannot be created: as on a full or read-only disk
+    e._save()
+    e._save()
+    assert e.registry_failures == 2 and "pods.json: Is a directory" in (e.registry_error or "")
+    assert not (tmp_path / "pods.json").exists()
+    assert len([r for r in caplog.records if "cannot be written" in r.getMessage()]) == 1
+    blocker.rmdir()
+    e._save()
+    assert e.registry_error is None and "mesh/client" in (tmp_path / "pods.json").read_text()

@@ -188,3 +188,39 @@ def test_answers_are_verified_before_use():
         check_answer(FRONTEND, key, {**good, "trustBundle": [pem(other_root.cert)]}, now)
     with pytest.raises(IdentityError, match="malformed"):
         check_answer(FRONTEND, key, {"certChain": "x"}, now)
+
+
+async def test_a_clock_jump_past_the_renewal_time_renews_within_the_wall_check(ca, autojump_clock):
+    """trio sleeps on the monotonic clock: a node whose wall clock steps forward (NTP, a VM
+    resumed) past the renewal time must renew within WALL_CHECK, not sleep out the half
+    life it planned (with 24 h certificates: 12 h with a certificate peers see as stale)."""
+    from veil.runtime.identity.manager import WALL_CHECK  # noqa: PLC0415
+
+    offset = [0.0]
+    async with trio.open_nursery() as n:
+        mgr = await run_manager(n, ca.fetcher("node1"), clock=lambda: time.time() + offset[0])
+        mgr.set_identities([FRONTEND])
+        first = await mgr.get(FRONTEND)
+        offset[0] = (first.not_after - time.time()) * 0.75  # past refresh_at, not expired
+        started = trio.current_time()
+        with trio.fail_after(WALL_CHECK + 5):  # (virtual time: the autojump clock)
+            while mgr.current(FRONTEND) is first:
+                await trio.sleep(0.5)
+        assert trio.current_time() - started <= WALL_CHECK + 1
+        n.cancel_scope.cancel()
+
+
+async def test_failing_renewals_are_said_until_one_works(tmp_path):
+    ca = InProcessCa(tmp_path)
+    async with trio.open_nursery() as n:
+        mgr = await run_manager(n, ca.fetcher("node2"))
+        mgr.set_identities([CATALOG])
+        await mgr.get(CATALOG)
+        assert mgr.failing() == {}
+        ca.fail_next = 1
+        mgr.set_identities([])
+        mgr.set_identities([CATALOG])  # fetched again: fails once
+        await until(lambda: CATALOG in mgr.failing(), 5)
+        assert "unreachable" in mgr.failing()[CATALOG]
+        await until(lambda: mgr.failing() == {}, 5)  # the retry (0.5 s later) worked
+        n.cancel_scope.cancel()
