@@ -257,6 +257,7 @@ def start_agents(
     *,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     kubeconfigs: Mapping[str, Path] | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> list[Daemon]:
     """`kubeconfigs` (node -> file): the agents read the Kubernetes API (kubernetes mode)."""
     lab = plan.name
@@ -291,6 +292,8 @@ def start_agents(
             str(bpf_lab_dir(lab) / n.name),
         )
         ns = node_netns(lab, n.name)
+        if extra_env:  # the agent's alone, not its supervisor's
+            argv = ["env", *(f"{k}={v}" for k, v in extra_env.items()), *argv]
         argv, state = supervised(lab, f"agent {n.name}", argv)
         out.append(
             Daemon(
@@ -451,9 +454,16 @@ def hand_over_agent(lab: str, node: str, timeout: float = 60.0) -> tuple[int, in
 
 
 def start_agent(
-    lab: str, node: str, spawn: Spawn, node_netns: Callable[[str, str], str], timeout: float = 30.0
+    lab: str,
+    node: str,
+    spawn: Spawn,
+    node_netns: Callable[[str, str], str],
+    timeout: float = 30.0,
+    *,
+    extra_env: Mapping[str, str] | None = None,
 ) -> int:
-    """Start a node's agent again (it resumes its pods from its registry); returns the pid."""
+    """Start a node's agent again (it resumes its pods from its registry); returns the pid.
+    `extra_env`: more environment for it (fault injection: a moved clock, say)."""
     from veil.lab.plan import NodePlan  # noqa: PLC0415
 
     record = store.read_record(lab) or {}
@@ -472,7 +482,9 @@ def start_agent(
     kubeconfigs = None
     if record.get("kubernetes"):
         kubeconfigs = {node: agent_kubeconfig(lab, node)}
-    (daemon,) = start_agents(plan, spawn, node_netns, {node: mode}, kubeconfigs=kubeconfigs)
+    (daemon,) = start_agents(
+        plan, spawn, node_netns, {node: mode}, kubeconfigs=kubeconfigs, extra_env=extra_env
+    )
     wait_listening([daemon], timeout)
     wait_agents_ready([daemon], timeout)
     for p in record["processes"]:

@@ -21,6 +21,7 @@ needs=(
   "/usr/bin/h2load:nghttp2-client"
   "/usr/bin/gcc:gcc"
   "/usr/lib/x86_64-linux-gnu/libc.a:libc6-dev"
+  "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1:libfaketime"
 )
 missing=()
 for pair in "${needs[@]}"; do

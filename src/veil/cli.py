@@ -318,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     ag_ctl.add_argument("action", choices=["stop", "start", "restart"])
     ag_ctl.add_argument("node")
     ag_ctl.add_argument("--name", help=name_help)
+    ag_ctl.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="start: one more environment variable for the agent (repeatable), e.g. "
+        "LD_PRELOAD=...libfaketime.so.1 to move its clock",
+    )
 
     echo = sub.add_parser("echo", help="HTTP echo workload for examples")
     echo.add_argument("--port", type=int, default=8080)
@@ -482,7 +490,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 controlplane.stop_agent(name, args.node)
                 print(f"agent {args.node}: stopped")
             if args.action == "start":
-                pid = controlplane.start_agent(name, args.node, lab.spawn, lab.node_netns)
+                if bad := [e for e in args.env if "=" not in e or not e.partition("=")[0]]:
+                    raise LabError(f"--env takes KEY=VALUE, not {bad[0]!r}")
+                env = dict(e.partition("=")[::2] for e in args.env)
+                pid = controlplane.start_agent(
+                    name, args.node, lab.spawn, lab.node_netns, extra_env=env
+                )
                 print(f"agent {args.node}: running (pid {pid}), enrolled pods resumed")
         elif args.lab_command == "label":
             labels = lab.label(name, args.kind, args.object, args.namespace, args.changes)

@@ -532,3 +532,35 @@ def test_a_waypoint_with_two_replicas_serves_from_both(wlab):
             logs / f"infra_{pod}_waypoint.log",
             lambda es: any(e["path"] == "/items" for e in es),
         )
+
+
+def test_a_waypoint_that_is_down_is_refused_never_bypassed(wlab):
+    """The waypoint hung (its pod frozen: connections reach its sockets, nothing answers):
+    calls to its service fail within seconds with the reason in the client's access log,
+    and none goes to a backend around it; once it runs again it serves, by itself."""
+    wp = labmod.find_pod(wlab, "deploy/waypoint", "web")
+    freeze = Path(wp["cgroup"]) / "cgroup.freeze"
+    assert answers(curl(wlab, "http://catalog.web:9080/").stdout)  # a pooled tunnel exists
+    log = store.lab_dir(wlab) / "logs" / "agent-node1.log"  # the client's node
+    freeze.write_text("1")
+    try:
+        for attempt in ("pooled", "new"):
+            started = time.monotonic()
+            out = lab_exec(
+                wlab, "client", "curl", "-sS", "--max-time", "30",
+                f"http://catalog.web:9080/{attempt}", ns="web", check=False,
+            )  # fmt: skip
+            assert out.returncode in (52, 56), (attempt, out)  # reset: no backend answered
+            assert time.monotonic() - started < 15, attempt  # the 5 s / 10 s timeouts
+        entries = wait_for_access(
+            log, lambda es: len([e for e in es if "no answer" in (e.get("error") or "")]) >= 2
+        )
+        errors = [e["error"] for e in entries if "no answer" in (e.get("error") or "")][-2:]
+        assert "no answer to CONNECT from" in errors[0], errors
+        assert "TLS handshake with" in errors[1], errors  # the next one dialled a new tunnel
+    finally:
+        freeze.write_text("0")
+    deadline = time.monotonic() + 20
+    while not answers(curl(wlab, "http://catalog.web:9080/").stdout):
+        assert time.monotonic() < deadline, "the waypoint did not serve again"
+        time.sleep(0.5)
