@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import trio
 
 from veil.runtime.sources.manifests import ManifestSource, signature
@@ -89,7 +90,8 @@ def test_the_builder_converts_one_object_per_event() -> None:
     assert s4.errors == () and s4.workload("a", "p3") is not None
 
 
-async def test_only_changed_files_are_read_again(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("watch", [True, False], ids=["inotify", "polling"])
+async def test_only_changed_files_are_read_again(tmp_path: Path, monkeypatch, watch) -> None:
     from veil.runtime.sources import manifests  # noqa: PLC0415
 
     for i in range(5):
@@ -105,8 +107,9 @@ async def test_only_changed_files_are_read_again(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(manifests, "parse_files", counting)
     store = StateStore()
     async with trio.open_nursery() as nursery:
-        source = ManifestSource(tmp_path, interval=0.01)
+        source = ManifestSource(tmp_path, interval=0.01, watch=watch)
         await nursery.start(source.run, store)
+        assert source.watching is watch
         assert len(read[0]) == 5 and set(store.current.namespaces) == {f"n{i}" for i in range(5)}
 
         async def change(fn) -> None:
@@ -152,3 +155,74 @@ def test_policies_are_parsed_once_by_the_writer_and_keep_their_last_valid_versio
     assert s3.policies.policies["a/p"].action == "DENY" and "a/p" in s3.policies.errors
     b.delete(("AuthorizationPolicy", "a", "p"))
     assert b.snapshot(4).policies.policies == {}
+
+
+async def test_watched_directories_come_and_go(tmp_path: Path) -> None:
+    """inotify: a directory made after the start (the lab's first pod of a namespace) is
+    watched, files written into it before its watch existed included; a directory removed
+    takes its objects with it; and nothing is walked while nothing changes."""
+    from veil.runtime.sources import manifests  # noqa: PLC0415
+
+    (tmp_path / "namespaces").mkdir()
+    (tmp_path / "namespaces" / "a.yaml").write_text(namespace("a"))
+    store = StateStore()
+    source = ManifestSource(tmp_path, resync=3600)
+    walks: list[int] = []
+    real = manifests.signature
+
+    def counting(root: Path) -> manifests.Signature:
+        walks.append(1)
+        return real(root)
+
+    async with trio.open_nursery() as nursery:
+        import unittest.mock  # noqa: PLC0415
+
+        with unittest.mock.patch.object(manifests, "signature", counting):
+            await nursery.start(source.run, store)
+            assert source.watching and len(walks) == 1
+
+            async def change(fn) -> None:
+                version = store.current.version
+                fn()
+                with trio.fail_after(2):
+                    await store.wait_newer(version)
+
+            def new_dir() -> None:
+                d = tmp_path / "namespaces" / "more" / "deeper"
+                d.mkdir(parents=True)
+                (d / "b.yaml").write_text(namespace("b"))
+                (d / "c.yaml").write_text(namespace("c"))
+
+            await change(new_dir)
+            await trio.sleep(0.1)  # the files' own events (or none): the same state
+            assert set(store.current.namespaces) == {"a", "b", "c"}
+            await change(
+                lambda: (tmp_path / "namespaces" / "more" / "deeper" / "d.yaml").write_text(
+                    namespace("d")
+                )
+            )
+            assert set(store.current.namespaces) == {"a", "b", "c", "d"}
+
+            def remove_dir() -> None:
+                import shutil  # noqa: PLC0415
+
+                shutil.rmtree(tmp_path / "namespaces" / "more")
+
+            await change(remove_dir)
+            assert set(store.current.namespaces) == {"a"}
+            assert len(walks) == 1  # events only: no walk of the directory after the first
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_resync_walk_mends_what_no_event_said(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(namespace("a"))
+    store = StateStore()
+    source = ManifestSource(tmp_path, resync=0.3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, store)
+        source._look = lambda paths: ({}, [], [])  # type: ignore[method-assign]  # events lost
+        (tmp_path / "b.yaml").write_text(namespace("b"))
+        with trio.fail_after(2):
+            await store.wait_newer(store.current.version)  # the next walk's
+        assert set(store.current.namespaces) == {"a", "b"}
+        nursery.cancel_scope.cancel()
