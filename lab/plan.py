@@ -264,13 +264,15 @@ def make_plan(objects: Sequence[Object], lab_name: str, node_count: int) -> LabP
             )
 
     services = allocate_vips([o for o in objects if isinstance(o, Service)])
+    placed = schedule(pods, nodes)
+    check_capacity(placed, nodes)
     return LabPlan(
         name=lab_name,
         nodes=nodes,
         namespaces=tuple(namespaces),
         service_accounts=tuple(accounts),
         deployments=tuple(o for o in objects if isinstance(o, Deployment)),
-        pods=tuple(schedule(pods, nodes)),
+        pods=tuple(placed),
         services=tuple(services),
         others=tuple(o for o in objects if type(o) is Object),
     )
@@ -332,6 +334,25 @@ def waypoint_pod(o: Object, index: int = 0) -> PodPlan:
         owner=name,
         source=o,
     )
+
+
+def pod_capacity(node: NodePlan) -> int:
+    """Pod addresses a node's range gives (host-local from .10 to the last but broadcast)."""
+    return node.pod_cidr.num_addresses - 10 - 1
+
+
+def check_capacity(pods: Sequence[PodPlan], nodes: Sequence[NodePlan]) -> None:
+    """Say before any bring-up (not minutes into it, at the first failed CNI ADD) that a node
+    would hold more pods than its address range."""
+    load: dict[str, int] = {}
+    for p in pods:
+        load[p.node] = load.get(p.node, 0) + 1
+    for n in nodes:
+        if load.get(n.name, 0) > (room := pod_capacity(n)):
+            raise ValueError(
+                f"{n.name} would hold {load[n.name]} pods, but its pod range {n.pod_cidr} has "
+                f"room for {room} (from .10): add nodes (--nodes) or pin fewer pods to it"
+            )
 
 
 def schedule(pods: Iterable[PodPlan], nodes: Sequence[NodePlan]) -> list[PodPlan]:

@@ -212,3 +212,14 @@ def test_a_waypoint_gateway_gets_the_pods_its_replicas_annotation_asks_for():
     assert len({p.node for p in pods}) == 2  # spread
     with pytest.raises(ManifestError, match=r"veil\.dev/replicas"):
         plan_of(NS + WAYPOINT_GW.replace("REPLICAS", "0"))
+
+
+def test_more_pods_than_a_node_has_addresses_is_refused_before_bring_up():
+    """A node's /24 gives 245 pod addresses (from .10): past that the lab said so only at
+    the first failed CNI ADD, minutes into `lab up`."""
+    fits = NS + "".join(pod(f"p{i}", "node1") for i in range(245))
+    assert len(plan_of(fits).pods) == 245
+    with pytest.raises(ValueError, match=r"node1 would hold 246 pods, but its pod range"):
+        plan_of(fits + pod("one-more", "node1"))
+    spread = NS + "".join(pod(f"p{i}") for i in range(300))  # unpinned: spread, fits
+    assert len(plan_of(spread).pods) == 300
