@@ -1,0 +1,233 @@
+"""Pods per node on the lab: bring-up, enrollment, the agent's memory and idle CPU, and the
+time from `lab apply` of a policy to its enforcement, with N pods per node.
+
+    sudo .venv/bin/python bench/scale/pods.py [N ...]        (default: 25 100 240)
+
+For each N: a lab of two nodes (manifest mode, iptables capture) with one ambient namespace
+holding N pods per node (`sleep`, each with its own service account: an identity each, as
+workloads have) plus an echo server on node2 and a client on node1. Measured:
+
+- `lab up`: wall time until every pod is ready;
+- enrollment: node1's CNI ADDs as the agent logged them (first to last), per pod;
+- the agent's RSS (node1) at rest, and per enrolled pod against the N of the first size;
+- the agent's idle CPU over 10 s with everything enrolled;
+- policy to enforcement: `lab apply` of a DENY for the client until its next connection is
+  refused (polled with curl), median of 3, and the same for its removal;
+- RSS with 2000 idle connections held through the mesh (client -> server), per connection.
+
+A benchmark: it asserts nothing. Prints one markdown table row per N. The lab's /24 per node
+holds 245 pods, so N stops at 243 (with the client and the server).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from veil.lab import controlplane, store  # noqa: E402
+
+VEIL = str(Path(sys.executable).parent / "veil")
+LAB = "scale"
+
+HEAD = """apiVersion: v1
+kind: Namespace
+metadata: {name: s, labels: {veil.dev/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: s}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: s}
+spec:
+  nodeName: node1
+  serviceAccountName: client
+  containers: [{name: c, image: busybox, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: s, labels: {app: server}}
+spec:
+  nodeName: node2
+  containers: [{name: c, image: veil/echo, command: [veil, echo, --port, "8080"]}]
+"""
+
+POD = """---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: sa{i}, namespace: s}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: p{i}, namespace: s}}
+spec:
+  nodeName: node{node}
+  serviceAccountName: sa{i}
+  containers: [{{name: c, image: busybox, command: [sleep, infinity]}}]
+"""
+
+DENY = """apiVersion: security.veil.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: s}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/s/sa/client]}}]}]
+"""
+
+HOLD = """
+import socket, sys, time
+socks = []
+for _ in range(int(sys.argv[2])):
+    s = socket.create_connection((sys.argv[1], 8080), timeout=20)
+    socks.append(s)
+print("held", flush=True)
+time.sleep(3600)
+"""
+
+
+def veil(*args: str, check: bool = True, timeout: float = 1800) -> str:
+    return subprocess.run(
+        [VEIL, *args], check=check, capture_output=True, text=True, timeout=timeout
+    ).stdout
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, clock ticks
+
+
+def curl_ok(server: str) -> bool:
+    out = subprocess.run(
+        [VEIL, "lab", "exec", "--name", LAB, "-n", "s", "client", "--", "curl", "-s", "-o",
+         "/dev/null", "--max-time", "2", f"http://{server}:8080/"],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    return out.returncode == 0
+
+
+def enforce_time(tmp: Path, server: str, apply: bool) -> float:
+    """From `lab apply` (or delete) to the first connection that shows it."""
+    started = time.monotonic()
+    if apply:
+        (tmp / "deny.yaml").write_text(DENY)
+        veil("lab", "apply", "--name", LAB, "-f", str(tmp / "deny.yaml"))
+    else:
+        veil("lab", "delete", "--name", LAB, "authorizationpolicy", "deny-client", "-n", "s")
+    while curl_ok(server) == apply:
+        if time.monotonic() - started > 30:
+            return float("nan")
+    return time.monotonic() - started
+
+
+def enrollment_span(log: Path, after: datetime) -> tuple[int, float]:
+    """(ADDs, seconds from the first to the last) of node1's CNI ADDs that enrolled a pod."""
+    stamps = []
+    for line in log.read_text().splitlines():
+        if "cni ADD s/" in line and "'enrolled': True" in line:
+            t = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            if t >= after:
+                stamps.append(t)
+    if len(stamps) < 2:
+        return len(stamps), 0.0
+    return len(stamps), (stamps[-1] - stamps[0]).total_seconds()
+
+
+def measure(n: int, tmp: Path) -> dict[str, Any]:
+    manifests = tmp / f"scale-{n}.yaml"
+    manifests.write_text(HEAD + "".join(POD.format(i=i, node=1 + i % 2) for i in range(2 * n)))
+    veil("lab", "down", "--name", LAB, check=False)
+    began = datetime.now()
+    started = time.monotonic()
+    veil("lab", "up", "-f", str(manifests), "--name", LAB, "--timeout", "1200")
+    up = time.monotonic() - started
+    out: dict[str, Any] = {"n": n, "up": up}
+    try:
+        log = store.lab_dir(LAB) / "logs" / "agent-node1.log"
+        adds, span = enrollment_span(log, began)
+        out["adds"], out["enroll_span"] = adds, span
+        pid = int(controlplane.agent_process(LAB, "node1")["pid"])
+        time.sleep(5)  # settled
+        out["rss_kb"] = rss_kb(pid)
+        cpu = cpu_s(pid)
+        time.sleep(10)
+        out["idle_cpu"] = (cpu_s(pid) - cpu) / 10
+        st = json.loads(veil("lab", "status", "--name", LAB, "-o", "json"))
+        server = next(p["ip"] for p in st["pods"] if p["name"] == "server")
+        assert curl_ok(server), "the mesh does not work"
+        deny, allow = [], []
+        for _ in range(3):
+            deny.append(enforce_time(tmp, server, apply=True))
+            allow.append(enforce_time(tmp, server, apply=False))
+        out["deny"], out["allow"] = statistics.median(deny), statistics.median(allow)
+        before = rss_kb(pid)
+        holder = subprocess.Popen(
+            [VEIL, "lab", "exec", "--name", LAB, "-n", "s", "client", "--", "python3", "-c",
+             HOLD, server, "2000"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None
+            if holder.stdout.readline().strip() == "held":
+                time.sleep(2)
+                out["conn_kb"] = (rss_kb(pid) - before) / 2000
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        veil("lab", "down", "--name", LAB, check=False)
+    return out
+
+
+def main() -> None:
+    sizes = [int(a) for a in sys.argv[1:]] or [25, 100, 240]
+    if max(sizes) > 243:
+        sys.exit("at most 243 pods per node (the lab's /24 per node, with client and server)")
+    print(f"bench/scale/pods.py {' '.join(map(str, sizes))}  ({datetime.now():%Y-%m-%d %H:%M})")
+    print(
+        "| pods per node | lab up | enrollment on node1 (ADDs, first to last) | agent RSS "
+        "| idle CPU | DENY enforced / lifted after `lab apply` | RSS per held connection |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    first: dict[str, Any] | None = None
+    with tempfile.TemporaryDirectory(prefix="veil-scale-") as d:
+        for n in sizes:
+            r = measure(n, Path(d))
+            per_pod = ""
+            if first is not None and n > first["n"]:
+                extra = (r["rss_kb"] - first["rss_kb"]) / (n - first["n"])
+                per_pod = f" (+{extra:.0f} KB per pod over {first['n']})"
+            first = first or r
+            per_add = r["enroll_span"] / max(1, r["adds"] - 1) * 1000
+            print(
+                f"| {n} | {r['up']:.1f} s | {r['adds']} in {r['enroll_span']:.1f} s "
+                f"({per_add:.0f} ms each) | {r['rss_kb'] / 1024:.1f} MB{per_pod} "
+                f"| {r['idle_cpu'] * 100:.1f} % | {r['deny']:.2f} / {r['allow']:.2f} s "
+                f"| {r.get('conn_kb', float('nan')):.1f} KB |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    if re.fullmatch(r"[0-9 ]*", " ".join(sys.argv[1:])) is None:
+        sys.exit(__doc__)
+    main()
