@@ -44,12 +44,12 @@ sys.path.insert(0, str(ROOT))
 from tests.support.hbone import raw_tunnel  # noqa: E402
 from tests.support.pki import mesh_client_context  # noqa: E402
 
+from bench.proc import VEIL, cpu_s, rss_kb, veil  # noqa: E402
 from veil.agent.capture.netns import NetNs  # noqa: E402
 from veil.core.hbone import HboneConnection  # noqa: E402
 from veil.core.spiffe import SpiffeId  # noqa: E402
 from veil.lab import controlplane  # noqa: E402
 
-VEIL = str(Path(sys.executable).parent / "veil")
 MESH = str(ROOT / "tests" / "integration" / "mesh")
 LAB = "abuse"
 
@@ -75,24 +75,6 @@ while time.monotonic() - t0 < seconds:
     if not ok:
         time.sleep(0.05)
 """
-
-
-def veil(*args: str, check: bool = True, timeout: float = 600) -> str:
-    return subprocess.run(
-        [VEIL, *args], check=check, capture_output=True, text=True, timeout=timeout
-    ).stdout
-
-
-def proc_rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100
 
 
 class Attack:
@@ -248,7 +230,7 @@ def sample(
     pid: int, every: float, out: list[tuple[float, int, float]], done: Callable[[], bool]
 ) -> None:
     while not done():
-        out.append((time.monotonic(), proc_rss_kb(pid), proc_cpu_s(pid)))
+        out.append((time.monotonic(), rss_kb(pid), cpu_s(pid)))
         time.sleep(every)
 
 

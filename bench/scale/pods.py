@@ -35,9 +35,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench.proc import VEIL, cpu_s, rss_kb, veil  # noqa: E402
 from veil.lab import controlplane, store  # noqa: E402
 
-VEIL = str(Path(sys.executable).parent / "veil")
 LAB = "scale"
 
 HEAD = """apiVersion: v1
@@ -96,24 +96,6 @@ for _ in range(int(sys.argv[2])):
 print("held", flush=True)
 time.sleep(3600)
 """
-
-
-def veil(*args: str, check: bool = True, timeout: float = 1800) -> str:
-    return subprocess.run(
-        [VEIL, *args], check=check, capture_output=True, text=True, timeout=timeout
-    ).stdout
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, clock ticks
 
 
 def curl_ok(server: str) -> bool:
