@@ -94,8 +94,16 @@ async def serve(
         await guard.guarded("cni_request", serve_one, stream, cleanup=stream.socket.close)
 
     async def ask(req: dict[str, Any]) -> dict[str, Any]:
+        started = trio.current_time()
         got = await handle(enrollment, req)
-        log.info("cni %s %s/%s: %s", req.get("command"), req.get("namespace"), req.get("name"), got)
+        log.info(
+            "cni %s %s/%s: %s (%.0f ms)",
+            req.get("command"),
+            req.get("namespace"),
+            req.get("name"),
+            got,
+            (trio.current_time() - started) * 1000,
+        )
         return got
 
     async def serve_one(stream: trio.SocketStream) -> None:

@@ -121,17 +121,19 @@ def enforce_time(tmp: Path, server: str, apply: bool) -> float:
     return time.monotonic() - started
 
 
-def enrollment_span(log: Path, after: datetime) -> tuple[int, float]:
-    """(ADDs, seconds from the first to the last) of node1's CNI ADDs that enrolled a pod."""
-    stamps = []
+def enrollment_span(log: Path, after: datetime) -> tuple[int, float, float]:
+    """(ADDs, seconds from the first to the last, median ms the agent spent on one) of
+    node1's CNI ADDs that enrolled a pod."""
+    stamps, took = [], []
     for line in log.read_text().splitlines():
         if "cni ADD s/" in line and "'enrolled': True" in line:
             t = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
             if t >= after:
                 stamps.append(t)
-    if len(stamps) < 2:
-        return len(stamps), 0.0
-    return len(stamps), (stamps[-1] - stamps[0]).total_seconds()
+                if m := re.search(r"\((\d+) ms\)$", line):
+                    took.append(float(m.group(1)))
+    span = (stamps[-1] - stamps[0]).total_seconds() if len(stamps) > 1 else 0.0
+    return len(stamps), span, statistics.median(took) if took else float("nan")
 
 
 def measure(n: int, tmp: Path) -> dict[str, Any]:
@@ -145,8 +147,7 @@ def measure(n: int, tmp: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n, "up": up}
     try:
         log = store.lab_dir(LAB) / "logs" / "agent-node1.log"
-        adds, span = enrollment_span(log, began)
-        out["adds"], out["enroll_span"] = adds, span
+        out["adds"], out["enroll_span"], out["agent_ms"] = enrollment_span(log, began)
         pid = int(controlplane.agent_process(LAB, "node1")["pid"])
         time.sleep(5)  # settled
         out["rss_kb"] = rss_kb(pid)
@@ -186,7 +187,8 @@ def main() -> None:
         sys.exit("at most 243 pods per node (the lab's /24 per node, with client and server)")
     print(f"bench/scale/pods.py {' '.join(map(str, sizes))}  ({datetime.now():%Y-%m-%d %H:%M})")
     print(
-        "| pods per node | lab up | enrollment on node1 (ADDs, first to last) | agent RSS "
+        "| pods per node | lab up | enrollment on node1 (ADDs, first to last; the agent's "
+        "median per ADD) | agent RSS "
         "| idle CPU | DENY enforced / lifted after `lab apply` | RSS per held connection |"
     )
     print("|---|---|---|---|---|---|---|")
@@ -202,7 +204,8 @@ def main() -> None:
             per_add = r["enroll_span"] / max(1, r["adds"] - 1) * 1000
             print(
                 f"| {n} | {r['up']:.1f} s | {r['adds']} in {r['enroll_span']:.1f} s "
-                f"({per_add:.0f} ms each) | {r['rss_kb'] / 1024:.1f} MB{per_pod} "
+                f"({per_add:.0f} ms apart; {r['agent_ms']:.0f} ms in the agent) "
+                f"| {r['rss_kb'] / 1024:.1f} MB{per_pod} "
                 f"| {r['idle_cpu'] * 100:.1f} % | {r['deny']:.2f} / {r['allow']:.2f} s "
                 f"| {r.get('conn_kb', float('nan')):.1f} KB |",
                 flush=True,
