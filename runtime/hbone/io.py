@@ -74,7 +74,8 @@ TUNNEL_TIMEOUT = 20.0
 # tunnel takes no new stream, so the next connection dials (failing fast, or finding a path)
 # instead of queueing behind a tunnel TCP gives up on only after TUNNEL_TIMEOUT. A peer that
 # answers PINGs but holds the answer (our servers hold it for the app's first bytes) is
-# alive: its streams wait as long as the app. Checked once a second per client tunnel.
+# alive: its streams wait as long as the app. Checked once a second per client tunnel, and
+# only while it has such a stream (an idle pooled tunnel costs no timer).
 ANSWER_TIMEOUT = 5.0
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES = 10, 5, 3
 
@@ -459,6 +460,7 @@ class HboneIO:
         self.answer_timeout = ANSWER_TIMEOUT
         # client: (deadline, stream, reads when opened) of streams without an answer yet
         self._unanswered: deque[tuple[float, Stream, int]] = deque()
+        self._watch_wake: trio.Event | None = None  # set while the watcher waits for work
         self.reads = 0  # successful reads from the peer: it was alive when this moved
 
     # -- output ----------------------------------------------------------------------------
@@ -568,6 +570,9 @@ class HboneIO:
         stream = self.streams[sid] = Stream(self, sid)
         self.last_active = now = time.monotonic()
         self._unanswered.append((now + self.answer_timeout, stream, self.reads))
+        if self._watch_wake is not None:  # an idle tunnel's watcher sleeps without a timer
+            self._watch_wake.set()
+            self._watch_wake = None
         if not wait_response:
             return stream  # the HEADERS leave with the stream's first DATA or output flush
         self.queue_output()
@@ -721,6 +726,9 @@ class HboneIO:
         """Reset the streams whose CONNECT got no answer in time (see ANSWER_TIMEOUT)."""
         queue = self._unanswered
         while not self.closed:
+            if not queue:
+                self._watch_wake = wake = trio.Event()
+                await wake.wait()
             await trio.sleep(1.0)
             now = time.monotonic()
             late = False
