@@ -140,8 +140,9 @@ class Enrollment:
 
     def _save(self) -> None:
         """Write the registry; a disk that is full or read-only is said (log, metric,
-        readiness) and tried again at the next change or snapshot, never fatal: the pods in
-        hand stay served, and a restarted agent finds them again from the cluster state."""
+        readiness) and tried again every REGISTRY_RETRY seconds and at every change, never
+        fatal: the pods in hand stay served, and a restarted agent finds them again from the
+        cluster state."""
         if self.handed_over:
             return  # the registry is the successor's now
         tmp = self.registry_file.with_name(".pods.json.tmp")
@@ -156,10 +157,11 @@ class Enrollment:
             if self.registry_error is None:
                 log.error(
                     "pod registry %s cannot be written (%s): the %d enrolled pods stay "
-                    "served; retrying at every change",
+                    "served; retrying every %gs and at every change",
                     self.registry_file,
                     e.strerror or e,
                     len(self.pods),
+                    REGISTRY_RETRY,
                 )
             self.registry_error = f"{self.registry_file}: {e.strerror or e}"
             return

@@ -284,7 +284,8 @@ class CertificateManager:
         """Sleep until a wall-clock time, looking at the clock every WALL_CHECK seconds: trio
         sleeps on the monotonic clock, so a node whose clock jumps past `when` (an NTP step,
         a VM resumed) would otherwise keep an expired certificate for the rest of the sleep.
-        `get()` of the identity without a valid certificate ends the sleep at once."""
+        Asking for the identity's certificate (`current()`, `get()`) once it has expired ends
+        the sleep at once."""
         wake = self._wake[sid] = trio.Event()
         try:
             while (left := when - self._clock()) > 0 and not wake.is_set():
