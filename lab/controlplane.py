@@ -464,13 +464,15 @@ def start_agent(
 ) -> int:
     """Start a node's agent again (it resumes its pods from its registry); returns the pid.
     `extra_env`: more environment for it (fault injection: a moved clock, say)."""
-    from veil.lab.plan import NodePlan  # noqa: PLC0415
+    from veil.lab.plan import NodePlan, recorded_mask  # noqa: PLC0415
 
     record = store.read_record(lab) or {}
-    index = next(i for i, n in enumerate(record.get("nodes", []), 1) if n["name"] == node)
+    index, entry = next(
+        (i, n) for i, n in enumerate(record.get("nodes", []), 1) if n["name"] == node
+    )
     plan = LabPlan(
         name=lab,
-        nodes=(NodePlan(node, index),),
+        nodes=(NodePlan(node, index, recorded_mask(entry["podCIDR"])),),
         namespaces=(),
         service_accounts=(),
         deployments=(),

@@ -16,7 +16,7 @@ they would a real kubelet):
 What each pod becomes is decided by lab/pods.py (pure). A restarted kubelet removes the pods
 it ran before (its registry under `<lab dir>/kubelet/<node>/`) and starts them afresh.
 
-Runs as `python -m veil.lab.kubelet LAB NODE INDEX` in the node's netns, supervised.
+Runs as `python -m veil.lab.kubelet LAB NODE INDEX MASK` in the node's netns, supervised.
 """
 
 from __future__ import annotations
@@ -634,7 +634,7 @@ class Kubelet:
     def startup_taints(self) -> list[Taint]:
         """With Veil's chart, nodes register tainted not-ready for Veil until its agent can
         capture (docs/install.md), as a node pool's kubelets would be configured."""
-        if not (store.read_record(self.lab) or {}).get("chart"):
+        if not store.chart_mode(self.lab):
             return []
         return [Taint(key="veil.dev/not-ready", value="true", effect="NoSchedule")]
 
@@ -839,12 +839,12 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if len(sys.argv) != 4:
-        sys.exit("usage: python -m veil.lab.kubelet LAB NODE INDEX")
+    if len(sys.argv) != 5:
+        sys.exit("usage: python -m veil.lab.kubelet LAB NODE INDEX MASK")
     from veil.lab.controlplane import kube_dir  # noqa: PLC0415
 
-    lab, name, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    node = NodePlan(name, index)
+    lab, name, index, mask = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    node = NodePlan(name, index, mask)
     d = kube_dir(lab)
 
     def client(user: str) -> Client:

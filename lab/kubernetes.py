@@ -457,6 +457,7 @@ def start_kubelets(
                 lab,
                 n.name,
                 str(n.index),
+                str(n.mask),
             ],
         )
         ns = node_netns(lab, n.name)

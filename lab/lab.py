@@ -54,6 +54,7 @@ from veil.lab.cni import result_ip as cni_result_ip
 from veil.lab.errors import LabError
 from veil.lab.manifests import Object, load_paths
 from veil.lab.plan import (
+    NODE_MASK,
     SERVICE_CIDR,
     UNDERLAY_CIDR,
     LabPlan,
@@ -62,6 +63,7 @@ from veil.lab.plan import (
     check_lab_name,
     endpoints,
     make_plan,
+    recorded_mask,
     render_hosts,
     render_resolv_conf,
     render_service_nat,
@@ -168,11 +170,14 @@ def up(
     capture: Sequence[str] = (),
     kubernetes: bool = False,
     chart: bool = False,
+    node_mask: int = NODE_MASK,
 ) -> LabPlan:
     """Bring a lab up from manifests. With `kubernetes`, the upstream control plane runs in
-    the control-plane netns too, and each node registers with it (lab/kubernetes.py)."""
+    the control-plane netns too, and each node registers with it (lab/kubernetes.py).
+    `node_mask`: the prefix length of each node's pod range (a /24 holds 245 pods)."""
     check_lab_name(lab)
-    plan = make_plan(load_paths(paths), lab, nodes)  # all validation happens before any change
+    # all validation happens before any change
+    plan = make_plan(load_paths(paths), lab, nodes, node_mask)
     modes = capture_modes(capture, [n.name for n in plan.nodes])
     preflight()
     if kubernetes and (missing := upstream.missing()):
@@ -411,10 +416,6 @@ def primary_network(
     )
 
 
-def chart_mode(lab: str) -> bool:
-    return bool((store.read_record(lab) or {}).get("chart"))
-
-
 def node_host(lab: str, node: str) -> Path:
     """The node's own host filesystem (hostPath volumes; lab nodes share one machine)."""
     return controlplane.node_dir(lab, node) / "host"
@@ -433,7 +434,7 @@ def node_network(lab: str, node: NodePlan) -> dict[str, Any]:
     (pointed at the lab agent's socket). With the chart, what a runtime would use: the first
     config file of the node's /etc/cni/net.d, where the agent's installer chains veil-cni;
     its host paths (agentSocket) are the node's, under the node's host root."""
-    if not chart_mode(lab):
+    if not store.chart_mode(lab):
         veil_cni = {"type": "veil-cni", "agentSocket": str(controlplane.cni_socket(lab, node.name))}
         return primary_network(lab, node, [veil_cni])
     from veil.agent.cni.install import as_list, primary  # noqa: PLC0415
@@ -460,7 +461,7 @@ def node_network(lab: str, node: NodePlan) -> dict[str, Any]:
 def cni_runtime(lab: str, node: str) -> CniRuntime:
     """Plugins from containernetworking-plugins, and veil-cni (the C shim `make setup` built);
     with the chart, the node's own /opt/cni/bin first (where the agent installs veil-cni)."""
-    if chart_mode(lab):
+    if store.chart_mode(lab):
         path = (str(node_host(lab, node) / "opt/cni/bin"), *DEFAULT_CNI_PATH)
     else:
         path = (*DEFAULT_CNI_PATH, str(shim_path().parent))
@@ -906,7 +907,12 @@ def start_waypoint(lab: str, record: dict[str, Any], gateway: Object, log: Log) 
     """What the waypoint controller does on Kubernetes, for a Gateway applied to a running
     lab: its pods (those it does not have yet) placed on the least loaded nodes, each with a
     token for its own identity only, started and waited for. Its pods' names."""
-    plan = make_plan(load_paths(record["manifests"]), lab, len(record["nodes"]))
+    plan = make_plan(
+        load_paths(record["manifests"]),
+        lab,
+        len(record["nodes"]),
+        recorded_mask(record["nodes"][0]["podCIDR"]),
+    )
     have = {(e["namespace"], e["name"]) for e in record["pods"]}
     load = {n.name: 0 for n in plan.nodes}
     for e in record["pods"]:
@@ -967,7 +973,7 @@ def agent_log(lab: str, node: str) -> Path:
     """A node's agent log: the lab's process, or with the chart its DaemonSet pod's (the
     newest, after an upgrade)."""
     logs = store.lab_dir(lab) / "logs"
-    if chart_mode(lab):
+    if store.chart_mode(lab):
         pods = [
             p
             for p in kubelet_pods(lab, host_network=True)

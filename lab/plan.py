@@ -41,14 +41,25 @@ from veil.lab.manifests import (
 )
 
 SERVICE_CIDR = IPv4Network("10.96.0.0/16")
+CLUSTER_CIDR = IPv4Network("10.244.0.0/16")  # node i's pod range is its i-th subnet
+NODE_MASK = 24  # a node's pod range by default: room for 245 pods (from .10)
+NODE_MASKS = range(20, 29)
 UNDERLAY_CIDR = IPv4Network("172.30.0.0/24")
 LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 MAX_NODES = 50
 CLUSTER_DOMAIN = "cluster.local"
 
 
-def pod_cidr(node_index: int) -> IPv4Network:
-    return IPv4Network(f"10.244.{node_index}.0/24")
+def pod_cidr(node_index: int, mask: int = NODE_MASK) -> IPv4Network:
+    """Node i's pod range: the i-th /mask subnet of the cluster's (10.244.i.0/24 at /24)."""
+    base = int(CLUSTER_CIDR.network_address) + node_index * 2 ** (32 - mask)
+    return IPv4Network((base, mask))
+
+
+def recorded_mask(pod_range: str) -> int:
+    """A recorded node's range back to its mask (labs recorded before masks were settable
+    have 10.244.i.0/24)."""
+    return IPv4Network(pod_range).prefixlen
 
 
 def check_lab_name(name: str) -> str:
@@ -64,10 +75,11 @@ def check_lab_name(name: str) -> str:
 class NodePlan:
     name: str
     index: int
+    mask: int = NODE_MASK
 
     @property
     def pod_cidr(self) -> IPv4Network:
-        return pod_cidr(self.index)
+        return pod_cidr(self.index, self.mask)
 
     @property
     def gateway(self) -> IPv4Address:
@@ -170,15 +182,24 @@ def stable_uid(*parts: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
-def node_names(count: int) -> tuple[NodePlan, ...]:
-    if not 1 <= count <= MAX_NODES:
-        raise ValueError(f"--nodes must be between 1 and {MAX_NODES}, got {count}")
-    return tuple(NodePlan(name=f"node{i}", index=i) for i in range(1, count + 1))
+def node_names(count: int, mask: int = NODE_MASK) -> tuple[NodePlan, ...]:
+    if mask not in NODE_MASKS:
+        raise ValueError(
+            f"--node-cidr-mask-size must be between {NODE_MASKS[0]} and {NODE_MASKS[-1]}, "
+            f"got {mask}"
+        )
+    most = min(MAX_NODES, 2 ** (mask - CLUSTER_CIDR.prefixlen) - 1)  # subnet 0 is no node's
+    if not 1 <= count <= most:
+        why = f" (a /{mask} per node in {CLUSTER_CIDR})" if most < MAX_NODES else ""
+        raise ValueError(f"--nodes must be between 1 and {most}{why}, got {count}")
+    return tuple(NodePlan(name=f"node{i}", index=i, mask=mask) for i in range(1, count + 1))
 
 
-def make_plan(objects: Sequence[Object], lab_name: str, node_count: int) -> LabPlan:
+def make_plan(
+    objects: Sequence[Object], lab_name: str, node_count: int, mask: int = NODE_MASK
+) -> LabPlan:
     check_lab_name(lab_name)
-    nodes = node_names(node_count)
+    nodes = node_names(node_count, mask)
     namespaces = [o for o in objects if isinstance(o, Namespace)]
     if not any(n.meta.name == "default" for n in namespaces):
         namespaces.insert(0, _implicit_namespace("default"))
@@ -351,7 +372,8 @@ def check_capacity(pods: Sequence[PodPlan], nodes: Sequence[NodePlan]) -> None:
         if load.get(n.name, 0) > (room := pod_capacity(n)):
             raise ValueError(
                 f"{n.name} would hold {load[n.name]} pods, but its pod range {n.pod_cidr} has "
-                f"room for {room} (from .10): add nodes (--nodes) or pin fewer pods to it"
+                f"room for {room} (from .10): add nodes (--nodes), give each node a larger "
+                "range (--node-cidr-mask-size) or pin fewer pods to it"
             )
 
 

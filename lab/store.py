@@ -24,6 +24,14 @@ from typing import Any
 import yaml
 
 DEFAULT_ROOT = Path("/run/veil/lab")
+# libyaml's: the record and the state are read and written per pod during `lab up`, and the
+# pure-Python ones made a 240-pod-per-node bring-up spend most of its time in YAML.
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def load(text: str) -> Any:
+    return yaml.load(text, Loader=LOADER)
 
 
 def root() -> Path:
@@ -65,7 +73,7 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def dump(obj: Mapping[str, Any]) -> str:
-    return yaml.safe_dump(dict(obj), sort_keys=False, default_flow_style=False)
+    return yaml.dump(dict(obj), Dumper=DUMPER, sort_keys=False, default_flow_style=False)
 
 
 def write_object(state: Path, obj: Mapping[str, Any]) -> Path:
@@ -79,7 +87,7 @@ def read_object(state: Path, kind: str, namespace: str | None, name: str) -> dic
     path = object_path(state, kind, namespace, name)
     if not path.exists():
         return None
-    doc = yaml.safe_load(path.read_text())
+    doc = load(path.read_text())
     return doc if isinstance(doc, dict) else None
 
 
@@ -93,7 +101,7 @@ def read_objects(state: Path) -> Iterator[dict[str, Any]]:
     for path in sorted(state.rglob("*.yaml")):
         if _TMP.match(path.name):
             continue
-        doc = yaml.safe_load(path.read_text())
+        doc = load(path.read_text())
         if isinstance(doc, dict):
             yield doc
 
@@ -102,8 +110,25 @@ def read_record(lab: str) -> dict[str, Any] | None:
     path = lab_dir(lab) / "lab.yaml"
     if not path.exists():
         return None
-    doc = yaml.safe_load(path.read_text())
+    doc = load(path.read_text())
     return doc if isinstance(doc, dict) else None
+
+
+_chart: dict[str, tuple[tuple[int, int], bool]] = {}
+
+
+def chart_mode(lab: str) -> bool:
+    """Whether the lab runs Veil from its Helm chart: its record's flag, read again only when
+    the record changed (asked for every pod; the record grows with the pods)."""
+    path = lab_dir(lab) / "lab.yaml"
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    key = (st.st_ino, st.st_mtime_ns)
+    if (got := _chart.get(lab)) is None or got[0] != key:
+        got = _chart[lab] = (key, bool((read_record(lab) or {}).get("chart")))
+    return got[1]
 
 
 def write_record(lab: str, record: Mapping[str, Any]) -> None:

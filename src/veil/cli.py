@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a manifest file or directory (repeatable)",
     )
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
+    up.add_argument(
+        "--node-cidr-mask-size",
+        type=int,
+        default=24,
+        metavar="BITS",
+        help="prefix length of each node's pod range in 10.244.0.0/16, as Kubernetes' "
+        "option of that name (default 24: room for 245 pods a node; 23: 501; 22: 1013)",
+    )
     up.add_argument("--name", help=name_help)
     up.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for pods to become ready"
@@ -463,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 capture=args.capture,
                 kubernetes=args.kubernetes or args.chart,
                 chart=args.chart,
+                node_mask=args.node_cidr_mask_size,
             )
             print(lab.format_status(lab.status(name)))
         elif args.lab_command == "down":

@@ -11,13 +11,17 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.support.lab import (
+    MESH,
     ROOT,
     SHOP,
+    SOURCE_MODES,
     VEIL,
     alive,
+    enrolled,
     curl_json,
     lab_exec,
     lab_pids,
@@ -264,3 +268,51 @@ def test_check_reports_this_machine_ready_for_everything():
     out = veil("check")
     assert "lab: ready" in out.stdout and "iptables capture: ready" in out.stdout
     assert "eBPF capture: ready" in out.stdout  # bcc really compiled and loaded a program
+
+
+@pytest.mark.parametrize("mode", SOURCE_MODES)
+def test_a_larger_pod_range_per_node(mode):
+    """`--node-cidr-mask-size 22`: each node's pods in its own /22 of 10.244.0.0/16 (room for
+    1013 a node), routed across nodes and through the mesh in both lab modes, and an agent
+    restarted by the lab keeps the node's range."""
+    name = new_lab_name()
+    flags = ["--kubernetes"] if mode == "kubernetes" else []
+    try:
+        veil("lab", "up", "-f", MESH, "--name", name, "--node-cidr-mask-size", "22", *flags,
+             timeout=300)  # fmt: skip
+        st = json.loads(veil("lab", "status", "--name", name, "-o", "json").stdout)
+        ranges = {"node1": IPv4Network("10.244.4.0/22"), "node2": IPv4Network("10.244.8.0/22")}
+        assert {n["name"]: n["podCIDR"] for n in st["nodes"]} == {
+            k: str(v) for k, v in ranges.items()
+        }
+        for p in st["pods"]:
+            assert IPv4Address(p["ip"]) in ranges[p["node"]], p
+        server_b = pod_of(st, "server-b")
+        answer = curl_json(name, "client", f"http://{server_b['ip']}:8080/", ns="mesh")
+        assert answer["pod"] == "server-b"
+        assert answer["client"].split(":")[0] == pod_of(st, "client")["ip"]
+        assert enrolled(name, "node2") == {"mesh/server-b"}
+        if mode == "manifests":
+            veil("lab", "agent", "stop", "--name", name, "node1")
+            veil("lab", "agent", "start", "--name", name, "node1")
+            answer = curl_json(name, "client", f"http://{server_b['ip']}:8080/", ns="mesh")
+            assert answer["pod"] == "server-b"
+    finally:
+        veil("lab", "down", "--name", name, check=False)
+    assert leftovers(name) == []
+
+
+def test_more_pods_than_a_node_range_holds_is_refused_before_anything_is_made(tmp_path):
+    pods = "".join(
+        f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}}}\nspec:\n  nodeName: node1\n"
+        "  containers: [{name: c, image: busybox, command: [sleep, infinity]}]\n"
+        for i in range(20)
+    )
+    (tmp_path / "pods.yaml").write_text(pods)
+    name = new_lab_name()
+    out = veil("lab", "up", "-f", str(tmp_path), "--name", name, "--node-cidr-mask-size", "28",
+               check=False)  # fmt: skip
+    assert out.returncode != 0
+    assert "node1 would hold 20 pods, but its pod range 10.244.0.16/28 has room for 5" in out.stderr
+    assert "--node-cidr-mask-size" in out.stderr
+    assert leftovers(name) == []

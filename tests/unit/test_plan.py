@@ -11,6 +11,9 @@ from veil.lab.plan import (
     check_lab_name,
     endpoints,
     make_plan,
+    node_names,
+    pod_capacity,
+    recorded_mask,
     render_hosts,
     render_resolv_conf,
     render_service_nat,
@@ -223,3 +226,33 @@ def test_more_pods_than_a_node_has_addresses_is_refused_before_bring_up():
         plan_of(fits + pod("one-more", "node1"))
     spread = NS + "".join(pod(f"p{i}") for i in range(300))  # unpinned: spread, fits
     assert len(plan_of(spread).pods) == 300
+
+
+def test_a_node_range_is_the_i_th_subnet_of_its_mask():
+    assert [str(n.pod_cidr) for n in node_names(3)] == [
+        "10.244.1.0/24",
+        "10.244.2.0/24",
+        "10.244.3.0/24",
+    ]
+    assert [str(n.pod_cidr) for n in node_names(2, 22)] == ["10.244.4.0/22", "10.244.8.0/22"]
+    assert recorded_mask("10.244.8.0/22") == 22
+    assert pod_capacity(node_names(1, 23)[0]) == 501
+
+
+def test_a_mask_too_small_for_the_nodes_or_out_of_range_is_refused():
+    with pytest.raises(ValueError, match=r"between 1 and 15 \(a /20 per node"):
+        node_names(16, 20)
+    with pytest.raises(ValueError, match="mask-size must be between 20 and 28"):
+        node_names(2, 30)
+
+
+def test_500_pods_fit_a_node_with_a_23_range_but_not_a_24():
+    pods = "\n---\n".join(
+        f"apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}}}\nspec:\n  nodeName: node1\n"
+        "  containers: [{name: c, command: [sleep, inf]}]"
+        for i in range(500)
+    )
+    with pytest.raises(ValueError, match="--node-cidr-mask-size"):
+        make_plan(parse_text(pods, "t.yaml"), "t", 2)
+    plan = make_plan(parse_text(pods, "t.yaml"), "t", 2, 23)
+    assert sum(p.node == "node1" for p in plan.pods) == 500
