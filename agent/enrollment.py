@@ -78,6 +78,13 @@ class ReconcilePlan:
     enroll: tuple[tuple[Workload, str], ...]  # pods to capture, with their netns path
 
 
+def unwanted(state: MeshState, node: str, key: str, uid: str) -> bool:
+    """An enrolled pod (ns/name, its uid) is to be released: gone, no longer wanted, or
+    replaced (another uid under the same name)."""
+    w = state.workload(*key.split("/", 1))
+    return w is None or not wanted(state, node, w) or bool(w.uid and uid and w.uid != uid)
+
+
 def plan_reconcile(
     state: MeshState,
     node: str,
@@ -87,13 +94,7 @@ def plan_reconcile(
     """What following the labels asks for, given the pods enrolled now (ns/name -> uid):
     release a pod that is gone, no longer wanted, or replaced (another uid under the same
     name); enroll a wanted running pod of this node whose netns `locate` finds. Pure."""
-    release = tuple(
-        key
-        for key, uid in enrolled.items()
-        if (w := state.workload(*key.split("/", 1))) is None
-        or not wanted(state, node, w)
-        or (w.uid and uid and w.uid != uid)
-    )
+    release = tuple(key for key, uid in enrolled.items() if unwanted(state, node, key, uid))
     enroll = tuple(
         (w, path)
         for w in state.workloads
@@ -277,11 +278,14 @@ class Enrollment:
             await self._release(f"{namespace}/{name}")
 
     async def reconcile(self, state: MeshState) -> None:
-        """Follow labels of running pods: enroll the wanted, release the others."""
+        """Follow labels of running pods: enroll the wanted, release the others. The lock is
+        taken per pod, not for the whole plan: a CNI ADD of another pod waits for one
+        enrollment at most, not for a whole namespace's (each step is checked again against
+        the newest state when its turn comes)."""
+        found: dict[str, podfinder.PodLocation] | None = None
         async with self._lock:
             if self.handed_over:
                 return
-            found: dict[str, podfinder.PodLocation] | None = None
 
             def locate(w: Workload) -> str | None:
                 nonlocal found
@@ -295,13 +299,31 @@ class Enrollment:
             plan = plan_reconcile(
                 state, self.ctx.node, {key: e.uid for key, e in self.pods.items()}, locate
             )
-            for key in plan.release:
-                await self._release(key)
-            for w, path in plan.enroll:
-                assert w.ip is not None
+        node = self.ctx.node
+        for key in plan.release:
+            async with self._lock:
+                if self.handed_over:
+                    return
+                if (e := self.pods.get(key)) and unwanted(self.ctx.store.current, node, key, e.uid):
+                    await self._release(key)
+        for w, path in plan.enroll:
+            async with self._lock:
+                if self.handed_over:
+                    return
+                newest = self.ctx.store.current
+                now = newest.workload(w.namespace, w.name)
+                if (
+                    w.key in self.pods  # a CNI ADD was first
+                    or now is None
+                    or now.uid != w.uid
+                    or not now.ip
+                    or not wanted(newest, node, now)
+                    or not Path(path).exists()
+                ):
+                    continue
                 where = (found or {}).get(w.uid)
                 try:
-                    await self._enroll(w, path, w.ip, where.cgroup if where else None)
+                    await self._enroll(now, path, now.ip, where.cgroup if where else None)
                 except EnrollError as e:
                     log.error("cannot enroll %s: %s", w.key, e)
 

@@ -63,6 +63,7 @@ def test_the_pod_cgroup_comes_from_the_pod() -> None:
 
 
 OPT_OUT = {"veil.dev/dataplane-mode": "none"}
+MODE = "veil.dev/dataplane-mode"
 
 
 def _cluster(*pods: dict[str, Any], mesh: bool = True) -> Any:
@@ -176,3 +177,51 @@ def test_a_registry_that_cannot_be_written_is_said_and_written_again_later(
     blocker.rmdir()
     e._save()
     assert e.registry_error is None and "mesh/client" in (tmp_path / "pods.json").read_text()
+
+
+async def test_a_cni_add_waits_for_one_enrollment_not_a_whole_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A namespace labelled into the mesh enrolls its pods one lock at a time: a CNI ADD of
+    another pod arriving meanwhile is served after the enrollment in progress, not after
+    all of them; and a pod the newest state no longer wants is skipped when its turn comes."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    import trio  # noqa: PLC0415
+
+    from veil.agent import enrollment  # noqa: PLC0415
+    from veil.agent.enrollment import Enrolled  # noqa: PLC0415
+    from veil.core.state import build_state  # noqa: PLC0415
+    from veil.runtime.store import StateStore  # noqa: PLC0415
+
+    for i in range(20):
+        (tmp_path / f"ns-p{i}").touch()
+    (tmp_path / "noproc").mkdir()
+
+    def located(w: Workload) -> str | None:  # "late" comes by CNI ADD only
+        return None if w.name == "late" else str(tmp_path / f"ns-{w.name}")
+
+    monkeypatch.setattr(enrollment, "netns_path", located)
+    pods = [_pod(f"p{i}", uid=f"u{i}") for i in range(20)]
+    store = StateStore(_cluster(*pods, _pod("late", uid="ul")))
+    ctx: Any = SimpleNamespace(store=store, node="node1")
+    e = Enrollment(ctx, tmp_path / "data", RecordingCapture(), host_proc=tmp_path / "noproc")
+    calls: list[str] = []
+
+    async def enroll(
+        w: Workload, netns: str, ip: str, cgroup: str | None = None, listeners: Any = ()
+    ) -> None:
+        calls.append(w.name)
+        await trio.sleep(0.01)  # capture being installed
+        e.pods[w.key] = Enrolled(w.namespace, w.name, w.uid, netns, ip)
+
+    e._enroll = enroll  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(e.reconcile, store.current)
+        await trio.sleep(0.015)  # the reconcile is in its second enrollment
+        ns = {"kind": "Namespace", "metadata": {"name": "mesh", "labels": {MODE: "ambient"}}}
+        store.update(build_state([ns, *pods[:19], _pod("late", uid="ul")], 2))  # p19 deleted
+        assert await e.cni_add("mesh", "late", "/run/netns/late", "10.244.1.30")
+        assert "p5" not in calls  # served while the namespace is still being enrolled
+    assert calls.index("late") <= 3, calls
+    assert "p19" not in calls and len(calls) == 20  # p0..p18 and late
