@@ -32,7 +32,7 @@ from veil.agent.handover import HandoverServer
 from veil.agent.proxy.pod import ProxyContext
 from veil.core import admission
 from veil.core.authz import PolicySet
-from veil.runtime import guard, http
+from veil.runtime import guard, heap, http
 from veil.runtime.config import AgentConfig
 from veil.runtime.identity.ca_client import CaEndpoint
 from veil.runtime.identity.manager import CertificateManager
@@ -91,6 +91,7 @@ class Agent:
         self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir, self.capture, cfg.host_proc)
         self.registry.register(CaptureCollector(self.capture))
         guard.register(self.registry)
+        self.heap = heap.register(self.registry)
         admission.register(self.proxy_ctx.admission, self.registry)
         self.resumed = False
         self.handover = HandoverServer(
@@ -416,6 +417,7 @@ class Agent:
                 log.error("%s capture cannot work; no pod will be enrolled: %s", cfg.capture, e)
                 self.enrollment.capture_broken = str(e)
             await nursery.start(self.access_log.run)
+            nursery.start_soon(heap.give_back_after_peaks, self.heap)
             await nursery.start(self.certs.run)
             await nursery.start(self.source.run, self.store)
             nursery.start_soon(self.follow_state)

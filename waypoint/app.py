@@ -42,7 +42,7 @@ from veil.core.hbone import (
 from veil.core.ports import HBONE_PORT, METRICS_PORT, READY_PORT
 from veil.core.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from veil.core.state import MeshState
-from veil.runtime import guard, http
+from veil.runtime import guard, heap, http
 from veil.runtime.config import CA_SERVER_NAME, check_state_source
 from veil.runtime.hbone.io import HboneError, HboneIO, Stream
 from veil.runtime.hbone.pool import HbonePool
@@ -96,6 +96,7 @@ class WaypointServer:
         self.store = StateStore()
         self.registry = CollectorRegistry()
         guard.register(self.registry)
+        self.heap = heap.register(self.registry)
         self.admission = Admission()
         admission.register(self.admission, self.registry)
         self.certs = CertificateManager(CaEndpoint.of(cfg).request, registry=self.registry)
@@ -161,6 +162,7 @@ class WaypointServer:
 
         async def start(nursery: trio.Nursery) -> None:
             await nursery.start(self.metrics.access.run)
+            nursery.start_soon(heap.give_back_after_peaks, self.heap)
             await nursery.start(self.certs.run)
             self.certs.set_identities({self.identity})
             await nursery.start(open_source(cfg.state_dir, cfg.kubeconfig).run, self.store)
