@@ -11,13 +11,16 @@ workloads have) plus an echo server on node2 and a client on node1. Measured:
 - enrollment: node1's CNI ADDs as the agent logged them (first to last), per pod;
 - the agent's RSS (node1) at rest, and per enrolled pod against the N of the first size;
 - the agent's idle CPU over 10 s with everything enrolled;
+- the namespace labelled out of the mesh, then back in: seconds until node1's agent has
+  released, then enrolled again, all its pods (`veil lab label`, polled on /config_dump);
 - policy to enforcement: `lab apply` of a DENY for the client until its next connection is
   refused (polled with curl), median of 3, and the same for its removal;
-- RSS with 2000 idle connections held through the mesh (client -> server), per connection.
+- 10 000 idle connections held through the mesh (client -> 8 echo servers on node2, since
+  a node's pods may hold 1600 to one pod): how many were refused or cut, and the agent's RSS
+  per connection (node1, the client's side).
 
-A benchmark: it asserts nothing. Prints one markdown table row per N. Past 243 pods per node
-(a /24 holds 245 with the client and the server) the lab gets a /23 per node (501), so N
-stops at 500.
+A benchmark: it asserts nothing. Prints one markdown table row per N. Past what a /24 holds
+(245 pods a node, with the servers) the lab gets a /23 or /22 per node, so N stops at 1000.
 """
 
 from __future__ import annotations
@@ -64,6 +67,15 @@ spec:
   nodeName: node2
   containers: [{name: c, image: veil/echo, command: [veil, echo, --port, "8080"]}]
 """
+HOLDERS = 8  # echo servers on node2 the held connections spread over
+HOLDER = """---
+apiVersion: v1
+kind: Pod
+metadata: {{name: hold{k}, namespace: s, labels: {{app: hold}}}}
+spec:
+  nodeName: node2
+  containers: [{{name: c, image: veil/echo, command: [veil, echo, --port, "8080"]}}]
+"""
 
 POD = """---
 apiVersion: v1
@@ -89,14 +101,28 @@ spec:
 """
 
 HOLD = """
-import socket, sys, time
-socks = []
-for _ in range(int(sys.argv[2])):
-    s = socket.create_connection((sys.argv[1], 8080), timeout=20)
-    socks.append(s)
-print("held", flush=True)
+import resource, socket, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+socks, failed, servers = [], 0, sys.argv[2:]
+for i in range(int(sys.argv[1])):
+    try:
+        socks.append(socket.create_connection((servers[i % len(servers)], 8080), timeout=20))
+    except OSError:
+        failed += 1
+time.sleep(1)
+alive = 0
+for s in socks:  # a connection the mesh refused or reset reads as closed
+    s.setblocking(False)
+    try:
+        alive += s.recv(1) != b""
+    except BlockingIOError:
+        alive += 1
+    except OSError:
+        pass
+print(f"held {alive} failed {failed + len(socks) - alive}", flush=True)
 time.sleep(3600)
 """
+CONNS = 10000  # issue 23: up to 10k per node (one node's pods may hold 1600 to one pod)
 
 
 def curl_ok(server: str) -> bool:
@@ -137,13 +163,36 @@ def enrollment_span(log: Path, after: datetime) -> tuple[int, float, float]:
     return len(stamps), span, statistics.median(took) if took else float("nan")
 
 
+def enrolled_on_node1() -> int:
+    code, body = controlplane.agent_get(f"veil-{LAB}-node1", "/config_dump")
+    return len(json.loads(body)["enrolled"]) if code == 200 else -1
+
+
+def relabel_time(value: str, want: int) -> float:
+    """`veil lab label namespace s` to `value` (`-` removes it) until node1's agent holds
+    `want` pods."""
+    change = f"veil.dev/dataplane-mode={value}" if value != "-" else "veil.dev/dataplane-mode-"
+    started = time.monotonic()
+    veil("lab", "label", "--name", LAB, "namespace", "s", change)
+    while enrolled_on_node1() != want:
+        if time.monotonic() - started > 300:
+            return float("nan")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
 def measure(n: int, tmp: Path) -> dict[str, Any]:
     manifests = tmp / f"scale-{n}.yaml"
-    manifests.write_text(HEAD + "".join(POD.format(i=i, node=1 + i % 2) for i in range(2 * n)))
+    manifests.write_text(
+        HEAD
+        + "".join(HOLDER.format(k=k) for k in range(HOLDERS))
+        + "".join(POD.format(i=i, node=1 + i % 2) for i in range(2 * n))
+    )
     veil("lab", "down", "--name", LAB, check=False)
     began = datetime.now()
     started = time.monotonic()
-    mask = "24" if n <= 243 else "23"
+    on_node2 = n + 1 + HOLDERS
+    mask = "24" if on_node2 <= 245 else "23" if on_node2 <= 501 else "22"
     veil(
         "lab", "up", "-f", str(manifests), "--name", LAB, "--timeout", "1200",
         "--node-cidr-mask-size", mask,
@@ -159,8 +208,11 @@ def measure(n: int, tmp: Path) -> dict[str, Any]:
         cpu = cpu_s(pid)
         time.sleep(10)
         out["idle_cpu"] = (cpu_s(pid) - cpu) / 10
+        out["release"] = relabel_time("-", 0)
+        out["enroll"] = relabel_time("ambient", n + 1)
         st = json.loads(veil("lab", "status", "--name", LAB, "-o", "json"))
         server = next(p["ip"] for p in st["pods"] if p["name"] == "server")
+        holders = [p["ip"] for p in st["pods"] if p["name"].startswith("hold")]
         assert curl_ok(server), "the mesh does not work"
         deny, allow = [], []
         for _ in range(3):
@@ -170,14 +222,16 @@ def measure(n: int, tmp: Path) -> dict[str, Any]:
         before = rss_kb(pid)
         holder = subprocess.Popen(
             [VEIL, "lab", "exec", "--name", LAB, "-n", "s", "client", "--", "python3", "-c",
-             HOLD, server, "2000"],
+             HOLD, str(CONNS), *holders],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
             assert holder.stdout is not None
-            if holder.stdout.readline().strip() == "held":
+            line = holder.stdout.readline().split()
+            if line[:1] == ["held"]:
+                out["held"], out["failed"] = int(line[1]), int(line[3])
                 time.sleep(2)
-                out["conn_kb"] = (rss_kb(pid) - before) / 2000
+                out["conn_kb"] = (rss_kb(pid) - before) / CONNS
         finally:
             holder.kill()
             holder.wait()
@@ -188,15 +242,16 @@ def measure(n: int, tmp: Path) -> dict[str, Any]:
 
 def main() -> None:
     sizes = [int(a) for a in sys.argv[1:]] or [25, 100, 240, 500]
-    if max(sizes) > 500:
-        sys.exit("at most 500 pods per node (the lab's /23 per node, with client and server)")
+    if max(sizes) > 1000:
+        sys.exit("at most 1000 pods per node (the lab's /22 per node, with the servers)")
     print(f"bench/scale/pods.py {' '.join(map(str, sizes))}  ({datetime.now():%Y-%m-%d %H:%M})")
     print(
         "| pods per node | lab up | enrollment on node1 (ADDs, first to last; the agent's "
         "median per ADD) | agent RSS "
-        "| idle CPU | DENY enforced / lifted after `lab apply` | RSS per held connection |"
+        "| idle CPU | namespace out / in (node1) | DENY enforced / lifted after `lab apply` "
+        f"| {CONNS} connections held: refused / RSS each |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     first: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="veil-scale-") as d:
         for n in sizes:
@@ -211,8 +266,9 @@ def main() -> None:
                 f"| {n} | {r['up']:.1f} s | {r['adds']} in {r['enroll_span']:.1f} s "
                 f"({per_add:.0f} ms apart; {r['agent_ms']:.0f} ms in the agent) "
                 f"| {r['rss_kb'] / 1024:.1f} MB{per_pod} "
-                f"| {r['idle_cpu'] * 100:.1f} % | {r['deny']:.2f} / {r['allow']:.2f} s "
-                f"| {r.get('conn_kb', float('nan')):.1f} KB |",
+                f"| {r['idle_cpu'] * 100:.1f} % | {r['release']:.1f} / {r['enroll']:.1f} s "
+                f"| {r['deny']:.2f} / {r['allow']:.2f} s "
+                f"| {r.get('failed', '?')} / {r.get('conn_kb', float('nan')):.1f} KB |",
                 flush=True,
             )
 
