@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import statistics
 import subprocess
@@ -226,6 +227,9 @@ def recovery(rows: list[tuple[float, float, int]], end_of_attack: float, p50: fl
     return float("nan")
 
 
+SETTLE = 35.0
+
+
 def sample(
     pid: int, every: float, out: list[tuple[float, int, float]], done: Callable[[], bool]
 ) -> None:
@@ -274,6 +278,11 @@ def run(seconds: float) -> None:
 
         trio.run(main)
         load.wait(timeout=3 * seconds + 30)
+        time.sleep(SETTLE)  # past the agent's next look at its heap (every 30 s)
+        settled = rss_kb(pid)
+        code, metrics = controlplane.agent_get(f"veil-{LAB}-node2", "/metrics", 15020)
+        found = re.findall(r"^veil_heap_(\w+)_total (\S+)$", metrics, re.M) if code == 200 else []
+        heap = {k: float(v) for k, v in found}
         out = log.read_text()
         log.unlink()
         rows = [
@@ -302,6 +311,12 @@ def run(seconds: float) -> None:
         back = recovery(rows, 2 * seconds, phases["before"]["p50"])
         print(f"\nrecovered (1 s p50 within 1.5x of before) {back:.2f} s after the attack stopped")
         print("what the attack got:", ", ".join(f"{k}: {v}" for k, v in sorted(a.counts.items())))
+        first = samples[0][1] / 1024 if samples else float("nan")
+        print(
+            f"node2 agent RSS: {first:.1f} MB at the start, {settled / 1024:.1f} MB {SETTLE:g} s "
+            f"after the traffic ended (heap trims {heap.get('trims', float('nan')):.0f}, "
+            f"{heap.get('returned_bytes', float('nan')) / 2**20:.1f} MB returned)"
+        )
     finally:
         veil("lab", "down", "--name", LAB, check=False)
 

@@ -14,15 +14,23 @@ thing asked for, leaves what is established alone, and is counted in
 | `tunnels`: inbound tunnels on the node | 8192 | closed |
 | `streams`: inbound streams with an app connection on the node | half the open-files limit | 503 |
 | `pending_connects`: app connections being opened on the node | 1024 | 503 |
+| `penalized`: handshakes from a peer whose tunnel was ended for a flood (below) | 1-30 s | closed |
 
 A client pools one tunnel per (identity, destination) and opens another only past 100 streams
 (the most a tunnel takes), so 16 tunnels from one pod to one pod is 1600 concurrent
 connections between them before anything is refused.
+
+A peer whose tunnel the agent ended for a flood (ENHANCE_YOUR_CALM: PINGs, SETTINGS, empty
+frames) may reconnect at once and flood again, each time for the price of a handshake the
+agent pays too: measured, 4 such peers made ~145 handshakes a second and moved the p50 of
+everyone else's traffic 10x. Its handshakes are refused (closed before TLS) for a while,
+1 s after the first flood, doubling with each flood within the window, up to 30 s.
 """
 
 from __future__ import annotations
 
 import resource
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +55,8 @@ class Limits:
     tunnels: int = 8192
     streams: int = field(default_factory=_default_streams)
     pending_connects: int = 1024
+    penalty: float = 1.0  # seconds a flooding peer's handshakes are refused, doubled per repeat
+    max_penalty: float = 30.0
 
 
 class Admission:
@@ -61,12 +71,31 @@ class Admission:
         self.pending_connects = 0
         self.tunnels_by_peer: Counter[tuple[str, str]] = Counter()
         self.refused: Counter[str] = Counter()
+        self.penalties: dict[str, tuple[float, float]] = {}  # peer IP: (until, last length)
 
     def _refuse(self, limit: str) -> bool:
         self.refused[limit] += 1
         return False
 
-    def take_handshake(self, peer_ip: str) -> bool:
+    def penalize(self, peer_ip: str, now: float | None = None) -> float:
+        """A tunnel from `peer_ip` was ended for a flood: refuse its handshakes for a while
+        (doubled if it flooded again within twice its last penalty); how long."""
+        now = time.monotonic() if now is None else now
+        until, length = self.penalties.get(peer_ip, (0.0, 0.0))
+        repeat = now < until + length  # within the penalty, or as long again after it
+        length = min(self.limits.max_penalty, 2 * length) if repeat else self.limits.penalty
+        self.penalties[peer_ip] = (now + length, length)
+        if len(self.penalties) > 4096:  # authenticated peers only, but bounded all the same
+            self.penalties = {ip: p for ip, p in self.penalties.items() if p[0] + p[1] > now}
+        return length
+
+    def take_handshake(self, peer_ip: str, now: float | None = None) -> bool:
+        if (p := self.penalties.get(peer_ip)) is not None:
+            now = time.monotonic() if now is None else now
+            if now < p[0]:
+                return self._refuse("penalized")
+            if now >= p[0] + p[1]:
+                del self.penalties[peer_ip]  # served, and quiet as long again: forgotten
         if self.handshakes_by_peer[peer_ip] >= self.limits.handshakes_per_peer:
             return self._refuse("handshakes_per_peer")
         if self.handshakes >= self.limits.handshakes:

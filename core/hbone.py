@@ -94,6 +94,10 @@ _REQUEST_PSEUDO = frozenset({":method", ":scheme", ":authority", ":path", ":prot
 class HboneProtocolError(Exception):
     """The peer broke HTTP/2; a GOAWAY is queued and the connection must be closed."""
 
+    def __init__(self, why: str, code: ErrorCode) -> None:
+        super().__init__(why)
+        self.code = code
+
 
 def parse_authority(authority: str) -> tuple[str, int] | None:
     """`<ipv4>:<port>` (or `[ipv6]:port`) from a CONNECT authority; None if malformed."""
@@ -649,10 +653,12 @@ class HboneConnection:
             return self._receive(memoryview(data))
         except _ConnectionError as e:
             self.close(e.code)
-            raise HboneProtocolError(f"{e.code.name}: {e}") from None
+            raise HboneProtocolError(f"{e.code.name}: {e}", e.code) from None
         except hpack.exceptions.HPACKError as e:
             self.close(ErrorCode.COMPRESSION_ERROR)
-            raise HboneProtocolError(f"COMPRESSION_ERROR: {e}") from None
+            raise HboneProtocolError(
+                f"COMPRESSION_ERROR: {e}", ErrorCode.COMPRESSION_ERROR
+            ) from None
 
     def _receive(self, view: memoryview) -> list[Event]:
         events: list[Event] = []

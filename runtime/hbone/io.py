@@ -462,6 +462,7 @@ class HboneIO:
         self._unanswered: deque[tuple[float, Stream, int]] = deque()
         self._watch_wake: trio.Event | None = None  # set while the watcher waits for work
         self.reads = 0  # successful reads from the peer: it was alive when this moved
+        self.violation: ErrorCode | None = None  # how the peer broke HTTP/2, if it did
 
     # -- output ----------------------------------------------------------------------------
 
@@ -630,6 +631,7 @@ class HboneIO:
                 events = self.conn.receive_data(data)
             except HboneProtocolError as e:
                 log.info("HTTP/2 protocol error from %s: %s", self.peer, e)
+                self.violation = e.code
                 self.queue_output()  # the GOAWAY
                 with trio.move_on_after(1):
                     await self.tls.flush()

@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from veil.core.admission import Admission
-from veil.core.hbone import HboneConnection, RequestReceived
+from veil.core.hbone import ErrorCode, HboneConnection, RequestReceived
 from veil.core.spiffe import SpiffeId
 from veil.runtime.hbone.io import HboneIO, TlsSocket
 from veil.runtime.identity.manager import CertificateManager, NoCertificate
@@ -56,7 +56,7 @@ class HboneServer:
         peer_ip = peer[0]
         admission = self.admission
         if not admission.take_handshake(peer_ip):
-            log.warning("HBONE from %s refused: too many handshakes in progress", peer_ip)
+            log.warning("HBONE from %s refused: handshake limit, or penalized for a flood", peer_ip)
             sock.close()
             return
         try:
@@ -99,6 +99,16 @@ class HboneServer:
             self._open.discard(io)
             self.tunnels -= 1
             admission.drop_tunnel(peer_ip, self.scope)
+            if io.violation == ErrorCode.ENHANCE_YOUR_CALM:
+                seconds = admission.penalize(peer_ip)
+                log.warning(
+                    "HBONE from %s (%s) to %s: tunnel ended for a flood; its handshakes are "
+                    "refused for %gs",
+                    peer_ip,
+                    peer_id,
+                    self.name,
+                    seconds,
+                )
 
     async def drain(self, notice: float = DRAIN_NOTICE) -> None:
         """Hand-over (the listener is another agent's now): tell every client to take its next

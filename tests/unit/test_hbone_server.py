@@ -4,6 +4,7 @@ verified identities in, caps held, nothing served without a certificate."""
 from __future__ import annotations
 
 import socket
+import ssl
 
 import pytest
 import trio
@@ -103,3 +104,51 @@ async def test_without_its_certificate_the_server_serves_nothing(tmp_path):
             await io.tls.handshake()
         assert seen == [] and srv.tunnels == 0
         n.cancel_scope.cancel()
+
+
+async def test_a_peer_ended_for_a_flood_is_refused_before_tls_for_a_while(tmp_path):
+    """A PING flood ends the tunnel (ENHANCE_YOUR_CALM); the same peer's next connection is
+    closed before any handshake work, and counted; other peers are served."""
+    from veil.core.hbone import PING, frame_header  # noqa: PLC0415
+
+    ping = frame_header(8, PING, 0, 0) + b"12345678"
+
+    ca = InProcessCa(tmp_path)
+    seen: list[tuple[str, str]] = []
+    admission = Admission()
+    async with trio.open_nursery() as n:
+        srv = server(await manager(n, ca, CATALOG), admission, seen)
+        client_mgr = await manager(n, ca, FRONTEND)
+        io, _ = await connect(n, srv, client_mgr)
+        await io.tls.handshake()
+        io.tls.write(io.conn.data_to_send())  # the preface
+        with trio.move_on_after(5):
+            while "10.244.1.5" not in admission.penalties:  # PINGs, never reading answers
+                io.tls.write(ping * 100)
+                try:
+                    await io.tls.flush()
+                except OSError:
+                    await trio.sleep(0.01)
+        assert "10.244.1.5" in admission.penalties
+        again, _ = await connect(n, srv, client_mgr)
+        with pytest.raises((OSError, ssl.SSLError)):
+            await again.tls.handshake()
+        assert admission.refused["penalized"] == 1
+        assert admission.handshakes == 0
+        n.cancel_scope.cancel()
+
+
+def test_a_flood_s_penalty_doubles_on_repeat_and_is_forgotten_after_quiet():
+    a = Admission(Limits(penalty=1.0, max_penalty=4.0))
+    assert a.penalize("p", now=100.0) == 1.0
+    assert not a.take_handshake("p", now=100.5) and a.take_handshake("q", now=100.5)
+    assert a.take_handshake("p", now=101.0)  # served
+    a.drop_handshake("p")
+    assert a.penalize("p", now=101.5) == 2.0  # again soon after: twice as long
+    assert a.penalize("p", now=103.6) == 4.0
+    assert a.penalize("p", now=107.7) == 4.0  # capped
+    assert not a.take_handshake("p", now=111.6)
+    assert a.take_handshake("p", now=120.0)  # quiet as long again: forgotten
+    assert "p" not in a.penalties
+    assert a.penalize("p", now=120.0) == 1.0
+    assert a.refused["penalized"] == 2
