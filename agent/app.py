@@ -96,7 +96,7 @@ class Agent:
         self.resumed = False
         self.handover = HandoverServer(
             self.enrollment.handover_socket,
-            self.enrollment.lock,
+            self.enrollment.locks.every,
             self.enrollment.listeners,
             self._release,
         )

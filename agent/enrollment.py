@@ -19,7 +19,8 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,52 @@ NETNS_ANNOTATION = "lab.veil.dev/netns"
 CGROUP_ANNOTATION = "lab.veil.dev/cgroup"
 CNI_STATE_WAIT = 3.0  # how long a CNI ADD waits for the pod to appear in cluster state
 REGISTRY_RETRY = 5.0  # seconds between writes of a registry that could not be written
+
+
+class PodLocks:
+    """One change per pod at a time, changes of different pods side by side; `every()` waits
+    for the changes in progress and holds off new ones (a hand-over, an uninstall)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, trio.Lock] = {}
+        self._users: Counter[str] = Counter()
+        self._active = 0  # changes holding or waiting for a pod's lock
+        self._idle = trio.Event()
+        self._idle.set()
+        self._every = trio.Lock()  # held by `every()`
+        self._free = trio.Event()  # set while no `every()` holds changes off
+        self._free.set()
+
+    @contextlib.asynccontextmanager
+    async def pod(self, key: str) -> AsyncIterator[None]:
+        while not self._free.is_set():
+            await self._free.wait()
+        if self._active == 0:
+            self._idle = trio.Event()
+        self._active += 1
+        lock = self._locks.setdefault(key, trio.Lock())
+        self._users[key] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key], self._locks[key]
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def every(self) -> AsyncIterator[None]:
+        async with self._every:
+            self._free = trio.Event()
+            try:
+                while self._active:
+                    await self._idle.wait()
+                yield
+            finally:
+                self._free.set()
 
 
 class EnrollError(RuntimeError):
@@ -122,7 +169,7 @@ class Enrollment:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.pods: dict[str, Enrolled] = {}  # key: namespace/name
         self._scopes: dict[str, trio.CancelScope] = {}
-        self._lock = trio.Lock()  # one enrollment change at a time
+        self.locks = PodLocks()
         self._nursery: trio.Nursery | None = None
         self.capture_errors = 0
         self.registry_error: str | None = None  # why the registry cannot be written now
@@ -131,11 +178,6 @@ class Enrollment:
         self.handover_socket = data_dir / "handover.sock"
         self.handed_over = False  # a successor serves our pods: change nothing from now on
         self.predecessor: handover.Predecessor | None = None
-
-    @property
-    def lock(self) -> trio.Lock:
-        """Held by every enrollment change (and a hand-over)."""
-        return self._lock
 
     # -- registry --------------------------------------------------------------------------
 
@@ -262,7 +304,7 @@ class Enrollment:
         state = self.ctx.store.current
         if not wanted(state, self.ctx.node, w):
             return False
-        async with self._lock:
+        async with self.locks.pod(key):
             if key in self.pods:
                 # A new sandbox for a pod we hold (its network set up again, maybe at the same
                 # path after a DEL we never heard of): what we captured is gone or going.
@@ -272,42 +314,45 @@ class Enrollment:
         return True
 
     async def cni_del(self, namespace: str, name: str) -> None:
-        async with self._lock:
+        async with self.locks.pod(f"{namespace}/{name}"):
             if self.handed_over:
                 raise EnrollError("this agent handed its pods over to a new agent; try again")
             await self._release(f"{namespace}/{name}")
 
     async def reconcile(self, state: MeshState) -> None:
-        """Follow labels of running pods: enroll the wanted, release the others. The lock is
-        taken per pod, not for the whole plan: a CNI ADD of another pod waits for one
-        enrollment at most, not for a whole namespace's (each step is checked again against
-        the newest state when its turn comes)."""
+        """Follow labels of running pods: enroll the wanted, release the others. Pods are
+        changed side by side (as many at once as the capture mode allows: iptables' rule
+        changes mostly wait on the kernel), each under its own lock, so a CNI ADD of another
+        pod never waits for a whole namespace; each step is checked again against the newest
+        state when its turn comes."""
+        if self.handed_over:
+            return
         found: dict[str, podfinder.PodLocation] | None = None
-        async with self._lock:
-            if self.handed_over:
-                return
 
-            def locate(w: Workload) -> str | None:
-                nonlocal found
-                if (path := netns_path(w)) is not None:  # the lab's manifest mode says
-                    return path if Path(path).exists() else None
-                if found is None:  # one /proc scan per reconcile, and only when needed
-                    found = podfinder.scan(self.host_proc)
-                where = found.get(w.uid)
-                return where.netns if where else None
+        def locate(w: Workload) -> str | None:
+            nonlocal found
+            if (path := netns_path(w)) is not None:  # the lab's manifest mode says
+                return path if Path(path).exists() else None
+            if found is None:  # one /proc scan per reconcile, and only when needed
+                found = podfinder.scan(self.host_proc)
+            where = found.get(w.uid)
+            return where.netns if where else None
 
-            plan = plan_reconcile(
-                state, self.ctx.node, {key: e.uid for key, e in self.pods.items()}, locate
-            )
+        plan = plan_reconcile(
+            state, self.ctx.node, {key: e.uid for key, e in self.pods.items()}, locate
+        )
         node = self.ctx.node
-        for key in plan.release:
-            async with self._lock:
+        limit = trio.CapacityLimiter(getattr(self.capture, "concurrency", 1))
+
+        async def release(key: str) -> None:
+            async with limit, self.locks.pod(key):
                 if self.handed_over:
                     return
                 if (e := self.pods.get(key)) and unwanted(self.ctx.store.current, node, key, e.uid):
                     await self._release(key)
-        for w, path in plan.enroll:
-            async with self._lock:
+
+        async def enroll(w: Workload, path: str) -> None:
+            async with limit, self.locks.pod(w.key):
                 if self.handed_over:
                     return
                 newest = self.ctx.store.current
@@ -320,12 +365,19 @@ class Enrollment:
                     or not wanted(newest, node, now)
                     or not Path(path).exists()
                 ):
-                    continue
+                    return
                 where = (found or {}).get(w.uid)
                 try:
                     await self._enroll(now, path, now.ip, where.cgroup if where else None)
                 except EnrollError as e:
                     log.error("cannot enroll %s: %s", w.key, e)
+
+        async with trio.open_nursery() as nursery:  # releases first: a replaced pod's too
+            for key in plan.release:
+                nursery.start_soon(release, key)
+        async with trio.open_nursery() as nursery:
+            for w, path in plan.enroll:
+                nursery.start_soon(enroll, w, path)
 
     # -- hand-over ---------------------------------------------------------------------------
 
@@ -343,7 +395,7 @@ class Enrollment:
 
     async def release_all(self) -> int:
         """Uninstall: every pod released (capture removed first); how many."""
-        async with self._lock:
+        async with self.locks.every():
             keys = list(self.pods)
             for key in keys:
                 await self._release(key)
@@ -392,7 +444,7 @@ class Enrollment:
                 log.info("not resuming %s: the pod is gone", key)
                 continue
             try:
-                async with self._lock:
+                async with self.locks.pod(key):
                     await self._enroll(w, entry.netns, entry.ip, entry.cgroup or None, listeners)
             except EnrollError as e:
                 for s in listeners:
@@ -425,8 +477,7 @@ class Enrollment:
                     with trio.move_on_after(REGISTRY_RETRY):
                         await store.wait_newer(version)
                     if store.current.version == version:
-                        async with self._lock:
-                            self._save()
+                        self._save()  # synchronous: no change can come in between
                         continue
                 state = await store.wait_newer(version)
                 version = state.version

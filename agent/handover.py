@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,11 +178,12 @@ Listeners = Callable[[], dict[str, tuple[dict[str, Any], list[socket.socket]]]]
 @dataclass
 class HandoverServer:
     """The running agent's side. `listeners()`: every enrolled pod and its listening sockets,
-    taken under the enrollment lock (`lock`); `release()` is called once the successor
-    confirmed: stop accepting everywhere, free the node ports, start draining."""
+    taken while no enrollment change is in progress (`exclusive()`, which waits for those
+    and holds new ones off); `release()` is called once the successor confirmed: stop
+    accepting everywhere, free the node ports, start draining."""
 
     path: Path
-    lock: trio.Lock
+    exclusive: Callable[[], AbstractAsyncContextManager[None]]
     listeners: Listeners
     release: Callable[[], Awaitable[None]]
     handed_over: trio.Event = field(default_factory=trio.Event)
@@ -219,7 +221,7 @@ class HandoverServer:
         if self.handed_over.is_set():
             await send(conn, encode("refused", reason="already handed over"))
             return
-        async with self.lock:  # no pod enrolled or released while the successor takes over
+        async with self.exclusive():  # no pod enrolled or released while the successor takes over
             pods = self.listeners()
             for entry, listeners in pods.values():
                 await send(conn, encode("pod", entry=entry), [s.fileno() for s in listeners])

@@ -109,7 +109,7 @@ def worker(kubeconfig: str, sizes: list[int]) -> None:
 
         async def one(i: int) -> None:
             async with limit:
-                await client.create(Pod.from_dict(pod(i)))
+                await client.create(Pod.from_dict(pod(i)))  # type: ignore[call-overload]
                 await client.patch(Pod.Status, f"p{i}", status(i), namespace=NS)
 
         async with trio.open_nursery() as n:

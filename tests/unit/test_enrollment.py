@@ -225,3 +225,84 @@ async def test_a_cni_add_waits_for_one_enrollment_not_a_whole_namespace(
         assert "p5" not in calls  # served while the namespace is still being enrolled
     assert calls.index("late") <= 3, calls
     assert "p19" not in calls and len(calls) == 20  # p0..p18 and late
+
+
+async def test_pod_locks_serialize_one_pod_run_others_side_by_side_and_every_waits():
+    import trio  # noqa: PLC0415
+
+    from veil.agent.enrollment import PodLocks  # noqa: PLC0415
+
+    locks, log = PodLocks(), []
+
+    async def change(key: str, name: str) -> None:
+        async with locks.pod(key):
+            log.append(f"{name} in")
+            await trio.sleep(0.01)
+            log.append(f"{name} out")
+
+    async def every() -> None:
+        async with locks.every():
+            log.append("every in")
+            await trio.sleep(0.01)
+            log.append("every out")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(change, "a", "a1")
+        n.start_soon(change, "a", "a2")
+        n.start_soon(change, "b", "b1")
+        await trio.sleep(0.001)
+        n.start_soon(every)
+        await trio.sleep(0.001)
+        n.start_soon(change, "c", "c1")  # after every(): held off until it is done
+    assert sorted(log[:2]) in (["a1 in", "b1 in"], ["a2 in", "b1 in"]), log  # side by side
+    a = [x for x in log if x.startswith("a")]
+    assert a[0][:2] == a[1][:2] and a[2][:2] == a[3][:2], log  # one pod: one at a time
+    assert log.index("every in") > max(log.index(f"{x} out") for x in ("a1", "a2", "b1"))
+    assert log.index("c1 in") > log.index("every out")
+
+
+async def test_a_namespace_is_enrolled_side_by_side_as_the_capture_allows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """iptables capture changes several pods at once (its time is the kernel's commit); a
+    replaced pod is released before it is enrolled again."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    import trio  # noqa: PLC0415
+
+    from veil.agent import enrollment  # noqa: PLC0415
+    from veil.agent.enrollment import Enrolled  # noqa: PLC0415
+    from veil.runtime.store import StateStore  # noqa: PLC0415
+
+    for i in range(12):
+        (tmp_path / f"ns-p{i}").touch()
+    monkeypatch.setattr(enrollment, "netns_path", lambda w: str(tmp_path / f"ns-{w.name}"))
+    store = StateStore(_cluster(*[_pod(f"p{i}", uid=f"u{i}") for i in range(12)]))
+    capture = RecordingCapture()
+    capture.concurrency = 4  # type: ignore[attr-defined]
+    ctx: Any = SimpleNamespace(store=store, node="node1")
+    e = Enrollment(ctx, tmp_path / "data", capture)
+    e.pods["mesh/p0"] = Enrolled("mesh", "p0", "old-uid", str(tmp_path / "ns-p0"), "10.244.1.9")
+    busy, most, log = 0, 0, []
+
+    async def enroll(
+        w: Workload, netns: str, ip: str, cgroup: str | None = None, listeners: Any = ()
+    ) -> None:
+        nonlocal busy, most
+        busy += 1
+        most = max(most, busy)
+        log.append(f"enroll {w.name}")
+        await trio.sleep(0.01)
+        e.pods[w.key] = Enrolled(w.namespace, w.name, w.uid, netns, ip)
+        busy -= 1
+
+    async def release(key: str) -> None:
+        log.append(f"release {key}")
+        e.pods.pop(key, None)
+
+    e._enroll = enroll  # type: ignore[method-assign]
+    e._release = release  # type: ignore[method-assign]
+    await e.reconcile(store.current)
+    assert most == 4
+    assert log[0] == "release mesh/p0" and len(e.pods) == 12
+    assert e.pods["mesh/p0"].uid == "u0"

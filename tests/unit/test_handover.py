@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from veil.agent import handover
+from veil.agent.enrollment import PodLocks
 
 
 def listening() -> list[socket.socket]:
@@ -29,7 +30,7 @@ async def start_server(
     async def release() -> None:
         released.append("released")
 
-    server = handover.HandoverServer(path, trio.Lock(), lambda: pods, release)
+    server = handover.HandoverServer(path, PodLocks().every, lambda: pods, release)
     await nursery.start(server.serve)
     return server
 
