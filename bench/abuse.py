@@ -1,7 +1,7 @@
 """Abuse under load: the agent's limits tested together by a mixed attack while normal
 traffic runs, and what the normal traffic saw before, during and after.
 
-    sudo .venv/bin/python bench/abuse.py [--seconds 15]
+    sudo .venv/bin/python bench/abuse.py [--seconds 15] [--waypoint]
 
 Lab: tests/integration/mesh (two nodes, iptables capture). Normal traffic: inside `client`
 (node1), one new connection per request to server-b (node2) through both agents, back to back,
@@ -14,6 +14,12 @@ the attack, after. The attack, all at once against node2's agent and server-b:
 - control frames: 4 mesh tunnels (a valid certificate of `plain/default`) sending PINGs as
   fast as they can, never reading the answers;
 - streams: 16 tunnels x 100 streams (the per-peer caps) opened to server-b:8080 and held.
+
+`--waypoint`: the waypoint suite's lab (tests/integration/waypoint) instead; normal traffic
+from web/client to the catalog Service (through node1's agent and the waypoint, new
+connection per request), and the attack 500 slow HTTP/1.1 clients in web/client itself, so
+in the mesh and through the waypoint's HTTP parsing, a byte a second; the waypoint's RSS and
+CPU.
 
 Per phase: requests, errors, p50 and p99 latency of the normal traffic; node2's agent RSS
 (peak) and CPU; what each attack got (connections closed by the agent, tunnels ended). After
@@ -52,17 +58,19 @@ from veil.core.spiffe import SpiffeId  # noqa: E402
 from veil.lab import controlplane  # noqa: E402
 
 MESH = str(ROOT / "tests" / "integration" / "mesh")
+WAYPOINT = str(ROOT / "tests" / "integration" / "waypoint")
+WAYPOINT_PORT = 9080  # the catalog Service, bound to the waypoint
 LAB = "abuse"
 
 LOAD = """
 import socket, sys, time
-target, seconds = sys.argv[1], float(sys.argv[2])
+target, seconds, port = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 t0 = time.monotonic()
 while time.monotonic() - t0 < seconds:
     start = time.monotonic()
     ok = 0
     try:
-        s = socket.create_connection((target, 8080), timeout=2)
+        s = socket.create_connection((target, port), timeout=2)
         s.settimeout(2)
         s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
         data = b""
@@ -124,12 +132,12 @@ async def silent_handshakes(ns: str, target: str, n: int, a: Attack) -> None:
             nursery.start_soon(one)
 
 
-async def slow_clients(ns: str, target: str, n: int, a: Attack) -> None:
+async def slow_clients(ns: str, target: str, n: int, a: Attack, port: int = 8080) -> None:
     request = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
 
     async def one() -> None:
         try:
-            stream = await tcp(ns, target, 8080)
+            stream = await tcp(ns, target, port)
         except OSError:
             a.count("slow: connect refused")
             return
@@ -192,6 +200,16 @@ async def stream_hog(ns: str, target: str, ctx: Any, streams: int, a: Attack) ->
         tls.close()
 
 
+async def waypoint_attack(lab: str, target: str, ctx: Any, stop: trio.Event, a: Attack) -> None:
+    """500 slow HTTP/1.1 clients from web/client (in the mesh: through node1's agent and
+    the waypoint's HTTP parsing) to the catalog Service."""
+    client = f"/run/netns/veil-{lab}-web_client"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_clients, client, target, 500, a, WAYPOINT_PORT)
+        await stop.wait()
+        nursery.cancel_scope.cancel()
+
+
 async def attack(lab: str, target: str, ctx: Any, stop: trio.Event, a: Attack) -> None:
     legacy = f"/run/netns/veil-{lab}-plain_legacy"
     async with trio.open_nursery() as nursery:
@@ -238,22 +256,38 @@ def sample(
         time.sleep(every)
 
 
-def run(seconds: float) -> None:
+def waypoint_pid() -> int:
+    """The waypoint process (under its supervisor) of this bench's lab."""
+    out = subprocess.run(
+        ["pgrep", "-f", "-n", "veil waypoint --gateway waypoint --namespace web"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(out.stdout.split()[0])
+
+
+def run(seconds: float, waypoint: bool) -> None:
     veil("lab", "down", "--name", LAB, check=False)
-    veil("lab", "up", "-f", MESH, "--name", LAB)
+    veil("lab", "up", "-f", WAYPOINT if waypoint else MESH, "--name", LAB)
     try:
         st = json.loads(veil("lab", "status", "--name", LAB, "-o", "json"))
-        target = next(p["ip"] for p in st["pods"] if p["name"] == "server-b")
-        pid = int(controlplane.agent_process(LAB, "node2")["pid"])
-        with tempfile.TemporaryDirectory() as d:
-            ctx = mesh_client_context(
-                LAB, "node2", SpiffeId("cluster.local", "plain", "default"), Path(d)
-            )
+        if waypoint:
+            target = next(s["clusterIP"] for s in st["services"] if s["name"] == "catalog")
+            pid, port, ns, who = waypoint_pid(), WAYPOINT_PORT, "web", "the waypoint"
+        else:
+            target = next(p["ip"] for p in st["pods"] if p["name"] == "server-b")
+            pid = int(controlplane.agent_process(LAB, "node2")["pid"])
+            port, ns, who = 8080, "mesh", "node2 agent"
+        ctx = None
+        if not waypoint:
+            with tempfile.TemporaryDirectory() as d:
+                ctx = mesh_client_context(
+                    LAB, "node2", SpiffeId("cluster.local", "plain", "default"), Path(d)
+                )
         log = Path(tempfile.mkstemp(prefix="veil-abuse-")[1])
         with log.open("w") as sink:  # a file, not a pipe: nobody reads it until the end
             load = subprocess.Popen(
-                [VEIL, "lab", "exec", "--name", LAB, "-n", "mesh", "client", "--", "python3",
-                 "-c", LOAD, target, str(3 * seconds)],
+                [VEIL, "lab", "exec", "--name", LAB, "-n", ns, "client", "--", "python3",
+                 "-c", LOAD, target, str(3 * seconds), str(port)],
                 stdout=sink, text=True,
             )  # fmt: skip
         a = Attack()
@@ -272,7 +306,9 @@ def run(seconds: float) -> None:
                     lambda: load.poll() is not None,
                 )
                 await trio.sleep(seconds)
-                nursery.start_soon(attack, LAB, target, ctx, stop, a)
+                nursery.start_soon(
+                    waypoint_attack if waypoint else attack, LAB, target, ctx, stop, a
+                )
                 await trio.sleep(seconds)
                 stop.set()
 
@@ -280,8 +316,13 @@ def run(seconds: float) -> None:
         load.wait(timeout=3 * seconds + 30)
         time.sleep(SETTLE)  # past the agent's next look at its heap (every 30 s)
         settled = rss_kb(pid)
-        code, metrics = controlplane.agent_get(f"veil-{LAB}-node2", "/metrics", 15020)
-        found = re.findall(r"^veil_heap_(\w+)_total (\S+)$", metrics, re.M) if code == 200 else []
+        if waypoint:
+            found = []  # its metrics port is the pod's; the RSS says it
+        else:
+            code, metrics = controlplane.agent_get(f"veil-{LAB}-node2", "/metrics", 15020)
+            found = (
+                re.findall(r"^veil_heap_(\w+)_total (\S+)$", metrics, re.M) if code == 200 else []
+            )
         heap = {k: float(v) for k, v in found}
         out = log.read_text()
         log.unlink()
@@ -294,8 +335,9 @@ def run(seconds: float) -> None:
             "during": phase_stats(rows, seconds, 2 * seconds),
             "after": phase_stats(rows, 2 * seconds, 3 * seconds),
         }
-        print(f"bench/abuse.py --seconds {seconds:g}  ({datetime.now():%Y-%m-%d %H:%M})")
-        print("| phase | requests | errors | p50 | p99 | node2 agent RSS (peak) | its CPU |")
+        flag = " --waypoint" if waypoint else ""
+        print(f"bench/abuse.py --seconds {seconds:g}{flag}  ({datetime.now():%Y-%m-%d %H:%M})")
+        print(f"| phase | requests | errors | p50 | p99 | {who} RSS (peak) | its CPU |")
         print("|---|---|---|---|---|---|---|")
         for i, (name, ph) in enumerate(phases.items()):
             lo, hi = t0 + i * seconds, t0 + (i + 1) * seconds
@@ -313,7 +355,7 @@ def run(seconds: float) -> None:
         print("what the attack got:", ", ".join(f"{k}: {v}" for k, v in sorted(a.counts.items())))
         first = samples[0][1] / 1024 if samples else float("nan")
         print(
-            f"node2 agent RSS: {first:.1f} MB at the start, {settled / 1024:.1f} MB {SETTLE:g} s "
+            f"{who} RSS: {first:.1f} MB at the start, {settled / 1024:.1f} MB {SETTLE:g} s "
             f"after the traffic ended (heap trims {heap.get('trims', float('nan')):.0f}, "
             f"{heap.get('returned_bytes', float('nan')) / 2**20:.1f} MB returned)"
         )
@@ -324,4 +366,10 @@ def run(seconds: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=15)
-    run(parser.parse_args().seconds)
+    parser.add_argument(
+        "--waypoint",
+        action="store_true",
+        help="the waypoint suite's lab: 500 slow HTTP clients through the waypoint instead",
+    )
+    args = parser.parse_args()
+    run(args.seconds, args.waypoint)
