@@ -16,7 +16,8 @@ ROUNDS rounds (the table shows medians; the VM's speed drifts, so no path gets a
 
 Per path: single-stream throughput, 64-byte ping-pong latency p50/p99 over one connection,
 new connections/s (CLIENTS threads, 1 byte each way), and the proxies' CPU seconds per GB
-during the throughput run (both ends together; from /proc/<pid>/stat). On 2 cores every
+during the throughput run (both ends together; from /proc/<pid>/stat), and their RSS (both
+ends) before each path's load and the most it reached under it. On 2 cores every
 proxied path is CPU-bound: compare CPU-s/GB. The load generator is C (bench/tcpbench.c).
 A benchmark, not a test: it asserts nothing.
 """
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server  # noqa: E402
 
+from bench.proc import RssPeak  # noqa: E402
 from veil.core.csr import build_csr, key_pem, new_key  # noqa: E402
 from veil.core.spiffe import SpiffeId  # noqa: E402
 from veil.lab import cgroups, controlplane, store  # noqa: E402
@@ -123,11 +125,14 @@ def measure(  # noqa: PLR0917
         result = tcpbench(binary, *args)
         return result, (cpu_seconds(proxy_pids) - before if proxy_pids else 0.0)
 
-    stream, cpu = with_cpu("stream", host, str(port), str(seconds))
-    rr = tcpbench(binary, "rr", host, str(port), str(seconds))
-    crr, conn_cpu = with_cpu("crr", host, str(port), str(seconds), str(clients))
+    with RssPeak(proxy_pids) as rss:
+        stream, cpu = with_cpu("stream", host, str(port), str(seconds))
+        rr = tcpbench(binary, "rr", host, str(port), str(seconds))
+        crr, conn_cpu = with_cpu("crr", host, str(port), str(seconds), str(clients))
     gb = stream["bytes"] / 1e9
     return {
+        "rss_rest_mb": rss.rest if proxy_pids else None,  # both ends, before this path's load
+        "rss_peak_mb": rss.peak if proxy_pids else None,  # both ends, the most under load
         "gbit_s": stream["bytes_per_s"] * 8 / 1e9,
         "p50_us": rr["p50_us"],
         "p99_us": rr["p99_us"],
@@ -332,13 +337,17 @@ def table(results: dict[str, Any]) -> str:
     d = results["direct"]
     lines = [
         "| path | Gbit/s (1 stream) | p50 µs (64 B RR) | p99 µs | conn/s | "
-        "proxy CPU-s/GB (both ends) | proxy CPU µs/conn (both ends) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "proxy CPU-s/GB (both ends) | proxy CPU µs/conn (both ends) | "
+        "proxy RSS MB at rest / under load (both ends) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in PATHS:
         r = results[name]
         cpu = "-" if r["cpu_s_per_gb"] is None else f"{r['cpu_s_per_gb']:.2f}"
         per_conn = "-" if r["cpu_us_per_conn"] is None else f"{r['cpu_us_per_conn']:.0f}"
+        rss = (
+            "-" if r["rss_rest_mb"] is None else f"{r['rss_rest_mb']:.1f} / {r['rss_peak_mb']:.1f}"
+        )
         ratio = (
             ""
             if name == "direct"
@@ -349,7 +358,7 @@ def table(results: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {name}{ratio} | {r['gbit_s']:.2f} | {r['p50_us']:.0f} | "
-            f"{r['p99_us']:.0f} | {r['conn_s']:.0f} | {cpu} | {per_conn} |"
+            f"{r['p99_us']:.0f} | {r['conn_s']:.0f} | {cpu} | {per_conn} | {rss} |"
         )
     lines.append("")
     lines += floors(results)

@@ -15,8 +15,9 @@ Paths, one after the other on the same pods:
   envoy     the waypoint pod's process replaced by Envoy 1.40 with the waypoint's certificate:
             HBONE in (HCM terminating CONNECT) -> an HTTP listener that routes -> an HTTP/1.1
             connection pool whose connections are CONNECT tunnels to the server's 15008
-Per path: requests/s, latency p50/p99 (h2load's per-request log) and the L7 proxy's CPU
-seconds per 1000 requests. A benchmark, not a test: it asserts nothing.
+Per path: requests/s, latency p50/p99 (h2load's per-request log), the L7 proxy's CPU
+milliseconds per request, and its RSS before its first request and the most it reached under
+the measured load. A benchmark, not a test: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from tests.support.envoy import (  # noqa: E402
 )
 
 from bench.hbone import cpu_seconds, mesh_cert  # noqa: E402
+from bench.proc import RssPeak  # noqa: E402
 from veil.core.spiffe import SpiffeId  # noqa: E402
 from veil.lab import lab as labmod  # noqa: E402
 from veil.lab import store, supervise  # noqa: E402
@@ -263,11 +265,14 @@ def h2load(requests: int, clients: int, work: Path) -> dict[str, Any]:
 
 
 def measure(requests: int, clients: int, work: Path, proxy_pids: list[int]) -> dict[str, Any]:
+    rest = RssPeak(proxy_pids).mb() if proxy_pids else None  # before its first request
     h2load(max(500, requests // 10), clients, work)  # warm-up: connections, certificates
     before = cpu_seconds(proxy_pids) if proxy_pids else 0.0
-    r = h2load(requests, clients, work)
+    with RssPeak(proxy_pids) as rss:
+        r = h2load(requests, clients, work)
     cpu = cpu_seconds(proxy_pids) - before if proxy_pids else 0.0
     r["cpu_ms_per_req"] = cpu * 1000 / requests if proxy_pids else None
+    r["rss_rest_mb"], r["rss_peak_mb"] = rest, (rss.peak if proxy_pids else None)
     return r
 
 
@@ -324,14 +329,18 @@ def run(requests: int, clients: int) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| path | requests/s | p50 µs | p99 µs | L7 proxy CPU-ms per request |",
-        "|---|---:|---:|---:|---:|",
+        "| path | requests/s | p50 µs | p99 µs | L7 proxy CPU-ms per request "
+        "| L7 proxy RSS MB at rest / under load |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name in ("mesh-l4", "veil", "envoy"):
         r = results[name]
         cpu = "-" if r["cpu_ms_per_req"] is None else f"{r['cpu_ms_per_req']:.3f}"
+        rss = (
+            "-" if r["rss_rest_mb"] is None else f"{r['rss_rest_mb']:.1f} / {r['rss_peak_mb']:.1f}"
+        )
         lines.append(
-            f"| {name} | {r['req_s']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {cpu} |"
+            f"| {name} | {r['req_s']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {cpu} | {rss} |"
         )
     return "\n".join(lines)
 
