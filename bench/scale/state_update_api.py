@@ -36,6 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench.proc import veil  # noqa: E402
+
 LAB = "apiscale"
 NS = "a"
 CHANGES = 5
@@ -190,16 +192,6 @@ def worker(kubeconfig: str, sizes: list[int]) -> None:
 
 
 # -- the driver ------------------------------------------------------------------------------
-
-
-def veil(*args: str, check: bool = True) -> str:
-    out = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "veil"), *args],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if check and out.returncode != 0:
-        sys.exit(f"veil {' '.join(args)}: {out.stderr.strip()}")
-    return out.stdout
 
 
 def main() -> None:
