@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server  # noqa: E402
 
-from bench.proc import RssPeak  # noqa: E402
+from bench.proc import RssPeak, cpu_s  # noqa: E402
 from veil.core.csr import build_csr, key_pem, new_key  # noqa: E402
 from veil.core.spiffe import SpiffeId  # noqa: E402
 from veil.lab import cgroups, controlplane, store  # noqa: E402
@@ -48,7 +48,6 @@ from veil.lab import lab as labmod  # noqa: E402
 
 LAB = "bench"
 PORT = 5001
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def build_tcpbench() -> Path:
@@ -95,11 +94,7 @@ spec:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICKS
+    return sum(cpu_s(pid) for pid in pids)
 
 
 def tcpbench(binary: Path, *args: str, timeout: float = 60) -> dict[str, Any]:
