@@ -17,7 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -29,7 +29,9 @@ from veil.agent.cni import shim_path
 from veil.agent.cni.install import Installer
 from veil.agent.enrollment import Enrollment
 from veil.agent.handover import HandoverServer
+from veil.agent.proxy.context import denied_counter
 from veil.agent.proxy.pod import ProxyContext
+from veil.agent.workers import WorkerPool
 from veil.core import admission
 from veil.core.authz import PolicySet
 from veil.runtime import guard, heap, http
@@ -41,6 +43,7 @@ from veil.runtime.sources import kube_client, open_source
 from veil.runtime.store import StateStore
 from veil.runtime.telemetry.accesslog import AccessLog
 from veil.runtime.telemetry.admin import AdminService
+from veil.runtime.telemetry.families import Merged
 from veil.runtime.telemetry.metrics import TcpMetrics
 
 log = logging.getLogger("veil.agent")
@@ -80,15 +83,18 @@ class Agent:
             store=self.store,
             certs=self.certs,
             metrics=TcpMetrics(self.registry, self.access_log),
-            denied=Counter(
-                "veil_authz_denied",
-                "Connections denied by AuthorizationPolicy",
-                ["policy"],
-                registry=self.registry,
-            ),
+            denied=denied_counter(self.registry),
         )
         self.capture = capture_modes.make(cfg.capture, cfg.bpf_pin_dir)
-        self.enrollment = Enrollment(self.proxy_ctx, cfg.data_dir, self.capture, cfg.host_proc)
+        self.workers: WorkerPool | None = None
+        if cfg.workers > 1:
+            level = logging.getLevelName(logging.getLogger("veil").getEffectiveLevel())
+            self.workers = WorkerPool(
+                cfg.workers, cfg.node, cfg.trust_domain, self.store, self.certs, level.lower()
+            )
+        self.enrollment = Enrollment(
+            self.proxy_ctx, cfg.data_dir, self.capture, cfg.host_proc, self.workers
+        )
         self.registry.register(CaptureCollector(self.capture))
         guard.register(self.registry)
         self.heap = heap.register(self.registry)
@@ -127,7 +133,27 @@ class Agent:
             "When the snapshot in use was taken (Unix time)",
             registry=self.registry,
         )
-        self.admin = AdminService(self.config_dump, self.not_ready, self.registry)
+        self.admin = (
+            AdminService(self.config_dump, self.not_ready, self.registry)
+            if self.workers is None
+            else AdminService(
+                self.config_dump,
+                self.not_ready,
+                Merged(self.registry, self.workers.metrics),
+                self.workers.refresh,
+            )
+        )
+        pool = self.workers
+        Gauge(
+            "veil_agent_workers",
+            "Processes serving the pods' traffic (1: the agent itself)",
+            registry=self.registry,
+        ).set_function(lambda: len(pool.workers) if pool is not None else 1)
+        Gauge(
+            "veil_agent_worker_restarts",
+            "Worker processes that stopped and were started again",
+            registry=self.registry,
+        ).set_function(lambda: pool.restarts if pool is not None else 0)
         Gauge(
             "veil_agent_enrolled_pods", "Pods this agent captures", registry=self.registry
         ).set_function(lambda: len(self.enrollment.pods))
@@ -198,6 +224,13 @@ class Agent:
         return {
             "node": self.cfg.node,
             "pid": os.getpid(),
+            "workers": {
+                "count": self.cfg.workers,
+                "restarts": self.workers.restarts if self.workers is not None else 0,
+                "processes": self.workers.describe()
+                if self.workers is not None
+                else [{"index": 0, "pid": os.getpid(), "active": self.enrollment.active()}],
+            },
             "trustDomain": self.cfg.trust_domain,
             "snapshot": {
                 "version": state.version,
@@ -300,8 +333,10 @@ class Agent:
     async def _drained(self) -> bool:
         """Wait (at most the drain period after the hand-over) until no connection is left."""
         with trio.move_on_at(self._handed_over_at + self.cfg.drain):
+            await self.enrollment.serving.refresh()
             while self.enrollment.active():
                 await trio.sleep(0.2)
+                await self.enrollment.serving.refresh()
             return True
         return False
 
@@ -420,6 +455,8 @@ class Agent:
             nursery.start_soon(heap.give_back_after_peaks, self.heap)
             await nursery.start(self.certs.run)
             await nursery.start(self.source.run, self.store)
+            if self.workers is not None:
+                await nursery.start(self.workers.run)
             nursery.start_soon(self.follow_state)
             await nursery.start(
                 lambda task_status: self.enrollment.run(

@@ -30,7 +30,8 @@ import trio
 from veil.agent import handover, podfinder
 from veil.agent.capture.base import Capture, CaptureError, CaptureTarget
 from veil.agent.capture.modes import IptablesCapture
-from veil.agent.proxy.pod import PodProxy, ProxyContext
+from veil.agent.proxy.pod import ProxyContext
+from veil.agent.serving import InProcess, PodServing
 from veil.core.state import MeshState, Workload
 
 log = logging.getLogger("veil.enrollment")
@@ -160,21 +161,21 @@ class Enrollment:
         data_dir: Path,
         capture: Capture | None = None,
         host_proc: Path = Path("/proc"),
+        serving: PodServing | None = None,
     ) -> None:
         self.ctx = ctx
+        self.serving: PodServing = serving or InProcess(ctx)
         self.host_proc = host_proc  # the node's /proc (in a DaemonSet pod: mounted elsewhere)
         self.capture: Capture = capture or IptablesCapture()
         self.capture_broken: str | None = None  # why capture cannot work at all
         self.registry_file = data_dir / "pods.json"
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.pods: dict[str, Enrolled] = {}  # key: namespace/name
-        self._scopes: dict[str, trio.CancelScope] = {}
         self.locks = PodLocks()
         self._nursery: trio.Nursery | None = None
         self.capture_errors = 0
         self.registry_error: str | None = None  # why the registry cannot be written now
         self.registry_failures = 0
-        self.proxies: dict[str, PodProxy] = {}
         self.handover_socket = data_dir / "handover.sock"
         self.handed_over = False  # a successor serves our pods: change nothing from now on
         self.predecessor: handover.Predecessor | None = None
@@ -225,12 +226,11 @@ class Enrollment:
     def reevaluate(self) -> int:
         """Judge every enrolled pod's live inbound connections again (after a policy
         change); how many were cut."""
-        return sum(proxy.reevaluate() for proxy in self.proxies.values())
+        return self.serving.reevaluate()
 
     def tunnels(self) -> tuple[int, int]:
         """Open HBONE connections: (outbound, pooled by our pods; inbound, to our pods)."""
-        out = sum(len(p.pod.pool.connections()) for p in self.proxies.values() if p.pod.pool)
-        return out, sum(p.inbound_tunnels for p in self.proxies.values())
+        return self.serving.tunnels()
 
     # -- enroll / release --------------------------------------------------------------------
 
@@ -252,26 +252,17 @@ class Enrollment:
         assert self._nursery is not None
         cgroup = cgroup_path(w) if cgroup is None else cgroup
         entry = Enrolled(w.namespace, w.name, w.uid, netns, ip, cgroup)
-        scope = trio.CancelScope()
-        proxy = PodProxy(self.ctx, w, netns, ip, listeners)
-
-        async def run_proxy(task_status: trio.TaskStatus[None]) -> None:
-            with scope:
-                await proxy.run(task_status=task_status)
-
         try:
-            await self._nursery.start(run_proxy)
+            await self.serving.start(self._nursery, w, netns, ip, listeners)
         except OSError as e:
             raise EnrollError(f"cannot open listeners in {netns}: {e}") from None
         try:
             await trio.to_thread.run_sync(self.capture.install, entry.target)
         except CaptureError as e:
-            scope.cancel()
+            self.serving.stop(key)
             self.capture_errors += 1
             raise EnrollError(str(e)) from None
         self.pods[key] = entry
-        self._scopes[key] = scope
-        self.proxies[key] = proxy
         self._save()
         log.info("enrolled %s (%s, netns %s)", key, ip, netns)
 
@@ -285,10 +276,7 @@ class Enrollment:
             except CaptureError as e:
                 self.capture_errors += 1
                 log.error("releasing %s: %s", key, e)
-        self.proxies.pop(key, None)
-        scope = self._scopes.pop(key, None)
-        if scope is not None:
-            scope.cancel()
+        self.serving.stop(key)
         del self.pods[key]
         self._save()
         log.info("released %s", key)
@@ -384,14 +372,14 @@ class Enrollment:
     def listeners(self) -> dict[str, tuple[dict[str, Any], list[socket.socket]]]:
         """What a successor takes over: every enrolled pod and its listening sockets."""
         return {
-            key: (asdict(self.pods[key]), p.listeners) for key, p in sorted(self.proxies.items())
+            key: (asdict(entry), self.serving.listeners(key))
+            for key, entry in sorted(self.pods.items())
         }
 
     def hand_over(self, nursery: trio.Nursery) -> None:
         """The successor serves our pods now: stop accepting, finish what we hold."""
         self.handed_over = True
-        for proxy in self.proxies.values():
-            nursery.start_soon(proxy.hand_over)
+        self.serving.hand_over(nursery)
 
     async def release_all(self) -> int:
         """Uninstall: every pod released (capture removed first); how many."""
@@ -404,7 +392,7 @@ class Enrollment:
 
     def active(self) -> int:
         """Connections still being handled (a drain waits for 0)."""
-        return sum(p.active for p in self.proxies.values())
+        return self.serving.active()
 
     async def confirm_takeover(self) -> None:
         """Tell the predecessor (if we took over from one) that we serve its pods now."""

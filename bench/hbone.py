@@ -1,7 +1,7 @@
 """Data-path benchmark on the lab: direct TCP vs Veil's HBONE vs Envoy's HBONE, in one run.
 
     sudo .venv/bin/python bench/hbone.py [--seconds 5] [--clients 4] [--rounds 3]
-                                         [--json bench/last.json]
+                                         [--workers N] [--json bench/last.json]
 
 Topology: a lab with two nodes; `client` on node1 and `server` on node2 (bench/tcpbench
 server), pods of namespace `bench`. Paths, measured one after the other on the same pods, in
@@ -13,6 +13,8 @@ ROUNDS rounds (the table shows medians; the VM's speed drifts, so no path gets a
   veil    namespace enrolled: client -> (captured) agent node1 == HBONE mTLS ==> agent node2
           -> server:5001; iptables capture
   veil-ebpf  the same with eBPF capture (pods released, agents restarted, pods enrolled again)
+  veil-Nw    with --workers N: iptables capture, each agent with N worker processes (their
+             CPU and memory counted with the agent's)
 
 Per path: single-stream throughput, 64-byte ping-pong latency p50/p99 over one connection,
 new connections/s (CLIENTS threads, 1 byte each way), and the proxies' CPU seconds per GB
@@ -157,12 +159,24 @@ def mesh_cert(
 
 
 def agent_pids() -> list[int]:
-    """The agents' own pids (not their supervisors'): whose CPU is measured."""
+    """The agents' own pids (not their supervisors') and their worker processes': whose CPU
+    and memory are measured."""
     record = store.read_record(LAB) or {}
-    return [
+    pids = [
         controlplane.process_view(p)["pid"]
         for p in record.get("processes", [])
         if p["name"].startswith("agent ")
+    ]
+    return pids + [c for pid in pids for c in children(pid)]
+
+
+def children(pid: int) -> list[int]:
+    """A process's children (each thread lists the ones it started: the agent's workers are
+    started from a thread of trio's)."""
+    return [
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
     ]
 
 
@@ -178,24 +192,28 @@ def wait_enrolled(want: bool) -> None:
     time.sleep(0.5)
 
 
-def switch_capture(mode: str | None) -> None:
-    """None: release the pods (direct and Envoy paths). Else restart both agents in `mode` if
-    they run in another, and enroll the pods."""
+def switch_capture(mode: str | None, workers: int = 1) -> None:
+    """None: release the pods (direct and Envoy paths). Else restart both agents in `mode`
+    with `workers` if they run otherwise, and enroll the pods."""
     record = store.read_record(LAB) or {}
     enrolled = bool(
         json.loads(controlplane.agent_get(f"veil-{LAB}-node2", "/config_dump")[1])["enrolled"]
     )
     running = record["nodes"][0].get("capture", "iptables")
-    if enrolled and mode != running:
+    restart = mode is not None and (
+        mode != running or record["nodes"][0].get("workers", 1) != workers
+    )
+    if enrolled and (mode is None or restart):
         labmod.label(LAB, "namespace", "bench", None, ["veil.dev/dataplane-mode-"])
         wait_enrolled(False)
         enrolled = False
     if mode is None:
         return
-    if running != mode:
+    if restart:
         for node in record["nodes"]:
             controlplane.stop_agent(LAB, node["name"], signal=15)
             node["capture"] = mode
+            node["workers"] = workers
         store.write_record(LAB, record)
         for node in record["nodes"]:
             controlplane.start_agent(LAB, node["name"], labmod.spawn, labmod.node_netns)
@@ -204,7 +222,7 @@ def switch_capture(mode: str | None) -> None:
         wait_enrolled(True)
 
 
-PATHS = ("direct", "envoy", "veil", "veil-ebpf")
+PATHS = ["direct", "envoy", "veil", "veil-ebpf"]  # and veil-Nw (`--workers N`)
 
 
 def speed_probe() -> float:
@@ -235,9 +253,10 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run(seconds: float, clients: int, rounds: int = 3) -> dict[str, Any]:
+def run(seconds: float, clients: int, rounds: int = 3, workers: int = 1) -> dict[str, Any]:
     """The paths measured in turn, `rounds` times over: the VM's speed drifts by up to 2x
-    within minutes, so each path gets samples from the same stretches of time."""
+    within minutes, so each path gets samples from the same stretches of time. `workers` > 1:
+    also iptables capture with that many agent workers (path veil-Nw)."""
     binary = build_tcpbench()
     results: list[dict[str, Any]] = []
     probes: list[float] = []
@@ -285,6 +304,12 @@ def run(seconds: float, clients: int, rounds: int = 3) -> dict[str, Any]:
                 print("veil (ebpf) ... ", end="", flush=True)
                 switch_capture("ebpf")
                 one["veil-ebpf"] = measure(binary, server, PORT, seconds, clients, agent_pids())
+                if workers > 1:
+                    print(f"veil ({workers} workers) ... ", end="", flush=True)
+                    switch_capture("iptables", workers)
+                    one[f"veil-{workers}w"] = measure(
+                        binary, server, PORT, seconds, clients, agent_pids()
+                    )
                 print("done", flush=True)
                 results.append(one)
         finally:
@@ -380,11 +405,19 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3, help="each path measured this many times")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="also measure iptables capture with this many agent workers (path veil-Nw)",
+    )
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (it builds a lab)", file=sys.stderr)
         return 1
-    results = run(args.seconds, args.clients, max(1, args.rounds))
+    if args.workers > 1:
+        PATHS.append(f"veil-{args.workers}w")
+    results = run(args.seconds, args.clients, max(1, args.rounds), args.workers)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"\n{stamp}, {os.cpu_count()} cores, {args.seconds:g} s per measurement, "

@@ -249,6 +249,11 @@ def distribute_trust_bundle(plan: LabPlan) -> None:
         store.atomic_write(node_dir(plan.name, n.name) / "ca-root.pem", bundle)
 
 
+def recorded_workers(record: Mapping[str, Any]) -> dict[str, int]:
+    """Each node's agent workers, as `lab up` recorded them (1 in labs made before)."""
+    return {n["name"]: int(n.get("workers", 1)) for n in record.get("nodes", [])}
+
+
 def start_agents(
     plan: LabPlan,
     spawn: Spawn,
@@ -258,8 +263,10 @@ def start_agents(
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     kubeconfigs: Mapping[str, Path] | None = None,
     extra_env: Mapping[str, str] | None = None,
+    workers: Mapping[str, int] | None = None,
 ) -> list[Daemon]:
-    """`kubeconfigs` (node -> file): the agents read the Kubernetes API (kubernetes mode)."""
+    """`kubeconfigs` (node -> file): the agents read the Kubernetes API (kubernetes mode).
+    `workers` (node -> count): the agents' worker processes (default 1)."""
     lab = plan.name
     out = []
     for n in plan.nodes:
@@ -290,6 +297,8 @@ def start_agents(
             mode,
             "--bpf-pin-dir",
             str(bpf_lab_dir(lab) / n.name),
+            "--workers",
+            str((workers or {}).get(n.name, 1)),
         )
         ns = node_netns(lab, n.name)
         if extra_env:  # the agent's alone, not its supervisor's
@@ -485,7 +494,13 @@ def start_agent(
     if record.get("kubernetes"):
         kubeconfigs = {node: agent_kubeconfig(lab, node)}
     (daemon,) = start_agents(
-        plan, spawn, node_netns, {node: mode}, kubeconfigs=kubeconfigs, extra_env=extra_env
+        plan,
+        spawn,
+        node_netns,
+        {node: mode},
+        kubeconfigs=kubeconfigs,
+        extra_env=extra_env,
+        workers=recorded_workers(record),
     )
     wait_listening([daemon], timeout)
     wait_agents_ready([daemon], timeout)

@@ -514,12 +514,18 @@ def start_controller(plan: LabPlan, spawn: Spawn) -> Daemon:
 CHART = upstream.ROOT / "deploy" / "chart" / "veil"
 
 
-def helm_install(lab: str, capture: Mapping[str, str], timeout: float) -> None:
+def helm_install(
+    lab: str,
+    capture: Mapping[str, str],
+    timeout: float,
+    workers: Mapping[str, int] | None = None,
+) -> None:
     """`helm install veil deploy/chart/veil` as the admin, into veil-system; the image names
     Veil, which the lab's kubelets run from the venv (lab/pods.py)."""
     modes = set(capture.values())
     if len(modes) > 1:
         raise LabError("--chart: one capture mode for every node (the DaemonSet has one spec)")
+    counts = set((workers or {}).values()) or {1}
     argv = netns.nsenter_argv(
         cp_netns(lab),
         [
@@ -528,6 +534,7 @@ def helm_install(lab: str, capture: Mapping[str, str], timeout: float) -> None:
             "--namespace", VEIL_NAMESPACE,
             "--kubeconfig", str(kube_dir(lab) / "admin.kubeconfig"),
             "--set", f"agent.capture={modes.pop() if modes else 'iptables'}",
+            "--set", f"agent.workers={max(counts)}",
         ],
     )  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)

@@ -70,6 +70,7 @@ from veil.lab.plan import (
     stable_uid,
     waypoint_pods,
 )
+from veil.runtime.config import MAX_WORKERS
 
 ETC_NETNS = Path("/etc/netns")
 READY_TIMEOUT = 30.0
@@ -171,11 +172,16 @@ def up(
     kubernetes: bool = False,
     chart: bool = False,
     node_mask: int = NODE_MASK,
+    agent_workers: int = 1,
 ) -> LabPlan:
     """Bring a lab up from manifests. With `kubernetes`, the upstream control plane runs in
     the control-plane netns too, and each node registers with it (lab/kubernetes.py).
-    `node_mask`: the prefix length of each node's pod range (a /24 holds 245 pods)."""
+    `node_mask`: the prefix length of each node's pod range (a /24 holds 245 pods).
+    `agent_workers`: each agent's worker processes (1, the default: the lab's nodes share
+    this machine's cores, so one worker per core on every node would overcommit them)."""
     check_lab_name(lab)
+    if not 1 <= agent_workers <= MAX_WORKERS:
+        raise LabError(f"--agent-workers {agent_workers}: use 1 to {MAX_WORKERS}")
     # all validation happens before any change
     plan = make_plan(load_paths(paths), lab, nodes, node_mask)
     modes = capture_modes(capture, [n.name for n in plan.nodes])
@@ -216,6 +222,7 @@ def up(
                 "underlayIP": str(n.underlay_ip),
                 "podCIDR": str(n.pod_cidr),
                 "capture": modes[n.name],
+                "workers": agent_workers,
             }
             for n in plan.nodes
         ],
@@ -272,7 +279,9 @@ def bring_up_manifests(
     store.write_record(lab, record)
     controlplane.wait_listening([ca], ready_timeout)
     controlplane.distribute_trust_bundle(plan)
-    agents = controlplane.start_agents(plan, spawn, node_netns, modes)
+    agents = controlplane.start_agents(
+        plan, spawn, node_netns, modes, workers=controlplane.recorded_workers(record)
+    )
     record["processes"] += [
         {**a.record(), "cgroup": str(cg / "nodes" / a.name.split()[1] / "agent")} for a in agents
     ]
@@ -319,7 +328,7 @@ def bring_up_kubernetes(
     if chart:  # Veil as users install it: the kubelets run its DaemonSet and Deployments
         for n in plan.nodes:
             install_primary_cni(lab, n)
-        k8s.helm_install(lab, modes, K8S_TIMEOUT)
+        k8s.helm_install(lab, modes, K8S_TIMEOUT, controlplane.recorded_workers(record))
         k8s.wait_workloads(lab, max(ready_timeout, K8S_TIMEOUT))
         log(f"lab {lab!r}: Veil installed with its Helm chart (deploy/chart/veil)")
         k8s.apply_manifests(lab, record["manifests"])
@@ -343,6 +352,7 @@ def bring_up_kubernetes(
         node_netns,
         modes,
         kubeconfigs={n.name: controlplane.agent_kubeconfig(lab, n.name) for n in plan.nodes},
+        workers=controlplane.recorded_workers(record),
     )
     record["processes"] += [
         {**a.record(), "cgroup": str(cg / "nodes" / a.name.split()[1] / "agent")} for a in agents

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,20 @@ from veil.core.ports import ADMIN_PORT, CA_METRICS_PORT, CA_PORT, METRICS_PORT, 
 from veil.core.spiffe import DEFAULT_TRUST_DOMAIN, check_trust_domain
 
 CA_SERVER_NAME = "veil-ca.veil-system.svc"
+MAX_WORKERS = 64
+
+
+def default_workers(cap: int, cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """One worker per core this process may use, at most `cap`: the cores it may run on
+    (cpuset), fewer if its cgroup's CPU quota is smaller (a container's CPU limit)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(cap, cores))
 
 
 def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
@@ -58,6 +73,7 @@ class AgentConfig:
     cni_host_socket: str | None = None  # default: cni_socket (mounted at the same path)
     cni_exclude_namespaces: tuple[str, ...] = ("kube-system",)
     daemonset: str | None = None  # namespace/name: once it is deleted, a stop uninstalls
+    workers: int = 1  # 1: this process serves the pods; N: N worker processes (agent/workers.py)
 
     def __post_init__(self) -> None:
         check_state_source(self.state_dir, self.kubeconfig)
@@ -70,6 +86,8 @@ class AgentConfig:
             raise ValueError("--cni-bin-dir and --cni-conf-dir go together (the CNI installer)")
         if self.daemonset is not None and self.daemonset.count("/") != 1:
             raise ValueError(f"--daemonset {self.daemonset!r}: use namespace/name")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"--workers {self.workers}: use 1 to {MAX_WORKERS} (or auto)")
         if self.handover_wait < 0 or self.drain < 0:
             raise ValueError("--handover-wait and --drain are seconds, 0 or more")
 

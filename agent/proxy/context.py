@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from veil.agent.capture.netns import NetNs
 from veil.agent.proxy.copy import Transferred
@@ -15,13 +15,22 @@ from veil.core.authz import Decision
 from veil.core.spiffe import SpiffeId
 from veil.core.state import Workload
 from veil.runtime.hbone.pool import HbonePool
-from veil.runtime.identity.manager import CertificateManager
+from veil.runtime.identity.copies import Certificates
 from veil.runtime.store import StateStore
 from veil.runtime.telemetry.metrics import Connection, TcpMetrics
 
 log = logging.getLogger("veil.proxy")
 CERT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5.0
+
+
+def denied_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "veil_authz_denied",
+        "Connections denied by AuthorizationPolicy",
+        ["policy"],
+        registry=registry,
+    )
 
 
 @dataclass
@@ -31,7 +40,7 @@ class ProxyContext:
     node: str
     trust_domain: str
     store: StateStore
-    certs: CertificateManager
+    certs: Certificates
     cert_timeout: float = CERT_TIMEOUT
     connect_timeout: float = CONNECT_TIMEOUT
     metrics: TcpMetrics | None = None

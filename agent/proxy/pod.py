@@ -34,6 +34,12 @@ __all__ = ["CERT_TIMEOUT", "CONNECT_TIMEOUT", "PodProxy", "ProxyContext"]
 EXPIRY_GRACE = 30.0  # seconds a server still takes streams on a tunnel past its certificates
 
 
+def pod_addresses(ip: str) -> tuple[tuple[str, int], ...]:
+    """A pod's listeners, in the order a hand-over passes them: outbound, inbound
+    plaintext, inbound HBONE."""
+    return (("127.0.0.1", OUTBOUND_PORT), ("0.0.0.0", INBOUND_PLAIN_PORT), (ip, HBONE_PORT))
+
+
 class PodProxy:
     """One enrolled pod: its three listeners (each role in its own module) and their
     lifetime; cancelling `run()` closes listeners, tunnels and relays.
@@ -53,6 +59,7 @@ class PodProxy:
         self.netns_path = netns_path
         self.listeners: list[socket.socket] = list(listeners)
         self.active = 0  # connections being handled
+        self.handled = 0  # connections accepted, ever
         self._accepting = trio.CancelScope()
         self.pod = PodRuntime(ctx, workload, ip, workload.identity(ctx.trust_domain))
         self.outbound = OutboundListener(self.pod)
@@ -74,11 +81,7 @@ class PodProxy:
         return self.hbone.tunnels
 
     def addresses(self) -> tuple[tuple[str, int], ...]:
-        return (
-            ("127.0.0.1", OUTBOUND_PORT),
-            ("0.0.0.0", INBOUND_PLAIN_PORT),
-            (self.pod.ip, HBONE_PORT),
-        )
+        return pod_addresses(self.pod.ip)
 
     def reevaluate(self) -> int:
         """Judge the pod's live inbound connections again (policies changed); the number cut."""
@@ -92,6 +95,7 @@ class PodProxy:
 
     async def _counted(self, handler: Handler, conn: socket.socket, peer: Any) -> None:
         self.active += 1
+        self.handled += 1
         try:
             await handler(conn, peer)
         finally:

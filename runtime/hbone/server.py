@@ -21,7 +21,8 @@ from veil.core.admission import Admission
 from veil.core.hbone import ErrorCode, HboneConnection, RequestReceived
 from veil.core.spiffe import SpiffeId
 from veil.runtime.hbone.io import HboneIO, TlsSocket
-from veil.runtime.identity.manager import CertificateManager, NoCertificate
+from veil.runtime.identity.copies import Certificates
+from veil.runtime.identity.manager import NoCertificate
 from veil.runtime.identity.tls import tunnel_expiry, verify_peer
 
 log = logging.getLogger("veil.hbone")
@@ -36,7 +37,7 @@ OnRequest = Callable[[RequestReceived, HboneIO, str, SpiffeId], None]
 class HboneServer:
     """One 15008 listener's tunnels, served as `identity`."""
 
-    certs: CertificateManager
+    certs: Certificates
     identity: SpiffeId
     trust_domain: str
     admission: Admission

@@ -222,6 +222,14 @@ class CertificateManager:
         reason = self._errors.get(sid, "no answer from the CA yet")
         raise NoCertificate(f"no certificate for {sid} after {timeout:g}s: {reason}")
 
+    def credentials(self) -> dict[SpiffeId, Credential]:
+        """Every credential in hand (valid or not): what an agent's workers get copies of."""
+        return dict(self._creds)
+
+    async def wait_changed(self) -> None:
+        """Until the next credential arrives."""
+        await self._changed.wait()
+
     def snapshot(self) -> list[dict[str, Any]]:
         now = self._clock()
         out = []

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
 from veil.runtime.http import Request, Response
+from veil.runtime.telemetry.families import Merged
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -19,13 +20,18 @@ class AdminService:
         self,
         config_dump: Callable[[], dict[str, Any]],
         ready: Callable[[], str | None],
-        registry: CollectorRegistry,
+        registry: CollectorRegistry | Merged,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`refresh`: brought up to date before a dump or a scrape (an agent's workers)."""
         self._dump, self._ready, self._registry = config_dump, ready, registry
+        self._refresh = refresh
         self.started = time.time()
 
     async def admin(self, req: Request) -> Response:
         if req.path == "/config_dump" and req.method == "GET":
+            if self._refresh is not None:
+                await self._refresh()
             return Response.json(200, self._dump())
         if req.path == "/logging":
             if req.method != "POST" and not req.query:
@@ -59,6 +65,8 @@ class AdminService:
     async def metrics(self, req: Request) -> Response:
         if req.path != "/metrics":
             return Response.text(404, "only /metrics here\n")
+        if self._refresh is not None:
+            await self._refresh()
         return Response(
             200, generate_latest(self._registry), "text/plain; version=0.0.4; charset=utf-8"
         )

@@ -15,7 +15,13 @@ from pathlib import Path
 from veil.core.spiffe import DEFAULT_TRUST_DOMAIN
 from veil.lab.errors import LabError
 from veil.lab.manifests import ManifestError
-from veil.runtime.config import CA_SERVER_NAME, AgentConfig, CaConfig, parse_hostport
+from veil.runtime.config import (
+    CA_SERVER_NAME,
+    AgentConfig,
+    CaConfig,
+    default_workers,
+    parse_hostport,
+)
 from veil.runtime.fdlimit import raise_open_files
 from veil.runtime.heap import keep_heap
 
@@ -69,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="[NODE=]MODE",
         help="capture mode, iptables (default) or ebpf, for every node or one (repeatable)",
+    )
+    up.add_argument(
+        "--agent-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes of every node's agent (default 1: the lab's nodes share this "
+        "machine's cores)",
     )
     up.add_argument(
         "--cert-ttl",
@@ -251,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="after handing over, seconds the connections in hand may take to finish",
     )
+    ag.add_argument(
+        "--workers",
+        default="auto",
+        help="processes that serve the pods' traffic: a number (1: the agent itself), or "
+        "auto, one per core the agent may use, at most --max-workers (default auto)",
+    )
+    ag.add_argument(
+        "--max-workers",
+        type=int,
+        default=8,
+        help="the most workers auto starts (default 8): each costs ~40 MB and one set of "
+        "tunnels to every peer",
+    )
     ag.add_argument("--admin-listen", default="127.0.0.1:15000")
     ag.add_argument("--metrics-listen", default="0.0.0.0:15020")
     ag.add_argument("--ready-listen", default="0.0.0.0:15021")
@@ -411,7 +438,20 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
             n.strip() for n in args.cni_exclude_namespaces.split(",") if n.strip()
         ),
         daemonset=args.daemonset,
+        workers=parse_workers(args.workers, args.max_workers),
     )
+
+
+def parse_workers(value: str, cap: int) -> int:
+    """`--workers`: a number, or auto (one per usable core, at most `cap`)."""
+    if value == "auto":
+        if cap < 1:
+            raise ValueError(f"--max-workers {cap}: use 1 or more")
+        return default_workers(cap)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--workers {value!r}: a number or auto") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -472,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 kubernetes=args.kubernetes or args.chart,
                 chart=args.chart,
                 node_mask=args.node_cidr_mask_size,
+                agent_workers=args.agent_workers,
             )
             print(lab.format_status(lab.status(name)))
         elif args.lab_command == "down":

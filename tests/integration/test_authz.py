@@ -9,16 +9,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.holders import DENY_CLIENT, HOLD_IDLE, POLICY, apply
 from tests.support.lab import kubernetes_mode, lab_exec, metric, veil
 from tests.support.logs import access_entries, wait_for_access
 from veil.lab import controlplane
 from veil.runtime.telemetry.accesslog import FLUSH_INTERVAL
-
-
-def apply(lab: str, tmp: Path, doc: str) -> None:
-    (tmp / "policy.yaml").write_text(doc)
-    veil("lab", "apply", "--name", lab, "-f", str(tmp / "policy.yaml"))
-    time.sleep(1.0)  # the agents see it within one 200 ms poll; give them margin
 
 
 def code(lab: str, pod: str, url: str, ns: str) -> int:
@@ -28,17 +23,6 @@ def code(lab: str, pod: str, url: str, ns: str) -> int:
 
 
 RESET = (7, 52, 56)
-POLICY = """apiVersion: security.veil.dev/v1
-kind: AuthorizationPolicy
-metadata: {{name: server-policy, namespace: mesh}}
-spec:
-{spec}
-"""
-
-DENY_CLIENT = POLICY.format(
-    spec="""  action: DENY
-  rules: [{from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]}]"""
-)
 
 
 def test_deny_allow_invalid_and_delete(lab, pods, tmp_path):
@@ -220,29 +204,13 @@ def test_denials_reach_the_access_log_and_logging_level_changes_at_runtime(lab, 
     controlplane.agent_get(ns, "/logging?level=info")
 
 
-HOLD_OPEN = r"""
-import socket, sys, time
-s = socket.create_connection((sys.argv[1], 8080), timeout=5)
-print("open", flush=True)
-s.settimeout(15)
-started = time.monotonic()
-try:
-    got = s.recv(1)
-    print("ended" if got == b"" else "data", round(time.monotonic() - started, 1), flush=True)
-except ConnectionResetError:
-    print("reset", round(time.monotonic() - started, 1), flush=True)
-except TimeoutError:
-    print("still open", flush=True)
-"""
-
-
 def test_a_policy_change_closes_open_connections_it_now_denies(lab, pods, tmp_path):
     """Issue 23.6 (as ztunnel): an open connection is judged again when the policies change."""
     import subprocess  # noqa: PLC0415
 
     from tests.support.lab import VEIL  # noqa: PLC0415
 
-    hold = ["python3", "-c", HOLD_OPEN, pods["server-b"]["ip"]]
+    hold = ["python3", "-c", HOLD_IDLE, pods["server-b"]["ip"]]
     holder = subprocess.Popen(
         [VEIL, "lab", "exec", "--name", lab, "-n", "mesh", "client", "--", *hold],
         stdout=subprocess.PIPE,

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import trio
 
+from tests.support.holders import HOLD_OPEN
 from tests.support.lab import VEIL, ca_post, capture_mode, enrolled, lab_exec, metric, veil
 from tests.support.logs import access_entries, wait_for_access
 from veil.agent.capture import bpfsys, ebpf, iptables
@@ -526,23 +527,6 @@ def test_istio_tcp_metrics_and_access_log_match_the_traffic(lab, pods):
     entries = mine(wait_for_access(log, lambda es: len(mine(es)) >= seen + 3))[seen:]
     assert all(e["bytes_sent"] > 5000 and e["bytes_received"] > 0 for e in entries[-3:])
     assert entries[-1]["src_workload"] == "client" and entries[-1]["error"] is None
-
-
-HOLD_OPEN = """
-import socket, sys
-s = socket.create_connection((sys.argv[1], 8080), timeout=15)
-s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
-got = b""
-while b"\\r\\n\\r\\n" not in got:
-    got += s.recv(65536)
-print("open", flush=True)
-try:
-    while s.recv(65536):
-        pass
-    print("eof", flush=True)
-except ConnectionResetError:
-    print("reset", flush=True)
-"""
 
 
 # One connection on port 9090; SIDE ("client" or "server") aborts it with a TCP reset (SO_LINGER

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import ssl
 from pathlib import Path
 from typing import Any
+
+import trio
+import trio.testing
 
 from veil.ca.auth import BootstrapTokens, new_token, write_tokens_file
 from veil.ca.server import CaService
@@ -13,7 +17,8 @@ from veil.ca.signer import Signer, generate_root
 from veil.core.spiffe import SpiffeId
 from veil.core.state import build_state
 from veil.runtime.http import Request
-from veil.runtime.identity.manager import Fetcher
+from veil.runtime.identity.manager import CertificateManager, Fetcher
+from veil.runtime.identity.tls import verify_peer
 from veil.runtime.store import StateStore
 
 TD = "cluster.local"
@@ -78,3 +83,38 @@ class InProcessCa:
             return doc
 
         return fetch
+
+
+FRONTEND = SpiffeId(TD, "shop", "frontend")
+CATALOG = SpiffeId(TD, "shop", "catalog")
+
+
+async def run_manager(nursery, fetch, **kw):
+    mgr = CertificateManager(fetch, **kw)
+    await nursery.start(mgr.run)
+    return mgr
+
+
+async def handshake(server_cred, client_cred, expected):
+    """A real TLS 1.3 handshake over an in-memory stream pair; returns both peer identities."""
+    a, b = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(a, server_cred.server_context, server_side=True)
+    client = trio.SSLStream(b, client_cred.client_context, server_hostname=None)
+    errors: list[BaseException] = []
+
+    async def side(stream):
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as e:
+            errors.append(e)
+            await stream.transport_stream.aclose()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(side, server)
+        n.start_soon(side, client)
+    if errors:
+        raise errors[0]
+    assert client.selected_alpn_protocol() == "h2"
+    seen_by_client = verify_peer(client._ssl_object, expected=expected)
+    seen_by_server = verify_peer(server._ssl_object, trust_domain=TD)
+    return seen_by_client, seen_by_server

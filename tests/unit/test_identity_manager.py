@@ -8,17 +8,14 @@ import pytest
 import trio
 import trio.testing
 
-from tests.support.mesh import TD, InProcessCa
+from tests.support.mesh import CATALOG, FRONTEND, TD, InProcessCa, handshake, run_manager
 from tests.support.waiting import until
 from veil.ca.signer import Signer, generate_root
 from veil.core.certs import pem
 from veil.core.csr import build_csr, new_key
-from veil.core.spiffe import IdentityError, SpiffeId
-from veil.runtime.identity.manager import Backoff, CertificateManager, NoCertificate, check_answer
-from veil.runtime.identity.tls import PeerIdentityError, verify_peer
-
-FRONTEND = SpiffeId(TD, "shop", "frontend")
-CATALOG = SpiffeId(TD, "shop", "catalog")
+from veil.core.spiffe import IdentityError
+from veil.runtime.identity.manager import Backoff, NoCertificate, check_answer
+from veil.runtime.identity.tls import PeerIdentityError
 
 
 def test_backoff_doubles_to_150s_and_resets():
@@ -30,40 +27,9 @@ def test_backoff_doubles_to_150s_and_resets():
     assert b.next() == 0.5
 
 
-async def handshake(server_cred, client_cred, expected):
-    """A real TLS 1.3 handshake over an in-memory stream pair; returns both peer identities."""
-    a, b = trio.testing.memory_stream_pair()
-    server = trio.SSLStream(a, server_cred.server_context, server_side=True)
-    client = trio.SSLStream(b, client_cred.client_context, server_hostname=None)
-    errors: list[BaseException] = []
-
-    async def side(stream):
-        try:
-            await stream.do_handshake()
-        except (trio.BrokenResourceError, ssl.SSLError) as e:
-            errors.append(e)
-            await stream.transport_stream.aclose()
-
-    async with trio.open_nursery() as n:
-        n.start_soon(side, server)
-        n.start_soon(side, client)
-    if errors:
-        raise errors[0]
-    assert client.selected_alpn_protocol() == "h2"
-    seen_by_client = verify_peer(client._ssl_object, expected=expected)
-    seen_by_server = verify_peer(server._ssl_object, trust_domain=TD)
-    return seen_by_client, seen_by_server
-
-
 @pytest.fixture
 def ca(tmp_path):
     return InProcessCa(tmp_path)
-
-
-async def run_manager(nursery, fetch, **kw):
-    mgr = CertificateManager(fetch, **kw)
-    await nursery.start(mgr.run)
-    return mgr
 
 
 async def test_prefetch_and_mutual_tls_between_identities(ca):
