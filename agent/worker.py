@@ -41,6 +41,7 @@ from veil.core.spiffe import SpiffeId
 from veil.runtime import guard, heap
 from veil.runtime.fdlimit import raise_open_files
 from veil.runtime.identity.copies import CertificateCopies
+from veil.runtime.lifecycle import configure_logging
 from veil.runtime.store import StateStore
 from veil.runtime.telemetry.accesslog import AccessLog
 from veil.runtime.telemetry.metrics import TcpMetrics
@@ -145,13 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trust-domain", required=True)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    configure_logging(args.log_level)
     heap.keep_heap()
     raise_open_files()
     # Signals are for the control process: it hands over, drains and then closes the channel,

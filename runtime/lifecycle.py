@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
 import trio
 
 log = logging.getLogger("veil")
+
+
+def configure_logging(level: str) -> None:
+    """Every daemon's log format, on stderr."""
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # The format shows neither caller, thread nor process: don't collect them for every
+    # record (the logging docs' own advice; an access log line is written per connection).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 async def run_until_signalled(

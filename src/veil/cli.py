@@ -604,15 +604,9 @@ def run_ops(args: argparse.Namespace) -> int:
 def run_daemon(args: argparse.Namespace) -> int:
     import trio  # noqa: PLC0415 - daemons only
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # The format shows neither caller, thread nor process: don't collect them for every
-    # record (the logging docs' own advice; an access log line is written per connection).
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    from veil.runtime.lifecycle import configure_logging  # noqa: PLC0415
+
+    configure_logging(args.log_level)
     logging.getLogger("veil.limits").info("open files limit: %d", raise_open_files())
     keep_heap()
     try:
