@@ -24,8 +24,10 @@ from veil.runtime.hbone.io import HboneIO, TlsSocket
 from veil.runtime.identity.copies import Certificates
 from veil.runtime.identity.manager import NoCertificate
 from veil.runtime.identity.tls import tunnel_expiry, verify_peer
+from veil.runtime.quiet import Quieter
 
 log = logging.getLogger("veil.hbone")
+REFUSALS = Quieter()  # refusals a peer provokes: one line per peer and 10 s
 DRAIN_NOTICE = 2.0  # seconds between the first GOAWAY of a hand-over and the final one
 
 # A CONNECT arriving on a tunnel: (event, the tunnel, peer IP, peer identity). It answers
@@ -57,7 +59,12 @@ class HboneServer:
         peer_ip = peer[0]
         admission = self.admission
         if not admission.take_handshake(peer_ip):
-            log.warning("HBONE from %s refused: handshake limit, or penalized for a flood", peer_ip)
+            if (held := REFUSALS.allow(peer_ip)) is not None:
+                log.warning(
+                    "HBONE from %s refused: handshake limit, or penalized for a flood%s",
+                    peer_ip,
+                    Quieter.suffix(held),
+                )
             sock.close()
             return
         try:
@@ -78,12 +85,14 @@ class HboneServer:
         finally:
             admission.drop_handshake(peer_ip)
         if not admission.take_tunnel(peer_ip, self.scope):
-            log.warning(
-                "HBONE from %s (%s) to %s refused: tunnel limit reached",
-                peer_ip,
-                peer_id,
-                self.name,
-            )
+            if (held := REFUSALS.allow((peer_ip, self.name))) is not None:
+                log.warning(
+                    "HBONE from %s (%s) to %s refused: tunnel limit reached%s",
+                    peer_ip,
+                    peer_id,
+                    self.name,
+                    Quieter.suffix(held),
+                )
             tls.close()
             return
         io = HboneIO(tls, HboneConnection(client=False), f"{peer_ip} ({peer_id})")
