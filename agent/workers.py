@@ -138,6 +138,9 @@ class WorkerPool:
         ]
         try:
             process = await trio.lowlevel.open_process(argv, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         channel = Channel(ours)
