@@ -27,11 +27,6 @@ def body(identity: SpiffeId | str, csr: bytes | None = None, **extra) -> bytes:
     return json.dumps({"identity": str(identity), "csr": csr.decode(), **extra}).encode()
 
 
-@pytest.fixture
-def ca(tmp_path):
-    return InProcessCa(tmp_path)
-
-
 async def test_issues_for_an_identity_on_the_node(ca, caplog):
     caplog.set_level(logging.INFO, "veil.ca.audit")
     status, doc = await ca.post(body(FRONTEND), ca.tokens["node1"])

@@ -27,11 +27,6 @@ def test_backoff_doubles_to_150s_and_resets():
     assert b.next() == 0.5
 
 
-@pytest.fixture
-def ca(tmp_path):
-    return InProcessCa(tmp_path)
-
-
 async def test_prefetch_and_mutual_tls_between_identities(ca):
     async with trio.open_nursery() as n:
         node1 = await run_manager(n, ca.fetcher("node1"))

@@ -14,7 +14,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.mesh import CATALOG, FRONTEND, TD, InProcessCa, handshake, run_manager
+from tests.support.mesh import CATALOG, FRONTEND, TD, handshake, run_manager
 from tests.support.waiting import until
 from veil.agent.workers import WorkerPool
 from veil.agent.workerwire import (
@@ -78,11 +78,6 @@ def test_a_serve_without_its_sockets_or_a_huge_frame_breaks_the_channel():
 
 
 # -- certificates -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ca(tmp_path):
-    return InProcessCa(tmp_path)
 
 
 async def test_a_copied_credential_does_the_same_mutual_tls(ca):
