@@ -647,7 +647,7 @@ class HboneConnection:
             self._goaway_sent = True
             self._frame(GOAWAY, 0, 0, struct.pack("!II", self._last_peer_sid, int(code)))
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | memoryview) -> list[Event]:
         """Parse received bytes into events; HboneProtocolError (GOAWAY queued) if broken."""
         try:
             return self._receive(memoryview(data))

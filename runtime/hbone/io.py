@@ -32,7 +32,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import trio
 
@@ -58,6 +58,7 @@ READ_SIZE = 256 * 1024
 FIRST_READ_SIZE = 16 * 1024  # the read buffer until a tunnel is authenticated and busy
 HIGH_WATER = 1024 * 1024  # outbound bytes queued before DATA senders wait
 HOLD_LIMIT = 64 * 1024  # at most this much output waits to share a packet (send_data)
+BULK_DECRYPT = 64 * 1024  # ciphertext from which a read decrypts into one buffer (`_decrypt`)
 SMALL_FRAME = 4096  # DATA up to this size is copied into the pending frames (one TLS record)
 HANDSHAKE_TIMEOUT = 10.0
 # A connection whose data keeps coming yields to the others after this many reads (4 MiB),
@@ -166,7 +167,17 @@ class TlsSocket:
     def flush_nowait(self) -> bool:
         """Send pending ciphertext without waiting; True once everything left."""
         if self._out.pending:
-            self._wbuf += self._out.read()
+            data = self._out.read()
+            if self._wbuf:
+                self._wbuf += data
+            else:  # the common case: sent as read, only what the kernel refuses is kept
+                try:
+                    sent = self.sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    return True
+                self._wbuf += memoryview(data)[sent:]
         while self._wbuf:
             try:
                 sent = self.sock.send(self._wbuf)
@@ -205,7 +216,13 @@ class TlsSocket:
             )
         self._handshaken = True
 
-    def _decrypt(self, n: int) -> bytes:
+    def _decrypt(self, n: int) -> bytes | memoryview:
+        """Up to `n` plaintext bytes from what the incoming BIO holds. SSL_read returns one
+        record (16 KiB) per call: a bulk read of up to 256 KiB is decrypted in place into one
+        buffer sized by the ciphertext (never less than what it will hold), not into one
+        object per record joined by a further copy."""
+        if self._in.pending >= BULK_DECRYPT:
+            return self._decrypt_into(min(n, self._in.pending + self.ssl.pending()))
         chunks: list[bytes] = []
         got = 0
         while got < n:
@@ -228,7 +245,28 @@ class TlsSocket:
             return chunks[0]
         return b"".join(chunks)
 
-    async def recv(self, n: int = READ_SIZE) -> bytes:
+    def _decrypt_into(self, n: int) -> memoryview:
+        buf = memoryview(bytearray(n))
+        got = 0
+        while got < n:
+            if not self._in.pending and not self.ssl.pending():
+                break
+            try:
+                # with a buffer, read() returns the count (typeshed says bytes)
+                k = cast(int, self.ssl.read(n - got, buf[got:]))
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self._eof = True
+                break
+            if not k:
+                break
+            got += k
+        if self._out.pending:  # e.g. a KeyUpdate answer
+            self.flush_nowait()
+        return buf[:got]
+
+    async def recv(self, n: int = READ_SIZE) -> bytes | memoryview:
         """Up to `n` decrypted bytes, at least one; b"" once the peer closed."""
         self._streak += 1
         if self._streak >= FAIR_READS:  # fairness: yield now and then even when data keeps coming
