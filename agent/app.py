@@ -229,7 +229,16 @@ class Agent:
                 "restarts": self.workers.restarts if self.workers is not None else 0,
                 "processes": self.workers.describe()
                 if self.workers is not None
-                else [{"index": 0, "pid": os.getpid(), "active": self.enrollment.active()}],
+                else [
+                    {
+                        "index": 0,
+                        "pid": os.getpid(),
+                        "connections": self.enrollment.serving.handled(),
+                        "active": self.enrollment.active(),
+                        "snapshot": state.version,
+                        "certificates": len(self.certs.credentials()),
+                    }
+                ],
             },
             "trustDomain": self.cfg.trust_domain,
             "snapshot": {
@@ -333,10 +342,10 @@ class Agent:
     async def _drained(self) -> bool:
         """Wait (at most the drain period after the hand-over) until no connection is left."""
         with trio.move_on_at(self._handed_over_at + self.cfg.drain):
-            await self.enrollment.serving.refresh()
+            await self.enrollment.serving.refresh(metrics=False)
             while self.enrollment.active():
                 await trio.sleep(0.2)
-                await self.enrollment.serving.refresh()
+                await self.enrollment.serving.refresh(metrics=False)
             return True
         return False
 

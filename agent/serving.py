@@ -44,8 +44,12 @@ class PodServing(Protocol):
     def active(self) -> int:
         """Connections being handled."""
 
-    async def refresh(self) -> None:
-        """Bring what `tunnels()` and `active()` say up to date."""
+    def handled(self) -> int:
+        """Connections accepted since the serving processes started."""
+
+    async def refresh(self, metrics: bool = True) -> None:
+        """Bring what `tunnels()` and `active()` say up to date (and the metrics, unless
+        `metrics` is False)."""
 
 
 class InProcess:
@@ -103,5 +107,5 @@ class InProcess:
         """Connections accepted since this process started."""
         return self.handled_before + sum(p.handled for p in self.proxies.values())
 
-    async def refresh(self) -> None:
+    async def refresh(self, metrics: bool = True) -> None:
         return None

@@ -108,11 +108,11 @@ class Worker:
         elif isinstance(msg, HandOver):
             self.serving.hand_over(nursery)
         elif isinstance(msg, Ask):
-            await self.channel.send(self.stats(msg.seq))
+            await self.channel.send(self.stats(msg.seq, msg.metrics))
         else:
             raise WireError(f"unexpected {type(msg).__name__}")
 
-    def stats(self, seq: int) -> Stats:
+    def stats(self, seq: int, metrics: bool = True) -> Stats:
         out, inbound = self.serving.tunnels()
         return Stats(
             seq,
@@ -122,7 +122,7 @@ class Worker:
             handled=self.serving.handled(),
             snapshot=self.store.current.version if self.store.loaded else -1,
             identities=tuple(sorted(map(str, self.certs.identities()))),
-            metrics=list(self.registry.collect()),
+            metrics=list(self.registry.collect()) if metrics else None,
         )
 
     async def serve(self, msg: Serve, nursery: trio.Nursery) -> str | None:

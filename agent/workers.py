@@ -69,6 +69,7 @@ class _Worker:
     process: Any
     outbox: trio.MemorySendChannel[tuple[bytes, list[int]]]
     stats: Stats | None = None
+    families: list[Any] = field(default_factory=list)  # its metrics, as last asked for
     pending: set[int] = field(default_factory=set)  # seqs this worker still owes
 
 
@@ -231,6 +232,8 @@ class WorkerPool:
         elif isinstance(msg, Stats):
             worker.pending.discard(msg.seq)
             worker.stats = msg
+            if msg.metrics is not None:
+                worker.families = msg.metrics
             self._answer(msg.seq, msg)
         elif isinstance(msg, Want):
             assert self._nursery is not None
@@ -361,8 +364,11 @@ class WorkerPool:
     def active(self) -> int:
         return sum(s.active for s in self._stats())
 
-    async def refresh(self) -> None:
-        await self._ask_all(Ask)
+    def handled(self) -> int:
+        return sum(s.handled for s in self._stats())
+
+    async def refresh(self, metrics: bool = True) -> None:
+        await self._ask_all(lambda seq: Ask(seq, metrics))
 
     def describe(self) -> list[dict[str, Any]]:
         """Each worker as of the last `refresh()` (the admin's config dump)."""
@@ -380,4 +386,4 @@ class WorkerPool:
 
     def metrics(self) -> list[Any]:
         """The workers' metric families, as of the last `refresh()`."""
-        return [family for s in self._stats() for family in s.metrics]
+        return [family for w in self.workers.values() for family in w.families]

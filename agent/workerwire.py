@@ -69,9 +69,11 @@ class HandOver:
 
 @dataclass(frozen=True)
 class Ask:
-    """How are you? Answered by `Stats(seq)`."""
+    """How are you? Answered by `Stats(seq)`; with `metrics` False (the drain's polling), the
+    answer leaves out the metric families, the costly part to collect and pickle."""
 
     seq: int
+    metrics: bool = True
 
 
 # -- worker -> control -----------------------------------------------------------------------
@@ -92,7 +94,7 @@ class Stats:
     handled: int  # connections accepted since the worker started
     snapshot: int  # the version of the cluster state it has
     identities: tuple[str, ...]  # whose certificates it holds
-    metrics: list[Any]  # prometheus_client Metric families of the worker's registry
+    metrics: list[Any] | None  # prometheus_client Metric families (None: not asked for)
 
 
 @dataclass(frozen=True)

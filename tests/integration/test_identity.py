@@ -75,6 +75,11 @@ def test_each_agent_holds_exactly_its_nodes_identities(shop_lab, tmp_path):
             out = openssl_verify(tmp_path, bundle, cert["certChain"])
             assert out.returncode == 0, out.stdout + out.stderr
         assert "PRIVATE KEY" not in json.dumps(dump)
+        # The agent serving alone describes itself as a worker does (one entry, same fields).
+        (alone,) = dump["workers"]["processes"]
+        assert set(alone) == {"index", "pid", "connections", "active", "snapshot", "certificates"}
+        assert alone["snapshot"] == dump["snapshot"]["version"]
+        assert alone["certificates"] == len(held)
         code, body = controlplane.agent_get(f"veil-{shop_lab}-{node}", "/healthz/ready", 15021)
         assert (code, body.strip()) == (200, "ready")
 

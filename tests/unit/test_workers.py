@@ -238,6 +238,11 @@ async def test_the_pool_keeps_its_workers_running_and_informed(ca):
         # The workers' metrics are the node's: counters of both, one family each.
         names = {f.name for f in pool.metrics()}
         assert "veil_admission_refused" in names
+        # Polling the connection counts (the drain) leaves the metrics out of the answers,
+        # and the last ones asked for stay.
+        await pool.refresh(metrics=False)
+        assert all(w.stats is not None and w.stats.metrics is None for w in pool.workers.values())
+        assert {f.name for f in pool.metrics()} == names
         n.cancel_scope.cancel()
     # Stopped with the pool: no worker is left behind.
     for proc in [Path(f"/proc/{w['pid']}") for w in workers]:
