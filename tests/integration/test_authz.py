@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.holders import DENY_CLIENT, HOLD_IDLE, POLICY, apply
+from tests.support.holders import DENY_CLIENT, HOLD_IDLE, POLICY, apply, ended, holding
 from tests.support.lab import kubernetes_mode, lab_exec, metric, veil
 from tests.support.logs import access_entries, wait_for_access
 from veil.lab import controlplane
@@ -206,26 +206,11 @@ def test_denials_reach_the_access_log_and_logging_level_changes_at_runtime(lab, 
 
 def test_a_policy_change_closes_open_connections_it_now_denies(lab, pods, tmp_path):
     """Issue 23.6 (as ztunnel): an open connection is judged again when the policies change."""
-    import subprocess  # noqa: PLC0415
-
-    from tests.support.lab import VEIL  # noqa: PLC0415
-
-    hold = ["python3", "-c", HOLD_IDLE, pods["server-b"]["ip"]]
-    holder = subprocess.Popen(
-        [VEIL, "lab", "exec", "--name", lab, "-n", "mesh", "client", "--", *hold],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
-        time.sleep(0.5)  # the CONNECT has reached server-b's agent
-        apply(
-            lab,
-            tmp_path,
-            DENY_CLIENT,
-        )
-        out, _ = holder.communicate(timeout=20)
-        assert out.split()[0] == "reset", out  # cut at both ends, never a clean end
+        with holding(lab, HOLD_IDLE, pods["server-b"]["ip"]) as holder:
+            time.sleep(0.5)  # the CONNECT has reached server-b's agent
+            apply(lab, tmp_path, DENY_CLIENT)
+            assert ended(holder) == "reset"  # cut at both ends, never a clean end
         log = Path(f"/run/veil/lab/{lab}/logs/agent-node2.log")
         entries = wait_for_access(
             log,
@@ -236,8 +221,5 @@ def test_a_policy_change_closes_open_connections_it_now_denies(lab, pods, tmp_pa
         )
         assert closed["response_flags"] == "RBAC"
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
         veil("lab", "delete", "--name", lab, "authorizationpolicy", "server-policy", "-n", "mesh")
         time.sleep(1.0)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.support.holders import HOLD_OPEN
+from tests.support.holders import HOLD_OPEN, ended, holding
 from tests.support.lab import VEIL, ca_post, capture_mode, enrolled, lab_exec, metric, veil
 from tests.support.logs import access_entries, wait_for_access
 from veil.agent.capture import bpfsys, ebpf, iptables
@@ -591,20 +591,11 @@ def test_a_reset_crosses_the_mesh_as_a_reset(lab, pods, side):
 def test_stopping_an_agent_resets_its_open_connections(lab, pods, node):
     """An agent that stops (SIGTERM) cuts its connections with a reset, never a clean end: an
     app must not take a cut-off stream for a complete one."""
-    exec_client = [VEIL, "lab", "exec", "--name", lab, "-n", "mesh", "client", "--"]
-    app = subprocess.Popen(
-        [*exec_client, "python3", "-c", HOLD_OPEN, pods["server-b"]["ip"]],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert app.stdout is not None
-        assert app.stdout.readline().strip() == "open"  # a keep-alive connection, idle
-        controlplane.stop_agent(lab, node, signal=15)
-        assert app.stdout.readline().strip() == "reset"
+        with holding(lab, HOLD_OPEN, pods["server-b"]["ip"]) as app:  # keep-alive, idle
+            controlplane.stop_agent(lab, node, signal=15)
+            assert ended(app) == "reset"
     finally:
-        app.kill()
-        app.wait()
         veil("lab", "agent", "--name", lab, "start", node)
     assert curl(lab, "client", f"http://{pods['server-b']['ip']}:8080/")["pod"] == "server-b"
 

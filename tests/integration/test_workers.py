@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.holders import DENY_CLIENT, HOLD_IDLE, HOLD_OPEN, apply
+from tests.support.holders import DENY_CLIENT, HOLD_IDLE, HOLD_OPEN, apply, ended, holding
 from tests.support.lab import MESH, VEIL, leftovers, new_lab_name, veil
 from tests.support.traffic import TRAFFIC
 from veil.lab import controlplane
@@ -132,21 +132,12 @@ def test_a_worker_that_dies_is_replaced_while_the_other_serves(wlab: str, server
 def test_a_policy_change_cuts_what_the_workers_hold(
     wlab: str, server_ip: str, tmp_path: Path
 ) -> None:
-    holder = subprocess.Popen(
-        [*exec_client(wlab), "python3", "-c", HOLD_IDLE, server_ip],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
-        time.sleep(0.5)
-        apply(wlab, tmp_path, DENY_CLIENT)
-        out, _ = holder.communicate(timeout=20)
-        assert out.split()[0] == "reset", out
+        with holding(wlab, HOLD_IDLE, server_ip) as holder:
+            time.sleep(0.5)
+            apply(wlab, tmp_path, DENY_CLIENT)
+            assert ended(holder) == "reset"
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
         veil("lab", "delete", "--name", wlab, "authorizationpolicy", "server-policy", "-n", "mesh")
         time.sleep(1.0)
     assert connect_many(wlab, server_ip, 5) == 5
@@ -194,15 +185,10 @@ def test_a_stopped_agent_takes_its_workers_and_connections_with_it(
     wlab: str, server_ip: str
 ) -> None:
     pids = [p["pid"] for p in workers(wlab, "node2")["processes"]]
-    holder = subprocess.Popen(
-        [*exec_client(wlab), "python3", "-c", HOLD_OPEN, server_ip],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
-        controlplane.stop_agent(wlab, "node2", signal=9)  # a crash: the workers see it
-        assert holder.stdout.readline().strip() == "reset"  # never a clean end
+        with holding(wlab, HOLD_OPEN, server_ip) as holder:
+            controlplane.stop_agent(wlab, "node2", signal=9)  # a crash: the workers see it
+            assert ended(holder) == "reset"  # never a clean end
         deadline = time.monotonic() + 10
         while any(Path(f"/proc/{p}").exists() for p in pids):
             assert time.monotonic() < deadline, "workers outlived their agent"
@@ -211,8 +197,5 @@ def test_a_stopped_agent_takes_its_workers_and_connections_with_it(
         with pytest.raises(subprocess.CalledProcessError):
             connect_many(wlab, server_ip, 1)
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
         veil("lab", "agent", "--name", wlab, "start", "node2")
     assert connect_many(wlab, server_ip, 5) == 5

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support.lab import veil
+from tests.support.lab import VEIL, veil
 
 # A keep-alive connection to port 8080 that got its answer, then held: prints "open", then how
 # it ended ("eof" or "reset").
@@ -41,6 +44,32 @@ except ConnectionResetError:
 except TimeoutError:
     print("still open", flush=True)
 """
+
+
+@contextmanager
+def holding(lab: str, script: str, ip: str) -> Iterator[subprocess.Popen[str]]:
+    """`script` (HOLD_OPEN or HOLD_IDLE) run by pod `client` of namespace `mesh` against `ip`,
+    once it printed "open"; read how its connection ended from its stdout. Killed on the way
+    out if it still runs."""
+    command = [VEIL, "lab", "exec", "--name", lab, "-n", "mesh", "client", "--", "python3"]
+    proc = subprocess.Popen(
+        [*command, "-c", script, ip],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def ended(proc: subprocess.Popen[str], timeout: float = 20) -> str:
+    """The first word of how a holder's connection ended ("reset", "eof", "ended", ...)."""
+    out, _ = proc.communicate(timeout=timeout)
+    return out.split()[0] if out.split() else ""
 
 
 def apply(lab: str, tmp: Path, doc: str) -> None:
