@@ -178,6 +178,7 @@ class TlsSocket:
                 if sent == len(data):
                     return True
                 self._wbuf += memoryview(data)[sent:]
+                return False  # the kernel took only part: it is full
         while self._wbuf:
             try:
                 sent = self.sock.send(self._wbuf)
