@@ -16,23 +16,18 @@ A benchmark, not a test: it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import trio
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.hbone import hbone_pair  # noqa: E402
-
-from veil.core.hbone import check_request  # noqa: E402
-from veil.runtime.hbone.io import HboneIO  # noqa: E402
+from tests.support.hbone import hbone_pair, loopback_pair, sink  # noqa: E402
 
 CHUNK = 256 * 1024
 
@@ -42,31 +37,16 @@ async def one_round(total: int) -> tuple[float, float]:
     received = 0
     done = trio.Event()
 
-    def sink(ev: Any, io: HboneIO) -> None:
-        req = check_request(ev)
-        io.conn.respond(ev.stream_id, 200)
-        io.queue_output()
+    def got(data: bytes | memoryview) -> None:
+        nonlocal received
+        received += len(data)
 
-        async def drain() -> None:
-            nonlocal received
-            stream = io.streams[ev.stream_id]
-            while data := await stream.receive():
-                received += len(data)
-            done.set()
-
-        io.spawn(req.stream_id, drain)
-
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen()
-    client_sock = socket.create_connection(lst.getsockname())
-    server_sock, _ = lst.accept()
-    lst.close()
+    server_sock, client_sock = loopback_pair()
     payload = bytes(range(256)) * (CHUNK // 256)
     with tempfile.TemporaryDirectory() as tmp:
         async with trio.open_nursery() as nursery:
             client, _server = await hbone_pair(
-                Path(tmp), nursery, sink, socks=(server_sock, client_sock)
+                Path(tmp), nursery, sink(got, done), socks=(server_sock, client_sock)
             )
             stream = await client.open_stream("10.0.0.1:80", [])
             wall, cpu = time.perf_counter(), time.process_time()

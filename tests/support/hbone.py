@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,39 @@ def on_request(ev, io):
         io.queue_output()
         return
     io.spawn(req.stream_id, echo, io, req)
+
+
+def sink(
+    received: Callable[[bytes | memoryview], None], done: trio.Event
+) -> Callable[[Any, HboneIO], None]:
+    """A server's request handler that accepts every CONNECT and hands what each stream
+    carries to `received`, setting `done` at a stream's end."""
+
+    def on_connect(ev: Any, io: HboneIO) -> None:
+        req = check_request(ev)
+        io.conn.respond(ev.stream_id, 200)
+        io.queue_output()
+
+        async def drain() -> None:
+            stream = io.streams[ev.stream_id]
+            while data := await stream.receive():
+                received(data)
+            done.set()
+
+        io.spawn(req.stream_id, drain)
+
+    return on_connect
+
+
+def loopback_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on 127.0.0.1: (the accepted end, the connecting end)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen()
+    client = socket.create_connection(lst.getsockname())
+    server, _ = lst.accept()
+    lst.close()
+    return server, client
 
 
 async def hbone_pair(

@@ -6,13 +6,10 @@ import hashlib
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from tests.support.hbone import hbone_pair
-from veil.core.hbone import check_request
-from veil.runtime.hbone.io import HboneIO
+from tests.support.hbone import hbone_pair, loopback_pair, sink
 
 
 async def test_megabytes_arrive_intact_through_bulk_decryption_and_partial_sends(
@@ -21,36 +18,23 @@ async def test_megabytes_arrive_intact_through_bulk_decryption_and_partial_sends
     """8 MiB over TCP with small socket buffers (the kernel takes part of most sends): every
     byte arrives in order, and the receiver decrypted its large reads in one piece each."""
     received = hashlib.sha256()
-    done = trio.Event()
     total = 0
+    done = trio.Event()
 
-    def sink(ev: Any, io: HboneIO) -> None:
-        req = check_request(ev)
-        io.conn.respond(ev.stream_id, 200)
-        io.queue_output()
+    def got(data: bytes | memoryview) -> None:
+        nonlocal total
+        received.update(data)
+        total += len(data)
 
-        async def drain() -> None:
-            nonlocal total
-            stream = io.streams[ev.stream_id]
-            while data := await stream.receive():
-                received.update(data)
-                total += len(data)
-            done.set()
-
-        io.spawn(req.stream_id, drain)
-
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen()
-    client_sock = socket.create_connection(lst.getsockname())
-    server_sock, _ = lst.accept()
-    lst.close()
+    server_sock, client_sock = loopback_pair()
     for s in (client_sock, server_sock):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     payload = os.urandom(8 * 1024 * 1024)
     async with trio.open_nursery() as nursery:
-        client, server = await hbone_pair(tmp_path, nursery, sink, socks=(server_sock, client_sock))
+        client, server = await hbone_pair(
+            tmp_path, nursery, sink(got, done), socks=(server_sock, client_sock)
+        )
         bulk = 0
         decrypt_into = server.tls._decrypt_into
 
