@@ -39,6 +39,10 @@ NETNS_ANNOTATION = "lab.veil.dev/netns"
 CGROUP_ANNOTATION = "lab.veil.dev/cgroup"
 CNI_STATE_WAIT = 3.0  # how long a CNI ADD waits for the pod to appear in cluster state
 REGISTRY_RETRY = 5.0  # seconds between writes of a registry that could not be written
+# A pod that could not be enrolled (a capture tool failed) is tried again after this many
+# seconds, doubling up to ENROLL_RETRY_MAX, until it is enrolled or no longer wanted.
+ENROLL_RETRY = 0.5
+ENROLL_RETRY_MAX = 30.0
 
 
 class PodLocks:
@@ -176,6 +180,7 @@ class Enrollment:
         self.capture_errors = 0
         self.registry_error: str | None = None  # why the registry cannot be written now
         self.registry_failures = 0
+        self.enroll_failed: set[str] = set()  # pods the last reconcile could not enroll
         self.handover_socket = data_dir / "handover.sock"
         self.handed_over = False  # a successor serves our pods: change nothing from now on
         self.predecessor: handover.Predecessor | None = None
@@ -358,14 +363,17 @@ class Enrollment:
                 try:
                     await self._enroll(now, path, now.ip, where.cgroup if where else None)
                 except EnrollError as e:
-                    log.error("cannot enroll %s: %s", w.key, e)
+                    failed.add(w.key)
+                    log.error("cannot enroll %s: %s (tried again shortly)", w.key, e)
 
+        failed: set[str] = set()
         async with trio.open_nursery() as nursery:  # releases first: a replaced pod's too
             for key in plan.release:
                 nursery.start_soon(release, key)
         async with trio.open_nursery() as nursery:
             for w, path in plan.enroll:
                 nursery.start_soon(enroll, w, path)
+        self.enroll_failed = failed
 
     # -- hand-over ---------------------------------------------------------------------------
 
@@ -460,6 +468,7 @@ class Enrollment:
             self.capture.forget_others()
             task_status.started()
             version = -1
+            retry = ENROLL_RETRY
             while True:
                 if self.registry_error is not None:  # tried again every few seconds
                     with trio.move_on_after(REGISTRY_RETRY):
@@ -467,6 +476,16 @@ class Enrollment:
                     if store.current.version == version:
                         self._save()  # synchronous: no change can come in between
                         continue
-                state = await store.wait_newer(version)
+                if self.enroll_failed:
+                    # A pod the last reconcile could not enroll (a tool failed, a netns was
+                    # busy): the next change or, without one, a later try enrolls it; never
+                    # left for good to a state that may not change for days.
+                    with trio.move_on_after(retry):
+                        await store.wait_newer(version)
+                    retry = min(retry * 2, ENROLL_RETRY_MAX)
+                else:
+                    retry = ENROLL_RETRY
+                    await store.wait_newer(version)
+                state = store.current
                 version = state.version
                 await self.reconcile(state)

@@ -340,9 +340,12 @@ def test_a_clock_jump_on_one_node(lab, pods, tmp_path):
         "lab", "agent", "--name", lab, "start", "node2", *(f"--env={k}={v}" for k, v in env.items())
     )
     try:
-        # (The agent's tools run under libfaketime too, and some fail there: `ip` in a pod's
-        # netns at resume, say; the pod is then enrolled by the first reconcile, a moment on.)
-        wait_until(lambda: curl_code(lab, b) == 0, 10, "node2 serving under libfaketime")
+        # (Under libfaketime every `time.sleep` of the agent fails with EINVAL, and so does
+        # ~1 in 20 of its tool runs: `subprocess` sleeps while it waits for a child that has
+        # closed its pipes but not yet exited. A pod whose resume or enrollment failed that
+        # way is tried again, 0.5 s doubling, until it is enrolled: the state does not change
+        # here, so before those retries it stayed unenrolled and this wait failed now and then.)
+        wait_until(lambda: curl_code(lab, b) == 0, 40, "node2 serving under libfaketime")
         clock.write_text("+3d\n")
         marker = f"clock-{secrets.token_hex(6)}"
 

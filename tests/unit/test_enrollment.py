@@ -306,3 +306,43 @@ async def test_a_namespace_is_enrolled_side_by_side_as_the_capture_allows(
     assert most == 4
     assert log[0] == "release mesh/p0" and len(e.pods) == 12
     assert e.pods["mesh/p0"].uid == "u0"
+
+
+async def test_a_pod_that_could_not_be_enrolled_is_tried_again_without_a_state_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture tool that fails (seen: `ip6tables-restore` under a stepped clock) must not
+    leave a wanted pod unenrolled until the cluster state happens to change: it is tried
+    again, backing off, until it is enrolled."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    import trio  # noqa: PLC0415
+
+    from veil.agent import enrollment  # noqa: PLC0415
+    from veil.agent.enrollment import Enrolled  # noqa: PLC0415
+    from veil.runtime.store import StateStore  # noqa: PLC0415
+
+    (tmp_path / "ns-p").touch()
+    monkeypatch.setattr(enrollment, "netns_path", lambda w: str(tmp_path / f"ns-{w.name}"))
+    store = StateStore(_cluster(_pod("p")))
+    ctx: Any = SimpleNamespace(store=store, node="node1")
+    e = Enrollment(ctx, tmp_path / "data", RecordingCapture())
+    tries: list[float] = []
+
+    async def enroll(
+        w: Workload, netns: str, ip: str, cgroup: str | None = None, listeners: Any = ()
+    ) -> None:
+        tries.append(trio.current_time())
+        if len(tries) < 3:
+            raise EnrollError("ip6tables-restore --noflush: [Errno 22] Invalid argument")
+        e.pods[w.key] = Enrolled(w.namespace, w.name, w.uid, netns, ip)
+
+    e._enroll = enroll  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(e.run)
+        with trio.fail_after(10):
+            while "mesh/p" not in e.pods:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert len(tries) == 3 and e.enroll_failed == set()
+    assert tries[2] - tries[1] >= 2 * (tries[1] - tries[0]) * 0.9  # backing off
