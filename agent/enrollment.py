@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -468,24 +469,30 @@ class Enrollment:
             self.capture.forget_others()
             task_status.started()
             version = -1
-            retry = ENROLL_RETRY
+            retry, enroll_at = ENROLL_RETRY, 0.0
             while True:
-                if self.registry_error is not None:  # tried again every few seconds
-                    with trio.move_on_after(REGISTRY_RETRY):
-                        await store.wait_newer(version)
-                    if store.current.version == version:
-                        self._save()  # synchronous: no change can come in between
-                        continue
+                # Woken by a change, or to write the registry again (every few seconds while
+                # it cannot be written), or to try again a pod the last reconcile could not
+                # enroll (a tool failed, a netns was busy): never left for good to a state
+                # that may not change for days.
+                deadline = math.inf
+                if self.registry_error is not None:
+                    deadline = trio.current_time() + REGISTRY_RETRY
                 if self.enroll_failed:
-                    # A pod the last reconcile could not enroll (a tool failed, a netns was
-                    # busy): the next change or, without one, a later try enrolls it; never
-                    # left for good to a state that may not change for days.
-                    with trio.move_on_after(retry):
-                        await store.wait_newer(version)
-                    retry = min(retry * 2, ENROLL_RETRY_MAX)
-                else:
-                    retry = ENROLL_RETRY
+                    deadline = min(deadline, enroll_at)
+                with trio.move_on_at(deadline):
                     await store.wait_newer(version)
+                changed = store.current.version != version
+                if not changed and self.registry_error is not None:
+                    self._save()  # synchronous: no change can come in between
+                due = bool(self.enroll_failed) and trio.current_time() >= enroll_at
+                if not changed and not due:
+                    continue
                 state = store.current
                 version = state.version
                 await self.reconcile(state)
+                if self.enroll_failed:
+                    enroll_at = trio.current_time() + retry
+                    retry = min(retry * 2, ENROLL_RETRY_MAX)
+                else:
+                    retry = ENROLL_RETRY

@@ -308,12 +308,13 @@ async def test_a_namespace_is_enrolled_side_by_side_as_the_capture_allows(
     assert e.pods["mesh/p0"].uid == "u0"
 
 
+@pytest.mark.parametrize("registry_broken", [False, True])
 async def test_a_pod_that_could_not_be_enrolled_is_tried_again_without_a_state_change(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry_broken: bool
 ) -> None:
     """A capture tool that fails (seen: `ip6tables-restore` under a stepped clock) must not
     leave a wanted pod unenrolled until the cluster state happens to change: it is tried
-    again, backing off, until it is enrolled."""
+    again, backing off, until it is enrolled (also while the registry cannot be written)."""
     from types import SimpleNamespace  # noqa: PLC0415
 
     import trio  # noqa: PLC0415
@@ -327,6 +328,8 @@ async def test_a_pod_that_could_not_be_enrolled_is_tried_again_without_a_state_c
     store = StateStore(_cluster(_pod("p")))
     ctx: Any = SimpleNamespace(store=store, node="node1")
     e = Enrollment(ctx, tmp_path / "data", RecordingCapture())
+    if registry_broken:
+        (tmp_path / "data" / ".pods.json.tmp").mkdir(parents=True)
     tries: list[float] = []
 
     async def enroll(
@@ -345,4 +348,6 @@ async def test_a_pod_that_could_not_be_enrolled_is_tried_again_without_a_state_c
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     assert len(tries) == 3 and e.enroll_failed == set()
-    assert tries[2] - tries[1] >= 2 * (tries[1] - tries[0]) * 0.9  # backing off
+    assert (e.registry_error is not None) == registry_broken
+    if not registry_broken:  # (with it, each try also waits for the registry's retry)
+        assert tries[2] - tries[1] >= 2 * (tries[1] - tries[0]) * 0.9  # backing off
