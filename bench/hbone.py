@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.envoy import EnvoyProcess, hbone_client, hbone_server  # noqa: E402
 
-from bench.proc import RssPeak, cpu_s  # noqa: E402
+from bench.proc import RssPeak, cpu_s, speed_probe  # noqa: E402
 from veil.core.csr import build_csr, key_pem, new_key  # noqa: E402
 from veil.core.spiffe import SpiffeId  # noqa: E402
 from veil.lab import cgroups, controlplane, store  # noqa: E402
@@ -223,16 +223,6 @@ def switch_capture(mode: str | None, workers: int = 1) -> None:
 
 
 PATHS = ["direct", "envoy", "veil", "veil-ebpf"]  # and veil-Nw (`--workers N`)
-
-
-def speed_probe() -> float:
-    """Seconds for a fixed pure-Python loop: how fast the VM runs right now (its speed
-    drifts by up to 2x within minutes; the numbers of a round are read against it)."""
-    start = time.perf_counter()
-    x = 0
-    for i in range(3_000_000):
-        x += i
-    return time.perf_counter() - start
 
 
 def median(values: list[float]) -> float:

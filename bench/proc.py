@@ -1,4 +1,5 @@
-"""What the lab benchmarks share: the veil command, and a process's RSS and CPU from /proc."""
+"""What the benchmarks share: the veil command, a process's RSS and CPU from /proc, and the
+VM speed probe."""
 
 from __future__ import annotations
 
@@ -6,10 +7,22 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 VEIL = str(Path(sys.executable).parent / "veil")
 TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def speed_probe(clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds for a fixed pure-Python loop: how fast the VM runs right now (its speed drifts
+    by up to 2x within minutes; a round's numbers are read against it). ~0.08 s when fast."""
+    start = clock()
+    x = 0
+    for i in range(3_000_000):
+        x += i
+    return clock() - start
 
 
 def veil(*args: str, check: bool = True, timeout: float = 1800) -> str:

@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.hbone import hbone_pair, loopback_pair, sink  # noqa: E402
 
+from bench.proc import speed_probe  # noqa: E402
+
 CHUNK = 256 * 1024
 
 
@@ -59,14 +61,6 @@ async def one_round(total: int) -> tuple[float, float]:
     return cpu / (received / 1e9), received * 8 / wall / 1e9
 
 
-def speed_probe() -> float:
-    start = time.process_time()
-    x = 0
-    for i in range(3_000_000):
-        x += i
-    return time.process_time() - start
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gb", type=float, default=2.0, help="bytes per round, in GB")
@@ -75,7 +69,7 @@ def main() -> int:
     total = int(args.gb * 1e9) // CHUNK * CHUNK
     cpus, relative = [], []
     for i in range(args.rounds):
-        probe = speed_probe()
+        probe = speed_probe(time.process_time)
         cpu, gbit = trio.run(one_round, total)
         cpus.append(cpu)
         relative.append(cpu / probe)
