@@ -58,7 +58,6 @@ READ_SIZE = 256 * 1024
 FIRST_READ_SIZE = 16 * 1024  # the read buffer until a tunnel is authenticated and busy
 HIGH_WATER = 1024 * 1024  # outbound bytes queued before DATA senders wait
 HOLD_LIMIT = 64 * 1024  # at most this much output waits to share a packet (send_data)
-BULK_DECRYPT = 64 * 1024  # ciphertext from which a read decrypts into one buffer (`_decrypt`)
 SMALL_FRAME = 4096  # DATA up to this size is copied into the pending frames (one TLS record)
 HANDSHAKE_TIMEOUT = 10.0
 # A connection whose data keeps coming yields to the others after this many reads (4 MiB),
@@ -217,44 +216,17 @@ class TlsSocket:
             )
         self._handshaken = True
 
-    def _decrypt(self, n: int) -> bytes | memoryview:
-        """Up to `n` plaintext bytes from what the incoming BIO holds. SSL_read returns one
-        record (16 KiB) per call: a bulk read of up to 256 KiB is decrypted in place into one
-        buffer sized by the ciphertext (never less than what it will hold), not into one
-        object per record joined by a further copy."""
-        if self._in.pending >= BULK_DECRYPT:
-            return self._decrypt_into(min(n, self._in.pending + self.ssl.pending()))
-        chunks: list[bytes] = []
+    def _decrypt(self, n: int) -> memoryview:
+        """Up to `n` plaintext bytes from what the incoming BIO holds, decrypted in place into
+        one buffer sized by the ciphertext (never less than the plaintext it holds). SSL_read
+        returns one record (16 KiB) per call: a bulk read of up to 256 KiB would otherwise be
+        one object per record, joined by a further copy."""
+        buf = memoryview(bytearray(min(n, self._in.pending + self.ssl.pending())))
         got = 0
-        while got < n:
-            if not self._in.pending and not self.ssl.pending():
-                break  # nothing to decrypt: skip the read and its SSLWantReadError
-            try:
-                data = self.ssl.read(n - got)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                self._eof = True
-                break
-            if not data:
-                break
-            chunks.append(data)
-            got += len(data)
-        if self._out.pending:  # e.g. a KeyUpdate answer
-            self.flush_nowait()
-        if len(chunks) == 1:
-            return chunks[0]
-        return b"".join(chunks)
-
-    def _decrypt_into(self, n: int) -> memoryview:
-        buf = memoryview(bytearray(n))
-        got = 0
-        while got < n:
-            if not self._in.pending and not self.ssl.pending():
-                break
+        while got < len(buf):
             try:
                 # with a buffer, read() returns the count (typeshed says bytes)
-                k = cast(int, self.ssl.read(n - got, buf[got:]))
+                k = cast(int, self.ssl.read(len(buf) - got, buf[got:]))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -263,6 +235,8 @@ class TlsSocket:
             if not k:
                 break
             got += k
+            if not self._in.pending and not self.ssl.pending():
+                break  # nothing left to decrypt: skip the read and its SSLWantReadError
         if self._out.pending:  # e.g. a KeyUpdate answer
             self.flush_nowait()
         return buf[:got]
