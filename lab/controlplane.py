@@ -27,7 +27,7 @@ import yaml
 from veil.ca.auth import new_token, token_hash, write_tokens_file
 from veil.core.spiffe import DEFAULT_TRUST_DOMAIN
 from veil.core.state import GATEWAY_NAME_LABEL
-from veil.lab import cgroups, netns, store, supervise
+from veil.lab import cgroups, netns, procfs, store, supervise
 from veil.lab.errors import LabError
 from veil.lab.plan import UNDERLAY_CIDR, LabPlan, PodPlan
 from veil.runtime.config import CA_SERVER_NAME
@@ -400,13 +400,7 @@ def agent_process(lab: str, node: str) -> dict[str, Any]:
 
 def _wait_gone(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            break
-        if state == "Z":
-            break
+    while procfs.running(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 

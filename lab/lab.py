@@ -41,7 +41,7 @@ import yaml
 
 from veil.agent.cni import shim_path
 from veil.core.state import GATEWAY_NAME_LABEL
-from veil.lab import cgroups, controlplane, netns, store, supervise, upstream
+from veil.lab import cgroups, controlplane, netns, procfs, store, supervise, upstream
 from veil.lab.cni import (
     DEFAULT_CNI_PATH,
     LOOPBACK_CONFIG,
@@ -1037,13 +1037,13 @@ def down_all(log: Log = print) -> None:
 
 
 def _alive(pid: int, group: str) -> bool:
+    if not procfs.running(pid):
+        return False
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         cg = Path(f"/proc/{pid}/cgroup").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state != "Z" and any(
+    return any(
         line.split(":", 2)[2].strip() and group.endswith(line.split(":", 2)[2].strip())
         for line in cg.splitlines()
         if line.startswith("0::")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from veil.lab import controlplane, netns, store, upstream
+from veil.lab import controlplane, netns, procfs, store, upstream
 from veil.lab import lab as labmod
 
 TD = "cluster.local"  # the lab's trust domain
@@ -70,11 +70,7 @@ def leftovers(lab: str) -> list[str]:
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    return procfs.running(pid)
 
 
 def kubernetes_mode(lab: str) -> bool:
